@@ -1,0 +1,1 @@
+"""Deployment tooling for fedtransfer: credentials, launch commands, service files."""

@@ -1,0 +1,290 @@
+"""Exact command lines for running fedtransfer on a real flwr 1.41 deployment.
+
+Facts about flwr 1.41 this module encodes (checked against the installed source):
+
+* ``flower-superlink`` serves the Runtime, Control *and* Fleet APIs over ONE HTTPS
+  port (``--host``/``--port``, default 127.0.0.1:8000); the old gRPC ports
+  9091-9093 and ``--fleet-api-address``/``--control-api-address`` are deprecated.
+  Binding that port beyond loopback therefore exposes the Control API (submit
+  runs = run code on the SuperLink) and the Runtime API, which have no account
+  authentication in open-source flwr. We keep it on loopback and publish only
+  ``/v1/fleet/`` through a TLS reverse proxy (see ``deploy/proxy``).
+* SuperNode authentication is ``--enable-supernode-auth`` (requires TLS) plus a
+  registration of every site's OpenSSH public key through the Control API with
+  ``flwr supernode register <key.pub> <connection>``; unregistered keys are refused
+  at activation. Registrations live in the SuperLink database, so use
+  ``--database`` for anything that must survive a restart.
+* ``flwr`` reads SuperLink connections from ``$FLWR_HOME/config.toml``
+  (``[superlink.<name>]`` with ``address`` and an absolute ``root-certificates``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import subprocess
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import tomli_w
+
+from deploy.credentials import (
+    DeploymentCredentials,
+    credential_paths,
+    validate_site_name,
+)
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_SUPERLINK_PORT = 8000  # flwr 1.41 default; Runtime + Control + Fleet
+DEFAULT_SUPERNODE_PORT = 9094  # flwr 1.41 default SuperNode Runtime API port
+DEFAULT_CONNECTION = "fedtransfer"
+
+# No update checks or telemetry calls to the internet from sites or the SuperLink.
+QUIET_ENV: dict[str, str] = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+ConfigValue = str | bool | int | float
+
+
+class RegistrationError(RuntimeError):
+    """``flwr supernode register`` did not register the key."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses that are unreachable from other machines."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def flower_env(
+    flwr_home: Path | None = None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Environment for flower processes: quiet, optionally with an own FLWR_HOME."""
+    env = dict(os.environ if base is None else base)
+    env.update(QUIET_ENV)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def format_config(values: Mapping[str, ConfigValue]) -> str:
+    """Render ``--node-config``/``--run-config`` text that flwr parses back exactly.
+
+    flwr splits ``key=value`` pairs with a regex and reads values as TOML, so
+    strings must be quoted without the quote char inside them.
+    """
+    parts = []
+    for key, value in values.items():
+        if not key or any(c.isspace() or c in "='\"" for c in key):
+            raise ValueError(f"invalid config key {key!r}")
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            rendered = repr(value)
+        elif isinstance(value, str) and "\n" not in value and "'" not in value:
+            rendered = f"'{value}'"
+        elif (
+            isinstance(value, str)
+            and "\n" not in value
+            and not {'"', "\\"} & set(value)
+        ):
+            rendered = f'"{value}"'
+        else:
+            raise ValueError(f"unsupported config value for {key!r}: {value!r}")
+        parts.append(f"{key}={rendered}")
+    return " ".join(parts)
+
+
+def site_node_config(site_config: Path) -> str:
+    """The node config telling a site's ClientApp where its site YAML lives."""
+    path = Path(site_config).expanduser()
+    if not path.is_absolute():
+        raise ValueError(f"site config path must be absolute, got {site_config!s}")
+    return format_config({"site-config": str(path)})
+
+
+def superlink_argv(
+    creds: DeploymentCredentials,
+    *,
+    host: str = LOOPBACK,
+    port: int = DEFAULT_SUPERLINK_PORT,
+    database: Path | None = None,
+    expose_control_api: bool = False,
+    executable: str = "flower-superlink",
+) -> list[str]:
+    """``flower-superlink`` with TLS and SuperNode auth, on loopback by default.
+
+    A non-loopback ``host`` also publishes the Control and Runtime APIs (same
+    port in 1.41), so it must be asked for with ``expose_control_api=True``.
+    Runtime dependency installation is disabled: the SuperLink's environment is
+    provisioned up front and must not ``uv sync`` from the internet per run.
+    """
+    if not is_loopback(host) and not expose_control_api:
+        raise ValueError(
+            f"--host {host} would expose the Control API (it shares the Fleet port "
+            "in flwr 1.41); keep 127.0.0.1 and publish /v1/fleet/ via the proxy, "
+            "or pass expose_control_api=True"
+        )
+    argv = [
+        executable,
+        "--ssl-ca-certfile", str(creds.ca_cert),
+        "--ssl-certfile", str(creds.server_cert),
+        "--ssl-keyfile", str(creds.server_key),
+        "--enable-supernode-auth",
+        "--host", host,
+        "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if database is not None:
+        argv += ["--database", str(database)]
+    return argv
+
+
+def supernode_argv(
+    creds: DeploymentCredentials,
+    site: str,
+    *,
+    superlink: str,
+    node_config: str,
+    port: int = DEFAULT_SUPERNODE_PORT,
+    executable: str = "flower-supernode",
+) -> list[str]:
+    """``flower-supernode`` for ``site``: verifies the SuperLink via our CA only.
+
+    ``superlink`` is the Fleet endpoint as HOST:PORT (the proxy for remote sites);
+    the site's own Runtime API stays on loopback at ``port``.
+    """
+    validate_site_name(site)
+    keys = creds.sites[site]
+    return [
+        executable,
+        "--root-certificates", str(creds.ca_cert),
+        "--superlink", superlink,
+        "--auth-supernode-private-key", str(keys.private_key),
+        "--host", LOOPBACK,
+        "--port", str(port),
+        "--node-config", node_config,
+    ]  # fmt: skip
+
+
+def register_argv(
+    public_key: Path, connection: str, *, name: str, executable: str = "flwr"
+) -> list[str]:
+    """``flwr supernode register`` call that whitelists one site's public key."""
+    return [
+        executable, "supernode", "register", str(public_key), connection,
+        "--name", name, "--format", "json",
+    ]  # fmt: skip
+
+
+def register_site(
+    creds: DeploymentCredentials,
+    site: str,
+    connection: str,
+    *,
+    env: Mapping[str, str],
+    executable: str = "flwr",
+    timeout: float = 60.0,
+) -> int:
+    """Register ``site``'s public key with the SuperLink; return its node id.
+
+    ``--format json`` exits 0 even on failure in flwr 1.41, so success is read
+    from the JSON body, not the exit code.
+    """
+    argv = register_argv(
+        creds.sites[site].public_key, connection, name=site, executable=executable
+    )
+    proc = subprocess.run(
+        argv,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    try:
+        payload = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    if proc.returncode != 0 or not payload.get("success"):
+        detail = payload.get("error-message") or proc.stderr or proc.stdout
+        raise RegistrationError(f"registering site {site!r} failed: {detail.strip()}")
+    return int(payload["node-id"])
+
+
+def write_flwr_config(
+    flwr_home: Path,
+    *,
+    address: str,
+    root_certificates: Path,
+    name: str = DEFAULT_CONNECTION,
+    make_default: bool = True,
+) -> Path:
+    """Add/replace the TLS connection ``name`` in ``$FLWR_HOME/config.toml``.
+
+    Other connections in an existing file are preserved. ``flwr run . <name>``
+    then talks to the Control API at ``address`` trusting only our CA.
+    """
+    root = Path(root_certificates).expanduser().resolve()
+    path = Path(flwr_home) / "config.toml"
+    config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink[name] = {"address": address, "root-certificates": str(root)}
+    if make_default:
+        superlink["default"] = name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(config), encoding="utf-8")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI for operators: write the flwr connection and register sites."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.launch", description=__doc__
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    conn = sub.add_parser("connection", help="write $FLWR_HOME/config.toml entry")
+    conn.add_argument("--credentials", type=Path, required=True)
+    conn.add_argument("--address", default=f"{LOOPBACK}:{DEFAULT_SUPERLINK_PORT}")
+    conn.add_argument("--name", default=DEFAULT_CONNECTION)
+    conn.add_argument("--flwr-home", type=Path, default=None)
+    reg = sub.add_parser("register", help="register sites' public keys")
+    reg.add_argument("--credentials", type=Path, required=True)
+    reg.add_argument("--connection", default=DEFAULT_CONNECTION)
+    reg.add_argument("sites", nargs="+")
+    args = parser.parse_args(argv)
+
+    if args.command == "connection":
+        home = args.flwr_home or Path(
+            os.environ.get("FLWR_HOME", Path.home() / ".flwr")
+        )
+        creds = credential_paths(args.credentials, [])
+        path = write_flwr_config(
+            home, address=args.address, root_certificates=creds.ca_cert, name=args.name
+        )
+        print(f"wrote connection {args.name!r} ({args.address}) to {path}")
+        return 0
+    creds = credential_paths(args.credentials, args.sites)
+    failed = 0
+    for site in args.sites:
+        try:
+            node_id = register_site(creds, site, args.connection, env=flower_env())
+        except RegistrationError as err:
+            print(err)
+            failed += 1
+        else:
+            print(f"registered {site}: node id {node_id}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
