@@ -56,9 +56,7 @@ def record_hash(record: Mapping[str, Any]) -> str:
     same bytes whatever key order or spacing the line happens to have.
     """
     body = {key: value for key, value in record.items() if key != "hash"}
-    canonical = json.dumps(
-        body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -98,12 +96,8 @@ class AuditLog:
             raise ValueError("event must be a non-empty string")
         reserved = RESERVED_FIELDS.intersection(fields)
         if reserved:
-            raise ValueError(
-                f"field names {sorted(reserved)} are reserved for the chain"
-            )
-        normalised = {
-            name: _json_normalise(name, value) for name, value in fields.items()
-        }
+            raise ValueError(f"field names {sorted(reserved)} are reserved for the chain")
+        normalised = {name: _json_normalise(name, value) for name, value in fields.items()}
 
         fd = self._open()
         try:
@@ -159,9 +153,7 @@ class AuditLog:
         try:
             record = _parse_line(os.pread(fd, end - start, start))
         except ValueError as exc:
-            raise self._corrupt(
-                fd, start, f"last record is unreadable: {exc}"
-            ) from None
+            raise self._corrupt(fd, start, f"last record is unreadable: {exc}") from None
         if record_hash(record) != record["hash"]:
             raise self._corrupt(fd, start, "last record fails its hash check (edited?)")
         return record
@@ -170,9 +162,7 @@ class AuditLog:
         """Build the error, counting newlines before `offset` to name the line."""
         newlines = 0
         for chunk_start in range(0, offset, 1 << 20):
-            newlines += os.pread(
-                fd, min(1 << 20, offset - chunk_start), chunk_start
-            ).count(b"\n")
+            newlines += os.pread(fd, min(1 << 20, offset - chunk_start), chunk_start).count(b"\n")
         return AuditLogError(self.path, newlines + 1, reason)
 
 
@@ -190,9 +180,7 @@ def verify_chain(path: str | os.PathLike[str]) -> list[ChainProblem]:
     with open(path, "rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
-                problems.append(
-                    ChainProblem(number, "truncated line (no trailing newline)")
-                )
+                problems.append(ChainProblem(number, "truncated line (no trailing newline)"))
             try:
                 record = _parse_line(raw.rstrip(b"\n"))
             except ValueError as exc:
@@ -200,9 +188,7 @@ def verify_chain(path: str | os.PathLike[str]) -> list[ChainProblem]:
                 expected = None
                 continue
             if record_hash(record) != record["hash"]:
-                problems.append(
-                    ChainProblem(number, "hash mismatch: record was edited")
-                )
+                problems.append(ChainProblem(number, "hash mismatch: record was edited"))
             if expected is not None:
                 seq, prev = expected
                 link = "genesis" if number == 1 else f"hash of line {number - 1}"
@@ -210,16 +196,14 @@ def verify_chain(path: str | os.PathLike[str]) -> list[ChainProblem]:
                     problems.append(
                         ChainProblem(
                             number,
-                            f"prev does not match {link}: a line was deleted, "
-                            "inserted, reordered or rewritten",
+                            f"prev does not match {link}: a line was deleted, inserted, reordered or rewritten",
                         )
                     )
                 if record["seq"] != seq:
                     problems.append(
                         ChainProblem(
                             number,
-                            f"seq {record['seq']} where {seq} expected: a line was "
-                            "deleted, inserted or reordered",
+                            f"seq {record['seq']} where {seq} expected: a line was deleted, inserted or reordered",
                         )
                     )
             expected = (record["seq"] + 1, record["hash"])
@@ -235,9 +219,7 @@ def read_records(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     with open(path, "rb") as file:
         for number, raw in enumerate(file, start=1):
             if not raw.endswith(b"\n"):
-                raise AuditLogError(
-                    path, number, "truncated line (no trailing newline)"
-                )
+                raise AuditLogError(path, number, "truncated line (no trailing newline)")
             try:
                 records.append(_parse_line(raw.rstrip(b"\n")))
             except ValueError as exc:
@@ -265,14 +247,9 @@ def update_digest(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     for name in sorted(names):
         array = arrays[name]
         if not isinstance(array, np.ndarray):
-            raise TypeError(
-                f"tensor {name!r} is a {type(array).__name__}, not a numpy array"
-            )
+            raise TypeError(f"tensor {name!r} is a {type(array).__name__}, not a numpy array")
         if array.dtype.hasobject or array.dtype.fields is not None:
-            raise TypeError(
-                f"tensor {name!r} has dtype {array.dtype}; its raw bytes "
-                "do not determine its value"
-            )
+            raise TypeError(f"tensor {name!r} has dtype {array.dtype}; its raw bytes do not determine its value")
         meta = {"name": name, "dtype": array.dtype.str, "shape": list(array.shape)}
         header = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
         data = array.tobytes(order="C")
@@ -288,9 +265,7 @@ def _json_normalise(name: str, value: Any) -> Any:
     try:
         text = json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise TypeError(
-            f"audit field {name!r} is not JSON-serialisable: {exc}"
-        ) from None
+        raise TypeError(f"audit field {name!r} is not JSON-serialisable: {exc}") from None
     return json.loads(text)
 
 

@@ -84,8 +84,7 @@ def validate_site_name(name: str) -> str:
     """Return ``name`` if usable as a site id (paths, systemd instances, CLI args)."""
     if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(name):
         raise ValueError(
-            f"invalid site name {name!r}: use 1-63 lowercase letters, digits or '-', "
-            "starting with a letter or digit"
+            f"invalid site name {name!r}: use 1-63 lowercase letters, digits or '-', starting with a letter or digit"
         )
     return name
 
@@ -100,9 +99,7 @@ def normalize_hosts(hosts: Sequence[str]) -> list[str]:
         except ValueError:
             labels = host.rstrip(".").split(".")
             if len(host) > 253 or not all(_DNS_LABEL_RE.fullmatch(lb) for lb in labels):
-                raise ValueError(
-                    f"invalid host {raw!r}: expected an IP address or DNS name"
-                ) from None
+                raise ValueError(f"invalid host {raw!r}: expected an IP address or DNS name") from None
             host = ".".join(labels)
         if host not in result:
             result.append(host)
@@ -130,9 +127,7 @@ def credential_paths(out_dir: Path, sites: Sequence[str]) -> DeploymentCredentia
     )
 
 
-def init_deployment(
-    out_dir: Path, sites: list[str], hosts: list[str], force: bool = False
-) -> DeploymentCredentials:
+def init_deployment(out_dir: Path, sites: list[str], hosts: list[str], force: bool = False) -> DeploymentCredentials:
     """Create (or keep) the CA, SuperLink certificate and per-site key pairs.
 
     All existing files are checked before anything is written, so a refused call
@@ -146,10 +141,7 @@ def init_deployment(
     # Plan: decide keep/create per unit and fail before writing on any conflict.
     keep_ca = not force and _existing_pair(paths.ca_key, paths.ca_cert)
     keep_server = not force and _existing_pair(paths.server_key, paths.server_cert)
-    keep_site = {
-        s: not force and _existing_pair(kp.private_key, kp.public_key)
-        for s, kp in paths.sites.items()
-    }
+    keep_site = {s: not force and _existing_pair(kp.private_key, kp.public_key) for s, kp in paths.sites.items()}
     if keep_ca:
         ca_key, ca_cert = _load_ca(paths.ca_key, paths.ca_cert)
     if keep_server:
@@ -200,9 +192,7 @@ def init_deployment(
             serialization.PrivateFormat.OpenSSH,
             serialization.NoEncryption(),
         )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
         _write(kp.private_key, private, PRIVATE_FILE_MODE, force)
         _write(
             kp.public_key,
@@ -242,9 +232,7 @@ def _existing_pair(private: Path, public: Path) -> bool:
     )
 
 
-def _load_ca(
-    key_path: Path, cert_path: Path
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     if not isinstance(key, ec.EllipticCurvePrivateKey) or _pub(key) != _pub(cert):
@@ -252,9 +240,7 @@ def _load_ca(
     return key, cert
 
 
-def _check_server_cert(
-    key_path: Path, cert_path: Path, ca_cert: x509.Certificate, hosts: list[str]
-) -> None:
+def _check_server_cert(key_path: Path, cert_path: Path, ca_cert: x509.Certificate, hosts: list[str]) -> None:
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     if _pub(key) != _pub(cert):
@@ -262,9 +248,7 @@ def _check_server_cert(
     try:
         cert.verify_directly_issued_by(ca_cert)
     except (ValueError, TypeError, InvalidSignature):
-        raise CredentialsError(
-            f"{cert_path} is not signed by the deployment CA; pass force=True"
-        ) from None
+        raise CredentialsError(f"{cert_path} is not signed by the deployment CA; pass force=True") from None
     if cert.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
         raise CredentialsError(f"{cert_path} has expired; pass force=True")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -272,8 +256,7 @@ def _check_server_cert(
     covered |= set(san.get_values_for_type(x509.DNSName))
     if missing := [h for h in hosts if h not in covered]:
         raise CredentialsError(
-            f"{cert_path} does not cover host(s) {', '.join(missing)}; "
-            "pass force=True to reissue it"
+            f"{cert_path} does not cover host(s) {', '.join(missing)}; pass force=True to reissue it"
         )
 
 
@@ -292,9 +275,7 @@ def _pub(obj: object) -> bytes:
         obj = obj.public_key()
     if not isinstance(obj, ec.EllipticCurvePublicKey):
         return b""
-    return obj.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    return obj.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -329,9 +310,7 @@ def _new_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
             ),
             critical=True,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     return key, cert
@@ -380,13 +359,9 @@ def _new_server_cert(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,

@@ -65,9 +65,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def flower_env(
-    flwr_home: Path | None = None, base: Mapping[str, str] | None = None
-) -> dict[str, str]:
+def flower_env(flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for flower processes: quiet, optionally with an own FLWR_HOME."""
     env = dict(os.environ if base is None else base)
     env.update(QUIET_ENV)
@@ -92,11 +90,7 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
             rendered = repr(value)
         elif isinstance(value, str) and "\n" not in value and "'" not in value:
             rendered = f"'{value}'"
-        elif (
-            isinstance(value, str)
-            and "\n" not in value
-            and not {'"', "\\"} & set(value)
-        ):
+        elif isinstance(value, str) and "\n" not in value and not {'"', "\\"} & set(value):
             rendered = f'"{value}"'
         else:
             raise ValueError(f"unsupported config value for {key!r}: {value!r}")
@@ -176,9 +170,7 @@ def supernode_argv(
     ]  # fmt: skip
 
 
-def register_argv(
-    public_key: Path, connection: str, *, name: str, executable: str = "flwr"
-) -> list[str]:
+def register_argv(public_key: Path, connection: str, *, name: str, executable: str = "flwr") -> list[str]:
     """``flwr supernode register`` call that whitelists one site's public key."""
     return [
         executable, "supernode", "register", str(public_key), connection,
@@ -200,9 +192,7 @@ def register_site(
     ``--format json`` exits 0 even on failure in flwr 1.41, so success is read
     from the JSON body, not the exit code.
     """
-    argv = register_argv(
-        creds.sites[site].public_key, connection, name=site, executable=executable
-    )
+    argv = register_argv(creds.sites[site].public_key, connection, name=site, executable=executable)
     proc = subprocess.run(
         argv,
         env=dict(env),
@@ -248,9 +238,7 @@ def write_flwr_config(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI for operators: write the flwr connection and register sites."""
-    parser = argparse.ArgumentParser(
-        prog="python -m deploy.launch", description=__doc__
-    )
+    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     conn = sub.add_parser("connection", help="write $FLWR_HOME/config.toml entry")
     conn.add_argument("--credentials", type=Path, required=True)
@@ -264,13 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "connection":
-        home = args.flwr_home or Path(
-            os.environ.get("FLWR_HOME", Path.home() / ".flwr")
-        )
+        home = args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
         creds = credential_paths(args.credentials, [])
-        path = write_flwr_config(
-            home, address=args.address, root_certificates=creds.ca_cert, name=args.name
-        )
+        path = write_flwr_config(home, address=args.address, root_certificates=creds.ca_cert, name=args.name)
         print(f"wrote connection {args.name!r} ({args.address}) to {path}")
         return 0
     creds = credential_paths(args.credentials, args.sites)

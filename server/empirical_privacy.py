@@ -42,9 +42,7 @@ class AuditResult:
     confidence: float
 
 
-def p_value(
-    num_canaries: int, num_guesses: int, num_correct: int, epsilon: float, delta: float
-) -> float:
+def p_value(num_canaries: int, num_guesses: int, num_correct: int, epsilon: float, delta: float) -> float:
     """Upper bound on P[at least v correct out of r guesses] for an (eps, delta)-DP run.
 
     This is the tail bound of Steinke et al.'s main theorem, computed as in
@@ -138,18 +136,14 @@ def audit_from_scores(
     if not ks:
         raise ValueError("guess_counts must name at least one k")
     if ks[0] < 1 or 2 * ks[-1] > num_canaries:
-        raise ValueError(
-            f"each k must satisfy 1 <= k <= m/2 = {num_canaries / 2}, got {ks}"
-        )
+        raise ValueError(f"each k must satisfy 1 <= k <= m/2 = {num_canaries / 2}, got {ks}")
     per_test_confidence = 1.0 - (1.0 - confidence) / len(ks)
 
     ranked = included[np.argsort(-scores, kind="stable")]  # highest score first
 
     def audit(k: int) -> AuditResult:
         correct = int(ranked[:k].sum()) + int((~ranked[num_canaries - k :]).sum())
-        bound = epsilon_lower_bound(
-            num_canaries, 2 * k, correct, delta, per_test_confidence
-        )
+        bound = epsilon_lower_bound(num_canaries, 2 * k, correct, delta, per_test_confidence)
         return AuditResult(bound, num_canaries, k, 2 * k, correct, confidence)
 
     return max((audit(k) for k in ks), key=lambda result: result.eps_lower_bound)

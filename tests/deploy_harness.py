@@ -204,9 +204,7 @@ class LocalDeployment:
         flwr_home.mkdir(parents=True, exist_ok=True)
         return env
 
-    def spawn(
-        self, name: str, argv: list[str], env: Mapping[str, str] | None = None
-    ) -> ManagedProcess:
+    def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> ManagedProcess:
         """Start ``argv`` in its own process group; it is stopped at teardown.
 
         Output goes to ``logs/<name>.log``; a reused name gets a ``-N`` suffix.
@@ -227,7 +225,7 @@ class LocalDeployment:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_harness,  # noqa: PLW1509 - only a resolved prctl
+                preexec_fn=_die_with_harness,
             )
         proc = ManagedProcess(unique, argv, popen, log_path)
         self.processes.append(proc)
@@ -266,9 +264,7 @@ class LocalDeployment:
         self.node_ids[site] = node_id
         return node_id
 
-    def site_argv(
-        self, site: str, node_config: str | None = None, port: int | None = None
-    ) -> list[str]:
+    def site_argv(self, site: str, node_config: str | None = None, port: int | None = None) -> list[str]:
         """The exact ``flower-supernode`` command line this harness uses for a site.
 
         Pass another ``port`` to run a second SuperNode next to a running one.
@@ -309,9 +305,7 @@ class LocalDeployment:
                 return proc
             except _ActivationRefusedError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"site {site!r} was never re-activated"
-                    ) from None
+                    raise TimeoutError(f"site {site!r} was never re-activated") from None
                 time.sleep(5.0)
 
     def _wait_activated(self, site: str, proc: ManagedProcess, deadline: float) -> None:
@@ -326,9 +320,7 @@ class LocalDeployment:
                 raise TimeoutError(f"SuperNode {proc.name} did not connect in time")
             time.sleep(0.2)
 
-    def wait_connected(
-        self, sites: Collection[str] | None = None, timeout: float = 60.0
-    ) -> None:
+    def wait_connected(self, sites: Collection[str] | None = None, timeout: float = 60.0) -> None:
         """Block until the given (default: all registered) sites are activated."""
         deadline = time.monotonic() + timeout
         for site in self.node_configs if sites is None else sites:
@@ -338,9 +330,7 @@ class LocalDeployment:
         """Stop a site's SuperNode: SIGKILL (a crash) or SIGTERM (clean leave)."""
         stop_process(self.sites[site], graceful=graceful)
 
-    def flwr(
-        self, *args: str, timeout: float = 60.0
-    ) -> subprocess.CompletedProcess[str]:
+    def flwr(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         """Run the ``flwr`` CLI as the operator (isolated FLWR_HOME, TLS connection)."""
         return subprocess.run(
             [str(BIN_DIR / "flwr"), *args],
@@ -379,9 +369,7 @@ class LocalDeployment:
         output = done.stdout + done.stderr
         if not (match := _RUN_ID_RE.search(output)):
             return AppRun(None, done.returncode, output, None, "")
-        listed = self.flwr(
-            "ls", self.connection, "--run-id", match.group(1), "--format", "json"
-        )
+        listed = self.flwr("ls", self.connection, "--run-id", match.group(1), "--format", "json")
         try:
             run = json.loads(listed.stdout)["runs"][0]
         except (json.JSONDecodeError, KeyError, IndexError):
@@ -424,9 +412,7 @@ def local_deployment(
     negative tests. Everything started is torn down when the block exits.
     """
     workdir = Path(workdir)
-    creds = init_deployment(
-        workdir / "credentials", [*node_configs, *extra_sites], hosts=[]
-    )
+    creds = init_deployment(workdir / "credentials", [*node_configs, *extra_sites], hosts=[])
     dep = LocalDeployment(workdir, creds, node_configs)
     write_flwr_config(
         dep.flwr_home,

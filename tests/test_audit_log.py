@@ -70,9 +70,7 @@ def test_records_are_chained_and_read_back(log_path):
 
 def test_append_returns_what_is_stored(tmp_path):
     path = tmp_path / "log.jsonl"
-    returned = AuditLog(path).append(
-        "round_end", pair=(1, 2), by_client={10: "a", 9: "b"}, note="ünïcode ✓"
-    )
+    returned = AuditLog(path).append("round_end", pair=(1, 2), by_client={10: "a", 9: "b"}, note="ünïcode ✓")
     assert read_records(path) == [returned]
     assert returned["pair"] == [1, 2] and returned["by_client"] == {"10": "a", "9": "b"}
     assert "ünïcode ✓" in path.read_text(encoding="utf-8")  # ensure_ascii=False
@@ -217,9 +215,7 @@ def _append_many(path: str, tag: str, count: int) -> None:
 def test_concurrent_processes_do_not_interleave(tmp_path):
     path = tmp_path / "log.jsonl"
     context = multiprocessing.get_context("fork")
-    workers = [
-        context.Process(target=_append_many, args=(str(path), tag, 40)) for tag in "ab"
-    ]
+    workers = [context.Process(target=_append_many, args=(str(path), tag, 40)) for tag in "ab"]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -285,10 +281,7 @@ def test_digest_equal_for_equal_arrays_regardless_of_order_and_layout():
     rebuilt = {"head.bias": update["head.bias"].copy(), "head.weight": weight}
     assert update_digest(rebuilt) == update_digest(update)
     # what the server gets after a serialisation round trip
-    received = {
-        k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape)
-        for k, v in update.items()
-    }
+    received = {k: np.frombuffer(v.tobytes(), v.dtype).reshape(v.shape) for k, v in update.items()}
     assert update_digest(received) == update_digest(update)
 
 
@@ -329,9 +322,7 @@ def test_digest_changes_when_any_element_changes(array, data):
     index = data.draw(st.integers(0, array.size - 1))
     changed = array.copy()
     flat = changed.reshape(-1)
-    flat[index] = (
-        flat[index] + 1 if np.isfinite(flat[index]) and flat[index] < 100 else 0
-    )
+    flat[index] = flat[index] + 1 if np.isfinite(flat[index]) and flat[index] < 100 else 0
     assert update_digest({"w": array.copy()}) == update_digest({"w": array})
     if changed.tobytes() != array.tobytes():
         assert update_digest({"w": changed}) != update_digest({"w": array})

@@ -151,9 +151,9 @@ def test_credentials_private_and_never_overwritten(tmp_path: Path) -> None:
     assert all(p.read_bytes() == data for p, data in before.items())
 
     second.sites["b2"].public_key.unlink()
-    with pytest.raises(CredentialsError, match="auth.key exists but"):
+    with pytest.raises(CredentialsError, match=r"auth\.key exists but"):
         init_deployment(out, ["b2"], [])
-    with pytest.raises(CredentialsError, match="new.example.org"):
+    with pytest.raises(CredentialsError, match=r"new\.example\.org"):
         init_deployment(out, [], ["new.example.org"])
     forced = init_deployment(out, ["b2"], ["new.example.org"], force=True)
     assert first.ca_key.read_bytes() != before[first.ca_key]
@@ -187,9 +187,7 @@ def test_scripts_match_launch(tmp_path: Path) -> None:
     scripts = REPO / "deploy" / "scripts"
 
     def dry_run(*args: str) -> list[str]:
-        done = subprocess.run(
-            [*args, "--dry-run"], env=env, capture_output=True, text=True, check=True
-        )
+        done = subprocess.run([*args, "--dry-run"], env=env, capture_output=True, text=True, check=True)
         return done.stdout.splitlines()
 
     assert dry_run(str(scripts / "start-superlink.sh")) == superlink_argv(creds)
@@ -212,9 +210,7 @@ def test_flwr_config_preserves_other_connections(tmp_path: Path) -> None:
     home = tmp_path / "flwr-home"
     home.mkdir()
     (home / "config.toml").write_text('[superlink.other]\naddress = "h:1"\n')
-    path = write_flwr_config(
-        home, address="127.0.0.1:8000", root_certificates=tmp_path / "ca.crt"
-    )
+    path = write_flwr_config(home, address="127.0.0.1:8000", root_certificates=tmp_path / "ca.crt")
     config = tomllib.loads(path.read_text())["superlink"]
     assert config["other"] == {"address": "h:1"}
     assert config["default"] == "fedtransfer"
@@ -224,19 +220,13 @@ def test_flwr_config_preserves_other_connections(tmp_path: Path) -> None:
     }
 
 
-def test_registered_sites_run_app_end_to_end(
-    deployment: LocalDeployment, tmp_path: Path
-) -> None:
+def test_registered_sites_run_app_end_to_end(deployment: LocalDeployment, tmp_path: Path) -> None:
     app = _write_app(tmp_path / "app")
     out = tmp_path / "answers.json"
-    result = deployment.run_app(
-        app, {"greeting": "hi", "out-file": str(out)}, timeout=120
-    )
+    result = deployment.run_app(app, {"greeting": "hi", "out-file": str(out)}, timeout=120)
     assert result.ok, (result.status, result.status_details, result.output)
     answers = json.loads(out.read_text())
-    assert answers == {
-        str(deployment.node_ids[site]): f"hi from {site}" for site in SITES
-    }
+    assert answers == {str(deployment.node_ids[site]): f"hi from {site}" for site in SITES}
 
 
 def test_unregistered_supernode_is_refused(deployment: LocalDeployment) -> None:
@@ -248,9 +238,7 @@ def test_unregistered_supernode_is_refused(deployment: LocalDeployment) -> None:
     assert proc.popen.wait(timeout=60) != 0
     log = proc.log_text()
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log
-    listed = deployment.flwr(
-        "supernode", "ls", deployment.connection, "--format", "json"
-    )
+    listed = deployment.flwr("supernode", "ls", deployment.connection, "--format", "json")
     node_ids = {int(n["node-id"]) for n in json.loads(listed.stdout)["nodes"]}
     assert node_ids == set(deployment.node_ids.values())
 

@@ -26,9 +26,7 @@ def _reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> floa
         return math.comb(r, j) * q**j * (1 - q) ** (r - j)
 
     tail = sum(pmf(j) for j in range(v, r + 1))
-    alpha = max(
-        sum(pmf(j) for j in range(max(v - i, 0), v)) / i for i in range(1, m + 1)
-    )
+    alpha = max(sum(pmf(j) for j in range(max(v - i, 0), v)) / i for i in range(1, m + 1))
     return min(1.0, tail + 2 * m * delta * alpha)
 
 
@@ -42,9 +40,7 @@ def _reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> floa
 def test_p_value_matches_literal_theorem(m, data, eps, delta):
     r = data.draw(st.integers(0, m))
     v = data.draw(st.integers(0, r))
-    assert p_value(m, r, v, eps, delta) == pytest.approx(
-        _reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12
-    )
+    assert p_value(m, r, v, eps, delta) == pytest.approx(_reference_p_value(m, r, v, eps, delta), rel=1e-9, abs=1e-12)
 
 
 def test_bound_is_the_rejection_threshold():
@@ -73,9 +69,7 @@ def test_all_correct_bound_is_large_and_grows_with_r(delta):
 
 
 def test_delta_term_weakens_the_bound():
-    by_delta = [
-        epsilon_lower_bound(1000, 1000, 1000, d) for d in (0, 1e-6, 1e-4, 1e-2, 0.1)
-    ]
+    by_delta = [epsilon_lower_bound(1000, 1000, 1000, d) for d in (0, 1e-6, 1e-4, 1e-2, 0.1)]
     assert all(a > b for a, b in itertools.pairwise(by_delta))
     assert by_delta[-1] == 0.0
     # 2 m delta: every randomised canary costs delta, abstentions included.
@@ -84,9 +78,7 @@ def test_delta_term_weakens_the_bound():
 
 
 def test_more_confidence_gives_smaller_bound():
-    bounds = [
-        epsilon_lower_bound(1000, 500, 450, 1e-6, c) for c in (0.5, 0.9, 0.95, 0.999)
-    ]
+    bounds = [epsilon_lower_bound(1000, 500, 450, 1e-6, c) for c in (0.5, 0.9, 0.95, 0.999)]
     assert all(a > b for a, b in itertools.pairwise(bounds))
 
 
@@ -100,10 +92,7 @@ def test_bound_monotone_in_correct_guesses(r, data, delta):
     v1 = data.draw(st.integers(0, r))
     v2 = data.draw(st.integers(v1, r))
     m = r + data.draw(st.integers(0, 200))
-    assert (
-        epsilon_lower_bound(m, r, v1, delta)
-        <= epsilon_lower_bound(m, r, v2, delta) + 1e-8
-    )
+    assert epsilon_lower_bound(m, r, v1, delta) <= epsilon_lower_bound(m, r, v2, delta) + 1e-8
 
 
 @settings(max_examples=80, deadline=None)
@@ -128,10 +117,7 @@ def test_pure_dp_bound_never_exceeds_empirical_logit(r, frac, confidence):
 @pytest.mark.parametrize("p", [0.6, 0.75, 0.9, 0.99])
 def test_pure_dp_bound_approaches_logit_as_canaries_grow(p):
     limit = math.log(p / (1 - p))
-    gaps = [
-        limit - epsilon_lower_bound(r, r, round(p * r), 0.0)
-        for r in (10**3, 10**4, 10**6)
-    ]
+    gaps = [limit - epsilon_lower_bound(r, r, round(p * r), 0.0) for r in (10**3, 10**4, 10**6)]
     assert all(g > 0 for g in gaps)
     assert gaps[0] > gaps[1] > gaps[2]
     assert gaps[2] < 0.02 * max(1.0, limit)

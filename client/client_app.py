@@ -1,0 +1,107 @@
+"""The ClientApp: a site trains the head on its cached features under DP and sends only the head.
+
+Every refusal (budget spent, backbone mismatch, policy, bad data, malformed message) is
+answered with an error reply that names the site and the reason, so the server logs it
+and carries on with the other sites instead of a site crashing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import Declined, Site, enforce_policy, get_site
+from client.training import LocalTraining, train_head
+from common.backbones import BackboneError
+from common.config import ConfigError, RunConfig, config_from_run_config
+from common.data import DataError
+from common.exchange import head_to_arrays, load_head, wire_bytes
+from common.head import evaluate_head, make_head
+from common.privacy import BudgetExceeded, PrivacyLedger, plan_dp, require_secure_rng
+
+DECLINED = 4001  # error code of a refusal by the site (budget, policy, mismatch)
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, _train)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _answer(msg, context, _evaluate)
+
+
+def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, Message], RecordDict]) -> Message:
+    name = str(context.node_config.get("partition-id", context.node_config.get("site-config", "site")))
+    try:
+        cfg = config_from_run_config(context.run_config)
+        site = get_site(context, cfg)
+        name = site.name
+        return Message(handler(site, cfg, msg), reply_to=msg)
+    except (Declined, BudgetExceeded, ConfigError, DataError, BackboneError, ValueError, KeyError, TypeError) as err:
+        reason = str(err) if not isinstance(err, KeyError) else f"message lacks {err}"
+        return Message(Error(code=DECLINED, reason=f"{name}: {reason}"), reply_to=msg)
+
+
+def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
+    """Check the server's message before touching data: round, fingerprint, head shape."""
+    conf = msg.content["config"]
+    announced = conf["backbone-fingerprint"]
+    if announced != site.backbone.fingerprint:
+        raise Declined(
+            f"backbone fingerprint mismatch: the server announced {str(announced)[:16]}…, this site's "
+            f"{site.backbone.name} has {site.backbone.fingerprint[:16]}…; load the same weights as the server"
+        )
+    return int(conf["server-round"]), msg.content["arrays"], conf
+
+
+def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
+    server_round, arrays, conf = _received_head(site, cfg, msg)
+    if site.accept_app_version is not None and conf.get("app-version") != site.accept_app_version:
+        raise Declined(f"site pins app version {site.accept_app_version}, the run is {conf.get('app-version')}")
+    head = make_head(site.backbone.feature_dim, len(site.data.train.classes), cfg.head.hidden)
+    load_head(head, arrays)
+    head.to(site.backbone.device)
+    p, t = cfg.privacy, cfg.train
+    plan = None
+    ledger = PrivacyLedger(site.ledger_path, run_key=str(conf["run-id"]))
+    if p.enabled:
+        if p.secure_mode:
+            require_secure_rng()
+        n = len(site.train_y)
+        plan = plan_dp(n, t.batch_size, t.local_epochs, t.rounds, p.target_epsilon, p.target_delta, p.max_grad_norm,
+                       p.accountant)  # fmt: skip
+        enforce_policy(site.policy, cfg, plan, ledger.spent_in_other_runs(p.target_delta, p.accountant))
+        ledger.check_round(plan)
+    else:
+        enforce_policy(site.policy, cfg, None, 0.0)
+    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, float(conf.get("proximal-mu", 0.0)))
+    outcome = train_head(
+        head, site.train_x, site.train_y, opts, plan, ledger.history,
+        seed=site.round_seed(str(conf["run-id"]), server_round), secure_mode=p.secure_mode,
+    )  # fmt: skip
+    reply = head_to_arrays(head.cpu())
+    metrics = {"num-examples": len(site.train_y), "train-loss": outcome.loss, "steps": outcome.steps,
+               "wire-bytes": wire_bytes(reply)}  # fmt: skip
+    if plan is not None:
+        epsilon = ledger.record_round(server_round, plan, outcome.history)
+        metrics |= {"epsilon": epsilon, "delta": plan.target_delta, "noise-multiplier": plan.noise_multiplier,
+                    "sample-rate": plan.sample_rate, "clip-norm": plan.max_grad_norm}  # fmt: skip
+    return RecordDict(
+        {"arrays": reply, "metrics": MetricRecord(metrics),
+         "site": ConfigRecord({"name": site.name, "accountant": plan.accountant if plan else "none"})}
+    )  # fmt: skip
+
+
+def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
+    _, arrays, _ = _received_head(site, cfg, msg)
+    head = make_head(site.backbone.feature_dim, len(site.data.test.classes), cfg.head.hidden)
+    load_head(head, arrays)
+    loss, acc = evaluate_head(head.to(site.backbone.device), site.test_x, site.test_y)
+    metrics = MetricRecord({"num-examples": len(site.test_y), "eval-loss": loss, "eval-accuracy": acc})
+    return RecordDict({"metrics": metrics, "site": ConfigRecord({"name": site.name})})

@@ -1,0 +1,364 @@
+"""Run configuration: one YAML file (or Flower run config) parsed into typed dataclasses.
+
+Everything is validated before a run starts, so a typo never surfaces as a traceback
+half-way through round 3. Errors are one line naming the source, the key and what is
+allowed. The same dataclasses are filled from a YAML file (`fedtransfer simulate`) and
+from Flower's flattened run config (`flwr run .`), so both paths run one configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+from flwr.common.config import flatten_dict, unflatten_dict
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible."""
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = "mobilenet_v2"
+    weights: str = "IMAGENET1K_V1"
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        from common.backbones import REGISTRY  # late import: torchvision is heavy
+
+        _require(self.name in REGISTRY, "backbone.name", f"must be one of {sorted(REGISTRY)}", self.name)
+        spec = REGISTRY[self.name]
+        _require(
+            spec.min_image_size <= self.image_size <= 1024,
+            "backbone.image_size",
+            f"{self.name} takes {spec.min_image_size}..1024 pixels",
+            self.image_size,
+        )
+        _require(
+            (self.weights_file is None) == (self.weights_sha256 is None),
+            "backbone.weights_sha256",
+            "weights_file and weights_sha256 go together: give both or neither",
+            self.weights_sha256,
+        )
+        if self.weights_sha256 is not None:
+            digest = self.weights_sha256.lower()
+            _require(
+                len(digest) == 64 and all(c in "0123456789abcdef" for c in digest),
+                "backbone.weights_sha256",
+                "must be 64 hex digits",
+                self.weights_sha256,
+            )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["mnist", "digits", "imagefolder", "npz"] = "mnist"
+    path: str | None = None
+    split: Literal["iid", "dirichlet", "folders"] = "dirichlet"
+    alpha: float = 0.5
+    num_sites: int = 4
+    site_test_fraction: float = 0.2
+    server_test_fraction: float = 0.1
+    max_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        needs_path = self.source in ("imagefolder", "npz")
+        _require(not needs_path or self.path, "data.path", f"source {self.source} needs a path", self.path)
+        _require(
+            self.split != "folders" or self.source in ("imagefolder", "npz"),
+            "data.split",
+            "'folders' needs source imagefolder or npz (one folder or .npz per site)",
+            self.split,
+        )
+        _require(self.alpha > 0, "data.alpha", "must be > 0", self.alpha)
+        _require(1 <= self.num_sites <= 10_000, "data.num_sites", "must be 1..10000", self.num_sites)
+        _require(
+            0 < self.site_test_fraction < 1, "data.site_test_fraction", "must be in (0, 1)", self.site_test_fraction
+        )
+        _require(
+            0 < self.server_test_fraction < 1,
+            "data.server_test_fraction",
+            "must be in (0, 1)",
+            self.server_test_fraction,
+        )
+        _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0", self.max_samples)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int = 0  # 0: linear head; > 0: one hidden layer of that width
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.hidden <= 65_536, "head.hidden", "must be 0 (linear) .. 65536", self.hidden)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = 5
+    local_epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 0.5
+    momentum: float = 0.0
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.1
+    fraction_train: float = 1.0
+    min_sites: int = 2
+    fraction_evaluate: float = 1.0
+    round_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.rounds <= 10_000, "train.rounds", "must be 1..10000", self.rounds)
+        _require(1 <= self.local_epochs <= 1000, "train.local_epochs", "must be 1..1000", self.local_epochs)
+        _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _require(0 < self.learning_rate <= 100, "train.learning_rate", "must be in (0, 100]", self.learning_rate)
+        _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
+        _require(self.proximal_mu >= 0, "train.proximal_mu", "must be >= 0", self.proximal_mu)
+        _require(self.server_learning_rate > 0, "train.server_learning_rate", "must be > 0", self.server_learning_rate)
+        _require(0 < self.fraction_train <= 1, "train.fraction_train", "must be in (0, 1]", self.fraction_train)
+        _require(self.min_sites >= 1, "train.min_sites", "must be >= 1", self.min_sites)
+        _require(
+            0 <= self.fraction_evaluate <= 1, "train.fraction_evaluate", "must be in [0, 1]", self.fraction_evaluate
+        )
+        _require(self.round_timeout_s > 0, "train.round_timeout_s", "must be > 0", self.round_timeout_s)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = True
+    target_epsilon: float = 3.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    secure_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _require(0 < self.target_epsilon <= 100, "privacy.target_epsilon", "must be in (0, 100]", self.target_epsilon)
+        _require(
+            0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1) and below 1/n", self.target_delta
+        )
+        _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_name: str = "demo"
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_dir: str = "runs/demo"
+    cache_dir: str = "~/.cache/fedtransfer"
+    resume: bool = False
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.run_name) and all(c.isalnum() or c in "-_." for c in self.run_name),
+            "run_name",
+            "use letters, digits, '-', '_' or '.'",
+            self.run_name,
+        )
+        _require(
+            self.train.min_sites <= self.data.num_sites,
+            "train.min_sites",
+            f"cannot exceed data.num_sites ({self.data.num_sites})",
+            self.train.min_sites,
+        )
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser().resolve()
+
+
+def _require(ok: object, key: str, allowed: str, got: object) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {allowed} (got {got!r})")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML config file; any problem is a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML") from None
+    try:
+        return config_from_dict(raw or {})
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """Build and validate a RunConfig from nested plain data (YAML or unflattened TOML)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"top level must be a mapping of keys (got {type(raw).__name__})")
+    return _build(RunConfig, raw, "")
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """Build a RunConfig from Flower's flattened run config ("train.rounds" = 3)."""
+    return config_from_dict(unflatten_dict(dict(run_config)))
+
+
+def to_run_config(cfg: RunConfig) -> dict[str, Any]:
+    """Flatten a RunConfig into Flower run-config form. None becomes "" (TOML has no null)."""
+    return flatten_dict(_nulls_to_empty(dataclasses.asdict(cfg)))
+
+
+def to_nested(cfg: RunConfig) -> dict[str, Any]:
+    """Nested plain data, ready for YAML or TOML (None becomes "")."""
+    return unflatten_dict(to_run_config(cfg))
+
+
+def _nulls_to_empty(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _nulls_to_empty(v) if isinstance(v, dict) else ("" if v is None else v) for k, v in d.items()}
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(sorted(known))}")
+    for f in dataclasses.fields(cls):
+        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{f.name}: required key is missing")
+    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in known if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: must be a mapping of keys (got {value!r})")
+        return _build(hint, value, f"{key}.")
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or value == "":  # "" is how a flattened TOML run config says null
+            return None
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))} (got {value!r})")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false (got {value!r})")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer (got {value!r})")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: must be a string (got {value!r})")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
+
+
+__all__ = [
+    "BackboneConfig",
+    "ConfigError",
+    "DataConfig",
+    "HeadConfig",
+    "PrivacyConfig",
+    "RunConfig",
+    "SiteConfig",
+    "SitePolicy",
+    "TrainConfig",
+    "config_from_dict",
+    "config_from_run_config",
+    "load_config",
+    "load_site_config",
+    "to_nested",
+    "to_run_config",
+]
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """Limits a site sets for itself; the server's run config can only ask within them."""
+
+    max_epsilon: float = 8.0
+    max_delta: float = 1e-5
+    max_rounds: int = 100
+    min_noise_multiplier: float = 0.0
+    max_clip_norm: float = 10.0
+    require_dp: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.max_epsilon > 0, "policy.max_epsilon", "must be > 0", self.max_epsilon)
+        _require(0 < self.max_delta < 1, "policy.max_delta", "must be in (0, 1)", self.max_delta)
+        _require(self.max_rounds >= 1, "policy.max_rounds", "must be >= 1", self.max_rounds)
+        _require(
+            self.min_noise_multiplier >= 0, "policy.min_noise_multiplier", "must be >= 0", self.min_noise_multiplier
+        )
+        _require(self.max_clip_norm > 0, "policy.max_clip_norm", "must be > 0", self.max_clip_norm)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
+
+    name: str
+    data_source: Literal["imagefolder", "npz", "mnist", "digits"]
+    data_path: str | None = None
+    test_fraction: float = 0.2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_dir: str = "~/.fedtransfer/site"
+    cache_dir: str | None = None
+    accept_app_version: str | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)
+
+    def __post_init__(self) -> None:
+        _require(
+            bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
+            "name",
+            "use letters, digits, '-' or '_'",
+            self.name,
+        )
+        needs_path = self.data_source in ("imagefolder", "npz")
+        _require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
+        _require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site's YAML file; problems are one-line ConfigErrors naming the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError("top level must be a mapping of keys")
+        return _build(SiteConfig, raw, "")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read site config ({err.strerror})") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,66 @@
+"""What travels between server and sites: head tensors, named and checked.
+
+Both directions go through here, so "only head tensors leave a site" is one function to
+audit: `head_to_arrays` is the only way a site builds what it sends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+PREFIX = "head."
+
+Spec = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
+
+
+def head_to_arrays(head: nn.Module) -> ArrayRecord:
+    state = {PREFIX + k: v.detach().cpu() for k, v in head.state_dict().items()}
+    return ArrayRecord(state)
+
+
+def head_spec(head: nn.Module) -> Spec:
+    return {PREFIX + k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in head.state_dict().items()}
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: arr.numpy() for name, arr in arrays.items()}
+
+
+def wire_bytes(arrays: ArrayRecord) -> int:
+    """Bytes of the serialized tensors as they travel (numpy payload with its header)."""
+    return sum(len(arr.data) for arr in arrays.values())
+
+
+def check_arrays(arrays: ArrayRecord, spec: Spec, max_norm: float | None = None) -> str | None:
+    """Why these arrays are not a valid head for `spec`, or None when they are."""
+    names = set(arrays.keys())
+    if names != set(spec):
+        missing, extra = sorted(set(spec) - names), sorted(names - set(spec))
+        return f"tensor names differ from the head: missing {missing}, unexpected {extra}"
+    total = 0.0
+    for name, (shape, dtype) in spec.items():
+        arr = arrays[name]
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            return f"{name} is {arr.dtype}{list(arr.shape)}, the head needs {dtype}{list(shape)}"
+        values = arr.numpy()
+        if not np.all(np.isfinite(values)):
+            return f"{name} holds NaN or Inf values"
+        total += float(np.sum(np.square(values, dtype=np.float64)))
+    norm = math.sqrt(total)
+    if max_norm is not None and norm > max_norm:
+        return f"L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+    return None
+
+
+def load_head(head: nn.Module, arrays: ArrayRecord) -> None:
+    """Load arrays into the head after checking them; a mismatch is a ValueError with the reason."""
+    reason = check_arrays(arrays, head_spec(head))
+    if reason is not None:
+        raise ValueError(f"head update rejected: {reason}")
+    state = {k.removeprefix(PREFIX): torch.from_numpy(v.copy()) for k, v in arrays_to_numpy(arrays).items()}
+    head.load_state_dict(state)

@@ -1,0 +1,187 @@
+"""The coordinator's round loop: configure, screen replies, aggregate, evaluate, record.
+
+Flower's `Strategy.start` runs a fixed loop; ours calls the same strategy methods but
+adds what a privacy-preserving federation needs between them: screening every update,
+naming sites that decline and why, per-site ε, atomic checkpoints and resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common import atomic
+from common.backbones import load_backbone, resolve_device
+from common.config import RunConfig, to_nested
+from common.data import simulate_federation
+from common.exchange import head_spec, head_to_arrays, wire_bytes
+from common.features import cached_features
+from common.head import evaluate_head, make_head
+from server import checkpoint, report
+from server.export import export_model, head_from_arrays
+from server.strategy import make_strategy, restore_strategy_state, screen_train_replies, site_name, strategy_state
+
+APP_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    run_id: str
+    final_accuracy: float
+    model_path: Path
+
+
+def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResult:
+    run_dir = cfg.output_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "status.json").unlink(missing_ok=True)
+    atomic.write_text(run_dir / "config.json", json.dumps(to_nested(cfg), indent=2))
+    backbone = load_backbone(cfg.backbone, resolve_device(cfg.device))
+    d = cfg.data
+    fed = simulate_federation(d.source, d.path, d.split, d.num_sites, d.alpha, d.site_test_fraction,
+                              d.server_test_fraction, cfg.backbone.image_size, cfg.seed, d.max_samples)  # fmt: skip
+    test_x, _ = cached_features(backbone, fed.server_test, cfg.cache_path)
+    test_y = torch.from_numpy(fed.server_test.labels)
+    classes = list(fed.server_test.classes)
+    torch.manual_seed(cfg.seed)
+    head = make_head(backbone.feature_dim, len(classes), cfg.head.hidden)
+    spec = head_spec(head)
+    strategy = make_strategy(cfg.train)
+
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if ckpt is not None:
+        run_id, start, sites = ckpt.run_id, ckpt.server_round + 1, ckpt.sites
+        arrays = ArrayRecord({k: torch.from_numpy(v) for k, v in ckpt.head.items()})
+        restore_strategy_state(strategy, ckpt.strategy_state)
+        report.truncate_metrics(run_dir, ckpt.server_round)
+        log(INFO, "Resuming run %s from round %d checkpoint in %s", run_id, ckpt.server_round, run_dir)
+    else:
+        if resume:
+            log(WARNING, "No checkpoint in %s: starting from round 1", run_dir)
+        run_id, start, sites = uuid.uuid4().hex[:12], 1, {}
+        arrays = head_to_arrays(head)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    log(INFO, "Run %s: %s (%s), %d classes, %d rounds, sites' DP target ε = %s, output %s", run_id, backbone.name,
+        backbone.fingerprint[:12], len(classes), cfg.train.rounds,
+        cfg.privacy.target_epsilon if cfg.privacy.enabled else "off (no DP)", run_dir)  # fmt: skip
+
+    names: dict[int, str] = {}
+    base = {"run-id": run_id, "backbone-fingerprint": backbone.fingerprint, "app-version": APP_VERSION}
+    if cfg.train.strategy == "fedprox":
+        base["proximal-mu"] = cfg.train.proximal_mu
+    accuracy = float("nan")
+    for rnd in range(start, cfg.train.rounds + 1):
+        t0 = time.monotonic()
+        random.seed(f"{cfg.seed}|{run_id}|{rnd}")  # Flower samples nodes with `random`
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
+        replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
+        screened = screen_train_replies(replies, spec, names)
+        round_sites: dict[str, dict[str, Any]] = {}
+        for reply in screened.accepted:
+            name = site_name(reply, names)
+            m = dict(next(iter(reply.content.metric_records.values())))
+            round_sites[name] = _trained_record(rnd, m)
+            rec = sites.setdefault(name, {"rounds": []})
+            rec["rounds"].append(round_sites[name])
+            rec["accountant"] = str(reply.content["site"]["accountant"]) if "site" in reply.content else "none"
+            rec["delta"] = m.get("delta")
+        for _reply, name, reason in screened.refused:
+            log(WARNING, "round %d: site %s did not contribute: %s", rnd, name, reason)
+            round_sites[name] = {"round": rnd, "status": "declined", "reason": reason}
+            sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
+        replied = {m.metadata.src_node_id for m in replies}
+        for msg in messages:
+            if msg.metadata.dst_node_id not in replied:
+                name = names.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")
+                log(WARNING, "round %d: site %s did not reply within %gs (dropped out)", rnd, name,
+                    cfg.train.round_timeout_s)  # fmt: skip
+                round_sites[name] = {"round": rnd, "status": "no-reply", "reason": "no reply (dropped out)"}
+                sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
+        if len(screened.accepted) >= cfg.train.min_sites:
+            new_arrays, _ = strategy.aggregate_train(rnd, screened.accepted)
+            if new_arrays is not None:
+                arrays = new_arrays
+        else:
+            log(WARNING, "round %d: only %d site(s) contributed, fewer than train.min_sites = %d; global head "
+                "unchanged", rnd, len(screened.accepted), cfg.train.min_sites)  # fmt: skip
+
+        federated = _federated_evaluation(strategy, rnd, arrays, base, grid, cfg, names)
+        current = head_from_arrays(_numpy(arrays), backbone.feature_dim, len(classes), cfg.head.hidden)
+        loss, accuracy = evaluate_head(current, test_x, test_y)
+        checkpoint.save(run_dir, checkpoint.Checkpoint(run_id, rnd, _numpy(arrays), strategy_state(strategy), sites))
+        record = {
+            "round": rnd,
+            "time_s": round(time.monotonic() - t0, 3),
+            "server": {"accuracy": accuracy, "loss": loss},
+            "federated": federated,
+            "sites": {n: {k: v for k, v in r.items() if k != "round"} for n, r in sorted(round_sites.items())},
+            "sites_trained": len(screened.accepted),
+            "bytes_received": sum(wire_bytes(next(iter(r.content.array_records.values()))) for r in screened.accepted),
+            "bytes_sent_per_site": wire_bytes(arrays),
+        }
+        report.append_metrics(run_dir, record)
+        report.write_privacy(run_dir, run_id, sites)
+        _progress(rnd, cfg, record, len(messages))
+
+    metrics = report.read_metrics(run_dir)
+    report.write_plots(run_dir, metrics, cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
+    final = head_from_arrays(_numpy(arrays), backbone.feature_dim, len(classes), cfg.head.hidden)
+    model_path = export_model(run_dir / "model.pt", cfg.backbone, backbone, final, cfg.head.hidden, classes)
+    result = RunResult(run_dir, run_id, accuracy, model_path)
+    summary = {"status": "completed", "run_id": run_id, "final_accuracy": accuracy, "model": str(model_path)}
+    atomic.write_text(run_dir / "status.json", json.dumps(summary, indent=2))
+    log(INFO, "Run %s finished: server hold-out accuracy %.4f; model exported to %s", run_id, accuracy, model_path)
+    return result
+
+
+def _trained_record(rnd: int, m: dict[str, Any]) -> dict[str, Any]:
+    keys = {"epsilon": "epsilon", "noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate",
+            "clip-norm": "clip_norm", "train-loss": "train_loss", "wire-bytes": "bytes_sent"}  # fmt: skip
+    out = {"round": rnd, "status": "trained", "num_examples": int(m["num-examples"]), "steps": int(m["steps"])}
+    out |= {ours: m[theirs] for theirs, ours in keys.items() if theirs in m}
+    return out
+
+
+def _federated_evaluation(
+    strategy: Any, rnd: int, arrays: ArrayRecord, base: dict, grid: Grid, cfg: RunConfig, names: dict[int, str]
+) -> dict[str, float] | None:
+    if cfg.train.fraction_evaluate == 0:
+        return None
+    messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base)), grid))
+    replies = [r for r in grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)]
+    good = [r for r in replies if not r.has_error()]
+    for r in replies:
+        if r.has_error():
+            log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, site_name(r, names), r.error.reason)
+    if not good:
+        return None
+    agg = strategy.aggregate_evaluate(rnd, good)
+    return {"accuracy": float(agg["eval-accuracy"]), "loss": float(agg["eval-loss"]), "sites": len(good)}
+
+
+def _numpy(arrays: ArrayRecord) -> dict:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:
+    eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
+    fed = record["federated"]
+    log(
+        INFO,
+        "round %d/%d | sites trained %d/%d | server acc %.4f | sites' acc %s | ε spent max %s (target %s) | %.1fs",
+        rnd, cfg.train.rounds, record["sites_trained"], asked, record["server"]["accuracy"],
+        f"{fed['accuracy']:.4f}" if fed else "-", f"{max(eps):.3f}" if eps else "-",
+        f"{cfg.privacy.target_epsilon:g}" if cfg.privacy.enabled else "no DP", record["time_s"],
+    )  # fmt: skip

@@ -1,0 +1,130 @@
+"""What a run leaves behind for people: metrics per round, privacy per site, plots.
+
+`metrics.jsonl` gets one line per round as the round ends; `privacy.json` and the plots
+are rewritten after every round, so a run stopped at any point still explains itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from common import atomic
+from common.privacy import epsilon_of
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no inf/nan: write null instead of an invalid file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One durable line per round (append + fsync): a crash loses at most the line in flight."""
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, last_round: int) -> None:
+    """On resume, drop lines of rounds after the checkpoint: they will be run again."""
+    kept = [r for r in read_metrics(run_dir) if r["round"] <= last_round]
+    atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
+    """Per site: the ε the site reported, and the ε recomputed here from its per-round DP parameters.
+
+    The two must agree: the server recomputes with Opacus' accountant over every round the
+    site trained in, which is how an auditor checks a site's claim without trusting it.
+    """
+    out: dict[str, Any] = {}
+    for name, rec in sorted(sites.items()):
+        trained = [r for r in rec["rounds"] if r["status"] == "trained"]
+        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in trained if "noise_multiplier" in r]
+        accountant, delta = rec.get("accountant", "none"), rec.get("delta")
+        recomputed = epsilon_of(history, delta, accountant) if history and delta else None
+        out[name] = {
+            "epsilon": trained[-1].get("epsilon") if trained else 0.0,
+            "epsilon_recomputed": recomputed,
+            "delta": delta,
+            "accountant": accountant,
+            "noise_multiplier": trained[-1].get("noise_multiplier") if trained else None,
+            "sample_rate": trained[-1].get("sample_rate") if trained else None,
+            "clip_norm": trained[-1].get("clip_norm") if trained else None,
+            "steps": sum(r["steps"] for r in trained),
+            "rounds_trained": [r["round"] for r in trained],
+            "rounds_declined": [
+                {"round": r["round"], "reason": r.get("reason", "")} for r in rec["rounds"] if r["status"] != "trained"
+            ],
+            "per_round": rec["rounds"],
+        }
+    return out
+
+
+def write_privacy(run_dir: Path, run_id: str, sites: dict[str, Any]) -> dict[str, Any]:
+    report = {"run_id": run_id, "sites": privacy_report(sites)}
+    atomic.write_text(run_dir / "privacy.json", json.dumps(_clean(report), indent=2, sort_keys=True))
+    return report
+
+
+def write_plots(run_dir: Path, metrics: list[dict[str, Any]], target_epsilon: float | None) -> list[Path]:
+    """accuracy.png and epsilon.png: what people look at first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [m["round"] for m in metrics]
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [m["server"]["accuracy"] for m in metrics], marker="o", label="server hold-out")
+    fed = [(m["round"], m["federated"]["accuracy"]) for m in metrics if m.get("federated")]
+    if fed:
+        ax.plot(*zip(*fed, strict=True), marker="s", label="sites' test splits (federated)")
+    ax.set(xlabel="round", ylabel="accuracy", title="Accuracy by round", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, run_dir / "accuracy.png"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = sorted({n for m in metrics for n in m["sites"]})
+    for name in names:
+        pts = [(m["round"], m["sites"][name]["epsilon"]) for m in metrics
+               if m["sites"].get(name, {}).get("epsilon") is not None]  # fmt: skip
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=".", label=name)
+    if target_epsilon is not None:
+        ax.axhline(target_epsilon, color="red", linestyle="--", label=f"target ε = {target_epsilon:g}")
+    ax.set(xlabel="round", ylabel="ε spent (cumulative)", title="Privacy spent per site")
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend(fontsize="small")
+    paths.append(_save(fig, run_dir / "epsilon.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
