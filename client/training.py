@@ -84,6 +84,9 @@ def train_head(
                     loss.backward()
                     total += loss.item() * len(y)
                     count += len(y)
+                elif engine is not None:
+                    # Opacus needs (zero-size) per-sample gradients to clip, noise and account an empty step
+                    model(x).sum().backward()
                 optimizer.step()
                 steps += 1
                 if opts.proximal_mu > 0:

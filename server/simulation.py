@@ -98,7 +98,10 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True) -> dict:
-    """Run `cfg` with one simulated SuperNode per site; returns the run's status.json."""
+    """Run `cfg` with one simulated SuperNode per site; returns the run's status.json.
+
+    `stream` shows the run's log live; otherwise it goes to `output_dir/run.log`.
+    """
     cfg = replace(cfg, output_dir=str(cfg.output_path), cache_dir=str(cfg.cache_path))  # the app runs elsewhere
     sites = num_sites or cfg.data.num_sites
     run_dir = cfg.output_path
@@ -110,15 +113,16 @@ def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True) 
         status_path.unlink(missing_ok=True)
     flwr_home = run_dir / ".flwr"
     with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
-        argv = [_bin("flwr"), "run", str(APP_DIR), connection, "--run-config", str(overrides),
+        argv = [_bin("flwr"), "run", str(APP_DIR), connection, "--run-config", str(overrides), "--stream",
                 "--federation-config", f"num-supernodes={sites} client-resources-num-cpus=1"]  # fmt: skip
-        if stream:
-            argv.append("--stream")
-        done = subprocess.run(argv, env=_env(flwr_home), cwd=APP_DIR, check=False)
+        # --stream also makes `flwr run` wait for the run to end; quiet runs keep the log in a file
+        with (run_dir / "run.log").open("wb") as log:
+            sink = None if stream else log
+            done = subprocess.run(argv, env=_env(flwr_home), cwd=APP_DIR, stdout=sink, stderr=sink, check=False)
     if done.returncode != 0:
         raise SimulationError(f"flwr run exited with code {done.returncode}")
     if not status_path.exists():
-        raise SimulationError(f"the run ended without writing {status_path}; see the log above")
+        raise SimulationError(f"the run ended without writing {status_path}; see the log (run.log when quiet)")
     status = json.loads(status_path.read_text())
     if status.get("status") != "completed":
         raise SimulationError(status.get("error", "the run failed; see the log above"))
