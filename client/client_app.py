@@ -14,10 +14,11 @@ from flwr.clientapp import ClientApp
 
 from client.site import Declined, Site, enforce_policy, get_site
 from client.training import LocalTraining, train_head
+from common.audit_log import AuditLog, update_digest
 from common.backbones import BackboneError
 from common.config import ConfigError, RunConfig, config_from_run_config
 from common.data import DataError
-from common.exchange import head_to_arrays, load_head, wire_bytes
+from common.exchange import arrays_to_numpy, head_to_arrays, load_head, wire_bytes
 from common.head import evaluate_head, make_head
 from common.privacy import BudgetExceeded, PrivacyLedger, plan_dp, require_secure_rng
 
@@ -38,6 +39,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, Message], RecordDict]) -> Message:
     name = str(context.node_config.get("partition-id", context.node_config.get("site-config", "site")))
+    site = None
     try:
         cfg = config_from_run_config(context.run_config)
         site = get_site(context, cfg)
@@ -45,7 +47,22 @@ def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, 
         return Message(handler(site, cfg, msg), reply_to=msg)
     except (Declined, BudgetExceeded, ConfigError, DataError, BackboneError, ValueError, KeyError, TypeError) as err:
         reason = str(err) if not isinstance(err, KeyError) else f"message lacks {err}"
+        if site is not None:
+            _audit(site, msg, "declined", reason=reason)
         return Message(Error(code=DECLINED, reason=f"{name}: {reason}"), reply_to=msg)
+
+
+def _audit(site: Site, msg: Message, event: str, **fields: object) -> None:
+    """Append to the site's own hash-chained audit log (on its disk, never sent)."""
+    conf = msg.content.config_records.get("config", {}) if msg.has_content() else {}
+    AuditLog(site.audit_path).append(
+        event,
+        site=site.name,
+        run_id=str(conf.get("run-id", "")),
+        round=int(conf.get("server-round", 0)),
+        message_type=msg.metadata.message_type,
+        **fields,
+    )
 
 
 def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
@@ -57,6 +74,7 @@ def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, Array
             f"backbone fingerprint mismatch: the server announced {str(announced)[:16]}…, this site's "
             f"{site.backbone.name} has {site.backbone.fingerprint[:16]}…; load the same weights as the server"
         )
+    _audit(site, msg, "backbone-checked", fingerprint=site.backbone.fingerprint)
     return int(conf["server-round"]), msg.content["arrays"], conf
 
 
@@ -86,6 +104,7 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         seed=site.round_seed(str(conf["run-id"]), server_round), secure_mode=p.secure_mode,
     )  # fmt: skip
     reply = head_to_arrays(head.cpu())
+    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)))
     metrics = {"num-examples": len(site.train_y), "train-loss": outcome.loss, "steps": outcome.steps,
                "wire-bytes": wire_bytes(reply)}  # fmt: skip
     if plan is not None:

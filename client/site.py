@@ -45,6 +45,10 @@ class Site:
     def ledger_path(self) -> Path:
         return self.state_dir / "privacy-ledger.json"
 
+    @property
+    def audit_path(self) -> Path:
+        return self.state_dir / "audit.jsonl"
+
     def round_seed(self, run_id: str, server_round: int) -> int:
         """Stable across processes (unlike hash()), unknowable without the site's secret."""
         digest = hashlib.sha256(f"{self.secret_seed}|{run_id}|{server_round}".encode()).digest()

@@ -107,12 +107,14 @@ def load_npz(path: Path, classes: tuple[str, ...] | None = None) -> Samples:
     if not path.is_file():
         raise DataError(f"{path}: no such .npz file")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            parts = [(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in NPZ_SPLITS if f"{s}_images" in npz]
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        with np.load(path, allow_pickle=False) as npz:  # a .npy under a .npz name: TypeError, no context manager
+            splits = [s for s in NPZ_SPLITS if f"{s}_images" in npz.files]
+            unlabeled = [s for s in splits if f"{s}_labels" not in npz.files]
+            parts = [(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in splits if s not in unlabeled]
+    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"{path}: not a readable .npz file ({type(err).__name__})") from None
-    except KeyError as err:
-        raise DataError(f"{path}: has {err.args[0]}_images but no matching labels array") from None
+    if unlabeled:
+        raise DataError(f"{path}: has {unlabeled[0]}_images but no {unlabeled[0]}_labels array")
     if not parts:
         raise DataError(f"{path}: no train_images/val_images/test_images arrays (MedMNIST format expected)")
     images = np.concatenate([p[0] for p in parts])

@@ -22,10 +22,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import atomic
+from common.audit_log import AuditLog, update_digest
 from common.backbones import load_backbone, resolve_device
 from common.config import RunConfig, to_nested
 from common.data import simulate_federation
-from common.exchange import head_spec, head_to_arrays, wire_bytes
+from common.exchange import arrays_to_numpy, head_spec, head_to_arrays, wire_bytes
 from common.features import cached_features
 from common.head import evaluate_head, make_head
 from server import checkpoint, report
@@ -77,6 +78,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
         backbone.fingerprint[:12], len(classes), cfg.train.rounds,
         cfg.privacy.target_epsilon if cfg.privacy.enabled else "off (no DP)", run_dir)  # fmt: skip
 
+    audit = AuditLog(run_dir / "audit.jsonl")
+    audit.append("run-started" if ckpt is None else "run-resumed", run_id=run_id, round=start,
+                 backbone=backbone.name, fingerprint=backbone.fingerprint, head=sorted(spec))  # fmt: skip
     names: dict[int, str] = {}
     base = {"run-id": run_id, "backbone-fingerprint": backbone.fingerprint, "app-version": APP_VERSION}
     if cfg.train.strategy == "fedprox":
@@ -91,6 +95,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
         round_sites: dict[str, dict[str, Any]] = {}
         for reply in screened.accepted:
             name = site_name(reply, names)
+            digest = update_digest(arrays_to_numpy(next(iter(reply.content.array_records.values()))))
+            audit.append("update-received", run_id=run_id, round=rnd, site=name, update=digest)
             m = dict(next(iter(reply.content.metric_records.values())))
             round_sites[name] = _trained_record(rnd, m)
             rec = sites.setdefault(name, {"rounds": []})
@@ -98,6 +104,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
             rec["accountant"] = str(reply.content["site"]["accountant"]) if "site" in reply.content else "none"
             rec["delta"] = m.get("delta")
         for _reply, name, reason in screened.refused:
+            audit.append("update-refused", run_id=run_id, round=rnd, site=name, reason=reason)
             log(WARNING, "round %d: site %s did not contribute: %s", rnd, name, reason)
             round_sites[name] = {"round": rnd, "status": "declined", "reason": reason}
             sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
@@ -117,6 +124,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
             log(WARNING, "round %d: only %d site(s) contributed, fewer than train.min_sites = %d; global head "
                 "unchanged", rnd, len(screened.accepted), cfg.train.min_sites)  # fmt: skip
 
+        audit.append("round-aggregated", run_id=run_id, round=rnd, sites=sorted(n for n, r in round_sites.items()
+                     if r["status"] == "trained"), aggregate=update_digest(_numpy(arrays)))  # fmt: skip
         federated = _federated_evaluation(strategy, rnd, arrays, base, grid, cfg, names)
         current = head_from_arrays(_numpy(arrays), backbone.feature_dim, len(classes), cfg.head.hidden)
         loss, accuracy = evaluate_head(current, test_x, test_y)
@@ -139,6 +148,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
     report.write_plots(run_dir, metrics, cfg.privacy.target_epsilon if cfg.privacy.enabled else None)
     final = head_from_arrays(_numpy(arrays), backbone.feature_dim, len(classes), cfg.head.hidden)
     model_path = export_model(run_dir / "model.pt", cfg.backbone, backbone, final, cfg.head.hidden, classes)
+    audit.append("model-exported", run_id=run_id, round=cfg.train.rounds, path=str(model_path),
+                 head=update_digest(_numpy(arrays)))  # fmt: skip
     result = RunResult(run_dir, run_id, accuracy, model_path)
     summary = {"status": "completed", "run_id": run_id, "final_accuracy": accuracy, "model": str(model_path)}
     atomic.write_text(run_dir / "status.json", json.dumps(summary, indent=2))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.audit_log import read_records, verify_chain
 from common.config import RunConfig, config_from_dict
 from common.data import simulate_federation
 from common.privacy import epsilon_of
@@ -49,6 +50,20 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
         (entry,) = ledger["runs"].values()
         assert entry["rounds"][-1]["epsilon"] == pytest.approx(site["epsilon"], rel=1e-12)
 
+    # hash-chained audit logs at the server and at every site, and their update hashes match record by record
+    assert verify_chain(run_dir / "audit.jsonl") == []
+    received = {(r["site"], r["round"]): r["update"]["sha256"] for r in read_records(run_dir / "audit.jsonl")
+                if r["event"] == "update-received"}  # fmt: skip
+    sent = {}
+    for name in privacy:
+        log = run_dir / "sites" / name / "audit.jsonl"
+        assert verify_chain(log) == []
+        for r in read_records(log):
+            if r["event"] == "update-sent":
+                sent[(name, r["round"])] = r["update"]["sha256"]
+                assert [t["name"] for t in r["update"]["tensors"]] == ["head.1.bias", "head.1.weight"]
+    assert sent == received and len(sent) == sites * cfg.train.rounds
+
     # the exported model classifies the server's held-out images from raw pixels, better than chance
     d = cfg.data
     fed = simulate_federation(
@@ -84,7 +99,5 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path: Path) -> None:
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "status.json").read_text())["status"] == "completed", done.stdout[-3000:]
-    cfg = config_from_dict(
-        SMALL | {"run_name": "demo", "output_dir": str(out), "cache_dir": str(tmp_path / "cache")}
-    )
+    cfg = config_from_dict(SMALL | {"run_name": "demo", "output_dir": str(out), "cache_dir": str(tmp_path / "cache")})
     _check_outputs(out, cfg, sites=2)

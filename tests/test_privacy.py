@@ -1,0 +1,156 @@
+"""Privacy: noise calibrated to the whole run, a ledger that composes every round, and site policies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client.site import Declined, enforce_policy
+from client.training import LocalTraining, train_head
+from common.config import PrivacyConfig, RunConfig, SitePolicy, TrainConfig
+from common.head import make_head
+from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp
+
+N, DIM, CLASSES, BATCH = 200, 16, 3, 50
+EPSILON, DELTA, ROUNDS = 3.0, 1e-3, 3
+
+
+def _plan(accountant: str = "rdp", rounds: int = ROUNDS, local_epochs: int = 1) -> DPPlan:
+    return plan_dp(N, BATCH, local_epochs, rounds, EPSILON, DELTA, 1.0, accountant)
+
+
+def _total_epsilon(plan: DPPlan, steps: int) -> float:
+    return epsilon_of([(plan.noise_multiplier, plan.sample_rate, steps)], plan.target_delta, plan.accountant)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_noise_is_calibrated_for_the_whole_run(accountant: str) -> None:
+    plan = _plan(accountant, rounds=5, local_epochs=2)
+    assert plan.sample_rate == 1 / 4
+    assert plan.steps_per_round == 4 * 2
+    assert plan.total_steps == 5 * 8
+    whole_run = _total_epsilon(plan, plan.total_steps)
+    assert 0.98 * EPSILON <= whole_run <= EPSILON + 1e-9
+    assert _total_epsilon(plan, plan.steps_per_round) < 0.5 * EPSILON  # a one-round plan would be far too weak
+
+
+def test_more_rounds_need_more_noise() -> None:
+    assert _plan(rounds=10).noise_multiplier > _plan(rounds=2).noise_multiplier
+
+
+def test_delta_not_below_one_over_n_is_refused() -> None:
+    with pytest.raises(ValueError, match="target_delta"):
+        plan_dp(N, BATCH, 1, 1, EPSILON, 1.0 / N, 1.0, "rdp")
+
+
+def _train_rounds(ledger_path: Path, plan: DPPlan, rounds: int, run_key: str = "run-1") -> list[float]:
+    """What client_app._train does each round: check the budget, train from the ledger, record."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(N, DIM, generator=gen)
+    labels = torch.randint(0, CLASSES, (N,), generator=gen)
+    opts = LocalTraining(epochs=1, batch_size=BATCH, learning_rate=0.5)
+    reported = []
+    for server_round in range(1, rounds + 1):
+        ledger = PrivacyLedger(ledger_path, run_key)
+        ledger.check_round(plan)
+        head = make_head(DIM, CLASSES)
+        outcome = train_head(head, features, labels, opts, plan, ledger.history, seed=server_round)
+        assert outcome.steps == plan.steps_per_round
+        reported.append(ledger.record_round(server_round, plan, outcome.history))
+    return reported
+
+
+@pytest.fixture(scope="module")
+def trained_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DPPlan, list[float]]:
+    path = tmp_path_factory.mktemp("site") / "privacy-ledger.json"
+    plan = _plan()
+    return path, plan, _train_rounds(path, plan, ROUNDS)
+
+
+def test_reported_epsilon_composes_every_round(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+    path, plan, reported = trained_ledger
+    ledger = PrivacyLedger(path, "run-1")
+    assert ledger.history == [(plan.noise_multiplier, plan.sample_rate, ROUNDS * plan.steps_per_round)]
+    whole = _total_epsilon(plan, ROUNDS * plan.steps_per_round)
+    assert reported[-1] == pytest.approx(whole, abs=1e-9)
+    assert reported[0] == pytest.approx(_total_epsilon(plan, plan.steps_per_round), abs=1e-9)
+    assert reported[0] < reported[1] < reported[2] <= EPSILON + 1e-9
+    assert [r["round"] for r in ledger.entry["rounds"]] == [1, 2, 3]
+
+
+def test_ledger_survives_reopening(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+    path, plan, reported = trained_ledger
+    reopened = PrivacyLedger(path, "run-1")
+    assert reopened.spent(plan.target_delta, plan.accountant) == pytest.approx(reported[-1], abs=1e-12)
+    assert PrivacyLedger(path, "another-run").spent(plan.target_delta, plan.accountant) == 0.0
+
+
+def test_budget_is_refused_after_the_planned_rounds(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+    path, plan, _ = trained_ledger
+    with pytest.raises(BudgetExceeded, match="budget"):
+        PrivacyLedger(path, "run-1").check_round(plan)
+
+
+def test_other_runs_are_composed(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    plan = _plan()
+    a = [(1.0, 0.25, 10)]
+    b = [(2.0, 0.1, 30)]
+    PrivacyLedger(path, "a").record_round(1, plan, a)
+    PrivacyLedger(path, "b").record_round(1, plan, b)
+    assert PrivacyLedger(path, "c").spent_in_other_runs(DELTA, "rdp") == pytest.approx(
+        epsilon_of(a + b, DELTA, "rdp"), abs=1e-12
+    )
+    only_b = PrivacyLedger(path, "a").spent_in_other_runs(DELTA, "rdp")
+    assert only_b == pytest.approx(epsilon_of(b, DELTA, "rdp"), abs=1e-12)
+    assert 0 < only_b < epsilon_of(a + b, DELTA, "rdp")
+
+
+def test_prv_accountant_trains_and_composes(tmp_path: Path) -> None:
+    plan = _plan("prv", rounds=2)
+    reported = _train_rounds(tmp_path / "ledger.json", plan, 2)
+    assert reported[-1] == pytest.approx(_total_epsilon(plan, 2 * plan.steps_per_round), abs=1e-9)
+    assert reported[0] < reported[-1] <= EPSILON + 1e-9
+    with pytest.raises(BudgetExceeded):
+        PrivacyLedger(tmp_path / "ledger.json", "run-1").check_round(plan)
+
+
+def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text("{ torn", encoding="utf-8")
+    with pytest.raises(RuntimeError, match="unreadable"):
+        PrivacyLedger(path, "run-1")
+
+
+def _dp_plan(**changes: float) -> DPPlan:
+    values = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps_per_round": 10, "rounds": 5, "max_grad_norm": 1.0,
+              "target_epsilon": 3.0, "target_delta": 1e-5, "accountant": "rdp"} | changes  # fmt: skip
+    return DPPlan(**values)  # type: ignore[arg-type]
+
+
+CFG = RunConfig(train=TrainConfig(rounds=5), privacy=PrivacyConfig(target_epsilon=3.0))
+
+
+@pytest.mark.parametrize(
+    ("policy", "plan", "spent", "named"),
+    [
+        (SitePolicy(max_epsilon=2.0), _dp_plan(), 0.0, "policy.max_epsilon"),
+        (SitePolicy(max_epsilon=4.0), _dp_plan(), 1.5, "policy.max_epsilon"),
+        (SitePolicy(max_delta=1e-6), _dp_plan(), 0.0, "policy.max_delta"),
+        (SitePolicy(max_rounds=4), _dp_plan(), 0.0, "policy.max_rounds"),
+        (SitePolicy(min_noise_multiplier=1.5), _dp_plan(), 0.0, "policy.min_noise_multiplier"),
+        (SitePolicy(max_clip_norm=0.5), _dp_plan(), 0.0, "policy.max_clip_norm"),
+        (SitePolicy(require_dp=True), None, 0.0, "requires differential privacy"),
+    ],
+)
+def test_site_policy_refuses_each_limit(policy: SitePolicy, plan: DPPlan | None, spent: float, named: str) -> None:
+    with pytest.raises(Declined, match=named):
+        enforce_policy(policy, CFG, plan, spent)
+
+
+def test_site_policy_accepts_a_plan_within_limits() -> None:
+    enforce_policy(SitePolicy(max_epsilon=4.0, max_rounds=5, min_noise_multiplier=1.0), CFG, _dp_plan(), 1.0)
+    enforce_policy(SitePolicy(require_dp=False), CFG, None, 0.0)
+    enforce_policy(None, CFG, None, 0.0)  # simulation: the run config is the site's own
