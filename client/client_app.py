@@ -104,7 +104,11 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         seed=site.round_seed(str(conf["run-id"]), server_round), secure_mode=p.secure_mode,
     )  # fmt: skip
     reply = head_to_arrays(head.cpu())
-    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)))
+    # the DP parameters go in the site's own log, so an auditor can recompute ε without trusting the server's copy
+    dp = None if plan is None else {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                                    "steps": outcome.steps, "clip_norm": plan.max_grad_norm,
+                                    "delta": plan.target_delta, "accountant": plan.accountant}  # fmt: skip
+    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp)
     metrics = {"num-examples": len(site.train_y), "train-loss": outcome.loss, "steps": outcome.steps,
                "wire-bytes": wire_bytes(reply)}  # fmt: skip
     if plan is not None:
