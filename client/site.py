@@ -8,6 +8,7 @@ config must stay within.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from flwr.app import Context
 
 from common.backbones import ImageBackbone, load_backbone, resolve_device
-from common.config import RunConfig, SitePolicy, load_site_config
+from common.config import BackboneConfig, RunConfig, SitePolicy, load_site_config
 from common.data import SiteData, load_source, simulate_federation, site_split
 from common.features import cached_features
 from common.privacy import DPPlan
@@ -66,12 +67,22 @@ def get_site(context: Context, cfg: RunConfig) -> Site:
     return _SITES[key]
 
 
+@functools.lru_cache(maxsize=2)
+def _backbone(cfg: BackboneConfig, device: str) -> ImageBackbone:
+    """One frozen backbone per process: a simulation actor plays many sites that all use it."""
+    return load_backbone(cfg, device)
+
+
+# One split per process: every simulated site would otherwise reload and re-split the whole pool.
+_federation = functools.lru_cache(maxsize=2)(simulate_federation)
+
+
 def _simulated_site(node: dict, cfg: RunConfig) -> Site:
     if "partition-id" not in node:
         raise Declined("node config has neither site-config (deployment) nor partition-id (simulation)")
     pid, count = int(node["partition-id"]), int(node["num-partitions"])  # one site per SuperNode
     d = cfg.data
-    fed = simulate_federation(
+    fed = _federation(
         d.source, d.path, d.split, count, d.alpha, d.site_test_fraction, d.server_test_fraction,
         cfg.backbone.image_size, cfg.seed, d.max_samples,
     )  # fmt: skip
@@ -110,7 +121,7 @@ def _make_site(
     policy: SitePolicy | None,
     accept_app_version: str | None,
 ) -> Site:
-    backbone = load_backbone(cfg.backbone, device)
+    backbone = _backbone(cfg.backbone, device)
     train_x, _ = cached_features(backbone, data.train, cache_dir)
     test_x, _ = cached_features(backbone, data.test, cache_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
