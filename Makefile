@@ -21,6 +21,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) -m benchmarks.communication
+	$(PY) -m benchmarks.round_time
+	$(PY) -m benchmarks.accuracy --question epsilon
+	$(PY) -m benchmarks.accuracy --question data
+	$(PY) -m benchmarks.scale
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

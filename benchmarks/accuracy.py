@@ -1,0 +1,152 @@
+"""Accuracy against ε, and data efficiency: transfer (frozen MobileNetV2 + DP head) vs from scratch.
+
+Questions 3 and 4 of the benchmark issue, on the 5,000 real MNIST digits:
+- `--question epsilon`: final test accuracy for ε in {0.5, 1, 2, 4, 8, no DP} × sites {1, 4, 16} ×
+  IID / Dirichlet(0.3), beside a centralised non-private linear probe on the same features (the
+  ceiling) and a small CNN trained from scratch under the same DP budget (the transfer gain).
+- `--question data`: accuracy with 1%, 10% and 100% of each site's training data, transfer vs scratch.
+A WARNING line is printed wherever transfer does worse than scratch (negative transfer).
+
+    .venv/bin/python -m benchmarks.accuracy --question epsilon [--rounds 5] [--image-size 64]
+    .venv/bin/python -m benchmarks.accuracy --question data
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from benchmarks.harness import FedSetup, SmallCNN, federate, print_table, write_results
+from common.backbones import load_backbone
+from common.config import BackboneConfig
+from common.data import load_source, partition_dirichlet, partition_iid, split_holdout
+from common.features import cached_features
+from common.head import FEATURE_SCALE
+
+EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0, None]
+SCRATCH_EPOCHS, SCRATCH_LR = 2, 1.0
+SCRATCH_SITES = 4  # the from-scratch column is computed for this federation size only (cost)
+
+
+class Task:
+    """MNIST split once into a training pool and a test set, as features and as raw pixels."""
+
+    def __init__(self, image_size: int, cache: Path, limit: int | None = None) -> None:
+        pool = load_source("mnist", None, image_size)
+        if limit is not None:
+            pool = pool.subset(np.arange(min(limit, len(pool))))
+        train_idx, test_idx = split_holdout(len(pool), 0.2, seed=0)
+        backbone = load_backbone(BackboneConfig(image_size=image_size))
+        self.train, self.test = pool.subset(train_idx), pool.subset(test_idx)
+        self.f_train = cached_features(backbone, self.train, cache)[0]
+        self.f_test = cached_features(backbone, self.test, cache)[0]
+        self.y_train = torch.from_numpy(self.train.labels)
+        self.y_test = torch.from_numpy(self.test.labels)
+        self.p_train = torch.from_numpy(self.train.images).permute(0, 3, 1, 2).float().div(255.0)
+        self.p_test = torch.from_numpy(self.test.images).permute(0, 3, 1, 2).float().div(255.0)
+
+    def parts(self, sites: int, split: str, fraction: float = 1.0) -> list[np.ndarray]:
+        labels = self.train.labels
+        parts = partition_iid(labels, sites, 0) if split == "iid" else partition_dirichlet(labels, sites, 0.3, 0)
+        rng = np.random.default_rng(1)
+        return [np.sort(rng.permutation(p)[: max(2, round(len(p) * fraction))]) for p in parts]
+
+    def ceiling(self) -> float:
+        """Centralised, non-private linear probe on the same (L2-normalised) features."""
+
+        def norm(x: torch.Tensor) -> np.ndarray:
+            return (torch.nn.functional.normalize(x, dim=1) * FEATURE_SCALE).numpy()
+
+        clf = LogisticRegression(max_iter=3000).fit(norm(self.f_train), self.train.labels)
+        return float(clf.score(norm(self.f_test), self.test.labels))
+
+    def run(self, parts: list[np.ndarray], setup: FedSetup, scratch: bool) -> float:
+        if scratch:  # per-sample conv gradients are costly on CPU: the baseline gets fewer local epochs
+            sites = [(self.p_train[p], self.y_train[p]) for p in parts]
+            setup = replace(setup, local_epochs=SCRATCH_EPOCHS, learning_rate=SCRATCH_LR)
+            return federate(sites, (self.p_test, self.y_test), 10, setup, make_model=SmallCNN)["accuracy"]
+        sites = [(self.f_train[p], self.y_train[p]) for p in parts]
+        return federate(sites, (self.f_test, self.y_test), 10, setup)["accuracy"]
+
+
+def epsilon_sweep(task: Task, setup: FedSetup, site_counts: list[int], epsilons: list) -> list[dict]:
+    rows = []
+    ceiling = task.ceiling()
+    for split in ("iid", "dirichlet"):
+        for sites in site_counts:
+            parts = task.parts(sites, split)
+            for eps in epsilons:
+                s = replace(setup, target_epsilon=eps)
+                ours = task.run(parts, s, scratch=False)
+                scratch = task.run(parts, s, scratch=True) if sites == SCRATCH_SITES else None
+                rows.append(
+                    {
+                        "split": split,
+                        "sites": sites,
+                        "epsilon": "none" if eps is None else eps,
+                        "transfer": ours,
+                        "scratch": scratch,
+                        "ceiling": ceiling,
+                        "gap_to_ceiling": ceiling - ours,
+                    }
+                )
+                _warn_negative(rows[-1])
+    return rows
+
+
+def data_sweep(task: Task, setup: FedSetup, sites: int) -> list[dict]:
+    rows = []
+    for fraction in (0.01, 0.1, 1.0):
+        parts = task.parts(sites, "iid", fraction)
+        ours, scratch = task.run(parts, setup, scratch=False), task.run(parts, setup, scratch=True)
+        rows.append(
+            {
+                "data_fraction": fraction,
+                "samples_per_site": int(np.mean([len(p) for p in parts])),
+                "sites": sites,
+                "epsilon": setup.target_epsilon,
+                "transfer": ours,
+                "scratch": scratch,
+            }
+        )
+        _warn_negative(rows[-1])
+    return rows
+
+
+def _warn_negative(row: dict) -> None:
+    if row["scratch"] is not None and row["transfer"] < row["scratch"]:
+        print(f"WARNING: negative transfer: from scratch beats the pretrained backbone here: {row}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--question", choices=["epsilon", "data"], required=True)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=None, help="default 0.5 1 2 4 8 and no DP")
+    parser.add_argument("--cache", default="~/.cache/fedtransfer")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (smoke runs)")
+    parser.add_argument("--epochs", type=int, default=10, help="local epochs per round")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit)
+    setup = FedSetup(rounds=args.rounds, local_epochs=args.epochs)
+    if args.question == "epsilon":
+        rows = epsilon_sweep(task, setup, args.sites, args.epsilons or EPSILONS)
+        columns = ["split", "sites", "epsilon", "transfer", "scratch", "ceiling", "gap_to_ceiling"]
+    else:
+        rows = data_sweep(task, setup, 4)
+        columns = ["data_fraction", "samples_per_site", "sites", "epsilon", "transfer", "scratch"]
+    print_table(rows, columns)
+    write_results(f"accuracy_{args.question}", rows, vars(args))
+
+
+if __name__ == "__main__":
+    main()

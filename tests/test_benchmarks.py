@@ -1,0 +1,77 @@
+"""Smoke runs of every benchmark script, tiny sizes: they keep working and write their JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _run(module: str, *args: str, timeout: int = 600) -> dict:
+    name = {"benchmarks.accuracy": f"accuracy_{args[1]}"}.get(module, module.split(".")[-1])
+    path = RESULTS / f"{name}.json"
+    before = path.read_bytes() if path.exists() else None
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "written:" in done.stdout
+        return json.loads(path.read_text())
+    finally:  # a smoke run must not replace the committed full-size results
+        if before is not None:
+            path.write_bytes(before)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def test_communication_head_is_near_the_floor_and_far_below_full_model() -> None:
+    rows = {r["backbone"]: r for r in _run("benchmarks.communication")["rows"]}
+    assert rows["mobilenet_v2"]["over_floor_pct"] < 10
+    assert rows["mobilenet_v2"]["full_over_head"] > 100
+
+
+def test_round_time_smoke() -> None:
+    rows = _run("benchmarks.round_time", "--sizes", "32", "--samples", "16", "--rounds", "2", "--epochs", "1")["rows"]
+    assert [r["round"] for r in rows] == [1, 2, "run"]
+    assert all(r["fedtransfer_s"] > 0 and r["usual_s"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_accuracy_smoke() -> None:
+    args = (
+        "--question",
+        "epsilon",
+        "--sites",
+        "2",
+        "--epsilons",
+        "3",
+        "--rounds",
+        "1",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--limit",
+        "300",
+    )
+    rows = _run("benchmarks.accuracy", *args)["rows"]
+    assert {r["split"] for r in rows} == {"iid", "dirichlet"}
+    assert all(0 <= r["transfer"] <= 1 and 0 <= r["ceiling"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_scale_smoke() -> None:
+    rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "1")["rows"]
+    assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
