@@ -108,9 +108,11 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 0.5
     momentum: float = 0.0
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.1
+    trimmed_beta: float = 0.2
+    max_update_norm: float | None = None
     fraction_train: float = 1.0
     min_sites: int = 2
     fraction_evaluate: float = 1.0
@@ -124,6 +126,13 @@ class TrainConfig:
         _require(0 <= self.momentum < 1, "train.momentum", "must be in [0, 1)", self.momentum)
         _require(self.proximal_mu >= 0, "train.proximal_mu", "must be >= 0", self.proximal_mu)
         _require(self.server_learning_rate > 0, "train.server_learning_rate", "must be > 0", self.server_learning_rate)
+        _require(0 <= self.trimmed_beta < 0.5, "train.trimmed_beta", "must be in [0, 0.5)", self.trimmed_beta)
+        _require(
+            self.max_update_norm is None or self.max_update_norm > 0,
+            "train.max_update_norm",
+            "must be > 0 (or null for no bound)",
+            self.max_update_norm,
+        )
         _require(0 < self.fraction_train <= 1, "train.fraction_train", "must be in (0, 1]", self.fraction_train)
         _require(self.min_sites >= 1, "train.min_sites", "must be >= 1", self.min_sites)
         _require(

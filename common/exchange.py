@@ -36,8 +36,17 @@ def wire_bytes(arrays: ArrayRecord) -> int:
     return sum(len(arr.data) for arr in arrays.values())
 
 
-def check_arrays(arrays: ArrayRecord, spec: Spec, max_norm: float | None = None) -> str | None:
-    """Why these arrays are not a valid head for `spec`, or None when they are."""
+def check_arrays(
+    arrays: ArrayRecord,
+    spec: Spec,
+    max_norm: float | None = None,
+    reference: dict[str, np.ndarray] | None = None,
+) -> str | None:
+    """Why these arrays are not a valid head for `spec`, or None when they are.
+
+    With `max_norm`, the L2 norm of (arrays - reference) must not exceed it: sites send
+    weights, so the update is their distance from the head the round started from.
+    """
     names = set(arrays.keys())
     if names != set(spec):
         missing, extra = sorted(set(spec) - names), sorted(names - set(spec))
@@ -50,10 +59,12 @@ def check_arrays(arrays: ArrayRecord, spec: Spec, max_norm: float | None = None)
         values = arr.numpy()
         if not np.all(np.isfinite(values)):
             return f"{name} holds NaN or Inf values"
+        if reference is not None:
+            values = values.astype(np.float64) - reference[name]
         total += float(np.sum(np.square(values, dtype=np.float64)))
     norm = math.sqrt(total)
     if max_norm is not None and norm > max_norm:
-        return f"L2 norm {norm:.4g} exceeds the bound {max_norm:.4g}"
+        return f"update L2 norm {norm:.4g} exceeds train.max_update_norm = {max_norm:.4g}"
     return None
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Message
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
 from common.config import TrainConfig
 from common.exchange import Spec, check_arrays
@@ -27,6 +28,10 @@ def make_strategy(t: TrainConfig) -> Strategy:
         return FedProx(proximal_mu=t.proximal_mu, **sampling)
     if t.strategy == "fedadam":
         return FedAdam(eta=t.server_learning_rate, **sampling)
+    if t.strategy == "fedmedian":  # robust: coordinate-wise median
+        return FedMedian(**sampling)
+    if t.strategy == "fedtrimmedavg":  # robust: drop the trimmed_beta extremes per coordinate
+        return FedTrimmedAvg(beta=t.trimmed_beta, **sampling)
     return FedAvg(**sampling)
 
 
@@ -59,7 +64,14 @@ def site_name(reply: Message, known: dict[int, str]) -> str:
     return known.get(node, f"node-{node}")
 
 
-def screen_train_replies(replies: list[Message], spec: Spec, known: dict[int, str]) -> Screened:
+def screen_train_replies(
+    replies: list[Message],
+    spec: Spec,
+    known: dict[int, str],
+    max_norm: float | None = None,
+    reference: dict[str, np.ndarray] | None = None,
+) -> Screened:
+    """Split replies into updates fit to aggregate and refusals, each refusal with its site and reason."""
     accepted, refused = [], []
     for reply in replies:
         name = site_name(reply, known)
@@ -72,7 +84,7 @@ def screen_train_replies(replies: list[Message], spec: Spec, known: dict[int, st
         if len(arrays) != 1 or len(metrics) != 1 or "num-examples" not in next(iter(metrics.values())):
             refused.append((reply, name, "malformed reply: needs one head ArrayRecord and one MetricRecord"))
             continue
-        reason = check_arrays(next(iter(arrays.values())), spec)
+        reason = check_arrays(next(iter(arrays.values())), spec, max_norm, reference)
         if reason is not None:
             refused.append((reply, name, f"update refused: {reason}"))
             continue
