@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("model", help="model.pt written by a run")
     pred.add_argument("images", help="an image file or a folder (searched recursively)")
     pred.set_defaults(func=_predict)
+    from server.audit import add_audit_parser
+
+    add_audit_parser(sub)
     dep = sub.add_parser("deploy", help="multi-site deployment tools")
     dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
     init = dep_sub.add_parser("init", help="create a private CA, the SuperLink certificate and site keys")
