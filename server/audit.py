@@ -359,20 +359,27 @@ def check_updates(
 
 
 def check_aggregation(received: list[Update], ev: Evidence, found: Findings) -> None:
-    """Each round-aggregated record lists exactly the sites whose updates the server received that round."""
-    got: dict[int, set[str]] = defaultdict(set)
-    for u in received:
-        got[u.round].add(u.site)
+    """Each round-aggregated record lists exactly the sites whose updates were received since the last one.
+
+    Read in log order, so a round repeated after a resume is checked against its own attempt.
+    """
+    by_line = {u.entry.line: u for u in received}
+    pending: set[str] = set()
     for entry in ev.server:
-        if entry.event == "round-aggregated":
+        if entry.event in ("run-started", "run-resumed"):
+            pending = set()
+        elif entry.line in by_line:
+            pending.add(by_line[entry.line].site)
+        elif entry.event == "round-aggregated":
             try:
                 rnd, listed = _field(entry, "round", int), set(_field(entry, "sites", list))
             except Malformed as err:
                 found.fail_at("updates", entry, str(err))
                 continue
-            if listed != got[rnd]:
-                reason = f"round {rnd} aggregated {sorted(listed)}, but updates were received from {sorted(got[rnd])}"
+            if listed != pending:
+                reason = f"round {rnd} aggregated {sorted(listed)}, but updates were received from {sorted(pending)}"
                 found.fail_at("updates", entry, reason)
+            pending = set()
 
 
 def check_completion(ev: Evidence, found: Findings) -> None:
