@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -256,6 +257,9 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(hint: Any, value: Any, key: str) -> Any:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint):
@@ -281,6 +285,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be an integer (got {value!r})")
         return value
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: must be a finite number (got {value!r})")
         return float(value)

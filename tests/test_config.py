@@ -217,3 +217,9 @@ def test_site_config_loads(tmp_path: Path) -> None:
     assert site.data_path == "/data/a.npz"
     assert site.policy == SitePolicy(max_epsilon=4.0, max_rounds=20)
     assert site.accept_app_version is None
+
+
+def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy:\n  target_delta: 1e-5\n")  # PyYAML alone reads this as the string '1e-5'
+    assert load_config(path).privacy.target_delta == 1e-5
