@@ -12,6 +12,7 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.replay import ReplyCache, request_key
 from client.site import Declined, Site, enforce_policy, get_site
 from client.training import LocalTraining, train_head
 from common.audit_log import AuditLog, update_digest
@@ -82,12 +83,18 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     server_round, arrays, conf = _received_head(site, cfg, msg)
     if site.accept_app_version is not None and conf.get("app-version") != site.accept_app_version:
         raise Declined(f"site pins app version {site.accept_app_version}, the run is {conf.get('app-version')}")
+    run_id, key = str(conf["run-id"]), request_key(arrays, conf)
+    cache = ReplyCache(site.replies_dir)
+    if (cached := cache.load(run_id, key)) is not None:
+        # a resumed coordinator repeating the round in flight: the same bytes again, no training, no new ε
+        _audit(site, msg, "reply-replayed", request=key, update=update_digest(arrays_to_numpy(cached["arrays"])))
+        return cached
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), cfg.head.hidden)
     load_head(head, arrays)
     head.to(site.backbone.device)
     p, t = cfg.privacy, cfg.train
     plan = None
-    ledger = PrivacyLedger(site.ledger_path, run_key=str(conf["run-id"]))
+    ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
     if p.enabled:
         if p.secure_mode:
             require_secure_rng()
@@ -101,24 +108,27 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, float(conf.get("proximal-mu", 0.0)))
     outcome = train_head(
         head, site.train_x, site.train_y, opts, plan, ledger.history,
-        seed=site.round_seed(str(conf["run-id"]), server_round), secure_mode=p.secure_mode,
+        seed=site.round_seed(run_id, server_round), secure_mode=p.secure_mode,
     )  # fmt: skip
     reply = head_to_arrays(head.cpu())
     # the DP parameters go in the site's own log, so an auditor can recompute ε without trusting the server's copy
     dp = None if plan is None else {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                                     "steps": outcome.steps, "clip_norm": plan.max_grad_norm,
                                     "delta": plan.target_delta, "accountant": plan.accountant}  # fmt: skip
-    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp)
     metrics = {"num-examples": len(site.train_y), "train-loss": outcome.loss, "steps": outcome.steps,
                "wire-bytes": wire_bytes(reply)}  # fmt: skip
     if plan is not None:
         epsilon = ledger.record_round(server_round, plan, outcome.history)
         metrics |= {"epsilon": epsilon, "delta": plan.target_delta, "noise-multiplier": plan.noise_multiplier,
                     "sample-rate": plan.sample_rate, "clip-norm": plan.max_grad_norm}  # fmt: skip
-    return RecordDict(
+    answer = RecordDict(
         {"arrays": reply, "metrics": MetricRecord(metrics),
          "site": ConfigRecord({"name": site.name, "accountant": plan.accountant if plan else "none"})}
     )  # fmt: skip
+    # ledger, then cache, then log: a crash in between can only over-count ε, never send an uncharged update
+    cache.save(run_id, key, answer)
+    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp)
+    return answer
 
 
 def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:

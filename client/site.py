@@ -41,18 +41,29 @@ class Site:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    simulated: bool = False
 
     @property
     def ledger_path(self) -> Path:
         return self.state_dir / "privacy-ledger.json"
 
     @property
+    def replies_dir(self) -> Path:
+        return self.state_dir / "replies"
+
+    @property
     def audit_path(self) -> Path:
         return self.state_dir / "audit.jsonl"
 
     def round_seed(self, run_id: str, server_round: int) -> int:
-        """Stable across processes (unlike hash()), unknowable without the site's secret."""
-        digest = hashlib.sha256(f"{self.secret_seed}|{run_id}|{server_round}".encode()).digest()
+        """Stable across processes (unlike hash()), unknowable without the site's secret.
+
+        A deployed site mixes in the run id so two runs never reuse noise. A simulated site
+        does not: its seed is the config's anyway, and the same config must give the same
+        model whatever random run id the coordinator drew (also across a resume).
+        """
+        run = "" if self.simulated else run_id
+        digest = hashlib.sha256(f"{self.secret_seed}|{run}|{server_round}".encode()).digest()
         return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -88,17 +99,25 @@ def _simulated_site(node: dict, cfg: RunConfig) -> Site:
     )  # fmt: skip
     data = fed.sites[pid]
     state_dir = cfg.output_path / "sites" / data.name
-    return _make_site(
+    site = _make_site(
         data, cfg, resolve_device(cfg.device), state_dir, cfg.cache_path, cfg.seed * 1000 + pid, None, None
     )
+    site.simulated = True
+    return site
 
 
 def _deployed_site(node: dict, cfg: RunConfig) -> Site:
-    sc = load_site_config(str(node["site-config"]))
-    pool = load_source(sc.data_source, sc.data_path, cfg.backbone.image_size)
+    config = Path(str(node["site-config"])).expanduser()
+    sc = load_site_config(config)
+
+    def local(path: str) -> Path:
+        """Relative paths in a site config mean relative to that file, not to where Flower runs us."""
+        return (config.parent / Path(path).expanduser()).resolve()
+
+    pool = load_source(sc.data_source, str(local(sc.data_path)) if sc.data_path else None, cfg.backbone.image_size)
     data = site_split(pool, sc.name, sc.test_fraction, seed=0)  # fixed: a site's test split never moves
-    state_dir = Path(sc.state_dir).expanduser().resolve()
-    cache = Path(sc.cache_dir).expanduser().resolve() if sc.cache_dir else state_dir / "features"
+    state_dir = local(sc.state_dir)
+    cache = local(sc.cache_dir) if sc.cache_dir else state_dir / "features"
     return _make_site(
         data,
         cfg,
