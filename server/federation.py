@@ -11,13 +11,14 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -89,8 +90,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
     for rnd in range(start, cfg.train.rounds + 1):
         t0 = time.monotonic()
         random.seed(f"{cfg.seed}|{run_id}|{rnd}")  # Flower samples nodes with `random`
+        _learn_registered_names(grid, names)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
+        replies, gone = _split_replies(messages, grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
         screened = screen_train_replies(replies, spec, names)
         round_sites: dict[str, dict[str, Any]] = {}
         for reply in screened.accepted:
@@ -110,11 +112,11 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
             sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
         replied = {m.metadata.src_node_id for m in replies}
         for msg in messages:
-            if msg.metadata.dst_node_id not in replied:
-                name = names.get(msg.metadata.dst_node_id, f"node-{msg.metadata.dst_node_id}")
-                log(WARNING, "round %d: site %s did not reply within %gs (dropped out)", rnd, name,
-                    cfg.train.round_timeout_s)  # fmt: skip
-                round_sites[name] = {"round": rnd, "status": "no-reply", "reason": "no reply (dropped out)"}
+            if (node := msg.metadata.dst_node_id) not in replied:
+                name = names.get(node, f"node-{node}")
+                why = gone.get(node, f"no reply within train.round_timeout_s = {cfg.train.round_timeout_s:g}s")
+                log(WARNING, "round %d: site %s did not reply (dropped out): %s", rnd, name, why)
+                round_sites[name] = {"round": rnd, "status": "no-reply", "reason": f"dropped out: {why}"}
                 sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
         if len(screened.accepted) >= cfg.train.min_sites:
             new_arrays, _ = strategy.aggregate_train(rnd, screened.accepted)
@@ -171,15 +173,43 @@ def _federated_evaluation(
     if cfg.train.fraction_evaluate == 0:
         return None
     messages = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(base)), grid))
-    replies = [r for r in grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s)]
+    replies, gone = _split_replies(messages, grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
     good = [r for r in replies if not r.has_error()]
     for r in replies:
         if r.has_error():
             log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, site_name(r, names), r.error.reason)
+    for node, why in gone.items():
+        log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, names.get(node, f"node-{node}"), why)
     if not good:
         return None
     agg = strategy.aggregate_evaluate(rnd, good)
     return {"accuracy": float(agg["eval-accuracy"]), "loss": float(agg["eval-loss"]), "sites": len(good)}
+
+
+def _learn_registered_names(grid: Grid, names: dict[int, str]) -> None:
+    """Names given at `flwr supernode register --name`: a site that never replied is still named."""
+    for node in grid.get_nodes():
+        if node.name:
+            names.setdefault(node.node_id, node.name)
+
+
+def _split_replies(messages: list[Message], replies: Iterable[Message]) -> tuple[list[Message], dict[int, str]]:
+    """Replies from sites, and the reason for each node the SuperLink answered for itself.
+
+    flwr 1.41 answers a message to a node whose heartbeat lapsed (a crashed SuperNode,
+    after up to 60 s) with an error reply from the SuperLink, not from the node; a node
+    still believed alive just never replies. Either way the log must name the site.
+    """
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    from_sites: list[Message] = []
+    gone: dict[int, str] = {}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id)
+        if reply.has_error() and node is not None and reply.metadata.src_node_id != node:
+            gone[node] = reply.error.reason or f"error code {reply.error.code}"
+        else:
+            from_sites.append(reply)
+    return from_sites, gone
 
 
 def _numpy(arrays: ArrayRecord) -> dict:
