@@ -1,4 +1,4 @@
-"""The `fedtransfer` command: simulate, predict, deploy init.
+"""The `fedtransfer` command: simulate, predict, audit, deploy.
 
 User errors end with one line on stderr and exit status 2; no tracebacks.
 """
@@ -57,19 +57,6 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deploy_init(args: argparse.Namespace) -> int:
-    from deploy.credentials import init_deployment
-
-    sites = [s.strip() for s in args.sites.split(",") if s.strip()]
-    creds = init_deployment(Path(args.out), sites, [h.strip() for h in args.host.split(",") if h.strip()], args.force)
-    print(f"fedtransfer: credentials in {creds.root}: CA {creds.ca_cert}, SuperLink cert {creds.server_cert}")
-    for name, pair in creds.sites.items():
-        print(f"  site {name}: private key {pair.private_key} (owner-only), public key {pair.public_key}")
-    if creds.kept:
-        print(f"fedtransfer: kept existing files (never overwritten): {', '.join(map(str, creds.kept))}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtransfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,14 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server.audit import add_audit_parser
 
     add_audit_parser(sub)
-    dep = sub.add_parser("deploy", help="multi-site deployment tools")
-    dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
-    init = dep_sub.add_parser("init", help="create a private CA, the SuperLink certificate and site keys")
-    init.add_argument("--sites", required=True, help="comma-separated site names, e.g. hospital-a,bank-c")
-    init.add_argument("--host", required=True, help="comma-separated hostnames/IPs of the SuperLink")
-    init.add_argument("--out", default="deploy/credentials", help="output folder (default: deploy/credentials)")
-    init.add_argument("--force", action="store_true", help="regenerate everything (sites must re-register)")
-    init.set_defaults(func=_deploy_init)
+    from deploy.cli import add_deploy_parser  # init, superlink, register, site, run
+
+    add_deploy_parser(sub)
     return parser
 
 
@@ -102,12 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.backbones import BackboneError
     from common.config import ConfigError
     from common.data import DataError
+    from deploy.cli import DeployError
     from deploy.credentials import CredentialsError
     from server.simulation import SimulationError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, BackboneError, SimulationError, CredentialsError, ValueError) as err:
+    except (ConfigError, DataError, BackboneError, SimulationError, CredentialsError, DeployError, ValueError) as err:
         print(f"fedtransfer: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
