@@ -1,0 +1,201 @@
+"""The real app on a real deployment: a TLS + node-auth SuperLink and three SuperNodes on 127.0.0.1.
+
+Each site has its own YAML, its own data folder (scikit-learn digits as MedMNIST-format .npz)
+and its own state folder (ledger, audit log, reply cache). bank-c's policy caps ε at 2, below
+run 1's target of 3, so it declines run 1 and joins run 2. In run 2 hospital-b leaves mid-round
+(SIGTERM) and comes back, and bank-c crashes (SIGKILL); the rounds go on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from common.data import Federation, simulate_federation
+from common.privacy import epsilon_of
+from deploy.launch import format_config, site_node_config
+from server.export import load_model
+from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment
+
+pytestmark = pytest.mark.slow
+
+APP_DIR = Path(__file__).resolve().parent.parent
+SITES = ("hospital-a", "hospital-b", "bank-c")
+STRICT = "bank-c"
+INTRUDER = "intruder"
+SEED = 42
+RUN = {  # both runs; flwr checks every key against [tool.flwr.app.config]
+    "seed": SEED, "device": "cpu", "backbone.image_size": 32,
+    "data.source": "digits", "data.split": "iid", "data.num_sites": 3,  # the server's own hold-out
+    "train.local_epochs": 3, "train.min_sites": 2, "train.fraction_evaluate": 0.0, "privacy.target_delta": 1e-5,
+}  # fmt: skip
+RECEIVED = "Receiving: train message"
+
+
+@dataclass
+class Federation3:
+    dep: LocalDeployment
+    root: Path
+    data: Federation
+
+
+def _digits() -> Federation:
+    """The same split the server makes: its hold-out, and three disjoint site shares."""
+    return simulate_federation("digits", None, "iid", 3, 0.5, 0.2, 0.1, 32, SEED)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3]:
+    root = tmp_path_factory.mktemp("deployment-e2e")
+    data = _digits()
+    node_configs = {}
+    for name, share in zip(SITES, data.sites, strict=True):
+        home = root / "sites-home" / name  # everything this site owns, and nobody else reads
+        home.mkdir(parents=True)
+        images = np.concatenate([share.train.images, share.test.images])[..., 0]
+        labels = np.concatenate([share.train.labels, share.test.labels])
+        np.savez(home / "digits.npz", train_images=images, train_labels=labels)
+        site = {"name": name, "data_source": "npz", "data_path": "digits.npz", "device": "cpu", "state_dir": "state"}
+        if name == STRICT:
+            site["policy"] = {"max_epsilon": 2.0}
+        (home / "site.yaml").write_text(yaml.safe_dump(site))
+        node_configs[name] = site_node_config(home / "site.yaml")
+    with local_deployment(root / "deployment", node_configs, extra_sites=[INTRUDER]) as dep:
+        yield Federation3(dep, root, data)
+
+
+def _state(fed: Federation3, site: str) -> Path:
+    return fed.root / "sites-home" / site / "state"
+
+
+def _ledger_rounds(fed: Federation3, site: str, run_id: str) -> list[dict[str, Any]]:
+    path = _state(fed, site) / "privacy-ledger.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else {}
+    return runs.get(run_id, {}).get("rounds", [])
+
+
+def _received(fed: Federation3, site: str) -> int:
+    return fed.dep.sites[site].log_text().count(RECEIVED)
+
+
+def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+        time.sleep(0.2)
+
+
+def _metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _check_ledgers_match_server(fed: Federation3, run_dir: Path) -> dict[str, Any]:
+    """What the server reports for each site is what the site's own ledger, on its own disk, says."""
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    for site, report in privacy["sites"].items():
+        rounds = _ledger_rounds(fed, site, privacy["run_id"])
+        assert [r["round"] for r in rounds] == report["rounds_trained"], site
+        if rounds:
+            assert report["epsilon"] == pytest.approx(rounds[-1]["epsilon"], rel=1e-12), site
+            assert report["epsilon_recomputed"] == pytest.approx(report["epsilon"], rel=1e-9), site
+    return privacy
+
+
+def test_run_with_a_declining_site_and_a_refused_intruder(federation: Federation3) -> None:
+    dep, run_dir = federation.dep, federation.root / "run-1"
+    intruder = dep.start_site(INTRUDER, node_config=format_config({"site-config": "/nonexistent"}), wait=False)
+    config = federation.root / "run-1.yaml"  # the operator's path: a YAML file and `fedtransfer deploy run`
+    nested: dict[str, Any] = {"output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}
+    for key, value in (RUN | {"train.rounds": 2, "privacy.target_epsilon": 3.0}).items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    config.write_text(yaml.safe_dump(nested))
+    done = subprocess.run(
+        [str(BIN_DIR / "fedtransfer"), "deploy", "run", "--config", str(config), "--connection", dep.connection],
+        env=dep.env, capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "completed" in done.stdout
+
+    # an unregistered key is refused at activation and never becomes a node
+    assert intruder.popen.wait(timeout=60) != 0
+    assert "Failed to activate SuperNode" in intruder.log_text()
+    listed = dep.flwr("supernode", "ls", dep.connection, "--format", "json")
+    assert {int(n["node-id"]) for n in json.loads(listed.stdout)["nodes"]} == set(dep.node_ids.values())
+
+    # the strict site declined every round, naming its limit; the two others carried the run
+    declined = "site policy: privacy.target_epsilon 3 plus ε 0 already spent in earlier runs > policy.max_epsilon 2"
+    for record in _metrics(run_dir):
+        assert record["sites_trained"] == 2
+        assert record["sites"][STRICT] == {"status": "declined", "reason": declined}
+        for site in SITES[:2]:
+            assert record["sites"][site]["status"] == "trained"
+            assert record["sites"][site]["bytes_sent"] == record["bytes_sent_per_site"]
+    privacy = _check_ledgers_match_server(federation, run_dir)
+    assert privacy["sites"][STRICT]["rounds_declined"] == [{"round": r, "reason": declined} for r in (1, 2)]
+    assert _ledger_rounds(federation, STRICT, privacy["run_id"]) == []
+    for site in SITES[:2]:
+        assert 2.5 < privacy["sites"][site]["epsilon"] <= 3.0 + 1e-9
+
+    # the exported model classifies raw pixels of the server's hold-out, which no site ever held
+    model = load_model(run_dir / "model.pt")
+    held_out = federation.data.server_test
+    predicted = np.array(model.predict(held_out.images))
+    assert (predicted == np.array([held_out.classes[i] for i in held_out.labels])).mean() > 0.3  # chance: 0.1
+
+
+def test_sites_drop_out_and_one_comes_back_with_its_ledger(federation: Federation3) -> None:
+    dep, run_dir = federation.dep, federation.root / "run-2"
+    overrides = RUN | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
+                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    before = {site: _received(federation, site) for site in SITES}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(dep.run_app, APP_DIR, overrides, timeout=400)
+        # hospital-b leaves while it trains round 2 (a clean stop: Flower marks it offline at once) ...
+        _wait_for(lambda: _received(federation, "hospital-b") == before["hospital-b"] + 2, "round 2 at hospital-b")
+        dep.kill_site("hospital-b", graceful=True)
+        dep.start_site("hospital-b")  # ... and is back before round 3
+        # bank-c crashes while it trains round 3: no goodbye, the server waits round_timeout_s for it
+        _wait_for(lambda: _received(federation, STRICT) == before[STRICT] + 3, "round 3 at bank-c")
+        dep.kill_site(STRICT)
+        result = running.result()
+    assert result.ok, (result.status, result.status_details, result.output[-4000:])
+
+    metrics = _metrics(run_dir)
+    status = [{site: record["sites"][site]["status"] for site in SITES} for record in metrics]
+    assert status == [
+        {"hospital-a": "trained", "hospital-b": "trained", "bank-c": "trained"},
+        {"hospital-a": "trained", "hospital-b": "no-reply", "bank-c": "trained"},
+        {"hospital-a": "trained", "hospital-b": "trained", "bank-c": "no-reply"},
+    ]
+    assert [record["sites_trained"] for record in metrics] == [3, 2, 2]
+    assert "Node Unavailable" in metrics[1]["sites"]["hospital-b"]["reason"]  # the SuperLink answered for it
+    assert metrics[2]["sites"][STRICT]["reason"].startswith("dropped out: ")
+    assert re.search(r"round 2: site hospital-b did not reply \(dropped out\)", result.output)
+    assert re.search(r"round 3: site bank-c did not reply \(dropped out\)", result.output)
+
+    privacy = _check_ledgers_match_server(federation, run_dir)
+    # hospital-b's round 3 is composed with its round 1 from the ledger it kept on disk while it was away
+    rounds = _ledger_rounds(federation, "hospital-b", privacy["run_id"])
+    assert [r["round"] for r in rounds] == [1, 3]
+    b = privacy["sites"]["hospital-b"]
+    per_round = (b["noise_multiplier"], b["sample_rate"], b["steps"] // 2)
+    assert rounds[0]["epsilon"] == pytest.approx(epsilon_of([per_round], 1e-5, "rdp"), rel=1e-9)
+    assert rounds[1]["epsilon"] == pytest.approx(epsilon_of([per_round, per_round], 1e-5, "rdp"), rel=1e-9)
+    assert rounds[1]["epsilon"] > rounds[0]["epsilon"]
+    assert (run_dir / "model.pt").is_file()
