@@ -56,11 +56,12 @@ def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, 
 def _audit(site: Site, msg: Message, event: str, **fields: object) -> None:
     """Append to the site's own hash-chained audit log (on its disk, never sent)."""
     conf = msg.content.config_records.get("config", {}) if msg.has_content() else {}
+    rnd = conf.get("server-round")
     AuditLog(site.audit_path).append(
         event,
         site=site.name,
         run_id=str(conf.get("run-id", "")),
-        round=int(conf.get("server-round", 0)),
+        round=rnd if type(rnd) is int else None,  # a malformed message is logged too, as it came
         message_type=msg.metadata.message_type,
         **fields,
     )
@@ -69,6 +70,9 @@ def _audit(site: Site, msg: Message, event: str, **fields: object) -> None:
 def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
     """Check the server's message before touching data: round, fingerprint, head shape."""
     conf = msg.content["config"]
+    for key, kind in (("server-round", int), ("run-id", str), ("backbone-fingerprint", str)):
+        if type(conf[key]) is not kind:
+            raise Declined(f"malformed message: config {key!r} must be {kind.__name__}, got {type(conf[key]).__name__}")
     announced = conf["backbone-fingerprint"]
     if announced != site.backbone.fingerprint:
         raise Declined(
