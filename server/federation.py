@@ -93,7 +93,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
         _learn_registered_names(grid, names)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
         replies, gone = _split_replies(messages, grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
-        screened = screen_train_replies(replies, spec, names)
+        screened = screen_train_replies(replies, spec, names, cfg.train.max_update_norm, _numpy(arrays))
+        received = sum(wire_bytes(next(iter(r.content.array_records.values()))) for r in screened.accepted)
         round_sites: dict[str, dict[str, Any]] = {}
         for reply in screened.accepted:
             name = site_name(reply, names)
@@ -139,7 +140,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
             "federated": federated,
             "sites": {n: {k: v for k, v in r.items() if k != "round"} for n, r in sorted(round_sites.items())},
             "sites_trained": len(screened.accepted),
-            "bytes_received": sum(wire_bytes(next(iter(r.content.array_records.values()))) for r in screened.accepted),
+            "bytes_received": received,  # counted before aggregation: FedMedian consumes the replies' arrays
             "bytes_sent_per_site": wire_bytes(arrays),
         }
         report.append_metrics(run_dir, record)
