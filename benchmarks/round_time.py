@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.harness import print_table, write_results
 from client.training import LocalTraining, train_head
-from common.backbones import load_backbone
+from common.backbones import load_backbone, resolve_device
 from common.config import BackboneConfig
 from common.data import load_source, partition_iid
 from common.features import extract
@@ -36,8 +36,8 @@ def usual_round(
     """One site, one round, the examples/opacus way: returns seconds."""
     t0 = time.perf_counter()
     model = nn.Sequential(backbone.preprocess, backbone.module, head)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
-    loader = DataLoader(TensorDataset(x, torch.from_numpy(labels)), batch_size=batch)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).to(backbone.device)
+    loader = DataLoader(TensorDataset(x, torch.from_numpy(labels).to(backbone.device)), batch_size=batch)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -51,11 +51,13 @@ def usual_round(
                 if len(yb):
                     nn.functional.cross_entropy(model(xb), yb).backward()
                 optimizer.step()
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: int) -> list[dict]:
-    backbone = load_backbone(BackboneConfig(image_size=size))
+def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: int, device: str) -> list[dict]:
+    backbone = load_backbone(BackboneConfig(image_size=size), device)
     pool = load_source("mnist", None, size)
     parts = [p[:samples] for p in partition_iid(pool.labels, sites, seed=0)]
     data = [(pool.images[p], pool.labels[p]) for p in parts]
@@ -71,7 +73,7 @@ def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: in
     for rnd in range(1, rounds + 1):
         t0 = time.perf_counter()
         for i, ((_, labels), x) in enumerate(zip(data, feats, strict=True)):
-            head = make_head(backbone.feature_dim, 10)
+            head = make_head(backbone.feature_dim, 10).to(backbone.device)
             out = train_head(
                 head, x, torch.from_numpy(labels), LocalTraining(epochs, batch, 0.5), plan, histories[i], seed=rnd
             )
@@ -79,7 +81,13 @@ def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: in
         ours = time.perf_counter() - t0 + (extraction if rnd == 1 else 0.0)
         usual = sum(
             usual_round(
-                backbone, images, labels, make_head(backbone.feature_dim, 10), epochs, batch, plan.noise_multiplier
+                backbone,
+                images,
+                labels,
+                make_head(backbone.feature_dim, 10).to(backbone.device),
+                epochs,
+                batch,
+                plan.noise_multiplier,
             )
             for images, labels in data
         )
@@ -105,10 +113,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (features and training on that device)")
     args = parser.parse_args()
-    rows = [r for s in args.sizes for r in run(s, args.sites, args.samples, args.rounds, args.epochs, args.batch)]
-    print_table(rows, ["image_px", "round", "fedtransfer_s", "usual_s", "speedup"])
-    write_results("round_time", rows, vars(args))
+    device = resolve_device(args.device)
+    rows = [
+        r | {"device": device}
+        for s in args.sizes
+        for r in run(s, args.sites, args.samples, args.rounds, args.epochs, args.batch, device)
+    ]
+    print_table(rows, ["device", "image_px", "round", "fedtransfer_s", "usual_s", "speedup"])
+    write_results("round_time" if device == "cpu" else f"round_time_{device}", rows, vars(args))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def test_check_arrays_bounds_the_norm() -> None:
     assert check_arrays(arrays, SPEC, max_norm=norm * 1.01) is None
     reason = check_arrays(arrays, SPEC, max_norm=norm * 0.99)
     assert reason is not None
-    assert "exceeds the bound" in reason
+    assert "exceeds train.max_update_norm" in reason
 
 
 def test_load_head_round_trips() -> None:

@@ -1,0 +1,38 @@
+"""The GPU path: a site with a CUDA GPU extracts features and trains its DP head there (skipped without one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from client.training import LocalTraining, train_head
+from common.backbones import load_backbone, resolve_device
+from common.config import BackboneConfig
+from common.head import evaluate_head, make_head
+from common.privacy import epsilon_of, plan_dp
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def test_auto_device_picks_the_gpu_and_the_head_trains_there_with_dp() -> None:
+    device = resolve_device("auto")
+    assert device == "cuda"
+    backbone = load_backbone(BackboneConfig(image_size=64), device)
+    before = {k: v.clone() for k, v in backbone.module.state_dict().items()}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(256, 28, 28, 1), dtype=np.uint8)
+    labels = torch.from_numpy(rng.integers(0, 10, size=256))
+    feats = backbone.embed(images)
+    cpu = load_backbone(BackboneConfig(image_size=64), "cpu").embed(images[:8])
+    # cuDNN convolutions use TF32 on recent GPUs: features agree to about 1 %, not bit for bit
+    assert torch.allclose(feats[:8], cpu, atol=2e-2, rtol=2e-2), "GPU and CPU features agree"
+    after = backbone.module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "BatchNorm statistics never move"
+    head = make_head(backbone.feature_dim, 10).to(device)
+    plan = plan_dp(256, 32, 2, 1, 3.0, 1e-3, 1.0, "rdp")
+    out = train_head(head, feats, labels, LocalTraining(2, 32, 0.5), plan, [], seed=0)
+    assert next(head.parameters()).device.type == "cuda"
+    assert epsilon_of(out.history, 1e-3, "rdp") <= 3.0 + 1e-9
+    loss, acc = evaluate_head(head, feats, labels)
+    assert np.isfinite(loss) and 0.0 <= acc <= 1.0
