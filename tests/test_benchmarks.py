@@ -14,7 +14,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _run(module: str, *args: str, timeout: int = 600) -> dict:
-    name = {"benchmarks.accuracy": f"accuracy_{args[1]}"}.get(module, module.split(".")[-1])
+    name = f"accuracy_{args[1]}" if module == "benchmarks.accuracy" else module.split(".")[-1]
     path = RESULTS / f"{name}.json"
     before = path.read_bytes() if path.exists() else None
     try:
