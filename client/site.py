@@ -19,7 +19,7 @@ from flwr.app import Context
 
 from common.backbones import ImageBackbone, load_backbone, resolve_device
 from common.config import BackboneConfig, RunConfig, SitePolicy, load_site_config
-from common.data import SiteData, load_source, simulate_federation, site_split
+from common.data import SiteData, federation_for, load_source, site_split
 from common.features import cached_features
 from common.privacy import DPPlan
 
@@ -85,18 +85,14 @@ def _backbone(cfg: BackboneConfig, device: str) -> ImageBackbone:
 
 
 # One split per process: every simulated site would otherwise reload and re-split the whole pool.
-_federation = functools.lru_cache(maxsize=2)(simulate_federation)
+_federation = functools.lru_cache(maxsize=2)(federation_for)
 
 
 def _simulated_site(node: dict, cfg: RunConfig) -> Site:
     if "partition-id" not in node:
         raise Declined("node config has neither site-config (deployment) nor partition-id (simulation)")
     pid, count = int(node["partition-id"]), int(node["num-partitions"])  # one site per SuperNode
-    d = cfg.data
-    fed = _federation(
-        d.source, d.path, d.split, count, d.alpha, d.site_test_fraction, d.server_test_fraction,
-        cfg.backbone.image_size, cfg.seed, d.max_samples,
-    )  # fmt: skip
+    fed = _federation(cfg, count)
     data = fed.sites[pid]
     state_dir = cfg.output_path / "sites" / data.name
     site = _make_site(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common.config import RunConfig
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 NPZ_SPLITS = ("train", "val", "test")
 
@@ -230,6 +232,15 @@ def simulate_federation(
         for k, (name, idx) in enumerate(zip(names, parts, strict=True))
     )
     return Federation(pool.subset(held_out), sites)
+
+
+def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
+    """The split a run config describes; server, sites and auditors call this so they all agree."""
+    d = cfg.data
+    return simulate_federation(
+        d.source, d.path, d.split, num_sites or d.num_sites, d.alpha, d.site_test_fraction,
+        d.server_test_fraction, cfg.backbone.image_size, cfg.seed, d.max_samples,
+    )  # fmt: skip
 
 
 def _load_site_folders(

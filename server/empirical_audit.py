@@ -33,7 +33,7 @@ from torch import nn
 from client.training import LocalTraining, train_head
 from common.backbones import Backbone, load_backbone
 from common.config import RunConfig, SiteConfig
-from common.data import SiteData, load_source, simulate_federation, site_split
+from common.data import SiteData, federation_for, load_source, site_split
 from common.features import cached_features
 from common.head import make_head
 from common.privacy import epsilon_of, plan_dp
@@ -190,11 +190,7 @@ class SiteFeatures:
 
 def simulated_sites(cfg: RunConfig) -> list[SiteFeatures]:
     """Every simulated site's training split, rebuilt from the run's config (same seed, same split)."""
-    d = cfg.data
-    fed = simulate_federation(
-        d.source, d.path, d.split, d.num_sites, d.alpha, d.site_test_fraction, d.server_test_fraction,
-        cfg.backbone.image_size, cfg.seed, d.max_samples,
-    )  # fmt: skip
+    fed = federation_for(cfg)
     backbone = load_backbone(cfg.backbone, "cpu")
     return [_features(backbone, site, cfg.cache_path) for site in fed.sites]
 

@@ -26,7 +26,7 @@ from common import atomic
 from common.audit_log import AuditLog, update_digest
 from common.backbones import load_backbone, resolve_device
 from common.config import RunConfig, to_nested
-from common.data import simulate_federation
+from common.data import federation_for
 from common.exchange import arrays_to_numpy, head_spec, head_to_arrays, wire_bytes
 from common.features import cached_features
 from common.head import evaluate_head, make_head
@@ -51,9 +51,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
     (run_dir / "status.json").unlink(missing_ok=True)
     atomic.write_text(run_dir / "config.json", json.dumps(to_nested(cfg), indent=2))
     backbone = load_backbone(cfg.backbone, resolve_device(cfg.device))
-    d = cfg.data
-    fed = simulate_federation(d.source, d.path, d.split, d.num_sites, d.alpha, d.site_test_fraction,
-                              d.server_test_fraction, cfg.backbone.image_size, cfg.seed, d.max_samples)  # fmt: skip
+    fed = federation_for(cfg)
     test_x, _ = cached_features(backbone, fed.server_test, cfg.cache_path)
     test_y = torch.from_numpy(fed.server_test.labels)
     classes = list(fed.server_test.classes)

@@ -11,7 +11,7 @@ import pytest
 
 from common.audit_log import read_records, verify_chain
 from common.config import RunConfig, config_from_dict
-from common.data import simulate_federation
+from common.data import federation_for
 from common.privacy import epsilon_of
 from server.export import load_model
 from server.simulation import APP_DIR, _bin, _env, simulate, simulation_superlink
@@ -65,11 +65,7 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
     assert sent == received and len(sent) == sites * cfg.train.rounds
 
     # the exported model classifies the server's held-out images from raw pixels, better than chance
-    d = cfg.data
-    fed = simulate_federation(
-        d.source, d.path, d.split, sites, d.alpha, d.site_test_fraction, d.server_test_fraction,
-        cfg.backbone.image_size, cfg.seed, d.max_samples,
-    )  # fmt: skip
+    fed = federation_for(cfg, sites)
     model = load_model(run_dir / "model.pt")
     predicted = np.array(model.predict(fed.server_test.images))
     truth = np.array([fed.server_test.classes[i] for i in fed.server_test.labels])
