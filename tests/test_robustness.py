@@ -102,19 +102,15 @@ def site_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, str
     return ctx, load_backbone(cfg.backbone).fingerprint
 
 
-def _server_message(content: RecordDict) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
+def _message(content: RecordDict, message_id: str, src: int, dst: int, reply_to: str = "") -> Message:
+    """A train message with explicit metadata: flwr 1.41 fills it only inside a running app."""
+    meta = Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
     return Message(content=content, metadata=meta)
+
+
+def _server_message(content: RecordDict) -> Message:
+    return _message(content, "m", src=0, dst=1)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -180,21 +176,10 @@ def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rou
 
 
 def _reply(node: int, arrays: ArrayRecord, n: int) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"r{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
     content = RecordDict(
         {"arrays": arrays, "metrics": MetricRecord({"num-examples": n}), "site": ConfigRecord({"name": f"site-{node}"})}
     )
-    return Message(content=content, metadata=meta)
+    return _message(content, f"r{node}", src=node, dst=0, reply_to="m")
 
 
 def test_robust_aggregator_survives_nan_and_scaled_updates(digits_task: tuple) -> None:
