@@ -7,6 +7,7 @@ and carries on with the other sites instead of a site crashing.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -110,6 +111,7 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     else:
         enforce_policy(site.policy, cfg, None, 0.0)
     opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, float(conf.get("proximal-mu", 0.0)))
+    started = time.monotonic()
     outcome = train_head(
         head, site.train_x, site.train_y, opts, plan, ledger.history,
         seed=site.round_seed(run_id, server_round), secure_mode=p.secure_mode,
@@ -119,8 +121,11 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     dp = None if plan is None else {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
                                     "steps": outcome.steps, "clip_norm": plan.max_grad_norm,
                                     "delta": plan.target_delta, "accountant": plan.accountant}  # fmt: skip
-    metrics = {"num-examples": len(site.train_y), "train-loss": outcome.loss, "steps": outcome.steps,
-               "wire-bytes": wire_bytes(reply)}  # fmt: skip
+    # the training loss is a statistic of private data that DP does not cover: it stays in the site's own log
+    metrics = {"num-examples": len(site.train_y), "steps": outcome.steps, "wire-bytes": wire_bytes(reply),
+               "train-seconds": round(time.monotonic() - started, 4)}  # fmt: skip
+    if plan is None:
+        metrics["train-loss"] = outcome.loss
     if plan is not None:
         epsilon = ledger.record_round(server_round, plan, outcome.history)
         metrics |= {"epsilon": epsilon, "delta": plan.target_delta, "noise-multiplier": plan.noise_multiplier,
@@ -131,7 +136,7 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     )  # fmt: skip
     # ledger, then cache, then log: a crash in between can only over-count ε, never send an uncharged update
     cache.save(run_id, key, answer)
-    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp)
+    _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp, train_loss=outcome.loss)
     return answer
 
 
