@@ -160,7 +160,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
 
 def _trained_record(rnd: int, m: dict[str, Any]) -> dict[str, Any]:
     keys = {"epsilon": "epsilon", "noise-multiplier": "noise_multiplier", "sample-rate": "sample_rate",
-            "clip-norm": "clip_norm", "train-loss": "train_loss", "wire-bytes": "bytes_sent", "train-seconds": "train_s"}  # fmt: skip
+            "clip-norm": "clip_norm", "train-loss": "train_loss", "wire-bytes": "bytes_sent",
+            "train-seconds": "train_s"}  # fmt: skip
     out = {"round": rnd, "status": "trained", "num_examples": int(m["num-examples"]), "steps": int(m["steps"])}
     out |= {ours: m[theirs] for theirs, ours in keys.items() if theirs in m}
     return out
