@@ -11,22 +11,57 @@ import time
 from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.replay import ReplyCache, request_key
+from client.secure import Refused, config_of, head_names, instructions, is_secure, secure_reply, take_handoff
 from client.site import Declined, Site, enforce_policy, get_site
 from client.training import LocalTraining, train_head
 from common.audit_log import AuditLog, update_digest
 from common.backbones import BackboneError
 from common.config import ConfigError, RunConfig, config_from_run_config
 from common.data import DataError
-from common.exchange import arrays_to_numpy, head_to_arrays, load_head, wire_bytes
+from common.exchange import arrays_to_numpy, head_to_arrays, load_head, masked_arrays, wire_bytes
 from common.head import evaluate_head, make_head
 from common.privacy import BudgetExceeded, PrivacyLedger, plan_dp, require_secure_rng
 
 DECLINED = 4001  # error code of a refusal by the site (budget, policy, mismatch)
 
-app = ClientApp()
+
+def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """SecAgg+ messages go through Flower's secaggplus_mod, which masks the head our handler returns.
+
+    What leaves the site in secure mode is the masked vector: that is what the site's audit
+    log records as sent (the plain head stays in its update-trained record, on its own disk).
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or not is_secure(msg):
+        return call_next(msg, context)
+
+    def handler(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_error():
+            raise Refused(reply)
+        return reply
+
+    try:
+        reply = secaggplus_mod(msg, context, handler)
+    except Refused as refused:
+        return refused.reply
+    if (handoff := take_handoff(reply)) is not None:
+        dp, replayed = handoff
+        names = head_names(config_of(msg))
+        vectors = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        site = get_site(context, config_from_run_config(context.run_config))
+        masked = update_digest(masked_arrays(vectors, names))
+        _audit(site, msg, "update-sent", update=masked, dp=dp, masked=True, replayed=replayed)
+    return reply
+
+
+app = ClientApp(mods=[_secure_mod])
 
 
 @app.train()
@@ -56,7 +91,7 @@ def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, 
 
 def _audit(site: Site, msg: Message, event: str, **fields: object) -> None:
     """Append to the site's own hash-chained audit log (on its disk, never sent)."""
-    conf = msg.content.config_records.get("config", {}) if msg.has_content() else {}
+    conf = config_of(msg)
     rnd = conf.get("server-round")
     AuditLog(site.audit_path).append(
         event,
@@ -70,7 +105,7 @@ def _audit(site: Site, msg: Message, event: str, **fields: object) -> None:
 
 def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
     """Check the server's message before touching data: round, fingerprint, head shape."""
-    conf = msg.content["config"]
+    arrays, conf = instructions(msg)
     for key, kind in (("server-round", int), ("run-id", str), ("backbone-fingerprint", str)):
         if type(conf[key]) is not kind:
             raise Declined(f"malformed message: config {key!r} must be {kind.__name__}, got {type(conf[key]).__name__}")
@@ -81,19 +116,23 @@ def _received_head(site: Site, cfg: RunConfig, msg: Message) -> tuple[int, Array
             f"{site.backbone.name} has {site.backbone.fingerprint[:16]}…; load the same weights as the server"
         )
     _audit(site, msg, "backbone-checked", fingerprint=site.backbone.fingerprint)
-    return int(conf["server-round"]), msg.content["arrays"], conf
+    return int(conf["server-round"]), arrays, conf
 
 
 def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     server_round, arrays, conf = _received_head(site, cfg, msg)
     if site.accept_app_version is not None and conf.get("app-version") != site.accept_app_version:
         raise Declined(f"site pins app version {site.accept_app_version}, the run is {conf.get('app-version')}")
+    secure = is_secure(msg)  # only secaggplus_mod (see _secure_mod) hands the handler a SecAgg+ message
+    if site.policy is not None and site.policy.require_secure_aggregation and not secure:
+        raise Declined("site policy requires secure aggregation (policy.require_secure_aggregation), the run has "
+                       "secure_aggregation: false")  # fmt: skip
     run_id, key = str(conf["run-id"]), request_key(arrays, conf)
     cache = ReplyCache(site.replies_dir)
     if (cached := cache.load(run_id, key)) is not None:
         # a resumed coordinator repeating the round in flight: the same bytes again, no training, no new ε
         _audit(site, msg, "reply-replayed", request=key, update=update_digest(arrays_to_numpy(cached["arrays"])))
-        return cached
+        return secure_reply(cached, head_names(conf), cfg.secagg, None, True) if secure else cached
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), cfg.head.hidden)
     load_head(head, arrays)
     head.to(site.backbone.device)
@@ -136,6 +175,10 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     )  # fmt: skip
     # ledger, then cache, then log: a crash in between can only over-count ε, never send an uncharged update
     cache.save(run_id, key, answer)
+    if secure:  # the plain head stays here; _secure_mod logs the masked vectors that leave
+        _audit(site, msg, "update-trained", update=update_digest(arrays_to_numpy(reply)), dp=dp,
+               train_loss=outcome.loss)  # fmt: skip
+        return secure_reply(answer, head_names(conf), cfg.secagg, dp, False)
     _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp, train_loss=outcome.loss)
     return answer
 

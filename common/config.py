@@ -160,6 +160,48 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Flower's SecAgg+ settings; used when `secure_aggregation: true`.
+
+    A value <= 1 for num_shares is a share of the sampled sites (1.0: every site is
+    every site's neighbour), for reconstruction_threshold a share of num_shares;
+    larger values are counts. A site's head values times (its examples / max_weight)
+    must lie within ±clipping_range; each is quantised to quantization_range levels.
+    """
+
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 4_194_304  # 2**22 levels over [-clipping_range, clipping_range]
+    max_weight: float = 10_000.0  # no site may train on more examples than this
+
+    def __post_init__(self) -> None:
+        for key, value, low in (("num_shares", self.num_shares, 3), ("reconstruction_threshold",
+                                self.reconstruction_threshold, 2)):  # fmt: skip
+            _require(
+                0 < value <= 1 or (value >= low and value == int(value)),
+                f"secagg.{key}",
+                f"a share in (0, 1] or a whole count >= {low}",
+                value,
+            )
+        if self.num_shares > 1 and self.reconstruction_threshold > 1:
+            _require(
+                self.reconstruction_threshold < self.num_shares,
+                "secagg.reconstruction_threshold",
+                f"must be below secagg.num_shares ({self.num_shares:g})",
+                self.reconstruction_threshold,
+            )
+        _require(self.clipping_range > 0, "secagg.clipping_range", "must be > 0", self.clipping_range)
+        _require(
+            2 <= self.quantization_range <= 2**24,
+            "secagg.quantization_range",
+            "must be 2..16777216 (the sum of all sites' values must fit Flower's 2**32 modulus)",
+            self.quantization_range,
+        )
+        _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run_name: str = "demo"
     seed: int = 42
@@ -172,6 +214,8 @@ class RunConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: bool = False
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -186,6 +230,24 @@ class RunConfig:
             f"cannot exceed data.num_sites ({self.data.num_sites})",
             self.train.min_sites,
         )
+        if self.secure_aggregation:
+            # the server only ever holds the sum of the updates: nothing per site to screen or rank
+            _require(
+                self.train.strategy in ("fedavg", "fedprox", "fedadam"),
+                "train.strategy",
+                "secure_aggregation needs fedavg, fedprox or fedadam (a median or trimmed mean needs each "
+                "site's update, which secure aggregation hides)",
+                self.train.strategy,
+            )
+            _require(
+                self.train.max_update_norm is None,
+                "train.max_update_norm",
+                "cannot be checked under secure_aggregation (the server never sees one site's update); set null",
+                self.train.max_update_norm,
+            )
+            _require(
+                self.train.min_sites >= 2, "train.min_sites", "secure_aggregation needs >= 2", self.train.min_sites
+            )
 
     @property
     def output_path(self) -> Path:
@@ -304,6 +366,7 @@ __all__ = [
     "HeadConfig",
     "PrivacyConfig",
     "RunConfig",
+    "SecAggConfig",
     "SiteConfig",
     "SitePolicy",
     "TrainConfig",
@@ -326,6 +389,7 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     max_clip_norm: float = 10.0
     require_dp: bool = True
+    require_secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_epsilon > 0, "policy.max_epsilon", "must be > 0", self.max_epsilon)

@@ -14,6 +14,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 PREFIX = "head."
+MASKED_WEIGHT = "secagg.weight"  # SecAgg+ sends the (masked) example count before the head's tensors
 
 Spec = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
 
@@ -66,6 +67,13 @@ def check_arrays(
     if max_norm is not None and norm > max_norm:
         return f"update L2 norm {norm:.4g} exceeds train.max_update_norm = {max_norm:.4g}"
     return None
+
+
+def masked_arrays(vectors: list[np.ndarray], head_names: list[str]) -> dict[str, np.ndarray]:
+    """A site's SecAgg+ vectors, named: the masked weight, then the masked head tensors in order."""
+    if len(vectors) != len(head_names) + 1:
+        raise ValueError(f"{len(vectors)} masked vectors for a head of {len(head_names)} tensors (plus the weight)")
+    return dict(zip([MASKED_WEIGHT, *head_names], vectors, strict=True))
 
 
 def load_head(head: nn.Module, arrays: ArrayRecord) -> None:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from common.audit_log import AuditLogError, read_records, update_digest, verify_chain
 from common.config import ConfigError, RunConfig, SiteConfig, config_from_dict, load_site_config
+from common.exchange import MASKED_WEIGHT
 
 if TYPE_CHECKING:
     from server.empirical_audit import CanarySettings, EmpiricalResult
@@ -49,7 +50,8 @@ DP_KEYS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")  # logged by
 CHECKS = {
     "chains": "audit logs are intact hash chains",
     "updates": "every update the server used was sent by that site, with the same hash",
-    "head-only": "only head tensors left a site",
+    "head-only": "only head tensors left a site (under secure aggregation: masked, plus the masked weight)",
+    "secure-aggregation": "the run's mode held throughout: masked vectors only when secure_aggregation is on",
     "completion": "every round aggregated; model.pt is the exported head",
     "privacy": "ε recomputed from the DP parameters equals each site's claim and is within target",
     "policy": "each site's own policy was respected",
@@ -159,6 +161,7 @@ class AuditReport:
     failures: list[Failure]
     notes: list[str]
     empirical_settings: dict[str, Any] | None = None
+    mode: str = "plain"  # or "secure aggregation (SecAgg+)"
 
     @property
     def passed(self) -> bool:
@@ -317,12 +320,38 @@ def head_names(ev: Evidence, found: Findings) -> list[str]:
 
 
 def check_head_only(updates: Iterable[Update], head: list[str], found: Findings) -> None:
-    """Every update holds exactly the head's tensors: nothing else ever left a site."""
+    """Every update holds exactly the head's tensors: nothing else ever left a site.
+
+    A SecAgg+ update is the masked head plus one masked number, the site's example weight.
+    """
     for u in updates:
-        extra, missing = sorted(set(u.tensors) - set(head)), sorted(set(head) - set(u.tensors))
+        allowed = {*head, MASKED_WEIGHT} if u.entry.record.get("masked") is True else set(head)
+        extra, missing = sorted(set(u.tensors) - allowed), sorted(allowed - set(u.tensors))
         if extra or missing or len(u.tensors) != len(set(u.tensors)):
             what = f"tensor(s) {extra} that are not part of the head" if extra else f"{sorted(u.tensors)}, not {head}"
             found.fail_at("head-only", u.entry, f"{u.entry.event} from {u.site} in round {u.round} carries {what}")
+
+
+def check_mode(updates: Iterable[Update], ev: Evidence, found: Findings) -> str:
+    """Under secure aggregation every update sent and received is masked; in a plain run none is."""
+    if ev.cfg is None:
+        return "unknown (config.json unreadable)"
+    secure = ev.cfg.secure_aggregation
+    for u in updates:
+        if (u.entry.record.get("masked") is True) != secure:
+            what = "a plain update" if secure else "a masked update"
+            mode = "secure_aggregation: true" if secure else "secure_aggregation: false"
+            found.fail_at("secure-aggregation", u.entry, f"{u.entry.event} of {u.site} in round {u.round} is {what} "
+                          f"in a run with {mode}")  # fmt: skip
+    if secure:
+        for entry in ev.server:
+            if entry.event == "round-aggregated" and not isinstance(entry.record.get("secure_aggregation"), dict):
+                found.fail_at("secure-aggregation", entry, "round-aggregated lacks its secure_aggregation settings")
+    return (
+        "secure aggregation (SecAgg+): the server received masked vectors and reconstructed only their weighted mean"
+        if secure
+        else "plain: the server received each site's head"
+    )
 
 
 def check_updates(
@@ -478,6 +507,8 @@ def _logged_trainings(
     """
     trainings = []
     for u in sent:
+        if u.entry.record.get("replayed") is True:
+            continue  # the same trained head re-masked for a resumed round: its ε was logged with the original
         if u.dp is None:
             found.fail_at("privacy", u.entry, f"{u.site} round {u.round}: the site trained without DP")
             continue
@@ -616,6 +647,7 @@ def audit_run(
     sent = collect_updates((e for entries in ev.sites.values() for e in entries), "update-sent", found)
     if head:
         check_head_only([*received, *sent], head, found)
+    mode = check_mode([*received, *sent], ev, found)
     matched = check_updates(received, sent, ev, found)
     check_aggregation(received, ev, found)
     check_completion(ev, found)
@@ -632,7 +664,7 @@ def audit_run(
         if name not in names:
             found.notes.append(f"{path}: site {name} did not take part in run {ev.run_id}")
     files = _file_hashes([ev.server_log, *ev.site_logs, *site_configs], run_dir)
-    report = AuditReport(str(run_dir), ev.run_id, head, files, sites, found.failures, found.notes)
+    report = AuditReport(str(run_dir), ev.run_id, head, files, sites, found.failures, found.notes, mode=mode)
     if empirical is not None:
         run_empirical(report, ev, configs, empirical)
     return report
@@ -834,7 +866,8 @@ def render_html(report: AuditReport) -> str:
               for c in report.check_summary()]  # fmt: skip
     parts.append("<h2>Checks</h2>" + _table(("check", "what it means", "result"), checks))
     head = html.escape(", ".join(report.head))
-    parts.append(f"<h2>Sites</h2><p>Head tensors, the only ones allowed to leave a site: <code>{head}</code></p>")
+    parts.append(f"<h2>Sites</h2><p>Aggregation: {html.escape(report.mode)}.</p><p>Head tensors, the only ones "
+                 f"allowed to leave a site: <code>{head}</code></p>")  # fmt: skip
     parts.append(_table(SITE_COLUMNS, [_site_row(s) for s in report.sites]))
     if any(s.rounds for s in report.sites):
         parts.append(_epsilon_plot(report))
@@ -916,7 +949,7 @@ def audit_command(args: argparse.Namespace) -> int:
     html_path, json_path = write_report(report, args.report_dir or args.run_dir)
     matched = sum(s.updates_matched for s in report.sites)
     print(f"fedtransfer audit: run {report.run_id} in {args.run_dir}: {len(report.sites)} site(s), {matched} "
-          "update(s) matched to site logs")  # fmt: skip
+          f"update(s) matched to site logs; aggregation {report.mode}")  # fmt: skip
     for s in report.sites:
         declined = [d["round"] for d in s.rounds_declined] or "none"
         line = (f"  {s.name}: ε {_fmt(s.epsilon_claimed)} (recomputed {_fmt(s.epsilon_recomputed)}, target "

@@ -7,6 +7,7 @@ naming sites that decline and why, per-site ε, atomic checkpoints and resuming.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -32,7 +34,15 @@ from common.features import cached_features
 from common.head import evaluate_head, make_head
 from server import checkpoint, report
 from server.export import export_model, head_from_arrays
-from server.strategy import make_strategy, restore_strategy_state, screen_train_replies, site_name, strategy_state
+from server.secure import secure_round
+from server.strategy import (
+    make_strategy,
+    restore_strategy_state,
+    screen_train_replies,
+    site_name,
+    site_name_from,
+    strategy_state,
+)
 
 APP_VERSION = "0.1.0"
 
@@ -90,43 +100,43 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
         random.seed(f"{cfg.seed}|{run_id}|{rnd}")  # Flower samples nodes with `random`
         _learn_registered_names(grid, names)
         messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base)), grid))
-        replies, gone = _split_replies(messages, grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
-        screened = screen_train_replies(replies, spec, names, cfg.train.max_update_norm, _numpy(arrays))
-        received = sum(wire_bytes(next(iter(r.content.array_records.values()))) for r in screened.accepted)
+        exchange = (_secure_exchange if cfg.secure_aggregation else _plain_exchange)(
+            grid, rnd, arrays, base, messages, spec, names, cfg
+        )
         round_sites: dict[str, dict[str, Any]] = {}
-        for reply in screened.accepted:
-            name = site_name(reply, names)
-            digest = update_digest(arrays_to_numpy(next(iter(reply.content.array_records.values()))))
-            audit.append("update-received", run_id=run_id, round=rnd, site=name, update=digest)
-            m = dict(next(iter(reply.content.metric_records.values())))
-            round_sites[name] = _trained_record(rnd, m)
-            rec = sites.setdefault(name, {"rounds": []})
-            rec["rounds"].append(round_sites[name])
-            rec["accountant"] = str(reply.content["site"]["accountant"]) if "site" in reply.content else "none"
-            rec["delta"] = m.get("delta")
-        for _reply, name, reason in screened.refused:
+        for got in exchange.accepted:
+            audit.append("update-received", run_id=run_id, round=rnd, site=got.name, update=got.digest,
+                         **({"masked": True} if cfg.secure_aggregation else {}))  # fmt: skip
+            round_sites[got.name] = _trained_record(rnd, got.metrics)
+            if got.bytes_sent is not None:
+                round_sites[got.name]["bytes_sent"] = got.bytes_sent
+            rec = sites.setdefault(got.name, {"rounds": []})
+            rec["rounds"].append(round_sites[got.name])
+            rec["accountant"] = got.accountant
+            rec["delta"] = got.metrics.get("delta")
+        for name, reason in exchange.refused:
             audit.append("update-refused", run_id=run_id, round=rnd, site=name, reason=reason)
             log(WARNING, "round %d: site %s did not contribute: %s", rnd, name, reason)
             round_sites[name] = {"round": rnd, "status": "declined", "reason": reason}
             sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
-        replied = {m.metadata.src_node_id for m in replies}
-        for msg in messages:
-            if (node := msg.metadata.dst_node_id) not in replied:
-                name = names.get(node, f"node-{node}")
-                why = gone.get(node, f"no reply within train.round_timeout_s = {cfg.train.round_timeout_s:g}s")
-                log(WARNING, "round %d: site %s did not reply (dropped out): %s", rnd, name, why)
-                round_sites[name] = {"round": rnd, "status": "no-reply", "reason": f"dropped out: {why}"}
-                sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
-        if len(screened.accepted) >= cfg.train.min_sites:
-            new_arrays, _ = strategy.aggregate_train(rnd, screened.accepted)
+        for name, why in exchange.dropped.items():
+            log(WARNING, "round %d: site %s did not reply (dropped out): %s", rnd, name, why)
+            round_sites[name] = {"round": rnd, "status": "no-reply", "reason": f"dropped out: {why}"}
+            sites.setdefault(name, {"rounds": []})["rounds"].append(round_sites[name])
+        if exchange.halted:
+            log(WARNING, "round %d: %s; global head unchanged", rnd, exchange.halted)
+        elif len(exchange.accepted) >= cfg.train.min_sites:
+            new_arrays, _ = strategy.aggregate_train(rnd, exchange.to_aggregate)
             if new_arrays is not None:
                 arrays = new_arrays
         else:
             log(WARNING, "round %d: only %d site(s) contributed, fewer than train.min_sites = %d; global head "
-                "unchanged", rnd, len(screened.accepted), cfg.train.min_sites)  # fmt: skip
+                "unchanged", rnd, len(exchange.accepted), cfg.train.min_sites)  # fmt: skip
 
+        secure = {"secure_aggregation": {"halted": exchange.halted} | dataclasses.asdict(cfg.secagg)}
         audit.append("round-aggregated", run_id=run_id, round=rnd, sites=sorted(n for n, r in round_sites.items()
-                     if r["status"] == "trained"), aggregate=update_digest(_numpy(arrays)))  # fmt: skip
+                     if r["status"] == "trained"), aggregate=update_digest(_numpy(arrays)),
+                     **(secure if cfg.secure_aggregation else {}))  # fmt: skip
         federated = _federated_evaluation(strategy, rnd, arrays, base, grid, cfg, names)
         current = head_from_arrays(_numpy(arrays), backbone.feature_dim, len(classes), cfg.head.hidden)
         loss, accuracy = evaluate_head(current, test_x, test_y)
@@ -137,8 +147,8 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
             "server": {"accuracy": accuracy, "loss": loss},
             "federated": federated,
             "sites": {n: {k: v for k, v in r.items() if k != "round"} for n, r in sorted(round_sites.items())},
-            "sites_trained": len(screened.accepted),
-            "bytes_received": received,  # counted before aggregation: FedMedian consumes the replies' arrays
+            "sites_trained": len(exchange.accepted),
+            "bytes_received": exchange.bytes_received,  # counted before aggregation: FedMedian consumes arrays
             "bytes_sent_per_site": wire_bytes(arrays),
         }
         report.append_metrics(run_dir, record)
@@ -156,6 +166,107 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
     atomic.write_text(run_dir / "status.json", json.dumps(summary, indent=2))
     log(INFO, "Run %s finished: server hold-out accuracy %.4f; model exported to %s", run_id, accuracy, model_path)
     return result
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A site's contribution to a round, as the server may know it (a digest, never a plain head in SecAgg+)."""
+
+    name: str
+    metrics: dict[str, Any]
+    accountant: str
+    digest: dict[str, Any]  # of the plain head, or of the masked vectors under secure aggregation
+    bytes_sent: int | None = None  # under secure aggregation: every protocol stage, measured at the server
+
+
+@dataclass
+class Exchange:
+    """One round's training exchange: who contributed, who refused or vanished, what to aggregate."""
+
+    accepted: list[Accepted]
+    refused: list[tuple[str, str]]  # (site, reason)
+    dropped: dict[str, str]  # site -> why
+    to_aggregate: list[Message]
+    bytes_received: int
+    halted: str | None = None  # why secure aggregation produced no mean this round
+
+
+def _plain_exchange(
+    grid: Grid, rnd: int, arrays: ArrayRecord, base: dict, messages: list[Message], spec: dict,
+    names: dict[int, str], cfg: RunConfig,
+) -> Exchange:  # fmt: skip
+    """Every site's head reaches the server; each is screened before Flower's strategy sees it."""
+    replies, gone = _split_replies(messages, grid.send_and_receive(messages, timeout=cfg.train.round_timeout_s))
+    screened = screen_train_replies(replies, spec, names, cfg.train.max_update_norm, _numpy(arrays))
+    accepted = []
+    for reply in screened.accepted:
+        head = next(iter(reply.content.array_records.values()))
+        accountant = str(reply.content["site"]["accountant"]) if "site" in reply.content else "none"
+        metrics = dict(next(iter(reply.content.metric_records.values())))
+        accepted.append(Accepted(site_name(reply, names), metrics, accountant, update_digest(arrays_to_numpy(head))))
+    received = sum(wire_bytes(next(iter(r.content.array_records.values()))) for r in screened.accepted)
+    refused = [(name, reason) for _, name, reason in screened.refused]
+    return Exchange(accepted, refused, _no_reply(messages, replies, gone, names, cfg), screened.accepted, received)
+
+
+def _secure_exchange(
+    grid: Grid, rnd: int, arrays: ArrayRecord, base: dict, messages: list[Message], spec: dict,
+    names: dict[int, str], cfg: RunConfig,
+) -> Exchange:  # fmt: skip
+    """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean."""
+    nodes = [m.metadata.dst_node_id for m in messages]
+    out = secure_round(grid, rnd, arrays, ConfigRecord(dict(base)), nodes, cfg.secagg, cfg.train.round_timeout_s)
+    accepted = []
+    for node, reply in sorted(out.trained.items()):
+        metrics = dict(reply.content.metric_records.get("metrics", {}))
+        metrics.setdefault("num-examples", 0)
+        metrics.setdefault("steps", 0)
+        accountant = str(reply.content["site"]["accountant"]) if "site" in reply.content else "none"
+        digest = update_digest(out.masked[node]) if node in out.masked else {"sha256": "", "tensors": []}
+        accepted.append(Accepted(site_name(reply, names), metrics, accountant, digest, out.payload.get(node, 0)))
+    refused, dropped = [], {}
+    for node, reason in sorted(out.errors.items()):
+        name = site_name_from(node, reason, names)
+        if node in out.trained:
+            continue  # left after sending its masked vector (unmask stage): its vector is in the mean
+        if reason.startswith(f"{name}: "):
+            refused.append((name, reason.removeprefix(f"{name}: ")))
+        else:
+            dropped[name] = reason
+    for node in nodes:
+        if node not in out.trained and node not in out.errors:
+            why = f"no reply within train.round_timeout_s = {cfg.train.round_timeout_s:g}s"
+            dropped[names.get(node, f"node-{node}")] = why
+    to_aggregate, halted = [], None
+    if out.aggregate is None:
+        halted = (f"secure aggregation halted: {len(out.trained)} of {len(nodes)} sites sent masked vectors, too few "
+                  f"for the reconstruction threshold (secagg.reconstruction_threshold = "
+                  f"{cfg.secagg.reconstruction_threshold:g})")  # fmt: skip
+    else:
+        total = sum(int(a.metrics["num-examples"]) for a in accepted)
+        to_aggregate = [_as_one_reply(grid, rnd, out.aggregate, total)]
+    return Exchange(accepted, refused, dropped, to_aggregate, sum(out.payload.values()), halted)
+
+
+def _as_one_reply(grid: Grid, rnd: int, mean: ArrayRecord, examples: int) -> Message:
+    """The SecAgg+ mean as one reply, so FedAvg/FedProx keep it and FedAdam takes its server step from it."""
+    meta = Metadata(run_id=grid.run.run_id, message_id=f"secagg-{rnd}", src_node_id=0, dst_node_id=0,
+                    reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=60.0,
+                    message_type=MessageType.TRAIN)  # fmt: skip
+    return Message(content=RecordDict({"arrays": mean, "metrics": MetricRecord({"num-examples": examples})}),
+                   metadata=meta)  # fmt: skip
+
+
+def _no_reply(
+    messages: list[Message], replies: list[Message], gone: dict[int, str], names: dict[int, str], cfg: RunConfig
+) -> dict[str, str]:
+    replied = {m.metadata.src_node_id for m in replies}
+    dropped = {}
+    for msg in messages:
+        if (node := msg.metadata.dst_node_id) not in replied:
+            why = gone.get(node, f"no reply within train.round_timeout_s = {cfg.train.round_timeout_s:g}s")
+            dropped[names.get(node, f"node-{node}")] = why
+    return dropped
 
 
 def _trained_record(rnd: int, m: dict[str, Any]) -> dict[str, Any]:

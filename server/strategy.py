@@ -56,11 +56,16 @@ def site_name(reply: Message, known: dict[int, str]) -> str:
     node = reply.metadata.src_node_id
     if not reply.has_error() and "site" in reply.content.config_records:
         known[node] = str(reply.content["site"]["name"])
-    elif reply.has_error() and node not in known:
-        reason = reply.error.reason or ""
-        head = reason.split(":", 1)[0]
-        if head and " " not in head:  # our ClientApp prefixes its refusals with the site name
-            known[node] = head
+    elif reply.has_error():
+        return site_name_from(node, reply.error.reason or "", known)
+    return known.get(node, f"node-{node}")
+
+
+def site_name_from(node: int, reason: str, known: dict[int, str]) -> str:
+    """The site behind an error reason: our ClientApp prefixes its refusals with the site name."""
+    head = reason.split(":", 1)[0]
+    if node not in known and head and " " not in head:
+        known[node] = head
     return known.get(node, f"node-{node}")
 
 

@@ -1,0 +1,93 @@
+"""A site's side of secure aggregation: the message formats of Flower's SecAgg+.
+
+The server's SecAgg+ workflow speaks Flower's legacy FitIns/FitRes records, and Flower's
+`secaggplus_mod` (wired in client_app.py) masks the `fitres.parameters` our handler
+returns before anything leaves the site. Here: reading the head and config out of either
+message format, and turning our reply into the one the mod masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+from common.config import SecAggConfig
+
+HANDOFF = "fedtransfer.handoff"  # from our handler to our mod, popped before the reply leaves the site
+
+
+class Refused(Exception):
+    """A site's error reply, carried out through secaggplus_mod (which expects a successful reply)."""
+
+    def __init__(self, reply: Message) -> None:
+        super().__init__(reply.error.reason)
+        self.reply = reply
+
+
+def is_secure(msg: Message) -> bool:
+    return msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def config_of(msg: Message) -> ConfigRecord:
+    """The run's instructions from a plain ("config") or SecAgg+ ("fitins.config") message."""
+    records = msg.content.config_records if msg.has_content() else {}
+    return records.get("config", records.get("fitins.config", ConfigRecord()))
+
+
+def instructions(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
+    """The head and config of a training message, in either format; KeyError/ValueError when malformed."""
+    if "fitins.config" not in msg.content.config_records:
+        return msg.content["arrays"], msg.content["config"]
+    conf = msg.content["fitins.config"]
+    names = head_names(conf)
+    values = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
+    if len(values) != len(names):
+        raise ValueError(f"malformed message: {len(values)} tensors for {len(names)} head-names")
+    return ArrayRecord({n: Array(v) for n, v in zip(names, values, strict=True)}), conf
+
+
+def head_names(conf: ConfigRecord) -> list[str]:
+    """The head's tensor names, in the order SecAgg+ carries the tensors."""
+    names = conf["head-names"]
+    if not isinstance(names, str) or not names:
+        raise ValueError("malformed message: config 'head-names' must be the comma-separated tensor names")
+    return names.split(",")
+
+
+def secure_reply(
+    answer: RecordDict, names: list[str], settings: SecAggConfig, dp: dict[str, Any] | None, replayed: bool
+) -> RecordDict:
+    """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently."""
+    head = [answer["arrays"][n].numpy() for n in names]
+    examples = int(answer["metrics"]["num-examples"])
+    if examples > settings.max_weight:
+        raise ValueError(
+            f"this site trains on {examples} examples, more than secagg.max_weight = {settings.max_weight:g}; "
+            "the run must raise secagg.max_weight"
+        )
+    largest = max(float(np.max(np.abs(v))) for v in head) * examples / settings.max_weight
+    if largest > settings.clipping_range:
+        raise ValueError(
+            f"a head value × examples / secagg.max_weight is {largest:.3g}, outside secagg.clipping_range "
+            f"±{settings.clipping_range:g}; the run must raise secagg.clipping_range"
+        )
+    fitres = FitRes(Status(Code.OK, "trained"), ndarrays_to_parameters(head), examples, {})
+    out = compat.fitres_to_recorddict(fitres, keep_input=True)
+    for key, record in [*answer.metric_records.items(), *answer.config_records.items()]:
+        out[key] = record
+    out[HANDOFF] = ConfigRecord({"replayed": replayed, **(dp or {})})
+    return out
+
+
+def take_handoff(reply: Message) -> tuple[dict[str, Any] | None, bool] | None:
+    """Remove the handoff from a masked reply: (the round's DP parameters or None, replayed?)."""
+    if reply.has_error() or HANDOFF not in reply.content.config_records:
+        return None
+    handoff = dict(reply.content.config_records.pop(HANDOFF))
+    replayed = bool(handoff.pop("replayed"))
+    return (handoff or None), replayed
