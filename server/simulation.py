@@ -97,10 +97,11 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True) -> dict:
+def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True, app_dir: Path = APP_DIR) -> dict:
     """Run `cfg` with one simulated SuperNode per site; returns the run's status.json.
 
     `stream` shows the run's log live; otherwise it goes to `output_dir/run.log`.
+    `app_dir` is the Flower app to submit (tests submit a copy with an instrumented ServerApp).
     """
     cfg = replace(cfg, output_dir=str(cfg.output_path), cache_dir=str(cfg.cache_path))  # the app runs elsewhere
     sites = num_sites or cfg.data.num_sites
@@ -113,12 +114,12 @@ def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True) 
         status_path.unlink(missing_ok=True)
     flwr_home = run_dir / ".flwr"
     with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
-        argv = [_bin("flwr"), "run", str(APP_DIR), connection, "--run-config", str(overrides), "--stream",
+        argv = [_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides), "--stream",
                 "--federation-config", f"num-supernodes={sites} client-resources-num-cpus=1"]  # fmt: skip
         # --stream also makes `flwr run` wait for the run to end; quiet runs keep the log in a file
         with (run_dir / "run.log").open("wb") as log:
             sink = None if stream else log
-            done = subprocess.run(argv, env=_env(flwr_home), cwd=APP_DIR, stdout=sink, stderr=sink, check=False)
+            done = subprocess.run(argv, env=_env(flwr_home), cwd=app_dir, stdout=sink, stderr=sink, check=False)
     if done.returncode != 0:
         raise SimulationError(f"flwr run exited with code {done.returncode}")
     if not status_path.exists():

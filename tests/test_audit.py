@@ -99,6 +99,7 @@ def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: 
         "chains",
         "updates",
         "head-only",
+        "secure-aggregation",
         "completion",
         "privacy",
         "policy",
