@@ -20,11 +20,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from common.data import Federation, simulate_federation
 from common.privacy import epsilon_of
 from deploy.launch import format_config, site_node_config
+from server import checkpoint
+from server.audit import audit_run
 from server.export import load_model
 from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment
 
@@ -199,3 +202,39 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(federation: Federatio
     assert rounds[1]["epsilon"] == pytest.approx(epsilon_of([per_round, per_round], 1e-5, "rdp"), rel=1e-9)
     assert rounds[1]["epsilon"] > rounds[0]["epsilon"]
     assert (run_dir / "model.pt").is_file()
+
+
+def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(federation: Federation3) -> None:
+    """SecAgg+ on the TLS deployment. bank-c has 0.5 of its ε cap left (run 2 spent 1.5), so after the key
+    exchange it refuses to train: a dropout after sharing keys, which the unmask stage must recover from."""
+    dep, run_dir = federation.dep, federation.root / "run-3"
+    if not dep.sites[STRICT].alive():
+        dep.start_site(STRICT)  # crashed in the previous test
+    dep.wait_connected()
+    overrides = RUN | {"train.rounds": 1, "privacy.target_epsilon": 1.0, "secure_aggregation": True,
+                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    result = dep.run_app(APP_DIR, overrides, timeout=400)
+    assert result.ok, (result.status, result.status_details, result.output[-4000:])
+
+    (record,) = _metrics(run_dir)
+    assert record["sites_trained"] == 2
+    assert record["sites"][STRICT]["status"] == "declined"
+    assert "policy.max_epsilon 2" in record["sites"][STRICT]["reason"]
+    run_id = json.loads((run_dir / "privacy.json").read_text())["run_id"]
+    heads = []
+    for site in SITES[:2]:
+        assert record["sites"][site]["status"] == "trained"
+        assert record["sites"][site]["bytes_sent"] > record["bytes_sent_per_site"]  # masked int64 + key exchange
+        raw = torch.load(_state(federation, site) / "replies" / f"{run_id}.pt", weights_only=True)
+        heads.append(({k: v.numpy() for k, v in raw["arrays"]["arrays"].items()},
+                      int(raw["metrics"]["metrics"]["num-examples"])))  # fmt: skip
+    total = sum(n for _, n in heads)
+    final = checkpoint.latest(run_dir).head
+    for name in final:
+        mean = sum(h[name].astype(np.float64) * n for h, n in heads) / total
+        assert np.max(np.abs(final[name] - mean)) < 1e-3  # FedAvg of the two, up to quantisation
+
+    logs = [_state(federation, site) / "audit.jsonl" for site in SITES]
+    report = audit_run(run_dir, logs)
+    assert report.passed, [str(f) for f in report.failures]
+    assert report.mode.startswith("secure aggregation")

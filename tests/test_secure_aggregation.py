@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,23 +19,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from common.config import ConfigError, config_from_dict
 from server import checkpoint
 from server.audit import audit_run
-from server.simulation import APP_DIR, simulate
+from server.simulation import simulate
+from tests.app_variants import app_variant
 
 pytestmark = pytest.mark.slow
 SITES = 4
-
-
-def _spied_app(tmp_path: Path) -> Path:
-    """A copy of this app whose ServerApp is the spy."""
-    app = tmp_path / "app"
-    for package in ("server", "client", "common"):
-        shutil.copytree(APP_DIR / package, app / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(APP_DIR / "tests" / "secure_spy.py", app / "secure_spy.py")
-    shutil.copy(APP_DIR / "README.md", app / "README.md")
-    project = (APP_DIR / "pyproject.toml").read_text()
-    assert 'serverapp = "server.server_app:app"' in project
-    (app / "pyproject.toml").write_text(project.replace("server.server_app:app", "secure_spy:app"))
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +38,8 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDTRANSFER_SPY_DROP_ROUND", "2")  # inherited by the SuperLink and the ServerApp it starts
     try:
-        status = simulate(cfg, stream=False, app_dir=_spied_app(tmp))
+        spied = app_variant(tmp / "app", Path(__file__).with_name("secure_spy.py"), serverapp="secure_spy:app")
+        status = simulate(cfg, stream=False, app_dir=spied)
     finally:
         mp.undo()
     assert status["status"] == "completed"

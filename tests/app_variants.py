@@ -1,0 +1,26 @@
+"""Copies of this Flower app with a test component in place of the ServerApp or ClientApp (tests only)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from server.simulation import APP_DIR
+
+SERVERAPP, CLIENTAPP = "server.server_app:app", "client.client_app:app"
+
+
+def app_variant(dest: Path, module: Path, *, serverapp: str | None = None, clientapp: str | None = None) -> Path:
+    """Copy the app to `dest` with `module` beside it and the named components replaced."""
+    for package in ("server", "client", "common"):
+        shutil.copytree(APP_DIR / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(module, dest / module.name)
+    shutil.copy(APP_DIR / "README.md", dest / "README.md")
+    project = (APP_DIR / "pyproject.toml").read_text()
+    assert f'serverapp = "{SERVERAPP}"' in project and f'clientapp = "{CLIENTAPP}"' in project
+    if serverapp:
+        project = project.replace(f'serverapp = "{SERVERAPP}"', f'serverapp = "{serverapp}"')
+    if clientapp:
+        project = project.replace(f'clientapp = "{CLIENTAPP}"', f'clientapp = "{clientapp}"')
+    (dest / "pyproject.toml").write_text(project)
+    return dest
