@@ -596,6 +596,8 @@ def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, 
     violations = []
     if policy.require_dp and site.rounds_joined and not site.rounds:
         violations.append("policy.require_dp, but the site trained without DP")
+    if policy.require_secure_aggregation and site.rounds_joined and ev.cfg and not ev.cfg.secure_aggregation:
+        violations.append("policy.require_secure_aggregation, but the run sent its head in plain")
     if ev.cfg is not None and ev.cfg.train.rounds > policy.max_rounds:
         violations.append(f"train.rounds {ev.cfg.train.rounds} > policy.max_rounds {policy.max_rounds}")
     if site.delta is not None and site.delta > policy.max_delta:

@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import json
 import pickle
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from common.config import ConfigError, config_from_dict
+from client import client_app
+from common.backbones import load_backbone
+from common.config import ConfigError, config_from_dict, to_run_config
+from common.exchange import head_to_arrays
+from common.head import make_head
 from server import checkpoint
 from server.audit import audit_run
 from server.simulation import simulate
@@ -123,3 +130,23 @@ def test_secure_aggregation_refuses_what_it_cannot_do() -> None:
         config_from_dict({"secure_aggregation": True, "train": {"max_update_norm": 5.0}})
     with pytest.raises(ConfigError, match=r"secagg\.reconstruction_threshold: must be below"):
         config_from_dict({"secagg": {"num_shares": 5, "reconstruction_threshold": 5}})
+
+
+def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: Path) -> None:
+    site_yaml = tmp_path / "site.yaml"
+    site = {"name": "hospital-z", "data_source": "digits", "device": "cpu", "state_dir": "state",
+            "policy": {"require_secure_aggregation": True}}  # fmt: skip
+    site_yaml.write_text(yaml.safe_dump(site))
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
+                            "backbone": {"image_size": 32}})  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(),
+                      run_config=to_run_config(cfg))  # fmt: skip
+    backbone = load_backbone(cfg.backbone)
+    head = make_head(backbone.feature_dim, 10)
+    config = {"server-round": 1, "run-id": "r1", "backbone-fingerprint": backbone.fingerprint}
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=600.0, message_type="train")  # fmt: skip
+    plain = Message(RecordDict({"arrays": head_to_arrays(head), "config": ConfigRecord(config)}), metadata=meta)
+    answer = client_app.train(plain, context)
+    assert answer.has_error()
+    assert answer.error.reason.startswith("hospital-z: site policy requires secure aggregation")
