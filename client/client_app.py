@@ -51,13 +51,13 @@ def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Co
         reply = secaggplus_mod(msg, context, handler)
     except Refused as refused:
         return refused.reply
-    if (handoff := take_handoff(reply)) is not None:
-        dp, replayed = handoff
+    if (replayed := take_handoff(reply)) is not None:
         names = head_names(config_of(msg))
         vectors = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
         site = get_site(context, config_from_run_config(context.run_config))
         masked = update_digest(masked_arrays(vectors, names))
-        _audit(site, msg, "update-sent", update=masked, dp=dp, masked=True, replayed=replayed)
+        # the round's DP parameters are in the update-trained record of the training itself
+        _audit(site, msg, "update-sent", update=masked, dp=None, masked=True, replayed=replayed)
     return reply
 
 
@@ -132,7 +132,7 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     if (cached := cache.load(run_id, key)) is not None:
         # a resumed coordinator repeating the round in flight: the same bytes again, no training, no new ε
         _audit(site, msg, "reply-replayed", request=key, update=update_digest(arrays_to_numpy(cached["arrays"])))
-        return secure_reply(cached, head_names(conf), cfg.secagg, None, True) if secure else cached
+        return secure_reply(cached, head_names(conf), cfg.secagg, True) if secure else cached
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), cfg.head.hidden)
     load_head(head, arrays)
     head.to(site.backbone.device)
@@ -178,7 +178,7 @@ def _train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     if secure:  # the plain head stays here; _secure_mod logs the masked vectors that leave
         _audit(site, msg, "update-trained", update=update_digest(arrays_to_numpy(reply)), dp=dp,
                train_loss=outcome.loss)  # fmt: skip
-        return secure_reply(answer, head_names(conf), cfg.secagg, dp, False)
+        return secure_reply(answer, head_names(conf), cfg.secagg, False)
     _audit(site, msg, "update-sent", update=update_digest(arrays_to_numpy(reply)), dp=dp, train_loss=outcome.loss)
     return answer
 

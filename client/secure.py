@@ -8,8 +8,6 @@ message format, and turning our reply into the one the mod masks.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
@@ -59,9 +57,7 @@ def head_names(conf: ConfigRecord) -> list[str]:
     return names.split(",")
 
 
-def secure_reply(
-    answer: RecordDict, names: list[str], settings: SecAggConfig, dp: dict[str, Any] | None, replayed: bool
-) -> RecordDict:
+def secure_reply(answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool) -> RecordDict:
     """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently."""
     head = [answer["arrays"][n].numpy() for n in names]
     examples = int(answer["metrics"]["num-examples"])
@@ -80,14 +76,12 @@ def secure_reply(
     out = compat.fitres_to_recorddict(fitres, keep_input=True)
     for key, record in [*answer.metric_records.items(), *answer.config_records.items()]:
         out[key] = record
-    out[HANDOFF] = ConfigRecord({"replayed": replayed, **(dp or {})})
+    out[HANDOFF] = ConfigRecord({"replayed": replayed})
     return out
 
 
-def take_handoff(reply: Message) -> tuple[dict[str, Any] | None, bool] | None:
-    """Remove the handoff from a masked reply: (the round's DP parameters or None, replayed?)."""
+def take_handoff(reply: Message) -> bool | None:
+    """Remove the handoff from a masked reply: whether it re-sends a cached head; None when there is none."""
     if reply.has_error() or HANDOFF not in reply.content.config_records:
         return None
-    handoff = dict(reply.content.config_records.pop(HANDOFF))
-    replayed = bool(handoff.pop("replayed"))
-    return (handoff or None), replayed
+    return bool(reply.content.config_records.pop(HANDOFF)["replayed"])

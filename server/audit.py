@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 SERVER_LOG = "audit.jsonl"
 REPORT_NAME = "audit-report"
 EPS_RTOL = 1e-6  # the same history through the same Opacus accountant agrees to float noise
+TRAININGS = ("update-sent", "update-trained")  # site-log records of a training: plain, or before SecAgg+ masking
 DP_KEYS = ("noise_multiplier", "sample_rate", "steps", "clip_norm")  # logged by the site, reported to the server
 CHECKS = {
     "chains": "audit logs are intact hash chains",
@@ -283,8 +284,8 @@ def parse_update(entry: Entry) -> Update:
     if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in tensors):
         raise Malformed(entry, f"{entry.event} record lists a tensor without a name")
     dp = entry.record.get("dp")
-    if entry.event == "update-sent" and ("dp" not in entry.record or not isinstance(dp, dict | None)):
-        raise Malformed(entry, "update-sent record lacks 'dp' (the round's DP parameters, or null without DP)")
+    if entry.event in TRAININGS and ("dp" not in entry.record or not isinstance(dp, dict | None)):
+        raise Malformed(entry, f"{entry.event} record lacks 'dp' (the round's DP parameters, or null without DP)")
     names = tuple(t["name"] for t in tensors)
     return Update(entry, _field(entry, "site", str), _field(entry, "round", int), digest["sha256"], names, dp)
 
@@ -502,18 +503,24 @@ def _logged_trainings(
 ) -> list[tuple[int, dict[str, Any], Any]]:
     """Every training the site's own log records, in order, each with the ε privacy.json claims after it.
 
+    A plain training is its update-sent record, paired with the server's by hash. Under
+    secure aggregation it is the update-trained record (the masked update-sent carries no DP
+    parameters), paired by round: the server only ever saw the masked vector.
+
     A training whose update the server never received still spent ε at the site, so it counts
     here; its claim is None (the next round's claim includes it).
     """
     trainings = []
+    rounds_used = {rnd for rnd, _ in used}
     for u in sent:
-        if u.entry.record.get("replayed") is True:
-            continue  # the same trained head re-masked for a resumed round: its ε was logged with the original
+        if u.entry.record.get("masked") is True:
+            continue  # what left the site; its training is the update-trained record
         if u.dp is None:
             found.fail_at("privacy", u.entry, f"{u.site} round {u.round}: the site trained without DP")
             continue
         claimed = None
-        if (u.round, u.sha256) in used and u.round in reported:
+        paired = (u.round, u.sha256) in used or (u.entry.event == "update-trained" and u.round in rounds_used)
+        if paired and u.round in reported:
             claimed = reported[u.round].get("epsilon")
             for key in DP_KEYS:
                 if u.dp.get(key) != reported[u.round].get(key):
@@ -647,6 +654,7 @@ def audit_run(
     head = head_names(ev, found)
     received = collect_updates(ev.server, "update-received", found)
     sent = collect_updates((e for entries in ev.sites.values() for e in entries), "update-sent", found)
+    trained = collect_updates((e for entries in ev.sites.values() for e in entries), "update-trained", found)
     if head:
         check_head_only([*received, *sent], head, found)
     mode = check_mode([*received, *sent], ev, found)
@@ -657,7 +665,8 @@ def audit_run(
     sites = [SiteAudit(n, str(ev.site_log_of[n]) if n in ev.site_log_of else None) for n in names]
     for site in sites:
         site.updates_matched = sum(key[0] == site.name for key in matched)
-        audit_site_privacy(site, ev, received, sent, found)
+        trainings = sorted([*sent, *trained], key=lambda u: (str(u.entry.path), u.entry.line))  # each log's order
+        audit_site_privacy(site, ev, received, trainings, found)
         if site.name in configs:
             check_policy(site, *configs[site.name], ev, found)
         else:
