@@ -14,7 +14,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _run(module: str, *args: str, timeout: int = 600) -> dict:
-    name = f"accuracy_{args[1]}" if module == "benchmarks.accuracy" else module.split(".")[-1]
+    name = module.split(".")[-1]
+    if module == "benchmarks.accuracy":
+        size = args[args.index("--image-size") + 1] if "--image-size" in args else "64"
+        name = f"accuracy_{args[1]}" + ("" if size == "64" else f"_{size}px")
     path = RESULTS / f"{name}.json"
     before = path.read_bytes() if path.exists() else None
     try:
@@ -72,6 +75,16 @@ def test_accuracy_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_accuracy_target_smoke() -> None:
+    args = ("--question", "target", "--accountants", "rdp", "--image-size", "32", "--limit", "300")
+    rows = _run("benchmarks.accuracy", *args)["rows"]
+    assert sum(r["phase"].startswith("tune") for r in rows) >= 2
+    tested = [r for r in rows if r["phase"].startswith("test")]
+    assert {r["split"] for r in tested} == {"iid", "dirichlet"} and all("target_met" in r for r in tested)
+
+
+@pytest.mark.slow
 def test_scale_smoke() -> None:
-    rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "1")["rows"]
+    rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
+    assert 0 <= rows[0]["overhead_share"] <= 1 and rows[0]["clientapp_share"] is not None
