@@ -11,7 +11,7 @@ Questions 3 and 4 of the benchmark issue, on the 5,000 real MNIST digits:
   the test set is used once, for the chosen setting and the default one, IID and Dirichlet(0.3).
 A WARNING line is printed wherever transfer does worse than scratch (negative transfer).
 
-    .venv/bin/python -m benchmarks.accuracy --question epsilon [--rounds 5] [--image-size 64]
+    .venv/bin/python -m benchmarks.accuracy --question epsilon [--sites 1 4 16] [--rounds 5] [--image-size 64]
     .venv/bin/python -m benchmarks.accuracy --question data
     .venv/bin/python -m benchmarks.accuracy --question target [--image-size 224]
 """
@@ -183,7 +183,7 @@ def main() -> None:
     parser.add_argument("--question", choices=["epsilon", "data", "target"], required=True)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--sites", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--sites", type=int, nargs="+", default=[4], help="full size: 1 4 16")
     parser.add_argument("--epsilons", type=float, nargs="+", default=None, help="default 0.5 1 2 4 8 and no DP")
     parser.add_argument("--cache", default="~/.cache/fedtransfer")
     parser.add_argument("--limit", type=int, default=None, help="use only N random digits (smoke runs)")
@@ -197,8 +197,8 @@ def main() -> None:
     parser.add_argument("--accountants", nargs="+", default=["rdp", "prv"], help="target: accountants to try")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit)  # feature extraction: all cores
     torch.set_num_threads(args.threads)
-    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit)
     setup = FedSetup(rounds=args.rounds, local_epochs=args.epochs)
     if args.question == "epsilon":
         rows = epsilon_sweep(task, setup, args.sites, args.epsilons or EPSILONS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ def machine() -> dict[str, Any]:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "cpus": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
