@@ -8,6 +8,7 @@ that the ε a site reports is always its cumulative ε, across rounds and restar
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -50,6 +51,7 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_samples / batch_size))
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of its arguments, asked again every round
 def plan_dp(
     num_samples: int,
     batch_size: int,
@@ -83,8 +85,22 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     """ε of a whole history of (noise multiplier, sample rate, steps), composed by Opacus."""
     if not history:
         return 0.0
+    steps = [(float(sigma), float(q), int(n)) for sigma, q, n in history]
+    if accountant == "rdp":  # RDP adds up over steps: consecutive runs of one (σ, q) merge exactly
+        merged: list[tuple[float, float, int]] = []
+        for sigma, q, n in steps:
+            if merged and merged[-1][:2] == (sigma, q):
+                merged[-1] = (sigma, q, merged[-1][2] + n)
+            else:
+                merged.append((sigma, q, n))
+        steps = merged
+    return _epsilon(tuple(steps), delta, accountant)
+
+
+@functools.lru_cache(maxsize=1024)
+def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
-    acc.history = [tuple(h) for h in history]
+    acc.history = list(history)
     with warnings.catch_warnings():
         # "Optimal order is the largest alpha": the RDP bound is then conservative (ε over-, never under-stated).
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")

@@ -41,6 +41,18 @@ def test_noise_is_calibrated_for_the_whole_run(accountant: str) -> None:
     assert whole_run > 1.5 * one_round
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_equals_opacus_on_the_raw_history(accountant: str) -> None:
+    """Merging repeated rounds (RDP) and caching change only the float summation order."""
+    from opacus.accountants import create_accountant
+
+    history = [(3.49, 0.05, 200)] * 4 + [(2.0, 0.1, 50)] + [(3.49, 0.05, 200)] * 2
+    acc = create_accountant(mechanism=accountant)
+    acc.history = list(history)
+    assert epsilon_of(history, 1e-5, accountant) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    assert epsilon_of(history[:3], 1e-5, accountant) < epsilon_of(history, 1e-5, accountant)
+
+
 def test_delta_not_below_one_over_n_is_refused() -> None:
     with pytest.raises(ValueError, match="target_delta"):
         plan_dp(N, BATCH, 1, 1, EPSILON, 1.0 / N, 1.0, "rdp")
