@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.accuracy --question epsilon
 	$(PY) -m benchmarks.accuracy --question data
 	$(PY) -m benchmarks.scale
+	$(PY) -m benchmarks.secure_aggregation
 	$(PY) -m benchmarks.empirical_privacy
 
 lint: $(STAMP)

@@ -88,3 +88,13 @@ def test_scale_smoke() -> None:
     rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
     assert 0 <= rows[0]["overhead_share"] <= 1 and rows[0]["clientapp_share"] is not None
+
+
+@pytest.mark.slow
+def test_secure_aggregation_smoke() -> None:
+    rows = _run("benchmarks.secure_aggregation", "--sites", "3", "--rounds", "2")["rows"]
+    plain, secure = rows
+    assert (plain["mode"], secure["mode"]) == ("plain", "secagg")
+    assert secure["sites_trained"] == plain["sites_trained"] == 3
+    assert secure["bytes_per_site"] > plain["bytes_per_site"]  # masked int64 vectors plus keys and shares
+    assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02  # quantisation does not move accuracy
