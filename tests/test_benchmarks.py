@@ -84,6 +84,14 @@ def test_accuracy_target_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_accuracy_ablation_smoke() -> None:
+    args = ("--question", "ablation", "--image-size", "32", "--limit", "300")
+    rows = _run("benchmarks.accuracy", *args)["rows"]
+    assert [r["sites"] for r in rows] == [4, 1, 4, 4, 4]  # centralised DP only for the default features
+    assert all(0 <= r["accuracy"] <= 1 and r["epsilon"] <= 3.0 + 1e-6 for r in rows)
+
+
+@pytest.mark.slow
 def test_scale_smoke() -> None:
     rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
