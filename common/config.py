@@ -184,6 +184,14 @@ class SecAggConfig:
                 f"a share in (0, 1] or a whole count >= {low}",
                 value,
             )
+        # Flower 1.41 tells sites the count before rounding an even one up to the next odd, so every
+        # site gets one neighbour more than it made shares for and the round fails.
+        _require(
+            self.num_shares <= 1 or self.num_shares % 2 == 1,
+            "secagg.num_shares",
+            f"an odd count (Flower's SecAgg+ fails on an even one; use {int(self.num_shares) + 1})",
+            self.num_shares,
+        )
         if self.num_shares > 1 and self.reconstruction_threshold > 1:
             _require(
                 self.reconstruction_threshold < self.num_shares,

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _run(module: str, *args: str, timeout: int = 600) -> dict:
-    name = module.split(".")[-1]
+def _run(module: str, *args: str, timeout: int = 600, name: str | None = None) -> dict:
+    name = name or module.split(".")[-1]
     if module == "benchmarks.accuracy":
         size = args[args.index("--image-size") + 1] if "--image-size" in args else "64"
         name = f"accuracy_{args[1]}" + ("" if size == "64" else f"_{size}px")
@@ -106,3 +106,12 @@ def test_secure_aggregation_smoke() -> None:
     assert secure["sites_trained"] == plain["sites_trained"] == 3
     assert secure["bytes_per_site"] > plain["bytes_per_site"]  # masked int64 vectors plus keys and shares
     assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02  # quantisation does not move accuracy
+
+
+@pytest.mark.slow
+def test_secure_aggregation_with_fewer_neighbours_than_sites() -> None:
+    args = ("--sites", "5", "--rounds", "2", "--num-shares", "3", "--threshold", "2")
+    plain, secure = _run("benchmarks.secure_aggregation", *args, name="secure_aggregation_neighbours")["rows"]
+    assert (secure["num_shares"], secure["threshold"]) == (3, 2)
+    assert secure["sites_trained"] == plain["sites_trained"] == 5
+    assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02

@@ -130,6 +130,8 @@ def test_secure_aggregation_refuses_what_it_cannot_do() -> None:
         config_from_dict({"secure_aggregation": True, "train": {"max_update_norm": 5.0}})
     with pytest.raises(ConfigError, match=r"secagg\.reconstruction_threshold: must be below"):
         config_from_dict({"secagg": {"num_shares": 5, "reconstruction_threshold": 5}})
+    with pytest.raises(ConfigError, match=r"secagg\.num_shares: an odd count .* use 11"):
+        config_from_dict({"secagg": {"num_shares": 10, "reconstruction_threshold": 6}})
 
 
 def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: Path) -> None:
