@@ -9,7 +9,6 @@ separately (benchmarks/round_time.py, benchmarks/scale.py).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -102,7 +101,7 @@ def federate(
             load_head(local, arrays)
             plan = None
             if setup.target_epsilon is not None:
-                plan = _plan(len(y), setup.batch_size, setup.local_epochs, setup.rounds, setup.target_epsilon,
+                plan = plan_dp(len(y), setup.batch_size, setup.local_epochs, setup.rounds, setup.target_epsilon,
                              min(setup.target_delta, 0.5 / len(y)), setup.max_grad_norm, setup.accountant)  # fmt: skip
             opts = LocalTraining(setup.local_epochs, setup.batch_size, setup.learning_rate, setup.momentum)
             out = train_head(local, x, y, opts, plan, histories[i], seed=seed * 10_000 + rnd * 100 + i)
@@ -116,10 +115,6 @@ def federate(
     load_head(head, arrays)
     loss, acc = evaluate_head(head, *test)
     return {"accuracy": acc, "loss": loss, "epsilon": eps if setup.target_epsilon is not None else float("inf")}
-
-
-# The same plan for every round and every equal-sized site: calibrating the noise is a slow search.
-_plan = functools.lru_cache(maxsize=256)(plan_dp)
 
 
 class SmallCNN(nn.Module):

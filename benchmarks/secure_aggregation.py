@@ -12,7 +12,7 @@ quadratic in the sites); `--num-shares K` gives each site K neighbours (SecAgg+'
 `--threshold` of them needed to reconstruct.
 
     .venv/bin/python -m benchmarks.secure_aggregation [--sites 3 10] [--rounds 3]    # README: --sites 3 10 50
-    .venv/bin/python -m benchmarks.secure_aggregation --sites 50 --num-shares 10 --threshold 6
+    .venv/bin/python -m benchmarks.secure_aggregation --sites 50 --num-shares 11 --threshold 6
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ def main() -> None:
             secure["bytes_ratio"] = secure["bytes_per_site"] / plain["bytes_per_site"]
             rows += [plain, secure]
             print_table(rows, ["sites", "mode", "num_shares", "threshold", "round_s", "round1_s", "time_ratio",
-                               "bytes_per_site", "bytes_ratio",
-                               "sites_trained", "accuracy"])  # fmt: skip
+                               "bytes_per_site", "bytes_ratio", "sites_trained", "accuracy"])  # fmt: skip
             print()
     name = "secure_aggregation" if not secagg else "secure_aggregation_neighbours"
     write_results(name, rows, vars(args))
