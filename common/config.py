@@ -20,6 +20,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 from flwr.common.config import flatten_dict, unflatten_dict
 
+from common.names import SITE_NAME_RULE, is_site_name
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or impossible."""
@@ -424,12 +426,7 @@ class SiteConfig:
     policy: SitePolicy = field(default_factory=SitePolicy)
 
     def __post_init__(self) -> None:
-        _require(
-            bool(self.name) and all(c.isalnum() or c in "-_" for c in self.name),
-            "name",
-            "use letters, digits, '-' or '_'",
-            self.name,
-        )
+        _require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
         needs_path = self.data_source in ("imagefolder", "npz")
         _require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
         _require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
