@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from common.config import SecAggConfig
+from common.protocol import Cfg, Metric, Rec
 
 HANDOFF = "fedtransfer.handoff"  # from our handler to our mod, popped before the reply leaves the site
 
@@ -34,13 +35,13 @@ def is_secure(msg: Message) -> bool:
 def config_of(msg: Message) -> ConfigRecord:
     """The run's instructions from a plain ("config") or SecAgg+ ("fitins.config") message."""
     records = msg.content.config_records if msg.has_content() else {}
-    return records.get("config", records.get("fitins.config", ConfigRecord()))
+    return records.get(Rec.CONFIG, records.get("fitins.config", ConfigRecord()))
 
 
 def instructions(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
     """The head and config of a training message, in either format; KeyError/ValueError when malformed."""
     if "fitins.config" not in msg.content.config_records:
-        return msg.content["arrays"], msg.content["config"]
+        return msg.content[Rec.ARRAYS], msg.content[Rec.CONFIG]
     conf = msg.content["fitins.config"]
     names = head_names(conf)
     values = parameters_to_ndarrays(compat.recorddict_to_fitins(msg.content, keep_input=True).parameters)
@@ -51,7 +52,7 @@ def instructions(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
 
 def head_names(conf: ConfigRecord) -> list[str]:
     """The head's tensor names, in the order SecAgg+ carries the tensors."""
-    names = conf["head-names"]
+    names = conf[Cfg.HEAD_NAMES]
     if not isinstance(names, str) or not names:
         raise ValueError("malformed message: config 'head-names' must be the comma-separated tensor names")
     return names.split(",")
@@ -59,8 +60,8 @@ def head_names(conf: ConfigRecord) -> list[str]:
 
 def secure_reply(answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool) -> RecordDict:
     """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently."""
-    head = [answer["arrays"][n].numpy() for n in names]
-    examples = int(answer["metrics"]["num-examples"])
+    head = [answer[Rec.ARRAYS][n].numpy() for n in names]
+    examples = int(answer[Rec.METRICS][Metric.NUM_EXAMPLES])
     if examples > settings.max_weight:
         raise ValueError(
             f"this site trains on {examples} examples, more than secagg.max_weight = {settings.max_weight:g}; "

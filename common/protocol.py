@@ -74,6 +74,18 @@ class Event(StrEnum):
     DECLINED = "declined"
 
 
+class SiteStatus(StrEnum):
+    """What a site did in a round, as `metrics.jsonl` and `privacy.json` record it."""
+
+    TRAINED = "trained"  # it trained (ε spent) and its update passed screening (or went into the SecAgg+ mean)
+    REFUSED = "refused"  # it sent an update the server's screening refused
+    DECLINED = "declined"  # it refused the round itself (budget, policy, mismatch), with its reason
+    FAILED = "failed"  # its ClientApp answered with an error that is not a refusal
+    NO_REPLY = "no-reply"  # asked, but no answer came from it (crashed, lapsed, timed out)
+    OFFLINE = "offline"  # known to the run, but not connected when the round started
+    NOT_SELECTED = "not-selected"  # connected, but not sampled for this round (train.fraction_train < 1)
+
+
 TRAININGS = (Event.UPDATE_SENT, Event.UPDATE_TRAINED)  # site-log records of a training: plain, or before masking
 REFUSAL_CODE = 4001  # Error.code of a site's refusal (budget, policy, mismatch, malformed message)
 _REFUSAL_TAG = "fedtransfer-refusal/1"

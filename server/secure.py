@@ -35,6 +35,7 @@ from flwr.serverapp import Grid
 
 from common.config import ConfigError, SecAggConfig
 from common.exchange import masked_arrays
+from common.protocol import Cfg
 
 MODULUS = 2**32  # Flower's default modulus_range: all masked sums live modulo this
 
@@ -46,7 +47,7 @@ class SecureRound:
     aggregate: ArrayRecord | None = None  # weighted mean of the heads of the sites that sent masked vectors
     masked: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # node -> its masked vectors, named
     trained: dict[int, Message] = field(default_factory=dict)  # node -> its stage-2 reply (metrics, no arrays)
-    errors: dict[int, str] = field(default_factory=dict)  # node -> why it left the protocol
+    errors: dict[int, Message] = field(default_factory=dict)  # node -> the error reply with which it left
     payload: dict[int, int] = field(default_factory=dict)  # node -> protocol bytes it sent, all stages
     threshold: int = 0
     num_shares: int = 0
@@ -81,7 +82,7 @@ def secure_round(
         timeout=timeout,
     )
     # legacy FitIns configs hold scalars only: the head's tensor names travel as one comma-separated string
-    fit_config = ConfigRecord({**dict(config), "server-round": rnd, "head-names": ",".join(names)})
+    fit_config = ConfigRecord({**dict(config), Cfg.SERVER_ROUND: rnd, Cfg.HEAD_NAMES: ",".join(names)})
     strategy = _KeepMean(tap, nodes, fit_config)
     context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                     run_config={}), config=ServerConfig(num_rounds=rnd), strategy=strategy)  # fmt: skip
@@ -121,7 +122,7 @@ class _Tap:
             if reply.has_error():
                 # a SuperLink answering for a lapsed node sends it from itself: attribute it to the node asked
                 node = sent_to.get(reply.metadata.reply_to_message_id, node)
-                self._result.errors[node] = reply.error.reason or f"error code {reply.error.code}"
+                self._result.errors[node] = reply
                 continue
             record = reply.content.config_records.get(RECORD_KEY_CONFIGS, ConfigRecord())
             self._result.payload[node] = self._result.payload.get(node, 0) + payload_bytes(record)

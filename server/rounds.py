@@ -1,0 +1,140 @@
+"""One round's exchanges with the sites: training (plain or SecAgg+) and federated evaluation.
+
+Each returns what every asked site did, by name, and what the server received, so the
+round loop only decides and records. Screening and the minimum number of sites are the
+`ScreenedStrategy`'s business; attributing replies to sites is `server.sites`'.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from common.audit_log import update_digest
+from common.config import RunConfig
+from common.exchange import arrays_to_numpy, wire_bytes
+from common.protocol import DPRecord, Metric, Rec, SiteStatus
+from server.secure import secure_round
+from server.sites import SiteBook, SiteRound, answer_of, answers
+from server.strategy import SITES_IN_REPLY, ScreenedStrategy
+
+_OPTIONAL = {Metric.EPSILON: "epsilon", Metric.TRAIN_LOSS: "train_loss", Metric.WIRE_BYTES: "bytes_sent",
+             Metric.TRAIN_SECONDS: "train_s"}  # fmt: skip
+
+
+@dataclass
+class TrainRound:
+    """What one training exchange left: each asked site's part, the new head (None: unchanged)."""
+
+    sites: dict[str, SiteRound] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (site, digest of what arrived)
+    bytes_received: int = 0
+    halted: str | None = None  # why secure aggregation produced no mean
+
+    @property
+    def trained(self) -> list[str]:
+        return sorted(n for n, s in self.sites.items() if s.status == SiteStatus.TRAINED)
+
+
+def trained_fields(reply: Message) -> dict[str, Any]:
+    """A training reply's examples, steps, ε and DP parameters, as privacy.json records them."""
+    metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
+    fields: dict[str, Any] = {"num_examples": int(metrics.get(Metric.NUM_EXAMPLES, 0)),
+                              "steps": int(metrics.get(Metric.STEPS, 0))}  # fmt: skip
+    fields |= {ours: metrics[key] for key, ours in _OPTIONAL.items() if key in metrics}
+    if (dp := reply.content.config_records.get(Rec.DP)) is not None:
+        fields |= DPRecord.from_mapping(dp).as_dict()
+    return fields
+
+
+def plain_round(
+    grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
+    timeout: float,
+) -> TrainRound:  # fmt: skip
+    """Every site's head reaches the server; the strategy screens it before aggregating."""
+    messages = list(strategy.configure_train(rnd, arrays, config, grid))
+    got = answers(messages, grid.send_and_receive(messages, timeout=timeout), book, timeout)
+    candidates = [a for a in got if a.status is None and a.reply is not None]
+    out = TrainRound()
+    # counted before aggregation: FedMedian consumes the arrays
+    out.bytes_received = sum(wire_bytes(r) for a in candidates for r in a.reply.content.array_records.values())
+    out.arrays, _ = strategy.aggregate_train(rnd, [a.reply for a in candidates])
+    for a in got:
+        if a.status is not None:
+            out.sites[a.site] = SiteRound(a.status, a.reason)
+        elif a.node in strategy.refused:
+            out.sites[a.site] = SiteRound(SiteStatus.REFUSED, strategy.refused[a.node])
+        else:
+            out.sites[a.site] = SiteRound(SiteStatus.TRAINED, fields=trained_fields(a.reply))
+            head = next(iter(a.reply.content.array_records.values()))
+            out.received.append((a.site, update_digest(arrays_to_numpy(head))))
+    return out
+
+
+def secure_train_round(
+    grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
+    cfg: RunConfig,
+) -> TrainRound:  # fmt: skip
+    """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean."""
+    nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
+    sec = secure_round(grid, rnd, arrays, config, nodes, cfg.secagg, cfg.train.round_timeout_s)
+    out = TrainRound(bytes_received=sum(sec.payload.values()))
+    for node, reply in sorted(sec.trained.items()):
+        site = answer_of(node, reply, book).site
+        fields = trained_fields(reply) | {"bytes_sent": sec.payload[node]}
+        out.sites[site] = SiteRound(SiteStatus.TRAINED, fields=fields)
+        out.received.append((site, update_digest(sec.masked[node]) if node in sec.masked else
+                             {"sha256": "", "tensors": []}))  # fmt: skip
+    for node, error in sorted(sec.errors.items()):
+        if node not in sec.trained:  # a site leaving after it sent its masked vector is in the mean
+            answer = answer_of(node, error, book)
+            out.sites[answer.site] = SiteRound(answer.status or SiteStatus.FAILED, answer.reason)
+    for node in nodes:
+        if node not in sec.trained and node not in sec.errors:
+            reason = f"no reply within {cfg.train.round_timeout_s:g}s"
+            out.sites[book.name(node)] = SiteRound(SiteStatus.NO_REPLY, reason)
+    if sec.aggregate is None:
+        out.halted = (f"secure aggregation halted: {len(sec.trained)} of {len(nodes)} sites sent masked vectors, too "
+                      f"few for the reconstruction threshold (secagg.reconstruction_threshold = "
+                      f"{cfg.secagg.reconstruction_threshold:g})")  # fmt: skip
+        log(WARNING, "round %d: %s; global head unchanged", rnd, out.halted)
+        return out
+    examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
+    out.arrays, _ = strategy.aggregate_train(rnd, [_as_one_reply(grid, rnd, sec.aggregate, examples, len(sec.trained))])
+    return out
+
+
+def _as_one_reply(grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites: int) -> Message:
+    """The SecAgg+ mean as one reply standing for `sites` sites: FedAvg keeps it, FedAdam steps from it."""
+    meta = Metadata(run_id=grid.run.run_id, message_id=f"secagg-{rnd}", src_node_id=0, dst_node_id=0,
+                    reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=60.0,
+                    message_type=MessageType.TRAIN)  # fmt: skip
+    metrics = MetricRecord({Metric.NUM_EXAMPLES: examples, SITES_IN_REPLY: sites})
+    return Message(content=RecordDict({Rec.ARRAYS: mean, Rec.METRICS: metrics}), metadata=meta)
+
+
+def evaluate_round(
+    grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
+    timeout: float,
+) -> dict[str, float] | None:  # fmt: skip
+    """Federated evaluation on the sites' own test splits: the weighted mean, or None when no site answered."""
+    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    if not messages:
+        return None
+    got = answers(messages, grid.send_and_receive(messages, timeout=timeout), book, timeout)
+    good = [a.reply for a in got if a.status is None and a.reply is not None]
+    for a in got:
+        if a.status is not None:
+            log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, a.site, a.reason)
+    agg = strategy.aggregate_evaluate(rnd, good) if good else None
+    if agg is None:
+        return None
+    return {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]), "sites": len(good)}
