@@ -14,15 +14,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from client import client_app
-from client.training import LocalTraining, train_head
 from common.backbones import load_backbone
 from common.config import BackboneConfig, RunConfig, TrainConfig, config_from_dict, to_run_config
 from common.data import load_source, partition_iid, split_holdout
+from common.dp_training import LocalTraining, train_head
 from common.exchange import check_arrays, head_spec, head_to_arrays, load_head
 from common.features import extract
 from common.head import evaluate_head, make_head
 from common.privacy import plan_dp
-from server.strategy import make_strategy, screen_train_replies
+from common.protocol import Refusal
+from server.strategy import ScreenedStrategy, make_strategy
 
 HEAD = make_head(16, 4)
 SPEC = head_spec(HEAD)
@@ -129,10 +130,11 @@ def test_client_answers_malformed_messages_with_a_named_error(
     content = RecordDict({"config": ConfigRecord(config)})
     if with_arrays:
         content["arrays"] = _record(arrays)
-    answer = client_app.train(_server_message(content), context)
+    answer = client_app.train(_server_message(content), context)  # anything but a refusal would raise here
     assert isinstance(answer, Message)
     if answer.has_error():
-        assert answer.error.reason.startswith("site-0: ") and len(answer.error.reason) > len("site-0: ")
+        refusal = Refusal.from_error(answer.error)
+        assert refusal is not None and refusal.site == "site-0" and refusal.reason
 
 
 # --- a robust aggregator keeps accuracy under attack --------------------------------------------------
@@ -143,7 +145,7 @@ def digits_task() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.
     backbone = load_backbone(BackboneConfig(image_size=32))
     pool = load_source("digits", None, 32)
     train, test = split_holdout(len(pool), 0.25, seed=0)
-    feats = extract(backbone, pool.images)
+    feats = extract(backbone, pool.inputs)
     labels = torch.from_numpy(pool.labels)
     sites = [(feats[train[p]], labels[train[p]]) for p in partition_iid(pool.labels[train], 6, seed=0)]
     return sites, (feats[test], labels[test])
@@ -151,10 +153,11 @@ def digits_task() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.
 
 def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rounds: int = 4) -> float:
     """Real strategy objects and our screening on real Messages; sites train with DP as in the ClientApp."""
-    strategy = make_strategy(TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2))
     torch.manual_seed(0)
     head = make_head(test[0].shape[1], 10)
     arrays, spec = head_to_arrays(head), head_spec(head)
+    inner = make_strategy(TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2))
+    strategy = ScreenedStrategy(inner, spec, min_sites=2)
     for rnd in range(1, rounds + 1):
         replies = []
         for i, (x, y) in enumerate(sites):
@@ -167,10 +170,10 @@ def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rou
             nan = {k: np.full_like(v.numpy(), np.nan) for k, v in arrays.items()}
             scaled = {k: v.numpy() * 100.0 for k, v in replies[0].content["arrays"].items()}
             replies += [_reply(97, _record(nan), 300), _reply(98, _record(scaled), 300)]
-        screened = screen_train_replies(replies, spec, {})
+        strategy.current = {k: v.numpy() for k, v in arrays.items()}
+        arrays, _ = strategy.aggregate_train(rnd, replies)
         if attackers:
-            assert [name for _, name, _ in screened.refused] == ["site-97"], "NaNs are refused before aggregation"
-        arrays, _ = strategy.aggregate_train(rnd, screened.accepted)
+            assert list(strategy.refused) == [97], "NaNs are refused before aggregation"
     load_head(head, arrays)
     return evaluate_head(head, *test)[1]
 
