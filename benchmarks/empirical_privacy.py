@@ -1,6 +1,6 @@
 """Empirical ε lower bound against the claimed ε, for several targets and for training without noise.
 
-Runs the empirical test of `fedtransfer audit --empirical` (server/empirical_audit.py) on one
+Runs the empirical test of `fedtransfer audit --empirical` (server/audit/empirical.py) on one
 simulated site of a config: the site's own training procedure and DP plan over every round,
 with canaries, attacked, bounded with the one-run method. Prints a table and writes
 benchmarks/results/empirical_privacy.json.
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.config import load_config
-from server.empirical_audit import CanarySettings, audit_training, simulated_sites, with_target
+from server.audit.empirical import CanarySettings, audit_training, simulated_sites, with_target
 
 RESULT = Path(__file__).resolve().parent / "results" / "empirical_privacy.json"
 COLUMNS = (

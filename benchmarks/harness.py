@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: a table printer, JSON results, and an in-process federation.
 
-The in-process federation runs the app's own site procedure (client.training.train_head with
+The in-process federation runs the app's own site procedure (common.dp_training.train_head with
 common.privacy.plan_dp on cached features) and Flower's own weighted aggregation
 (`aggregate_arrayrecords`, what FedAvg calls), without Ray or a SuperLink, so that sweeps of
 dozens of configurations finish in minutes. Round time with Flower in the loop is measured
@@ -23,7 +23,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
-from client.training import LocalTraining, train_head
+from common.dp_training import LocalTraining, train_head
 from common.exchange import head_to_arrays, load_head
 from common.head import evaluate_head, make_head
 from common.privacy import epsilon_of, plan_dp

@@ -154,6 +154,19 @@ class PrivacyLedger:
         others = [tuple(h) for key, run in self._data["runs"].items() if key != self.run_key for h in run["history"]]
         return epsilon_of(others, delta, accountant)
 
+    def spent_before(self, delta: float, accountant: str) -> float | None:
+        """ε of the runs this ledger held before this run first trained, composed; None if it never trained.
+
+        The ledger's `runs` object keeps the order in which runs first recorded a round (JSON
+        objects keep insertion order through Python's json), so an auditor looking back at an
+        old run counts what the site had spent when that run began, not runs made afterwards.
+        """
+        keys = list(self._data["runs"])
+        if self.run_key not in keys:
+            return None
+        earlier = keys[: keys.index(self.run_key)]
+        return epsilon_of([tuple(h) for key in earlier for h in self._data["runs"][key]["history"]], delta, accountant)
+
     def check_round(self, plan: DPPlan) -> float:
         """ε after one more round of `plan`; raises BudgetExceeded if it passes the target."""
         after = epsilon_of(

@@ -7,30 +7,19 @@ are rewritten after every round, so a run stopped at any point still explains it
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from common import atomic
+from common.finite_json import finite
 from common.privacy import epsilon_of
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no inf/nan: write null instead of an invalid file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """One durable line per round (append + fsync): a crash loses at most the line in flight."""
     with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        f.write(json.dumps(finite(record), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -80,7 +69,7 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
 
 def write_privacy(run_dir: Path, run_id: str, sites: dict[str, Any]) -> dict[str, Any]:
     report = {"run_id": run_id, "sites": privacy_report(sites)}
-    atomic.write_text(run_dir / "privacy.json", json.dumps(_clean(report), indent=2, sort_keys=True))
+    atomic.write_text(run_dir / "privacy.json", json.dumps(finite(report), indent=2, sort_keys=True))
     return report
 
 

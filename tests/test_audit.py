@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import server.empirical_audit as empirical_audit
-from client.training import TrainOutcome
+import server.audit.empirical as empirical_audit
+from cli.main import main
 from common.audit_log import record_hash
 from common.config import config_from_dict, load_site_config
-from server.cli import main
-from server.empirical_audit import CanarySettings, audit_training
+from common.dp_training import TrainOutcome
+from server.audit.empirical import CanarySettings, audit_training
 from server.simulation import simulate
 
 SMALL = {

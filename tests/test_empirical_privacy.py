@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.empirical_privacy import (
+from server.audit.empirical_stats import (
     AuditResult,
     audit_from_scores,
     epsilon_lower_bound,

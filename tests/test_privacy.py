@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from client.site import Declined, enforce_policy
-from client.training import LocalTraining, train_head
 from common.config import PrivacyConfig, RunConfig, SitePolicy, TrainConfig
+from common.dp_training import LocalTraining, train_head
 from common.head import make_head
 from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp
 

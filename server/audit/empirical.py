@@ -1,12 +1,12 @@
 """Empirical privacy test: train a site's head with canaries, attack it, bound ε from below.
 
 The accountant's ε is a proof about the *algorithm*; this test checks the *code*. It
-runs the site's own training procedure (`client.training.train_head` with the DP plan
+runs the site's own training procedure (`common.dp_training.train_head` with the DP plan
 from `common.privacy.plan_dp`, every round and local epoch of the run) on the site's
 features plus m canaries, each included independently with probability 1/2, then
 scores every canary with a membership-inference attack on the trained head and turns
 the attack's success into a lower bound on ε that holds with the stated confidence
-(one-run method, `server/empirical_privacy.py`). If the bound exceeds the ε the
+(one-run method, `server/audit/empirical_stats.py`). If the bound exceeds the ε the
 accountant claims, the implementation does not deliver the DP it claims.
 
 Canaries are random unit directions with random labels. The head L2-normalises its
@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -30,14 +30,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.training import LocalTraining, train_head
-from common.backbones import Backbone, load_backbone
 from common.config import RunConfig, SiteConfig
-from common.data import SiteData, federation_for, load_source, site_split
+from common.data import SiteData, deployed_site_data, federation_for
+from common.dp_training import LocalTraining, train_head
+from common.encoder_registry import load_encoder
+from common.encoders import Encoder
 from common.features import cached_features
 from common.head import make_head
 from common.privacy import epsilon_of, plan_dp
-from server.empirical_privacy import audit_from_scores
+from common.site_config import site_paths
+from server.audit.empirical_stats import audit_from_scores
+from server.audit.findings import AuditReport, Evidence, Failure
 
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)  # k = fraction × m; Bonferroni over these four
 
@@ -191,26 +194,19 @@ class SiteFeatures:
 def simulated_sites(cfg: RunConfig) -> list[SiteFeatures]:
     """Every simulated site's training split, rebuilt from the run's config (same seed, same split)."""
     fed = federation_for(cfg)
-    backbone = load_backbone(cfg.backbone, "cpu")
-    return [_features(backbone, site, cfg.cache_path) for site in fed.sites]
-
-
-def site_path(config_path: Path, value: str) -> Path:
-    """A path from a site config: relative paths are relative to that file, as client/site.py reads them."""
-    return (config_path.parent / Path(value).expanduser()).resolve()
+    encoder = load_encoder(cfg.backbone, "cpu")
+    return [_features(encoder, site, cfg.cache_path) for site in fed.sites]
 
 
 def deployed_site(cfg: RunConfig, site: SiteConfig, config_path: Path) -> SiteFeatures:
     """A deployed site's training split, read from its own data as client/site.py does (same split seed)."""
-    data_path = str(site_path(config_path, site.data_path)) if site.data_path else None
-    pool = load_source(site.data_source, data_path, cfg.backbone.image_size)
-    data = site_split(pool, site.name, site.test_fraction, seed=0)
-    cache = site_path(config_path, site.cache_dir or str(Path(site.state_dir) / "features"))
-    return _features(load_backbone(cfg.backbone, "cpu"), data, cache)
+    paths = site_paths(site, config_path)
+    data = deployed_site_data(site, paths, cfg.backbone.image_size)
+    return _features(load_encoder(cfg.backbone, "cpu"), data, paths.cache_dir)
 
 
-def _features(backbone: Backbone, data: SiteData, cache_dir: Path) -> SiteFeatures:
-    features, _ = cached_features(backbone, data.train, cache_dir)
+def _features(encoder: Encoder, data: SiteData, cache_dir: Path) -> SiteFeatures:
+    features, _ = cached_features(encoder, data.train, cache_dir)
     labels = torch.from_numpy(data.train.labels)
     return SiteFeatures(data.name, features, labels, len(data.train.classes))
 
@@ -230,3 +226,33 @@ def _single_thread() -> Iterator[None]:
 def with_target(cfg: RunConfig, target_epsilon: float) -> RunConfig:
     """The same run, planned for another ε (the benchmark sweeps it)."""
     return replace(cfg, privacy=replace(cfg.privacy, target_epsilon=target_epsilon))
+
+
+def run_empirical(
+    report: AuditReport, ev: Evidence, configs: dict[str, tuple[SiteConfig, Path]], settings: CanarySettings
+) -> None:
+    """The canary test for each site whose data is at hand, and the positive control without DP."""
+    report.empirical_settings = asdict(settings) | {"guess_counts": settings.guess_counts}
+    if ev.cfg is None or not ev.cfg.privacy.enabled:
+        report.notes.append("empirical test skipped: the run claims no differential privacy")
+        return
+    cfg = ev.cfg
+    data = {s.name: s for s in simulated_sites(cfg)} if ev.simulation else {}
+    data |= {name: deployed_site(cfg, config, path) for name, (config, path) in configs.items()}
+    for site in report.sites:
+        if site.name not in data:
+            report.notes.append(f"empirical test skipped for {site.name}: its data is not here (--site-config)")
+            continue
+        d = data[site.name]
+        site.empirical = result = audit_training(d.features, d.labels, d.num_classes, cfg, settings)
+        site.control = audit_training(d.features, d.labels, d.num_classes, cfg, settings, private=False,
+                                      claimed_epsilon=result.claimed_epsilon)  # fmt: skip
+        if result.exceeds_claim:
+            reason = f"{site.name}: empirical ε lower bound {result.eps_lower_bound:.3f} > claimed ε"
+            report.failures.append(Failure("empirical", str(ev.config_path), None,
+                                           f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
+                                           "confidence: the DP implementation is broken"))  # fmt: skip
+        if not site.control.exceeds_claim:
+            weak = f"without DP the attack only proved ε ≥ {site.control.eps_lower_bound:.3f}"
+            ceiling = f"at most {result.eps_ceiling:.3f} is provable with {result.num_canaries} canaries"
+            report.notes.append(f"{site.name}: {weak} ({ceiling}): too weak to catch a broken run; add canaries")

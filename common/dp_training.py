@@ -2,7 +2,9 @@
 
 Per-sample clipping and Gaussian noise come from Opacus' PrivacyEngine; the accountant
 is restored from the site's ledger before training and saved after, so Opacus composes
-every round this site has trained in this run.
+every round this site has trained in this run. It lives in common/ because two parties
+run the very same procedure: each site, and the auditor's empirical privacy test
+(server/audit/empirical.py), which must exercise the site's code, not a copy of it.
 """
 
 from __future__ import annotations
