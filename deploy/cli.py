@@ -3,11 +3,14 @@
     init       the CA, the SuperLink's certificate and one key pair per site
     superlink  start the SuperLink: TLS, SuperNode authentication, Control API on loopback
     register   write the operator's flwr connection and register sites' public keys
-    site       check a site's own YAML and credentials, then start its SuperNode
+    site       check a site's own YAML, credentials and port, then run its SuperNode
     run        submit a run (a YAML config, or --resume RUN_DIR) and wait for its outcome
 
-`superlink` and `site` replace themselves with the Flower process (exec), so a service
-manager supervises Flower directly; `--dry-run` prints the command line instead.
+`superlink` replaces itself with the Flower process (exec), so a service manager supervises
+Flower directly; `site` stays the SuperNode's parent so it can retry a refused activation, and
+passes signals on. Options a service sets per host also come from FEDTRANSFER_* variables
+(named in each option's help), so systemd units and containers call these commands as they are.
+`--dry-run` prints the Flower command line instead of running it.
 """
 
 from __future__ import annotations
@@ -16,47 +19,28 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import tomli_w
-
-from common.config import ConfigError, RunConfig, config_from_dict, load_config, load_site_config, to_nested
+from common.config import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
+from common.site_config import site_paths
 from deploy.credentials import CredentialsError, credential_paths, init_deployment
 from deploy.launch import (
     DEFAULT_CONNECTION,
     DEFAULT_SUPERLINK_PORT,
-    DEFAULT_SUPERNODE_PORT,
     LOOPBACK,
     RegistrationError,
-    flower_env,
     register_site,
     site_node_config,
     superlink_argv,
     supernode_argv,
+    supernode_port,
     write_flwr_config,
 )
-
-
-class DeployError(RuntimeError):
-    """A deployed run did not complete; the message says why and where to look."""
-
-
-APP_DIR = Path(__file__).resolve().parent.parent  # the app `flwr run` ships: the repository root
-BIN_DIR = Path(sys.executable).parent
-
-
-def _bin(name: str) -> str:
-    return str(BIN_DIR / name) if (BIN_DIR / name).exists() else name
-
-
-def _env() -> dict[str, str]:
-    """Quiet flower env; this interpreter's bin first, since Flower spawns flower-superexec by name."""
-    env = flower_env()
-    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-    return env
+from deploy.supernode import run_supernode
+from server.launcher import flower_bin, flower_env, submit_run
+from server.preflight import check_run
 
 
 def _flwr_home() -> Path:
@@ -67,7 +51,7 @@ def _exec(argv: list[str], dry_run: bool) -> int:
     if dry_run:
         print(shlex.join(argv))
         return 0
-    os.execvpe(argv[0], argv, _env())
+    os.execvpe(argv[0], argv, flower_env())
 
 
 def _require_files(*paths: Path) -> None:
@@ -91,7 +75,7 @@ def _superlink(args: argparse.Namespace) -> int:
     creds = credential_paths(Path(args.credentials), [])
     _require_files(creds.ca_cert, creds.server_cert, creds.server_key)
     database = Path(args.database).expanduser().resolve() if args.database else None
-    argv = superlink_argv(creds, port=args.port, database=database, executable=_bin("flower-superlink"))
+    argv = superlink_argv(creds, port=args.port, database=database, executable=flower_bin("flower-superlink"))
     return _exec(argv, args.dry_run)
 
 
@@ -103,7 +87,7 @@ def _register(args: argparse.Namespace) -> int:
     failed = 0
     for site in args.sites:
         try:
-            node_id = register_site(creds, site, args.connection, env=_env(), executable=_bin("flwr"))
+            node_id = register_site(creds, site, args.connection, env=flower_env(), executable=flower_bin("flwr"))
         except RegistrationError as err:
             print(f"fedtransfer: error: {err}", file=sys.stderr)
             failed += 1
@@ -113,19 +97,21 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _site(args: argparse.Namespace) -> int:
-    """Refuse to start a SuperNode whose site config or credentials would only fail at the first round."""
+    """Refuse to start a SuperNode whose site config, credentials or port would only fail later."""
     config = Path(args.config).expanduser().resolve()
-    sc = load_site_config(config)
-    try:
-        creds = credential_paths(Path(args.credentials), [sc.name])
-    except ValueError as err:
-        raise ConfigError(f"{config}: name: {err} (it names the site's key pair sites/<name>/)") from None
+    sc = load_site_config(config)  # the name obeys the one site-name rule, so it names sites/<name>/
+    creds = credential_paths(Path(args.credentials), [sc.name])
     _require_files(creds.ca_cert, creds.sites[sc.name].private_key)
-    if sc.data_path is not None and not (config.parent / Path(sc.data_path).expanduser()).exists():
+    if (data := site_paths(sc, config).data) is not None and not data.exists():
         raise ConfigError(f"{config}: data_path: {sc.data_path} does not exist")
+    port = supernode_port(args.port)
     argv = supernode_argv(creds, sc.name, superlink=args.superlink, node_config=site_node_config(config),
-                          port=args.port, executable=_bin("flower-supernode"))  # fmt: skip
-    return _exec(argv, args.dry_run)
+                          port=port, executable=flower_bin("flower-supernode"))  # fmt: skip
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
+    return run_supernode(argv, flower_env(), sc.name, args.retry_for)
 
 
 def resume_config(run_dir: Path) -> RunConfig:
@@ -149,29 +135,26 @@ def _run(args: argparse.Namespace) -> int:
         cfg = resume_config(Path(args.resume).expanduser().resolve())
     else:
         cfg = load_config(args.config) if args.config else RunConfig()
-    # the ServerApp runs in the SuperLink's working directory: give it absolute paths
-    cfg = replace(cfg, output_dir=str(cfg.output_path), cache_dir=str(cfg.cache_path))
-    run_dir = cfg.output_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = run_dir / "run-config.toml"
-    overrides.write_text(tomli_w.dumps(to_nested(cfg)), encoding="utf-8")
-    status_path = run_dir / "status.json"
-    status_path.unlink(missing_ok=True)  # never read a previous run's verdict as this one's
-    argv = [_bin("flwr"), "run", str(APP_DIR), args.connection, "--run-config", str(overrides), "--stream"]
-    done = subprocess.run(argv, env=_env(), cwd=APP_DIR, check=False)
-    if done.returncode != 0:
-        raise DeployError(f"flwr run exited with code {done.returncode}")  # flwr has printed why
-    if not status_path.exists():
-        raise DeployError(f"the run ended without writing {status_path}; see `flwr log <run-id> {args.connection}`")
-    status = json.loads(status_path.read_text(encoding="utf-8"))
-    if status.get("status") != "completed":
-        raise DeployError(status.get("error", f"the run failed; see `flwr log <run-id> {args.connection}`"))
+    check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
+    outcome = submit_run(cfg, args.connection, env=flower_env(), stream=not args.quiet, verbose=args.verbose)
+    status, flower_id = outcome.status, outcome.flower_run_id
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
-    print(f"fedtransfer: outputs in {run_dir} (metrics.jsonl, privacy.json, model.pt); resume with --resume {run_dir}")
+    print(f"fedtransfer: run id {status['run_id']} names it in outputs, ledgers and audit logs (and stays on resume); "
+          f"Flower's id of this submission is {flower_id}: `flwr log {flower_id} {args.connection}`, "
+          f"`flwr ls {args.connection} --run-id {flower_id}`")  # fmt: skip
+    print(f"fedtransfer: outputs in {cfg.output_path} (run.log, metrics.jsonl, privacy.json, model.pt); "
+          f"resume with --resume {cfg.output_path}")  # fmt: skip
     return 0
 
 
+def _from_env(name: str) -> dict[str, object]:
+    """argparse keywords: the option defaults to $name, and is required only when $name is unset."""
+    value = os.environ.get(name)
+    return {"default": value, "required": value is None}
+
+
 def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `deploy` and its subcommands on the `fedtransfer` command line."""
     dep = sub.add_parser("deploy", help="multi-site deployment: credentials, SuperLink, sites, runs")
     dep_sub = dep.add_subparsers(dest="deploy_command", required=True)
 
@@ -182,26 +165,35 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--force", action="store_true", help="regenerate everything (sites must re-register)")
     init.set_defaults(func=_init)
 
-    creds_help = "the folder `deploy init` wrote (a site needs only ca/ca.crt and sites/<name>/)"
+    creds_help = "the folder `deploy init` wrote (a site needs only ca/ca.crt and sites/<name>/); "
+    creds_help += "$FEDTRANSFER_CREDENTIALS"
     link = dep_sub.add_parser("superlink", help="start the SuperLink (TLS, SuperNode auth, APIs on 127.0.0.1)")
-    link.add_argument("--credentials", required=True, help=creds_help)
+    link.add_argument("--credentials", help=creds_help, **_from_env("FEDTRANSFER_CREDENTIALS"))
     link.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="loopback port of all its APIs")
-    link.add_argument("--database", help="SQLite file: keeps site registrations across restarts")
+    link.add_argument("--database", default=os.environ.get("FEDTRANSFER_DATABASE"),
+                      help="SQLite file: keeps site registrations across restarts; $FEDTRANSFER_DATABASE")  # fmt: skip
     link.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     link.set_defaults(func=_superlink)
 
     reg = dep_sub.add_parser("register", help="write the operator's flwr connection and register sites' keys")
-    reg.add_argument("--credentials", required=True, help=creds_help)
+    reg.add_argument("--credentials", help=creds_help, **_from_env("FEDTRANSFER_CREDENTIALS"))
     reg.add_argument("--address", default=f"{LOOPBACK}:{DEFAULT_SUPERLINK_PORT}", help="the SuperLink's Control API")
     reg.add_argument("--connection", default=DEFAULT_CONNECTION, help="connection name in $FLWR_HOME/config.toml")
     reg.add_argument("sites", nargs="+", help="site names, as given to `deploy init`")
     reg.set_defaults(func=_register)
 
-    site = dep_sub.add_parser("site", help="check a site's YAML and credentials, then start its SuperNode")
-    site.add_argument("--config", required=True, help="the site's own YAML (see deploy/site.example.yaml)")
-    site.add_argument("--credentials", required=True, help=creds_help)
-    site.add_argument("--superlink", required=True, help="Fleet endpoint HOST:PORT (the fleet proxy)")
-    site.add_argument("--port", type=int, default=DEFAULT_SUPERNODE_PORT, help="loopback port of its Runtime API")
+    site = dep_sub.add_parser("site", help="check a site's YAML, credentials and port, then run its SuperNode")
+    site.add_argument("--config", help="the site's own YAML (see deploy/site.example.yaml); $FEDTRANSFER_SITE_CONFIG",
+                      **_from_env("FEDTRANSFER_SITE_CONFIG"))  # fmt: skip
+    site.add_argument("--credentials", help=creds_help, **_from_env("FEDTRANSFER_CREDENTIALS"))
+    site.add_argument("--superlink", help="Fleet endpoint HOST:PORT (the fleet proxy); $FEDTRANSFER_SUPERLINK",
+                      **_from_env("FEDTRANSFER_SUPERLINK"))  # fmt: skip
+    site.add_argument("--port", type=int, default=os.environ.get("FEDTRANSFER_SUPERNODE_PORT"),
+                      help="loopback port of its Runtime API, one per site on a host (default: the first free from "
+                           "9094); $FEDTRANSFER_SUPERNODE_PORT")  # fmt: skip
+    site.add_argument("--retry-for", type=float, default=120.0, metavar="SECONDS",
+                      help="keep retrying a refused activation this long (a crashed SuperNode of this site stays "
+                           "online at the SuperLink for up to ~80 s; default 120)")  # fmt: skip
     site.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     site.set_defaults(func=_site)
 
@@ -210,4 +202,6 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--config", help="YAML run config (default: the embedded demo, see configs/demo.yaml)")
     which.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint")
     run.add_argument("--connection", default=DEFAULT_CONNECTION, help="connection name in $FLWR_HOME/config.toml")
+    run.add_argument("--quiet", action="store_true", help="print only the outcome (the log is in RUN_DIR/run.log)")
+    run.add_argument("--verbose", action="store_true", help="print every log line of Flower and the ServerApp")
     run.set_defaults(func=_run)

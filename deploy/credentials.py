@@ -26,7 +26,6 @@ Re-running with an extra site therefore only adds that site's key pair.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import ipaddress
 import os
@@ -42,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.names import validate_site_name
+
 ALWAYS_INCLUDED_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_VALIDITY_DAYS = 3650
 SERVER_VALIDITY_DAYS = 825
@@ -49,7 +50,6 @@ PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 DIR_MODE = 0o700
 
-_SITE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _CURVE = ec.SECP384R1  # flwr generates P-384 keys itself; any NIST curve is accepted
 
@@ -78,15 +78,6 @@ class DeploymentCredentials:
     sites: dict[str, SiteKeyPair]
     created: tuple[Path, ...] = field(default=())
     kept: tuple[Path, ...] = field(default=())
-
-
-def validate_site_name(name: str) -> str:
-    """Return ``name`` if usable as a site id (paths, systemd instances, CLI args)."""
-    if not isinstance(name, str) or not _SITE_NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"invalid site name {name!r}: use 1-63 lowercase letters, digits or '-', starting with a letter or digit"
-        )
-    return name
 
 
 def normalize_hosts(hosts: Sequence[str]) -> list[str]:
@@ -403,32 +394,3 @@ def _write(path: Path, data: bytes, mode: int, replace: bool) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m deploy.credentials OUT_DIR --site a --host h [--force]``."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--site", action="append", default=[], dest="sites")
-    parser.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        dest="hosts",
-        help="SuperLink DNS name or IP for the server certificate (repeatable)",
-    )
-    parser.add_argument("--force", action="store_true", help="regenerate everything")
-    args = parser.parse_args(argv)
-    try:
-        creds = init_deployment(args.out_dir, args.sites, args.hosts, args.force)
-    except (ValueError, CredentialsError) as err:
-        parser.exit(2, f"error: {err}\n")
-    for path in creds.created:
-        print(f"created {path}")
-    for path in creds.kept:
-        print(f"kept    {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -20,39 +20,34 @@ Facts about flwr 1.41 this module encodes (checked against the installed source)
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
-import os
+import socket
 import subprocess
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
 
-from deploy.credentials import (
-    DeploymentCredentials,
-    credential_paths,
-    validate_site_name,
-)
+from common.names import validate_site_name
+from deploy.credentials import DeploymentCredentials
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 8000  # flwr 1.41 default; Runtime + Control + Fleet
 DEFAULT_SUPERNODE_PORT = 9094  # flwr 1.41 default SuperNode Runtime API port
+SUPERNODE_PORT_SPAN = 100  # a site started without --port takes the first free port from 9094 on
 DEFAULT_CONNECTION = "fedtransfer"
-
-# No update checks or telemetry calls to the internet from sites or the SuperLink.
-QUIET_ENV: dict[str, str] = {
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-}
 
 ConfigValue = str | bool | int | float
 
 
 class RegistrationError(RuntimeError):
     """``flwr supernode register`` did not register the key."""
+
+
+class PortError(RuntimeError):
+    """The loopback port a SuperNode needs is taken (most often by another site on this host)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -63,15 +58,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def flower_env(flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for flower processes: quiet, optionally with an own FLWR_HOME."""
-    env = dict(os.environ if base is None else base)
-    env.update(QUIET_ENV)
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
 
 
 def format_config(values: Mapping[str, ConfigValue]) -> str:
@@ -96,6 +82,36 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
             raise ValueError(f"unsupported config value for {key!r}: {value!r}")
         parts.append(f"{key}={rendered}")
     return " ".join(parts)
+
+
+def port_is_free(port: int, host: str = LOOPBACK) -> bool:
+    """True when nothing listens on ``host:port`` and we may bind it."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def supernode_port(requested: int | None) -> int:
+    """The SuperNode's Runtime API port: ``requested`` if free, else the first free one from 9094.
+
+    flwr 1.41 gives every SuperNode 9094, so a second site on one host died with a traceback.
+    The port only links the SuperNode to the ClientApps it starts itself, so any free one works.
+    """
+    if requested is not None:
+        if not port_is_free(requested):
+            raise PortError(
+                f"--port {requested}: {LOOPBACK}:{requested} is in use (another SuperNode on this host?); "
+                "give each site on a host its own --port, or leave --port out to take a free one"
+            )
+        return requested
+    for port in range(DEFAULT_SUPERNODE_PORT, DEFAULT_SUPERNODE_PORT + SUPERNODE_PORT_SPAN):
+        if port_is_free(port):
+            return port
+    last = DEFAULT_SUPERNODE_PORT + SUPERNODE_PORT_SPAN - 1
+    raise PortError(f"ports {DEFAULT_SUPERNODE_PORT}-{last} on {LOOPBACK} are all in use; pass a free --port")
 
 
 def site_node_config(site_config: Path) -> str:
@@ -234,41 +250,3 @@ def write_flwr_config(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(config), encoding="utf-8")
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI for operators: write the flwr connection and register sites."""
-    parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    conn = sub.add_parser("connection", help="write $FLWR_HOME/config.toml entry")
-    conn.add_argument("--credentials", type=Path, required=True)
-    conn.add_argument("--address", default=f"{LOOPBACK}:{DEFAULT_SUPERLINK_PORT}")
-    conn.add_argument("--name", default=DEFAULT_CONNECTION)
-    conn.add_argument("--flwr-home", type=Path, default=None)
-    reg = sub.add_parser("register", help="register sites' public keys")
-    reg.add_argument("--credentials", type=Path, required=True)
-    reg.add_argument("--connection", default=DEFAULT_CONNECTION)
-    reg.add_argument("sites", nargs="+")
-    args = parser.parse_args(argv)
-
-    if args.command == "connection":
-        home = args.flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-        creds = credential_paths(args.credentials, [])
-        path = write_flwr_config(home, address=args.address, root_certificates=creds.ca_cert, name=args.name)
-        print(f"wrote connection {args.name!r} ({args.address}) to {path}")
-        return 0
-    creds = credential_paths(args.credentials, args.sites)
-    failed = 0
-    for site in args.sites:
-        try:
-            node_id = register_site(creds, site, args.connection, env=flower_env())
-        except RegistrationError as err:
-            print(err)
-            failed += 1
-        else:
-            print(f"registered {site}: node id {node_id}")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

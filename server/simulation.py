@@ -1,34 +1,30 @@
 """`fedtransfer simulate`: run a config on Flower's Simulation Engine, the same way `flwr run .` does.
 
 We start a private simulation-mode SuperLink on free loopback ports with its own
-FLWR_HOME inside the run folder, submit this app with `flwr run`, stream its logs and
-stop the SuperLink afterwards, so nothing lingers and two simulations never collide.
+FLWR_HOME inside the run folder, submit this app through `server.launcher` and stop
+the SuperLink afterwards, so nothing lingers and two simulations never collide.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
-from common.config import RunConfig, to_nested
+from common.config import RunConfig
+from server.launcher import APP_DIR, LaunchError, flower_bin, flower_env, submit_run
+from server.preflight import check_run
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the repository root: pyproject.toml lives here
-QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 
-
-class SimulationError(RuntimeError):
+class SimulationError(LaunchError):
     """The simulation could not start or did not complete; the message says why."""
 
 
@@ -36,18 +32,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _bin(name: str) -> str:
-    """Flower's executables from the same environment as this interpreter."""
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else (shutil.which(name) or name)
-
-
-def _env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ) | QUIET | {"FLWR_HOME": str(flwr_home)}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # superexec by name
-    return env
 
 
 @contextmanager
@@ -58,11 +42,11 @@ def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
     (flwr_home / "config.toml").write_text(
         tomli_w.dumps({"superlink": {"default": "sim", "sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
     )
-    argv = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+    argv = [flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
             "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
             "--disable-runtime-dependency-installation"]  # fmt: skip
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(argv, env=_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
         _wait_listening(port, proc, log_path)
@@ -97,34 +81,29 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def simulate(cfg: RunConfig, num_sites: int | None = None, stream: bool = True, app_dir: Path = APP_DIR) -> dict:
+def simulate(
+    cfg: RunConfig,
+    num_sites: int | None = None,
+    stream: bool = True,
+    app_dir: Path = APP_DIR,
+    verbose: bool = False,
+) -> dict[str, Any]:
     """Run `cfg` with one simulated SuperNode per site; returns the run's status.json.
 
-    `stream` shows the run's log live; otherwise it goes to `output_dir/run.log`.
-    `app_dir` is the Flower app to submit (tests submit a copy with an instrumented ServerApp).
+    Folders, data and backbone are checked first (`server.preflight`), before any Flower process.
+    `stream` shows one line per round plus warnings (`verbose`: every log line); the whole log is
+    in `output_dir/run.log` either way. `app_dir` is the Flower app to submit (tests submit a copy
+    with an instrumented ServerApp).
     """
-    cfg = replace(cfg, output_dir=str(cfg.output_path), cache_dir=str(cfg.cache_path))  # the app runs elsewhere
     sites = num_sites or cfg.data.num_sites
+    check_run(cfg, sites)
     run_dir = cfg.output_path
-    run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = run_dir / "run-config.toml"
-    overrides.write_text(tomli_w.dumps(to_nested(cfg)))
-    status_path = run_dir / "status.json"
-    if not cfg.resume:
-        status_path.unlink(missing_ok=True)
     flwr_home = run_dir / ".flwr"
     with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
-        argv = [_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides), "--stream",
-                "--federation-config", f"num-supernodes={sites} client-resources-num-cpus=1"]  # fmt: skip
-        # --stream also makes `flwr run` wait for the run to end; quiet runs keep the log in a file
-        with (run_dir / "run.log").open("wb") as log:
-            sink = None if stream else log
-            done = subprocess.run(argv, env=_env(flwr_home), cwd=app_dir, stdout=sink, stderr=sink, check=False)
-    if done.returncode != 0:
-        raise SimulationError(f"flwr run exited with code {done.returncode}")
-    if not status_path.exists():
-        raise SimulationError(f"the run ended without writing {status_path}; see the log (run.log when quiet)")
-    status = json.loads(status_path.read_text())
-    if status.get("status") != "completed":
-        raise SimulationError(status.get("error", "the run failed; see the log above"))
-    return status
+        try:
+            outcome = submit_run(cfg, connection, env=flower_env(flwr_home), app_dir=app_dir, stream=stream,
+                                 verbose=verbose,
+                                 federation_config=f"num-supernodes={sites} client-resources-num-cpus=1")  # fmt: skip
+        except LaunchError as err:
+            raise SimulationError(str(err)) from None
+    return outcome.status

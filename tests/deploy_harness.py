@@ -23,7 +23,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,21 +33,18 @@ from deploy.credentials import DeploymentCredentials, init_deployment
 from deploy.launch import (
     LOOPBACK,
     ConfigValue,
-    flower_env,
     format_config,
     register_site,
     superlink_argv,
     supernode_argv,
     write_flwr_config,
 )
+from deploy.supernode import ACTIVATION_REFUSED  # also after a crash, while the old node counts as online
+from server.launcher import BIN_DIR, flower_env
 
-BIN_DIR = Path(sys.executable).parent  # the venv's bin: flower-* and flwr live here
 CONNECTION = "harness"
 _STOP_GRACE_S = 5.0
 _RUN_ID_RE = re.compile(r"Successfully started run (\d+)")
-# flwr 1.41 refuses to re-activate a node the SuperLink still believes online
-# (up to 2 x 30 s heartbeat after a crash); the SuperNode then exits with this.
-_ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
 
@@ -198,11 +194,8 @@ class LocalDeployment:
         self.superlink: ManagedProcess | None = None
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
-        env = flower_env(flwr_home)
-        env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONUNBUFFERED"] = "1"
         flwr_home.mkdir(parents=True, exist_ok=True)
-        return env
+        return flower_env(flwr_home)
 
     def spawn(self, name: str, argv: list[str], env: Mapping[str, str] | None = None) -> ManagedProcess:
         """Start ``argv`` in its own process group; it is stopped at teardown.
@@ -313,7 +306,7 @@ class LocalDeployment:
         while marker not in proc.log_text():
             if not proc.alive():
                 log = proc.log_text()
-                if _ACTIVATION_REFUSED in log and site in self.node_ids:
+                if ACTIVATION_REFUSED in log and site in self.node_ids:
                     raise _ActivationRefusedError(site)
                 raise RuntimeError(f"SuperNode {proc.name} exited:\n{log}")
             if time.monotonic() > deadline:

@@ -7,9 +7,9 @@ shared by the module to stay within the time budget on small machines.
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 import stat
-import subprocess
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +18,7 @@ import pytest
 import yaml
 from cryptography import x509
 
+from cli.main import main
 from deploy.credentials import CredentialsError, init_deployment
 from deploy.launch import (
     LOOPBACK,
@@ -174,36 +175,46 @@ def test_launch_defaults_keep_control_api_on_loopback(tmp_path: Path) -> None:
     assert format_config({"a": "x y", "b": 2, "c": True}) == "a='x y' b=2 c=true"
 
 
-def test_scripts_match_launch(tmp_path: Path) -> None:
-    """The shell scripts must run exactly what deploy.launch documents."""
+def _service_env(unit: Path) -> dict[str, str]:
+    """The Environment= lines of a systemd unit, as `fedtransfer deploy` will see them."""
+    pairs = [line.removeprefix("Environment=").split("=", 1) for line in unit.read_text().splitlines()
+             if line.startswith("Environment=")]  # fmt: skip
+    return dict(pairs)
+
+
+def test_services_run_fedtransfer_deploy_with_their_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """systemd units and compose services call the one command line; its FEDTRANSFER_* defaults make the argv."""
+    units = REPO / "deploy" / "systemd"
+    link_unit, site_unit = units / "fedtransfer-superlink.service", units / "fedtransfer-supernode@.service"
+    assert "ExecStart=/opt/fedtransfer/.venv/bin/fedtransfer deploy superlink\n" in link_unit.read_text()
+    assert "ExecStart=/opt/fedtransfer/.venv/bin/fedtransfer deploy site\n" in site_unit.read_text()
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())["services"]
+    assert compose["superlink"]["command"] == ["python", "-m", "cli", "deploy", "superlink"]
+    assert compose["supernode"]["command"] == ["python", "-m", "cli", "deploy", "site"]
+    assert {"superlink", "fleet-proxy", "supernode"} == set(compose)
+
     creds = init_deployment(tmp_path / "c", ["alpha"], [])
+    env = _service_env(link_unit)
+    assert set(env) == {"FEDTRANSFER_CREDENTIALS", "FEDTRANSFER_DATABASE", "FLWR_HOME"}
+    monkeypatch.setenv("FEDTRANSFER_CREDENTIALS", str(creds.root))
+    monkeypatch.setenv("FEDTRANSFER_DATABASE", env["FEDTRANSFER_DATABASE"])
+    assert main(["deploy", "superlink", "--dry-run"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[1:] == superlink_argv(creds, database=Path(env["FEDTRANSFER_DATABASE"]))[1:]
+
     site_yaml = tmp_path / "alpha.yaml"
-    env = {
-        "PATH": "/usr/bin:/bin",
-        "FEDTRANSFER_CREDENTIALS": str(creds.root),
-        "FEDTRANSFER_SUPERLINK": "superlink.example.org:8443",
-        "FEDTRANSFER_SITE_CONFIG": str(site_yaml),
-    }
-    scripts = REPO / "deploy" / "scripts"
-
-    def dry_run(*args: str) -> list[str]:
-        done = subprocess.run([*args, "--dry-run"], env=env, capture_output=True, text=True, check=True)
-        return done.stdout.splitlines()
-
-    assert dry_run(str(scripts / "start-superlink.sh")) == superlink_argv(creds)
-    assert dry_run(str(scripts / "start-site.sh"), "alpha") == supernode_argv(
-        creds,
-        "alpha",
-        superlink="superlink.example.org:8443",
-        node_config=site_node_config(site_yaml),
-    )
-    bad = subprocess.run(
-        [str(scripts / "start-site.sh"), "Bad_Site", "--dry-run"],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert bad.returncode != 0 and "Bad_Site" in bad.stderr
-    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
-    assert {"superlink", "fleet-proxy", "supernode"} <= set(compose["services"])
+    site_yaml.write_text(yaml.safe_dump({"name": "alpha", "data_source": "digits"}))
+    port = free_ports(1)[0]
+    monkeypatch.setenv("FEDTRANSFER_SITE_CONFIG", str(site_yaml))
+    monkeypatch.setenv("FEDTRANSFER_SUPERLINK", "superlink.example.org:8443")
+    monkeypatch.setenv("FEDTRANSFER_SUPERNODE_PORT", str(port))
+    assert main(["deploy", "site", "--dry-run"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    expected = supernode_argv(creds, "alpha", superlink="superlink.example.org:8443",
+                              node_config=site_node_config(site_yaml), port=port)  # fmt: skip
+    assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
 
 
 def test_flwr_config_preserves_other_connections(tmp_path: Path) -> None:

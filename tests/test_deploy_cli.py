@@ -5,16 +5,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import shlex
+import socket
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+import deploy.supernode
+from cli.main import main
 from common.config import SiteConfig, SitePolicy, config_from_dict, load_site_config, to_nested
+from deploy import cli as deploy_cli
 from deploy.cli import resume_config
 from deploy.credentials import init_deployment
-from deploy.launch import site_node_config, superlink_argv, supernode_argv
-from server.cli import main
+from deploy.launch import (
+    DEFAULT_SUPERNODE_PORT,
+    LOOPBACK,
+    port_is_free,
+    site_node_config,
+    superlink_argv,
+    supernode_argv,
+)
+from tests.deploy_harness import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,9 +60,69 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
     argv = _dry_run(capsys, "superlink", "--credentials", str(creds.root))
     assert argv[1:] == superlink_argv(creds)[1:] and argv[0].endswith("flower-superlink")
     site = _site_yaml(tmp_path)
-    argv = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443")
-    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site))
+    (port,) = free_ports(1)
+    argv = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443",
+                    "--port", str(port))  # fmt: skip
+    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port)
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
+
+
+def test_a_second_site_on_one_host_gets_its_own_port_or_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    creds = init_deployment(tmp_path / "creds", ["alpha"], [])
+    site = ["site", "--config", str(_site_yaml(tmp_path)), "--credentials", str(creds.root), "--superlink", "h:1"]
+    with socket.socket() as first_site:  # what the first SuperNode on this host holds
+        if port_is_free(DEFAULT_SUPERNODE_PORT):
+            first_site.bind((LOOPBACK, DEFAULT_SUPERNODE_PORT))
+        first_site.listen()
+        argv = _dry_run(capsys, *site)
+        chosen = int(argv[argv.index("--port") + 1])
+        assert chosen != DEFAULT_SUPERNODE_PORT and port_is_free(chosen)
+        code = main(["deploy", *site, "--port", str(DEFAULT_SUPERNODE_PORT)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--port {DEFAULT_SUPERNODE_PORT}: {LOOPBACK}:{DEFAULT_SUPERNODE_PORT} is in use" in err
+
+
+_FAKE_SUPERNODE = """\
+import sys
+from pathlib import Path
+
+tries = Path(sys.argv[1])
+tries.write_text(tries.read_text() + "x")
+print("INFO :      Starting Flower SuperNode", flush=True)
+if len(tries.read_text()) <= int(sys.argv[2]):
+    print("ERROR :     Exit Code: 305\\nFailed to initialize the connection to the SuperLink.", flush=True)
+    print("[code: 2004] Failed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("INFO :      SuperNode ID: 7", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("refusals", "retry_for", "code"), [(2, 30.0, 0), (9, 0.5, 2)])
+def test_site_retries_a_refused_activation_within_its_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    refusals: int, retry_for: float, code: int,
+) -> None:  # fmt: skip
+    """After a crash the SuperLink refuses the site like an unregistered key: say so, wait, try again, give up."""
+    fake = tmp_path / "fake_supernode.py"
+    fake.write_text(_FAKE_SUPERNODE)
+    (tmp_path / "tries").write_text("")
+    argv = [sys.executable, str(fake), str(tmp_path / "tries"), str(refusals)]
+    monkeypatch.setattr(deploy_cli, "supernode_argv", lambda *_args, **_kwargs: argv)
+    monkeypatch.setattr(deploy.supernode.time, "sleep", lambda _s: None)
+    creds = init_deployment(tmp_path / "creds", ["alpha"], [])
+    site = ["deploy", "site", "--config", str(_site_yaml(tmp_path)), "--credentials", str(creds.root),
+            "--superlink", "h:1", "--retry-for", str(retry_for)]  # fmt: skip
+    assert main(site) == code
+    out, err = capsys.readouterr()
+    assert "Exit Code: 305" not in out and "Failed to activate" not in out  # Flower's report is replaced by ours
+    if code == 0:
+        assert (tmp_path / "tries").read_text() == "xxx" and "SuperNode ID: 7" in out
+        assert err.count("still counts this site's crashed SuperNode as online") == 2
+    else:
+        assert err.count("\n") == 1 and "refused to activate site alpha for 0 s (Flower exit code 305)" in err
 
 
 @pytest.mark.parametrize(
@@ -58,7 +130,7 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
     [
         ({"policy": {"max_epsilon": -1}}, "site.yaml: policy.max_epsilon: must be > 0"),
         ({"data_path": "missing.npz"}, "site.yaml: data_path: missing.npz does not exist"),
-        ({"name": "Alpha_1"}, "site.yaml: name: invalid site name 'Alpha_1'"),
+        ({"name": "Alpha_1"}, "site.yaml: name: not a site name: use 1-63 lowercase letters"),
         ({"name": "beta"}, "sites/beta/auth.key is missing"),
         ({"budget": 3}, "site.yaml: budget: unknown key"),
     ],

@@ -1,0 +1,135 @@
+"""The `fedtransfer` command: simulate, predict, audit, deploy.
+
+User errors end with one line on stderr and exit status 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 64  # images classified at once by `predict`
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from common.config import RunConfig, load_config
+    from server.simulation import simulate
+
+    cfg = load_config(args.config) if args.config else RunConfig()
+    if args.output:
+        cfg = replace(cfg, output_dir=args.output)
+    if args.resume:
+        cfg = replace(cfg, resume=True)
+    status = simulate(cfg, stream=not args.quiet, verbose=args.verbose)
+    print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
+    print(
+        f"fedtransfer: outputs in {cfg.output_path} (run.log, metrics.jsonl, privacy.json, model.pt, accuracy.png, "
+        "epsilon.png)"
+    )
+    return 0
+
+
+def _image_files(target: Path) -> list[Path]:
+    from common.data import IMAGE_SUFFIXES, DataError
+
+    if target.is_dir():
+        files = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        files = [target] if target.is_file() else []
+    if not files:
+        raise DataError(f"{target}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    """One image as RGB uint8 size²; a file PIL cannot or must not decode is a one-line DataError."""
+    from PIL import Image, UnidentifiedImageError
+
+    from common.data import DataError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past the limit: refuse, not warn
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB").resize((size, size)), dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"{path}: more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,}); "
+            "shrink the image or leave it out"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path}: cannot read image ({type(err).__name__}); fix or remove the file") from None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from common.data import DataError
+    from server.export import load_model
+
+    model_path = Path(args.model)
+    if not model_path.is_file():
+        raise DataError(f"{model_path}: no such model file; pass the model.pt a run wrote into its output_dir")
+    files = _image_files(Path(args.images))
+    model = load_model(model_path)
+    description = model.encoder.describe()
+    if description.get("kind") != "image":
+        raise DataError(f"{model_path}: its encoder takes {description.get('kind')} inputs; predict classifies images")
+    size = int(description["image_size"])
+    for start in range(0, len(files), BATCH):
+        names = files[start : start + BATCH]
+        batch = np.stack([_read_image(f, size) for f in names])
+        for f, label in zip(names, model.predict(batch), strict=True):
+            print(f"{f}\t{label}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every `fedtransfer` subcommand: this is the only command-line entry point of the project."""
+    from deploy.cli import add_deploy_parser
+    from server.audit.cli import add_audit_parser
+
+    parser = argparse.ArgumentParser(prog="fedtransfer", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run a federation on Flower's Simulation Engine")
+    sim.add_argument("--config", help="YAML config (default: the embedded demo, see configs/demo.yaml)")
+    sim.add_argument("--output", help="override output_dir")
+    sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    shown = sim.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="print only the outcome (the log is in run.log)")
+    shown.add_argument("--verbose", action="store_true", help="print every log line of Flower, Ray and the ServerApp")
+    sim.set_defaults(func=_simulate)
+    pred = sub.add_parser("predict", help="classify an image or a folder of images with an exported model")
+    pred.add_argument("model", help="model.pt written by a run")
+    pred.add_argument("images", help="an image file or a folder (searched recursively)")
+    pred.set_defaults(func=_predict)
+    add_audit_parser(sub)
+    add_deploy_parser(sub)  # init, superlink, register, site, run
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one `fedtransfer` command; returns its exit status (2: a user error, said in one line)."""
+    args = build_parser().parse_args(argv)
+    from common.config import ConfigError
+    from common.data import DataError
+    from common.encoders import EncoderError
+    from deploy.credentials import CredentialsError
+    from deploy.launch import PortError
+    from deploy.supernode import ActivationError
+    from server.launcher import LaunchError
+
+    user_errors = (ConfigError, DataError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError,
+                   ValueError)  # fmt: skip
+    try:
+        return args.func(args)
+    except user_errors as err:
+        print(f"fedtransfer: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtransfer: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,125 @@
+"""Submit this app to a SuperLink with `flwr run`, follow it and read its verdict from status.json.
+
+The one launcher behind `fedtransfer simulate` (a private simulation SuperLink) and
+`fedtransfer deploy run` (the deployment's SuperLink), and the one place that knows how
+Flower's own executables are found and what environment they run in.
+
+`flwr run --stream` exits 0 even when the ServerApp failed, so the verdict is the
+`status.json` the ServerApp writes into `output_dir`. Everything the run streams goes to
+`output_dir/run.log`; the console gets what `server.console.ConsoleFilter` lets through.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.config import RunConfig, to_nested
+from server.console import ConsoleFilter
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run` ships: the repository root
+BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink and flower-supernode of this environment
+# no update checks or telemetry calls to the internet; logs as they happen
+QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+_FLOWER_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+class LaunchError(RuntimeError):
+    """A run could not be submitted or did not complete; the message says why and where to look."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a completed run left: its status.json, and the id Flower gave it (`flwr log`/`flwr ls` take it)."""
+
+    status: dict[str, Any]
+    flower_run_id: int | None
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable of the environment running this interpreter (a venv need not be on PATH)."""
+    here = BIN_DIR / name
+    return str(here) if here.exists() else name
+
+
+def flower_env(flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: quiet, this environment's bin first (Flower starts
+    flower-superexec by name), and optionally an own FLWR_HOME."""
+    env = dict(os.environ if base is None else base) | QUIET_ENV
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The ServerApp runs in the SuperLink's working directory, not ours: give it absolute paths."""
+    return replace(cfg, output_dir=str(cfg.output_path), cache_dir=str(cfg.cache_path))
+
+
+def submit_run(
+    cfg: RunConfig,
+    connection: str,
+    *,
+    env: Mapping[str, str],
+    app_dir: Path = APP_DIR,
+    federation_config: str | None = None,
+    stream: bool = True,
+    verbose: bool = False,
+) -> RunOutcome:
+    """`flwr run app_dir connection` with `cfg` as the run config; returns once the run ended.
+
+    Raises LaunchError when `flwr run` fails or the run did not complete, naming the log to read.
+    """
+    cfg = absolute_paths(cfg)
+    run_dir = cfg.output_path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = run_dir / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(to_nested(cfg)), encoding="utf-8")
+    status_path = run_dir / "status.json"
+    status_path.unlink(missing_ok=True)  # never read a previous run's verdict as this one's
+    argv = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides), "--stream"]
+    if federation_config:
+        argv += ["--federation-config", federation_config]
+    log_path = run_dir / "run.log"
+    returncode, flower_run_id = _follow(argv, env, app_dir, log_path, ConsoleFilter(verbose) if stream else None)
+    if returncode != 0:
+        raise LaunchError(f"flwr run exited with code {returncode}; see {log_path}")
+    if not status_path.exists():
+        raise LaunchError(f"the run ended without writing {status_path}; see {log_path}")
+    status = json.loads(status_path.read_text(encoding="utf-8"))
+    if status.get("status") != "completed":
+        raise LaunchError(status.get("error", f"the run failed; see {log_path}"))
+    return RunOutcome(status, flower_run_id)
+
+
+def _follow(
+    argv: list[str], env: Mapping[str, str], cwd: Path, log_path: Path, console: ConsoleFilter | None
+) -> tuple[int, int | None]:
+    """Run `argv`, every line to `log_path`, what `console` shows to stdout; (exit code, Flower's run id)."""
+    flower_run_id = None
+    with log_path.open("w", encoding="utf-8") as log:
+        proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, errors="replace", bufsize=1)  # fmt: skip
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if flower_run_id is None and (found := _FLOWER_RUN_ID.search(line)):
+                    flower_run_id = int(found.group(1))
+                if console is not None and (shown := console.show(line)) is not None:
+                    print(shown, flush=True)
+        finally:
+            proc.stdout.close()
+            returncode = proc.wait()
+    return returncode, flower_run_id

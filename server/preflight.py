@@ -1,0 +1,42 @@
+"""Checks a run can pass before any SuperLink, Ray or Flower process starts.
+
+Without them a data or path error surfaces only inside the ServerApp, 30-60 s later and
+wrapped in Flower's logs. Each failure is one line naming the config key and what to do.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from common.config import ConfigError, RunConfig
+from common.data import federation_for
+from common.encoder_registry import load_encoder, resolve_device
+
+
+def writable_folder(path: Path, key: str) -> None:
+    """Create `path` when missing and prove a file can be written in it; `key` names the setting."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file, not a folder; name a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot create {path} ({err.strerror}); name a folder you can write to") from None
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write in {path} ({err.strerror}); name a folder you can write to") from None
+
+
+def check_run(cfg: RunConfig, num_sites: int | None = None) -> None:
+    """Everything the ServerApp needs first: its folders, its device, its data split and its backbone.
+
+    The data is loaded and split exactly as the ServerApp will (`federation_for`), so a missing
+    file, a corrupt image or a site count that does not match the folders is reported here.
+    """
+    writable_folder(cfg.output_path, "output_dir")
+    writable_folder(cfg.cache_path, "cache_dir")
+    resolve_device(cfg.device)  # device: cuda on a machine without a GPU
+    federation_for(cfg, num_sites)
+    load_encoder(cfg.backbone, "cpu")  # its weights are present and match their hash
