@@ -1,15 +1,20 @@
 """The real app on a real deployment: a TLS + node-auth SuperLink and three SuperNodes on 127.0.0.1.
 
 Each site has its own YAML, its own data folder (scikit-learn digits as MedMNIST-format .npz)
-and its own state folder (ledger, audit log, reply cache). bank-c's policy caps ε at 2, below
-run 1's target of 3, so it declines run 1 and joins run 2. In run 2 hospital-b leaves mid-round
-(SIGTERM) and comes back, and bank-c crashes (SIGKILL); the rounds go on with the others.
+and its own state folder (ledger, audit log, reply cache). bank-c's policy caps ε at 2, so it
+declines any run whose target is 3. In the dropout run hospital-b leaves mid-round (SIGTERM) and
+comes back, and bank-c crashes (SIGKILL); the rounds go on with the others.
+
+The deployment is started once for the module (it takes a minute), but every test gets it in the
+same state (`fresh`): every site running and connected, every site's state folder empty. So each
+test passes alone, and in any order.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +71,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3
     for name, share in zip(SITES, data.sites, strict=True):
         home = root / "sites-home" / name  # everything this site owns, and nobody else reads
         home.mkdir(parents=True)
-        images = np.concatenate([share.train.images, share.test.images])[..., 0]
+        images = np.concatenate([share.train.inputs, share.test.inputs])[..., 0]
         labels = np.concatenate([share.train.labels, share.test.labels])
         np.savez(home / "digits.npz", train_images=images, train_labels=labels)
         site = {"name": name, "data_source": "npz", "data_path": "digits.npz", "device": "cpu", "state_dir": "state"}
@@ -76,6 +81,17 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3
         node_configs[name] = site_node_config(home / "site.yaml")
     with local_deployment(root / "deployment", node_configs, extra_sites=[INTRUDER]) as dep:
         yield Federation3(dep, root, data)
+
+
+@pytest.fixture
+def fresh(federation: Federation3) -> Federation3:
+    """The shared deployment with every site up and connected, and no site remembering an earlier test's runs."""
+    for site in SITES:
+        if not federation.dep.sites[site].alive():
+            federation.dep.start_site(site)  # retries while the SuperLink still counts a crashed node online
+        shutil.rmtree(_state(federation, site), ignore_errors=True)  # ledger, audit log, reply cache
+    federation.dep.wait_connected()
+    return federation
 
 
 def _state(fed: Federation3, site: str) -> Path:
@@ -116,7 +132,8 @@ def _check_ledgers_match_server(fed: Federation3, run_dir: Path) -> dict[str, An
     return privacy
 
 
-def test_run_with_a_declining_site_and_a_refused_intruder(federation: Federation3) -> None:
+def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) -> None:
+    federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-1"
     intruder = dep.start_site(INTRUDER, node_config=format_config({"site-config": "/nonexistent"}), wait=False)
     config = federation.root / "run-1.yaml"  # the operator's path: a YAML file and `fedtransfer deploy run`
@@ -133,7 +150,13 @@ def test_run_with_a_declining_site_and_a_refused_intruder(federation: Federation
         env=dep.env, capture_output=True, text=True, timeout=400, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "completed" in done.stdout
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    flower_id = re.search(r"Flower's id of this submission is (\d+): `flwr log \1 ", done.stdout)
+    assert flower_id and f"run {privacy['run_id']} completed" in done.stdout, done.stdout
+    listed = dep.flwr("ls", dep.connection, "--run-id", flower_id.group(1), "--format", "json")
+    assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed"  # the id `flwr` takes
+    rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert [line.split(" | ")[0] for line in rounds] == ["round 1/2", "round 2/2"]  # one console line per round
 
     # an unregistered key is refused at activation and never becomes a node
     assert intruder.popen.wait(timeout=60) != 0
@@ -158,11 +181,12 @@ def test_run_with_a_declining_site_and_a_refused_intruder(federation: Federation
     # the exported model classifies raw pixels of the server's hold-out, which no site ever held
     model = load_model(run_dir / "model.pt")
     held_out = federation.data.server_test
-    predicted = np.array(model.predict(held_out.images))
+    predicted = np.array(model.predict(held_out.inputs))
     assert (predicted == np.array([held_out.classes[i] for i in held_out.labels])).mean() > 0.3  # chance: 0.1
 
 
-def test_sites_drop_out_and_one_comes_back_with_its_ledger(federation: Federation3) -> None:
+def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -> None:
+    federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-2"
     overrides = RUN | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
@@ -204,14 +228,12 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(federation: Federatio
     assert (run_dir / "model.pt").is_file()
 
 
-def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(federation: Federation3) -> None:
-    """SecAgg+ on the TLS deployment. bank-c has 0.5 of its ε cap left (run 2 spent 1.5), so after the key
+def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh: Federation3) -> None:
+    """SecAgg+ on the TLS deployment. The run's target ε 3 is above bank-c's cap of 2, so after the key
     exchange it refuses to train: a dropout after sharing keys, which the unmask stage must recover from."""
+    federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-3"
-    if not dep.sites[STRICT].alive():
-        dep.start_site(STRICT)  # crashed in the previous test
-    dep.wait_connected()
-    overrides = RUN | {"train.rounds": 1, "privacy.target_epsilon": 1.0, "secure_aggregation": True,
+    overrides = RUN | {"train.rounds": 1, "privacy.target_epsilon": 3.0, "secure_aggregation": True,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])

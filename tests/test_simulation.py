@@ -8,13 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
+from cli.main import main
 from common.audit_log import read_records, verify_chain
 from common.config import RunConfig, config_from_dict
 from common.data import federation_for
 from common.privacy import epsilon_of
 from server.export import load_model
-from server.simulation import APP_DIR, _bin, _env, simulate, simulation_superlink
+from server.launcher import APP_DIR, flower_bin, flower_env
+from server.simulation import simulation_superlink
 
 pytestmark = pytest.mark.slow
 
@@ -67,16 +70,30 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
     # the exported model classifies the server's held-out images from raw pixels, better than chance
     fed = federation_for(cfg, sites)
     model = load_model(run_dir / "model.pt")
-    predicted = np.array(model.predict(fed.server_test.images))
+    predicted = np.array(model.predict(fed.server_test.inputs))
     truth = np.array([fed.server_test.classes[i] for i in fed.server_test.labels])
     assert (predicted == truth).mean() > 0.3  # chance is 0.1
 
 
-def test_fedtransfer_simulate_end_to_end(tmp_path: Path) -> None:
-    cfg = config_from_dict(SMALL | {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")})
-    status = simulate(cfg, stream=False)
-    assert status["status"] == "completed" and status["final_accuracy"] > 0.3
-    _check_outputs(tmp_path / "run", cfg, sites=2)
+def test_fedtransfer_simulate_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a user of `fedtransfer simulate` relies on: a short console, a completed status, every output,
+    one record per round, each site's ε within its target, and an audit that passes."""
+    run_dir = tmp_path / "run"
+    raw = SMALL | {"output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache")}
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["simulate", "--config", str(config)]) == 0
+    console = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in console if line.startswith("round ")] == ["round 1/2", "round 2/2"]
+    assert len(console) <= 8, console  # start, one line per round, outcome: Flower's and Ray's logs are in run.log
+    assert "Initialising: RayBackend" in (run_dir / "run.log").read_text()
+
+    cfg = config_from_dict(raw)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and f"run {status['run_id']} completed" in console[-2]
+    assert 0.3 < status["final_accuracy"] <= 1  # chance is 0.1
+    _check_outputs(run_dir, cfg, sites=2)
+    assert main(["audit", str(run_dir)]) == 0, capsys.readouterr()
 
 
 def test_flwr_run_dot_uses_the_same_apps(tmp_path: Path) -> None:
@@ -89,9 +106,9 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path: Path) -> None:
     flwr_home = tmp_path / ".flwr"
     with simulation_superlink(flwr_home, tmp_path / "superlink.log") as connection:
         done = subprocess.run(
-            [_bin("flwr"), "run", ".", connection, "--run-config", overrides, "--stream",
+            [flower_bin("flwr"), "run", ".", connection, "--run-config", overrides, "--stream",
              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            cwd=APP_DIR, env=_env(flwr_home), capture_output=True, text=True, timeout=600, check=False,
+            cwd=APP_DIR, env=flower_env(flwr_home), capture_output=True, text=True, timeout=600, check=False,
         )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "status.json").read_text())["status"] == "completed", done.stdout[-3000:]
