@@ -8,20 +8,15 @@ agree on who holds which sample without exchanging anything.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.config import RunConfig
+from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-NPZ_SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """Data cannot be used as configured: names the file or site and what to do."""
+MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label), not a task: refused
 
 
 @dataclass(frozen=True)
@@ -76,14 +71,13 @@ def load_source(source: str, path: str | None, image_size: int) -> Samples:
 
 def load_image_folder(root: Path, image_size: int, classes: tuple[str, ...] | None = None) -> Samples:
     """An ImageFolder tree: root/<class>/<image>. Every image becomes RGB image_size²."""
-    from PIL import Image, UnidentifiedImageError
-
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected <root>/<class name>/<image files>)")
     found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
     if not found:
         raise DataError(f"{root}: no class folders (expected <root>/<class name>/<image files>)")
     classes = classes or found
+    _within_class_limit(len(classes), str(root))  # before reading thousands of folders' images
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root}: class folder {unknown[0]!r} is not in the class list {list(classes)}")
@@ -91,14 +85,8 @@ def load_image_folder(root: Path, image_size: int, classes: tuple[str, ...] | No
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        for file in files:
-            try:
-                with Image.open(file) as img:
-                    rgb = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(rgb, dtype=np.uint8))
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-                raise DataError(f"{file}: cannot read image ({type(err).__name__}); fix or remove the file") from None
-            labels.append(label)
+        images += [read_image(file, image_size) for file in files]
+        labels += [label] * len(files)
     if not images:
         raise DataError(f"{root}: no images with suffix {sorted(IMAGE_SUFFIXES)} under the class folders")
     return _checked(np.stack(images), np.array(labels), classes, str(root))
@@ -106,43 +94,44 @@ def load_image_folder(root: Path, image_size: int, classes: tuple[str, ...] | No
 
 def load_npz(path: Path, classes: tuple[str, ...] | None = None) -> Samples:
     """A MedMNIST-format .npz: {train,val,test}_images and _labels; all splits are pooled."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such .npz file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:  # a .npy under a .npz name: TypeError, no context manager
-            splits = [s for s in NPZ_SPLITS if f"{s}_images" in npz.files]
-            unlabeled = [s for s in splits if f"{s}_labels" not in npz.files]
-            parts = [(npz[f"{s}_images"], npz[f"{s}_labels"]) for s in splits if s not in unlabeled]
-    except (OSError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({type(err).__name__})") from None
-    if unlabeled:
-        raise DataError(f"{path}: has {unlabeled[0]}_images but no {unlabeled[0]}_labels array")
-    if not parts:
-        raise DataError(f"{path}: no train_images/val_images/test_images arrays (MedMNIST format expected)")
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([np.asarray(p[1]).reshape(len(p[0]), -1)[:, 0] for p in parts])
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise DataError(f"{path}: images must be (N, H, W) or (N, H, W, 1|3), got {images.shape}")
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: images must be uint8 (0..255), got {images.dtype}")
-    if classes is None:
-        classes = tuple(str(i) for i in range(int(labels.max()) + 1))
+    images, labels = read_npz(path)
     return _checked(images, labels, classes, str(path))
 
 
-def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...], where: str) -> Samples:
+def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] | None, where: str) -> Samples:
+    """What every source must pass before a split or a model sees it.
+
+    Without a class list the classes are 0..largest label, bounded by MAX_CLASSES before any
+    tuple of names (or head with that many outputs) is built from a stray label.
+    """
     labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{where}: {labels.size} labels for {len(images)} images; one label per image is needed")
+    if len(labels) == 0:
+        raise DataError(f"{where}: no samples")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be integers, got {labels.dtype}")
-    labels = labels.astype(np.int64)
+    if classes is None:
+        top = int(np.argmax(labels))
+        if labels[top] >= MAX_CLASSES:
+            raise DataError(
+                f"{where}: sample {top} has label {labels[top]}, but labels are class indices below {MAX_CLASSES} "
+                "(MAX_CLASSES); fix the label"
+            )
+        classes = tuple(str(i) for i in range(max(int(labels[top]), 0) + 1))
+    _within_class_limit(len(classes), where)
     bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
     if bad.size:
         raise DataError(
             f"{where}: sample {bad[0]} has label {labels[bad[0]]}, outside the {len(classes)} classes {list(classes)}"
         )
-    return Samples(images, labels, classes)
+    return Samples(images, labels.astype(np.int64), classes)
+
+
+def _within_class_limit(count: int, where: str) -> None:
+    """A class count past MAX_CLASSES is a mistake in the data, and would size every site's head by it."""
+    if count > MAX_CLASSES:
+        raise DataError(f"{where}: {count} classes, more than the {MAX_CLASSES} a run supports (MAX_CLASSES)")
 
 
 def split_holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from common import data
 from common.data import (
+    MAX_CLASSES,
     DataError,
     Samples,
     load_image_folder,
@@ -43,7 +47,7 @@ def _id_images(n: int, size: int = 8) -> np.ndarray:
 
 
 def _ids(samples: Samples) -> np.ndarray:
-    return samples.images[:, 0, 0, 0].astype(np.int64) * 256 + samples.images[:, 0, 1, 0]
+    return samples.inputs[:, 0, 0, 0].astype(np.int64) * 256 + samples.inputs[:, 0, 1, 0]
 
 
 def _write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
@@ -133,9 +137,9 @@ def test_max_samples_caps_the_pool(tmp_path: Path) -> None:
 
 def test_digits_source() -> None:
     digits = load_source("digits", None, 32)
-    assert digits.images.shape == (1797, 8, 8, 1)
-    assert digits.images.dtype == np.uint8
-    assert digits.images.max() == 255
+    assert digits.inputs.shape == (1797, 8, 8, 1)
+    assert digits.inputs.dtype == np.uint8
+    assert digits.inputs.max() == 255
     assert digits.classes == tuple("0123456789")
 
 
@@ -146,10 +150,10 @@ def test_image_folder_loads_resized_rgb(tmp_path: Path) -> None:
     (tmp_path / "dog" / "notes.txt").write_text("not an image")
     samples = load_image_folder(tmp_path, 16)
     assert samples.classes == ("cat", "dog")
-    assert samples.images.shape == (3, 16, 16, 3)
-    assert samples.images.dtype == np.uint8
+    assert samples.inputs.shape == (3, 16, 16, 3)
+    assert samples.inputs.dtype == np.uint8
     assert samples.labels.tolist() == [0, 0, 1]
-    assert samples.images[2].min() == 200
+    assert samples.inputs[2].min() == 200
 
 
 def test_image_folder_corrupt_image_names_the_file(tmp_path: Path) -> None:
@@ -179,7 +183,7 @@ def test_npz_pools_splits_and_flattens_labels(tmp_path: Path) -> None:
     images = _id_images(40)[..., 0]  # (N, H, W): grayscale without a channel axis
     _write_npz(path, images, np.arange(40) % 5)
     samples = load_npz(path)
-    assert samples.images.shape == (40, 8, 8, 1)
+    assert samples.inputs.shape == (40, 8, 8, 1)
     assert samples.labels.shape == (40,)
     assert samples.classes == ("0", "1", "2", "3", "4")
     assert np.array_equal(samples.labels, _ids(samples) % 5)
@@ -228,8 +232,8 @@ def test_folders_split_with_one_image_folder_per_site(tmp_path: Path) -> None:
     assert [s.name for s in fed.sites] == ["north", "south"]
     assert fed.sites[0].train.classes == ("bird", "cat", "dog")
     for site, value in zip(fed.sites, (40, 220), strict=True):
-        assert (site.train.images == value).all(), f"{site.name} got another site's images"
-        assert (site.test.images == value).all()
+        assert (site.train.inputs == value).all(), f"{site.name} got another site's images"
+        assert (site.test.inputs == value).all()
     assert len(fed.server_test) + sum(len(s.train) + len(s.test) for s in fed.sites) == 13
 
 
@@ -261,3 +265,182 @@ def test_site_with_fewer_than_two_samples_is_named(tmp_path: Path) -> None:
     np.savez(tmp_path / "small.npz", train_images=images[29:], train_labels=np.zeros((1, 1), dtype=np.int64))
     with pytest.raises(DataError, match=r"site small: has [01] samples"):
         simulate_federation("npz", str(tmp_path), "folders", 2, 0.5, 0.2, 0.1, 32, seed=0)
+
+
+def _refused(call: object, *names: str) -> str:
+    """The one-line DataError a loader raises; it must name every one of `names` (file, member, row)."""
+    with pytest.raises(DataError) as info:
+        call()  # type: ignore[operator]
+    message = str(info.value)
+    assert "\n" not in message, "a refusal is one line"
+    for name in names:
+        assert name in message
+    return message
+
+
+def test_npz_label_array_longer_than_images_is_refused(tmp_path: Path) -> None:
+    # (2N,) labels for N images used to reshape to (N, 2) and train on every other label.
+    path = tmp_path / "med.npz"
+    np.savez(path, train_images=_id_images(10), train_labels=np.arange(20) % 2)
+    _refused(lambda: load_npz(path), str(path), "train_labels", "20", "10")
+
+
+def test_npz_label_array_shorter_than_images_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    np.savez(path, train_images=_id_images(10), train_labels=np.zeros((9, 1), dtype=np.int64))
+    _refused(lambda: load_npz(path), str(path), "train_labels", "9", "10")
+
+
+def test_npz_multi_label_arrays_are_refused(tmp_path: Path) -> None:
+    # ChestMNIST-style (N, 14) multi-hot labels: taking column 0 would silently train on one finding.
+    path = tmp_path / "med.npz"
+    np.savez(path, train_images=_id_images(10), train_labels=np.zeros((10, 14), dtype=np.int64))
+    _refused(lambda: load_npz(path), str(path), "train_labels", "(10, 14)")
+
+
+def test_npz_splits_with_different_image_shapes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    rgb = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    gray = np.zeros((4, 8, 8), dtype=np.uint8)
+    labels = np.zeros(4, dtype=np.int64)
+    np.savez(path, train_images=rgb, train_labels=labels, test_images=gray, test_labels=labels)
+    _refused(lambda: load_npz(path), str(path), "train_images", "test_images")
+
+
+def test_npz_with_zero_samples_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    np.savez(path, train_images=np.zeros((0, 8, 8), dtype=np.uint8), train_labels=np.zeros(0, dtype=np.int64))
+    _refused(lambda: load_npz(path), str(path), "no samples")
+
+
+def test_npz_labels_without_images_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    labels = np.zeros(4, dtype=np.int64)
+    np.savez(path, train_images=_id_images(4), train_labels=labels, val_labels=labels)
+    _refused(lambda: load_npz(path), str(path), "val_labels", "val_images")
+
+
+def test_npz_with_a_corrupt_compressed_member_names_the_member(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    np.savez_compressed(path, train_images=_id_images(40), train_labels=np.zeros(40, dtype=np.int64))
+    with zipfile.ZipFile(path) as z:
+        offset = z.getinfo("train_images.npy").header_offset
+    raw = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", raw[offset + 26 : offset + 30])  # the local file header's
+    start = offset + 30 + name_length + extra_length
+    raw[start] = 0xFF  # deflate block type 3 does not exist: zlib.error "invalid block type"
+    path.write_bytes(bytes(raw))
+    _refused(lambda: load_npz(path), str(path), "train_images")
+
+
+def test_npz_label_far_outside_any_class_list_is_refused_quickly(tmp_path: Path) -> None:
+    # One stray label used to become the class count: a 10**12-way head on the server and every site.
+    path = tmp_path / "med.npz"
+    labels = np.arange(40) % 3
+    labels[17] = 10**12
+    _write_npz(path, _id_images(40), labels)
+    _refused(lambda: load_npz(path), str(path), "sample 17", str(10**12), str(MAX_CLASSES))
+
+
+def test_npz_with_more_classes_than_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "MAX_CLASSES", 4)
+    path = tmp_path / "med.npz"
+    _write_npz(path, _id_images(40), np.arange(40) % 4)
+    assert load_npz(path).classes == ("0", "1", "2", "3")
+    _write_npz(path, _id_images(40), np.arange(40) % 5)
+    _refused(lambda: load_npz(path), str(path), "4")
+
+
+def test_image_folder_with_more_classes_than_the_limit_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "MAX_CLASSES", 2)
+    for name in ("a", "b", "c"):
+        _write_png(tmp_path / name / "x.png", 10)
+    _refused(lambda: load_image_folder(tmp_path, 8), str(tmp_path), "3 classes", "2")
+
+
+def test_class_limit_boundary_at_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "med.npz"
+    images = np.zeros((MAX_CLASSES + 1, 1, 1), dtype=np.uint8)
+    labels = np.arange(MAX_CLASSES + 1)
+    np.savez(path, train_images=images[:-1], train_labels=labels[:-1])
+    assert len(load_npz(path).classes) == MAX_CLASSES == 1000
+    np.savez(path, train_images=images, train_labels=labels)
+    _refused(lambda: load_npz(path), str(path), f"sample {MAX_CLASSES}", "1000")
+
+
+def _write_gray(path: Path, values: np.ndarray, mode: str) -> None:
+    """A grayscale image file in a high-bit-depth PIL mode (16-bit PNG/TIFF, 32-bit TIFF)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = values.shape
+    if mode == "I;16B":
+        img = Image.frombytes(mode, (w, h), values.astype(">u2").tobytes())
+    else:
+        img = Image.fromarray(values.astype(np.uint16 if mode == "I;16" else np.int32))
+    assert img.mode == mode
+    img.save(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "top"),
+    [
+        ("scan.png", "I;16", 65535),
+        ("scan.tif", "I;16", 65535),
+        ("scan.tif", "I;16B", 65535),
+        ("scan.tif", "I", 2**32 - 1),  # a 32-bit TIFF declares BitsPerSample 32
+    ],
+)
+def test_deep_grayscale_is_scaled_by_its_bit_depth(tmp_path: Path, name: str, mode: str, top: int) -> None:
+    # convert("RGB") clips every value above 255: a 16-bit scan used to load almost all white.
+    values = np.linspace(0, top, 64).reshape(8, 8).round()
+    if mode == "I":
+        values = np.minimum(values, 2**31 - 1)  # signed 32-bit pixels
+    _write_gray(tmp_path / "scan" / name, values, mode)
+    with Image.open(tmp_path / "scan" / name) as img:
+        assert img.mode == mode, "the fixture exercises the mode it names"
+    loaded = load_image_folder(tmp_path, 8).inputs[0]
+    expected = np.round(values * 255.0 / top)
+    assert np.abs(loaded[..., 0].astype(float) - expected).max() <= 1
+    assert (loaded[..., 0] == loaded[..., 1]).all() and (loaded[..., 0] == loaded[..., 2]).all()
+    assert (loaded == 255).mean() < 0.05
+
+
+def test_sixteen_bit_png_keeps_its_contrast(tmp_path: Path) -> None:
+    # Typical exported CT/X-ray: values spread over 0..65535; clipping makes 99.6% of pixels 255.
+    values = np.random.default_rng(0).integers(0, 65536, size=(32, 32))
+    _write_gray(tmp_path / "xray" / "a.png", values, "I;16")
+    loaded = load_image_folder(tmp_path, 32).inputs[0, ..., 0].astype(float)
+    assert np.abs(loaded - values / 257.0).max() <= 1
+    assert loaded.std() > 50
+
+
+def test_negative_pixels_in_a_32_bit_image_are_refused(tmp_path: Path) -> None:
+    values = np.full((4, 4), 100)
+    values[1, 2] = -5
+    _write_gray(tmp_path / "c" / "neg.tif", values, "I")
+    _refused(lambda: load_image_folder(tmp_path, 4), str(tmp_path / "c" / "neg.tif"), "-5")
+
+
+def test_floating_point_images_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "float.tif"
+    path.parent.mkdir()
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(path)
+    _refused(lambda: load_image_folder(tmp_path, 4), str(path), "floating-point")
+
+
+@pytest.mark.parametrize("side", [10, 20])  # 100 px: PIL warns; 400 px: PIL raises
+def test_decompression_bomb_is_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, side: int
+) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64)
+    _write_png(tmp_path / "c" / "big.png", 7, size=(side, side))
+    _refused(lambda: load_image_folder(tmp_path, 4), str(tmp_path / "c" / "big.png"), "decompression bomb")
+
+
+def test_truncated_png_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c" / "cut.png"
+    path.parent.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    _refused(lambda: load_image_folder(tmp_path, 8), str(path))
