@@ -60,8 +60,8 @@ class Task:
         self.f_test = cached_features(backbone, self.test, cache)[0]
         self.y_train = torch.from_numpy(self.train.labels)
         self.y_test = torch.from_numpy(self.test.labels)
-        self.p_train = torch.from_numpy(self.train.images).permute(0, 3, 1, 2).float().div(255.0)
-        self.p_test = torch.from_numpy(self.test.images).permute(0, 3, 1, 2).float().div(255.0)
+        self.p_train = torch.from_numpy(self.train.inputs).permute(0, 3, 1, 2).float().div(255.0)
+        self.p_test = torch.from_numpy(self.test.inputs).permute(0, 3, 1, 2).float().div(255.0)
 
     def parts(self, sites: int, split: str, fraction: float = 1.0) -> list[np.ndarray]:
         labels = self.train.labels

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-import torchvision
 from flwr.app import ArrayRecord
 
 from benchmarks.harness import print_table, write_results
-from common.backbones import REGISTRY
+from common.backbones import IMAGE_BACKBONES, feature_network
+from common.encoders import CATALOG
 from common.exchange import head_to_arrays, wire_bytes
 from common.head import make_head
 
 
 def measure(name: str, classes: int) -> dict:
-    spec = REGISTRY[name]
-    head = make_head(spec.feature_dim, classes)
-    net = torchvision.models.get_model(name, weights=None)  # shapes only: no weights needed
-    spec.strip(net)
+    head = make_head(CATALOG[name].feature_dim, classes)
+    net = feature_network(name)  # shapes only: no weights needed
     head_params = sum(p.numel() for p in head.parameters())
     floor = head_params * 4
     wire = wire_bytes(head_to_arrays(head))
@@ -43,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=10)
     args = parser.parse_args()
-    rows = [measure(name, args.classes) for name in REGISTRY]
+    rows = [measure(name, args.classes) for name in IMAGE_BACKBONES]
     print_table(rows, list(rows[0]))
     write_results("communication", rows, {"classes": args.classes})
 

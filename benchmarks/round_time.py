@@ -23,10 +23,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.harness import print_table, write_results
-from client.training import LocalTraining, train_head
-from common.backbones import load_backbone, resolve_device
+from common.backbones import load_backbone
 from common.config import BackboneConfig
 from common.data import load_source, partition_iid
+from common.dp_training import LocalTraining, train_head
+from common.encoder_registry import resolve_device
 from common.features import extract
 from common.head import make_head
 from common.privacy import plan_dp
@@ -62,7 +63,7 @@ def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: in
     backbone = load_backbone(BackboneConfig(image_size=size), device)
     pool = load_source("mnist", None, size)
     parts = [p[:samples] for p in partition_iid(pool.labels, sites, seed=0)]
-    data = [(pool.images[p], pool.labels[p]) for p in parts]
+    data = [(pool.inputs[p], pool.labels[p]) for p in parts]
     plan = plan_dp(samples, batch, epochs, rounds, 3.0, 1e-3, 1.0, "rdp")
     rows = []
     # fedtransfer: the backbone runs once per sample per run (round 1), then every round is head-only

@@ -24,15 +24,15 @@ from client.site import Declined, Site, get_site
 from client.site_log import record
 from common import locking
 from common.audit_log import update_digest
-from common.backbones import BackboneError
 from common.config import ConfigError, RunConfig, config_from_run_config
 from common.data import DataError
+from common.encoders import EncoderError
 from common.exchange import masked_arrays
 from common.head import evaluate_head
 from common.privacy import BudgetExceeded
 from common.protocol import Event, Metric, Rec, Refusal, site_record
 
-REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, BackboneError, locking.FolderInUse)
+REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
 STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
 
 

@@ -1,14 +1,14 @@
-"""Who this ClientApp is: its data, its disk, its backbone and its own privacy policy.
+"""Who this ClientApp is: its data, its disk, its encoder and its own privacy policy.
 
 In a simulation a site is a partition of the configured source (node config
 `partition-id`). In a deployment it is whatever the site's own YAML file says (node
 config `site-config`): data path, device, state folder and the policy the server's run
-config must stay within.
+config must stay within. What a process keeps between rounds (encoders, the simulated
+split, every site it has played) lives in one bounded cache, `PROCESS_CACHE`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -17,22 +17,26 @@ from pathlib import Path
 import torch
 from flwr.app import Context
 
-from common.backbones import ImageBackbone, load_backbone, resolve_device
-from common.config import BackboneConfig, RunConfig, SitePolicy, load_site_config
-from common.data import SiteData, federation_for, load_source, site_split
+from common.config import RunConfig, SitePolicy, load_site_config
+from common.data import SiteData, deployed_site_data, federation_for
+from common.encoder_registry import load_encoder, resolve_device
+from common.encoders import Encoder
 from common.features import cached_features
+from common.policy import DPSettings, PolicyUse, policy_violations
 from common.privacy import DPPlan
+from common.process_cache import ProcessCache, nbytes
+from common.site_config import site_paths
 
 
 class Declined(RuntimeError):
     """The site will not do what the server asked; the reason goes back to the server."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Site:
     name: str
     data: SiteData
-    backbone: ImageBackbone
+    backbone: Encoder  # only the Encoder interface: name, fingerprint, feature_dim, device
     state_dir: Path
     secret_seed: int  # seeds batch sampling and noise; never leaves the site
     policy: SitePolicy | None  # None in simulation: there the run config is the site's own
@@ -67,82 +71,67 @@ class Site:
         return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-_SITES: dict[tuple, Site] = {}  # a simulation actor or SuperNode process serves many rounds
+# The one cache of this process (a simulation actor plays many sites, a SuperNode answers many
+# rounds): encoders, the simulated federation's split, and each site played (its data and features).
+# 4 GiB holds the 5,000-digit demo's pool and features about 50 times over.
+PROCESS_CACHE = ProcessCache(max_entries=4096, max_bytes=4 << 30)
 
 
-def get_site(context: Context, cfg: RunConfig) -> Site:
+def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CACHE) -> Site:
+    """This node's site for the run `cfg`, built once and then served from `cache`."""
     node = dict(context.node_config)
-    key = (tuple(sorted(node.items())), cfg.backbone, cfg.data, cfg.seed, cfg.output_dir)
-    if key not in _SITES:
-        _SITES[key] = _deployed_site(node, cfg) if "site-config" in node else _simulated_site(node, cfg)
-    return _SITES[key]
+    key = ("site", tuple(sorted(node.items())), cfg.backbone, cfg.data, cfg.seed, cfg.device, cfg.output_dir,
+           cfg.cache_dir)  # fmt: skip
+    if "site-config" in node:
+        return cache.get(key, lambda: _deployed_site(node, cfg, cache))
+    return cache.get(key, lambda: _simulated_site(node, cfg, cache))
 
 
-@functools.lru_cache(maxsize=2)
-def _backbone(cfg: BackboneConfig, device: str) -> ImageBackbone:
-    """One frozen backbone per process: a simulation actor plays many sites that all use it."""
-    return load_backbone(cfg, device)
+def _encoder(cfg: RunConfig, device: str, cache: ProcessCache) -> Encoder:
+    """One frozen encoder per configuration and device: a simulation actor plays many sites that all use it."""
+    return cache.get(("encoder", cfg.backbone, device), lambda: load_encoder(cfg.backbone, device),
+                     lambda encoder: nbytes(encoder.state_dict()))  # fmt: skip
 
 
-# One split per process: every simulated site would otherwise reload and re-split the whole pool.
-_federation = functools.lru_cache(maxsize=2)(federation_for)
-
-
-def _simulated_site(node: dict, cfg: RunConfig) -> Site:
+def _simulated_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     if "partition-id" not in node:
         raise Declined("node config has neither site-config (deployment) nor partition-id (simulation)")
     pid, count = int(node["partition-id"]), int(node["num-partitions"])  # one site per SuperNode
-    fed = _federation(cfg, count)
-    data = fed.sites[pid]
-    state_dir = cfg.output_path / "sites" / data.name
-    site = _make_site(
-        data, cfg, resolve_device(cfg.device), state_dir, cfg.cache_path, cfg.seed * 1000 + pid, None, None
-    )
-    site.simulated = True
-    return site
+    # one split per process: every simulated site would otherwise reload and re-split the whole pool
+    split_key = ("federation", cfg.data, cfg.backbone.image_size, cfg.seed, count)
+    data = cache.get(split_key, lambda: federation_for(cfg, count)).sites[pid]
+    device = resolve_device(cfg.device)
+    return _make_site(data, _encoder(cfg, device, cache), cfg.output_path / "sites" / data.name, cfg.cache_path,
+                      secret_seed=cfg.seed * 1000 + pid, simulated=True)  # fmt: skip
 
 
-def _deployed_site(node: dict, cfg: RunConfig) -> Site:
+def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     config = Path(str(node["site-config"])).expanduser()
     sc = load_site_config(config)
-
-    def local(path: str) -> Path:
-        """Relative paths in a site config mean relative to that file, not to where Flower runs us."""
-        return (config.parent / Path(path).expanduser()).resolve()
-
-    pool = load_source(sc.data_source, str(local(sc.data_path)) if sc.data_path else None, cfg.backbone.image_size)
-    data = site_split(pool, sc.name, sc.test_fraction, seed=0)  # fixed: a site's test split never moves
-    state_dir = local(sc.state_dir)
-    cache = local(sc.cache_dir) if sc.cache_dir else state_dir / "features"
-    return _make_site(
-        data,
-        cfg,
-        resolve_device(sc.device),
-        state_dir,
-        cache,
-        _secret_seed(state_dir),
-        sc.policy,
-        sc.accept_app_version,
-    )
+    paths = site_paths(sc, config)
+    data = deployed_site_data(sc, paths, cfg.backbone.image_size)
+    encoder = _encoder(cfg, resolve_device(sc.device), cache)
+    return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=_secret_seed(paths.state_dir),
+                      policy=sc.policy, accept_app_version=sc.accept_app_version)  # fmt: skip
 
 
 def _make_site(
     data: SiteData,
-    cfg: RunConfig,
-    device: str,
+    encoder: Encoder,
     state_dir: Path,
     cache_dir: Path,
-    seed: int,
-    policy: SitePolicy | None,
-    accept_app_version: str | None,
+    *,
+    secret_seed: int,
+    policy: SitePolicy | None = None,
+    accept_app_version: str | None = None,
+    simulated: bool = False,
 ) -> Site:
-    backbone = _backbone(cfg.backbone, device)
-    train_x, _ = cached_features(backbone, data.train, cache_dir)
-    test_x, _ = cached_features(backbone, data.test, cache_dir)
+    train_x, _ = cached_features(encoder, data.train, cache_dir)
+    test_x, _ = cached_features(encoder, data.test, cache_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     return Site(
-        data.name, data, backbone, state_dir, seed, policy, accept_app_version,
-        train_x, torch.from_numpy(data.train.labels), test_x, torch.from_numpy(data.test.labels),
+        data.name, data, encoder, state_dir, secret_seed, policy, accept_app_version,
+        train_x, torch.from_numpy(data.train.labels), test_x, torch.from_numpy(data.test.labels), simulated,
     )  # fmt: skip
 
 
@@ -162,37 +151,19 @@ def _secret_seed(state_dir: Path) -> int:
 
 
 def enforce_policy(policy: SitePolicy | None, cfg: RunConfig, plan: DPPlan | None, spent_other_runs: float) -> None:
-    """Refuse a plan that would exceed the site's own limits, naming the limit."""
+    """Refuse a plan that would exceed the site's own limits, naming the limit (common/policy.py)."""
     if policy is None:
         return
-    if plan is None:
-        if policy.require_dp:
-            raise Declined("site policy requires differential privacy, but the run has privacy.enabled: false")
-        return
-    checks = [
-        (
-            cfg.train.rounds <= policy.max_rounds,
-            f"train.rounds {cfg.train.rounds} > policy.max_rounds {policy.max_rounds}",
-        ),
-        (
-            plan.target_delta <= policy.max_delta,
-            f"privacy.target_delta {plan.target_delta:g} > policy.max_delta {policy.max_delta:g}",
-        ),
-        (
-            plan.target_epsilon + spent_other_runs <= policy.max_epsilon + 1e-9,
-            f"privacy.target_epsilon {plan.target_epsilon:g} plus ε {spent_other_runs:.3g} already spent in earlier "
-            f"runs > policy.max_epsilon {policy.max_epsilon:g}",
-        ),
-        (
-            plan.noise_multiplier >= policy.min_noise_multiplier,
-            f"noise multiplier {plan.noise_multiplier:.3g} < policy.min_noise_multiplier "
-            f"{policy.min_noise_multiplier:g}",
-        ),
-        (
-            plan.max_grad_norm <= policy.max_clip_norm,
-            f"privacy.max_grad_norm {plan.max_grad_norm:g} > policy.max_clip_norm {policy.max_clip_norm:g}",
-        ),
-    ]
-    for ok, reason in checks:
-        if not ok:
-            raise Declined(f"site policy: {reason}")
+    scope = f"privacy.target_epsilon of this run plus ε {spent_other_runs:.3g} already spent in earlier runs"
+    use = PolicyUse(
+        rounds=cfg.train.rounds,
+        without_dp=plan is None,
+        plain_aggregation=not cfg.secure_aggregation,
+        delta=None if plan is None else plan.target_delta,
+        epsilon=0.0 if plan is None else plan.target_epsilon,
+        epsilon_earlier=0.0 if plan is None else spent_other_runs,
+        epsilon_scope=scope,
+        trainings=() if plan is None else (DPSettings("the plan", plan.noise_multiplier, plan.max_grad_norm),),
+    )
+    if violations := policy_violations(policy, use):
+        raise Declined(f"site policy: {'; '.join(violations)}")

@@ -1,11 +1,9 @@
-"""Frozen pretrained backbones: anything that maps a batch of inputs to feature vectors.
+"""Image encoders: frozen pretrained torchvision backbones behind the `Encoder` interface.
 
-The interface every other room sees is `Backbone` (name, feature_dim, fingerprint,
-preprocessing, embed). DP, head exchange and aggregation only ever touch the features,
-so a text encoder can join the registry later without changing them.
-
-Torchvision weights load through torchvision's own weights API from torch's hub cache,
-never from the network: a missing file is an error that says where to put it.
+Only this module knows that an image encoder is a torchvision network with a resize and
+normalisation in front; everything else sees `common.encoders.Encoder`. Torchvision weights
+load through torchvision's own weights API from torch's hub cache, never from the network:
+a missing file is an error that says where to put it.
 """
 
 from __future__ import annotations
@@ -13,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,9 +22,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import BackboneConfig
+from common.encoders import CATALOG, EncoderError, encoder_fingerprint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE = "bilinear-antialias"  # how inputs reach image_size; part of describe(), so of every cache key
 
 # Weight files that ship inside PyPI packages (see shared/offline-assets.md): copied into
 # torch's hub cache on first use so torchvision's standard loader finds them offline.
@@ -36,30 +35,8 @@ OFFLINE_WEIGHT_PACKAGES = {
 }
 
 
-class BackboneError(RuntimeError):
+class BackboneError(EncoderError):
     """A backbone cannot be built as configured (unknown, weights missing, hash mismatch)."""
-
-
-class Backbone(Protocol):
-    """What the rest of fedtransfer needs from a feature extractor, and nothing more."""
-
-    name: str
-    feature_dim: int
-    fingerprint: str  # SHA-256 of the state dict: sites compare it with the server's
-    preprocessing: str  # identifies the input transform; part of feature-cache keys
-
-    def embed(self, batch: Any) -> torch.Tensor:
-        """Map a batch of raw inputs to a (B, feature_dim) float32 CPU tensor, without grad."""
-        ...
-
-
-@dataclass(frozen=True)
-class TorchvisionSpec:
-    """How to turn a torchvision classifier into a feature extractor."""
-
-    feature_dim: int
-    strip: Callable[[nn.Module], None]  # replaces the ImageNet classifier by Identity
-    min_image_size: int = 32
 
 
 def _replace(attr: str, index: int | None = None) -> Callable[[nn.Module], None]:
@@ -72,14 +49,23 @@ def _replace(attr: str, index: int | None = None) -> Callable[[nn.Module], None]
     return strip
 
 
-REGISTRY: dict[str, TorchvisionSpec] = {
-    "mobilenet_v2": TorchvisionSpec(1280, _replace("classifier")),
-    "mobilenet_v3_small": TorchvisionSpec(576, _replace("classifier")),
-    "resnet18": TorchvisionSpec(512, _replace("fc")),
-    "resnet50": TorchvisionSpec(2048, _replace("fc")),
-    "vgg16": TorchvisionSpec(4096, _replace("classifier", 6)),
-    "efficientnet_b0": TorchvisionSpec(1280, _replace("classifier")),
+# How each torchvision classifier becomes a feature extractor: its ImageNet classifier is replaced by Identity.
+_STRIP: dict[str, Callable[[nn.Module], None]] = {
+    "mobilenet_v2": _replace("classifier"),
+    "mobilenet_v3_small": _replace("classifier"),
+    "resnet18": _replace("fc"),
+    "resnet50": _replace("fc"),
+    "vgg16": _replace("classifier", 6),
+    "efficientnet_b0": _replace("classifier"),
 }
+IMAGE_BACKBONES = tuple(name for name, spec in CATALOG.items() if spec.kind == "image")
+
+
+def feature_network(name: str, weights: torchvision.models.WeightsEnum | None = None) -> nn.Module:
+    """The torchvision network `name` without its classifier (random weights unless `weights`)."""
+    net = torchvision.models.get_model(name, weights=weights)
+    _STRIP[name](net)
+    return net
 
 
 class Preprocess(nn.Module):
@@ -118,38 +104,62 @@ class FrozenModule(nn.Module):
 
 
 class ImageBackbone:
-    """A frozen torchvision backbone with its preprocessing; embeds uint8 NHWC images."""
+    """An `Encoder` of kind "image": a frozen torchvision backbone with its preprocessing.
+
+    Inputs are uint8 images (N, H, W, C), C in {1, 3}, of any size. `preprocess` and
+    `module` are image-only internals (tests and benchmarks of this module use them).
+    """
+
+    kind = "image"
 
     def __init__(
-        self, cfg: BackboneConfig, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], device: str
+        self, name: str, net: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], device: str
     ) -> None:
-        spec = REGISTRY[cfg.name]
-        self.name = cfg.name
-        self.feature_dim = spec.feature_dim
-        self.image_size = cfg.image_size
-        self.mean, self.std = mean, std
-        self.fingerprint = state_dict_fingerprint(net.state_dict())
-        self.preprocessing = f"resize{cfg.image_size}-bilinear-aa/mean{list(mean)}/std{list(std)}"
+        self.name = name
+        self.feature_dim = CATALOG[name].feature_dim
+        self.image_size = image_size
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.device = torch.device(device)
-        self.preprocess = Preprocess(cfg.image_size, mean, std).to(self.device)
+        self.preprocess = Preprocess(image_size, self.mean, self.std).to(self.device)
         self.module = FrozenModule(net).to(self.device)
+        self.fingerprint = encoder_fingerprint(self.state_dict(), self.describe())
 
-    def embed(self, batch: np.ndarray) -> torch.Tensor:
+    def embed(self, inputs: np.ndarray) -> torch.Tensor:
         """uint8 images (N, H, W, C) to (N, feature_dim) features."""
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
+            x = torch.from_numpy(np.ascontiguousarray(inputs)).to(self.device)
             x = x.permute(0, 3, 1, 2).float().div_(255.0)
             return self.module(self.preprocess(x)).float().cpu()
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "name": self.name, "image_size": self.image_size, "resize": RESIZE,
+                "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
 
-def state_dict_fingerprint(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.net.state_dict()
+
+
+def rebuild_backbone(description: Mapping[str, Any], state: Mapping[str, torch.Tensor], device: str) -> ImageBackbone:
+    """An image encoder from its describe() and state_dict(), e.g. read back from model.pt."""
+    name, size = description.get("name"), description.get("image_size")
+    mean, std = description.get("mean"), description.get("std")
+    if name not in IMAGE_BACKBONES or description.get("resize") != RESIZE:
+        raise EncoderError(f"image encoder {str(name)[:40]!r} with resize {str(description.get('resize'))[:40]!r} "
+                           f"is not one this version can rebuild (known: {', '.join(IMAGE_BACKBONES)})")  # fmt: skip
+    if type(size) is not int or not all(isinstance(v, list) and len(v) == 3 for v in (mean, std)):
+        raise EncoderError("image encoder description needs an integer image_size and 3-value mean and std")
+    net = feature_network(name)
+    try:
+        net.load_state_dict(dict(state))
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise EncoderError(f"weights are not a {name} state dict ({str(err).splitlines()[0][:200]})") from None
+    return ImageBackbone(name, net, size, tuple(mean), tuple(std), device)
+
+
+def format1_description(backbone_config: Mapping[str, Any], mean: list[float], std: list[float]) -> dict[str, Any]:
+    """describe() of the image encoder in a format-1 model file (which stored these fields instead)."""
+    return {"kind": ImageBackbone.kind, "name": backbone_config["name"], "image_size": backbone_config["image_size"],
+            "resize": RESIZE, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}  # fmt: skip
 
 
 def file_sha256(path: Path) -> str:
@@ -160,32 +170,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    """'auto' picks the site's GPU when it has one; asking for cuda without one is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BackboneError("device: cuda requested but no CUDA GPU is visible here; use device: auto or cpu")
-    return device
-
-
 def load_backbone(cfg: BackboneConfig, device: str = "cpu") -> ImageBackbone:
     """Build the configured backbone, frozen, from offline weights only."""
-    spec = REGISTRY[cfg.name]
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
     if cfg.weights_file is not None:
         net = _from_local_file(cfg)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif cfg.weights.lower() == "none":
-        net = torchvision.models.get_model(cfg.name, weights=None)
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        net = feature_network(cfg.name)
     else:
         weights = _weights_enum(cfg)
         _ensure_in_hub_cache(cfg, weights)
-        net = torchvision.models.get_model(cfg.name, weights=weights)
+        net = feature_network(cfg.name, weights)
         transform = weights.transforms()
         mean, std = tuple(transform.mean), tuple(transform.std)
-    spec.strip(net)
-    return ImageBackbone(cfg, net, mean, std, device)
+    return ImageBackbone(cfg.name, net, cfg.image_size, mean, std, device)
 
 
 def _weights_enum(cfg: BackboneConfig) -> torchvision.models.WeightsEnum:
@@ -236,4 +234,5 @@ def _from_local_file(cfg: BackboneConfig) -> nn.Module:
     except (RuntimeError, KeyError, ValueError) as err:
         first = str(err).splitlines()[0]
         raise BackboneError(f"backbone.weights_file: {path} is not a {cfg.name} state dict ({first})") from None
+    _STRIP[cfg.name](net)
     return net

@@ -9,22 +9,17 @@ from Flower's flattened run config (`flwr run .`), so both paths run one configu
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
-import yaml
 from flwr.common.config import flatten_dict, unflatten_dict
 
-from common.names import SITE_NAME_RULE, is_site_name
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or impossible."""
+from common.config_parse import ConfigError, build, read_yaml
+from common.config_parse import require as _require
+from common.encoders import CATALOG
+from common.site_config import SiteConfig, SitePolicy, load_site_config
 
 
 @dataclass(frozen=True)
@@ -36,12 +31,10 @@ class BackboneConfig:
     image_size: int = 64
 
     def __post_init__(self) -> None:
-        from common.backbones import REGISTRY  # late import: torchvision is heavy
-
-        _require(self.name in REGISTRY, "backbone.name", f"must be one of {sorted(REGISTRY)}", self.name)
-        spec = REGISTRY[self.name]
+        _require(self.name in CATALOG, "backbone.name", f"must be one of {sorted(CATALOG)}", self.name)
+        spec = CATALOG[self.name]
         _require(
-            spec.min_image_size <= self.image_size <= 1024,
+            spec.kind != "image" or spec.min_image_size <= self.image_size <= 1024,
             "backbone.image_size",
             f"{self.name} takes {spec.min_image_size}..1024 pixels",
             self.image_size,
@@ -268,33 +261,19 @@ class RunConfig:
         return Path(self.cache_dir).expanduser().resolve()
 
 
-def _require(ok: object, key: str, allowed: str, got: object) -> None:
-    if not ok:
-        raise ConfigError(f"{key}: {allowed} (got {got!r})")
-
-
 def load_config(path: str | Path) -> RunConfig:
     """Read a YAML config file; any problem is a one-line ConfigError naming the file."""
     path = Path(path)
+    raw = read_yaml(path, "config")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read config ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{where} not valid YAML") from None
-    try:
-        return config_from_dict(raw or {})
+        return config_from_dict({} if raw is None else raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
     """Build and validate a RunConfig from nested plain data (YAML or unflattened TOML)."""
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"top level must be a mapping of keys (got {type(raw).__name__})")
-    return _build(RunConfig, raw, "")
+    return build(RunConfig, raw, "")
 
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
@@ -316,59 +295,6 @@ def _nulls_to_empty(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _nulls_to_empty(v) if isinstance(v, dict) else ("" if v is None else v) for k, v in d.items()}
 
 
-def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
-    hints = get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(f"{prefix}{key}: unknown key; allowed keys here: {', '.join(sorted(known))}")
-    for f in dataclasses.fields(cls):
-        if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix}{f.name}: required key is missing")
-    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in known if name in raw}
-    return cls(**kwargs)
-
-
-_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: must be a mapping of keys (got {value!r})")
-        return _build(hint, value, f"{key}.")
-    if origin in (Union, types.UnionType):
-        inner = [a for a in get_args(hint) if a is not type(None)]
-        if value is None or value == "":  # "" is how a flattened TOML run config says null
-            return None
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        choices = get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: must be one of {', '.join(map(str, choices))} (got {value!r})")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false (got {value!r})")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: must be an integer (got {value!r})")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
-            value = float(value)  # PyYAML (YAML 1.1) reads 1e-5, without a dot, as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: must be a string (got {value!r})")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module, not user input
-
-
 __all__ = [
     "BackboneConfig",
     "ConfigError",
@@ -387,62 +313,3 @@ __all__ = [
     "to_nested",
     "to_run_config",
 ]
-
-
-@dataclass(frozen=True)
-class SitePolicy:
-    """Limits a site sets for itself; the server's run config can only ask within them."""
-
-    max_epsilon: float = 8.0
-    max_delta: float = 1e-5
-    max_rounds: int = 100
-    min_noise_multiplier: float = 0.0
-    max_clip_norm: float = 10.0
-    require_dp: bool = True
-    require_secure_aggregation: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.max_epsilon > 0, "policy.max_epsilon", "must be > 0", self.max_epsilon)
-        _require(0 < self.max_delta < 1, "policy.max_delta", "must be in (0, 1)", self.max_delta)
-        _require(self.max_rounds >= 1, "policy.max_rounds", "must be >= 1", self.max_rounds)
-        _require(
-            self.min_noise_multiplier >= 0, "policy.min_noise_multiplier", "must be >= 0", self.min_noise_multiplier
-        )
-        _require(self.max_clip_norm > 0, "policy.max_clip_norm", "must be > 0", self.max_clip_norm)
-
-
-@dataclass(frozen=True)
-class SiteConfig:
-    """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
-
-    name: str
-    data_source: Literal["imagefolder", "npz", "mnist", "digits"]
-    data_path: str | None = None
-    test_fraction: float = 0.2
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    state_dir: str = "~/.fedtransfer/site"
-    cache_dir: str | None = None
-    accept_app_version: str | None = None
-    policy: SitePolicy = field(default_factory=SitePolicy)
-
-    def __post_init__(self) -> None:
-        _require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
-        needs_path = self.data_source in ("imagefolder", "npz")
-        _require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
-        _require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
-
-
-def load_site_config(path: str | Path) -> SiteConfig:
-    """Read a site's YAML file; problems are one-line ConfigErrors naming the file."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, Mapping):
-            raise ConfigError("top level must be a mapping of keys")
-        return _build(SiteConfig, raw, "")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read site config ({err.strerror})") from None
-    except yaml.YAMLError:
-        raise ConfigError(f"{path}: not valid YAML") from None
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None

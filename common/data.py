@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunConfig
+from common.site_config import SiteConfig, SitePaths
 from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz
 
 MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label), not a task: refused
@@ -21,7 +22,14 @@ MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label),
 
 @dataclass(frozen=True)
 class Samples:
-    images: np.ndarray  # uint8 (N, H, W, C), C in {1, 3}
+    """Labelled samples in the form the encoder takes them.
+
+    `inputs` has one entry per sample along its first axis: uint8 images (N, H, W, C),
+    C in {1, 3}, for an image encoder; what a text or tabular encoder takes for others.
+    Nothing outside the loaders and the encoder looks inside it.
+    """
+
+    inputs: np.ndarray
     labels: np.ndarray  # int64 (N,)
     classes: tuple[str, ...]
 
@@ -29,13 +37,19 @@ class Samples:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Samples:
-        return Samples(self.images[index], self.labels[index], self.classes)
+        return Samples(self.inputs[index], self.labels[index], self.classes)
 
     def fingerprint(self) -> str:
-        """SHA-256 of pixels and labels: the key under which features are cached."""
+        """SHA-256 of inputs, labels and classes: with the encoder's, the key under which features are cached."""
         h = hashlib.sha256()
-        h.update(f"{self.images.shape}|{self.images.dtype}|{self.classes}|".encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
+        inputs = np.asarray(self.inputs)
+        h.update(f"{inputs.shape}|{inputs.dtype}|{self.classes}|".encode())
+        if inputs.dtype == object:  # e.g. mixed table cells: their repr, length-prefixed, is their content
+            for item in inputs.reshape(-1):
+                text = repr(item).encode()
+                h.update(len(text).to_bytes(8, "big") + text)
+        else:
+            h.update(np.ascontiguousarray(inputs).tobytes())
         h.update(self.labels.astype(np.int64).tobytes())
         return h.hexdigest()
 
@@ -232,6 +246,15 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
     )  # fmt: skip
 
 
+def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> SiteData:
+    """The samples a deployed site has: its own source, split with a fixed seed so its test split never moves.
+
+    The ClientApp, the auditor's canary test and anything else that needs a site's data call this.
+    """
+    pool = load_source(site.data_source, str(paths.data) if paths.data else None, image_size)
+    return site_split(pool, site.name, site.test_fraction, seed=0)
+
+
 def _load_site_folders(
     source: str, root: Path, image_size: int, num_sites: int
 ) -> tuple[Samples, np.ndarray, list[str]]:
@@ -254,9 +277,9 @@ def _load_site_folders(
     else:
         classes = tuple(sorted({c.name for e in entries for c in e.iterdir() if c.is_dir()}))
         loaded = [load_image_folder(e, image_size, classes) for e in entries]
-    shapes = {s.images.shape[1:] for s in loaded}
+    shapes = {s.inputs.shape[1:] for s in loaded}
     if len(shapes) > 1:
         raise DataError(f"data.path: site files under {root} have different image shapes {sorted(shapes)}")
-    pool = Samples(np.concatenate([s.images for s in loaded]), np.concatenate([s.labels for s in loaded]), classes)
+    pool = Samples(np.concatenate([s.inputs for s in loaded]), np.concatenate([s.labels for s in loaded]), classes)
     owners = np.concatenate([np.full(len(s), k) for k, s in enumerate(loaded)])
     return pool, owners, [e.stem for e in entries]

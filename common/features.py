@@ -1,53 +1,51 @@
-"""Backbone features, computed once per sample per run and cached on disk.
+"""Encoder features, computed once per sample and cached on disk.
 
-The backbone is frozen, so a sample's features never change during a run: every round
-trains the head on these cached features instead of re-running the backbone. The cache
-key binds the backbone fingerprint, the data fingerprint and the preprocessing, so a
-different model, data set or image size can never reuse stale features.
+The encoder is frozen, so a sample's features never change during a run: every round
+trains the head on these cached features instead of re-running the encoder. The cache
+key binds the encoder's fingerprint and describe() (kind, name, preprocessing) to the
+samples' fingerprint, so a different model, data set or input size never reuses stale
+features. Keeping features in memory across rounds is the caller's process cache's job
+(client/site.py), not this module's: here there is no process-wide state.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import pickle
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 from common import atomic
-from common.backbones import Backbone
 from common.data import Samples
+from common.encoders import Encoder
 
-_MEMORY: dict[str, torch.Tensor] = {}  # per process: a simulation actor serves many rounds
 
-
-def cache_key(backbone: Backbone, samples: Samples) -> str:
-    parts = f"{backbone.name}|{backbone.fingerprint}|{backbone.preprocessing}|{samples.fingerprint()}"
+def cache_key(encoder: Encoder, samples: Samples) -> str:
+    description = json.dumps(encoder.describe(), sort_keys=True, separators=(",", ":"))
+    parts = f"{encoder.fingerprint}|{description}|{samples.fingerprint()}"
     return hashlib.sha256(parts.encode()).hexdigest()
 
 
-def extract(backbone: Backbone, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Run the backbone over all images in batches: (N, feature_dim) float32."""
-    chunks = [backbone.embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat(chunks) if chunks else torch.empty(0, backbone.feature_dim)
+def extract(encoder: Encoder, inputs: Any, batch_size: int = 256) -> torch.Tensor:
+    """Run the encoder over all inputs in batches: (N, feature_dim) float32."""
+    chunks = [encoder.embed(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, encoder.feature_dim)
 
 
-def cached_features(backbone: Backbone, samples: Samples, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """Features for `samples`, from memory, disk or the backbone: (features, computed_now)."""
-    key = cache_key(backbone, samples)
-    if key in _MEMORY:
-        return _MEMORY[key], False
-    path = cache_dir / f"{key}.pt" if cache_dir is not None else None
+def cached_features(encoder: Encoder, samples: Samples, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
+    """Features for `samples`, from the disk cache or the encoder: (features, computed_now)."""
+    path = cache_dir / f"{cache_key(encoder, samples)}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             feats = torch.load(path, map_location="cpu", weights_only=True)
-            if feats.shape == (len(samples), backbone.feature_dim):
-                _MEMORY[key] = feats
+            if isinstance(feats, torch.Tensor) and feats.shape == (len(samples), encoder.feature_dim):
                 return feats, False
-        except (RuntimeError, EOFError, OSError):
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError):
             pass  # a torn or foreign cache file is recomputed, never trusted
-    feats = extract(backbone, samples.images)
-    _MEMORY[key] = feats
+    feats = extract(encoder, samples.inputs)
     if path is not None:
         atomic.torch_save(feats, path)
     return feats, True

@@ -1,58 +1,60 @@
-"""The exported adapted model: frozen backbone + trained head + preprocessing, in one file.
+"""The exported adapted model: frozen encoder + trained head, in one file.
 
 Load it with one call, `server.export.load_model(path)`, offline: the file carries the
-backbone's weights (no hub download) and is read with `torch.load(weights_only=True)`,
-so opening a model file never runs code from it.
+encoder's describe() and weights (no hub download) and is read with
+`torch.load(weights_only=True)`, so opening a model file never runs code from it. Only the
+`Encoder` interface is used here: any kind the registry can rebuild can be exported.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from common import atomic
-from common.backbones import REGISTRY, FrozenModule, ImageBackbone, Preprocess, state_dict_fingerprint
-from common.config import BackboneConfig
+from common.backbones import format1_description
+from common.data import MAX_CLASSES
+from common.encoder_registry import rebuild_encoder
+from common.encoders import Encoder, EncoderError, encoder_fingerprint, state_dict_fingerprint
 from common.exchange import PREFIX
 from common.head import make_head
 
-FORMAT = "fedtransfer-model/1"
+FORMAT = "fedtransfer-model/2"
+FORMAT_V1 = "fedtransfer-model/1"  # torchvision backbone fields at the top level; still readable
+
+
+class ModelFileError(ValueError):
+    """A model file cannot be used: names the file and what is wrong with it."""
 
 
 class AdaptedModel(nn.Module):
-    """Float images in [0, 1], (N, C, H, W), any size, 1 or 3 channels -> class logits."""
+    """The encoder's raw inputs (uint8 images (N, H, W, C) for an image encoder) -> class logits."""
 
-    def __init__(self, preprocess: Preprocess, backbone: FrozenModule, head: nn.Module, classes: list[str]) -> None:
+    def __init__(self, encoder: Encoder, head: nn.Module, classes: list[str]) -> None:
         super().__init__()
-        self.preprocess, self.backbone, self.head = preprocess, backbone, head
-        self.classes = classes
+        self.encoder, self.head, self.classes = encoder, head, classes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(self.preprocess(x)))
+    def forward(self, inputs: Any) -> torch.Tensor:
+        return self.head(self.encoder.embed(inputs))
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray) -> list[str]:
-        """uint8 images (N, H, W, C) -> class names."""
+    def predict(self, inputs: Any) -> list[str]:
+        """Raw inputs -> class names."""
         self.eval()
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-        return [self.classes[i] for i in self(x).argmax(1).tolist()]
+        return [self.classes[i] for i in self(inputs).argmax(1).tolist()]
 
 
-def export_model(
-    path: Path, cfg: BackboneConfig, backbone: ImageBackbone, head: nn.Module, hidden: int, classes: list[str]
-) -> Path:
+def export_model(path: Path, encoder: Encoder, head: nn.Module, hidden: int, classes: list[str]) -> Path:
     payload = {
         "format": FORMAT,
-        "backbone_config": asdict(cfg),
-        "backbone_state": {k: v.cpu() for k, v in backbone.module.net.state_dict().items()},
-        "backbone_fingerprint": backbone.fingerprint,
-        "mean": list(backbone.mean),
-        "std": list(backbone.std),
+        "encoder": encoder.describe(),
+        "encoder_state": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "encoder_fingerprint": encoder.fingerprint,
         "head_hidden": hidden,
         "head_state": {k: v.cpu() for k, v in head.state_dict().items()},
         "classes": list(classes),
@@ -62,22 +64,43 @@ def export_model(
 
 
 def load_model(path: str | Path) -> AdaptedModel:
-    """Rebuild the adapted model from an exported file; refuses a file whose backbone was altered."""
-    raw = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a fedtransfer model file (format {FORMAT} expected)")
-    cfg = BackboneConfig(**raw["backbone_config"])
-    net = torchvision.models.get_model(cfg.name, weights=None)
-    REGISTRY[cfg.name].strip(net)
-    net.load_state_dict(raw["backbone_state"])
-    if state_dict_fingerprint(net.state_dict()) != raw["backbone_fingerprint"]:
-        raise ValueError(f"{path}: backbone weights do not match the recorded fingerprint; the file was altered")
-    head_state = raw["head_state"]
-    num_classes = len(raw["classes"])
-    head = make_head(REGISTRY[cfg.name].feature_dim, num_classes, raw["head_hidden"])
-    head.load_state_dict(head_state)
-    preprocess = Preprocess(cfg.image_size, tuple(raw["mean"]), tuple(raw["std"]))
-    return AdaptedModel(preprocess, FrozenModule(net), head.eval(), list(raw["classes"])).eval()
+    """Rebuild the adapted model from an exported file; refuses a file whose encoder was altered."""
+    raw = _read(Path(path))
+    classes, hidden = raw.get("classes"), raw.get("head_hidden")
+    if not isinstance(classes, list) or not 1 <= len(classes) <= MAX_CLASSES:
+        raise ModelFileError(f"{path}: needs a list of 1..{MAX_CLASSES} class names")
+    if type(hidden) is not int or not 0 <= hidden <= 65_536:
+        raise ModelFileError(f"{path}: head_hidden must be an integer in 0..65536")
+    try:
+        encoder = rebuild_encoder(*_encoder_fields(raw))
+        head = make_head(encoder.feature_dim, len(classes), hidden)
+        head.load_state_dict(raw["head_state"])
+    except (EncoderError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+        first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ModelFileError(f"{path}: {first}") from None
+    return AdaptedModel(encoder, head.eval(), [str(c) for c in classes]).eval()
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ModelFileError(f"{path}: cannot read a model file ({type(err).__name__})") from None
+    if not isinstance(raw, dict) or raw.get("format") not in (FORMAT, FORMAT_V1):
+        raise ModelFileError(f"{path}: not a fedtransfer model file (format {FORMAT} expected)")
+    return raw
+
+
+def _encoder_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """(describe(), state_dict(), fingerprint) as stored; a format-1 file is read as the image encoder it holds."""
+    if raw["format"] == FORMAT:
+        return raw["encoder"], raw["encoder_state"], raw["encoder_fingerprint"]
+    # format 1 recorded the fingerprint of the weights alone: check it, then fingerprint as format 2 does
+    state = raw["backbone_state"]
+    if state_dict_fingerprint(state) != raw["backbone_fingerprint"]:
+        raise EncoderError("encoder weights do not match the recorded fingerprint; the file was altered")
+    description = format1_description(raw["backbone_config"], raw["mean"], raw["std"])
+    return description, state, encoder_fingerprint(state, description)
 
 
 def head_from_arrays(arrays: dict[str, np.ndarray], feature_dim: int, num_classes: int, hidden: int) -> nn.Module:

@@ -27,9 +27,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common import atomic, locking
-from common.backbones import load_backbone, resolve_device
 from common.config import RunConfig, to_nested
 from common.data import federation_for
+from common.encoder_registry import load_encoder, resolve_device
 from common.exchange import head_spec, head_to_arrays
 from common.features import cached_features
 from common.head import evaluate_head, make_head
@@ -85,7 +85,7 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
 
 
 def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
-    encoder = load_backbone(cfg.backbone, resolve_device(cfg.device))
+    encoder = load_encoder(cfg.backbone, resolve_device(cfg.device))
     fed = federation_for(cfg)
     test_x, _ = cached_features(encoder, fed.server_test, cfg.cache_path)
     classes = list(fed.server_test.classes)
@@ -174,7 +174,7 @@ def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray],
                    f"{cfg.train.min_sites} sites; see the per-site reasons in metrics.jsonl")  # fmt: skip
     model = None
     if failure is None:
-        model = export_model(cfg.output_path / "model.pt", cfg.backbone, co.encoder, co.head(head), cfg.head.hidden,
+        model = export_model(cfg.output_path / "model.pt", co.encoder, co.head(head), cfg.head.hidden,
                              co.classes)  # fmt: skip
     summary = recorder.finish(head, accuracy, model, failure)
     return RunResult(cfg.output_path, recorder.run_id, accuracy, model, summary["status"], failure)

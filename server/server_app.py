@@ -10,9 +10,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from common import atomic
-from common.backbones import BackboneError
 from common.config import ConfigError, config_from_run_config
 from common.data import DataError
+from common.encoders import EncoderError
 from server.federation import run_federation
 
 app = ServerApp()
@@ -24,7 +24,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         cfg = config_from_run_config(context.run_config)
         run_federation(grid, cfg, resume=cfg.resume)
-    except (ConfigError, DataError, BackboneError) as err:
+    except (ConfigError, DataError, EncoderError) as err:
         log(ERROR, "fedtransfer: %s", err)
         if cfg is not None:
             cfg.output_path.mkdir(parents=True, exist_ok=True)

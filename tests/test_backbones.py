@@ -1,8 +1,11 @@
-"""Frozen backbones: registry, offline-only weights, hash checks, fingerprints, frozen BatchNorm."""
+"""Image encoders: registry, offline-only weights, hash checks, fingerprints, frozen BatchNorm, model files."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,17 +16,20 @@ import torch
 import torchvision
 
 from common.backbones import (
-    REGISTRY,
+    IMAGE_BACKBONES,
     BackboneError,
     ImageBackbone,
     file_sha256,
     hub_checkpoint_path,
     load_backbone,
-    state_dict_fingerprint,
 )
 from common.config import BackboneConfig
-from common.data import Samples
+from common.data import MAX_CLASSES, Samples
+from common.encoder_registry import rebuild_encoder
+from common.encoders import CATALOG, EncoderError, encoder_fingerprint, state_dict_fingerprint
 from common.features import cached_features
+from common.head import make_head
+from server.export import FORMAT_V1, ModelFileError, export_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +61,15 @@ def _batch(seed: int, n: int = 2) -> np.ndarray:
 
 def test_registry_has_the_documented_backbones() -> None:
     expected = {"mobilenet_v2", "mobilenet_v3_small", "resnet18", "resnet50", "vgg16", "efficientnet_b0"}
-    assert expected <= set(REGISTRY)
+    assert expected <= set(IMAGE_BACKBONES)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize("name", sorted(IMAGE_BACKBONES))
 def test_every_backbone_maps_images_to_features(name: str) -> None:
     net = load_backbone(BackboneConfig(name=name, weights="none", image_size=32))
     features = net.embed(_batch(0))
-    assert features.shape == (2, REGISTRY[name].feature_dim)
-    assert net.feature_dim == REGISTRY[name].feature_dim
+    assert features.shape == (2, CATALOG[name].feature_dim)
+    assert net.feature_dim == CATALOG[name].feature_dim
     assert features.dtype == torch.float32
     assert torch.isfinite(features).all()
 
@@ -126,12 +132,13 @@ def test_local_weights_file_matches_hub_fingerprint(backbone: ImageBackbone) -> 
     assert torch.equal(local.embed(batch), backbone.embed(batch))
 
 
-def test_fingerprint_covers_every_weight(backbone: ImageBackbone) -> None:
-    state = {k: v.clone() for k, v in backbone.module.net.state_dict().items()}
-    assert state_dict_fingerprint(state) == backbone.fingerprint
+def test_fingerprint_covers_every_weight_and_the_preprocessing(backbone: ImageBackbone) -> None:
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert encoder_fingerprint(state, backbone.describe()) == backbone.fingerprint
+    assert encoder_fingerprint(state, backbone.describe() | {"image_size": 64}) != backbone.fingerprint
     name = next(k for k, v in state.items() if v.is_floating_point() and k.endswith("weight"))
     state[name].view(-1)[0] += 1e-3
-    assert state_dict_fingerprint(state) != backbone.fingerprint
+    assert encoder_fingerprint(state, backbone.describe()) != backbone.fingerprint
     assert state_dict_fingerprint({"a": torch.zeros(2, 3)}) != state_dict_fingerprint({"a": torch.zeros(3, 2)})
 
 
@@ -152,7 +159,7 @@ def test_batchnorm_stays_frozen(backbone: ImageBackbone) -> None:
     assert backbone.module.training is False
     assert not any(m.training for m in backbone.module.modules())
     assert not any(p.requires_grad for p in backbone.module.parameters())
-    assert state_dict_fingerprint(backbone.module.net.state_dict()) == backbone.fingerprint
+    assert encoder_fingerprint(backbone.state_dict(), backbone.describe()) == backbone.fingerprint
 
 
 def test_features_do_not_depend_on_batch_companions(backbone: ImageBackbone) -> None:
@@ -160,3 +167,87 @@ def test_features_do_not_depend_on_batch_companions(backbone: ImageBackbone) -> 
     together = backbone.embed(images)
     alone = backbone.embed(images[:1])
     torch.testing.assert_close(together[:1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_description_is_json_and_names_kind_and_preprocessing(backbone: ImageBackbone) -> None:
+    description = json.loads(json.dumps(backbone.describe()))
+    assert description == backbone.describe()
+    assert description["kind"] == backbone.kind == "image"
+    assert description["name"] == backbone.name == "mobilenet_v2"
+    assert description["image_size"] == 32
+    assert len(description["mean"]) == len(description["std"]) == 3
+
+
+def test_rebuilt_encoder_embeds_identically(backbone: ImageBackbone) -> None:
+    rebuilt = rebuild_encoder(backbone.describe(), backbone.state_dict(), backbone.fingerprint)
+    assert rebuilt.fingerprint == backbone.fingerprint
+    batch = _batch(6)
+    assert torch.equal(rebuilt.embed(batch), backbone.embed(batch))
+
+
+def test_rebuilding_refuses_altered_weights_and_unknown_kinds(backbone: ImageBackbone) -> None:
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name].view(-1)[0] += 1.0
+    with pytest.raises(EncoderError, match="fingerprint"):
+        rebuild_encoder(backbone.describe(), state, backbone.fingerprint)
+    with pytest.raises(EncoderError, match="kind 'audio'"):
+        rebuild_encoder(backbone.describe() | {"kind": "audio"}, state, backbone.fingerprint)
+    with pytest.raises(EncoderError, match="not a mobilenet_v2 state dict"):
+        rebuild_encoder(backbone.describe(), {"x": torch.zeros(1)}, backbone.fingerprint)
+
+
+def _exported(backbone: ImageBackbone, path: Path, classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    head = make_head(backbone.feature_dim, classes, 0)
+    export_model(path, backbone, head, 0, [f"c{i}" for i in range(classes)])
+    return head
+
+
+def test_model_file_predicts_like_encoder_plus_head(backbone: ImageBackbone, tmp_path: Path) -> None:
+    head = _exported(backbone, tmp_path / "model.pt")
+    model = load_model(tmp_path / "model.pt")
+    batch = _batch(7, n=5)
+    expected = head(backbone.embed(batch)).argmax(1).tolist()
+    assert model.predict(batch) == [f"c{i}" for i in expected]
+    assert model.encoder.describe() == backbone.describe()
+
+
+def test_format_1_model_files_still_load(backbone: ImageBackbone, tmp_path: Path) -> None:
+    head = _exported(backbone, tmp_path / "model.pt")
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    legacy = {"format": FORMAT_V1, "backbone_config": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1",
+              "weights_file": None, "weights_sha256": None, "image_size": 32},
+              "backbone_state": state, "backbone_fingerprint": state_dict_fingerprint(state),
+              "mean": list(backbone.mean), "std": list(backbone.std), "head_hidden": 0,
+              "head_state": head.state_dict(), "classes": ["c0", "c1", "c2"]}  # fmt: skip
+    torch.save(legacy, tmp_path / "old.pt")
+    batch = _batch(8, n=4)
+    assert load_model(tmp_path / "old.pt").predict(batch) == load_model(tmp_path / "model.pt").predict(batch)
+    legacy["backbone_fingerprint"] = "0" * 64
+    torch.save(legacy, tmp_path / "altered.pt")
+    with pytest.raises(ModelFileError, match=r"altered\.pt: .*fingerprint"):
+        load_model(tmp_path / "altered.pt")
+
+
+def test_model_file_errors_name_the_file(backbone: ImageBackbone, tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    _exported(backbone, path)
+    raw = torch.load(path, weights_only=True)
+    raw["encoder_state"][next(iter(raw["encoder_state"]))].view(-1)[0] += 1.0
+    torch.save(raw, tmp_path / "altered.pt")
+    with pytest.raises(ModelFileError, match=r"altered\.pt: .*the file was altered"):
+        load_model(tmp_path / "altered.pt")
+    raw = torch.load(path, weights_only=True) | {"classes": [str(i) for i in range(MAX_CLASSES + 1)]}
+    torch.save(raw, tmp_path / "classes.pt")
+    with pytest.raises(ModelFileError, match=rf"classes\.pt: .*1\.\.{MAX_CLASSES} class names"):
+        load_model(tmp_path / "classes.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ModelFileError, match=r"junk\.pt: cannot read"):
+        load_model(tmp_path / "junk.pt")
+
+
+def test_config_and_encoder_names_load_without_torch() -> None:
+    code = ("import sys; from common.config import RunConfig; RunConfig(); "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from flwr.common.config import flatten_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from common.config import (
     BackboneConfig,
@@ -223,3 +225,124 @@ def test_yaml_scientific_notation_without_a_dot_is_a_number(tmp_path: Path) -> N
     path = tmp_path / "c.yaml"
     path.write_text("privacy:\n  target_delta: 1e-5\n")  # PyYAML alone reads this as the string '1e-5'
     assert load_config(path).privacy.target_delta == 1e-5
+
+
+def _alias_bomb(levels: int, width: int = 10) -> str:
+    """A YAML flow list whose anchors nest `levels` deep: width**levels items once expanded.
+
+    PyYAML shares aliased nodes, so loading it is cheap; printing it expands every alias.
+    """
+    items = ["&a0 [" + ", ".join(["x"] * width) + "]"]
+    items += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+def test_error_echoes_a_bounded_value_for_a_yaml_alias_bomb(tmp_path: Path) -> None:
+    # 10**6 items under a known key: the message used to repr all of them (and 10**9 exhausts memory)
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"train:\n  rounds: {_alias_bomb(6)}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: train.rounds: must be an integer")
+    assert len(message) < 300 + len(str(path))
+
+
+@pytest.mark.parametrize(
+    "value", ["x y" * 50_000, 10**200, {"k" * 10_000: 1}, "line\nbreak", list(range(100_000))]
+)
+def test_every_echoed_value_is_short_and_one_line(value: object) -> None:
+    for raw in ({"run_name": value}, {"privacy": {"target_epsilon": value}}, {"data": {"split": value}}):
+        message = _error(raw)
+        assert len(message) < 300, message[:100]
+
+
+def test_unknown_key_that_is_huge_or_multiline_is_echoed_bounded() -> None:
+    for key in ("k" * 100_000, "two\nlines"):
+        message = _error({key: 1})
+        assert len(message) < 400
+        assert "unknown key" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"seed: \xff\xfe\n", "not UTF-8"),
+        (b"when: 2024-13-45\n", "not valid YAML"),
+        (b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"seed: " + b"9" * 5000 + b"\n", "not valid YAML"),
+    ],
+)
+def test_unparseable_files_are_config_errors_naming_the_file(tmp_path: Path, text: bytes, expected: str) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text)
+    for load in (load_config, load_site_config):
+        with pytest.raises(ConfigError) as info:
+            load(path)
+        assert str(path) in str(info.value)
+        assert expected in str(info.value)
+
+
+def test_integer_too_large_for_a_float_is_a_config_error() -> None:
+    assert "finite number" in _error({"privacy": {"target_epsilon": 10**400}})
+
+
+_SECTION_KEYS = {
+    "": ["run_name", "seed", "device", "output_dir", "resume", "secure_aggregation", "backbone", "data", "train",
+         "privacy", "secagg", "head"],
+    "backbone": ["name", "weights", "weights_file", "weights_sha256", "image_size"],
+    "data": ["source", "path", "split", "alpha", "num_sites", "max_samples", "site_test_fraction"],
+    "train": ["rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "min_sites", "max_update_norm"],
+    "privacy": ["enabled", "target_epsilon", "target_delta", "accountant"],
+    "secagg": ["num_shares", "reconstruction_threshold", "quantization_range"],
+}
+_leaves = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.binary(max_size=10),
+    st.sampled_from(["", "1e-5", "nan", "inf", "fedavg", "mnist", "folders", "none", "mobilenet_v2", "resnet18"]),
+)
+_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=12)  # fmt: skip
+
+
+@st.composite
+def _configs(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly-known keys with arbitrary values, plus arbitrary keys: reaches every validator."""
+    raw: dict[str, Any] = {}
+    for section, keys in _SECTION_KEYS.items():
+        chosen = draw(st.dictionaries(st.sampled_from(keys), _values, max_size=3))
+        if section:
+            raw[section] = chosen if draw(st.booleans()) else draw(_values)
+        else:
+            raw |= chosen
+    return raw | draw(st.dictionaries(st.text(max_size=8), _values, max_size=2))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_configs())
+def test_fuzzed_configs_fail_only_with_a_short_config_error(raw: dict[str, Any]) -> None:
+    for build in (config_from_dict, lambda r: config_from_run_config(flatten_dict(r) if _flattenable(r) else r)):
+        try:
+            build(raw)
+        except ConfigError as err:
+            assert "\n" not in str(err)
+            assert len(str(err)) < 500
+
+
+def _flattenable(raw: object) -> bool:
+    try:
+        flatten_dict(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return True
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_fuzzed_yaml_text_fails_only_with_a_config_error(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz.yaml"
+    path.write_text(text, encoding="utf-8", errors="surrogateescape")
+    for load in (load_config, load_site_config):
+        try:
+            load(path)
+        except ConfigError as err:
+            assert "\n" not in str(err)

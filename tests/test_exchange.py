@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -98,8 +99,7 @@ def test_different_backbone_fingerprint_is_declined(backbone: ImageBackbone, tmp
 
 
 def test_pinned_app_version_is_enforced(backbone: ImageBackbone, tmp_path: Path) -> None:
-    site = _site(backbone, tmp_path)
-    site.accept_app_version = "0.0.9"
+    site = dataclasses.replace(_site(backbone, tmp_path), accept_app_version="0.0.9")  # a Site is frozen
     with pytest.raises(Declined, match=r"pins app version 0\.0\.9"):
         client_app._train(site, CFG, _train_message(backbone))
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.training import LocalTraining, train_head
-from common.backbones import load_backbone, resolve_device
+from common.backbones import load_backbone
 from common.config import BackboneConfig
+from common.dp_training import LocalTraining, train_head
+from common.encoder_registry import resolve_device
 from common.head import evaluate_head, make_head
 from common.privacy import epsilon_of, plan_dp
 

@@ -1,0 +1,59 @@
+"""Build an encoder from the run config, or rebuild one from a model file: one table, keyed by kind.
+
+A new kind of encoder (text, tabular) adds its `CATALOG` entries in common/encoders.py and
+one `EncoderKind` row here; sites, the server, the feature cache and export are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.backbones import load_backbone, rebuild_backbone
+from common.config import BackboneConfig
+from common.encoders import CATALOG, Encoder, EncoderError
+
+
+@dataclass(frozen=True)
+class EncoderKind:
+    """How one kind of encoder is built from the config and rebuilt from (describe(), state_dict())."""
+
+    load: Callable[[BackboneConfig, str], Encoder]
+    rebuild: Callable[[Mapping[str, Any], Mapping[str, torch.Tensor], str], Encoder]
+
+
+KINDS: dict[str, EncoderKind] = {"image": EncoderKind(load_backbone, rebuild_backbone)}
+
+
+def load_encoder(cfg: BackboneConfig, device: str) -> Encoder:
+    """The configured encoder, frozen, from offline weights only (device as resolve_device gives it)."""
+    return KINDS[CATALOG[cfg.name].kind].load(cfg, device)
+
+
+def rebuild_encoder(
+    description: Mapping[str, Any], state: Mapping[str, torch.Tensor], fingerprint: str, device: str = "cpu"
+) -> Encoder:
+    """An encoder from the describe() and state_dict() it was saved with; refuses altered weights.
+
+    `fingerprint` is the one recorded next to them: a rebuilt encoder whose weights or
+    settings differ from what was saved is an error, never a silently different model.
+    """
+    kind = description.get("kind")
+    if kind not in KINDS:
+        raise EncoderError(f"encoder kind {str(kind)[:40]!r} is not known here (known: {', '.join(KINDS)})")
+    encoder = KINDS[kind].rebuild(description, state, device)
+    if encoder.fingerprint != fingerprint:
+        raise EncoderError("encoder weights or settings do not match the recorded fingerprint; the file was altered")
+    return encoder
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks the site's GPU when it has one; asking for cuda without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EncoderError("device: cuda requested but no CUDA GPU is visible here; use device: auto or cpu")
+    return device

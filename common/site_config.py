@@ -1,0 +1,87 @@
+"""A site's own YAML file: its data, its disk and the privacy limits it sets for itself.
+
+The server never sends this file and cannot change it. Relative paths in it mean relative
+to the file (not to wherever Flower starts the SuperNode); `site_paths` resolves them once
+for the ClientApp, the auditor and the deploy checks alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from common.config_parse import ConfigError, build, read_yaml, require
+from common.names import SITE_NAME_RULE, is_site_name
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """Limits a site sets for itself; the server's run config can only ask within them."""
+
+    max_epsilon: float = 8.0
+    max_delta: float = 1e-5
+    max_rounds: int = 100
+    min_noise_multiplier: float = 0.0
+    max_clip_norm: float = 10.0
+    require_dp: bool = True
+    require_secure_aggregation: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.max_epsilon > 0, "policy.max_epsilon", "must be > 0", self.max_epsilon)
+        require(0 < self.max_delta < 1, "policy.max_delta", "must be in (0, 1)", self.max_delta)
+        require(self.max_rounds >= 1, "policy.max_rounds", "must be >= 1", self.max_rounds)
+        require(self.min_noise_multiplier >= 0, "policy.min_noise_multiplier", "must be >= 0",
+                self.min_noise_multiplier)  # fmt: skip
+        require(self.max_clip_norm > 0, "policy.max_clip_norm", "must be > 0", self.max_clip_norm)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
+
+    name: str
+    data_source: Literal["imagefolder", "npz", "mnist", "digits"]
+    data_path: str | None = None
+    test_fraction: float = 0.2
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    state_dir: str = "~/.fedtransfer/site"
+    cache_dir: str | None = None
+    accept_app_version: str | None = None
+    policy: SitePolicy = field(default_factory=SitePolicy)
+
+    def __post_init__(self) -> None:
+        require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
+        needs_path = self.data_source in ("imagefolder", "npz")
+        require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
+        require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read a site's YAML file; problems are one-line ConfigErrors naming the file."""
+    path = Path(path)
+    raw = read_yaml(path, "site config")
+    try:
+        return build(SiteConfig, {} if raw is None else raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+@dataclass(frozen=True)
+class SitePaths:
+    """Where a deployed site's files are, every relative path resolved against its config file."""
+
+    data: Path | None  # the data_path (None for the built-in sources)
+    state_dir: Path  # ledger, audit log, secret seed, reply cache
+    cache_dir: Path  # cached features (default: state_dir/features)
+
+
+def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
+    """Resolve the site's paths the one way every reader of a site config must."""
+
+    def local(value: str) -> Path:
+        return (config_path.parent / Path(value).expanduser()).resolve()
+
+    state_dir = local(site.state_dir)
+    cache_dir = local(site.cache_dir) if site.cache_dir else state_dir / "features"
+    return SitePaths(local(site.data_path) if site.data_path else None, state_dir, cache_dir)
