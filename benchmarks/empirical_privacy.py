@@ -3,7 +3,7 @@
 Runs the empirical test of `fedtransfer audit --empirical` (server/audit/empirical.py) on one
 simulated site of a config: the site's own training procedure and DP plan over every round,
 with canaries, attacked, bounded with the one-run method. Prints a table and writes
-benchmarks/results/empirical_privacy.json.
+empirical_privacy.json into benchmarks/results/ (or $FEDTRANSFER_BENCH_RESULTS).
 
     .venv/bin/python -m benchmarks.empirical_privacy [--config configs/demo.yaml] [--canaries 1000]
 """
@@ -14,15 +14,14 @@ import argparse
 import json
 import platform
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.harness import results_dir
 from common.config import load_config
 from server.audit.empirical import CanarySettings, audit_training, simulated_sites, with_target
 
-RESULT = Path(__file__).resolve().parent / "results" / "empirical_privacy.json"
 COLUMNS = (
     "target ε",
     "claimed ε",
@@ -83,9 +82,10 @@ def main() -> None:
         "guess_counts": settings.guess_counts, "seed": settings.seed,
     }  # fmt: skip
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps({"params": params, "machine": machine, "rows": rows}, indent=2, ensure_ascii=False))
-    print(f"written: {RESULT}")
+    result = results_dir() / "empirical_privacy.json"
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps({"params": params, "machine": machine, "rows": rows}, indent=2, ensure_ascii=False))
+    print(f"written: {result}")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,14 @@ from common.exchange import head_to_arrays, load_head
 from common.head import evaluate_head, make_head
 from common.privacy import epsilon_of, plan_dp
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "FEDTRANSFER_BENCH_RESULTS"
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"  # the committed full-size runs
+
+
+def results_dir() -> Path:
+    """Where results are written: $FEDTRANSFER_BENCH_RESULTS when set (smoke runs, experiments), else
+    benchmarks/results/, so a trial run never has to overwrite the committed results."""
+    return Path(os.environ.get(RESULTS_ENV) or DEFAULT_RESULTS).expanduser()
 
 
 def machine() -> dict[str, Any]:
@@ -54,8 +61,10 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 
 
 def write_results(name: str, rows: list[dict[str, Any]], params: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """`name`.json in `results_dir()`: the rows, the parameters and the machine they were measured on."""
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     payload = {"benchmark": name, "machine": machine(), "params": params, "rows": rows, "time": time.time()}
     path.write_text(json.dumps(payload, indent=2))
     print(f"\nwritten: {path}")

@@ -3,40 +3,42 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from benchmarks.harness import RESULTS_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+COMMITTED = ROOT / "benchmarks" / "results"
 
 
-def _run(module: str, *args: str, timeout: int = 600, name: str | None = None) -> dict:
-    name = name or module.split(".")[-1]
-    if module == "benchmarks.accuracy":
-        size = args[args.index("--image-size") + 1] if "--image-size" in args else "64"
-        name = f"accuracy_{args[1]}" + ("" if size == "64" else f"_{size}px")
-    path = RESULTS / f"{name}.json"
-    before = path.read_bytes() if path.exists() else None
-    try:
+def _run(module: str, *args: str, timeout: int = 600) -> dict:
+    """Run one benchmark with its results sent to a temporary folder; return the one JSON it wrote there.
+
+    The committed full-size results in benchmarks/results/ must come out byte for byte as they went in.
+    """
+    committed = {p.name: p.read_bytes() for p in COMMITTED.glob("*.json")}
+    with tempfile.TemporaryDirectory(prefix="bench-smoke-") as folder:
         done = subprocess.run(
             [sys.executable, "-m", module, *args],
             cwd=ROOT,
+            env=os.environ | {RESULTS_ENV: folder},
             capture_output=True,
             text=True,
             timeout=timeout,
             check=False,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "written:" in done.stdout
-        return json.loads(path.read_text())
-    finally:  # a smoke run must not replace the committed full-size results
-        if before is not None:
-            path.write_bytes(before)
-        else:
-            path.unlink(missing_ok=True)
+        (path,) = Path(folder).glob("*.json")
+        assert f"written: {path}" in done.stdout
+        result = json.loads(path.read_text())
+    assert {p.name: p.read_bytes() for p in COMMITTED.glob("*.json")} == committed
+    return result
 
 
 def test_communication_head_is_near_the_floor_and_far_below_full_model() -> None:
@@ -111,7 +113,7 @@ def test_secure_aggregation_smoke() -> None:
 @pytest.mark.slow
 def test_secure_aggregation_with_fewer_neighbours_than_sites() -> None:
     args = ("--sites", "5", "--rounds", "2", "--num-shares", "3", "--threshold", "2")
-    plain, secure = _run("benchmarks.secure_aggregation", *args, name="secure_aggregation_neighbours")["rows"]
+    plain, secure = _run("benchmarks.secure_aggregation", *args)["rows"]
     assert (secure["num_shares"], secure["threshold"]) == (3, 2)
     assert secure["sites_trained"] == plain["sites_trained"] == 5
     assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02

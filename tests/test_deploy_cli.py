@@ -14,7 +14,7 @@ import yaml
 
 import deploy.supernode
 from cli.main import main
-from common.config import SiteConfig, SitePolicy, config_from_dict, load_site_config, to_nested
+from common.config import SiteConfig, SitePolicy, config_from_dict, load_config, load_site_config, to_nested
 from deploy import cli as deploy_cli
 from deploy.cli import resume_config
 from deploy.credentials import init_deployment
@@ -41,6 +41,19 @@ def test_site_example_documents_every_key() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(SiteConfig) if f.default is not dataclasses.MISSING}
     del defaults["data_path"]  # required for npz, so the example names one
     assert {k: getattr(example, k) for k in defaults} == defaults
+
+
+def _keys(raw: dict, prefix: str = "") -> set[str]:
+    return {k for key, value in raw.items() for k in (_keys(value, f"{prefix}{key}.") if isinstance(value, dict)
+                                                      else {f"{prefix}{key}"})}  # fmt: skip
+
+
+def test_coordinator_example_is_a_complete_run_config() -> None:
+    """deploy/run.example.yaml lists every key demo.yaml does, and loads."""
+    example = yaml.safe_load((REPO / "deploy" / "run.example.yaml").read_text())
+    assert _keys(example) == _keys(yaml.safe_load((REPO / "configs" / "demo.yaml").read_text()))
+    cfg = load_config(REPO / "deploy" / "run.example.yaml")
+    assert cfg.output_path.is_absolute() and cfg.data.source == "npz"
 
 
 def _site_yaml(tmp_path: Path, **keys: object) -> Path:
