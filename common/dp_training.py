@@ -56,8 +56,6 @@ def train_head(
     data = TensorDataset(features.to(device), labels.to(device))
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=plan is None)
     optimizer = torch.optim.SGD(head.parameters(), lr=opts.learning_rate, momentum=opts.momentum)
-    anchor = [p.detach().clone() for p in head.parameters()]
-    criterion = nn.CrossEntropyLoss()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
         # Opacus' hooks on a head fed with features (no input grad) trigger this harmless PyTorch notice.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -76,27 +74,42 @@ def train_head(
                 max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True,
             )
-        model.train()
-        total, count, steps = 0.0, 0, 0
-        for _ in range(opts.epochs):
-            for x, y in loader:
-                optimizer.zero_grad(set_to_none=True)
-                if len(y):  # Poisson sampling may draw an empty batch; it still counts as a step
-                    loss = criterion(model(x), y)
-                    loss.backward()
-                    total += loss.item() * len(y)
-                    count += len(y)
-                elif engine is not None:
-                    # Opacus needs (zero-size) per-sample gradients to clip, noise and account an empty step
-                    model(x).sum().backward()
-                optimizer.step()
-                steps += 1
-                if opts.proximal_mu > 0:
-                    _proximal_step(head, anchor, opts.learning_rate * opts.proximal_mu)
+        loss, steps = _epochs(model, head, optimizer, loader, opts, private=engine is not None)
     new_history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(history)
     if engine is not None:
         _detach_opacus(model)
-    return TrainOutcome(total / max(count, 1), steps, new_history)
+    return TrainOutcome(loss, steps, new_history)
+
+
+def _epochs(
+    model: nn.Module,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    opts: LocalTraining,
+    private: bool,
+) -> tuple[float, int]:
+    """The local epochs: (mean training loss, optimizer steps). Under DP, `model` is Opacus' wrapper of `head`."""
+    criterion = nn.CrossEntropyLoss()
+    anchor = [p.detach().clone() for p in head.parameters()]
+    model.train()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(opts.epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(y):  # Poisson sampling may draw an empty batch; it still counts as a step
+                loss = criterion(model(x), y)
+                loss.backward()
+                total += loss.item() * len(y)
+                count += len(y)
+            elif private:
+                # Opacus needs (zero-size) per-sample gradients to clip, noise and account an empty step
+                model(x).sum().backward()
+            optimizer.step()
+            steps += 1
+            if opts.proximal_mu > 0:
+                _proximal_step(head, anchor, opts.learning_rate * opts.proximal_mu)
+    return total / max(count, 1), steps
 
 
 def _proximal_step(head: nn.Module, anchor: list[torch.Tensor], rate: float) -> None:

@@ -8,6 +8,7 @@ training run on synthetic features and take about a second.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,11 @@ from cli.main import main
 from common.audit_log import record_hash
 from common.config import config_from_dict, load_site_config
 from common.dp_training import TrainOutcome
+from common.finite_json import finite
+from common.privacy import epsilon_of
 from server.audit.empirical import CanarySettings, audit_training
 from server.simulation import simulate
+from tests.synthetic_run import DP, RUN_ID, RunSpec, run_epsilon, write_run
 
 SMALL = {
     "run_name": "audit",
@@ -331,3 +335,119 @@ def test_deployed_site_data_is_read_like_the_site_reads_it(tmp_path: Path) -> No
     assert site.name == "bank-c" and site.num_classes == 4
     assert site.features.shape == (32, 1280) and len(site.labels) == 32  # the site's train split: 80% of 40
     assert len(list((folder / "state" / "features").glob("*.pt"))) == 1  # relative to site.yaml, not to the cwd
+
+
+# ---------------------------------------------------------------------------- written runs: no Flower needed
+
+
+def _written(tmp_path: Path, **spec: Any) -> Path:
+    return write_run(tmp_path / "run", RunSpec(**spec))
+
+
+def test_a_written_honest_run_passes(tmp_path: Path, capsys) -> None:
+    """The builder writes what an honest run writes: the tests below break exactly one thing each."""
+    code, out, report = _audit(_written(tmp_path), capsys)
+    assert code == 0, out
+    assert [s["updates_matched"] for s in report["sites"]] == [2, 2]
+    assert report["sites"][0]["epsilon_recomputed"] == pytest.approx(run_epsilon(2), rel=1e-12)
+
+
+def test_a_run_that_never_aggregated_an_update_fails(tmp_path: Path, capsys) -> None:
+    code, out, _ = _audit(_written(tmp_path, trained={}), capsys)
+    assert code == 1
+    run = tmp_path / "run"
+    assert f"FAIL [completion] {run / 'audit.jsonl'}: no site's update was received in any round" in out
+    line = _line_of(run / SERVER_LOG, "round-aggregated", round=1)
+    assert (f"FAIL [completion] {run / SERVER_LOG}:{line}: round 1 aggregated 0 site(s) [], fewer than "
+            "train.min_sites = 2") in out  # fmt: skip
+
+
+def test_a_round_below_min_sites_fails(tmp_path: Path, capsys) -> None:
+    code, out, _ = _audit(_written(tmp_path, trained={1: ["site-0", "site-1"], 2: ["site-0"]}), capsys)
+    assert code == 1
+    line = _line_of(tmp_path / "run" / SERVER_LOG, "round-aggregated", round=2)
+    assert f"{SERVER_LOG}:{line}: round 2 aggregated 1 site(s) ['site-0'], fewer than train.min_sites = 2" in out
+    assert "round 1 aggregated" not in out
+
+
+def test_a_failed_run_fails_with_its_reason(tmp_path: Path, capsys) -> None:
+    status = {"status": "failed", "reason": "round 2: no site trained"}
+    code, out, report = _audit(_written(tmp_path, status=status), capsys)
+    assert code == 1
+    assert f"FAIL [completion] {tmp_path / 'run' / 'status.json'}: run status is 'failed': round 2: no site" in out
+    assert [c["passed"] for c in report["checks"] if c["check"] == "completion"] == [False]
+
+
+def _ledger(tmp_path: Path, runs: dict[str, list[tuple[float, float, int]]]) -> Path:
+    """A site config whose state folder holds a ledger with these runs, in this order."""
+    state = tmp_path / "site-0-state"
+    state.mkdir()
+    ledger = {"runs": {key: {"history": [list(h) for h in history], "rounds": []} for key, history in runs.items()}}
+    (state / "privacy-ledger.json").write_text(json.dumps(ledger), encoding="utf-8")
+    return state
+
+
+EARLIER, LATER = [(1.0, 0.1, 50)], [(1.0, 0.2, 300)]
+
+
+@pytest.mark.parametrize("later_runs", [False, True], ids=["alone", "site-ran-again"])
+def test_policy_counts_only_runs_before_the_audited_one(tmp_path: Path, capsys, later_runs: bool) -> None:
+    """An honest run keeps passing its policy audit after the site has run again."""
+    run = _written(tmp_path)
+    this = [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"] * 2)]
+    runs = {"earlier": EARLIER, RUN_ID: this} | ({"later": LATER} if later_runs else {})
+    _ledger(tmp_path, runs)
+    counted = run_epsilon(2) + epsilon_of(EARLIER, DP["delta"], "rdp")
+    config = _site_config(tmp_path, max_epsilon=round(counted * 1.02, 4))
+    code, out, report = _audit(run, capsys, "--site-config", str(config))
+    assert code == 0, out
+    status = report["sites"][0]["policy_status"]
+    assert status.startswith("respected") and "held before it" in status
+
+
+def test_policy_still_counts_an_earlier_run(tmp_path: Path, capsys) -> None:
+    run = _written(tmp_path)
+    _ledger(tmp_path, {"earlier": LATER, RUN_ID: [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"] * 2)]})
+    config = _site_config(tmp_path, max_epsilon=round(run_epsilon(2) * 1.5, 4))
+    code, out, _ = _audit(run, capsys, "--site-config", str(config))
+    assert code == 1
+    assert f"FAIL [policy] {config}: site-0: ε " in out and "the runs" in out and "> policy.max_epsilon" in out
+
+
+def test_policy_says_when_earlier_runs_cannot_be_known(tmp_path: Path, capsys) -> None:
+    """A ledger without this run (restored from an old backup, say) cannot tell which runs came first."""
+    run = _written(tmp_path)
+    _ledger(tmp_path, {"other": LATER})
+    config = _site_config(tmp_path, max_epsilon=3.0)
+    code, out, report = _audit(run, capsys, "--site-config", str(config))
+    assert code == 0, out
+    assert "cannot be counted" in report["sites"][0]["policy_status"]
+    assert f"note: site-0: earlier runs not counted against policy.max_epsilon: {tmp_path}" in out
+
+
+def test_unwritable_report_dir_is_exit_2_in_one_line(tmp_path: Path, capsys) -> None:
+    run = _written(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    assert main(["audit", str(run), "--report-dir", str(blocker / "report")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert captured.err.startswith(f"fedtransfer: error: --report-dir {blocker / 'report'}: cannot write the audit")
+
+
+def test_unreadable_run_dir_is_exit_2(tmp_path: Path, capsys) -> None:
+    run = _written(tmp_path)
+    run.chmod(0)
+    try:
+        if os.access(run, os.R_OK):
+            pytest.skip("this user reads any folder (root): permissions cannot make one unreadable")
+        assert main(["audit", str(run), "--report-dir", str(tmp_path / "report")]) == 2
+        assert capsys.readouterr().err == f"fedtransfer: error: {run}: cannot be read (permission denied); run the " \
+            "audit as a user who can read it\n"
+    finally:
+        run.chmod(0o755)
+
+
+def test_reports_hold_no_infinities() -> None:
+    """JSON has no inf/nan: every report writer (audit, privacy.json, metrics) cleans through one function."""
+    assert finite({"a": [float("inf"), (1.0, float("nan"))], "b": "x"}) == {"a": [None, [1.0, None]], "b": "x"}

@@ -179,3 +179,15 @@ def test_site_policy_accepts_a_plan_within_limits() -> None:
     enforce_policy(SitePolicy(max_epsilon=4.0, max_rounds=5, min_noise_multiplier=1.0), CFG, _dp_plan(), 1.0)
     enforce_policy(SitePolicy(require_dp=False), CFG, None, 0.0)
     enforce_policy(None, CFG, None, 0.0)  # simulation: the run config is the site's own
+
+
+def test_spent_before_counts_only_runs_the_ledger_held_before_this_one(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    plan = _dp_plan(target_delta=DELTA)
+    a, b, c = [(1.0, 0.25, 10)], [(2.0, 0.1, 30)], [(1.5, 0.2, 20)]
+    for key, history in (("a", a), ("b", b), ("c", c)):
+        PrivacyLedger(path, key).record_round(1, plan, history)
+    PrivacyLedger(path, "a").record_round(2, plan, a + a)  # a later round keeps a's place in the order
+    assert PrivacyLedger(path, "a").spent_before(DELTA, "rdp") == 0.0
+    assert PrivacyLedger(path, "c").spent_before(DELTA, "rdp") == pytest.approx(epsilon_of(a + a + b, DELTA, "rdp"))
+    assert PrivacyLedger(path, "never-trained").spent_before(DELTA, "rdp") is None

@@ -37,10 +37,10 @@ from common.encoder_registry import load_encoder
 from common.encoders import Encoder
 from common.features import cached_features
 from common.head import make_head
-from common.privacy import epsilon_of, plan_dp
+from common.privacy import DPPlan, epsilon_of, plan_dp
 from common.site_config import site_paths
 from server.audit.empirical_stats import audit_from_scores
-from server.audit.findings import AuditReport, Evidence, Failure
+from server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure
 
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)  # k = fraction × m; Bonferroni over these four
 
@@ -63,31 +63,6 @@ class CanarySettings:
     def guess_counts(self) -> list[int]:
         half = self.num_canaries // 2
         return sorted({min(half, max(1, round(f * self.num_canaries))) for f in GUESS_FRACTIONS})
-
-
-@dataclass(frozen=True)
-class EmpiricalResult:
-    """One audited training: the bound, the claim it is compared to, and the evidence."""
-
-    private: bool  # False: the positive control, trained without noise or clipping
-    claimed_epsilon: float | None  # what the bound must not exceed; None: no claim
-    delta: float
-    eps_lower_bound: float
-    eps_ceiling: float  # what a perfect attack would prove with these canaries: no bound can exceed it
-    confidence: float
-    num_canaries: int
-    num_included: int
-    best_k: int
-    num_guesses: int
-    num_correct: int
-    noise_multiplier: float | None
-    steps: int
-    scores_in: list[float]
-    scores_out: list[float]
-
-    @property
-    def exceeds_claim(self) -> bool:
-        return self.claimed_epsilon is not None and self.eps_lower_bound > self.claimed_epsilon
 
 
 def make_canaries(
@@ -139,23 +114,9 @@ def audit_training(
     included = rng.random(settings.num_canaries) < 0.5
     x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
-    t, p = cfg.train, cfg.privacy
-    plan = None
-    if private:
-        with warnings.catch_warnings():  # "optimal order is the largest alpha": conservative, as in epsilon_of
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-            plan = plan_dp(len(y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon, p.target_delta,
-                           p.max_grad_norm, p.accountant)  # fmt: skip
-    mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
-    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, mu)
-    torch.manual_seed(settings.seed)
-    head = make_head(features.shape[1], num_classes, cfg.head.hidden)
-    history: list[tuple[float, float, int]] = []
-    steps = 0
-    with _single_thread():
-        for rnd in range(t.rounds):  # the site alone, every round of the run: the strongest position for the attack
-            outcome = train_head(head, x, y, opts, plan, history, seed=settings.seed * 100_003 + rnd)
-            history, steps = outcome.history, steps + outcome.steps
+    p = cfg.privacy
+    plan = _plan(len(y), cfg) if private else None
+    head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed)
     if plan is not None and claimed_epsilon is None:
         claimed_epsilon = epsilon_of(history, p.target_delta, p.accountant)
     scores = canary_scores(head, canaries, canary_labels)
@@ -179,6 +140,33 @@ def audit_training(
         scores_in=scores[included].tolist(),
         scores_out=scores[~included].tolist(),
     )
+
+
+def _plan(num_samples: int, cfg: RunConfig) -> DPPlan:
+    """The DP plan the site would make for this many samples, over every round of the run."""
+    t, p = cfg.train, cfg.privacy
+    with warnings.catch_warnings():  # "optimal order is the largest alpha": conservative, as in epsilon_of
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return plan_dp(num_samples, t.batch_size, t.local_epochs, t.rounds, p.target_epsilon, p.target_delta,
+                       p.max_grad_norm, p.accountant)  # fmt: skip
+
+
+def _train_like_the_site(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, plan: DPPlan | None, seed: int
+) -> tuple[nn.Module, list[tuple[float, float, int]], int]:
+    """A fresh head trained with the site's own procedure for every round: the head, accountant history, steps."""
+    t = cfg.train
+    mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
+    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, mu)
+    torch.manual_seed(seed)
+    head = make_head(x.shape[1], num_classes, cfg.head.hidden)
+    history: list[tuple[float, float, int]] = []
+    steps = 0
+    with _single_thread():
+        for rnd in range(t.rounds):  # the site alone, every round of the run: the strongest position for the attack
+            outcome = train_head(head, x, y, opts, plan, history, seed=seed * 100_003 + rnd)
+            history, steps = outcome.history, steps + outcome.steps
+    return head, history, steps
 
 
 @dataclass(frozen=True)

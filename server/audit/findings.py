@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.config import RunConfig
-
-if TYPE_CHECKING:
-    from server.audit.empirical import EmpiricalResult
 
 SERVER_LOG = "audit.jsonl"
 CHECKS = {
@@ -91,6 +88,31 @@ class RoundDP:
     clip_norm: float
     epsilon_claimed: float | None
     epsilon_recomputed: float
+
+
+@dataclass(frozen=True)
+class EmpiricalResult:
+    """One training of the empirical test (empirical.py): the bound, the claim it is compared to, the evidence."""
+
+    private: bool  # False: the positive control, trained without noise or clipping
+    claimed_epsilon: float | None  # what the bound must not exceed; None: no claim
+    delta: float
+    eps_lower_bound: float
+    eps_ceiling: float  # what a perfect attack would prove with these canaries: no bound can exceed it
+    confidence: float
+    num_canaries: int
+    num_included: int
+    best_k: int
+    num_guesses: int
+    num_correct: int
+    noise_multiplier: float | None
+    steps: int
+    scores_in: list[float]
+    scores_out: list[float]
+
+    @property
+    def exceeds_claim(self) -> bool:
+        return self.claimed_epsilon is not None and self.eps_lower_bound > self.claimed_epsilon
 
 
 @dataclass

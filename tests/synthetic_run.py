@@ -1,0 +1,106 @@
+"""A run folder written record by record, as the server and its sites write it, in milliseconds.
+
+The audit only reads files, so its checks can be tested without starting Flower: this
+writes the server's and every site's hash-chained log with the real `AuditLog`, ε claims
+computed with the real accountant (`common.privacy.epsilon_of`), privacy.json,
+config.json, status.json and a model.pt whose head is the last aggregate. Arguments say
+which sites trained in which round, so a test can write an honest run or a broken one.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.audit_log import AuditLog, update_digest
+from common.config import config_from_dict, to_nested
+from common.privacy import epsilon_of
+from common.protocol import Event
+
+HEAD = ("head.1.bias", "head.1.weight")
+DP = {"noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 20, "clip_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
+RUN_ID = "synthetic-run"
+
+
+@dataclass
+class RunSpec:
+    """What happened: the sites, and which of them trained (and were aggregated) in each round."""
+
+    sites: tuple[str, ...] = ("site-0", "site-1")
+    rounds: int = 2
+    min_sites: int = 2
+    trained: dict[int, list[str]] | None = None  # round -> sites; None: every site every round
+    status: dict[str, Any] = field(default_factory=lambda: {"status": "completed"})
+
+    def trained_in(self, rnd: int) -> list[str]:
+        return list(self.sites) if self.trained is None else self.trained.get(rnd, [])
+
+
+def write_run(run_dir: Path, spec: RunSpec) -> Path:
+    """Write the run folder (simulation layout: site logs under sites/<name>/) and return it."""
+    run_dir.mkdir(parents=True)
+    cfg = config_from_dict({"train": {"rounds": spec.rounds, "min_sites": spec.min_sites},
+                            "data": {"num_sites": len(spec.sites)},
+                            "privacy": {"target_epsilon": 3.0, "target_delta": DP["delta"]}})  # fmt: skip
+    (run_dir / "config.json").write_text(json.dumps(to_nested(cfg)), encoding="utf-8")
+    server = AuditLog(run_dir / "audit.jsonl")
+    server.append(Event.RUN_STARTED, run_id=RUN_ID, round=1, head=list(HEAD))
+    rng = np.random.default_rng(0)
+    head = _head(rng)
+    claims: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.sites}
+    for rnd in range(1, spec.rounds + 1):
+        updates = []
+        for name in spec.trained_in(rnd):
+            update = _head(rng)
+            digest = update_digest(update)
+            _site_log(run_dir, name).append(Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest,
+                                            dp=DP)  # fmt: skip
+            server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
+            history = [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
+            epsilon = epsilon_of(history, DP["delta"], DP["accountant"])
+            claims[name].append({"round": rnd, "status": "trained", "epsilon": epsilon} | _per_round())
+            updates.append(update)
+        if len(updates) >= spec.min_sites:
+            head = {k: np.mean([u[k] for u in updates], axis=0).astype(np.float32) for k in HEAD}
+        server.append(Event.ROUND_AGGREGATED, run_id=RUN_ID, round=rnd, sites=sorted(spec.trained_in(rnd)),
+                      aggregate=update_digest(head))  # fmt: skip
+    _write_privacy(run_dir, claims)
+    torch.save({"head_state": {k.removeprefix("head."): torch.from_numpy(v) for k, v in head.items()}},
+               run_dir / "model.pt")  # fmt: skip
+    server.append(Event.MODEL_EXPORTED, run_id=RUN_ID, round=spec.rounds, head=update_digest(head))
+    (run_dir / "status.json").write_text(json.dumps(spec.status | {"run_id": RUN_ID}), encoding="utf-8")
+    return run_dir
+
+
+def _head(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"head.1.bias": rng.standard_normal(3).astype(np.float32),
+            "head.1.weight": rng.standard_normal((3, 4)).astype(np.float32)}  # fmt: skip
+
+
+def _per_round() -> dict[str, Any]:
+    return {k: DP[k] for k in ("noise_multiplier", "sample_rate", "steps", "clip_norm")} | {"num_examples": 100}
+
+
+def _site_log(run_dir: Path, name: str) -> AuditLog:
+    folder = run_dir / "sites" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return AuditLog(folder / "audit.jsonl")
+
+
+def _write_privacy(run_dir: Path, claims: dict[str, list[dict[str, Any]]]) -> None:
+    sites = {}
+    for name, rounds in claims.items():
+        spent = rounds[-1]["epsilon"] if rounds else 0.0
+        sites[name] = {"epsilon": spent, "delta": DP["delta"] if rounds else None, "accountant": DP["accountant"],
+                       "per_round": rounds}  # fmt: skip
+    (run_dir / "privacy.json").write_text(json.dumps({"run_id": RUN_ID, "sites": sites}), encoding="utf-8")
+
+
+def run_epsilon(rounds: int) -> float:
+    """ε a site claims after training `rounds` rounds of this run."""
+    return epsilon_of([(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * rounds, DP["delta"], "rdp")
