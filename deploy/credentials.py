@@ -32,7 +32,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -146,17 +146,7 @@ def init_deployment(out_dir: Path, sites: list[str], hosts: list[str], force: bo
         if keep:
             _check_site_pair(paths.sites[s])
 
-    for directory in [
-        paths.root,
-        paths.ca_cert.parent,
-        paths.server_cert.parent,
-        *(kp.private_key.parent for kp in paths.sites.values()),
-    ]:
-        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-        directory.chmod(DIR_MODE)
-    if paths.sites:
-        (paths.root / "sites").chmod(DIR_MODE)
-
+    _make_private_dirs(paths)
     created: list[Path] = []
     kept: list[Path] = []
     if keep_ca:
@@ -177,32 +167,34 @@ def init_deployment(out_dir: Path, sites: list[str], hosts: list[str], force: bo
         if keep_site[s]:
             kept += [kp.private_key, kp.public_key]
             continue
-        key = ec.generate_private_key(_CURVE())
-        private = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write(kp.private_key, private, PRIVATE_FILE_MODE, force)
-        _write(
-            kp.public_key,
-            public + f" fedtransfer-{s}\n".encode(),
-            PUBLIC_FILE_MODE,
-            force,
-        )
+        _write_site_pair(s, kp, force)
         created += [kp.private_key, kp.public_key]
+    return replace(paths, created=tuple(created), kept=tuple(kept))
 
-    return DeploymentCredentials(
-        root=paths.root,
-        ca_cert=paths.ca_cert,
-        ca_key=paths.ca_key,
-        server_cert=paths.server_cert,
-        server_key=paths.server_key,
-        sites=paths.sites,
-        created=tuple(created),
-        kept=tuple(kept),
+
+def _make_private_dirs(paths: DeploymentCredentials) -> None:
+    """Every folder of the layout, owner-only even when it existed before."""
+    for directory in [
+        paths.root,
+        paths.ca_cert.parent,
+        paths.server_cert.parent,
+        *(kp.private_key.parent for kp in paths.sites.values()),
+    ]:
+        directory.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        directory.chmod(DIR_MODE)
+    if paths.sites:
+        (paths.root / "sites").chmod(DIR_MODE)
+
+
+def _write_site_pair(site: str, pair: SiteKeyPair, force: bool) -> None:
+    """A new OpenSSH EC key pair: the private key for the SuperNode, the public line for registration."""
+    key = ec.generate_private_key(_CURVE())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    _write(pair.private_key, private, PRIVATE_FILE_MODE, force)
+    _write(pair.public_key, public + f" fedtransfer-{site}\n".encode(), PUBLIC_FILE_MODE, force)
 
 
 def _existing_pair(private: Path, public: Path) -> bool:
