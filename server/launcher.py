@@ -98,7 +98,7 @@ def submit_run(
         raise LaunchError(f"the run ended without writing {status_path}; see {log_path}")
     status = json.loads(status_path.read_text(encoding="utf-8"))
     if status.get("status") != "completed":
-        raise LaunchError(status.get("error", f"the run failed; see {log_path}"))
+        raise LaunchError(f"{status.get('reason') or 'the run failed'}; see {log_path}")
     return RunOutcome(status, flower_run_id)
 
 

@@ -28,4 +28,4 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, "fedtransfer: %s", err)
         if cfg is not None:
             cfg.output_path.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(cfg.output_path / "status.json", json.dumps({"status": "failed", "error": str(err)}))
+            atomic.write_text(cfg.output_path / "status.json", json.dumps({"status": "failed", "reason": str(err)}))

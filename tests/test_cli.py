@@ -173,3 +173,45 @@ def test_no_private_entry_points_beside_the_command() -> None:
     mains = [p.relative_to(root) for p in own if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8")]
     assert mains == []
     assert os.path.isfile(root / "cli" / "__main__.py")
+
+
+_FAKE_FLWR = """\
+import json, sys, tomllib
+from pathlib import Path
+
+cfg = tomllib.loads(Path(sys.argv[sys.argv.index("--run-config") + 1]).read_text())
+print("Successfully started run 4242", flush=True)
+print("\\x1b[92mINFO \\x1b[0m:      configure_train: Sampled 2 nodes (out of 2)", flush=True)
+print("\\x1b[92mINFO \\x1b[0m:      round 1/1 | sites trained 2/2 | server acc 0.5 | sites' acc - | x", flush=True)
+status = {"status": "completed", "run_id": "abc", "final_accuracy": 0.5}
+if cfg["run_name"] == "fails":
+    status = {"status": "failed", "run_id": "abc", "reason": "round(s) [1] did not aggregate"}
+Path(cfg["output_dir"], "status.json").write_text(json.dumps(status))
+"""
+
+
+@pytest.mark.parametrize("outcome", ["completed", "fails"])
+def test_launcher_keeps_the_whole_log_and_reads_the_verdict(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], outcome: str
+) -> None:
+    """`submit_run` against a stand-in `flwr`: Flower's run id, run.log, one console line, status.json's verdict."""
+    import sys
+
+    from common.config import config_from_dict
+    from server import launcher
+
+    fake = tmp_path / "flwr"
+    fake.write_text(f"#!{sys.executable}\n{_FAKE_FLWR}")
+    fake.chmod(0o755)
+    monkeypatch.setattr(launcher, "flower_bin", lambda _name: str(fake))
+    cfg = config_from_dict({"run_name": outcome, "output_dir": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "status.json").write_text('{"status": "completed"}')  # an earlier run's verdict
+    if outcome == "completed":
+        done = launcher.submit_run(cfg, "conn", env=launcher.flower_env(), app_dir=tmp_path)
+        assert done.flower_run_id == 4242 and done.status["run_id"] == "abc"
+    else:
+        with pytest.raises(launcher.LaunchError, match=r"did not aggregate; see .*run\.log"):
+            launcher.submit_run(cfg, "conn", env=launcher.flower_env(), app_dir=tmp_path)
+    assert capsys.readouterr().out.splitlines() == ["round 1/1 | sites trained 2/2 | server acc 0.5 | sites' acc - | x"]
+    assert "configure_train" in (tmp_path / "run" / "run.log").read_text()
