@@ -1,4 +1,6 @@
 # make demo: run the default federation. make test: the test suite. Both create .venv when missing.
+# make bench: every benchmark at its short size, results into benchmarks/results/ (the committed
+# figures) unless FEDTRANSFER_BENCH_RESULTS names another folder.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedtransfer-installed
