@@ -13,8 +13,11 @@ that was in flight when it stopped. Files are written atomically on the site's o
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -51,8 +54,8 @@ class ReplyCache:
         path = self._path(run_id)
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except (FileNotFoundError, RuntimeError, EOFError, OSError):
-            return None
+        except (FileNotFoundError, RuntimeError, EOFError, OSError, pickle.UnpicklingError):
+            return None  # absent, torn or foreign: answered by training, never trusted
         if not isinstance(raw, dict) or raw.get("format") != FORMAT or raw.get("key") != key:
             return None
         return RecordDict(
@@ -62,14 +65,19 @@ class ReplyCache:
         )
 
     def save(self, run_id: str, key: str, reply: RecordDict) -> None:
+        """Plain str keys and values only: `torch.load(weights_only=True)` refuses any other class, enums too."""
         payload = {
             "format": FORMAT,
             "key": key,
             "arrays": {
-                name: {k: torch.from_numpy(v.copy()) for k, v in arrays_to_numpy(rec).items()}
+                str(name): {str(k): torch.from_numpy(v.copy()) for k, v in arrays_to_numpy(rec).items()}
                 for name, rec in reply.array_records.items()
             },
-            "metrics": {name: dict(rec) for name, rec in reply.metric_records.items()},
-            "configs": {name: dict(rec) for name, rec in reply.config_records.items()},
+            "metrics": {str(name): _plain(rec) for name, rec in reply.metric_records.items()},
+            "configs": {str(name): _plain(rec) for name, rec in reply.config_records.items()},
         }
         atomic.torch_save(payload, self._path(run_id))
+
+
+def _plain(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): str(v) if isinstance(v, str) else v for k, v in record.items()}
