@@ -24,7 +24,10 @@ NPZ_SPLITS = ("train", "val", "test")
 # Pillow's high-bit-depth grayscale modes and their bit depth (mode "I" from a 16-bit PGM or PNG holds 0..65535).
 _DEEP_GRAY_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
 # What numpy and zipfile raise on a damaged .npz, and decoders on a damaged image: refused as DataError.
-_NPZ_ERRORS = (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+# MemoryError: a damaged header can declare an array of terabytes, which numpy allocates before reading.
+_NPZ_ERRORS = (
+    OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, MemoryError
+)  # fmt: skip
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error, zlib.error)
 
 
@@ -114,7 +117,8 @@ def _npz_members(path: Path) -> dict[str, np.ndarray]:
             try:
                 arrays[name] = npz[name]
             except _NPZ_ERRORS as err:
-                raise DataError(f"{path}: member {name} is corrupt ({type(err).__name__}); re-export it") from None
+                why = f"is corrupt or too large ({type(err).__name__})"
+                raise DataError(f"{path}: member {name} {why}; re-export the file") from None
             if not isinstance(arrays[name], np.ndarray):
                 raise DataError(f"{path}: member {name} is not a .npy array; re-export the file")
     return arrays
