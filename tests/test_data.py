@@ -444,3 +444,14 @@ def test_truncated_png_names_the_file(tmp_path: Path) -> None:
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
     path.write_bytes(path.read_bytes()[:200])
     _refused(lambda: load_image_folder(tmp_path, 8), str(path))
+
+
+def test_npz_member_declaring_a_terabyte_is_refused(tmp_path: Path) -> None:
+    # numpy allocates what the header declares before reading: MemoryError used to escape.
+    path = tmp_path / "med.npz"
+    np.savez(path, train_labels=np.zeros(4, dtype=np.int64))
+    with zipfile.ZipFile(path, "a") as archive, archive.open("train_images.npy", "w") as member:
+        header = {"descr": "|u1", "fortran_order": False, "shape": (10**12,)}
+        np.lib.format.write_array_header_1_0(member, header)
+        member.write(b"\0" * 64)
+    _refused(lambda: load_npz(path), str(path), "train_images")
