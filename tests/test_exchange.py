@@ -14,13 +14,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import message_to_proto
 
-from client import client_app
+from client import client_app, train_round
 from client.site import Declined, Site
 from common.backbones import ImageBackbone, load_backbone
 from common.config import BackboneConfig, DataConfig, PrivacyConfig, RunConfig, TrainConfig, to_run_config
 from common.data import Samples, SiteData
 from common.exchange import check_arrays, head_spec, head_to_arrays, load_head, wire_bytes
 from common.head import make_head
+from common.protocol import REFUSAL_CODE, DPRecord, Refusal, site_of
 
 CLASSES = 10
 CFG = RunConfig(train=TrainConfig(rounds=2, local_epochs=1, batch_size=50), privacy=PrivacyConfig(target_delta=1e-3))
@@ -65,7 +66,7 @@ def _train_message(backbone: ImageBackbone, **changes: str | int) -> Message:
 @pytest.fixture(scope="module")
 def reply(backbone: ImageBackbone, tmp_path_factory: pytest.TempPathFactory) -> tuple[Message, RecordDict]:
     msg = _train_message(backbone)
-    return msg, client_app._train(_site(backbone, tmp_path_factory.mktemp("site")), CFG, msg)
+    return msg, train_round.train(_site(backbone, tmp_path_factory.mktemp("site")), CFG, msg)
 
 
 def test_reply_carries_only_the_head(backbone: ImageBackbone, reply: tuple[Message, RecordDict]) -> None:
@@ -77,6 +78,10 @@ def test_reply_carries_only_the_head(backbone: ImageBackbone, reply: tuple[Messa
     assert check_arrays(content["arrays"], spec) is None
     assert all(isinstance(v, int | float) for v in content["metrics"].values())
     assert content["metrics"]["epsilon"] > 0
+    dp = DPRecord.from_mapping(content["dp"])  # the DP parameters travel typed, spelt as in the site's log
+    assert dp.noise_multiplier > 0 and dp.steps == content["metrics"]["steps"] and dp.accountant == "rdp"
+    assert "train-loss" not in content["metrics"], "under DP the loss is an unaccounted release: it stays at the site"
+    assert site_of(content) == "site-x"
 
 
 def test_reply_size_is_the_head_and_nothing_more(backbone: ImageBackbone, reply: tuple[Message, RecordDict]) -> None:
@@ -94,14 +99,14 @@ def test_reply_size_is_the_head_and_nothing_more(backbone: ImageBackbone, reply:
 def test_different_backbone_fingerprint_is_declined(backbone: ImageBackbone, tmp_path: Path) -> None:
     msg = _train_message(backbone, **{"backbone-fingerprint": "0" * 64})
     with pytest.raises(Declined, match="fingerprint"):
-        client_app._train(_site(backbone, tmp_path), CFG, msg)
+        train_round.train(_site(backbone, tmp_path), CFG, msg)
     assert not (tmp_path / "privacy-ledger.json").exists(), "nothing is spent on a declined round"
 
 
 def test_pinned_app_version_is_enforced(backbone: ImageBackbone, tmp_path: Path) -> None:
     site = dataclasses.replace(_site(backbone, tmp_path), accept_app_version="0.0.9")  # a Site is frozen
     with pytest.raises(Declined, match=r"pins app version 0\.0\.9"):
-        client_app._train(site, CFG, _train_message(backbone))
+        train_round.train(site, CFG, _train_message(backbone))
 
 
 def _arrays(**tensors: torch.Tensor) -> ArrayRecord:
@@ -172,9 +177,10 @@ def test_malformed_message_becomes_an_error_reply(backbone: ImageBackbone, tmp_p
     msg = _message(head_to_arrays(make_head(backbone.feature_dim, CLASSES)), **{"server-round": 1, "run-id": "r"})
     answer = client_app.train(msg, _context(tmp_path))
     assert answer.has_error()
-    assert answer.error.code == client_app.DECLINED
-    assert answer.error.reason.startswith("site-0: ")
-    assert "backbone-fingerprint" in answer.error.reason
+    refusal = Refusal.from_error(answer.error)
+    assert answer.error.code == REFUSAL_CODE and refusal is not None
+    assert refusal.site == "site-0"
+    assert "backbone-fingerprint" in refusal.reason
     assert answer.metadata.reply_to_message_id == msg.metadata.message_id
 
 
