@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -47,28 +46,9 @@ def _image_files(target: Path) -> list[Path]:
     return files
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
-    """One image as RGB uint8 size²; a file PIL cannot or must not decode is a one-line DataError."""
-    from PIL import Image, UnidentifiedImageError
-
-    from common.data import DataError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # past the limit: refuse, not warn
-            with Image.open(path) as img:
-                return np.asarray(img.convert("RGB").resize((size, size)), dtype=np.uint8)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise DataError(
-            f"{path}: more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,}); "
-            "shrink the image or leave it out"
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path}: cannot read image ({type(err).__name__}); fix or remove the file") from None
-
-
 def _predict(args: argparse.Namespace) -> int:
     from common.data import DataError
+    from common.datafiles import read_image  # the training loader's decoding: 16-bit scaling, same resize
     from server.export import load_model
 
     model_path = Path(args.model)
@@ -82,7 +62,7 @@ def _predict(args: argparse.Namespace) -> int:
     size = int(description["image_size"])
     for start in range(0, len(files), BATCH):
         names = files[start : start + BATCH]
-        batch = np.stack([_read_image(f, size) for f in names])
+        batch = np.stack([read_image(f, size) for f in names])
         for f, label in zip(names, model.predict(batch), strict=True):
             print(f"{f}\t{label}")
     return 0

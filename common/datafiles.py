@@ -52,8 +52,11 @@ def read_image(file: Path, image_size: int) -> np.ndarray:
                 return np.asarray(rgb.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
     except DataError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{file}: refused as a possible decompression bomb ({err}); downscale the image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(
+            f"{file}: more pixels than PIL's decompression-bomb limit ({Image.MAX_IMAGE_PIXELS:,}); "
+            "shrink the image or leave it out"
+        ) from None
     except _DECODE_ERRORS as err:
         raise DataError(f"{file}: cannot read image ({type(err).__name__}); fix or remove the file") from None
 
@@ -67,7 +70,7 @@ def _eight_bit_rgb(img: Image.Image, file: Path) -> Image.Image:
         raise DataError(f"{file}: floating-point pixels are not supported; export the image as 8- or 16-bit integers")
     if img.mode not in _DEEP_GRAY_MODES:
         return img.convert("RGB")
-    declared = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample: e.g. 12 bits in a 16-bit container
+    declared = getattr(img, "tag_v2", {}).get(258)  # TIFF BitsPerSample: 32 for a 32-bit TIFF in mode "I"
     declared = declared[0] if isinstance(declared, tuple) and declared else declared
     bits = declared if isinstance(declared, int) and 8 < declared <= 32 else _DEEP_GRAY_MODES[img.mode]
     values = np.asarray(img).astype(np.float64)
