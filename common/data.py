@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunConfig
-from common.site_config import SiteConfig, SitePaths
 from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz
+from common.site_config import SiteConfig, SitePaths
 
 MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label), not a task: refused
 
