@@ -9,6 +9,7 @@ from Flower's flattened run config (`flwr run .`), so both paths run one configu
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,36 @@ class SecAggConfig:
         _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
 
 
+_TRACKING_URI = re.compile(r"(https?|sqlite|postgresql|mysql|mssql)(\+\w+)?://.+|databricks(://.*)?")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment tracking of the run (server side), off unless asked for.
+
+    `uri` "" keeps a local store in the run's own folder (nothing to start); a team with a
+    tracking server or database gives its URI. The run's files stay the record either way.
+    """
+
+    enabled: bool = False
+    uri: str = ""
+    experiment: str = "fedtransfer"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.uri == "" or _TRACKING_URI.fullmatch(self.uri),
+            "tracking.uri",
+            "\"\" (a local store in output_dir) or http(s)://, sqlite:///, postgresql://, mysql://, mssql://, databricks",
+            self.uri,
+        )
+        _require(
+            0 < len(self.experiment) <= 250 and self.experiment.isprintable(),
+            "tracking.experiment",
+            "a name of 1-250 printable characters",
+            self.experiment,
+        )
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run_name: str = "demo"
@@ -219,6 +250,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -305,6 +337,7 @@ __all__ = [
     "SecAggConfig",
     "SiteConfig",
     "SitePolicy",
+    "TrackingConfig",
     "TrainConfig",
     "config_from_dict",
     "config_from_run_config",
