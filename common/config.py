@@ -224,7 +224,7 @@ class TrackingConfig:
         _require(
             self.uri == "" or _TRACKING_URI.fullmatch(self.uri),
             "tracking.uri",
-            "\"\" (a local store in output_dir) or http(s)://, sqlite:///, postgresql://, mysql://, mssql://, databricks",
+            "'' (a local store in output_dir) or http(s)://, sqlite:///, postgresql://, mysql://, mssql://, databricks",
             self.uri,
         )
         _require(

@@ -22,7 +22,7 @@ from common.audit_log import AuditLog, update_digest
 from common.config import RunConfig
 from common.finite_json import finite
 from common.protocol import Event, SiteStatus
-from server import checkpoint, report
+from server import checkpoint, report, tracking
 from server.rounds import TrainRound
 from server.sites import SiteRound
 
@@ -96,6 +96,7 @@ class RunRecorder:
         }
         report.append_metrics(self.run_dir, line)
         report.write_privacy(self.run_dir, self.run_id, self.sites)
+        tracking.round_done(self.cfg, self.run_id, line)
         return line
 
     def failed_rounds(self) -> list[int]:
@@ -122,4 +123,5 @@ class RunRecorder:
             summary = {"status": "failed", **summary, "reason": failure}
             log(WARNING, "Run %s FAILED: %s; no model exported", self.run_id, failure)
         atomic.write_text(self.run_dir / STATUS, json.dumps(finite(summary), indent=2))
+        tracking.finished(self.cfg, self.run_id, self.run_dir, summary)
         return summary
