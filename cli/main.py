@@ -98,15 +98,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from common.config import ConfigError
     from common.data import DataError
     from common.encoders import EncoderError
+    from common.locking import FolderInUse
     from deploy.credentials import CredentialsError
     from deploy.launch import PortError
     from deploy.supernode import ActivationError
-    from server.launcher import LaunchError
+    from server.launcher import LaunchError, RunFailed
 
     user_errors = (ConfigError, DataError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError,
-                   ValueError)  # fmt: skip
+                   FolderInUse, ValueError)  # fmt: skip
     try:
         return args.func(args)
+    except RunFailed as failed:  # it ran, and failed: not the user's input, and never a success
+        print(f"fedtransfer: {failed}", file=sys.stderr)
+        return 1
     except user_errors as err:
         print(f"fedtransfer: error: {err}", file=sys.stderr)
         return 2

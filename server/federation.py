@@ -35,6 +35,7 @@ from common.features import cached_features
 from common.head import evaluate_head, make_head
 from common.protocol import Cfg
 from server import checkpoint, report, run_folder
+from server.console import round_summary
 from server.export import export_model, head_from_arrays
 from server.recorder import RoundReport, RunRecorder
 from server.rounds import evaluate_round, plain_round, secure_train_round
@@ -185,12 +186,9 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:
+    """The one console line of a round (server.console shows it by default, and little else)."""
     eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
     fed = record["federated"]
-    log(
-        INFO,
-        "round %d/%d | sites trained %d/%d | server acc %.4f | sites' acc %s | ε spent max %s (target %s) | %.1fs",
-        rnd, cfg.train.rounds, record["sites_trained"], asked, record["server"]["accuracy"],
-        f"{fed['accuracy']:.4f}" if fed else "-", f"{max(eps):.3f}" if eps else "-",
-        f"{cfg.privacy.target_epsilon:g}" if cfg.privacy.enabled else "no DP", record["time_s"],
-    )  # fmt: skip
+    log(INFO, "%s", round_summary(rnd, cfg.train.rounds, record["sites_trained"], asked, record["server"]["accuracy"],
+                                  fed["accuracy"] if fed else None, max(eps) if eps else None,
+                                  cfg.privacy.target_epsilon if cfg.privacy.enabled else None, record["time_s"]))

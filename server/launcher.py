@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,7 +24,9 @@ from typing import Any
 
 import tomli_w
 
+from common import atomic, locking
 from common.config import RunConfig, to_nested
+from server import run_folder
 from server.console import ConsoleFilter
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run` ships: the repository root
@@ -35,6 +38,10 @@ _FLOWER_RUN_ID = re.compile(r"Successfully started run (\d+)")
 
 class LaunchError(RuntimeError):
     """A run could not be submitted or did not complete; the message says why and where to look."""
+
+
+class RunFailed(LaunchError):
+    """The run ran and ended FAILED (status.json says so and why): no model was exported."""
 
 
 @dataclass(frozen=True)
@@ -82,32 +89,42 @@ def submit_run(
     """
     cfg = absolute_paths(cfg)
     run_dir = cfg.output_path
+    if cfg.resume and (done := run_folder.completed(run_dir)) is not None:
+        return RunOutcome(done, None)  # resuming a completed run does nothing, and writes nothing
+    locking.check_free(run_dir)  # another run holds the folder: refuse before writing a byte into it
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_dir / "run-config.toml"
-    overrides.write_text(tomli_w.dumps(to_nested(cfg)), encoding="utf-8")
-    status_path = run_dir / "status.json"
-    status_path.unlink(missing_ok=True)  # never read a previous run's verdict as this one's
+    atomic.write_text(overrides, tomli_w.dumps(to_nested(cfg)))
+    status_path = run_dir / run_folder.STATUS
     argv = [flower_bin("flwr"), "run", str(app_dir), connection, "--run-config", str(overrides), "--stream"]
     if federation_config:
         argv += ["--federation-config", federation_config]
     log_path = run_dir / "run.log"
-    returncode, flower_run_id = _follow(argv, env, app_dir, log_path, ConsoleFilter(verbose) if stream else None)
+    started = time.time()
+    returncode, flower_run_id = _follow(argv, env, app_dir, log_path, ConsoleFilter(verbose) if stream else None,
+                                        append=cfg.resume)  # fmt: skip
     if returncode != 0:
         raise LaunchError(f"flwr run exited with code {returncode}; see {log_path}")
-    if not status_path.exists():
+    # a status.json older than this launch is an earlier run's verdict, never this one's
+    if not status_path.exists() or status_path.stat().st_mtime < started - 1.0:
         raise LaunchError(f"the run ended without writing {status_path}; see {log_path}")
     status = json.loads(status_path.read_text(encoding="utf-8"))
     if status.get("status") != "completed":
-        raise LaunchError(f"{status.get('reason') or 'the run failed'}; see {log_path}")
+        raise RunFailed(f"run {status.get('run_id', '?')} FAILED: {status.get('reason') or 'see the log'}; "
+                        f"no model exported; see {log_path}")  # fmt: skip
     return RunOutcome(status, flower_run_id)
 
 
 def _follow(
-    argv: list[str], env: Mapping[str, str], cwd: Path, log_path: Path, console: ConsoleFilter | None
-) -> tuple[int, int | None]:
-    """Run `argv`, every line to `log_path`, what `console` shows to stdout; (exit code, Flower's run id)."""
+    argv: list[str], env: Mapping[str, str], cwd: Path, log_path: Path, console: ConsoleFilter | None,
+    append: bool = False,
+) -> tuple[int, int | None]:  # fmt: skip
+    """Run `argv`, every line to `log_path`, what `console` shows to stdout; (exit code, Flower's run id).
+
+    A resumed run appends to the log, so the interrupted attempt's lines stay readable.
+    """
     flower_run_id = None
-    with log_path.open("w", encoding="utf-8") as log:
+    with log_path.open("a" if append else "w", encoding="utf-8") as log:
         proc = subprocess.Popen(argv, env=dict(env), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace", bufsize=1)  # fmt: skip
         assert proc.stdout is not None

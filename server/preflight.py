@@ -9,9 +9,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from common import locking
 from common.config import ConfigError, RunConfig
 from common.data import federation_for
 from common.encoder_registry import load_encoder, resolve_device
+from server import run_folder
 
 
 def writable_folder(path: Path, key: str) -> None:
@@ -36,6 +38,9 @@ def check_run(cfg: RunConfig, num_sites: int | None = None) -> None:
     file, a corrupt image or a site count that does not match the folders is reported here.
     """
     writable_folder(cfg.output_path, "output_dir")
+    locking.check_free(cfg.output_path)
+    if cfg.resume:
+        run_folder.check_resume(cfg)  # a changed config is refused here, before anything is written
     writable_folder(cfg.cache_path, "cache_dir")
     resolve_device(cfg.device)  # device: cuda on a machine without a GPU
     federation_for(cfg, num_sites)

@@ -20,7 +20,7 @@ from typing import Any
 import tomli_w
 
 from common.config import RunConfig
-from server.launcher import APP_DIR, LaunchError, flower_bin, flower_env, submit_run
+from server.launcher import APP_DIR, LaunchError, RunFailed, flower_bin, flower_env, submit_run
 from server.preflight import check_run
 
 
@@ -104,6 +104,8 @@ def simulate(
             outcome = submit_run(cfg, connection, env=flower_env(flwr_home), app_dir=app_dir, stream=stream,
                                  verbose=verbose,
                                  federation_config=f"num-supernodes={sites} client-resources-num-cpus=1")  # fmt: skip
+        except RunFailed:
+            raise
         except LaunchError as err:
             raise SimulationError(str(err)) from None
     return outcome.status
