@@ -75,23 +75,26 @@ def write_privacy(run_dir: Path, run_id: str, sites: dict[str, Any]) -> dict[str
 
 def write_plots(run_dir: Path, metrics: list[dict[str, Any]], target_epsilon: float | None) -> list[Path]:
     """accuracy.png and epsilon.png: what people look at first."""
-    import matplotlib
+    return [_save(accuracy_figure(metrics), run_dir / "accuracy.png"),
+            _save(epsilon_figure(metrics, target_epsilon), run_dir / "epsilon.png")]  # fmt: skip
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    rounds = [m["round"] for m in metrics]
-    paths = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [m["server"]["accuracy"] for m in metrics], marker="o", label="server hold-out")
+def accuracy_figure(metrics: list[dict[str, Any]]) -> Any:
+    """Server hold-out and federated accuracy by round."""
+    fig, ax = _round_axes()
+    ax.plot([m["round"] for m in metrics], [m["server"]["accuracy"] for m in metrics], marker="o",
+            label="server hold-out")  # fmt: skip
     fed = [(m["round"], m["federated"]["accuracy"]) for m in metrics if m.get("federated")]
     if fed:
         ax.plot(*zip(*fed, strict=True), marker="s", label="sites' test splits (federated)")
-    ax.set(xlabel="round", ylabel="accuracy", title="Accuracy by round", ylim=(0, 1))
-    ax.grid(alpha=0.3)
+    ax.set(ylabel="accuracy", title="Accuracy by round", ylim=(0, 1))
     ax.legend()
-    paths.append(_save(fig, run_dir / "accuracy.png"))
-    fig, ax = plt.subplots(figsize=(6, 4))
+    return fig
+
+
+def epsilon_figure(metrics: list[dict[str, Any]], target_epsilon: float | None) -> Any:
+    """Cumulative ε per site by round, against the target."""
+    fig, ax = _round_axes()
     names = sorted({n for m in metrics for n in m["sites"]})
     for name in names:
         pts = [(m["round"], m["sites"][name]["epsilon"]) for m in metrics
@@ -100,12 +103,26 @@ def write_plots(run_dir: Path, metrics: list[dict[str, Any]], target_epsilon: fl
             ax.plot(*zip(*pts, strict=True), marker=".", label=name)
     if target_epsilon is not None:
         ax.axhline(target_epsilon, color="red", linestyle="--", label=f"target ε = {target_epsilon:g}")
-    ax.set(xlabel="round", ylabel="ε spent (cumulative)", title="Privacy spent per site")
-    ax.grid(alpha=0.3)
+    ax.set(ylabel="ε spent (cumulative)", title="Privacy spent per site")
+    ax.set_ylim(bottom=0)
     if names:
         ax.legend(fontsize="small")
-    paths.append(_save(fig, run_dir / "epsilon.png"))
-    return paths
+    return fig
+
+
+def _round_axes() -> tuple[Any, Any]:
+    """A figure whose x axis is the round, ticked at whole rounds only (a one-round run too): no round 1.5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.grid(alpha=0.3)
+    return fig, ax
 
 
 def _save(fig: Any, path: Path) -> Path:

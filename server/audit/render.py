@@ -84,7 +84,7 @@ def _epsilon_plot(report: AuditReport) -> str:
     for target in targets:
         ax.axhline(target, color="red", linestyle="--", label=f"target ε = {target:g}")
     ax.set(xlabel="round", ylabel="cumulative ε", title="ε per site: recomputed (line) vs claimed (×)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # a one-round run too
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     return _png(fig)
