@@ -23,6 +23,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from common import locking
 from common.config import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from common.site_config import site_paths
 from deploy.credentials import CredentialsError, credential_paths, init_deployment
@@ -111,7 +112,9 @@ def _site(args: argparse.Namespace) -> int:
         print(shlex.join(argv))
         return 0
     print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
-    return run_supernode(argv, flower_env(), sc.name, args.retry_for)
+    # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
+    with locking.hold(site_paths(sc, config).state_dir, f"the SuperNode of site {sc.name}"):
+        return run_supernode(argv, flower_env(), sc.name, args.retry_for)
 
 
 def resume_config(run_dir: Path) -> RunConfig:

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import shlex
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +166,26 @@ def test_resume_takes_the_runs_own_config(tmp_path: Path, capsys: pytest.Capture
     assert resumed == dataclasses.replace(cfg, resume=True, output_dir=str(tmp_path))
     assert main(["deploy", "run", "--resume", str(tmp_path / "nothing-here")]) == 2
     assert "config.json: missing; --resume takes the output_dir of an earlier run" in capsys.readouterr().err
+
+
+def test_a_second_supernode_on_one_state_folder_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two SuperNodes on one state folder would interleave one privacy ledger: the second is refused."""
+    creds = init_deployment(tmp_path / "creds", ["alpha"], [])
+    site = _site_yaml(tmp_path, state_dir="state")
+    holder = subprocess.Popen(  # the first SuperNode's `fedtransfer deploy site`, holding the folder
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from common import locking\n"
+         "with locking.hold(Path(sys.argv[1]), 'the SuperNode of site alpha'):\n"
+         "    print('held', flush=True); time.sleep(60)", str(tmp_path / "state")],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code = main(["deploy", "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:1"])
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{tmp_path / 'state'} is in use by pid {holder.pid}" in err and "the SuperNode of site alpha" in err

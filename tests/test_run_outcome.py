@@ -1,0 +1,56 @@
+"""A run nobody trained in is a failed run: its status, exit code, model and audit verdict all say so.
+
+Real processes on Flower's Simulation Engine. Every site declines every round (its δ is not
+below 1/n), so the coordinator never aggregates an update; before the fix this run ended
+`completed`, exited 0, exported the random initial head and passed its audit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cli.main import main
+from server.audit import audit_run
+
+pytestmark = pytest.mark.slow
+
+EVERY_SITE_DECLINES = {
+    "run_name": "nobody-trained",
+    "device": "cpu",
+    "backbone": {"image_size": 32},
+    "data": {"source": "digits", "split": "iid", "num_sites": 2, "max_samples": 300},
+    "train": {"rounds": 2, "local_epochs": 1},
+    "privacy": {"target_epsilon": 3.0, "target_delta": 0.5},  # ≥ 1/n at every site: each declines
+}
+
+
+def test_a_run_in_which_every_site_declines_fails_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run_dir = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(EVERY_SITE_DECLINES | {"output_dir": str(run_dir),
+                                                            "cache_dir": str(tmp_path / "cache")}))  # fmt: skip
+    assert main(["simulate", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED" in err and "no model exported" in err
+
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "train.min_sites" in status["reason"]
+    assert status["rounds_aggregated"] == []
+    assert not (run_dir / "model.pt").exists(), "a failed run exports no model"
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [1, 2]
+    for m in lines:  # every registered site appears in every round, with what it did and why
+        assert m["aggregated"] is False and m["sites_trained"] == 0
+        assert {n: s["status"] for n, s in m["sites"].items()} == {"site-0": "declined", "site-1": "declined"}
+        assert all("target_delta" in s["reason"] for s in m["sites"].values())
+
+    report = audit_run(run_dir, sorted(run_dir.glob("sites/*/audit.jsonl")))
+    assert not report.passed
+    completion = [f for f in report.failures if f.check == "completion"]
+    assert completion and any("failed" in f.reason for f in completion)
+    assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "report")]) == 1
