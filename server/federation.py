@@ -175,10 +175,18 @@ def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray],
                    f"{cfg.train.min_sites} sites; see the per-site reasons in metrics.jsonl")  # fmt: skip
     model = None
     if failure is None:
-        model = export_model(cfg.output_path / "model.pt", co.encoder, co.head(head), cfg.head.hidden,
-                             co.classes)  # fmt: skip
+        model, failure = export_or_why(co, head)
     summary = recorder.finish(head, accuracy, model, failure)
     return RunResult(cfg.output_path, recorder.run_id, accuracy, model, summary["status"], failure)
+
+
+def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | None, str | None]:
+    """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
+    path = co.cfg.output_path / "model.pt"
+    try:
+        return export_model(path, co.encoder, co.head(head), co.cfg.head.hidden, co.classes), None
+    except OSError as err:
+        return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
 
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
