@@ -20,7 +20,7 @@ without noise or clipping, showing the attack is strong enough to catch a broken
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -38,9 +38,10 @@ from common.encoders import Encoder
 from common.features import cached_features
 from common.head import make_head
 from common.privacy import DPPlan, epsilon_of, plan_dp
+from common.progress import Progress
 from common.site_config import site_paths
 from server.audit.empirical_stats import audit_from_scores
-from server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure
+from server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure, SiteAudit
 
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)  # k = fraction × m; Bonferroni over these four
 
@@ -99,13 +100,14 @@ def audit_training(
     *,
     private: bool = True,
     claimed_epsilon: float | None = None,
+    on_round: Callable[[], None] | None = None,
 ) -> EmpiricalResult:
     """Train as the site would, with canaries mixed in, and bound ε from the attack's success.
 
     With `private`, the site's DP plan is used and the claim defaults to the ε the accountant
     gives for this very training. Without it (the positive control, or a deliberately broken
     configuration) the head trains with plain SGD and `claimed_epsilon` is what a run would
-    have claimed.
+    have claimed. `on_round` is called after each round's training (progress).
     """
     if private and not cfg.privacy.enabled:
         raise ValueError("privacy.enabled is false: the run claims no differential privacy to audit")
@@ -116,7 +118,7 @@ def audit_training(
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
     p = cfg.privacy
     plan = _plan(len(y), cfg) if private else None
-    head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed)
+    head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed, on_round)
     if plan is not None and claimed_epsilon is None:
         claimed_epsilon = epsilon_of(history, p.target_delta, p.accountant)
     scores = canary_scores(head, canaries, canary_labels)
@@ -152,8 +154,9 @@ def _plan(num_samples: int, cfg: RunConfig) -> DPPlan:
 
 
 def _train_like_the_site(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, plan: DPPlan | None, seed: int
-) -> tuple[nn.Module, list[tuple[float, float, int]], int]:
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, plan: DPPlan | None, seed: int,
+    on_round: Callable[[], None] | None,
+) -> tuple[nn.Module, list[tuple[float, float, int]], int]:  # fmt: skip
     """A fresh head trained with the site's own procedure for every round: the head, accountant history, steps."""
     t = cfg.train
     mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
@@ -166,6 +169,8 @@ def _train_like_the_site(
         for rnd in range(t.rounds):  # the site alone, every round of the run: the strongest position for the attack
             outcome = train_head(head, x, y, opts, plan, history, seed=seed * 100_003 + rnd)
             history, steps = outcome.history, steps + outcome.steps
+            if on_round is not None:
+                on_round()
     return head, history, steps
 
 
@@ -230,17 +235,34 @@ def run_empirical(
     for site in report.sites:
         if site.name not in data:
             report.notes.append(f"empirical test skipped for {site.name}: its data is not here (--site-config)")
-            continue
-        d = data[site.name]
-        site.empirical = result = audit_training(d.features, d.labels, d.num_classes, cfg, settings)
-        site.control = audit_training(d.features, d.labels, d.num_classes, cfg, settings, private=False,
-                                      claimed_epsilon=result.claimed_epsilon)  # fmt: skip
-        if result.exceeds_claim:
-            reason = f"{site.name}: empirical ε lower bound {result.eps_lower_bound:.3f} > claimed ε"
-            report.failures.append(Failure("empirical", str(ev.config_path), None,
-                                           f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
-                                           "confidence: the DP implementation is broken"))  # fmt: skip
-        if not site.control.exceeds_claim:
-            weak = f"without DP the attack only proved ε ≥ {site.control.eps_lower_bound:.3f}"
-            ceiling = f"at most {result.eps_ceiling:.3f} is provable with {result.num_canaries} canaries"
-            report.notes.append(f"{site.name}: {weak} ({ceiling}): too weak to catch a broken run; add canaries")
+    tested = [site for site in report.sites if site.name in data]
+    # each site trains twice (with DP, and the control without), every round of the run
+    with Progress("empirical test", 2 * len(tested) * cfg.train.rounds, "rounds") as progress:
+        for site in tested:
+            _test_site(site, data[site.name], cfg, settings, progress)
+            _judge(site, report, str(ev.config_path))
+
+
+def _test_site(site: SiteAudit, d: SiteFeatures, cfg: RunConfig, settings: CanarySettings, progress: Progress) -> None:
+    """The canary training with the site's DP plan, then the same without DP (the positive control)."""
+    site.empirical = result = audit_training(d.features, d.labels, d.num_classes, cfg, settings,
+                                             on_round=progress.step)  # fmt: skip
+    progress.stage_done(f"{site.name} with DP")
+    site.control = audit_training(d.features, d.labels, d.num_classes, cfg, settings, private=False,
+                                  claimed_epsilon=result.claimed_epsilon, on_round=progress.step)  # fmt: skip
+    progress.stage_done(f"{site.name} control without DP")
+
+
+def _judge(site: SiteAudit, report: AuditReport, config_path: str) -> None:
+    """A bound above the claim fails the audit; a control too weak to catch a broken run is a note."""
+    result, control = site.empirical, site.control
+    assert result is not None and control is not None
+    if result.exceeds_claim:
+        reason = f"{site.name}: empirical ε lower bound {result.eps_lower_bound:.3f} > claimed ε"
+        report.failures.append(Failure("empirical", config_path, None,
+                                       f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
+                                       "confidence: the DP implementation is broken"))  # fmt: skip
+    if not control.exceeds_claim:
+        weak = f"without DP the attack only proved ε ≥ {control.eps_lower_bound:.3f}"
+        ceiling = f"at most {result.eps_ceiling:.3f} is provable with {result.num_canaries} canaries"
+        report.notes.append(f"{site.name}: {weak} ({ceiling}): too weak to catch a broken run; add canaries")
