@@ -126,7 +126,7 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
 table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;
 font-size:.92em}th{background:#f3f3f3}.pass{background:#e3f5e1;border:2px solid #3a8f35}.fail{background:#fbe4e4;
 border:2px solid #b3261e}.verdict{padding:.6em 1em;font-size:1.3em;font-weight:600}
-code{font-size:.9em}img{max-width:100%}"""
+code{font-size:.9em}img{max-width:100%}td:first-child{white-space:nowrap}"""
 SITE_COLUMNS = ("site", "ε claimed", "ε recomputed (Opacus)", "target ε", "δ", "accountant", "rounds joined",
                 "rounds declined", "updates matched", "policy")  # fmt: skip
 ROUND_COLUMNS = ("round", "noise multiplier", "sample rate", "steps", "clip norm", "ε claimed", "ε recomputed")
