@@ -39,7 +39,7 @@ class Progress:
             self.bar.set_postfix_str(f"{stage} done")
             return
         elapsed = time.monotonic() - self.started
-        left = elapsed / self.done * (self.total - self.done) if self.done else None
+        left = elapsed / self.done * (self.total - self.done) if 0 < self.done < self.total else None
         eta = "" if left is None else f", about {_duration(left)} left"
         print(f"{self.what}: {stage} done ({self.done}/{self.total} {self.unit}, {_duration(elapsed)}{eta})",
               file=self.stream, flush=True)  # fmt: skip

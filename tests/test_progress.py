@@ -34,7 +34,7 @@ def test_a_log_gets_one_line_per_stage_with_time_left() -> None:
     lines = log.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in log.getvalue()
     assert re.fullmatch(r"empirical test: site-0 with DP done \(2/4 rounds, [\d.]+s, about [\d.]+s left\)", lines[0])
-    assert lines[1].startswith("empirical test: site-0 control without DP done (4/4 rounds, ")
+    assert re.fullmatch(r"empirical test: site-0 control without DP done \(4/4 rounds, [\d.]+s\)", lines[1])  # all done
 
 
 def test_a_terminal_gets_a_bar_with_rate_and_time_left() -> None:
