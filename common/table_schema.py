@@ -147,8 +147,9 @@ def _column(name: str, spec: Any) -> Column:
 
 def _numeric(name: str, spec: dict[str, Any], key: str) -> NumericColumn:
     _mapping(spec, key, {"type", "range", "center", "scale", "missing", "fill"})
+    for setting in ("range", "center", "scale", "fill"):  # "scale: standard" is named as such, before any other check
+        _not_learnt(spec.get(setting), f"{key}.{setting}")
     bounds = spec.get("range")
-    _not_learnt(bounds, f"{key}.range")
     _check(bounds is not None, f"{key}.range", f"a numeric column needs a declared [low, high] clip range; "
            f"{DATA_DEPENDENT}", bounds)  # fmt: skip
     _check(isinstance(bounds, list) and len(bounds) == 2, f"{key}.range", "must be [low, high]", bounds)
@@ -163,7 +164,6 @@ def _numeric(name: str, spec: dict[str, Any], key: str) -> NumericColumn:
     if missing == "error":
         _check(fill is None, f"{key}.fill", "only with missing: fill or indicator", fill)
         return NumericColumn(name, low, high, center, scale, missing, None)
-    _not_learnt(fill, f"{key}.fill")
     value = _number(fill, f"{key}.fill")
     _check(low <= value <= high, f"{key}.fill", f"must lie in the declared range [{low:g}, {high:g}]", fill)
     return NumericColumn(name, low, high, center, scale, missing, value)

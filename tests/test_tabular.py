@@ -69,6 +69,7 @@ def _encoder(schema: dict) -> TabularEncoder:
         ({"type": "numeric"}, "columns.x.range"),  # no range: it would have to come from the records
         ({"type": "numeric", "range": "auto"}, "columns.x.range"),
         ({"type": "numeric", "range": [0, 1], "scale": "standard"}, "columns.x.scale"),
+        ({"type": "numeric", "scale": "standard"}, "columns.x.scale"),  # named as such, not as a missing range
         ({"type": "numeric", "range": [0, 1], "center": "mean"}, "columns.x.center"),
         ({"type": "numeric", "range": [0, 1], "missing": "fill", "fill": "median"}, "columns.x.fill"),
         ({"type": "categorical"}, "columns.x.categories"),
