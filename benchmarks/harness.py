@@ -91,7 +91,7 @@ def federate(
     setup: FedSetup,
     seed: int = 0,
     make_model: Callable[[], nn.Module] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """FedAvg over sites' (inputs, labels) with each site's whole-run DP plan; returns final metrics.
 
     Inputs are backbone features for the fedtransfer head (the default model), or raw pixels
@@ -122,8 +122,8 @@ def federate(
             )
         arrays = aggregate_arrayrecords(replies, "num-examples")
     load_head(head, arrays)
-    loss, acc = evaluate_head(head, *test)
-    return {"accuracy": acc, "loss": loss, "epsilon": eps if setup.target_epsilon is not None else float("inf")}
+    scores = evaluate_head(head, *test).as_dict()  # accuracy, loss, balanced_accuracy, auroc (None: one class)
+    return {**scores, "epsilon": eps if setup.target_epsilon is not None else float("inf")}
 
 
 class SmallCNN(nn.Module):

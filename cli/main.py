@@ -54,9 +54,26 @@ def _predict(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if not model_path.is_file():
         raise DataError(f"{model_path}: no such model file; pass the model.pt a run wrote into its output_dir")
-    files = _image_files(Path(args.images))
     model = load_model(model_path)
     description = model.encoder.describe()
+    if description.get("kind") == "tabular":  # a CSV of the declared columns, coded by the schema inside the model
+        from common.tablefiles import read_table_inputs
+
+        rows = read_table_inputs(Path(args.images), description)
+        for start in range(0, len(rows), BATCH):
+            for k, label in enumerate(model.predict(rows[start : start + BATCH]), start=start + 1):
+                print(f"{k}\t{label}")
+        return 0
+    if description.get("kind") == "text":  # one text per line, or a CSV/JSONL column (--column)
+        from common.textdata import read_text_inputs
+
+        lines, texts = read_text_inputs(Path(args.images), args.column)
+        for start in range(0, len(texts), BATCH):
+            labels = model.predict(texts[start : start + BATCH])
+            for line, label in zip(lines[start : start + BATCH], labels, strict=True):
+                print(f"{line}\t{label}")
+        return 0
+    files = _image_files(Path(args.images))
     if description.get("kind") != "image":
         raise DataError(f"{model_path}: its encoder takes {description.get('kind')} inputs; predict classifies images")
     size = int(description["image_size"])
@@ -85,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
     pred = sub.add_parser("predict", help="classify an image or a folder of images with an exported model")
     pred.add_argument("model", help="model.pt written by a run")
-    pred.add_argument("images", help="an image file or a folder (searched recursively)")
+    pred.add_argument("images", help="an image file or a folder (searched recursively); for a tabular model a CSV "
+                      "file of its columns (prints row number and class)")
+    pred.add_argument("--column", help="text model: the column (or JSONL key) of a .csv/.tsv/.jsonl file holding the "
+                      "texts; a plain file is one text per line (prints line number and class)")
     pred.set_defaults(func=_predict)
     add_audit_parser(sub)
     add_deploy_parser(sub)  # init, superlink, register, site, run

@@ -98,7 +98,9 @@ def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, 
 def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     _, arrays, _ = train_round.received_head(site, msg)
     head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
-    loss, acc = evaluate_head(head, site.test_x, site.test_y)
-    metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: loss, Metric.EVAL_ACCURACY: acc})
+    s = evaluate_head(head, site.test_x, site.test_y)
+    metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
+                            Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
+                            Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
     return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})
 

@@ -15,6 +15,8 @@ import torch
 from common.backbones import load_backbone, rebuild_backbone
 from common.config import BackboneConfig
 from common.encoders import CATALOG, Encoder, EncoderError
+from common.tabular import load_tabular, rebuild_tabular
+from common.text_encoder import load_text_encoder, rebuild_text_encoder
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,11 @@ class EncoderKind:
     rebuild: Callable[[Mapping[str, Any], Mapping[str, torch.Tensor], str], Encoder]
 
 
-KINDS: dict[str, EncoderKind] = {"image": EncoderKind(load_backbone, rebuild_backbone)}
+KINDS: dict[str, EncoderKind] = {
+    "image": EncoderKind(load_backbone, rebuild_backbone),
+    "tabular": EncoderKind(load_tabular, rebuild_tabular),
+    "text": EncoderKind(load_text_encoder, rebuild_text_encoder),
+}
 
 
 def load_encoder(cfg: BackboneConfig, device: str) -> Encoder:

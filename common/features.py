@@ -20,6 +20,7 @@ import torch
 from common import atomic
 from common.data import Samples
 from common.encoders import Encoder
+from common.progress import Progress
 
 
 def cache_key(encoder: Encoder, samples: Samples) -> str:
@@ -29,8 +30,13 @@ def cache_key(encoder: Encoder, samples: Samples) -> str:
 
 
 def extract(encoder: Encoder, inputs: Any, batch_size: int = 256) -> torch.Tensor:
-    """Run the encoder over all inputs in batches: (N, feature_dim) float32."""
-    chunks = [encoder.embed(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+    """Run the encoder over all inputs in batches: (N, feature_dim) float32; progress on stderr."""
+    chunks = []
+    with Progress(f"features ({encoder.name})", len(inputs), "samples") as progress:
+        for i in range(0, len(inputs), batch_size):
+            chunks.append(encoder.embed(inputs[i : i + batch_size]))
+            progress.step(len(chunks[-1]))
+        progress.stage_done(f"{len(inputs)} samples")
     return torch.cat(chunks) if chunks else torch.empty(0, encoder.feature_dim)
 
 

@@ -42,6 +42,10 @@ class Cfg(StrEnum):
     APP_VERSION = "app-version"
     PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
     HEAD_NAMES = "head-names"  # SecAgg+ carries tensors in order, without their names
+    RELEASE = "release"  # round 0: which one-shot DP release the server asks for (FEATURE_STATS)
+
+
+FEATURE_STATS = "feature-stats"  # the release of per-class feature sums and counts (DP), before round 1
 
 
 class Metric(StrEnum):
@@ -53,6 +57,7 @@ class Metric(StrEnum):
     TRAIN_SECONDS = "train-seconds"
     TRAIN_LOSS = "train-loss"  # only without DP: a statistic of private data that DP does not cover
     EPSILON = "epsilon"  # the site's cumulative ε in this run, after this training
+    EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
 
@@ -60,6 +65,11 @@ class Metric(StrEnum):
 class Event(StrEnum):
     """Audit-log events. The coordinator's log: RUN_* to MODEL_EXPORTED; a site's: the rest."""
 
+    EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"
+    # A site's AUROC exists only when its test split holds 2+ classes: it sends AUROC × defined and defined
+    # (1 or 0), so the weighted means' ratio is the mean over the sites where it exists (server/rounds.py).
+    EVAL_AUROC = "eval-auroc"
+    EVAL_AUROC_DEFINED = "eval-auroc-defined"
     RUN_STARTED = "run-started"
     RUN_RESUMED = "run-resumed"
     UPDATE_RECEIVED = "update-received"

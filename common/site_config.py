@@ -41,8 +41,11 @@ class SiteConfig:
     """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
 
     name: str
-    data_source: Literal["imagefolder", "npz", "mnist", "digits"]
+    data_source: Literal["imagefolder", "npz", "mnist", "digits", "table", "text"]
     data_path: str | None = None
+    text_column: str = "text"  # data_source text: the CSV column / JSONL key of each document ...
+    label_column: str = "label"  # ... and of its class name
+    data_schema: str | None = None  # data_source table: the site's own copy of the run's schema file (same fingerprint)
     test_fraction: float = 0.2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str = "~/.fedtransfer/site"
@@ -52,8 +55,11 @@ class SiteConfig:
 
     def __post_init__(self) -> None:
         require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
-        needs_path = self.data_source in ("imagefolder", "npz")
+        needs_path = self.data_source in ("imagefolder", "npz", "table", "text")
         require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
+        is_table = self.data_source == "table"
+        require(is_table == bool(self.data_schema), "data_schema", "data_source table needs it (only it takes one)",
+                self.data_schema)  # fmt: skip
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
 
 
@@ -74,6 +80,7 @@ class SitePaths:
     data: Path | None  # the data_path (None for the built-in sources)
     state_dir: Path  # ledger, audit log, secret seed, reply cache
     cache_dir: Path  # cached features (default: state_dir/features)
+    schema: Path | None = None  # a table's schema file (data_schema)
 
 
 def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
@@ -84,4 +91,5 @@ def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
 
     state_dir = local(site.state_dir)
     cache_dir = local(site.cache_dir) if site.cache_dir else state_dir / "features"
-    return SitePaths(local(site.data_path) if site.data_path else None, state_dir, cache_dir)
+    schema = local(site.data_schema) if site.data_schema else None
+    return SitePaths(local(site.data_path) if site.data_path else None, state_dir, cache_dir, schema)

@@ -21,7 +21,7 @@ from common.data import MAX_CLASSES
 from common.encoder_registry import rebuild_encoder
 from common.encoders import Encoder, EncoderError, encoder_fingerprint, state_dict_fingerprint
 from common.exchange import PREFIX
-from common.head import make_head
+from common.head import is_centred, make_head
 
 FORMAT = "fedtransfer-model/2"
 FORMAT_V1 = "fedtransfer-model/1"  # torchvision backbone fields at the top level; still readable
@@ -72,7 +72,7 @@ def load_model(path: str | Path) -> AdaptedModel:
         raise ModelFileError(f"{path}: head_hidden must be an integer in 0..65536")
     try:
         encoder = rebuild_encoder(*_encoder_fields(raw))
-        head = make_head(encoder.feature_dim, len(classes), hidden)
+        head = make_head(encoder.feature_dim, len(classes), hidden, centred=is_centred(raw["head_state"]))
         head.load_state_dict(raw["head_state"])
     except (EncoderError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
@@ -103,6 +103,6 @@ def _encoder_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torc
 
 
 def head_from_arrays(arrays: dict[str, np.ndarray], feature_dim: int, num_classes: int, hidden: int) -> nn.Module:
-    head = make_head(feature_dim, num_classes, hidden)
+    head = make_head(feature_dim, num_classes, hidden, centred=is_centred(arrays))
     head.load_state_dict({k.removeprefix(PREFIX): torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     return head

@@ -29,18 +29,19 @@ from flwr.serverapp import Grid
 from common import atomic, locking
 from common.config import RunConfig, to_nested
 from common.data import federation_for
+from common.dp_fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from common.encoder_registry import load_encoder, resolve_device
-from common.exchange import head_spec, head_to_arrays
+from common.exchange import PREFIX, head_spec, head_to_arrays
 from common.features import cached_features
 from common.head import evaluate_head, make_head
-from common.protocol import Cfg
+from common.protocol import FEATURE_STATS, Cfg
 from server import checkpoint, report, run_folder
 from server.console import round_summary
 from server.export import export_model, head_from_arrays
 from server.recorder import RoundReport, RunRecorder
 from server.rounds import evaluate_round, plain_round, secure_train_round
 from server.sites import SiteBook, absent_sites
-from server.strategy import ScreenedStrategy, make_strategy
+from server.strategy import ScreenedStrategy, make_strategy, release_strategy
 
 APP_VERSION = "0.1.0"
 
@@ -65,13 +66,20 @@ class Coordinator:
     test_x: torch.Tensor
     test_y: torch.Tensor
     strategy: ScreenedStrategy
+    release: ScreenedStrategy | None = None  # round 0's feature-statistics release (privacy.feature_stats)
 
     def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         return head_from_arrays(arrays, self.encoder.feature_dim, len(self.classes), self.cfg.head.hidden)
 
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float]:
-        loss, accuracy = evaluate_head(self.head(arrays), self.test_x, self.test_y)
-        return {"accuracy": accuracy, "loss": loss}
+    def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
+        """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
+        module = self.head(head)
+        start_from_statistics(module, stats[STATS_SUMS].torch(), stats[STATS_COUNTS].torch())
+        return _numpy(head_to_arrays(module))
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
+        """accuracy, loss, balanced_accuracy and auroc (None when the hold-out has one class) on the hold-out."""
+        return evaluate_head(self.head(arrays), self.test_x, self.test_y).as_dict()
 
 
 def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResult:
@@ -94,8 +102,15 @@ def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
         torch.manual_seed(cfg.seed)
         head = make_head(encoder.feature_dim, len(classes), cfg.head.hidden)
     spec = head_spec(head)
-    strategy = ScreenedStrategy(make_strategy(cfg.train), spec, cfg.train.min_sites, cfg.train.max_update_norm)
-    coordinator = Coordinator(cfg, encoder, classes, test_x, torch.from_numpy(fed.server_test.labels), strategy)
+    frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
+    strategy = ScreenedStrategy(make_strategy(cfg.train, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
+    release = None
+    if cfg.privacy.feature_stats:
+        stats_spec = {STATS_SUMS: ((len(classes), encoder.feature_dim), "float32"), STATS_COUNTS: ((len(classes),),
+                      "float32")}  # fmt: skip
+        release = ScreenedStrategy(release_strategy(cfg.train), stats_spec, cfg.train.min_sites)
+    coordinator = Coordinator(cfg, encoder, classes, test_x, torch.from_numpy(fed.server_test.labels), strategy,
+                              release)  # fmt: skip
     return coordinator, _numpy(head_to_arrays(head))
 
 
@@ -125,6 +140,9 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
     if cfg.train.strategy == "fedprox":
         config[Cfg.PROXIMAL_MU] = cfg.train.proximal_mu
     book, accuracy = SiteBook(sites), float("nan")
+    if co.release is not None and start == 1 and ckpt is None:  # round 0: the statistics, before any training
+        head, accuracy = _round(grid, 0, head, ConfigRecord({**config, Cfg.RELEASE: FEATURE_STATS}), co, book,
+                                recorder)  # fmt: skip
     for rnd in range(start, cfg.train.rounds + 1):
         head, accuracy = _round(grid, rnd, head, ConfigRecord(config), co, book, recorder)
     return _finish(co, recorder, head, accuracy)
@@ -148,13 +166,17 @@ def _round(
     cfg, t0 = co.cfg, time.monotonic()
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     connected = book.learn_registered(grid)
+    release = co.release if rnd == 0 else None  # round 0 is the statistics release: plain, every site once
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
-        if cfg.secure_aggregation:
+        if release is not None:
+            train = plain_round(grid, rnd, arrays, config, release, book, cfg.train.round_timeout_s)
+        elif cfg.secure_aggregation:
             train = secure_train_round(grid, rnd, arrays, config, co.strategy, book, cfg)
         else:
             train = plain_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
     if train.arrays is not None:
-        head, arrays = _numpy(train.arrays), train.arrays
+        head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
+        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
         federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)

@@ -111,7 +111,8 @@ class RunRecorder:
         report.write_plots(self.run_dir, metrics, self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None)
         rounds = self.cfg.train.rounds
         aggregated = [m["round"] for m in metrics if m.get("aggregated")]
-        summary: dict[str, Any] = {"run_id": self.run_id, "final_accuracy": accuracy, "rounds_aggregated": aggregated}
+        summary: dict[str, Any] = {"run_id": self.run_id, "final_accuracy": accuracy, "rounds_aggregated": aggregated,
+                                   "final_metrics": metrics[-1]["server"] if metrics else None}  # the hold-out's
         if failure is None and model_path is not None:
             self.audit.append(Event.MODEL_EXPORTED, run_id=self.run_id, round=rounds, path=str(model_path),
                               head=update_digest(head))  # fmt: skip

@@ -124,7 +124,7 @@ def _as_one_reply(grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites:
 def evaluate_round(
     grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
     timeout: float,
-) -> dict[str, float] | None:  # fmt: skip
+) -> dict[str, float | None] | None:  # fmt: skip
     """Federated evaluation on the sites' own test splits: the weighted mean, or None when no site answered."""
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
@@ -137,4 +137,7 @@ def evaluate_round(
     agg = strategy.aggregate_evaluate(rnd, good) if good else None
     if agg is None:
         return None
-    return {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]), "sites": len(good)}
+    defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
+    return {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]),
+            "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
+            "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None, "sites": len(good)}  # fmt: skip

@@ -35,5 +35,5 @@ def test_auto_device_picks_the_gpu_and_the_head_trains_there_with_dp() -> None:
     out = train_head(head, feats, labels, LocalTraining(2, 32, 0.5), plan, [], seed=0)
     assert next(head.parameters()).device.type == "cuda"
     assert epsilon_of(out.history, 1e-3, "rdp") <= 3.0 + 1e-9
-    loss, acc = evaluate_head(head, feats, labels)
-    assert np.isfinite(loss) and 0.0 <= acc <= 1.0
+    scores = evaluate_head(head, feats, labels)
+    assert np.isfinite(scores.loss) and 0.0 <= scores.accuracy <= 1.0

@@ -175,7 +175,7 @@ def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rou
         if attackers:
             assert list(strategy.refused) == [97], "NaNs are refused before aggregation"
     load_head(head, arrays)
-    return evaluate_head(head, *test)[1]
+    return evaluate_head(head, *test).accuracy
 
 
 def _reply(node: int, arrays: ArrayRecord, n: int) -> Message:

@@ -6,7 +6,8 @@
 - updates: every update the server received was logged as sent by that site with the
   same SHA-256, and each round aggregated exactly the updates the server received;
 - completion: the run completed, no round aggregated fewer sites than train.min_sites,
-  and model.pt holds the head the log says was exported.
+  and model.pt (and model.onnx / model.torchscript.pt, where exported) holds the head the
+  log says was exported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from common.dp_fedsgd import STATS_NAMES
 from common.exchange import MASKED_WEIGHT
 from common.protocol import Event
 from server.audit.evidence import field_of, model_head_digest
@@ -45,6 +47,8 @@ def check_head_only(updates: Iterable[Update], head: list[str], found: Findings)
     """
     for u in updates:
         allowed = {*head, MASKED_WEIGHT} if u.masked else set(head)
+        if u.round == 0:  # round 0 is the DP feature-statistics release (privacy.feature_stats), not a head
+            allowed = set(STATS_NAMES)
         extra, missing = sorted(set(u.tensors) - allowed), sorted(allowed - set(u.tensors))
         if extra or missing or len(u.tensors) != len(set(u.tensors)):
             what = f"tensor(s) {extra} that are not part of the head" if extra else f"{sorted(u.tensors)}, not {head}"
@@ -190,3 +194,33 @@ def _check_export(ev: Evidence, found: Findings) -> None:
     elif actual != recorded:
         where = f"{exports[-1].path}:{exports[-1].line}"
         found.fail("completion", model, None, f"its head is not the one the model-exported record ({where}) names")
+    _check_serving(ev, found, recorded)
+
+
+def _check_serving(ev: Evidence, found: Findings, recorded: object) -> None:
+    """model.onnx / model.torchscript.pt, where present: the file `fedtransfer export` recorded, holding the
+    head that model-exported names (read from the file itself, not only from the record)."""
+    from common.audit_log import update_digest
+    from server.serving import FILES, file_head, file_sha256  # late import: torch and onnx
+
+    records = {e.record.get("path"): e for e in ev.server if e.event == Event.SERVING_EXPORTED}  # the last counts
+    for name in FILES.values():
+        path = ev.run_dir / name
+        if not path.is_file():
+            continue
+        entry = records.get(name)
+        head = entry.record.get("head") if entry is not None else None
+        try:
+            inside = update_digest(file_head(path))["sha256"]
+        except Exception as err:  # onnx and torch.jit raise their own types on a foreign or torn file
+            inside = f"unreadable ({type(err).__name__})"
+        if entry is None:
+            found.fail("completion", path, None, "no serving-exported record names it: it was not written by "
+                       "`fedtransfer export` for this run")  # fmt: skip
+        elif entry.record.get("sha256") != file_sha256(path):
+            found.fail("completion", path, None, f"its SHA-256 is not the one recorded at {entry.path}:{entry.line}")
+        elif not isinstance(head, dict) or head.get("sha256") != recorded:
+            found.fail_at("completion", entry, f"{name} was exported from a head other than the model-exported one")
+        if inside != recorded:
+            found.fail("completion", path, None, f"the head inside it ({inside[:24]}) is not the head of the "
+                       "model-exported record")  # fmt: skip

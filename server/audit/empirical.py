@@ -40,6 +40,7 @@ from common.head import make_head
 from common.privacy import DPPlan, epsilon_of, plan_dp
 from common.progress import Progress
 from common.site_config import site_paths
+from server.audit.empirical_fedsgd import canary_units, fedsgd_plan, train_fedsgd
 from server.audit.empirical_stats import audit_from_scores
 from server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure, SiteAudit
 
@@ -117,8 +118,13 @@ def audit_training(
     x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
     p = cfg.privacy
-    plan = _plan(len(y), cfg) if private else None
-    head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed, on_round)
+    if cfg.train.protocol == "fedsgd":  # the site's gradient sums and the server's step (empirical_fedsgd)
+        units = canary_units(len(labels), len(y), cfg)
+        plan = fedsgd_plan(cfg, units) if private else None
+        head, history, steps = train_fedsgd(x, y, units, num_classes, cfg, plan, settings.seed, on_round)
+    else:
+        plan = _plan(len(y), cfg) if private else None
+        head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed, on_round)
     if plan is not None and claimed_epsilon is None:
         claimed_epsilon = epsilon_of(history, p.target_delta, p.accountant)
     scores = canary_scores(head, canaries, canary_labels)

@@ -18,7 +18,8 @@ from common.config import ConfigError, config_from_dict
 from common.protocol import TRAININGS, Event
 from server.audit.findings import SERVER_LOG, Entry, Evidence, Findings, Malformed, Update
 
-RUN_FILES = ("privacy.json", "config.json", "status.json", "model.pt")  # hashed into the report
+RUN_FILES = ("privacy.json", "config.json", "status.json", "model.pt",
+             "model.onnx", "model.torchscript.pt")  # hashed into the report (the last two: `fedtransfer export`)
 
 
 def check_chain(path: Path, found: Findings) -> None:
