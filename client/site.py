@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -110,6 +110,8 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     sc = load_site_config(config)
     paths = site_paths(sc, config)
     data = deployed_site_data(sc, paths, cfg.backbone.image_size)
+    if paths.schema is not None:  # a table's encoder follows the site's own schema copy; fingerprints must agree
+        cfg = replace(cfg, backbone=replace(cfg.backbone, schema=str(paths.schema)))
     encoder = _encoder(cfg, resolve_device(sc.device), cache)
     return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=_secret_seed(paths.state_dir),
                       policy=sc.policy, accept_app_version=sc.accept_app_version)  # fmt: skip
