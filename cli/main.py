@@ -64,6 +64,15 @@ def _predict(args: argparse.Namespace) -> int:
             for k, label in enumerate(model.predict(rows[start : start + BATCH]), start=start + 1):
                 print(f"{k}\t{label}")
         return 0
+    if description.get("kind") == "text":  # one text per line, or a CSV/JSONL column (--column)
+        from common.textdata import read_text_inputs
+
+        lines, texts = read_text_inputs(Path(args.images), args.column)
+        for start in range(0, len(texts), BATCH):
+            labels = model.predict(texts[start : start + BATCH])
+            for line, label in zip(lines[start : start + BATCH], labels, strict=True):
+                print(f"{line}\t{label}")
+        return 0
     files = _image_files(Path(args.images))
     if description.get("kind") != "image":
         raise DataError(f"{model_path}: its encoder takes {description.get('kind')} inputs; predict classifies images")
@@ -95,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("model", help="model.pt written by a run")
     pred.add_argument("images", help="an image file or a folder (searched recursively); for a tabular model a CSV "
                       "file of its columns (prints row number and class)")
+    pred.add_argument("--column", help="text model: the column (or JSONL key) of a .csv/.tsv/.jsonl file holding the "
+                      "texts; a plain file is one text per line (prints line number and class)")
     pred.set_defaults(func=_predict)
     add_audit_parser(sub)
     add_deploy_parser(sub)  # init, superlink, register, site, run

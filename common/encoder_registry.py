@@ -16,6 +16,7 @@ from common.backbones import load_backbone, rebuild_backbone
 from common.config import BackboneConfig
 from common.encoders import CATALOG, Encoder, EncoderError
 from common.tabular import load_tabular, rebuild_tabular
+from common.text_encoder import load_text_encoder, rebuild_text_encoder
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class EncoderKind:
 KINDS: dict[str, EncoderKind] = {
     "image": EncoderKind(load_backbone, rebuild_backbone),
     "tabular": EncoderKind(load_tabular, rebuild_tabular),
+    "text": EncoderKind(load_text_encoder, rebuild_text_encoder),
 }
 
 

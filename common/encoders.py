@@ -62,6 +62,7 @@ CATALOG: dict[str, EncoderSpec] = {
     "resnet50": EncoderSpec("image", 2048),
     "vgg16": EncoderSpec("image", 4096),
     "efficientnet_b0": EncoderSpec("image", 1280),
+    "all-MiniLM-L6-v2": EncoderSpec("text", 384),  # sentence-transformers, offline from PyPI (common/text_encoder.py)
     "tabular": EncoderSpec("tabular", 0),  # feature_dim 0: the schema (backbone.schema) decides it (common/tabular.py)
 }
 

@@ -41,8 +41,10 @@ class SiteConfig:
     """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
 
     name: str
-    data_source: Literal["imagefolder", "npz", "mnist", "digits", "table"]
+    data_source: Literal["imagefolder", "npz", "mnist", "digits", "table", "text"]
     data_path: str | None = None
+    text_column: str = "text"  # data_source text: the CSV column / JSONL key of each document ...
+    label_column: str = "label"  # ... and of its class name
     data_schema: str | None = None  # data_source table: the site's own copy of the run's schema file (same fingerprint)
     test_fraction: float = 0.2
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -53,7 +55,7 @@ class SiteConfig:
 
     def __post_init__(self) -> None:
         require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
-        needs_path = self.data_source in ("imagefolder", "npz", "table")
+        needs_path = self.data_source in ("imagefolder", "npz", "table", "text")
         require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
         is_table = self.data_source == "table"
         require(is_table == bool(self.data_schema), "data_schema", "data_source table needs it (only it takes one)",
