@@ -10,6 +10,7 @@ head alone (`common.exchange.head_to_arrays`), with the DP parameters in a `DPRe
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
@@ -20,11 +21,20 @@ from client.site import Declined, Site, enforce_policy
 from client.site_log import record
 from common.audit_log import update_digest
 from common.config import RunConfig
-from common.dp_training import LocalTraining, TrainOutcome, train_head
-from common.exchange import arrays_to_numpy, head_to_arrays, load_head, wire_bytes
+from common.dp_fedsgd import (
+    Units,
+    add_noise,
+    clipped_gradient_sum,
+    make_generator,
+    release_statistics,
+    synthetic_users,
+    user_seed,
+)
+from common.dp_training import LocalTraining, train_head
+from common.exchange import arrays_to_numpy, gradient_to_arrays, head_to_arrays, load_head, wire_bytes
 from common.head import make_head
-from common.privacy import DPPlan, PrivacyLedger, plan_dp, require_secure_rng
-from common.protocol import Cfg, DPRecord, Event, Metric, Rec, site_record
+from common.privacy import DPPlan, PrivacyLedger, plan_dp, plan_fedsgd, require_secure_rng
+from common.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
 
 
 def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
@@ -49,7 +59,7 @@ def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRec
 
 def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord, num_classes: int) -> nn.Module:
     """A head of this run's shape with the server's weights; a head of another shape is declined."""
-    head = make_head(site.backbone.feature_dim, num_classes, cfg.head.hidden)
+    head = make_head(site.backbone.feature_dim, num_classes, cfg.head.hidden, centred=cfg.privacy.feature_stats)
     try:
         load_head(head, arrays)
     except ValueError as err:
@@ -58,21 +68,50 @@ def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord, num_classes: int
 
 
 def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger) -> DPPlan | None:
-    """The run's DP plan for this site's data, within its policy and budget; None without DP."""
+    """The run's DP plan for this site's data, within its policy and budget; None without DP.
+
+    Under fedsgd, one step per round at Poisson rate q over the site's records or users; the
+    feature-statistics release, when the run has one, is part of the whole-run calibration.
+    """
     p, t = cfg.privacy, cfg.train
     if not p.enabled:
         enforce_policy(site.policy, cfg, None, 0.0)
         return None
+    share = p.feature_stats_share if p.feature_stats else None
     try:
         if p.secure_mode:
             require_secure_rng()
-        plan = plan_dp(len(site.train_y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon, p.target_delta,
-                       p.max_grad_norm, p.accountant)  # fmt: skip
+        if t.protocol == "fedsgd":
+            plan = plan_fedsgd(site_units(site, cfg).count, t.sample_rate, t.rounds, p.target_epsilon,
+                               p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
+        else:
+            plan = plan_dp(len(site.train_y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon,
+                           p.target_delta, p.max_grad_norm, p.accountant, share)  # fmt: skip
     except ValueError as err:  # δ ≥ 1/n for this site, or secure_mode without torchcsprng
         raise Declined(str(err)) from None
     enforce_policy(site.policy, cfg, plan, ledger.spent_in_other_runs(p.target_delta, p.accountant))
-    ledger.check_round(plan)
     return plan
+
+
+def site_units(site: Site, cfg: RunConfig) -> Units:
+    """What one sampling and clipping unit is at this site: a record, or a user (privacy.unit)."""
+    if cfg.privacy.unit == "user":
+        return Units.of_users(synthetic_users(len(site.train_y), cfg.privacy.synthetic_users, user_seed(cfg.seed,
+                                                                                                        site.name)))
+    return Units.records(len(site.train_y))
+
+
+@dataclass(frozen=True)
+class Work:
+    """What a site computed for a message: the arrays it sends, and what its ledger and log record."""
+
+    arrays: ArrayRecord
+    loss: float | None  # training loss for the site's own log; None for a release (no training)
+    steps: int
+    history: list[tuple[float, float, int]]  # the accountant's history after this work
+    step: tuple[float, float, int] | None  # this work's accountant entry (None without DP)
+    metrics: dict[str, float | int]
+    release: str | None = None
 
 
 def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
@@ -91,16 +130,14 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
     plan = privacy_plan(site, cfg, ledger)
     head = local_head(site, cfg, arrays, len(site.data.train.classes))
-    t = cfg.train
-    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum,
-                         float(conf.get(Cfg.PROXIMAL_MU, 0.0)))  # fmt: skip
     started = time.monotonic()
-    outcome = train_head(head, site.train_x, site.train_y, opts, plan, ledger.history,
-                         seed=site.round_seed(run_id, server_round), secure_mode=cfg.privacy.secure_mode)  # fmt: skip
-    answer, dp = _answer(site, head, plan, outcome, ledger, server_round, time.monotonic() - started)
+    work = _work(site, cfg, conf, server_round, plan, ledger, head)
+    answer, dp = _answer(site, work, plan, ledger, server_round, time.monotonic() - started)
     cache.save(run_id, key, answer)
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
-    logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": outcome.loss}
+    logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.loss}
+    if work.release is not None:
+        logged["release"] = work.release
     if secure:  # the plain head stays here; client_app._secure_mod logs the masked vectors that leave
         record(site, msg, Event.UPDATE_TRAINED, **logged)
         return _secure(answer, conf, cfg, replayed=False)
@@ -108,23 +145,78 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     return answer
 
 
+def _work(
+    site: Site, cfg: RunConfig, conf: ConfigRecord, server_round: int, plan: DPPlan | None, ledger: PrivacyLedger,
+    head: nn.Module,
+) -> Work:  # fmt: skip
+    """Round 0's statistics release, a fedsgd gradient sum or fedavg's local epochs, each charged before it runs."""
+    seed, secure_mode = site.round_seed(str(conf[Cfg.RUN_ID]), server_round), cfg.privacy.secure_mode
+    if server_round == 0 or conf.get(Cfg.RELEASE) is not None:
+        if conf.get(Cfg.RELEASE) != FEATURE_STATS or server_round != 0 or not cfg.privacy.feature_stats:
+            raise Declined(f"round {server_round}: this run (privacy.feature_stats = {cfg.privacy.feature_stats}) "
+                           f"has no release {conf.get(Cfg.RELEASE)!r}")  # fmt: skip
+        if any(r.get("release") == FEATURE_STATS for r in ledger.entry["rounds"]):
+            raise Declined("feature statistics were already released in this run; a second release is refused")
+        step = None if plan is None else plan.stats_step
+        if plan is not None:
+            ledger.check_round(plan, step)
+        units = site_units(site, cfg)
+        released = release_statistics(site.train_x, site.train_y, len(site.data.train.classes), units,
+                                      None if plan is None else plan.stats_noise_multiplier,
+                                      make_generator(seed, secure_mode, site.train_x.device), secure_mode)  # fmt: skip
+        return Work(ArrayRecord(released), None, 1, _extended(ledger, step), step,
+                    {Metric.NUM_EXAMPLES: units.count}, FEATURE_STATS)  # fmt: skip
+    if plan is not None:
+        ledger.check_round(plan)
+    if cfg.train.protocol == "fedsgd":
+        return _gradient_sum(site, cfg, plan, ledger, head, seed)
+    t = cfg.train
+    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum,
+                         float(conf.get(Cfg.PROXIMAL_MU, 0.0)))  # fmt: skip
+    outcome = train_head(head, site.train_x, site.train_y, opts, plan, ledger.history, seed=seed,
+                         secure_mode=secure_mode)  # fmt: skip
+    step = None if plan is None else (plan.noise_multiplier, plan.sample_rate, outcome.steps)
+    return Work(head_to_arrays(head.cpu()), outcome.loss, outcome.steps, outcome.history, step,
+                {Metric.NUM_EXAMPLES: len(site.train_y)})  # fmt: skip
+
+
+def _gradient_sum(
+    site: Site, cfg: RunConfig, plan: DPPlan | None, ledger: PrivacyLedger, head: nn.Module, seed: int
+) -> Work:
+    """fedsgd: the noisy sum of clipped per-unit gradients, and the public expected batch size q·n."""
+    units, q, secure_mode = site_units(site, cfg), cfg.train.sample_rate, cfg.privacy.secure_mode
+    generator = make_generator(seed, secure_mode, site.train_x.device)
+    clipped = clipped_gradient_sum(head, site.train_x, site.train_y, units, q,
+                                   None if plan is None else plan.max_grad_norm, generator)  # fmt: skip
+    std = 0.0 if plan is None else plan.noise_multiplier * plan.max_grad_norm
+    frozen = frozenset(k for k, _ in head.named_buffers())  # no gradient, nothing to hide: sent as zeros
+    noisy = add_noise(clipped.sums, std, generator, secure_mode, skip=frozen)
+    step = None if plan is None else plan.round_step
+    return Work(gradient_to_arrays(head, noisy), clipped.loss, 1, _extended(ledger, step), step,
+                {Metric.NUM_EXAMPLES: units.count, Metric.EXPECTED_BATCH: q * units.count})  # fmt: skip
+
+
+def _extended(ledger: PrivacyLedger, step: tuple[float, float, int] | None) -> list[tuple[float, float, int]]:
+    return ledger.history if step is None else [*ledger.history, step]
+
+
 def _answer(
-    site: Site, head: nn.Module, plan: DPPlan | None, outcome: TrainOutcome, ledger: PrivacyLedger, server_round: int,
-    seconds: float,
-) -> tuple[RecordDict, DPRecord | None]:  # fmt: skip
-    """The reply: head, metrics, site identity and, under DP, the round's DP parameters (ledger first)."""
-    arrays = head_to_arrays(head.cpu())
-    metrics = {Metric.NUM_EXAMPLES: len(site.train_y), Metric.STEPS: outcome.steps,
-               Metric.WIRE_BYTES: wire_bytes(arrays), Metric.TRAIN_SECONDS: round(seconds, 4)}  # fmt: skip
-    answer = RecordDict({Rec.ARRAYS: arrays, Rec.SITE: site_record(site.name)})
-    if plan is None:
+    site: Site, work: Work, plan: DPPlan | None, ledger: PrivacyLedger, server_round: int, seconds: float
+) -> tuple[RecordDict, DPRecord | None]:
+    """The reply: the arrays, metrics, site identity and, under DP, this work's DP parameters (ledger first)."""
+    metrics = {**work.metrics, Metric.STEPS: work.steps, Metric.WIRE_BYTES: wire_bytes(work.arrays),
+               Metric.TRAIN_SECONDS: round(seconds, 4)}  # fmt: skip
+    answer = RecordDict({Rec.ARRAYS: work.arrays, Rec.SITE: site_record(site.name)})
+    if plan is None or work.step is None:
         # without DP nothing is promised, and the loss helps; under DP it would be an unaccounted release
-        metrics[Metric.TRAIN_LOSS] = outcome.loss
+        if work.loss is not None:
+            metrics[Metric.TRAIN_LOSS] = work.loss
         answer[Rec.METRICS] = MetricRecord(metrics)
         return answer, None
-    dp = DPRecord(plan.noise_multiplier, plan.sample_rate, outcome.steps, plan.max_grad_norm, plan.target_delta,
-                  plan.accountant)  # fmt: skip
-    metrics[Metric.EPSILON] = ledger.record_round(server_round, plan, outcome.history)
+    sigma, q, steps = work.step
+    clip = 1.0 if work.release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
+    dp = DPRecord(sigma, q, steps, clip, plan.target_delta, plan.accountant)
+    metrics[Metric.EPSILON] = ledger.record_round(server_round, plan, work.history, work.release)
     answer[Rec.METRICS] = MetricRecord(metrics)
     answer[Rec.DP] = dp.to_record()
     return answer, dp

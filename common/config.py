@@ -312,20 +312,20 @@ class RunConfig:
             "use letters, digits, '-', '_' or '.'",
             self.run_name,
         )
+        kind = CATALOG[self.backbone.name].kind
+        _require(
+            SOURCE_KINDS[self.data.source] == kind,
+            "data.source",
+            f"backbone {self.backbone.name} is a {kind} encoder; it takes sources "
+            f"{', '.join(s for s, k in SOURCE_KINDS.items() if k == kind)}",
+            self.data.source,
+        )
         _require(
             self.train.min_sites <= self.data.num_sites,
             "train.min_sites",
             f"cannot exceed data.num_sites ({self.data.num_sites})",
             self.train.min_sites,
         )
-        if self.secure_aggregation:
-            # the server only ever holds the sum of the updates: nothing per site to screen or rank
-            _require(
-                self.train.strategy in ("fedavg", "fedprox", "fedadam"),
-                "train.strategy",
-                "secure_aggregation needs fedavg, fedprox or fedadam (a median or trimmed mean needs each "
-                "site's update, which secure aggregation hides)",
-                self.train.strategy,
         _require(
             not (self.secure_aggregation and self.train.protocol == "fedsgd"),
             "train.protocol",
@@ -335,6 +335,14 @@ class RunConfig:
         )
         _require(not (self.secure_aggregation and self.privacy.feature_stats), "privacy.feature_stats",
                  "the statistics release is sent plain, not under secure_aggregation; set false", True)  # fmt: skip
+        if self.secure_aggregation:
+            # the server only ever holds the sum of the updates: nothing per site to screen or rank
+            _require(
+                self.train.strategy in ("fedavg", "fedprox", "fedadam"),
+                "train.strategy",
+                "secure_aggregation needs fedavg, fedprox or fedadam (a median or trimmed mean needs each "
+                "site's update, which secure aggregation hides)",
+                self.train.strategy,
             )
             _require(
                 self.train.max_update_norm is None,
@@ -345,14 +353,6 @@ class RunConfig:
             _require(
                 self.train.min_sites >= 2, "train.min_sites", "secure_aggregation needs >= 2", self.train.min_sites
             )
-
-    @property
-    def output_path(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve()
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser().resolve()
         self._check_privacy_unit()
 
     def _check_privacy_unit(self) -> None:
@@ -368,14 +368,14 @@ class RunConfig:
             "records into synthetic users of this many records (> 0)",
             self.privacy.synthetic_users,
         )
-        kind = CATALOG[self.backbone.name].kind
-        _require(
-            SOURCE_KINDS[self.data.source] == kind,
-            "data.source",
-            f"backbone {self.backbone.name} is a {kind} encoder; it takes sources "
-            f"{', '.join(s for s, k in SOURCE_KINDS.items() if k == kind)}",
-            self.data.source,
-        )
+
+    @property
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser().resolve()
 
 
 def load_config(path: str | Path) -> RunConfig:

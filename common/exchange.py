@@ -24,6 +24,18 @@ def head_to_arrays(head: nn.Module) -> ArrayRecord:
     return ArrayRecord(state)
 
 
+def gradient_to_arrays(head: nn.Module, sums: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A fedsgd site's noisy gradient sum, named, shaped and typed exactly like the head's tensors.
+
+    The only other thing a site sends in place of a head: the server screens it against the
+    same spec (`head_spec`), so nothing but head-shaped tensors can leave this way either.
+    """
+    state = head.state_dict()
+    if set(sums) != set(state):
+        raise ValueError(f"gradient names {sorted(sums)} differ from the head's {sorted(state)}")
+    return ArrayRecord({PREFIX + k: sums[k].detach().cpu().to(v.dtype).reshape(v.shape) for k, v in state.items()})
+
+
 def head_spec(head: nn.Module) -> Spec:
     return {PREFIX + k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in head.state_dict().items()}
 

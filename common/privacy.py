@@ -30,7 +30,13 @@ class BudgetExceeded(RuntimeError):
 
 @dataclass(frozen=True)
 class DPPlan:
-    """The DP-SGD parameters a site commits to for the whole run."""
+    """The DP parameters a site commits to for the whole run.
+
+    `noise_multiplier`, `sample_rate` and `steps_per_round` describe each training round
+    (fedsgd: one step at the Poisson rate q). With DP feature statistics, one more release
+    comes first: one step at sample rate 1 with `stats_noise_multiplier`; the whole run,
+    that release included, meets (target_epsilon, target_delta).
+    """
 
     noise_multiplier: float
     sample_rate: float
@@ -40,10 +46,24 @@ class DPPlan:
     target_epsilon: float
     target_delta: float
     accountant: str
+    stats_noise_multiplier: float | None = None
+    unit: str = "record"  # what one step's sampling and clipping protect: a record, or a user's records
 
     @property
     def total_steps(self) -> int:
         return self.rounds * self.steps_per_round
+
+    @property
+    def round_step(self) -> tuple[float, float, int]:
+        """One training round as an entry of the accountant's history."""
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    @property
+    def stats_step(self) -> tuple[float, float, int]:
+        """The feature-statistics release as an accountant entry: a Gaussian mechanism is one step at rate 1."""
+        if self.stats_noise_multiplier is None:
+            raise ValueError("this plan has no feature-statistics release")
+        return (self.stats_noise_multiplier, 1.0, 1)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -61,40 +81,103 @@ def plan_dp(
     target_delta: float,
     max_grad_norm: float,
     accountant: str,
+    stats_share: float | None = None,
 ) -> DPPlan:
-    """Noise for the whole run: every round the site may join, every local epoch."""
-    if target_delta >= 1.0 / num_samples:
-        raise ValueError(
-            f"privacy.target_delta {target_delta:g} must be below 1/n = {1.0 / num_samples:.3g} for this site's "
-            f"{num_samples} training samples; lower target_delta"
-        )
+    """fedavg: noise for the whole run, every round the site may join, every local epoch (and the statistics)."""
     per_epoch = steps_per_epoch(num_samples, batch_size)
-    sample_rate = 1.0 / per_epoch
-    steps = per_epoch * local_epochs
-    sigma = get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=target_delta,
-        sample_rate=sample_rate,
-        steps=steps * rounds,
-        accountant=accountant,
-    )
-    return DPPlan(sigma, sample_rate, steps, rounds, max_grad_norm, target_epsilon, target_delta, accountant)
+    return _plan(num_samples, 1.0 / per_epoch, per_epoch * local_epochs, rounds, target_epsilon, target_delta,
+                 max_grad_norm, accountant, stats_share, "record")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def plan_fedsgd(
+    num_units: int,
+    sample_rate: float,
+    rounds: int,
+    target_epsilon: float,
+    target_delta: float,
+    max_grad_norm: float,
+    accountant: str,
+    stats_share: float | None = None,
+    unit: str = "record",
+) -> DPPlan:
+    """fedsgd: one noisy gradient sum per round at Poisson rate q over `num_units` records (or users)."""
+    return _plan(num_units, sample_rate, 1, rounds, target_epsilon, target_delta, max_grad_norm, accountant,
+                 stats_share, unit)  # fmt: skip
+
+
+def _plan(
+    n: int, q: float, steps: int, rounds: int, eps: float, delta: float, clip: float, accountant: str,
+    stats_share: float | None, unit: str,
+) -> DPPlan:  # fmt: skip
+    if delta >= 1.0 / n:
+        what = "users" if unit == "user" else "training samples"
+        raise ValueError(
+            f"privacy.target_delta {delta:g} must be below 1/n = {1.0 / n:.3g} for this site's {n} {what}; "
+            "lower target_delta"
+        )
+    stats_sigma = None if stats_share is None else stats_noise_multiplier(eps, delta, stats_share, accountant)
+    prefix = () if stats_sigma is None else ((stats_sigma, 1.0, 1),)
+    sigma = calibrate(prefix, q, steps * rounds, eps, delta, accountant)
+    return DPPlan(sigma, q, steps, rounds, clip, eps, delta, accountant, stats_sigma, unit)
+
+
+def stats_noise_multiplier(target_epsilon: float, target_delta: float, share: float, accountant: str) -> float:
+    """σ of the statistics release: `share` of the μ² of the one Gaussian release that alone meets the target.
+
+    For a Gaussian mechanism μ = sensitivity/σ, and μ² adds up under composition: the release
+    takes a fixed share, and the training rounds are calibrated to what is left (`calibrate`).
+    """
+    with warnings.catch_warnings():  # as in _epsilon: a conservative RDP order, PRV's log(1 - q) at q = 1
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log")
+        whole = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
+                                     steps=1, accountant=accountant, epsilon_tolerance=0.001)  # fmt: skip
+    return whole / math.sqrt(share)
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate(
+    prefix: tuple[tuple[float, float, int], ...], sample_rate: float, steps: int, target_epsilon: float,
+    target_delta: float, accountant: str,
+) -> float:  # fmt: skip
+    """The smallest noise multiplier (to 1%) for which `prefix` then `steps` steps at `sample_rate` meet the target.
+
+    Opacus' get_noise_multiplier does this without a prefix; with one (the statistics
+    release) the search is the same bisection over Opacus' own ε.
+    """
+    if not prefix:
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=accountant)  # fmt: skip
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*prefix, (sigma, sample_rate, steps)], target_delta, accountant)
+
+    if eps(1e6) > target_epsilon:
+        raise ValueError(f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+                         f"{target_epsilon:g}; lower it")  # fmt: skip
+    low, high = 0.0, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+    while high - low > 0.01 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
     """ε of a whole history of (noise multiplier, sample rate, steps), composed by Opacus."""
     if not history:
         return 0.0
-    steps = [(float(sigma), float(q), int(n)) for sigma, q, n in history]
-    if accountant == "rdp":  # RDP adds up over steps: consecutive runs of one (σ, q) merge exactly
-        merged: list[tuple[float, float, int]] = []
-        for sigma, q, n in steps:
-            if merged and merged[-1][:2] == (sigma, q):
-                merged[-1] = (sigma, q, merged[-1][2] + n)
-            else:
-                merged.append((sigma, q, n))
-        steps = merged
-    return _epsilon(tuple(steps), delta, accountant)
+    # n steps of one (σ, q) then m more are n + m steps of it: merging is exact for every accountant (Opacus'
+    # own accountant.step merges the same way), and keeps a long fedsgd history one PRV composition
+    merged: list[tuple[float, float, int]] = []
+    for sigma, q, n in ((float(sigma), float(q), int(n)) for sigma, q, n in history):
+        if merged and merged[-1][:2] == (sigma, q):
+            merged[-1] = (sigma, q, merged[-1][2] + n)
+        else:
+            merged.append((sigma, q, n))
+    return _epsilon(tuple(merged), delta, accountant)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -104,6 +187,7 @@ def _epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accoun
     with warnings.catch_warnings():
         # "Optimal order is the largest alpha": the RDP bound is then conservative (ε over-, never under-stated).
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log")  # PRV at sample rate 1
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -167,13 +251,9 @@ class PrivacyLedger:
         earlier = keys[: keys.index(self.run_key)]
         return epsilon_of([tuple(h) for key in earlier for h in self._data["runs"][key]["history"]], delta, accountant)
 
-    def check_round(self, plan: DPPlan) -> float:
-        """ε after one more round of `plan`; raises BudgetExceeded if it passes the target."""
-        after = epsilon_of(
-            [*self.history, (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)],
-            plan.target_delta,
-            plan.accountant,
-        )
+    def check_round(self, plan: DPPlan, step: tuple[float, float, int] | None = None) -> float:
+        """ε after one more round of `plan` (or `step`: the statistics release); BudgetExceeded past the target."""
+        after = epsilon_of([*self.history, step or plan.round_step], plan.target_delta, plan.accountant)
         if after > plan.target_epsilon + EPS_SLACK:
             spent = self.spent(plan.target_delta, plan.accountant)
             raise BudgetExceeded(
@@ -182,13 +262,17 @@ class PrivacyLedger:
             )
         return after
 
-    def record_round(self, server_round: int, plan: DPPlan, history: list[tuple[float, float, int]]) -> float:
-        """Store the accountant history after a round; returns the cumulative ε."""
+    def record_round(
+        self, server_round: int, plan: DPPlan, history: list[tuple[float, float, int]], release: str | None = None
+    ) -> float:
+        """Store the accountant history after a round (or a named release: round 0's statistics); returns ε."""
         epsilon = epsilon_of(history, plan.target_delta, plan.accountant)
         entry = self.entry
         entry["history"] = [list(h) for h in history]
         entry["plan"] = asdict(plan)
-        entry["rounds"] = entry["rounds"] + [{"round": server_round, "steps": plan.steps_per_round, "epsilon": epsilon}]
+        steps = 1 if release else plan.steps_per_round
+        done = {"round": server_round, "steps": steps, "epsilon": epsilon} | ({"release": release} if release else {})
+        entry["rounds"] = entry["rounds"] + [done]
         self._data["runs"][self.run_key] = entry
         atomic.write_text(self.path, json.dumps(self._data, indent=1))
         return epsilon

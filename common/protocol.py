@@ -60,22 +60,23 @@ class Metric(StrEnum):
     EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
-
-
-class Event(StrEnum):
-    """Audit-log events. The coordinator's log: RUN_* to MODEL_EXPORTED; a site's: the rest."""
-
     EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"
     # A site's AUROC exists only when its test split holds 2+ classes: it sends AUROC × defined and defined
     # (1 or 0), so the weighted means' ratio is the mean over the sites where it exists (server/rounds.py).
     EVAL_AUROC = "eval-auroc"
     EVAL_AUROC_DEFINED = "eval-auroc-defined"
+
+
+class Event(StrEnum):
+    """Audit-log events. The coordinator's log: RUN_* to MODEL_EXPORTED; a site's: the rest."""
+
     RUN_STARTED = "run-started"
     RUN_RESUMED = "run-resumed"
     UPDATE_RECEIVED = "update-received"
     UPDATE_REFUSED = "update-refused"
     ROUND_AGGREGATED = "round-aggregated"
     MODEL_EXPORTED = "model-exported"
+    SERVING_EXPORTED = "serving-exported"  # `fedtransfer export`: model.onnx / model.torchscript.pt, checked
     RUN_FAILED = "run-failed"
     BACKBONE_CHECKED = "backbone-checked"
     UPDATE_TRAINED = "update-trained"  # a training under SecAgg+: the plain head stays at the site

@@ -100,7 +100,7 @@ def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
     classes = list(fed.server_test.classes)
     with torch.random.fork_rng(devices=[]):  # the initial head is the config's seed, without seeding the process
         torch.manual_seed(cfg.seed)
-        head = make_head(encoder.feature_dim, len(classes), cfg.head.hidden)
+        head = make_head(encoder.feature_dim, len(classes), cfg.head.hidden, centred=cfg.privacy.feature_stats)
     spec = head_spec(head)
     frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
     strategy = ScreenedStrategy(make_strategy(cfg.train, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)

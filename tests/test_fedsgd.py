@@ -1,0 +1,259 @@
+"""DP-FedSGD, the DP feature-statistics release and per-user privacy: each mechanism's bound, its accounting,
+the server's step, the site's reply and the canary audit on the fedsgd protocol."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+
+from client import train_round
+from client.site import Declined, Site
+from common.config import ConfigError, config_from_dict
+from common.data import Samples, SiteData
+from common.dp_fedsgd import (
+    STATS_COUNTS,
+    STATS_SUMS,
+    Units,
+    class_statistics,
+    clipped_gradient_sum,
+    release_statistics,
+    start_from_statistics,
+    synthetic_users,
+    whitened_sensitivity,
+)
+from common.exchange import head_spec, head_to_arrays
+from common.head import make_head
+from common.privacy import PrivacyLedger, epsilon_of, plan_fedsgd, stats_noise_multiplier
+from common.protocol import FEATURE_STATS, DPRecord, Metric
+from server.audit import empirical as empirical_audit
+from server.audit import empirical_fedsgd
+from server.audit.empirical import CanarySettings, audit_training
+from server.strategy import FedSGD, ScreenedStrategy, server_step
+
+DIM, CLASSES = 32, 4
+
+
+def _data(n: int = 60, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, DIM, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+
+
+def _flat(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.flatten() for v in sums.values()])
+
+
+def test_unclipped_full_batch_sum_is_the_gradient_of_the_summed_loss() -> None:
+    x, y = _data()
+    head = make_head(DIM, CLASSES)
+    out = clipped_gradient_sum(head, x, y, Units.records(len(y)), 1.0, None, torch.Generator().manual_seed(0))
+    torch.nn.functional.cross_entropy(head(x), y, reduction="sum").backward()
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(out.sums[name], p.grad, atol=1e-5, rtol=1e-5)
+    assert out.sampled == len(y)
+
+
+@pytest.mark.parametrize("per_user", [1, 5])
+def test_one_unit_moves_the_clipped_sum_by_at_most_the_clip_norm(per_user: int) -> None:
+    """Add/remove one record (or one user, all their records): the sum moves by <= C, however many records."""
+    x, y = _data(60)
+    users = synthetic_users(60, per_user, seed=3)
+    head = make_head(DIM, CLASSES)
+    with torch.no_grad():
+        head[-1].weight.normal_()  # large gradients: clipping binds
+    clip = 0.5
+
+    def total(keep: torch.Tensor) -> torch.Tensor:
+        units = Units.of_users(users[keep])
+        return _flat(clipped_gradient_sum(head, x[keep], y[keep], units, 1.0, clip, torch.Generator()).sums)
+
+    everyone = torch.ones(60, dtype=torch.bool)
+    without = users != users[0]
+    assert int((~without).sum()) == per_user
+    assert (total(everyone) - total(without)).norm() <= clip + 1e-5
+    assert (total(everyone) - total(without)).norm() > 0.9 * clip  # the bound is reached, not merely respected
+
+
+def test_a_user_is_sampled_with_all_records_or_none() -> None:
+    x, y = _data(60)
+    units = Units.of_users(synthetic_users(60, 6, seed=0))
+    sampled = {clipped_gradient_sum(make_head(DIM, CLASSES), x, y, units, 0.5, 1.0, torch.Generator().manual_seed(s))
+               .sampled for s in range(20)}  # fmt: skip
+    assert sampled <= set(range(0, 61, 6)) and len(sampled) > 2
+
+
+def test_statistics_move_by_at_most_one_per_record_and_per_user() -> None:
+    x, y = _data(40)
+    for units in (Units.records(40), Units.of_users(synthetic_users(40, 4, seed=1))):
+        sums, counts = class_statistics(x, y, CLASSES, units)
+        gone = units.of_record != units.of_record[0]
+        rest = Units.of_users(units.of_record[gone])
+        s2, c2 = class_statistics(x[gone], y[gone], CLASSES, rest)
+        assert (sums - s2).norm() <= 1 + 1e-5 and (counts - c2).norm() <= 1 + 1e-5
+        assert counts.sum() == pytest.approx(units.count)
+
+
+def test_statistics_noise_matches_one_gaussian_step_at_the_noise_multiplier() -> None:
+    """Sums and counts with their two noise scales are one Gaussian mechanism of whitened sensitivity 1/σ."""
+    sigma = 3.0
+    assert whitened_sensitivity(sigma) == pytest.approx(1 / sigma)
+    x, y = _data(40)
+    draws = [release_statistics(x, y, CLASSES, Units.records(40), sigma, torch.Generator().manual_seed(s))
+             for s in range(200)]  # fmt: skip
+    sums, counts = class_statistics(x, y, CLASSES, Units.records(40))
+    sum_sd = torch.stack([d[STATS_SUMS] - sums for d in draws]).std().item()
+    count_sd = torch.stack([d[STATS_COUNTS] - counts for d in draws]).std().item()
+    assert sum_sd == pytest.approx(sigma * math.sqrt(10 / 9), rel=0.05)
+    assert count_sd == pytest.approx(3 * sigma * math.sqrt(10 / 9), rel=0.1)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_whole_run_with_the_statistics_release_meets_the_target(accountant: str) -> None:
+    plan = plan_fedsgd(600, 0.3, 40, 3.0, 1e-5, 1.0, accountant, 0.2, "record")
+    history = [plan.stats_step, *[plan.round_step] * plan.rounds]
+    eps = epsilon_of(history, 1e-5, accountant)
+    assert 0.97 * 3.0 <= eps <= 3.0
+    whole = stats_noise_multiplier(3.0, 1e-5, 1.0, accountant)  # one Gaussian release spending everything
+    assert (1 / plan.stats_noise_multiplier) ** 2 == pytest.approx(0.2 / whole**2)
+    assert plan.stats_step == (plan.stats_noise_multiplier, 1.0, 1)
+    alone = plan_fedsgd(600, 0.3, 40, 3.0, 1e-5, 1.0, accountant, None, "record")
+    assert alone.noise_multiplier < plan.noise_multiplier  # the release's share is paid for by the rounds
+
+
+def test_server_step_is_the_heavy_ball_formula_on_the_expected_batch() -> None:
+    w = {"a": np.array([1.0, 2.0], np.float32), "m": np.array([5.0], np.float32)}
+    g1, g2 = {"a": np.array([3.0, -6.0]), "m": np.zeros(1)}, {"a": np.array([0.0, 3.0]), "m": np.zeros(1)}
+    w1, v1 = server_step(w, g1, {}, 3.0, 0.5, 0.9, frozenset({"m"}))
+    np.testing.assert_allclose(w1["a"], [1.0 - 0.5 * 1.0, 2.0 + 0.5 * 2.0])
+    w2, v2 = server_step(w1, g2, v1, 3.0, 0.5, 0.9, frozenset({"m"}))
+    np.testing.assert_allclose(v2["a"], [0.9 * 1.0, 0.9 * -2.0 + 1.0])
+    np.testing.assert_allclose(w2["a"], w1["a"] - 0.5 * v2["a"], rtol=1e-6)
+    assert w2["m"] is w["m"]  # the centring mean has no gradient: never stepped
+
+
+def _reply(arrays: dict[str, np.ndarray], expected: float | None, node: int) -> Message:
+    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    metrics = {Metric.NUM_EXAMPLES: 10} | ({Metric.EXPECTED_BATCH: expected} if expected is not None else {})
+    record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
+    return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), metadata=meta)
+
+
+def test_screened_fedsgd_sums_the_sites_and_refuses_unfit_gradients() -> None:
+    head = make_head(DIM, CLASSES)
+    start = {k: v.numpy() for k, v in head_to_arrays(head).items()}
+    strategy = ScreenedStrategy(FedSGD(0.5, 0.0, frozenset(), min_train_nodes=1), head_spec(head), min_sites=2)
+    strategy.strategy.current = start
+    good = {k: np.ones_like(v) for k, v in start.items()}
+    nan = {k: np.full_like(v, np.nan) for k, v in start.items()}
+    wrong = {k: np.ones((2, 2), np.float32) for k in start}
+    replies = [_reply(good, 3.0, 1), _reply(good, 1.0, 2), _reply(nan, 1.0, 3), _reply(wrong, 1.0, 4),
+               _reply(good, None, 5)]  # fmt: skip
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert sorted(strategy.refused) == [3, 4, 5]
+    assert "NaN" in strategy.refused[3] and "expected-batch" in strategy.refused[5]
+    for name, value in arrays.items():  # two sites' sums of ones over 3 + 1 expected records
+        np.testing.assert_allclose(value.numpy(), start[name] - 0.5 * 2.0 / 4.0, rtol=1e-6)
+
+
+FEDSGD = {"train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
+          "privacy": {"target_delta": 1e-3, "feature_stats": True}}  # fmt: skip
+
+
+def _site(tmp_path: Path, n: int = 80) -> Site:
+    x, y = _data(n)
+    samples = Samples(np.zeros((n, 1, 1, 1), np.uint8), y.numpy(), tuple(str(c) for c in range(CLASSES)))
+
+    class Backbone:
+        name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
+
+    return Site("site-x", SiteData("site-x", samples, samples), Backbone(), tmp_path, 7, None, None, x, y, x, y)
+
+
+def _message(server_round: int, centred: bool = True, **extra: str) -> Message:
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
+                    group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
+    head = head_to_arrays(make_head(DIM, CLASSES, centred=centred))
+    return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
+
+
+def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: Path) -> None:
+    cfg, site = config_from_dict(FEDSGD), _site(tmp_path)
+    stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))
+    assert sorted(stats["arrays"].keys()) == [STATS_COUNTS, STATS_SUMS]
+    dp0 = DPRecord.from_mapping(stats["dp"])
+    assert (dp0.sample_rate, dp0.steps, dp0.clip_norm) == (1.0, 1, 1.0)
+    with pytest.raises(Declined, match="already released"):
+        train_round.train(site, cfg, _message(0, release=FEATURE_STATS, **{"app-version": "again"}))
+    reply = train_round.train(site, cfg, _message(1))
+    assert list(reply["arrays"].keys()) == list(head_spec(make_head(DIM, CLASSES, centred=True)))
+    assert not reply["arrays"]["head.0.mean"].numpy().any()  # a buffer has no gradient: zeros, nothing private
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * 80)
+    assert Metric.TRAIN_LOSS not in reply["metrics"]
+    dp1 = DPRecord.from_mapping(reply["dp"])
+    assert (dp1.sample_rate, dp1.steps) == (0.5, 1)
+    ledger = PrivacyLedger(site.ledger_path, "r")
+    assert ledger.history == [dp0.history_step, dp1.history_step]
+    assert reply["metrics"][Metric.EPSILON] == pytest.approx(epsilon_of(ledger.history, 1e-3, "rdp"))
+
+
+def test_user_level_site_samples_users(tmp_path: Path) -> None:
+    raw = FEDSGD | {"privacy": {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4}}
+    cfg, site = config_from_dict(raw), _site(tmp_path)
+    reply = train_round.train(site, cfg, _message(1, centred=False))
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == 20  # 80 records, 4 per user
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"privacy": {"unit": "user", "synthetic_users": 4}}, "privacy.unit"),
+        ({"train": {"protocol": "fedsgd"}, "privacy": {"unit": "user"}}, "privacy.synthetic_users"),
+        ({"train": {"protocol": "fedsgd"}, "secure_aggregation": True}, "train.protocol"),
+        ({"train": {"protocol": "fedsgd", "strategy": "fedmedian"}}, "train.strategy"),
+        ({"train": {"sample_rate": 0.0}}, "train.sample_rate"),
+    ],
+)
+def test_unsupported_combinations_are_one_line_config_errors(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        config_from_dict(raw)
+
+
+def test_class_mean_start_centres_and_points_at_the_class_means() -> None:
+    x, y = _data(200)
+    x = x + 3 * torch.nn.functional.one_hot(y, DIM).float()  # separable classes
+    head = make_head(DIM, CLASSES, centred=True)
+    sums, counts = class_statistics(x, y, CLASSES, Units.records(200))
+    start_from_statistics(head, sums, counts)
+    assert (head(x).argmax(1) == y).float().mean() > 0.9
+
+
+CANARY = {"train": {"protocol": "fedsgd", "rounds": 10, "sample_rate": 1.0, "learning_rate": 2.0},
+          "privacy": {"target_epsilon": 1.0, "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
+
+
+def _features(n: int = 200, dim: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(0)
+    means, labels = rng.random((10, dim)), rng.integers(0, 10, n)
+    return torch.tensor(np.maximum(means[labels] + 0.5 * rng.standard_normal((n, dim)), 0), dtype=torch.float32), \
+        torch.tensor(labels)  # fmt: skip
+
+
+def test_canary_audit_on_fedsgd_passes_the_honest_site_and_catches_one_without_noise(monkeypatch) -> None:
+    x, y = _features()
+    cfg = config_from_dict(CANARY)
+    honest = audit_training(x, y, 10, cfg, CanarySettings(num_canaries=400))
+    assert honest.claimed_epsilon == pytest.approx(1.0, abs=0.03)
+    assert not honest.exceeds_claim
+    monkeypatch.setattr(empirical_fedsgd, "add_noise", lambda sums, std, gen, secure=False, skip=(): dict(sums))
+    broken = audit_training(x, y, 10, cfg, CanarySettings(num_canaries=400))
+    assert broken.claimed_epsilon == pytest.approx(honest.claimed_epsilon)  # it still claims the DP it lacks
+    assert broken.exceeds_claim, broken.eps_lower_bound
+    assert empirical_audit.audit_training is audit_training
