@@ -1,4 +1,4 @@
-"""The `fedtransfer` command: simulate, predict, audit, deploy.
+"""The `fedtransfer` command: simulate, predict, export, audit, deploy.
 
 User errors end with one line on stderr and exit status 2; no tracebacks.
 """
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Every `fedtransfer` subcommand: this is the only command-line entry point of the project."""
     from deploy.cli import add_deploy_parser
     from server.audit.cli import add_audit_parser
+    from server.serving_cli import add_export_parser
 
     parser = argparse.ArgumentParser(prog="fedtransfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "texts; a plain file is one text per line (prints line number and class)")
     pred.set_defaults(func=_predict)
     add_audit_parser(sub)
+    add_export_parser(sub)  # model.onnx / model.torchscript.pt for serving
     add_deploy_parser(sub)  # init, superlink, register, site, run
     return parser
 
