@@ -37,6 +37,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.secure_aggregation
 	$(PY) -m benchmarks.empirical_privacy
+	$(PY) -m benchmarks.modalities --config configs/bank-text.yaml
+	$(PY) -m benchmarks.modalities --config configs/bank-tabular.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

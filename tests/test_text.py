@@ -244,6 +244,56 @@ def test_export_and_predict_round_trip(tmp_path: Path, encoder: TextEncoder, cap
     assert capsys.readouterr().err.strip() == expected
 
 
+# --- imbalance metrics (every modality) and their benchmark ------------------------------------
+
+
+def test_balanced_accuracy_and_auroc_match_scikit_learn() -> None:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from common.head import evaluate_head
+
+    torch.manual_seed(0)
+    feats, labels = torch.randn(200, 16), torch.tensor([0] * 150 + [1] * 30 + [2] * 20)  # imbalanced
+    head = make_head(16, 3)
+    s = evaluate_head(head, feats, labels)
+    with torch.no_grad():
+        probs = head(feats).softmax(1).numpy()
+    assert s.accuracy == pytest.approx(float((probs.argmax(1) == labels.numpy()).mean()))
+    assert s.balanced_accuracy == pytest.approx(balanced_accuracy_score(labels.numpy(), probs.argmax(1)))
+    assert s.auroc == pytest.approx(roc_auc_score(labels.numpy(), probs, multi_class="ovr", average="macro"))
+    binary = make_head(16, 2)
+    y2 = (labels > 0).long()
+    with torch.no_grad():
+        p2 = binary(feats).softmax(1)[:, 1].numpy()
+    assert evaluate_head(binary, feats, y2).auroc == pytest.approx(roc_auc_score(y2.numpy(), p2))
+    one_class = evaluate_head(binary, feats[:10], torch.zeros(10, dtype=torch.long))
+    assert one_class.auroc is None and 0 <= one_class.balanced_accuracy <= 1
+
+
+def test_modalities_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks.modalities on a small BBC slice: the probe and every (split, sites, ε) row, into --results-dir."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump({"run_name": "smoke", "cache_dir": str(tmp_path / "cache"),
+                                      "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
+                                      "data": {"source": "bbc", "max_samples": 120},
+                                      "train": {"rounds": 2, "local_epochs": 2}}))  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.modalities", "--config", str(config), "--sites", "1", "2",
+                           "--results-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "out" / "modalities_smoke.json").read_text())["rows"]
+    assert [(r["split"], r["sites"]) for r in rows[:1]] == [("centralised", 1)]
+    assert len(rows) == 1 + 4 * 3  # iid 1, iid 2, dirichlet 2 sites × 4 budgets
+    assert all(0 <= r[m] <= 1 for r in rows for m in ("accuracy", "balanced_accuracy", "auroc"))
+    assert rows[0]["accuracy"] > 0.5  # chance is about 0.2
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
