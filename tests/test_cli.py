@@ -211,7 +211,8 @@ def test_launcher_keeps_the_whole_log_and_reads_the_verdict(
         done = launcher.submit_run(cfg, "conn", env=launcher.flower_env(), app_dir=tmp_path)
         assert done.flower_run_id == 4242 and done.status["run_id"] == "abc"
     else:
-        with pytest.raises(launcher.LaunchError, match=r"did not aggregate; see .*run\.log"):
+        failed = r"run abc FAILED: .*did not aggregate; no model exported; see .*run\.log"
+        with pytest.raises(launcher.RunFailed, match=failed):
             launcher.submit_run(cfg, "conn", env=launcher.flower_env(), app_dir=tmp_path)
     assert capsys.readouterr().out.splitlines() == ["round 1/1 | sites trained 2/2 | server acc 0.5 | sites' acc - | x"]
     assert "configure_train" in (tmp_path / "run" / "run.log").read_text()
