@@ -103,6 +103,21 @@ def test_folders_split_gives_every_site_file_one_class_list(tmp_path: Path) -> N
     assert all(s.train.classes == ("sport", "tech") for s in fed.sites)
 
 
+def test_a_deployed_site_holds_text_named_by_its_own_config(tmp_path: Path) -> None:
+    from common.data import deployed_site_data
+    from common.site_config import load_site_config, site_paths
+
+    (tmp_path / "mail.jsonl").write_text("".join(json.dumps({"body": f"letter {k}", "desk": ["loans", "cards"][k % 2]})
+                                                 + "\n" for k in range(10)), encoding="utf-8")  # fmt: skip
+    config = tmp_path / "site.yaml"
+    config.write_text("name: bank-c\ndata_source: text\ndata_path: mail.jsonl\ntext_column: body\n"
+                      "label_column: desk\n")  # fmt: skip
+    site = load_site_config(config)
+    data = deployed_site_data(site, site_paths(site, config), 64)
+    assert data.train.classes == ("cards", "loans") and len(data.train) + len(data.test) == 10
+    assert all(isinstance(t, str) and t.startswith("letter ") for t in data.train.inputs)
+
+
 def test_bbc_corpus_ships_offline() -> None:
     texts, labels, classes = load_bbc()
     assert classes == ("business", "entertainment", "politics", "sports", "tech")
