@@ -25,7 +25,7 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = replace(cfg, output_dir=args.output)
     if args.resume:
         cfg = replace(cfg, resume=True)
-    status = simulate(cfg, stream=not args.quiet, verbose=args.verbose)
+    status = simulate(cfg, stream=not args.quiet, verbose=args.verbose, ray_address=args.ray_address)
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
     print(
         f"fedtransfer: outputs in {cfg.output_path} (run.log, metrics.jsonl, privacy.json, model.pt, accuracy.png, "
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="YAML config (default: the embedded demo, see configs/demo.yaml)")
     sim.add_argument("--output", help="override output_dir")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    sim.add_argument("--ray-address", metavar="HOST:PORT", help="run the sites on this existing Ray cluster (its "
+                     "head); output_dir and cache_dir must be on storage every node mounts")  # fmt: skip
     shown = sim.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the outcome (the log is in run.log)")
     shown.add_argument("--verbose", action="store_true", help="print every log line of Flower, Ray and the ServerApp")

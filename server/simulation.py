@@ -20,6 +20,7 @@ from typing import Any
 import tomli_w
 
 from common.config import RunConfig
+from server.cluster import check_cluster
 from server.launcher import APP_DIR, LaunchError, RunFailed, flower_bin, flower_env, submit_run
 from server.preflight import check_run
 
@@ -35,8 +36,11 @@ def _free_port() -> int:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
-    """A simulation-mode SuperLink on loopback; yields the connection name for `flwr run`."""
+def simulation_superlink(flwr_home: Path, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A simulation-mode SuperLink on loopback; yields the connection name for `flwr run`.
+
+    `env` (default: `flower_env(flwr_home)`) is what the SuperLink, and so the simulation it starts, runs in.
+    """
     port, control = _free_port(), _free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
@@ -46,7 +50,7 @@ def simulation_superlink(flwr_home: Path, log_path: Path) -> Iterator[str]:
             "--host", "127.0.0.1", "--port", str(port), "--control-api-address", f"127.0.0.1:{control}",
             "--disable-runtime-dependency-installation"]  # fmt: skip
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(argv, env=flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(argv, env=env or flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
         _wait_listening(port, proc, log_path)
@@ -87,10 +91,13 @@ def simulate(
     stream: bool = True,
     app_dir: Path = APP_DIR,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run `cfg` with one simulated SuperNode per site; returns the run's status.json.
 
     Folders, data and backbone are checked first (`server.preflight`), before any Flower process.
+    `ray_address` (host:port of a Ray head) runs the sites on that existing Ray cluster instead of
+    a Ray started for this run: `server.cluster` first proves every node sees output_dir and cache_dir.
     `stream` shows one line per round plus warnings (`verbose`: every log line); the whole log is
     in `output_dir/run.log` either way. `app_dir` is the Flower app to submit (tests submit a copy
     with an instrumented ServerApp).
@@ -99,9 +106,14 @@ def simulate(
     check_run(cfg, sites)
     run_dir = cfg.output_path
     flwr_home = run_dir / ".flwr"
-    with simulation_superlink(flwr_home, run_dir / "superlink.log") as connection:
+    env = flower_env(flwr_home)
+    env.pop("RAY_ADDRESS", None)  # only --ray-address joins a cluster: never one a shell happened to export
+    if ray_address:
+        check_cluster(ray_address, {"output_dir": run_dir, "cache_dir": cfg.cache_path})
+        env["RAY_ADDRESS"] = ray_address  # Flower's RayBackend calls ray.init() without an address: Ray reads it
+    with simulation_superlink(flwr_home, run_dir / "superlink.log", env) as connection:
         try:
-            outcome = submit_run(cfg, connection, env=flower_env(flwr_home), app_dir=app_dir, stream=stream,
+            outcome = submit_run(cfg, connection, env=env, app_dir=app_dir, stream=stream,
                                  verbose=verbose,
                                  federation_config=f"num-supernodes={sites} client-resources-num-cpus=1")  # fmt: skip
         except RunFailed:
