@@ -1,12 +1,13 @@
-"""A two-node Ray cluster on 127.0.0.1 for tests and the cluster benchmark, always stopped afterwards.
+"""A two-node Ray cluster on loopback for tests and the cluster benchmark, always stopped afterwards.
 
 The head offers no CPU, so no site can run there: every ClientApp actor of a simulation
 runs on the worker node, and a run that completes proves that the sites ran on a second
 node of an existing cluster. Each node has its own temp folder and ports; both run
 `ray start --block` in a process group of their own, which is what is killed at the end
-(never `ray stop`, which would stop every Ray on the machine). Ray maps 127.0.0.1 to the
-machine's outward address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps every
-connection on loopback; `LOOPBACK_ENV` must also be in the environment of whoever joins.
+(never `ray stop`, which would stop every Ray on the machine). Ray replaces a node address
+of 127.0.0.1 by the machine's outward one (and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which
+would keep it, refuses a second node), so the head is 127.0.0.2 and the worker 127.0.0.3:
+Linux routes all of 127.0.0.0/8 over loopback, and Ray takes those addresses as given.
 
 `hide` starts the worker in a mount namespace of its own with an empty tmpfs over that
 folder: a node that does not share the run's storage, on one machine.
@@ -14,6 +15,7 @@ folder: a node that does not share the run's storage, on one machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +29,7 @@ from pathlib import Path
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
-LOOPBACK_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}  # no usage report is attempted
 START_TIMEOUT_S = 90.0
 
 
@@ -55,12 +57,12 @@ def _node_argv(temp_dir: Path, cpus: int, ip: str) -> list[str]:
 @contextmanager
 def two_node_cluster(root: Path, worker_cpus: int = 2, hide: Path | None = None) -> Iterator[str]:
     """Start a head (0 CPUs) and a worker (`worker_cpus`); yields the head's address "127.0.0.1:PORT"."""
-    env = dict(os.environ) | LOOPBACK_ENV
+    env = dict(os.environ) | RAY_ENV
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
-    head = _node_argv(root / "head", 0, HEAD_IP) + ["--head", "--port", str(port), "--include-dashboard", "false",
-                                           "--ray-client-server-port", str(_free_port())]  # fmt: skip
-    worker = _node_argv(root / "worker", worker_cpus, WORKER_IP) + ["--address", f"{HEAD_IP}:{port}"]
+    head = [*_node_argv(root / "head", 0, HEAD_IP), "--head", "--port", str(port), "--include-dashboard", "false",
+            "--ray-client-server-port", str(_free_port())]  # fmt: skip
+    worker = [*_node_argv(root / "worker", worker_cpus, WORKER_IP), "--address", f"{HEAD_IP}:{port}"]
     if hide is not None:
         worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                   'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hide), *worker]  # fmt: skip
@@ -104,7 +106,5 @@ def _stop_group(proc: subprocess.Popen) -> None:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
-    try:  # the group may outlive its leader (raylet's workers): make sure none of it is left
+    with contextlib.suppress(ProcessLookupError):  # the group may outlive its leader: leave none of it
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

@@ -17,7 +17,7 @@ import pytest
 from cli.main import main
 from common.config import config_from_dict
 from server.simulation import simulate
-from tests.ray_cluster import LOOPBACK_ENV, can_hide_folders, two_node_cluster
+from tests.ray_cluster import RAY_ENV, can_hide_folders, two_node_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Pat
     root = tmp_path_factory.mktemp("ray")
     hidden = tmp_path_factory.mktemp("not-shared")
     with pytest.MonkeyPatch.context() as mp:
-        for key, value in LOOPBACK_ENV.items():
+        for key, value in RAY_ENV.items():
             mp.setenv(key, value)
         with two_node_cluster(root, worker_cpus=2, hide=hidden) as address:
             yield address, root, hidden
