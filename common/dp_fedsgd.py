@@ -108,6 +108,9 @@ def clipped_gradient_sum(
     idx = torch.nonzero(keep).squeeze(1)
     idx = idx[torch.argsort(units.of_record.to(device)[idx], stable=True)]  # a unit's records together
     params = {k: v.detach() for k, v in head.named_parameters()}
+    if units.count == len(units.of_record) and _is_linear_probe(head):
+        total, loss_sum = _linear_probe_sum(head, features[idx], labels[idx], clip_norm)
+        return ClippedSum(_unflatten(head, params, total), loss_sum / max(len(idx), 1), len(idx))
     total = torch.zeros(sum(p.numel() for p in params.values()), device=device)
     loss_sum = 0.0
     for part in _unit_chunks(units.of_record.to(device)[idx]):
@@ -121,6 +124,31 @@ def clipped_gradient_sum(
         loss_sum += float(losses.sum())
     sums = _unflatten(head, params, total)
     return ClippedSum(sums, loss_sum / max(len(idx), 1), len(idx))
+
+
+def _is_linear_probe(head: nn.Module) -> bool:
+    """A head whose only parameters are its last layer's, a Linear (with bias): the closed form applies."""
+    last = list(head.children())[-1] if isinstance(head, nn.Sequential) else None
+    return (isinstance(last, nn.Linear) and last.bias is not None
+            and sum(1 for _ in head.parameters()) == 2)  # fmt: skip
+
+
+@torch.no_grad()
+def _linear_probe_sum(
+    head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, clip_norm: float | None
+) -> tuple[torch.Tensor, float]:
+    """Closed form for softmax regression on z = head[:-1](x): a record's gradient is (p − e_y) zᵀ for the
+    weights and p − e_y for the bias, of norm ‖p − e_y‖·√(‖z‖² + 1); the clipped sum is one matrix product."""
+    z = head[:-1](x)
+    logits = head[-1](z)
+    residual = logits.softmax(1) - nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+    scale = torch.ones(len(y), device=x.device)
+    if clip_norm is not None:
+        norms = residual.norm(dim=1) * (z.square().sum(1) + 1).sqrt()
+        scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
+    weighted = residual * scale[:, None]
+    loss = float(nn.functional.cross_entropy(logits, y, reduction="sum")) if len(y) else 0.0
+    return torch.cat([(weighted.T @ z).flatten(), weighted.sum(0)]), loss
 
 
 def _unit_chunks(unit_of_row: torch.Tensor) -> list[torch.Tensor]:

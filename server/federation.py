@@ -74,7 +74,8 @@ class Coordinator:
     def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
         """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
         module = self.head(head)
-        start_from_statistics(module, stats[STATS_SUMS].torch(), stats[STATS_COUNTS].torch())
+        sums, counts = (torch.from_numpy(stats[name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
+        start_from_statistics(module, sums, counts)
         return _numpy(head_to_arrays(module))
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float | None]:

@@ -79,6 +79,31 @@ def test_one_unit_moves_the_clipped_sum_by_at_most_the_clip_norm(per_user: int) 
     assert (total(everyone) - total(without)).norm() > 0.9 * clip  # the bound is reached, not merely respected
 
 
+@pytest.mark.parametrize("clip", [None, 0.3])
+def test_closed_form_for_the_linear_probe_equals_per_sample_autograd(clip: float | None) -> None:
+    """Records as units take the closed form (softmax regression): it equals clipping autograd's gradients one
+    record at a time, and torch.func's per-sample path (users with one record each)."""
+    x, y = _data()
+    head = make_head(DIM, CLASSES, centred=True)
+    with torch.no_grad():
+        head[-1].weight.normal_()
+    fast = clipped_gradient_sum(head, x, y, Units.records(60), 1.0, clip, torch.Generator())
+    expected = {k: torch.zeros_like(v) for k, v in head.named_parameters()}
+    for i in range(60):
+        head.zero_grad()
+        torch.nn.functional.cross_entropy(head(x[i : i + 1]), y[i : i + 1]).backward()
+        norm = torch.cat([p.grad.flatten() for p in head.parameters()]).norm()
+        factor = 1.0 if clip is None else min(1.0, clip / float(norm))
+        for k, p in head.named_parameters():
+            expected[k] += factor * p.grad
+    for name, value in expected.items():
+        torch.testing.assert_close(fast.sums[name], value, atol=1e-5, rtol=1e-4)
+    if clip is None:  # unclipped, any grouping sums to the same: torch.func's per-sample path agrees
+        pairs = clipped_gradient_sum(head, x, y, Units.of_users(torch.arange(60) // 2), 1.0, None, torch.Generator())
+        for name in expected:
+            torch.testing.assert_close(pairs.sums[name], fast.sums[name], atol=1e-5, rtol=1e-4)
+
+
 def test_a_user_is_sampled_with_all_records_or_none() -> None:
     x, y = _data(60)
     units = Units.of_users(synthetic_users(60, 6, seed=0))
@@ -257,3 +282,53 @@ def test_canary_audit_on_fedsgd_passes_the_honest_site_and_catches_one_without_n
     assert broken.claimed_epsilon == pytest.approx(honest.claimed_epsilon)  # it still claims the DP it lacks
     assert broken.exceeds_claim, broken.eps_lower_bound
     assert empirical_audit.audit_training is audit_training
+
+
+@pytest.mark.slow
+def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tmp_path: Path, capsys) -> None:
+    """A small fedsgd run with the statistics release, in simulation: ε per site counts round 0, the audit
+    recomputes it from the sites' logs and passes, and the exported model carries the centring mean."""
+    import json
+
+    import yaml
+
+    from cli.main import main
+    from server.export import load_model
+
+    run_dir = tmp_path / "run"
+    raw = {"run_name": "fedsgd", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
+           "backbone": {"image_size": 32}, "data": {"num_sites": 2, "max_samples": 600, "split": "iid"},
+           "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
+           "privacy": {"target_epsilon": 3.0, "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
+    config = tmp_path / "fedsgd.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
+    privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
+    assert len(privacy) == 2
+    for site in privacy.values():
+        assert site["rounds_trained"] == [0, 1, 2, 3]
+        release = site["per_round"][0]
+        assert (release["sample_rate"], release["steps"]) == (1.0, 1)
+        assert site["sample_rate"] == 0.5 and site["steps"] == 4
+        assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9)
+        assert 0.9 * 3.0 < site["epsilon"] <= 3.0 + 1e-9
+    assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "audit")]) == 0, capsys.readouterr().out
+    model = load_model(run_dir / "model.pt")
+    assert model.head[0].mean.abs().sum() > 0  # centred on the released mean
+
+
+def test_fedavg_trains_a_centred_head_and_keeps_its_mean(tmp_path: Path) -> None:
+    raw = {"train": {"rounds": 2, "local_epochs": 1, "batch_size": 20},
+           "privacy": {"target_delta": 1e-3, "feature_stats": True}}  # fmt: skip
+    cfg, site = config_from_dict(raw), _site(tmp_path)
+    stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))
+    head = make_head(DIM, CLASSES, centred=True)
+    sums, counts = (torch.from_numpy(stats["arrays"][name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
+    start_from_statistics(head, sums, counts)
+    msg = _message(1)
+    msg.content["arrays"] = head_to_arrays(head)
+    reply = train_round.train(site, cfg, msg)
+    np.testing.assert_array_equal(reply["arrays"]["head.0.mean"].numpy(), head[0].mean.numpy())
+    history = PrivacyLedger(site.ledger_path, "r").history
+    assert history[0][1:] == (1.0, 1) and len(history) == 2
+    assert reply["metrics"][Metric.EPSILON] <= 3.0

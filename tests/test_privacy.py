@@ -43,13 +43,15 @@ def test_noise_is_calibrated_for_the_whole_run(accountant: str) -> None:
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_epsilon_equals_opacus_on_the_raw_history(accountant: str) -> None:
-    """Merging repeated rounds (RDP) and caching change only the float summation order."""
+    """Merging repeated rounds and caching change only float rounding (PRV composes n steps of one (σ, q) as one
+    self-composition instead of n: 1e-11 apart; unmerged, a 100-round fedsgd history takes PRV ~50 s)."""
     from opacus.accountants import create_accountant
 
     history = [(3.49, 0.05, 200)] * 4 + [(2.0, 0.1, 50)] + [(3.49, 0.05, 200)] * 2
     acc = create_accountant(mechanism=accountant)
     acc.history = list(history)
-    assert epsilon_of(history, 1e-5, accountant) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-12)
+    rel = 1e-12 if accountant == "rdp" else 1e-9
+    assert epsilon_of(history, 1e-5, accountant) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=rel)
     assert epsilon_of(history[:3], 1e-5, accountant) < epsilon_of(history, 1e-5, accountant)
 
 
