@@ -30,11 +30,18 @@ the machine counts too). The growth exponents k (time or memory ∝ sites^k) are
 consecutive site counts.
 
     .venv/bin/python -m benchmarks.scale [--sites 10 100 500] [--rounds 3]   (default: 10 100 sites)
+
+On a Ray cluster (`fedtransfer simulate --ray-address`): `--ray-address HOST:PORT` runs every
+simulation there, W is then the cluster's CPUs, and the results go to scale_cluster.json;
+`--local-cluster N` starts a two-node cluster on loopback (a head with no CPU and a worker with
+N CPUs, tests/ray_cluster.py) for the measurement and stops it afterwards. Output and cache
+folders must be on storage every node sees (checked before each run).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -42,6 +49,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -158,7 +166,9 @@ def overhead(record: dict, workers: int, clientapp_s: list[float]) -> dict:
     }
 
 
-def run(sites: int, rounds: int, image_size: int, workdir: Path) -> dict:
+def run(sites: int, rounds: int, image_size: int, workdir: Path, ray_address: str | None = None,
+        cpus: int | None = None) -> dict:  # fmt: skip
+    """One simulation of `sites` sites, locally or on the Ray cluster at `ray_address` (`cpus` CPUs)."""
     cfg = config_from_dict(
         {
             "run_name": f"scale-{sites}",
@@ -170,10 +180,10 @@ def run(sites: int, rounds: int, image_size: int, workdir: Path) -> dict:
             "privacy": {"target_delta": 1e-5},
         }
     )
-    workers = min(sites, os.cpu_count() or 1)  # Ray actors: one per CPU (client-resources-num-cpus=1)
+    workers = min(sites, cpus or os.cpu_count() or 1)  # Ray actors: one per CPU (client-resources-num-cpus=1)
     t0 = time.perf_counter()
     with PeakMemory() as mem:
-        status = simulate(cfg, stream=False)
+        status = simulate(cfg, stream=False, ray_address=ray_address)
     wall = time.perf_counter() - t0
     metrics = [json.loads(line) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
     clientapp, first_start, aggregated = _audit_times(cfg.output_path)
@@ -237,17 +247,40 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
+    cluster = parser.add_mutually_exclusive_group()
+    cluster.add_argument("--ray-address", help="run on this existing Ray cluster (HOST:PORT of its head)")
+    cluster.add_argument("--local-cluster", type=int, metavar="CPUS", help="start a two-node loopback cluster whose "
+                         "worker has CPUS CPUs (the head none) and run on it")  # fmt: skip
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fedtransfer-scale-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedtransfer-scale-") as tmp, _cluster(args, Path(tmp)) as (address, cpus):
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
-        rows = [run(n, args.rounds, args.image_size, workdir) for n in args.sites]
+        rows = [run(n, args.rounds, args.image_size, workdir, address, cpus) for n in args.sites]
     columns = [c for c in rows[0] if c != "per_round"]
     print_table(rows, columns)
     fits = growth(rows)
     if fits:
         print()
         print_table(fits, list(fits[0]))
-    write_results("scale", rows, vars(args) | {"growth": fits})
+    write_results("scale_cluster" if address else "scale", rows, vars(args) | {"growth": fits, "cluster_cpus": cpus})
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace, tmp: Path) -> Iterator[tuple[str | None, int | None]]:
+    """(address, CPUs) of the cluster to run on: none, the one named, or a loopback one started here."""
+    if args.local_cluster:
+        from tests.ray_cluster import two_node_cluster
+
+        with two_node_cluster(tmp / "ray", worker_cpus=args.local_cluster) as address:
+            yield address, args.local_cluster
+    elif args.ray_address:
+        import ray
+
+        ray.init(address=args.ray_address, logging_level="ERROR", log_to_driver=False)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        ray.shutdown()
+        yield args.ray_address, cpus
+    else:
+        yield None, None
 
 
 if __name__ == "__main__":
