@@ -147,7 +147,9 @@ def screen_reply(
         return "malformed reply: needs one head ArrayRecord and one MetricRecord"
     if gradients and not _positive(next(iter(metrics.values())).get(Metric.EXPECTED_BATCH)):
         return f"malformed reply: a fedsgd gradient sum needs a positive finite {Metric.EXPECTED_BATCH!s}"
-    reason = check_arrays(next(iter(arrays.values())), spec, max_norm, None if gradients else reference)
+    # the bound measures a head's distance from the round's head: a gradient sum or a release has no such reference
+    bounded = max_norm is not None and not gradients
+    reason = check_arrays(next(iter(arrays.values())), spec, max_norm, reference if bounded else None)
     return None if reason is None else f"update refused: {reason}"
 
 
