@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Context
 
+from client.prepared import PreparedState, remembered_plan, site_encoder
 from common.config import RunConfig, SitePolicy, load_site_config
 from common.data import SiteData, deployed_site_data, federation_for
-from common.encoder_registry import load_encoder, resolve_device
+from common.devices import resolve_device
 from common.encoders import Encoder
 from common.features import cached_features
 from common.policy import DPSettings, PolicyUse, policy_violations
@@ -46,6 +49,11 @@ class Site:
     test_x: torch.Tensor
     test_y: torch.Tensor
     simulated: bool = False
+    prepared: PreparedState | None = None  # deployed sites: what earlier processes computed (client/prepared.py)
+
+    def plan(self, planner: Callable[..., DPPlan], *args: Any) -> DPPlan:
+        """`planner(*args)` (common.privacy's plan_dp or plan_fedsgd), from the site's records when it has one."""
+        return planner(*args) if self.prepared is None else remembered_plan(self.prepared, planner, args)
 
     @property
     def ledger_path(self) -> Path:
@@ -89,6 +97,8 @@ def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CAC
 
 def _encoder(cfg: RunConfig, device: str, cache: ProcessCache) -> Encoder:
     """One frozen encoder per configuration and device: a simulation actor plays many sites that all use it."""
+    from common.encoder_registry import load_encoder  # here: a prepared deployed site never imports torchvision
+
     return cache.get(("encoder", cfg.backbone, device), lambda: load_encoder(cfg.backbone, device),
                      lambda encoder: nbytes(encoder.state_dict()))  # fmt: skip
 
@@ -112,9 +122,13 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     data = deployed_site_data(sc, paths, cfg.backbone.image_size)
     if paths.schema is not None:  # a table's encoder follows the site's own schema copy; fingerprints must agree
         cfg = replace(cfg, backbone=replace(cfg.backbone, schema=str(paths.schema)))
-    encoder = _encoder(cfg, resolve_device(sc.device), cache)
-    return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=_secret_seed(paths.state_dir),
-                      policy=sc.policy, accept_app_version=sc.accept_app_version)  # fmt: skip
+    device, secret = resolve_device(sc.device), _secret_seed(paths.state_dir)
+    # Flower starts a process per message: the encoder's identity comes from the site's records when they
+    # hold it, and its weights load only if the features are not cached (client/prepared.py)
+    prepared = PreparedState(paths.state_dir / "prepared", secret)
+    encoder = site_encoder(cfg.backbone, device, prepared, lambda: _encoder(cfg, device, cache))
+    return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=secret, policy=sc.policy,
+                      accept_app_version=sc.accept_app_version, prepared=prepared)  # fmt: skip
 
 
 def _make_site(
@@ -127,13 +141,14 @@ def _make_site(
     policy: SitePolicy | None = None,
     accept_app_version: str | None = None,
     simulated: bool = False,
+    prepared: PreparedState | None = None,
 ) -> Site:
     train_x, _ = cached_features(encoder, data.train, cache_dir)
     test_x, _ = cached_features(encoder, data.test, cache_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     return Site(
         data.name, data, encoder, state_dir, secret_seed, policy, accept_app_version,
-        train_x, torch.from_numpy(data.train.labels), test_x, torch.from_numpy(data.test.labels), simulated,
+        train_x, torch.from_numpy(data.train.labels), test_x, torch.from_numpy(data.test.labels), simulated, prepared,
     )  # fmt: skip
 
 

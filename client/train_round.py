@@ -82,11 +82,11 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger) -> DPPlan | 
         if p.secure_mode:
             require_secure_rng()
         if t.protocol == "fedsgd":
-            plan = plan_fedsgd(site_units(site, cfg).count, t.sample_rate, t.rounds, p.target_epsilon,
-                               p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
-        else:
-            plan = plan_dp(len(site.train_y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon,
-                           p.target_delta, p.max_grad_norm, p.accountant, share)  # fmt: skip
+            plan = site.plan(plan_fedsgd, site_units(site, cfg).count, t.sample_rate, t.rounds, p.target_epsilon,
+                             p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
+        else:  # site.plan: a deployed site computes each plan once (client/prepared.py)
+            plan = site.plan(plan_dp, len(site.train_y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon,
+                             p.target_delta, p.max_grad_norm, p.accountant, share)  # fmt: skip
     except ValueError as err:  # δ ≥ 1/n for this site, or secure_mode without torchcsprng
         raise Declined(str(err)) from None
     enforce_policy(site.policy, cfg, plan, ledger.spent_in_other_runs(p.target_delta, p.accountant))

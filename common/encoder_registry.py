@@ -14,6 +14,7 @@ import torch
 
 from common.backbones import load_backbone, rebuild_backbone
 from common.config import BackboneConfig
+from common.devices import resolve_device as resolve_device  # its home; imported from here too
 from common.encoders import CATALOG, Encoder, EncoderError
 from common.tabular import load_tabular, rebuild_tabular
 from common.text_encoder import load_text_encoder, rebuild_text_encoder
@@ -54,12 +55,3 @@ def rebuild_encoder(
     if encoder.fingerprint != fingerprint:
         raise EncoderError("encoder weights or settings do not match the recorded fingerprint; the file was altered")
     return encoder
-
-
-def resolve_device(device: str) -> str:
-    """'auto' picks the site's GPU when it has one; asking for cuda without one is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise EncoderError("device: cuda requested but no CUDA GPU is visible here; use device: auto or cpu")
-    return device
