@@ -29,12 +29,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import yaml
+
+from common.data import SiteData
 from deploy.credentials import DeploymentCredentials, init_deployment
 from deploy.launch import (
     LOOPBACK,
     ConfigValue,
     format_config,
     register_site,
+    site_node_config,
     superlink_argv,
     supernode_argv,
     write_flwr_config,
@@ -379,6 +384,20 @@ class LocalDeployment:
         """Stop every process this harness started, newest first."""
         for proc in reversed(self.processes):
             stop_process(proc)
+
+
+def write_npz_site(home: Path, name: str, share: SiteData, **settings: object) -> str:
+    """A deployed site's own folder: its share of images as a MedMNIST-style .npz and its site.yaml.
+
+    Returns the SuperNode's ``--node-config``; ``settings`` go into the YAML (e.g. a policy).
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    images = np.concatenate([share.train.inputs, share.test.inputs])[..., 0]
+    labels = np.concatenate([share.train.labels, share.test.labels])
+    np.savez(home / "digits.npz", train_images=images, train_labels=labels)
+    site = {"name": name, "data_source": "npz", "data_path": "digits.npz", "device": "cpu", "state_dir": "state"}
+    (home / "site.yaml").write_text(yaml.safe_dump(site | settings))
+    return site_node_config(home / "site.yaml")
 
 
 class _ActivationRefusedError(RuntimeError):

@@ -30,11 +30,11 @@ import yaml
 
 from common.data import Federation, simulate_federation
 from common.privacy import epsilon_of
-from deploy.launch import format_config, site_node_config
+from deploy.launch import format_config
 from server import checkpoint
 from server.audit import audit_run
 from server.export import load_model
-from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment
+from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment, write_npz_site
 
 pytestmark = pytest.mark.slow
 
@@ -69,16 +69,9 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3
     data = _digits()
     node_configs = {}
     for name, share in zip(SITES, data.sites, strict=True):
-        home = root / "sites-home" / name  # everything this site owns, and nobody else reads
-        home.mkdir(parents=True)
-        images = np.concatenate([share.train.inputs, share.test.inputs])[..., 0]
-        labels = np.concatenate([share.train.labels, share.test.labels])
-        np.savez(home / "digits.npz", train_images=images, train_labels=labels)
-        site = {"name": name, "data_source": "npz", "data_path": "digits.npz", "device": "cpu", "state_dir": "state"}
-        if name == STRICT:
-            site["policy"] = {"max_epsilon": 2.0}
-        (home / "site.yaml").write_text(yaml.safe_dump(site))
-        node_configs[name] = site_node_config(home / "site.yaml")
+        strict = {"policy": {"max_epsilon": 2.0}} if name == STRICT else {}
+        # everything this site owns, and nobody else reads
+        node_configs[name] = write_npz_site(root / "sites-home" / name, name, share, **strict)
     with local_deployment(root / "deployment", node_configs, extra_sites=[INTRUDER]) as dep:
         yield Federation3(dep, root, data)
 

@@ -1,0 +1,205 @@
+"""Deployed round vs simulated round: one config on TLS SuperNodes on 127.0.0.1 and on the Simulation Engine.
+
+Flower 1.41 starts a new ClientApp process per message at a deployed site, while simulation
+actors stay warm after round 1. On one deployment (TLS SuperLink with node authentication,
+one SuperNode per site, each with its own YAML, .npz share and state folder; tests/deploy_harness.py),
+three runs of `--rounds` rounds each:
+
+- `floor`: a ClientApp that answers at once, importing nothing but Flower: what Flower's
+  polling (SuperNode 3 s, SuperExec 1 s, the ServerApp's grid 3 s) and process start cost;
+- `recompute`: fedtransfer with `FEDTRANSFER_PREPARED_STATE=off`, every process building the
+  backbone and calibrating the noise, as before client/prepared.py;
+- `prepared`: fedtransfer as shipped.
+
+Each fedtransfer run starts from empty state folders (round 1 extracts the features). Then
+the same config on the Simulation Engine, and one ClientApp process of each kind timed phase
+by phase in a fresh interpreter (benchmarks/clientapp_process.py) on a copy of a site's folder.
+
+    .venv/bin/python -m benchmarks.deployed_round [--sites 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import print_table, write_results
+from client.prepared import SWITCH_ENV
+from common.config import RunConfig, config_from_dict
+from common.data import simulate_federation
+from server.launcher import submit_run
+from server.report import read_metrics
+from server.simulation import simulate
+from tests.deploy_harness import LocalDeployment, local_deployment, write_npz_site
+
+SEED = 42
+MODES = {"recompute": "off", "prepared": "on"}  # the value of FEDTRANSFER_PREPARED_STATE at the sites
+
+_FLOOR_PYPROJECT = """\
+[project]
+name = "floor"
+version = "1.0.0"
+description = "Answers at once: what Flower's polling and process start cost a round"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "fedtransfer"
+
+[tool.flwr.app.components]
+serverapp = "floor.apps:server"
+clientapp = "floor.apps:client"
+
+[tool.flwr.app.config]
+rounds = 3
+out-file = ""
+"""
+
+_FLOOR_APPS = """\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    seconds = []
+    for _ in range(int(context.run_config["rounds"])):
+        t0 = time.monotonic()
+        sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in grid.get_node_ids()]
+        replies = list(grid.send_and_receive(sent, timeout=300))
+        assert len(replies) == len(sent) and not any(r.has_error() for r in replies)
+        seconds.append(time.monotonic() - t0)
+    Path(str(context.run_config["out-file"])).write_text(json.dumps(seconds))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+def run_config(workdir: Path, sites: int, rounds: int, name: str) -> dict[str, Any]:
+    """The e2e deployment's run (digits split between `sites`, MobileNetV2 at 32 px, 3 local epochs, ε = 3)."""
+    return {"run_name": name, "output_dir": str(workdir / name), "cache_dir": str(workdir / "server-cache"),
+            "seed": SEED, "device": "cpu", "backbone": {"image_size": 32},
+            "data": {"source": "digits", "split": "iid", "num_sites": sites},
+            "train": {"rounds": rounds, "local_epochs": 3, "min_sites": sites, "fraction_evaluate": 0.0},
+            "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5}}  # fmt: skip
+
+
+def restart_sites(dep: LocalDeployment, homes: Mapping[str, Path], switch: str) -> None:
+    """Every SuperNode again, with empty state folders and `switch` in the environment its ClientApps inherit."""
+    os.environ[SWITCH_ENV] = switch
+    for site, home in homes.items():
+        dep.kill_site(site, graceful=True)  # a clean leave: the SuperLink lets the node in again at once
+        shutil.rmtree(home / "state", ignore_errors=True)
+        dep.start_site(site)
+
+
+def floor_rounds(dep: LocalDeployment, workdir: Path, rounds: int) -> list[float]:
+    app = workdir / "floor-app"
+    (app / "floor").mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_text(_FLOOR_PYPROJECT)
+    (app / "floor" / "__init__.py").write_text("")
+    (app / "floor" / "apps.py").write_text(_FLOOR_APPS)
+    out = workdir / "floor.json"
+    result = dep.run_app(app, {"rounds": rounds, "out-file": str(out)}, timeout=120.0 + 60.0 * rounds)
+    if not result.ok:
+        raise RuntimeError(f"the floor app failed: {result.status} {result.status_details}\n{result.output[-2000:]}")
+    return json.loads(out.read_text())
+
+
+def fedtransfer_rounds(dep: LocalDeployment, cfg: RunConfig) -> list[float]:
+    submit_run(cfg, dep.connection, env=dep.env, stream=False)
+    return [m["time_s"] for m in read_metrics(cfg.output_path)]
+
+
+def process_phases(home: Path, app: Path, cfg: dict[str, Any], workdir: Path, repeat: int) -> list[dict[str, Any]]:
+    """One ClientApp process per mode and repeat, in a fresh interpreter, each on its own copy of `home`.
+
+    They run the copy of the app the site installed from the run's FAB (`app`), so the code, and with
+    it the prepared records' key, is the one the deployment ran.
+    """
+    (workdir / "run-config.json").write_text(json.dumps(cfg))
+    rows = []
+    for mode, switch in MODES.items():
+        for i in range(repeat):
+            copy = workdir / f"process-{mode}-{i}"
+            shutil.copytree(home, copy)
+            env = os.environ | {SWITCH_ENV: switch}
+            argv = [sys.executable, "-m", "benchmarks.clientapp_process", str(copy / "site.yaml"),
+                    str(workdir / "run-config.json")]  # fmt: skip
+            t0 = time.perf_counter()
+            done = subprocess.run(argv, cwd=app, env=env, capture_output=True, text=True, timeout=600, check=True)
+            wall = time.perf_counter() - t0
+            rows.append({"mode": mode, "process_s": wall} | json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    federation = simulate_federation("digits", None, "iid", sites, 0.5, 0.2, 0.1, 32, SEED)
+    names = [f"site-{k}" for k in range(sites)]
+    homes = {name: workdir / "sites" / name for name in names}
+    configs = {name: write_npz_site(homes[name], name, share) for name, share in zip(names, federation.sites,
+                                                                                      strict=True)}  # fmt: skip
+    seconds: dict[str, list[float]] = {}
+    with local_deployment(workdir / "deployment", configs) as dep:
+        seconds["floor"] = floor_rounds(dep, workdir, rounds)
+        for mode, switch in MODES.items():
+            restart_sites(dep, homes, switch)
+            seconds[mode] = fedtransfer_rounds(dep, config_from_dict(run_config(workdir, sites, rounds, mode)))
+    simulated = config_from_dict(run_config(workdir, sites, rounds, "simulated"))
+    simulate(replace(simulated, cache_dir=str(workdir / "simulation-cache")), stream=False)
+    seconds["simulated"] = [m["time_s"] for m in read_metrics(simulated.output_path)]
+    table = [{"round": r + 1} | {f"{k}_s": v[r] for k, v in seconds.items()} for r in range(rounds)]
+    later = table[1:] or table
+    table.append({"round": f"2-{rounds}" if rounds > 1 else "1"} | {k: sum(r[k] for r in later) / len(later)
+                                                                      for k in table[0] if k != "round"})  # fmt: skip
+    for row in table:
+        row["prepared/simulated"] = row["prepared_s"] / row["simulated_s"]
+        row["prepared-floor_s"] = row["prepared_s"] - row["floor_s"]
+    installed = (workdir / "deployment" / "sites" / names[0] / "flwr-home" / "apps").glob("fedtransfer.fedtransfer.*")
+    app = max(installed, key=lambda p: p.stat().st_mtime)  # the prepared run's (the tree may change meanwhile)
+    phases = process_phases(homes[names[0]], app, run_config(workdir, sites, rounds, "process"), workdir, repeat)
+    return table, phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2, help="ClientApp processes timed phase by phase, per mode")
+    parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
+        workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
+        table, phases = measure(args.sites, args.rounds, args.repeat, workdir)
+    print_table(table, ["round", "floor_s", "recompute_s", "prepared_s", "simulated_s", "prepared/simulated",
+                        "prepared-floor_s"])  # fmt: skip
+    print()
+    print_table(phases, ["mode", "process_s", "flower_imports_s", "app_imports_s", "site_s", "train_s",
+                         "backbone_built", "error"])  # fmt: skip
+    rows = [{"table": "rounds"} | r for r in table] + [{"table": "process"} | p for p in phases]
+    write_results("deployed_round", rows, vars(args))
+    print(f"load average while measuring: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
