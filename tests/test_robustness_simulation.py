@@ -38,7 +38,7 @@ def test_trimmed_mean_survives_a_nan_site_and_a_scaled_site(tmp_path: Path) -> N
     attacked = simulate(_config(tmp_path / "attacked", tmp_path / "cache"), stream=False, app_dir=hostile_app)
     for record in _rounds(tmp_path / "attacked"):
         assert record["sites_trained"] == 7  # the scaled head passes the checks; the trimmed mean cuts it
-        assert record["sites"]["site-0"]["status"] == "declined"
+        assert record["sites"]["site-0"]["status"] == "refused"  # it sent an update; the server's screening refused it
         assert "holds NaN or Inf values" in record["sites"]["site-0"]["reason"]
     print(f"accuracy: honest {honest['final_accuracy']:.4f}, attacked {attacked['final_accuracy']:.4f}")
     assert honest["final_accuracy"] > 0.6

@@ -24,6 +24,7 @@ from common.backbones import load_backbone
 from common.config import ConfigError, config_from_dict, to_run_config
 from common.exchange import head_to_arrays
 from common.head import make_head
+from common.protocol import Refusal
 from server import checkpoint
 from server.audit import audit_run
 from server.simulation import simulate
@@ -151,4 +152,6 @@ def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: 
     plain = Message(RecordDict({"arrays": head_to_arrays(head), "config": ConfigRecord(config)}), metadata=meta)
     answer = client_app.train(plain, context)
     assert answer.has_error()
-    assert answer.error.reason.startswith("hospital-z: site policy requires secure aggregation")
+    refusal = Refusal.from_error(answer.error)
+    assert refusal is not None and refusal.site == "hospital-z"
+    assert refusal.reason.startswith("site policy: policy.require_secure_aggregation: the site requires secure")
