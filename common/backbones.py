@@ -49,6 +49,18 @@ def _replace(attr: str, index: int | None = None) -> Callable[[nn.Module], None]
     return strip
 
 
+def _strip_inception(net: nn.Module) -> None:
+    """Inception v3: no classifier, no auxiliary head, and the input transform moved into the preprocessing.
+
+    The auxiliary classifier runs only in training mode and never feeds the features; it is
+    dropped. torchvision's pretrained weights expect `transform_input`, which maps ImageNet-
+    normalised inputs to (x - 0.5) / 0.5: the preprocessing does exactly that instead
+    (`NORMALISATION`), so that the network is a plain sequence of blocks (common/backbone_stages.py).
+    """
+    net.fc = nn.Identity()
+    net.AuxLogits, net.aux_logits, net.transform_input = None, False, False
+
+
 # How each torchvision classifier becomes a feature extractor: its ImageNet classifier is replaced by Identity.
 _STRIP: dict[str, Callable[[nn.Module], None]] = {
     "mobilenet_v2": _replace("classifier"),
@@ -57,13 +69,18 @@ _STRIP: dict[str, Callable[[nn.Module], None]] = {
     "resnet50": _replace("fc"),
     "vgg16": _replace("classifier", 6),
     "efficientnet_b0": _replace("classifier"),
+    "inception_v3": _strip_inception,
 }
+# Networks built with arguments of their own: Inception v3 without its auxiliary head, its init skipped (weights load)
+_BUILD_ARGS: dict[str, dict[str, Any]] = {"inception_v3": {"aux_logits": False, "init_weights": False}}
+# Preprocessing that differs from the weights' own transforms (see _strip_inception)
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {"inception_v3": ((0.5,) * 3, (0.5,) * 3)}
 IMAGE_BACKBONES = tuple(name for name, spec in CATALOG.items() if spec.kind == "image")
 
 
 def feature_network(name: str, weights: torchvision.models.WeightsEnum | None = None) -> nn.Module:
     """The torchvision network `name` without its classifier (random weights unless `weights`)."""
-    net = torchvision.models.get_model(name, weights=weights)
+    net = torchvision.models.get_model(name, weights=weights, **_BUILD_ARGS.get(name, {}))
     _STRIP[name](net)
     return net
 
@@ -183,6 +200,7 @@ def load_backbone(cfg: BackboneConfig, device: str = "cpu") -> ImageBackbone:
         net = feature_network(cfg.name, weights)
         transform = weights.transforms()
         mean, std = tuple(transform.mean), tuple(transform.std)
+    mean, std = NORMALISATION.get(cfg.name, (mean, std))
     return ImageBackbone(cfg.name, net, cfg.image_size, mean, std, device)
 
 
@@ -227,11 +245,13 @@ def _from_local_file(cfg: BackboneConfig) -> nn.Module:
         raise BackboneError(
             f"backbone.weights_file: {path} has SHA-256 {digest}, config expects {cfg.weights_sha256}; wrong file?"
         )
-    net = torchvision.models.get_model(cfg.name, weights=None)
+    net = torchvision.models.get_model(cfg.name, weights=None, **_BUILD_ARGS.get(cfg.name, {}))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if cfg.name == "inception_v3":  # the official file holds the auxiliary head, which the features never use
+            state = {k: v for k, v in state.items() if not k.startswith("AuxLogits.")}
         net.load_state_dict(state)
-    except (RuntimeError, KeyError, ValueError) as err:
+    except (RuntimeError, KeyError, ValueError, AttributeError) as err:  # AttributeError: not a dict at all
         first = str(err).splitlines()[0]
         raise BackboneError(f"backbone.weights_file: {path} is not a {cfg.name} state dict ({first})") from None
     _STRIP[cfg.name](net)

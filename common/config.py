@@ -20,6 +20,7 @@ from flwr.common.config import flatten_dict, unflatten_dict
 from common.config_parse import ConfigError, build, read_yaml
 from common.config_parse import require as _require
 from common.encoders import CATALOG
+from common.finetune_config import FinetuneConfig, PersonalConfig, check_run
 from common.site_config import SiteConfig, SitePolicy, load_site_config
 
 
@@ -304,6 +305,8 @@ class RunConfig:
     secure_aggregation: bool = False
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     def __post_init__(self) -> None:
         _require(
@@ -354,6 +357,7 @@ class RunConfig:
                 self.train.min_sites >= 2, "train.min_sites", "secure_aggregation needs >= 2", self.train.min_sites
             )
         self._check_privacy_unit()
+        check_run(self)
 
     def _check_privacy_unit(self) -> None:
         """Per-user privacy needs fedsgd (per-user sampling and clipping) and a user for every record."""
@@ -416,7 +420,9 @@ __all__ = [
     "BackboneConfig",
     "ConfigError",
     "DataConfig",
+    "FinetuneConfig",
     "HeadConfig",
+    "PersonalConfig",
     "PrivacyConfig",
     "RunConfig",
     "SecAggConfig",

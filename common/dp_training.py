@@ -17,6 +17,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.finetune import parameter_groups
 from common.privacy import DPPlan
 
 
@@ -55,7 +56,9 @@ def train_head(
     device = next(head.parameters()).device
     data = TensorDataset(features.to(device), labels.to(device))
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=plan is None)
-    optimizer = torch.optim.SGD(head.parameters(), lr=opts.learning_rate, momentum=opts.momentum)
+    # a fine-tuned top trains the encoder's tensors at their own rate (finetune.backbone_lr_scale)
+    optimizer = torch.optim.SGD(parameter_groups(head, opts.learning_rate), lr=opts.learning_rate,
+                                momentum=opts.momentum)  # fmt: skip
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), warnings.catch_warnings():
         # Opacus' hooks on a head fed with features (no input grad) trigger this harmless PyTorch notice.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

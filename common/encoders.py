@@ -53,15 +53,17 @@ class EncoderSpec:
     kind: str
     feature_dim: int
     min_image_size: int = 32  # image encoders only: the smallest input their downsampling takes
+    blocks: int = 0  # the most blocks `finetune.blocks` may train above the cut (0: none, head only)
 
 
 CATALOG: dict[str, EncoderSpec] = {
-    "mobilenet_v2": EncoderSpec("image", 1280),
-    "mobilenet_v3_small": EncoderSpec("image", 576),
-    "resnet18": EncoderSpec("image", 512),
-    "resnet50": EncoderSpec("image", 2048),
-    "vgg16": EncoderSpec("image", 4096),
-    "efficientnet_b0": EncoderSpec("image", 1280),
+    "mobilenet_v2": EncoderSpec("image", 1280, blocks=18),
+    "mobilenet_v3_small": EncoderSpec("image", 576, blocks=12),
+    "resnet18": EncoderSpec("image", 512, blocks=8),
+    "resnet50": EncoderSpec("image", 2048, blocks=16),
+    "vgg16": EncoderSpec("image", 4096, blocks=14),
+    "efficientnet_b0": EncoderSpec("image", 1280, blocks=17),
+    "inception_v3": EncoderSpec("image", 2048, min_image_size=75, blocks=15),  # 299 px is its native input
     "all-MiniLM-L6-v2": EncoderSpec("text", 384),  # sentence-transformers, offline from PyPI (common/text_encoder.py)
     "tabular": EncoderSpec("tabular", 0),  # feature_dim 0: the schema (backbone.schema) decides it (common/tabular.py)
 }

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from common import atomic
+from common import atomic, cut_cache
 from common.data import Samples
 from common.encoders import Encoder
 from common.progress import Progress
@@ -41,7 +41,21 @@ def extract(encoder: Encoder, inputs: Any, batch_size: int = 256) -> torch.Tenso
 
 
 def cached_features(encoder: Encoder, samples: Samples, cache_dir: Path | None) -> tuple[torch.Tensor, bool]:
-    """Features for `samples`, from the disk cache or the encoder: (features, computed_now)."""
+    """Features for `samples`, from the disk cache or the encoder: (features, computed_now).
+
+    An encoder cut for fine-tuning (its describe() names the cut) gives activations instead,
+    which common/cut_cache.py keeps as bounded, memory-mapped float16 files.
+    """
+    if "cut" in encoder.describe():
+        where = cache_dir / f"{cache_key(encoder, samples)}{cut_cache.SUFFIX}" if cache_dir is not None else None
+        with Progress(f"cut activations ({encoder.name})", len(samples), "samples") as progress:
+            def compute(start: int, stop: int) -> torch.Tensor:
+                out = encoder.embed(samples.inputs[start:stop])
+                progress.step(stop - start)
+                return out
+
+            return cut_cache.cached_activations(where, len(samples), encoder.feature_dim, compute,
+                                                int(getattr(encoder, "cache_max_bytes", 1 << 40)))  # fmt: skip
     path = cache_dir / f"{cache_key(encoder, samples)}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 FEATURE_SCALE = 8.0
+EVAL_BATCH = 1024  # samples per forward pass in evaluate_head
 
 
 class L2Normalize(nn.Module):
@@ -85,8 +86,9 @@ def evaluate_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor)
     """Loss, accuracy, balanced accuracy and AUROC of `head` on (features, labels)."""
     device = next(head.parameters()).device
     head.eval()
-    with torch.no_grad():
-        logits = head(features.to(device))
+    with torch.no_grad():  # in slices: a fine-tuned top runs encoder blocks on cut activations (common/finetune.py)
+        logits = torch.cat([head(features[i : i + EVAL_BATCH].to(device))
+                            for i in range(0, max(len(features), 1), EVAL_BATCH)])  # fmt: skip
         loss = nn.functional.cross_entropy(logits, labels.to(device)).item()
         probs = logits.softmax(1).cpu().double().numpy()
     truth, predicted = labels.cpu().numpy(), probs.argmax(1)

@@ -1,0 +1,63 @@
+"""Image backbones as a sequence of blocks: where fine-tuning can cut a torchvision feature network.
+
+`flat_modules(name, net)` lists the modules the feature network (classifier stripped) runs,
+in order, so that running them one after another is its forward in eval mode; `blocks`
+groups them into blocks, each starting at a module with weights of its own (a convolution,
+a residual block, an inverted-residual block, a linear layer) and taking the weight-free
+modules (pooling, activation) that follow it. The last k blocks are what `finetune.blocks: k`
+trains; everything below them runs once per sample (common/finetune.py).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def flat_modules(name: str, net: nn.Module) -> list[nn.Module]:
+    """The feature network's forward as a flat list of modules (the module objects of `net`, not copies)."""
+    pool_flatten = [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    if name == "mobilenet_v2":  # forward: features, adaptive_avg_pool2d, flatten, classifier (stripped)
+        return [*net.features, *pool_flatten]
+    if name == "mobilenet_v3_small":
+        return [*net.features, net.avgpool, nn.Flatten(1)]
+    if name in ("resnet18", "resnet50"):
+        return [net.conv1, net.bn1, net.relu, net.maxpool, *net.layer1, *net.layer2, *net.layer3, *net.layer4,
+                net.avgpool, nn.Flatten(1)]  # fmt: skip
+    if name == "vgg16":  # its classifier minus the last Linear (stripped to Identity) belongs to the features
+        return [*net.features, net.avgpool, nn.Flatten(1), *list(net.classifier)[:-1]]
+    if name == "efficientnet_b0":
+        stages = list(net.features)
+        return [stages[0], *(m for stage in stages[1:-1] for m in stage), stages[-1], net.avgpool, nn.Flatten(1)]
+    if name == "inception_v3":  # torchvision's _forward order; the auxiliary head (training only) is not part of it
+        order = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                 "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]  # fmt: skip
+        return [*(getattr(net, n) for n in order), net.dropout, nn.Flatten(1)]
+    raise KeyError(f"no block structure for {name}")
+
+
+def _starts_block(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) and not isinstance(module, _NORMS)
+
+
+def blocks(modules: list[nn.Module]) -> list[list[nn.Module]]:
+    """`modules` grouped into blocks: each opens at a module with weights (not a norm layer)."""
+    groups: list[list[nn.Module]] = []
+    for module in modules:
+        if _starts_block(module) or not groups:
+            groups.append([module])
+        else:
+            groups[-1].append(module)
+    return groups
+
+
+def split(name: str, net: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """(below the cut, the last k blocks) of the feature network: their composition is its forward."""
+    groups = blocks(flat_modules(name, net))
+    if not 1 <= k < len(groups):
+        raise ValueError(f"{name} has {len(groups)} blocks; finetune.blocks must be 1..{len(groups) - 1}")
+    below = [m for g in groups[:-k] for m in g]
+    above = [m for g in groups[-k:] for m in g]
+    return nn.Sequential(*below), nn.Sequential(*above)
