@@ -158,7 +158,8 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
     assert {int(n["node-id"]) for n in json.loads(listed.stdout)["nodes"]} == set(dep.node_ids.values())
 
     # the strict site declined every round, naming its limit; the two others carried the run
-    declined = "site policy: privacy.target_epsilon 3 plus ε 0 already spent in earlier runs > policy.max_epsilon 2"
+    declined = ("site policy: ε 3 (privacy.target_epsilon of this run plus ε 0 already spent in earlier runs) > "
+                "policy.max_epsilon 2")
     for record in _metrics(run_dir):
         assert record["sites_trained"] == 2
         assert record["sites"][STRICT] == {"status": "declined", "reason": declined}
@@ -206,8 +207,8 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     assert [record["sites_trained"] for record in metrics] == [3, 2, 2]
     assert "Node Unavailable" in metrics[1]["sites"]["hospital-b"]["reason"]  # the SuperLink answered for it
     assert metrics[2]["sites"][STRICT]["reason"].startswith("dropped out: ")
-    assert re.search(r"round 2: site hospital-b did not reply \(dropped out\)", result.output)
-    assert re.search(r"round 3: site bank-c did not reply \(dropped out\)", result.output)
+    assert re.search(r"round 2: site hospital-b did not reply: dropped out: ", result.output)
+    assert re.search(r"round 3: site bank-c did not reply: dropped out: ", result.output)
 
     privacy = _check_ledgers_match_server(federation, run_dir)
     # hospital-b's round 3 is composed with its round 1 from the ledger it kept on disk while it was away
