@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.accuracy --question data
 	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.secure_aggregation
+	$(PY) -m benchmarks.deployed_round
 	$(PY) -m benchmarks.empirical_privacy
 	$(PY) -m benchmarks.modalities --config configs/bank-text.yaml
 	$(PY) -m benchmarks.modalities --config configs/bank-tabular.yaml
