@@ -97,6 +97,23 @@ def federate(
     Inputs are backbone features for the fedtransfer head (the default model), or raw pixels
     for a from-scratch network passed as `make_model`.
     """
+    head, eps = federate_model(sites, num_classes, setup, seed, make_model)
+    scores = evaluate_head(head, *test).as_dict()  # accuracy, loss, balanced_accuracy, auroc (None: one class)
+    return {**scores, "epsilon": eps if setup.target_epsilon is not None else float("inf")}
+
+
+def federate_model(
+    sites: list[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    setup: FedSetup,
+    seed: int = 0,
+    make_model: Callable[[], nn.Module] | None = None,
+    on_round: Callable[[int, nn.Module], None] | None = None,
+) -> tuple[nn.Module, float]:
+    """The federation of `federate`: the final global model and the largest whole-run ε of a site.
+
+    `on_round(round, global model)` runs after each aggregation (the sites' evaluation step).
+    """
     make_model = make_model or (lambda: make_head(sites[0][0].shape[1], num_classes))
     torch.manual_seed(seed)
     head = make_model()
@@ -121,9 +138,11 @@ def federate(
                 RecordDict({"arrays": head_to_arrays(local), "metrics": MetricRecord({"num-examples": len(y)})})
             )
         arrays = aggregate_arrayrecords(replies, "num-examples")
+        if on_round is not None:
+            load_head(head, arrays)
+            on_round(rnd + 1, head)
     load_head(head, arrays)
-    scores = evaluate_head(head, *test).as_dict()  # accuracy, loss, balanced_accuracy, auroc (None: one class)
-    return {**scores, "epsilon": eps if setup.target_epsilon is not None else float("inf")}
+    return head, eps
 
 
 class SmallCNN(nn.Module):

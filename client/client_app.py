@@ -19,6 +19,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client import train_round
+from client.personal import personal_round
 from client.secure import Refused, config_of, head_names, is_secure, take_handoff
 from client.site import Declined, Site, get_site
 from client.site_log import record
@@ -30,7 +31,7 @@ from common.encoders import EncoderError
 from common.exchange import masked_arrays
 from common.head import evaluate_head
 from common.privacy import BudgetExceeded
-from common.protocol import Event, Metric, Rec, Refusal, site_record
+from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
 
 REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
 STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
@@ -96,11 +97,16 @@ def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, 
 
 
 def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
-    _, arrays, _ = train_round.received_head(site, msg)
+    """The global model's scores on this site's test split; with personal:, its own model's too (trained first)."""
+    server_round, arrays, conf = train_round.received_head(site, msg)
     head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
     s = evaluate_head(head, site.test_x, site.test_y)
     metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
                             Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
                             Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
+    if cfg.personal.enabled and server_round > 0:
+        own = personal_round(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
+        metrics[Metric.PERSONAL_ACCURACY] = own.accuracy
+        metrics[Metric.PERSONAL_BALANCED_ACCURACY] = own.balanced_accuracy
     return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})
 

@@ -89,7 +89,7 @@ def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CAC
     """This node's site for the run `cfg`, built once and then served from `cache`."""
     node = dict(context.node_config)
     key = ("site", tuple(sorted(node.items())), cfg.backbone, cfg.data, cfg.seed, cfg.device, cfg.output_dir,
-           cfg.cache_dir)  # fmt: skip
+           cfg.cache_dir, cfg.finetune.blocks if cfg.finetune.active else 0)  # fmt: skip
     if "site-config" in node:
         return cache.get(key, lambda: _deployed_site(node, cfg, cache))
     return cache.get(key, lambda: _simulated_site(node, cfg, cache))
@@ -98,8 +98,10 @@ def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CAC
 def _encoder(cfg: RunConfig, device: str, cache: ProcessCache) -> Encoder:
     """One frozen encoder per configuration and device: a simulation actor plays many sites that all use it."""
     from common.encoder_registry import load_encoder  # here: a prepared deployed site never imports torchvision
+    from common.finetune import cut_encoder  # the encoder itself, or cut below the blocks that train (finetune)
 
-    return cache.get(("encoder", cfg.backbone, device), lambda: load_encoder(cfg.backbone, device),
+    return cache.get(("encoder", cfg.backbone, cfg.finetune.blocks if cfg.finetune.active else 0, device),
+                     lambda: cut_encoder(load_encoder(cfg.backbone, device), cfg.finetune),
                      lambda encoder: nbytes(encoder.state_dict()))  # fmt: skip
 
 
@@ -126,7 +128,9 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     # Flower starts a process per message: the encoder's identity comes from the site's records when they
     # hold it, and its weights load only if the features are not cached (client/prepared.py)
     prepared = PreparedState(paths.state_dir / "prepared", secret)
-    encoder = site_encoder(cfg.backbone, device, prepared, lambda: _encoder(cfg, device, cache))
+    # a fine-tuning site needs the encoder's weights above the cut every round: no prepared stand-in
+    encoder = (_encoder(cfg, device, cache) if cfg.finetune.active else
+               site_encoder(cfg.backbone, device, prepared, lambda: _encoder(cfg, device, cache)))  # fmt: skip
     return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=secret, policy=sc.policy,
                       accept_app_version=sc.accept_app_version, prepared=prepared)  # fmt: skip
 

@@ -32,7 +32,7 @@ from common.dp_fedsgd import (
 )
 from common.dp_training import LocalTraining, train_head
 from common.exchange import arrays_to_numpy, gradient_to_arrays, head_to_arrays, load_head, wire_bytes
-from common.head import make_head
+from common.finetune import make_top
 from common.privacy import DPPlan, PrivacyLedger, plan_dp, plan_fedsgd, require_secure_rng
 from common.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
 
@@ -59,7 +59,7 @@ def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRec
 
 def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord, num_classes: int) -> nn.Module:
     """A head of this run's shape with the server's weights; a head of another shape is declined."""
-    head = make_head(site.backbone.feature_dim, num_classes, cfg.head.hidden, centred=cfg.privacy.feature_stats)
+    head = make_top(site.backbone, num_classes, cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune)
     try:
         load_head(head, arrays)
     except ValueError as err:

@@ -46,12 +46,14 @@ def train_head(
     history: list[tuple[float, float, int]],
     seed: int,
     secure_mode: bool = False,
+    anchor: nn.Module | None = None,
 ) -> TrainOutcome:
     """Train `head` in place. With a plan, DP-SGD under Opacus; without, plain SGD.
 
     `seed` fixes batch sampling and noise for reproducible simulations; it is a site-side
     secret in deployments (see client/site.py), and ignored in secure_mode, where noise
-    comes from a cryptographically secure generator.
+    comes from a cryptographically secure generator. The proximal pull (`opts.proximal_mu`)
+    is towards `anchor`'s parameters (a personal model's global model), else towards the start.
     """
     device = next(head.parameters()).device
     data = TensorDataset(features.to(device), labels.to(device))
@@ -77,7 +79,8 @@ def train_head(
                 max_grad_norm=plan.max_grad_norm,
                 poisson_sampling=True,
             )
-        loss, steps = _epochs(model, head, optimizer, loader, opts, private=engine is not None)
+        start = [p.detach().clone() for p in (head if anchor is None else anchor).parameters()]
+        loss, steps = _epochs(model, head, optimizer, loader, opts, private=engine is not None, anchor=start)
     new_history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(history)
     if engine is not None:
         _detach_opacus(model)
@@ -91,10 +94,10 @@ def _epochs(
     loader: DataLoader,
     opts: LocalTraining,
     private: bool,
+    anchor: list[torch.Tensor],
 ) -> tuple[float, int]:
     """The local epochs: (mean training loss, optimizer steps). Under DP, `model` is Opacus' wrapper of `head`."""
     criterion = nn.CrossEntropyLoss()
-    anchor = [p.detach().clone() for p in head.parameters()]
     model.train()
     total, count, steps = 0.0, 0, 0
     for _ in range(opts.epochs):

@@ -43,8 +43,9 @@ class CutEncoder:
     """
 
     def __init__(self, base: Encoder, k: int, below: Callable[[Any], torch.Tensor], above: nn.Module,
-                 shape: tuple[int, ...], cache_max_bytes: int) -> None:  # fmt: skip
+                 shape: tuple[int, ...], cache_max_bytes: int, module: nn.Module | None = None) -> None:  # fmt: skip
         self.base, self.k, self.above, self.shape = base, k, above, shape
+        self.module = module  # image cuts: the frozen network below the cut on preprocessed input (serving graphs)
         self.name, self.kind, self.device, self.fingerprint = base.name, base.kind, base.device, base.fingerprint
         self.feature_dim = math.prod(shape)
         self.top_dim = base.feature_dim  # what the top gives the head
@@ -69,11 +70,8 @@ def cut_encoder(encoder: Encoder, ft: FinetuneConfig) -> Encoder:
         return encoder
     if encoder.kind == "image":
         return _image_cut(encoder, ft.blocks, int(ft.cache_max_gb * (1 << 30)))
-    if encoder.kind == "text":
-        from common.text_finetune import text_cut  # here: the text packages load only for a text run
-
-        return text_cut(encoder, ft.blocks, int(ft.cache_max_gb * (1 << 30)))
-    raise EncoderError(f"finetune.train: {ft.train} needs an image or text encoder; {encoder.name} is {encoder.kind}")
+    # the config refuses it first (CATALOG's blocks is 0 for text and tabular encoders): this version cuts images
+    raise EncoderError(f"finetune.train: {ft.train} needs an image encoder; {encoder.name} is {encoder.kind}")
 
 
 def _image_cut(encoder: Any, k: int, cache_max_bytes: int) -> CutEncoder:
@@ -89,7 +87,7 @@ def _image_cut(encoder: Any, k: int, cache_max_bytes: int) -> CutEncoder:
     probe = np.zeros((1, encoder.image_size, encoder.image_size, 3), np.uint8)
     with torch.inference_mode():
         shape = tuple(run(probe).shape[1:])
-    return CutEncoder(encoder, k, run, above, shape, cache_max_bytes)
+    return CutEncoder(encoder, k, run, above, shape, cache_max_bytes, below)
 
 
 class Top(nn.Module):
@@ -108,7 +106,7 @@ class Top(nn.Module):
         self.exchanged = frozenset(trained | {f"head.{n}" for n in head.state_dict()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(len(x), *self.shape).to(torch.float32)
+        x = x.reshape(-1, *self.shape).to(torch.float32)  # -1, not len(x): traced graphs keep the batch free
         return self.head(self.blocks(x))
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
@@ -195,6 +193,14 @@ def _with_lora(blocks: nn.Module, ft: FinetuneConfig) -> nn.Module:
     pattern = "|".join(re.escape(t) for t in targets)  # a string is a full-match regex: exactly these layers
     config = LoraConfig(r=ft.lora_rank, lora_alpha=ft.lora_alpha, target_modules=pattern, lora_dropout=0.0)
     return inject_adapter_in_model(config, blocks)
+
+
+def trains(ft: FinetuneConfig) -> dict[str, Any]:
+    """What trains and leaves a site in this run, as the run-started audit record states it."""
+    if not ft.active:
+        return {"train": "head"}
+    extra = {"lora_rank": ft.lora_rank, "lora_alpha": ft.lora_alpha} if ft.train == "lora" else {"norm": ft.norm}
+    return {"train": ft.train, "blocks": ft.blocks, **extra}
 
 
 def parameter_groups(module: nn.Module, learning_rate: float) -> list[dict[str, Any]]:

@@ -82,8 +82,9 @@ def check_run(cfg: RunConfig) -> None:
     """The rules that tie `finetune` and `personal` to the other sections (one line naming the key)."""
     ft, spec = cfg.finetune, CATALOG[cfg.backbone.name]
     if ft.active:
-        _require(spec.blocks > 0, "finetune.train", f"{cfg.backbone.name} is a {spec.kind} encoder with no blocks to "
-                 "fine-tune; use head", ft.train)  # fmt: skip
+        _require(spec.blocks > 0, "finetune.train", f"{cfg.backbone.name} is a {spec.kind} encoder; this version "
+                 "fine-tunes image backbones only (text: the transformer layers are not cut yet); use head",
+                 ft.train)  # fmt: skip
         _require(ft.blocks <= spec.blocks, "finetune.blocks", f"must be 1..{spec.blocks} for {cfg.backbone.name}",
                  ft.blocks)  # fmt: skip
         _require(cfg.train.protocol == "fedavg", "train.protocol", "fine-tuning beyond the head needs fedavg: "

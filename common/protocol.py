@@ -65,6 +65,9 @@ class Metric(StrEnum):
     # (1 or 0), so the weighted means' ratio is the mean over the sites where it exists (server/rounds.py).
     EVAL_AUROC = "eval-auroc"
     EVAL_AUROC_DEFINED = "eval-auroc-defined"
+    # personal: the site's own model (client/personal.py) on its own test split, beside the global model's scores
+    PERSONAL_ACCURACY = "personal-accuracy"
+    PERSONAL_BALANCED_ACCURACY = "personal-balanced-accuracy"
 
 
 class Event(StrEnum):
@@ -83,6 +86,7 @@ class Event(StrEnum):
     UPDATE_SENT = "update-sent"
     REPLY_REPLAYED = "reply-replayed"
     DECLINED = "declined"
+    PERSONAL_TRAINED = "personal-trained"  # the site's own model trained (never sent): its DP choice and ε
 
 
 class SiteStatus(StrEnum):

@@ -8,6 +8,7 @@ encoder's describe() and weights (no hub download) and is read with
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,14 @@ from torch import nn
 
 from common import atomic
 from common.backbones import format1_description
+from common.config_parse import ConfigError, build
 from common.data import MAX_CLASSES
 from common.encoder_registry import rebuild_encoder
 from common.encoders import Encoder, EncoderError, encoder_fingerprint, state_dict_fingerprint
 from common.exchange import PREFIX
-from common.head import is_centred, make_head
+from common.finetune import CutEncoder, cut_encoder, make_top
+from common.finetune_config import FinetuneConfig
+from common.head import is_centred
 
 FORMAT = "fedtransfer-model/2"
 FORMAT_V1 = "fedtransfer-model/1"  # torchvision backbone fields at the top level; still readable
@@ -48,16 +52,25 @@ class AdaptedModel(nn.Module):
         return [self.classes[i] for i in self(inputs).argmax(1).tolist()]
 
 
-def export_model(path: Path, encoder: Encoder, head: nn.Module, hidden: int, classes: list[str]) -> Path:
+def export_model(path: Path, encoder: Encoder, head: nn.Module, hidden: int, classes: list[str],
+                 finetune: FinetuneConfig | None = None) -> Path:  # fmt: skip
+    """model.pt: the encoder (describe() and weights) and the head; a fine-tuned run adds what trained above the cut.
+
+    `head_state` is the head's (or fine-tuned top's) exchanged tensors, the ones the run's audit
+    log names; `finetune` (how the encoder was cut and what trained) rebuilds the rest from the encoder.
+    """
+    base = encoder.base if isinstance(encoder, CutEncoder) else encoder
     payload = {
         "format": FORMAT,
-        "encoder": encoder.describe(),
-        "encoder_state": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-        "encoder_fingerprint": encoder.fingerprint,
+        "encoder": base.describe(),
+        "encoder_state": {k: v.detach().cpu() for k, v in base.state_dict().items()},
+        "encoder_fingerprint": base.fingerprint,
         "head_hidden": hidden,
         "head_state": {k: v.cpu() for k, v in head.state_dict().items()},
         "classes": list(classes),
     }
+    if finetune is not None and finetune.active:
+        payload["finetune"] = dataclasses.asdict(finetune)
     atomic.torch_save(payload, path)
     return path
 
@@ -71,10 +84,11 @@ def load_model(path: str | Path) -> AdaptedModel:
     if type(hidden) is not int or not 0 <= hidden <= 65_536:
         raise ModelFileError(f"{path}: head_hidden must be an integer in 0..65536")
     try:
-        encoder = rebuild_encoder(*_encoder_fields(raw))
-        head = make_head(encoder.feature_dim, len(classes), hidden, centred=is_centred(raw["head_state"]))
+        finetune = build(FinetuneConfig, raw.get("finetune", {}), "finetune.")
+        encoder = cut_encoder(rebuild_encoder(*_encoder_fields(raw)), finetune)
+        head = make_top(encoder, len(classes), hidden, is_centred(raw["head_state"]), finetune).cpu()
         head.load_state_dict(raw["head_state"])
-    except (EncoderError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (EncoderError, ConfigError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise ModelFileError(f"{path}: {first}") from None
     return AdaptedModel(encoder, head.eval(), [str(c) for c in classes]).eval()
@@ -102,7 +116,10 @@ def _encoder_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torc
     return description, state, encoder_fingerprint(state, description)
 
 
-def head_from_arrays(arrays: dict[str, np.ndarray], feature_dim: int, num_classes: int, hidden: int) -> nn.Module:
-    head = make_head(feature_dim, num_classes, hidden, centred=is_centred(arrays))
+def head_from_arrays(
+    arrays: dict[str, np.ndarray], encoder: Encoder, num_classes: int, hidden: int, finetune: FinetuneConfig
+) -> nn.Module:
+    """The head (or fine-tuned top above `encoder`'s cut) holding these exchanged tensors (wire names)."""
+    head = make_top(encoder, num_classes, hidden, is_centred(arrays), finetune)
     head.load_state_dict({k.removeprefix(PREFIX): torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     return head

@@ -33,7 +33,8 @@ from common.dp_fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from common.encoder_registry import load_encoder, resolve_device
 from common.exchange import PREFIX, head_spec, head_to_arrays
 from common.features import cached_features
-from common.head import evaluate_head, make_head
+from common.finetune import cut_encoder, make_top, trains
+from common.head import evaluate_head
 from common.protocol import FEATURE_STATS, Cfg
 from server import checkpoint, report, run_folder
 from server.console import round_summary
@@ -69,7 +70,8 @@ class Coordinator:
     release: ScreenedStrategy | None = None  # round 0's feature-statistics release (privacy.feature_stats)
 
     def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
-        return head_from_arrays(arrays, self.encoder.feature_dim, len(self.classes), self.cfg.head.hidden)
+        """The head (or fine-tuned top, common/finetune.py) holding these exchanged tensors."""
+        return head_from_arrays(arrays, self.encoder, len(self.classes), self.cfg.head.hidden, self.cfg.finetune)
 
     def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
         """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
@@ -95,13 +97,13 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
 
 
 def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
-    encoder = load_encoder(cfg.backbone, resolve_device(cfg.device))
+    encoder = cut_encoder(load_encoder(cfg.backbone, resolve_device(cfg.device)), cfg.finetune)
     fed = federation_for(cfg)
     test_x, _ = cached_features(encoder, fed.server_test, cfg.cache_path)
     classes = list(fed.server_test.classes)
     with torch.random.fork_rng(devices=[]):  # the initial head is the config's seed, without seeding the process
         torch.manual_seed(cfg.seed)
-        head = make_head(encoder.feature_dim, len(classes), cfg.head.hidden, centred=cfg.privacy.feature_stats)
+        head = make_top(encoder, len(classes), cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune).cpu()
     spec = head_spec(head)
     frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
     strategy = ScreenedStrategy(make_strategy(cfg.train, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
@@ -132,8 +134,8 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
         (run_dir / run_folder.STATUS).unlink(missing_ok=True)
         log(INFO, "Resuming run %s from round %d checkpoint in %s", run_id, ckpt.server_round, run_dir)
     recorder = RunRecorder(cfg, run_id, sites)
-    recorder.started(start, ckpt is not None, {"backbone": co.encoder.name, "fingerprint": co.encoder.fingerprint},
-                     sorted(head))  # fmt: skip
+    recorder.started(start, ckpt is not None, {"backbone": co.encoder.name, "fingerprint": co.encoder.fingerprint,
+                     "trains": trains(cfg.finetune)}, sorted(head))  # fmt: skip
     log(INFO, "Run %s: %s (%s), %d classes, %d rounds, sites' DP target ε = %s, output %s", run_id, co.encoder.name,
         co.encoder.fingerprint[:12], len(co.classes), cfg.train.rounds,
         cfg.privacy.target_epsilon if cfg.privacy.enabled else "off (no DP)", run_dir)  # fmt: skip
@@ -185,6 +187,8 @@ def _round(
                           time.monotonic() - t0)  # fmt: skip
     line = recorder.round_done(outcome)
     _progress(rnd, cfg, line, len(train.sites))
+    if federated and "per_site" in federated:
+        log(INFO, "round %d personal models | %s", rnd, personal_summary(federated))
     return head, outcome.server["accuracy"]
 
 
@@ -207,13 +211,20 @@ def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | 
     """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
     path = co.cfg.output_path / "model.pt"
     try:
-        return export_model(path, co.encoder, co.head(head), co.cfg.head.hidden, co.classes), None
+        return export_model(path, co.encoder, co.head(head), co.cfg.head.hidden, co.classes, co.cfg.finetune), None
     except OSError as err:
         return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
 
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
+
+
+def personal_summary(federated: dict[str, Any]) -> str:
+    """Each site's own-test-split accuracy, global model then personal model, and their weighted means."""
+    sites = " ".join(f"{name} {s.get('accuracy', float('nan')):.3f}->{s.get('personal_accuracy', float('nan')):.3f}"
+                     for name, s in federated["per_site"].items())  # fmt: skip
+    return f"global {federated['accuracy']:.4f} personal {federated['personal_accuracy']:.4f} | {sites}"
 
 
 def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:

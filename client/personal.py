@@ -1,0 +1,87 @@
+"""A site's own model (personal:), Ditto-style: trained and kept at the site, never sent.
+
+Every round, when the server's aggregate arrives for evaluation, the site trains its personal
+copy (the same head, or fine-tuned top, as the global model) for `personal.epochs` local
+epochs on its own training split, pulled towards the round's global model with strength
+`personal.lam`, and scores both models on its own test split. The personal model starts as
+the first global model it sees and is kept in `state_dir/personal/`, one file per run.
+
+What is protected, and from whom:
+- the personal model's tensors never leave the site: no message carries them, and the
+  server, the other sites and the auditor never see them;
+- what does leave is the two accuracies (and balanced accuracies) on the site's test split,
+  which no DP covers, like every evaluation metric (train.fraction_evaluate: 0 sends none);
+- with `personal.dp: true` (the site's choice, recorded in its audit log) the personal model is
+  itself (ε, δ)-DP for the site's training records, with its own budget (`personal.target_epsilon`,
+  the run's δ, accounted in `personal-ledger.json`): the site may then publish or deploy it.
+  Someone who sees both the global updates and the personal model faces at most the sum of
+  the two ε (sequential composition). With `dp: false` it is trained without noise: keep it
+  inside the site (it may memorise its records).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from flwr.app import Message
+from torch import nn
+
+from client.site import Site
+from client.site_log import record
+from common import atomic
+from common.config import RunConfig
+from common.dp_training import LocalTraining, train_head
+from common.head import Scores, evaluate_head
+from common.privacy import DPPlan, PrivacyLedger, plan_dp
+from common.protocol import Event
+
+
+def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
+                   server_round: int) -> Scores:  # fmt: skip
+    """Train this site's personal model for `server_round` (once per round), keep it, and score it."""
+    path = site.state_dir / "personal" / f"{run_id}.pt"
+    personal, done = _load(path, global_top)
+    if server_round > done:  # a repeated evaluation of a round (a resumed server) trains nothing again
+        p, t = cfg.personal, cfg.train
+        plan = _plan(site, cfg)
+        ledger = PrivacyLedger(site.state_dir / "personal-ledger.json", run_key=run_id)
+        if plan is not None:
+            ledger.check_round(plan)  # BudgetExceeded: the site declines, as for a training round
+        opts = LocalTraining(p.epochs, t.batch_size, p.learning_rate, t.momentum, p.lam)
+        seed = site.round_seed(f"{run_id}|personal", server_round)
+        outcome = train_head(personal, site.train_x, site.train_y, opts, plan, ledger.history, seed=seed,
+                             secure_mode=cfg.privacy.secure_mode, anchor=global_top)  # fmt: skip
+        epsilon = None if plan is None else ledger.record_round(server_round, plan, outcome.history)
+        atomic.torch_save({"round": server_round, "state": personal.cpu().state_dict()}, path)
+        dp = None if plan is None else {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
+                                        "steps": outcome.steps, "max_grad_norm": plan.max_grad_norm,
+                                        "target_epsilon": plan.target_epsilon, "target_delta": plan.target_delta,
+                                        "accountant": plan.accountant}  # fmt: skip
+        record(site, msg, Event.PERSONAL_TRAINED, dp_chosen=p.dp, dp=dp, epsilon=epsilon, lam=p.lam,
+               epochs=p.epochs, kept=str(path))  # fmt: skip
+    return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)
+
+
+def _plan(site: Site, cfg: RunConfig) -> DPPlan | None:
+    """The personal model's own DP plan over the whole run (None when the site chose no DP for it)."""
+    p, t, priv = cfg.personal, cfg.train, cfg.privacy
+    if not p.dp:
+        return None
+    return plan_dp(len(site.train_y), t.batch_size, p.epochs, t.rounds, p.target_epsilon, priv.target_delta,
+                   priv.max_grad_norm, priv.accountant)  # fmt: skip
+
+
+def _load(path: Path, global_top: nn.Module) -> tuple[nn.Module, int]:
+    """(the personal model, the last round it trained); the round's global model the first time."""
+    personal = copy.deepcopy(global_top).train()  # the global model was just evaluated (eval mode)
+    if path.is_file():
+        try:
+            kept = torch.load(path, map_location="cpu", weights_only=True)
+            personal.load_state_dict(kept["state"])
+            return personal.to(next(global_top.parameters()).device), int(kept["round"])
+        except (RuntimeError, KeyError, ValueError, TypeError, EOFError):
+            pass  # torn or of another shape: start again from the global model
+    return personal, 0
+
