@@ -22,7 +22,7 @@ from common.config import RunConfig
 from common.exchange import arrays_to_numpy, wire_bytes
 from common.protocol import DPRecord, Metric, Rec, SiteStatus
 from server.secure import secure_round
-from server.sites import SiteBook, SiteRound, answer_of, answers
+from server.sites import SiteBook, SiteRound, answer_of, answers, send_and_receive
 from server.strategy import SITES_IN_REPLY, ScreenedStrategy
 
 _OPTIONAL = {Metric.EPSILON: "epsilon", Metric.TRAIN_LOSS: "train_loss", Metric.WIRE_BYTES: "bytes_sent",
@@ -61,7 +61,7 @@ def plain_round(
 ) -> TrainRound:  # fmt: skip
     """Every site's head reaches the server; the strategy screens it before aggregating."""
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
-    got = answers(messages, grid.send_and_receive(messages, timeout=timeout), book, timeout)
+    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
     candidates = [a for a in got if a.status is None and a.reply is not None]
     out = TrainRound()
     # counted before aggregation: FedMedian consumes the arrays
@@ -129,7 +129,7 @@ def evaluate_round(
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
     if not messages:
         return None
-    got = answers(messages, grid.send_and_receive(messages, timeout=timeout), book, timeout)
+    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
     good = [a.reply for a in got if a.status is None and a.reply is not None]
     for a in got:
         if a.status is not None:

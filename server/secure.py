@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from common.config import ConfigError, SecAggConfig
 from common.exchange import masked_arrays
 from common.protocol import Cfg
+from server.sites import send_and_receive
 
 MODULUS = 2**32  # Flower's default modulus_range: all masked sums live modulo this
 
@@ -116,7 +117,7 @@ class _Tap:
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = send_and_receive(self._grid, messages, timeout if timeout is not None else 3600.0)
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():

@@ -9,6 +9,7 @@ error's text, so a reply saying "Error: Node Unavailable" is a dropout of that n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,3 +116,28 @@ def absent_sites(book: SiteBook, asked: Iterable[str], connected: Iterable[str])
         for name in book.known
         if name not in asked
     }
+
+
+FIRST_PULL_S, MAX_PULL_S = 0.05, 1.0  # polling for replies: quick at first, then at most once a second
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Push `messages` and pull their replies until all came back or `timeout` passed.
+
+    Flower 1.41's `Grid.send_and_receive` over HTTP sleeps a fixed 3 s between pulls, so every
+    exchange of a deployed round waited for the next multiple of 3 s. Polling soon and then
+    less and less often returns as soon as the last reply is in, for the price of a few small
+    requests to the SuperLink.
+    """
+    pending = set(grid.push_messages(list(messages)))
+    replies: list[Message] = []
+    deadline, pause = time.monotonic() + timeout, FIRST_PULL_S
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies += got
+        pending -= {m.metadata.reply_to_message_id for m in got}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        pause = min(pause * 1.5, MAX_PULL_S)
+    return replies
