@@ -31,7 +31,7 @@ from common.config import RunConfig, to_nested
 from common.data import federation_for
 from common.dp_fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from common.encoder_registry import load_encoder, resolve_device
-from common.exchange import PREFIX, head_spec, head_to_arrays
+from common.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
 from common.features import cached_features
 from common.finetune import cut_encoder, make_top, trains
 from common.head import evaluate_head
@@ -184,7 +184,7 @@ def _round(
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
         federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
     outcome = RoundReport(rnd, train, absent, head, co.strategy.state(), co.evaluate(head), federated,
-                          time.monotonic() - t0)  # fmt: skip
+                          time.monotonic() - t0, wire_bytes(arrays))  # fmt: skip
     line = recorder.round_done(outcome)
     _progress(rnd, cfg, line, len(train.sites))
     if federated and "per_site" in federated:

@@ -42,6 +42,7 @@ class RoundReport:
     server: dict[str, float]  # accuracy and loss on the server's hold-out
     federated: dict[str, float] | None
     seconds: float
+    bytes_sent_per_site: int  # the global head as it travels to each site next round (wire_bytes)
 
 
 class RunRecorder:
@@ -92,7 +93,7 @@ class RunRecorder:
             "sites_trained": len(r.train.trained),
             "aggregated": r.train.arrays is not None,
             "bytes_received": r.train.bytes_received,
-            "bytes_sent_per_site": sum(v.nbytes for v in r.head.values()),
+            "bytes_sent_per_site": r.bytes_sent_per_site,
         }
         report.append_metrics(self.run_dir, line)
         report.write_privacy(self.run_dir, self.run_id, self.sites)

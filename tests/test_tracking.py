@@ -36,7 +36,7 @@ def _round(rnd: int) -> RoundReport:
     declined = SiteRound(SiteStatus.DECLINED, "site policy: budget used up")
     train = TrainRound(sites={"site-0": trained, "site-1": declined}, arrays=ArrayRecord(), bytes_received=51_496)
     return RoundReport(rnd, train, {}, HEAD, {}, {"accuracy": 0.5 + 0.1 * rnd, "loss": 1.0 / rnd},
-                       {"accuracy": 0.4 + 0.1 * rnd, "loss": 2.0 / rnd}, 1.5)  # fmt: skip
+                       {"accuracy": 0.4 + 0.1 * rnd, "loss": 2.0 / rnd}, 1.5, 51_496)  # fmt: skip
 
 
 def _run(cfg: RunConfig, rounds: range, resumed: bool = False) -> RunRecorder:
