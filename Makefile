@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.scale
 	$(PY) -m benchmarks.secure_aggregation
 	$(PY) -m benchmarks.deployed_round
+	$(PY) -m benchmarks.finetune --question personal --limit 2000 --rounds 3 --local-epochs 2
 	$(PY) -m benchmarks.empirical_privacy
 	$(PY) -m benchmarks.modalities --config configs/bank-text.yaml
 	$(PY) -m benchmarks.modalities --config configs/bank-tabular.yaml

@@ -117,3 +117,11 @@ def test_secure_aggregation_with_fewer_neighbours_than_sites() -> None:
     assert (secure["num_shares"], secure["threshold"]) == (3, 2)
     assert secure["sites_trained"] == plain["sites_trained"] == 5
     assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02
+
+
+def test_finetune_personal_smoke() -> None:
+    args = ("--question", "personal", "--modes", "head", "lora r4", "--sites", "2", "--limit", "300",
+            "--image-size", "32", "--rounds", "1", "--local-epochs", "1", "--personal-epochs", "1")  # fmt: skip
+    rows = _run("benchmarks.finetune", *args)["rows"]
+    assert [r["trains"] for r in rows] == ["head", "lora r4"]
+    assert all(len(r["per_site"]) == 2 and 0 <= r["personal_mean"] <= 1 for r in rows)
