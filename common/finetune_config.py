@@ -7,13 +7,10 @@ run config holds these two sections and calls `check_run` for the rules that spa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from common.config_parse import require as _require
 from common.encoders import CATALOG
-
-if TYPE_CHECKING:
-    from common.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -78,8 +75,11 @@ class PersonalConfig:
                  self.target_epsilon)  # fmt: skip
 
 
-def check_run(cfg: RunConfig) -> None:
-    """The rules that tie `finetune` and `personal` to the other sections (one line naming the key)."""
+def check_run(cfg: Any) -> None:
+    """The rules that tie `finetune` and `personal` to the other sections of a RunConfig (one line naming the key).
+
+    `cfg` is common.config.RunConfig, which calls this from its own validation (typed Any: no import cycle).
+    """
     ft, spec = cfg.finetune, CATALOG[cfg.backbone.name]
     if ft.active:
         _require(spec.blocks > 0, "finetune.train", f"{cfg.backbone.name} is a {spec.kind} encoder; this version "
