@@ -11,9 +11,11 @@ Flower's own executables are found and what environment they run in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -66,6 +68,20 @@ def flower_env(flwr_home: Path | None = None, base: Mapping[str, str] | None = N
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM a process group, SIGKILL what is left after `grace_s`: none of the group outlives this call.
+
+    The group is the leader's (started with `start_new_session=True`); its children may outlive it.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:

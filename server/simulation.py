@@ -7,8 +7,6 @@ the SuperLink afterwards, so nothing lingers and two simulations never collide.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
@@ -21,7 +19,7 @@ import tomli_w
 
 from common.config import RunConfig
 from server.cluster import check_cluster
-from server.launcher import APP_DIR, LaunchError, RunFailed, flower_bin, flower_env, submit_run
+from server.launcher import APP_DIR, LaunchError, RunFailed, flower_bin, flower_env, stop_process_group, submit_run
 from server.preflight import check_run
 
 
@@ -56,7 +54,7 @@ def simulation_superlink(flwr_home: Path, log_path: Path, env: dict[str, str] | 
         _wait_listening(port, proc, log_path)
         yield "sim"
     finally:
-        _stop_group(proc)
+        stop_process_group(proc, grace_s=10.0)  # the SuperLink and all it spawned (SuperExec, Ray)
 
 
 def _wait_listening(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
@@ -69,20 +67,6 @@ def _wait_listening(port: int, proc: subprocess.Popen, log_path: Path, timeout: 
                 return
         time.sleep(0.2)
     raise SimulationError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log_path}")
-
-
-def _stop_group(proc: subprocess.Popen) -> None:
-    """Stop the SuperLink and everything it spawned (SuperExec, simulation, Ray)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def simulate(

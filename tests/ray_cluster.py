@@ -15,10 +15,8 @@ folder: a node that does not share the run's storage, on one machine.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from server.launcher import stop_process_group
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -77,7 +77,7 @@ def two_node_cluster(root: Path, worker_cpus: int = 2, hide: Path | None = None)
         yield f"{HEAD_IP}:{port}"
     finally:
         for proc in reversed(procs):
-            _stop_group(proc)
+            stop_process_group(proc, grace_s=15.0)  # ray start --block stops its node on SIGTERM
 
 
 def _wait_nodes(port: int, count: int, procs: list[subprocess.Popen], root: Path, env: dict[str, str]) -> None:
@@ -95,16 +95,4 @@ def _wait_nodes(port: int, count: int, procs: list[subprocess.Popen], root: Path
     raise RuntimeError(f"the Ray cluster did not reach {count} node(s) within {START_TIMEOUT_S:.0f}s; see {root}")
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the node's process group (ray start --block stops its node), SIGKILL what is left."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-    with contextlib.suppress(ProcessLookupError):  # the group may outlive its leader: leave none of it
-        os.killpg(proc.pid, signal.SIGKILL)
+
