@@ -44,7 +44,7 @@ from flwr.common.logger import log
 
 from common import atomic
 from common.config import BackboneConfig
-from common.encoders import CATALOG, Encoder, EncoderError
+from common.encoders import CATALOG, Encoder, EncoderError, file_sha256
 from common.privacy import DPPlan
 
 SWITCH_ENV = "FEDTRANSFER_PREPARED_STATE"  # "off": every process recomputes, as before this module existed
@@ -201,7 +201,7 @@ def weight_sources(cfg: BackboneConfig) -> list[Path] | None:
 def _identities(paths: list[Path]) -> list[list[str | int]] | None:
     """[path, size, SHA-256] of each file; None if one is missing (loading will say why, or fetch it)."""
     try:
-        return [[str(p.resolve()), p.stat().st_size, _sha256(p)] for p in paths]
+        return [[str(p.resolve()), p.stat().st_size, file_sha256(p)] for p in paths]
     except OSError:
         return None
 
@@ -211,14 +211,9 @@ def _unchanged(files: object) -> bool:
     if not isinstance(files, list) or not files:
         return False
     try:
-        return all(os.stat(path).st_size == size and _sha256(Path(path)) == digest for path, size, digest in files)
+        return all(os.stat(path).st_size == size and file_sha256(Path(path)) == digest for path, size, digest in files)
     except (OSError, TypeError, ValueError):
         return False
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # --- the DP plan ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ a missing file is an error that says where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import shutil
 from collections.abc import Callable, Mapping
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from common.config import BackboneConfig
-from common.encoders import CATALOG, EncoderError, encoder_fingerprint
+from common.encoders import CATALOG, EncoderError, encoder_fingerprint, file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,14 +176,6 @@ def format1_description(backbone_config: Mapping[str, Any], mean: list[float], s
     """describe() of the image encoder in a format-1 model file (which stored these fields instead)."""
     return {"kind": ImageBackbone.kind, "name": backbone_config["name"], "image_size": backbone_config["image_size"],
             "resize": RESIZE, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}  # fmt: skip
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_backbone(cfg: BackboneConfig, device: str = "cpu") -> ImageBackbone:

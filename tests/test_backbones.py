@@ -19,14 +19,13 @@ from common.backbones import (
     IMAGE_BACKBONES,
     BackboneError,
     ImageBackbone,
-    file_sha256,
     hub_checkpoint_path,
     load_backbone,
 )
 from common.config import BackboneConfig
 from common.data import MAX_CLASSES, Samples
 from common.encoder_registry import rebuild_encoder
-from common.encoders import CATALOG, EncoderError, encoder_fingerprint, state_dict_fingerprint
+from common.encoders import CATALOG, EncoderError, encoder_fingerprint, file_sha256, state_dict_fingerprint
 from common.features import cached_features
 from common.head import make_head
 from server.export import FORMAT_V1, ModelFileError, export_model, load_model

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from cli.main import main
-from common.backbones import file_sha256
 from common.config import BackboneConfig, ConfigError, config_from_dict
 from common.data import DataError, Samples, federation_for, load_source
 from common.encoder_registry import load_encoder, rebuild_encoder
-from common.encoders import EncoderError
+from common.encoders import EncoderError, file_sha256
 from common.features import cache_key
 from common.head import make_head
 from common.text_encoder import TextEncoder, packaged_folder, rebuild_text_encoder
