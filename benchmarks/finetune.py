@@ -250,11 +250,12 @@ def main() -> None:
     elif args.question == "norm":
         rows, columns = norm_sweep(task, setup, args.sites[0]), ["norm", "epsilon_target", "accuracy"]
     else:
-        timing = replace(setup, rounds=2, local_epochs=2, batch_size=32)
+        timing = replace(setup, rounds=2, local_epochs=2, batch_size=32)  # recorded as such in the results
         rows = time_sweep(task, timing, args.sites[0], args.samples, [m for m in args.modes if m != "head"])
         columns = ["trains", "sites", "samples_per_site", "fedtransfer_s", "usual_s", "speedup"]
     print_table(rows, columns)
-    write_results(f"finetune_{args.question}", rows, vars(args) | {"image_size": args.image_size})
+    timed = {"rounds": 2, "local_epochs": 2, "batch_size": 32} if args.question == "time" else {}
+    write_results(f"finetune_{args.question}", rows, vars(args) | timed)
 
 
 if __name__ == "__main__":
