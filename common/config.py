@@ -9,7 +9,6 @@ from Flower's flattened run config (`flwr run .`), so both paths run one configu
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from flwr.common.config import flatten_dict, unflatten_dict
 
 from common.config_parse import ConfigError, build, read_yaml
 from common.config_parse import require as _require
+from common.config_sections import HeadConfig, SecAggConfig, TrackingConfig
 from common.encoders import CATALOG
 from common.finetune_config import FinetuneConfig, PersonalConfig, check_run
 from common.site_config import SiteConfig, SitePolicy, load_site_config
@@ -113,14 +113,6 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class HeadConfig:
-    hidden: int = 0  # 0: linear head; > 0: one hidden layer of that width
-
-    def __post_init__(self) -> None:
-        _require(0 <= self.hidden <= 65_536, "head.hidden", "must be 0 (linear) .. 65536", self.hidden)
-
-
-@dataclass(frozen=True)
 class TrainConfig:
     rounds: int = 5
     local_epochs: int = 10
@@ -207,86 +199,6 @@ class PrivacyConfig:
             0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1) and below 1/n", self.target_delta
         )
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    """Flower's SecAgg+ settings; used when `secure_aggregation: true`.
-
-    A value <= 1 for num_shares is a share of the sampled sites (1.0: every site is
-    every site's neighbour), for reconstruction_threshold a share of num_shares;
-    larger values are counts. A site's head values times (its examples / max_weight)
-    must lie within ±clipping_range; each is quantised to quantization_range levels.
-    """
-
-    num_shares: float = 1.0
-    reconstruction_threshold: float = 0.67
-    clipping_range: float = 8.0
-    quantization_range: int = 4_194_304  # 2**22 levels over [-clipping_range, clipping_range]
-    max_weight: float = 10_000.0  # no site may train on more examples than this
-
-    def __post_init__(self) -> None:
-        for key, value, low in (("num_shares", self.num_shares, 3), ("reconstruction_threshold",
-                                self.reconstruction_threshold, 2)):  # fmt: skip
-            _require(
-                0 < value <= 1 or (value >= low and value == int(value)),
-                f"secagg.{key}",
-                f"a share in (0, 1] or a whole count >= {low}",
-                value,
-            )
-        # Flower 1.41 tells sites the count before rounding an even one up to the next odd, so every
-        # site gets one neighbour more than it made shares for and the round fails.
-        _require(
-            self.num_shares <= 1 or self.num_shares % 2 == 1,
-            "secagg.num_shares",
-            f"an odd count (Flower's SecAgg+ fails on an even one; use {int(self.num_shares) + 1})",
-            self.num_shares,
-        )
-        if self.num_shares > 1 and self.reconstruction_threshold > 1:
-            _require(
-                self.reconstruction_threshold < self.num_shares,
-                "secagg.reconstruction_threshold",
-                f"must be below secagg.num_shares ({self.num_shares:g})",
-                self.reconstruction_threshold,
-            )
-        _require(self.clipping_range > 0, "secagg.clipping_range", "must be > 0", self.clipping_range)
-        _require(
-            2 <= self.quantization_range <= 2**24,
-            "secagg.quantization_range",
-            "must be 2..16777216 (the sum of all sites' values must fit Flower's 2**32 modulus)",
-            self.quantization_range,
-        )
-        _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
-
-
-_TRACKING_URI = re.compile(r"(https?|sqlite|postgresql|mysql|mssql)(\+\w+)?://.+|databricks(://.*)?")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """MLflow experiment tracking of the run (server side), off unless asked for.
-
-    `uri` "" keeps a local store in the run's own folder (nothing to start); a team with a
-    tracking server or database gives its URI. The run's files stay the record either way.
-    """
-
-    enabled: bool = False
-    uri: str = ""
-    experiment: str = "fedtransfer"
-
-    def __post_init__(self) -> None:
-        _require(
-            self.uri == "" or _TRACKING_URI.fullmatch(self.uri),
-            "tracking.uri",
-            "'' (a local store in output_dir) or http(s)://, sqlite:///, postgresql://, mysql://, mssql://, databricks",
-            self.uri,
-        )
-        _require(
-            0 < len(self.experiment) <= 250 and self.experiment.isprintable(),
-            "tracking.experiment",
-            "a name of 1-250 printable characters",
-            self.experiment,
-        )
 
 
 @dataclass(frozen=True)
@@ -416,24 +328,9 @@ def _nulls_to_empty(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _nulls_to_empty(v) if isinstance(v, dict) else ("" if v is None else v) for k, v in d.items()}
 
 
+# the config's public names, some re-exported from the modules that define those sections
 __all__ = [
-    "BackboneConfig",
-    "ConfigError",
-    "DataConfig",
-    "FinetuneConfig",
-    "HeadConfig",
-    "PersonalConfig",
-    "PrivacyConfig",
-    "RunConfig",
-    "SecAggConfig",
-    "SiteConfig",
-    "SitePolicy",
-    "TrackingConfig",
-    "TrainConfig",
-    "config_from_dict",
-    "config_from_run_config",
-    "load_config",
-    "load_site_config",
-    "to_nested",
-    "to_run_config",
-]
+    "BackboneConfig", "ConfigError", "DataConfig", "FinetuneConfig", "HeadConfig", "PersonalConfig", "PrivacyConfig",
+    "RunConfig", "SecAggConfig", "SiteConfig", "SitePolicy", "TrackingConfig", "TrainConfig", "config_from_dict",
+    "config_from_run_config", "load_config", "load_site_config", "to_nested", "to_run_config",
+]  # fmt: skip

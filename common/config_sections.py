@@ -1,0 +1,100 @@
+"""Sections of the run config that stand alone: the head's shape, Flower's SecAgg+ settings, MLflow tracking.
+
+Kept beside common/config.py (which composes them into `RunConfig`) with the same rules:
+frozen, validated on construction, one-line errors naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from common.config_parse import require as _require
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    hidden: int = 0  # 0: linear head; > 0: one hidden layer of that width
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.hidden <= 65_536, "head.hidden", "must be 0 (linear) .. 65536", self.hidden)
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Flower's SecAgg+ settings; used when `secure_aggregation: true`.
+
+    A value <= 1 for num_shares is a share of the sampled sites (1.0: every site is
+    every site's neighbour), for reconstruction_threshold a share of num_shares;
+    larger values are counts. A site's head values times (its examples / max_weight)
+    must lie within ±clipping_range; each is quantised to quantization_range levels.
+    """
+
+    num_shares: float = 1.0
+    reconstruction_threshold: float = 0.67
+    clipping_range: float = 8.0
+    quantization_range: int = 4_194_304  # 2**22 levels over [-clipping_range, clipping_range]
+    max_weight: float = 10_000.0  # no site may train on more examples than this
+
+    def __post_init__(self) -> None:
+        for key, value, low in (("num_shares", self.num_shares, 3), ("reconstruction_threshold",
+                                self.reconstruction_threshold, 2)):  # fmt: skip
+            _require(
+                0 < value <= 1 or (value >= low and value == int(value)),
+                f"secagg.{key}",
+                f"a share in (0, 1] or a whole count >= {low}",
+                value,
+            )
+        # Flower 1.41 tells sites the count before rounding an even one up to the next odd, so every
+        # site gets one neighbour more than it made shares for and the round fails.
+        _require(
+            self.num_shares <= 1 or self.num_shares % 2 == 1,
+            "secagg.num_shares",
+            f"an odd count (Flower's SecAgg+ fails on an even one; use {int(self.num_shares) + 1})",
+            self.num_shares,
+        )
+        if self.num_shares > 1 and self.reconstruction_threshold > 1:
+            _require(
+                self.reconstruction_threshold < self.num_shares,
+                "secagg.reconstruction_threshold",
+                f"must be below secagg.num_shares ({self.num_shares:g})",
+                self.reconstruction_threshold,
+            )
+        _require(self.clipping_range > 0, "secagg.clipping_range", "must be > 0", self.clipping_range)
+        _require(
+            2 <= self.quantization_range <= 2**24,
+            "secagg.quantization_range",
+            "must be 2..16777216 (the sum of all sites' values must fit Flower's 2**32 modulus)",
+            self.quantization_range,
+        )
+        _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
+
+
+_TRACKING_URI = re.compile(r"(https?|sqlite|postgresql|mysql|mssql)(\+\w+)?://.+|databricks(://.*)?")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow experiment tracking of the run (server side), off unless asked for.
+
+    `uri` "" keeps a local store in the run's own folder (nothing to start); a team with a
+    tracking server or database gives its URI. The run's files stay the record either way.
+    """
+
+    enabled: bool = False
+    uri: str = ""
+    experiment: str = "fedtransfer"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.uri == "" or _TRACKING_URI.fullmatch(self.uri),
+            "tracking.uri",
+            "'' (a local store in output_dir) or http(s)://, sqlite:///, postgresql://, mysql://, mssql://, databricks",
+            self.uri,
+        )
+        _require(
+            0 < len(self.experiment) <= 250 and self.experiment.isprintable(),
+            "tracking.experiment",
+            "a name of 1-250 printable characters",
+            self.experiment,
+        )
