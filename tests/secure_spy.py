@@ -1,9 +1,10 @@
 """A ServerApp that records everything the server receives, then runs ours (tests only).
 
 `test_secure_aggregation.py` submits a copy of the app whose serverapp is this module, so
-every reply our ServerApp could see passes through `Spy.send_and_receive` first and is
+every reply our ServerApp could see passes through `Spy.pull_messages` first and is
 pickled to `<output_dir>/received.pkl`. With FEDTRANSFER_SPY_DROP_ROUND=r set, the masked
-vector of one site (the lowest node id) is lost in round r, as a network would lose it.
+vector of one site (the lowest node id the stage was sent to) is lost in round r, as a
+network would lose it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from server import server_app
+from server.sites import send_and_receive
 
 app = ServerApp()
 
@@ -26,26 +28,34 @@ app = ServerApp()
 class Spy:
     def __init__(self, grid: Grid, out: Path, drop_round: str | None) -> None:
         self._grid, self._out, self._drop_round = grid, out, drop_round
+        self._lowest: dict[str, int] = {}  # message id -> the lowest node its stage was sent to
         self.received: list[dict[str, Any]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        masked = [r for r in replies if _is_masked(r)]
-        lost = None
-        if masked and masked[0].metadata.group_id == self._drop_round:
-            lost = min(r.metadata.src_node_id for r in masked)
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        messages = list(messages)
+        ids = list(self._grid.push_messages(messages))
+        lowest = min((m.metadata.dst_node_id for m in messages), default=0)
+        self._lowest.update(dict.fromkeys(ids, lowest))
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         kept = []
-        for reply in replies:
-            dropped = _is_masked(reply) and reply.metadata.src_node_id == lost
+        for reply in self._grid.pull_messages(message_ids):
+            lost = self._lowest.get(reply.metadata.reply_to_message_id)
+            dropped = (_is_masked(reply) and reply.metadata.group_id == self._drop_round
+                       and reply.metadata.src_node_id == lost)  # fmt: skip
             self.received.append(_summary(reply) | {"dropped": dropped})
             if not dropped:
                 kept.append(reply)
         self._out.parent.mkdir(parents=True, exist_ok=True)
         self._out.write_bytes(pickle.dumps(self.received))
         return kept
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        return send_and_receive(self, messages, 3600.0 if timeout is None else timeout)
 
 
 def _is_masked(reply: Message) -> bool:
