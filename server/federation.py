@@ -125,14 +125,13 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
         if resume:
             log(WARNING, "No checkpoint in %s: starting from round 1", run_dir)
         run_id, start, sites = uuid.uuid4().hex[:12], 1, {}
-        (run_dir / run_folder.STATUS).unlink(missing_ok=True)
         atomic.write_text(run_dir / run_folder.CONFIG, json.dumps(to_nested(cfg), indent=2))
     else:
         run_id, start, sites, head = ckpt.run_id, ckpt.server_round + 1, ckpt.sites, ckpt.head
         co.strategy.restore(ckpt.strategy_state)
         report.truncate_metrics(run_dir, ckpt.server_round)
-        (run_dir / run_folder.STATUS).unlink(missing_ok=True)
         log(INFO, "Resuming run %s from round %d checkpoint in %s", run_id, ckpt.server_round, run_dir)
+    (run_dir / run_folder.STATUS).unlink(missing_ok=True)  # this run's verdict is written when it ends
     recorder = RunRecorder(cfg, run_id, sites)
     recorder.started(start, ckpt is not None, {"backbone": co.encoder.name, "fingerprint": co.encoder.fingerprint,
                      "trains": trains(cfg.finetune)}, sorted(head))  # fmt: skip
