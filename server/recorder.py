@@ -21,7 +21,7 @@ from common import atomic
 from common.audit_log import AuditLog, update_digest
 from common.config import RunConfig
 from common.finite_json import finite
-from common.protocol import Event, SiteStatus
+from common.protocol import FEATURE_STATS, Event, SiteStatus
 from server import checkpoint, report, tracking
 from server.rounds import TrainRound
 from server.sites import SiteRound
@@ -79,7 +79,8 @@ class RunRecorder:
                           **(secure if self.cfg.secure_aggregation else {}))  # fmt: skip
         for site, part in everyone.items():
             rec = self.sites.setdefault(site, {"rounds": []})
-            rec["rounds"].append(part.as_record(r.rnd))
+            release = FEATURE_STATS if r.rnd == 0 else "training"  # round 0: the DP feature statistics
+            rec["rounds"].append(part.as_record(r.rnd) | {"release": release})
             if part.status == SiteStatus.TRAINED:
                 rec["accountant"] = part.fields.get("accountant", "none")
                 rec["delta"] = part.fields.get("delta")
