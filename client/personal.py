@@ -11,9 +11,11 @@ What is protected, and from whom:
   server, the other sites and the auditor never see them;
 - what does leave is the two accuracies (and balanced accuracies) on the site's test split,
   which no DP covers, like every evaluation metric (train.fraction_evaluate: 0 sends none);
-- with `personal.dp: true` (the site's choice, recorded in its audit log) the personal model is
-  itself (ε, δ)-DP for the site's training records, with its own budget (`personal.target_epsilon`,
-  the run's δ, accounted in `personal-ledger.json`): the site may then publish or deploy it.
+- with DP (`personal.dp: true`) the personal model is itself (ε, δ)-DP for the site's training
+  records, with its own budget (`personal.target_epsilon`, the run's δ, accounted in
+  `personal-ledger.json`): the site may then publish or deploy it.
+  The choice is the site's: its own file's `policy.personal` (dp, target_epsilon) wins over the
+  run config's `personal:`, and each `personal-trained` record says what was chosen and by whom.
   Someone who sees both the global updates and the personal model faces at most the sum of
   the two ε (sequential composition). With `dp: false` it is trained without noise: keep it
   inside the site (it may memorise its records).
@@ -22,7 +24,9 @@ What is protected, and from whom:
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from flwr.app import Message
@@ -31,11 +35,33 @@ from torch import nn
 from client.site import Site
 from client.site_log import record
 from common import atomic
-from common.config import RunConfig
+from common.config import PersonalConfig, RunConfig, SitePolicy
 from common.dp_training import LocalTraining, train_head
 from common.head import Scores, evaluate_head
 from common.privacy import DPPlan, PrivacyLedger, plan_dp
 from common.protocol import Event
+
+
+@dataclass(frozen=True)
+class PersonalChoice:
+    """How this site trains its personal model, and who chose each part: the site's own file or the run config."""
+
+    dp: bool
+    dp_chosen_by: Literal["site", "run"]
+    target_epsilon: float | None  # None without DP
+    target_epsilon_chosen_by: Literal["site", "run"] | None
+
+
+def personal_choice(policy: SitePolicy | None, run: PersonalConfig) -> PersonalChoice:
+    """The site's `policy.personal` keys where it set them, else the run's `personal:` (simulation: no policy)."""
+    own = None if policy is None else policy.personal
+    dp_by: Literal["site", "run"] = "site" if own is not None and own.dp is not None else "run"
+    dp = own.dp if own is not None and own.dp is not None else run.dp
+    if not dp:
+        return PersonalChoice(False, dp_by, None, None)
+    if own is not None and own.target_epsilon is not None:
+        return PersonalChoice(True, dp_by, own.target_epsilon, "site")
+    return PersonalChoice(True, dp_by, run.target_epsilon, "run")
 
 
 def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
@@ -45,7 +71,8 @@ def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Messa
     personal, done = _load(path, global_top)
     if server_round > done:  # a repeated evaluation of a round (a resumed server) trains nothing again
         p, t = cfg.personal, cfg.train
-        plan = _plan(site, cfg)
+        choice = personal_choice(site.policy, p)
+        plan = _plan(site, cfg, choice)
         ledger = PrivacyLedger(site.state_dir / "personal-ledger.json", run_key=run_id)
         if plan is not None:
             ledger.check_round(plan)  # BudgetExceeded: the site declines, as for a training round
@@ -59,18 +86,19 @@ def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Messa
                                         "steps": outcome.steps, "max_grad_norm": plan.max_grad_norm,
                                         "target_epsilon": plan.target_epsilon, "target_delta": plan.target_delta,
                                         "accountant": plan.accountant}  # fmt: skip
-        record(site, msg, Event.PERSONAL_TRAINED, dp_chosen=p.dp, dp=dp, epsilon=epsilon, lam=p.lam,
+        record(site, msg, Event.PERSONAL_TRAINED, dp_chosen=choice.dp, dp_chosen_by=choice.dp_chosen_by,
+               target_epsilon_chosen_by=choice.target_epsilon_chosen_by, dp=dp, epsilon=epsilon, lam=p.lam,
                epochs=p.epochs, kept=str(path))  # fmt: skip
     return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)
 
 
-def _plan(site: Site, cfg: RunConfig) -> DPPlan | None:
-    """The personal model's own DP plan over the whole run (None when the site chose no DP for it)."""
-    p, t, priv = cfg.personal, cfg.train, cfg.privacy
-    if not p.dp:
+def _plan(site: Site, cfg: RunConfig, choice: PersonalChoice) -> DPPlan | None:
+    """The personal model's own DP plan over the whole run (None when no DP was chosen for it)."""
+    t, priv = cfg.train, cfg.privacy
+    if choice.target_epsilon is None:
         return None
-    return plan_dp(len(site.train_y), t.batch_size, p.epochs, t.rounds, p.target_epsilon, priv.target_delta,
-                   priv.max_grad_norm, priv.accountant)  # fmt: skip
+    return plan_dp(len(site.train_y), t.batch_size, cfg.personal.epochs, t.rounds, choice.target_epsilon,
+                   priv.target_delta, priv.max_grad_norm, priv.accountant)  # fmt: skip
 
 
 def _load(path: Path, global_top: nn.Module) -> tuple[nn.Module, int]:

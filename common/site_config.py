@@ -16,6 +16,27 @@ from common.names import SITE_NAME_RULE, is_site_name
 
 
 @dataclass(frozen=True)
+class SitePersonal:
+    """The site's own say over its personal model (the run's `personal:`), which wins over the run config.
+
+    The personal model never leaves the site, so how it trains is the site's business, not the
+    coordinator's: a key left out (None) follows the run's `personal:`; a key given here wins,
+    and every `personal-trained` record in the site's audit log says who chose (site or run).
+    `dp: true` makes the model (ε, δ)-DP for the site's records (so the site may publish it);
+    `dp: false` trains it without noise (keep it inside the site).
+    """
+
+    dp: bool | None = None
+    target_epsilon: float | None = None  # the personal model's own ε over the whole run (with dp)
+
+    def __post_init__(self) -> None:
+        eps = self.target_epsilon
+        require(eps is None or 0 < eps <= 100, "policy.personal.target_epsilon", "must be in (0, 100]", eps)
+        require(eps is None or self.dp is not False, "policy.personal.target_epsilon", "is the budget of a DP-trained "
+                "personal model, but policy.personal.dp is false; remove one of the two", eps)  # fmt: skip
+
+
+@dataclass(frozen=True)
 class SitePolicy:
     """Limits a site sets for itself; the server's run config can only ask within them."""
 
@@ -26,6 +47,7 @@ class SitePolicy:
     max_clip_norm: float = 10.0
     require_dp: bool = True
     require_secure_aggregation: bool = False
+    personal: SitePersonal = field(default_factory=SitePersonal)  # its own model: its choices win over the run's
 
     def __post_init__(self) -> None:
         require(self.max_epsilon > 0, "policy.max_epsilon", "must be > 0", self.max_epsilon)

@@ -11,16 +11,17 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
-from client.personal import personal_round
+from client.personal import PersonalChoice, personal_choice, personal_round
 from client.site import Site
 from common.audit_log import read_records
-from common.config import PersonalConfig, RunConfig
+from common.config import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
 from common.head import evaluate_head, make_head
+from common.site_config import SitePersonal
 
 DIM, CLASSES = 16, 4
 
 
-def _site(tmp_path: Path) -> Site:
+def _site(tmp_path: Path, policy: SitePolicy | None = None) -> Site:
     """A site whose labels are skewed to class 0 (its own test split too): a global model misses that."""
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(CLASSES, DIM, generator=g)
@@ -31,7 +32,8 @@ def _site(tmp_path: Path) -> Site:
 
     (train_x, train_y), (test_x, test_y) = split(400), split(200)
     encoder = SimpleNamespace(device=torch.device("cpu"), feature_dim=DIM)
-    return Site("site-0", None, encoder, tmp_path, 7, None, None, train_x, train_y, test_x, test_y, True)  # type: ignore[arg-type]
+    return Site("site-0", None, encoder, tmp_path, 7, policy, None, train_x, train_y, test_x, test_y,  # type: ignore[arg-type]
+                policy is None)  # fmt: skip
 
 
 def _message(server_round: int) -> Message:
@@ -76,3 +78,79 @@ def test_a_round_trains_once_and_the_model_carries_over(tmp_path: Path) -> None:
     personal_round(site, cfg, global_head, _message(2), "r1", 2)
     assert torch.load(tmp_path / "personal" / "r1.pt", weights_only=True)["round"] == 2
     assert again.accuracy > 0
+
+
+@pytest.mark.parametrize(
+    ("own", "run", "expected"),
+    [
+        (None, PersonalConfig(dp=True, target_epsilon=3.0), PersonalChoice(True, "run", 3.0, "run")),
+        (SitePersonal(), PersonalConfig(dp=False), PersonalChoice(False, "run", None, None)),
+        (SitePersonal(dp=True), PersonalConfig(dp=False, target_epsilon=5.0), PersonalChoice(True, "site", 5.0, "run")),
+        (SitePersonal(dp=False), PersonalConfig(dp=True), PersonalChoice(False, "site", None, None)),
+        (SitePersonal(target_epsilon=1.0), PersonalConfig(dp=True, target_epsilon=8.0),
+         PersonalChoice(True, "run", 1.0, "site")),
+        (SitePersonal(target_epsilon=1.0), PersonalConfig(dp=False), PersonalChoice(False, "run", None, None)),
+        (SitePersonal(dp=True, target_epsilon=2.0), PersonalConfig(dp=False),
+         PersonalChoice(True, "site", 2.0, "site")),
+    ],
+)
+def test_the_sites_own_file_wins_over_the_run_config(own: SitePersonal | None, run: PersonalConfig,
+                                                     expected: PersonalChoice) -> None:  # fmt: skip
+    policy = None if own is None else SitePolicy(personal=own)  # None: simulation, the run config is the site's own
+    assert personal_choice(policy, run) == expected
+
+
+def test_a_site_that_requires_dp_gets_it_whatever_the_run_asks(tmp_path: Path) -> None:
+    policy = SitePolicy(personal=SitePersonal(dp=True, target_epsilon=2.0))
+    site, cfg = _site(tmp_path, policy), _cfg(dp=False, target_epsilon=8.0)
+    personal_round(site, cfg, make_head(DIM, CLASSES), _message(1), "r1", 1)
+    [trained] = [r for r in read_records(site.audit_path) if r["event"] == "personal-trained"]
+    assert trained["dp_chosen"] is True and trained["dp_chosen_by"] == "site"
+    assert trained["target_epsilon_chosen_by"] == "site" and trained["dp"]["target_epsilon"] == 2.0
+    assert 0 < trained["epsilon"] <= 2.0 and (tmp_path / "personal-ledger.json").is_file()
+
+
+def test_a_site_may_train_its_personal_model_without_noise_when_the_run_asks_for_dp(tmp_path: Path) -> None:
+    site, cfg = _site(tmp_path, SitePolicy(personal=SitePersonal(dp=False))), _cfg(dp=True, target_epsilon=3.0)
+    personal_round(site, cfg, make_head(DIM, CLASSES), _message(1), "r1", 1)
+    [trained] = [r for r in read_records(site.audit_path) if r["event"] == "personal-trained"]
+    assert trained["dp_chosen"] is False and trained["dp_chosen_by"] == "site" and trained["dp"] is None
+    assert trained["epsilon"] is None and trained["target_epsilon_chosen_by"] is None
+    assert not (tmp_path / "personal-ledger.json").exists()
+
+
+def test_a_deployed_site_without_personal_keys_follows_the_run(tmp_path: Path) -> None:
+    site, cfg = _site(tmp_path, SitePolicy()), _cfg(dp=True, target_epsilon=4.0)
+    personal_round(site, cfg, make_head(DIM, CLASSES), _message(1), "r1", 1)
+    [trained] = [r for r in read_records(site.audit_path) if r["event"] == "personal-trained"]
+    assert (trained["dp_chosen"], trained["dp_chosen_by"], trained["target_epsilon_chosen_by"]) == (True, "run", "run")
+    assert trained["dp"]["target_epsilon"] == 4.0
+
+
+def _site_yaml(tmp_path: Path, personal: str) -> Path:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"name: site-a\ndata_source: digits\npolicy:\n  max_epsilon: 8\n  personal:\n{personal}")
+    return path
+
+
+def test_the_site_file_carries_its_personal_choice(tmp_path: Path) -> None:
+    site = load_site_config(_site_yaml(tmp_path, "    dp: true\n    target_epsilon: 1.5\n"))
+    assert site.policy.personal == SitePersonal(dp=True, target_epsilon=1.5)
+    assert load_site_config(_site_yaml(tmp_path, "    {}\n")).policy.personal == SitePersonal()
+
+
+@pytest.mark.parametrize(
+    ("personal", "named"),
+    [
+        ("    dpp: true\n", "policy.personal.dpp: unknown key"),
+        ("    dp: yes please\n", "policy.personal.dp: must be true or false"),
+        ("    target_epsilon: 0\n", "policy.personal.target_epsilon: must be in (0, 100]"),
+        ("    dp: false\n    target_epsilon: 2\n", "policy.personal.target_epsilon: is the budget of a DP-trained"),
+        ("    - dp\n", "policy.personal: must be a mapping"),
+    ],
+)
+def test_a_bad_personal_key_is_one_line_naming_the_file_and_key(tmp_path: Path, personal: str, named: str) -> None:
+    path = _site_yaml(tmp_path, personal)
+    with pytest.raises(ConfigError) as err:
+        load_site_config(path)
+    assert str(err.value).startswith(f"{path}: {named}") and "\n" not in str(err.value)
