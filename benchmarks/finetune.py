@@ -132,13 +132,14 @@ def _personal_step(model: nn.Module, global_model: nn.Module, x: torch.Tensor, y
     return model
 
 
-def accuracy_sweep(task: Task, setup: FedSetup, site_counts: list[int], modes: list[str]) -> list[dict]:
+def accuracy_sweep(task: Task, setup: FedSetup, site_counts: list[int], modes: list[str],
+                   epsilons: list[float | None] = EPSILONS) -> list[dict]:  # fmt: skip
     rows = []
     for sites in site_counts:
         for split in ("iid", "dirichlet"):
             parts = task.sites(sites, split)
             for mode in modes:
-                for eps in EPSILONS:
+                for eps in epsilons:
                     row = run(task, MODES[mode], parts, replace(setup, target_epsilon=eps))
                     rows.append({"sites": sites, "split": split, "trains": mode, "epsilon_target": eps} | row)
                     print(rows[-1], flush=True)
