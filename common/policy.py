@@ -8,10 +8,13 @@ ask `policy_violations`, so the two can never disagree about what a limit means.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from common.config import SitePolicy
 from common.privacy import EPS_SLACK
+from common.site_config import SitePersonal
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,50 @@ class DPSettings:
     where: str  # names it in a violation: "round 3", "the plan"
     noise_multiplier: float
     clip_norm: float
+
+
+@dataclass(frozen=True)
+class PersonalUse:
+    """One training of the site's personal model, as its `personal-trained` audit record states it."""
+
+    where: str  # names it in a violation: "round 3"
+    dp: bool
+    target_epsilon: float | None  # the DP plan's target (None without DP)
+    epsilon: float | None  # the ε its own ledger counted after it (None without DP)
+
+
+def personal_uses(records: Iterable[Mapping[str, Any]]) -> tuple[PersonalUse, ...]:
+    """The personal trainings in a site's audit records (`personal-trained`), for `policy_violations`.
+
+    A record that does not state its DP choice counts as trained without DP: the site's log
+    must show that the site's choice was followed, not leave it to be assumed.
+    """
+    out = []
+    for r in records:
+        dp = r.get("dp") if isinstance(r.get("dp"), Mapping) else {}
+        eps, target = r.get("epsilon"), dp.get("target_epsilon")
+        out.append(PersonalUse(f"round {r.get('round')}", r.get("dp_chosen") is True and bool(dp),
+                               target if isinstance(target, int | float) else None,
+                               eps if isinstance(eps, int | float) else None))  # fmt: skip
+    return tuple(out)
+
+
+def _shown(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
+def _personal_violations(own: SitePersonal, uses: tuple[PersonalUse, ...]) -> list[str]:
+    """Each personal training that went against the site's own `policy.personal` choice."""
+    found = []
+    for u in uses:
+        if own.dp is not None and u.dp != own.dp:
+            found.append(f"{u.where}: the personal model trained {'with' if u.dp else 'without'} DP, but "
+                         f"policy.personal.dp is {str(own.dp).lower()}")  # fmt: skip
+        limit = own.target_epsilon
+        if limit is not None and u.dp and max(u.target_epsilon or 0.0, u.epsilon or 0.0) > limit + EPS_SLACK:
+            found.append(f"{u.where}: the personal model's ε (target {_shown(u.target_epsilon)}, spent "
+                         f"{_shown(u.epsilon)}) > policy.personal.target_epsilon {limit:g}")  # fmt: skip
+    return found
 
 
 @dataclass(frozen=True)
@@ -40,6 +87,8 @@ class PolicyUse:
     epsilon_earlier: float
     epsilon_scope: str
     trainings: tuple[DPSettings, ...] = ()
+    distributed_trust: bool = False  # privacy.trust: distributed (the site adds only its share of the noise)
+    personal: tuple[PersonalUse, ...] = ()  # the site's own model, trained in the run (audit: its log's records)
 
 
 def policy_violations(policy: SitePolicy, use: PolicyUse) -> list[str]:
@@ -50,6 +99,9 @@ def policy_violations(policy: SitePolicy, use: PolicyUse) -> list[str]:
     if policy.require_secure_aggregation and use.plain_aggregation:
         found.append("policy.require_secure_aggregation: the site requires secure aggregation, but the head goes out "
                      "in plain (secure_aggregation: false)")  # fmt: skip
+    if use.distributed_trust and not policy.allow_distributed_trust:
+        found.append("policy.allow_distributed_trust: under privacy.trust: distributed the site adds only a share of "
+                     "the noise, and its policy does not allow that (set it true, or run with trust: local)")
     if use.rounds is not None and use.rounds > policy.max_rounds:
         found.append(f"train.rounds {use.rounds} > policy.max_rounds {policy.max_rounds}")
     if use.delta is not None and use.delta > policy.max_delta:
@@ -63,4 +115,4 @@ def policy_violations(policy: SitePolicy, use: PolicyUse) -> list[str]:
                          f"{policy.min_noise_multiplier:g}")  # fmt: skip
         if t.clip_norm > policy.max_clip_norm:
             found.append(f"{t.where}: clip norm {t.clip_norm:g} > policy.max_clip_norm {policy.max_clip_norm:g}")
-    return found
+    return found + _personal_violations(policy.personal, use.personal)

@@ -196,7 +196,7 @@ def _site_declines(entries: list[Entry], known: list[dict[str, Any]]) -> list[di
 
 def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, found: Findings) -> None:
     """The site's own limits against what it did in this run and, its ledger at hand, in the runs before it."""
-    from common.policy import DPSettings, PolicyUse, policy_violations
+    from common.policy import DPSettings, PolicyUse, personal_uses, policy_violations
 
     site.policy = asdict(config.policy)
     took_part = bool(site.rounds_joined)
@@ -210,6 +210,8 @@ def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, 
         epsilon_earlier=earlier,
         epsilon_scope=scope,
         trainings=tuple(DPSettings(f"round {r.round}", r.noise_multiplier, r.clip_norm) for r in site.rounds),
+        distributed_trust=took_part and ev.cfg is not None and ev.cfg.privacy.trust == "distributed",
+        personal=personal_uses(e.record for e in ev.sites.get(site.name, []) if e.event == Event.PERSONAL_TRAINED),
     )
     violations = policy_violations(config.policy, use)
     site.policy_status = f"NOT respected: {'; '.join(violations)}" if violations else f"respected (ε counted: {scope})"
