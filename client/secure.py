@@ -16,6 +16,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from common.config import SecAggConfig
 from common.protocol import Cfg, Metric, Rec
+from common.secure_sum import to_grid
 
 HANDOFF = "fedtransfer.handoff"  # from our handler to our mod, popped before the reply leaves the site
 
@@ -58,10 +59,19 @@ def head_names(conf: ConfigRecord) -> list[str]:
     return names.split(",")
 
 
-def secure_reply(answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool) -> RecordDict:
-    """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently."""
+def secure_reply(
+    answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool, gamma: float | None = None
+) -> RecordDict:
+    """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently.
+
+    A fedsgd gradient sum (`gamma`: its unit γ) goes as integers on Flower's grid with weight
+    max_weight, so that the server can read back the exact sum (common/secure_sum.py).
+    """
     head = [answer[Rec.ARRAYS][n].numpy() for n in names]
     examples = int(answer[Rec.METRICS][Metric.NUM_EXAMPLES])
+    if gamma is not None:
+        head = [to_grid(v, gamma, settings.clipping_range, settings.quantization_range) for v in head]
+        examples = int(settings.max_weight)
     if examples > settings.max_weight:
         raise ValueError(
             f"this site trains on {examples} examples, more than secagg.max_weight = {settings.max_weight:g}; "

@@ -185,6 +185,7 @@ def enforce_policy(policy: SitePolicy | None, cfg: RunConfig, plan: DPPlan | Non
         epsilon_earlier=0.0 if plan is None else spent_other_runs,
         epsilon_scope=scope,
         trainings=() if plan is None else (DPSettings("the plan", plan.noise_multiplier, plan.max_grad_norm),),
+        distributed_trust=cfg.privacy.trust == "distributed",
     )
     if violations := policy_violations(policy, use):
         raise Declined(f"site policy: {'; '.join(violations)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
@@ -31,10 +32,19 @@ from common.dp_fedsgd import (
     user_seed,
 )
 from common.dp_training import LocalTraining, train_head
-from common.exchange import arrays_to_numpy, gradient_to_arrays, head_to_arrays, load_head, wire_bytes
+from common.exchange import PREFIX, arrays_to_numpy, gradient_to_arrays, head_to_arrays, load_head, wire_bytes
 from common.finetune import make_top
-from common.privacy import DPPlan, PrivacyLedger, plan_dp, plan_fedsgd, require_secure_rng
+from common.privacy import (
+    DPPlan,
+    PrivacyLedger,
+    epsilon_of,
+    plan_distributed,
+    plan_dp,
+    plan_fedsgd,
+    require_secure_rng,
+)
 from common.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
+from common.skellam import quantum, sample, share_wrap_bound
 
 
 def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
@@ -67,11 +77,13 @@ def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord, num_classes: int
     return head.to(site.backbone.device)
 
 
-def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger) -> DPPlan | None:
+def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) -> DPPlan | None:
     """The run's DP plan for this site's data, within its policy and budget; None without DP.
 
     Under fedsgd, one step per round at Poisson rate q over the site's records or users; the
     feature-statistics release, when the run has one, is part of the whole-run calibration.
+    Under distributed trust, the Skellam variance of the aggregate of the fewest sites SecAgg+
+    unmasks (`dim`: the head's trainable coordinates, for the rounding's sensitivity).
     """
     p, t = cfg.privacy, cfg.train
     if not p.enabled:
@@ -81,7 +93,9 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger) -> DPPlan | 
     try:
         if p.secure_mode:
             require_secure_rng()
-        if t.protocol == "fedsgd":
+        if p.trust == "distributed":
+            plan = _distributed_plan(site, cfg, dim)
+        elif t.protocol == "fedsgd":
             plan = site.plan(plan_fedsgd, site_units(site, cfg).count, t.sample_rate, t.rounds, p.target_epsilon,
                              p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
         else:  # site.plan: a deployed site computes each plan once (client/prepared.py)
@@ -90,6 +104,19 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger) -> DPPlan | 
     except ValueError as err:  # δ ≥ 1/n for this site, or secure_mode without torchcsprng
         raise Declined(str(err)) from None
     enforce_policy(site.policy, cfg, plan, ledger.spent_in_other_runs(p.target_delta, p.accountant))
+    return plan
+
+
+def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
+    """The Skellam plan; declined when this site's share could wrap modulo SecAgg+'s range (see share_wrap_bound)."""
+    p, t, n = cfg.privacy, cfg.train, site_units(site, cfg).count
+    survivors = cfg.secagg.fewest_survivors(t.min_sites)
+    plan = site.plan(plan_distributed, n, t.sample_rate, t.rounds, p.target_epsilon, p.target_delta,
+                     p.max_grad_norm, dim, survivors, p.unit)  # fmt: skip
+    wrap = t.rounds * share_wrap_bound(n, plan.l2_sensitivity, plan.noise_share, dim, cfg.secagg.quantization_range)
+    if wrap > 1e-6 * plan.target_delta:
+        raise ValueError(f"secagg.quantization_range {cfg.secagg.quantization_range} is too small for this site's {n} "
+                         f"units (its integer sum could wrap, probability up to {wrap:.2g}); raise it")  # fmt: skip
     return plan
 
 
@@ -108,8 +135,8 @@ class Work:
     arrays: ArrayRecord
     loss: float | None  # training loss for the site's own log; None for a release (no training)
     steps: int
-    history: list[tuple[float, float, int]]  # the accountant's history after this work
-    step: tuple[float, float, int] | None  # this work's accountant entry (None without DP)
+    history: list[tuple]  # the accountant's history after this work
+    step: tuple | None  # this work's accountant entry (None without DP): Opacus' triple or a Skellam round
     metrics: dict[str, float | int]
     release: str | None = None
 
@@ -120,6 +147,9 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     if site.accept_app_version is not None and conf.get(Cfg.APP_VERSION) != site.accept_app_version:
         raise Declined(f"site pins app version {site.accept_app_version}, the run is {conf.get(Cfg.APP_VERSION)}")
     secure = is_secure(msg)  # only secaggplus_mod (see client_app._secure_mod) hands us a SecAgg+ message
+    if cfg.privacy.trust == "distributed" and not secure:
+        raise Declined("privacy.trust: distributed: this site adds only a share of the noise, so it sends its sum "
+                       "only masked under secure aggregation; this training message is plain")  # fmt: skip
     run_id, key = str(conf[Cfg.RUN_ID]), request_key(arrays, conf)
     cache = ReplyCache(site.replies_dir)
     if (cached := cache.load(run_id, key)) is not None:
@@ -128,8 +158,8 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         record(site, msg, Event.REPLY_REPLAYED, request=key, update=digest)
         return _secure(cached, conf, cfg, replayed=True) if secure else cached
     ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
-    plan = privacy_plan(site, cfg, ledger)
     head = local_head(site, cfg, arrays, len(site.data.train.classes))
+    plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
     started = time.monotonic()
     work = _work(site, cfg, conf, server_round, plan, ledger, head)
     answer, dp = _answer(site, work, plan, ledger, server_round, time.monotonic() - started)
@@ -183,20 +213,38 @@ def _work(
 def _gradient_sum(
     site: Site, cfg: RunConfig, plan: DPPlan | None, ledger: PrivacyLedger, head: nn.Module, seed: int
 ) -> Work:
-    """fedsgd: the noisy sum of clipped per-unit gradients, and the public expected batch size q·n."""
+    """fedsgd: the noisy sum of clipped per-unit gradients, and the public expected batch size q·n.
+
+    Under distributed trust the sum is of integers (each unit's clipped gradient in units of γ,
+    rounded) plus this site's Skellam share μ/K_min, sent in float64 so every integer is exact.
+    """
     units, q, secure_mode = site_units(site, cfg), cfg.train.sample_rate, cfg.privacy.secure_mode
     generator = make_generator(seed, secure_mode, site.train_x.device)
+    distributed = plan is not None and plan.distributed
     clipped = clipped_gradient_sum(head, site.train_x, site.train_y, units, q,
-                                   None if plan is None else plan.max_grad_norm, generator)  # fmt: skip
-    std = 0.0 if plan is None else plan.noise_multiplier * plan.max_grad_norm
+                                   None if plan is None else plan.max_grad_norm, generator,
+                                   plan.quantum if distributed else None)  # fmt: skip
     frozen = frozenset(k for k, _ in head.named_buffers())  # no gradient, nothing to hide: sent as zeros
-    noisy = add_noise(clipped.sums, std, generator, secure_mode, skip=frozen)
+    if distributed:
+        noisy = {k: v if k in frozen else v + sample(v.shape, plan.noise_share, generator, v.device)
+                 for k, v in clipped.sums.items()}  # fmt: skip
+        arrays = _exact_arrays(head, noisy)
+    else:
+        std = 0.0 if plan is None else plan.noise_multiplier * plan.max_grad_norm
+        arrays = gradient_to_arrays(head, add_noise(clipped.sums, std, generator, secure_mode, skip=frozen))
     step = None if plan is None else plan.round_step
-    return Work(gradient_to_arrays(head, noisy), clipped.loss, 1, _extended(ledger, step), step,
+    return Work(arrays, clipped.loss, 1, _extended(ledger, step), step,
                 {Metric.NUM_EXAMPLES: units.count, Metric.EXPECTED_BATCH: q * units.count})  # fmt: skip
 
 
-def _extended(ledger: PrivacyLedger, step: tuple[float, float, int] | None) -> list[tuple[float, float, int]]:
+def _exact_arrays(head: nn.Module, sums: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An integer-valued gradient sum named and shaped like the head, in float64 (exact to 2^53; float32 is not)."""
+    as_head = gradient_to_arrays(head, sums)  # names and shapes checked there
+    return ArrayRecord({PREFIX + k: sums[k].detach().cpu().double().reshape(as_head[PREFIX + k].shape)
+                        for k in head.state_dict()})  # fmt: skip
+
+
+def _extended(ledger: PrivacyLedger, step: tuple | None) -> list[tuple]:
     return ledger.history if step is None else [*ledger.history, step]
 
 
@@ -213,18 +261,30 @@ def _answer(
             metrics[Metric.TRAIN_LOSS] = work.loss
         answer[Rec.METRICS] = MetricRecord(metrics)
         return answer, None
-    sigma, q, steps = work.step
-    clip = 1.0 if work.release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
-    dp = DPRecord(sigma, q, steps, clip, plan.target_delta, plan.accountant)
+    dp = _dp_record(work, plan)
     metrics[Metric.EPSILON] = ledger.record_round(server_round, plan, work.history, work.release)
+    if plan.distributed:  # the second ε: against this site's own message, were secure aggregation bypassed
+        metrics[Metric.EPSILON_INDIVIDUAL] = epsilon_of(work.history, plan.target_delta, plan.accountant, True)
     answer[Rec.METRICS] = MetricRecord(metrics)
     answer[Rec.DP] = dp.to_record()
     return answer, dp
 
 
+def _dp_record(work: Work, plan: DPPlan) -> DPRecord:
+    """This work's DP parameters; a Skellam round also names the variance of the share this site added."""
+    if plan.distributed and work.release is None:
+        return DPRecord(plan.noise_multiplier, plan.sample_rate, work.steps, plan.max_grad_norm, plan.target_delta,
+                        plan.accountant, "skellam", plan.noise_variance, plan.noise_share, plan.min_survivors,
+                        plan.quantum, plan.l1_sensitivity, plan.l2_sensitivity)  # fmt: skip
+    sigma, q, steps = work.step
+    clip = 1.0 if work.release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
+    return DPRecord(sigma, q, steps, clip, plan.target_delta, plan.accountant)
+
+
 def _secure(answer: RecordDict, conf: ConfigRecord, cfg: RunConfig, replayed: bool) -> RecordDict:
     """Our reply in the form secaggplus_mod masks; a head SecAgg+ would clip silently is declined."""
     try:
-        return secure_reply(answer, head_names(conf), cfg.secagg, replayed)
+        gamma = quantum(cfg.privacy.max_grad_norm) if cfg.train.protocol == "fedsgd" else None
+        return secure_reply(answer, head_names(conf), cfg.secagg, replayed, gamma)
     except ValueError as err:
         raise Declined(str(err)) from None

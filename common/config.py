@@ -9,6 +9,7 @@ from Flower's flattened run config (`flwr run .`), so both paths run one configu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,9 @@ class PrivacyConfig:
     # and a class-mean start for the head, taking feature_stats_share of the budget (in the Gaussian's μ²)
     feature_stats: bool = False
     feature_stats_share: float = 0.2
+    # local: a site's own noise gives its ε against everyone. distributed (fedsgd under secure_aggregation): each
+    # site adds its share of discrete (Skellam) noise; the sum of the fewest sites SecAgg+ unmasks carries it all
+    trust: Literal["local", "distributed"] = "local"
 
     def __post_init__(self) -> None:
         _require(
@@ -241,13 +245,6 @@ class RunConfig:
             f"cannot exceed data.num_sites ({self.data.num_sites})",
             self.train.min_sites,
         )
-        _require(
-            not (self.secure_aggregation and self.train.protocol == "fedsgd"),
-            "train.protocol",
-            "fedsgd under secure_aggregation is not supported yet (SecAgg+ returns a weighted mean of heads, fedsgd "
-            "needs the sum of gradient sums); use fedavg with secure_aggregation, or fedsgd without it",
-            self.train.protocol,
-        )
         _require(not (self.secure_aggregation and self.privacy.feature_stats), "privacy.feature_stats",
                  "the statistics release is sent plain, not under secure_aggregation; set false", True)  # fmt: skip
         if self.secure_aggregation:
@@ -269,7 +266,29 @@ class RunConfig:
                 self.train.min_sites >= 2, "train.min_sites", "secure_aggregation needs >= 2", self.train.min_sites
             )
         self._check_privacy_unit()
+        self._check_trust()
         check_run(self)
+
+    def _check_trust(self) -> None:
+        """Distributed noise needs fedsgd's sums under SecAgg+; an exact integer sum needs Flower's grid exact."""
+        if self.privacy.trust == "distributed":
+            for ok, key, why, value in (
+                (self.train.protocol == "fedsgd", "train.protocol", "must be fedsgd (sites add up noisy sums)",
+                 self.train.protocol),
+                (self.secure_aggregation, "secure_aggregation", "must be true (the server may see only the sum)",
+                 self.secure_aggregation),
+                (self.privacy.enabled, "privacy.enabled", "must be true", self.privacy.enabled),
+                (self.privacy.accountant == "rdp", "privacy.accountant", "must be rdp (the Skellam mechanism is "
+                 "accounted in RDP; Opacus' PRV knows only the Gaussian)", self.privacy.accountant),
+            ):  # fmt: skip
+                _require(ok, key, f"{why} under privacy.trust: distributed", value)
+        if self.secure_aggregation and self.train.protocol == "fedsgd":
+            s = self.secagg
+            for key, value in (("clipping_range", s.clipping_range), ("quantization_range", s.quantization_range)):
+                _require(math.frexp(value)[0] == 0.5, f"secagg.{key}", "must be a power of two under fedsgd (the "
+                         "integer sum is read back exactly from SecAgg+'s mean)", value)  # fmt: skip
+            _require(s.max_weight == int(s.max_weight), "secagg.max_weight", "must be a whole number under fedsgd "
+                     "(every site sends weight max_weight, so SecAgg+ scales by exactly 1)", s.max_weight)  # fmt: skip
 
     def _check_privacy_unit(self) -> None:
         """Per-user privacy needs fedsgd (per-user sampling and clipping) and a user for every record."""

@@ -69,6 +69,21 @@ class SecAggConfig:
         )
         _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
 
+    def fewest_survivors(self, sites: int) -> int:
+        """The fewest sites whose masked vectors SecAgg+ unmasks in a round of `sites` sites: its threshold.
+
+        Flower 1.41's rule: a share of num_shares is round(share × sites), an even count below
+        `sites` made odd, a count ≤ 2 replaced by `sites`; a share threshold is round(share ×
+        num_shares), at least 2. Every surviving site needs `threshold` surviving neighbours.
+        """
+        shares = round(self.num_shares * sites) if self.num_shares <= 1 else int(self.num_shares)
+        if self.num_shares <= 1:
+            shares = shares + 1 if shares < sites and shares % 2 == 0 else shares
+            shares = sites if shares <= 2 else shares
+        if self.reconstruction_threshold <= 1:
+            return max(round(self.reconstruction_threshold * shares), 2)
+        return int(self.reconstruction_threshold)
+
 
 _TRACKING_URI = re.compile(r"(https?|sqlite|postgresql|mysql|mssql)(\+\w+)?://.+|databricks(://.*)?")
 

@@ -8,8 +8,8 @@ like the head's tensors: nothing in it, nor beside it, depends on the realised b
 server divides by the public expected batch size q·n (server/strategy.py).
 
 The clipped sum and the noise are separate steps on purpose: with distributed noise under
-secure aggregation a site adds only its share of the noise (a different `noise_std`, or
-discrete noise after quantisation) to the same clipped sum.
+secure aggregation (privacy.trust: distributed) a site quantises each unit's clipped gradient
+to integers and adds only its share of discrete Skellam noise (common/skellam.py).
 
 The statistics release: per-class sums of the unit-normalised features and per-class counts,
 one Gaussian mechanism. A record moves one class sum by at most 1 and one count by 1; a
@@ -100,26 +100,39 @@ def clipped_gradient_sum(
     sample_rate: float,
     clip_norm: float | None,
     generator: torch.Generator,
+    quantum: float | None = None,
 ) -> ClippedSum:
-    """Poisson-sample units at `sample_rate`, clip each unit's gradient to `clip_norm` (None: no clipping), sum."""
+    """Poisson-sample units at `sample_rate`, clip each unit's gradient to `clip_norm` (None: no clipping), sum.
+
+    With `quantum` γ (distributed trust) each unit's clipped gradient is divided by γ and
+    rounded to the nearest integer before the sum: the sum is then integer-valued (float64,
+    exact) and one unit moves it by at most C/γ + √d/2 in L2 (common/skellam.py).
+    """
     device = features.device
     chosen = torch.rand(units.count, generator=generator, device=generator.device).to(device) < sample_rate
     keep = chosen[units.of_record.to(device)]
     idx = torch.nonzero(keep).squeeze(1)
     idx = idx[torch.argsort(units.of_record.to(device)[idx], stable=True)]  # a unit's records together
     params = {k: v.detach() for k, v in head.named_parameters()}
-    if units.count == len(units.of_record) and _is_linear_probe(head):
+    if units.count == len(units.of_record) and _is_linear_probe(head) and quantum is None:
         total, loss_sum = _linear_probe_sum(head, features[idx], labels[idx], clip_norm)
         return ClippedSum(_unflatten(head, params, total), loss_sum / max(len(idx), 1), len(idx))
-    total = torch.zeros(sum(p.numel() for p in params.values()), device=device)
+    dtype = torch.float32 if quantum is None else torch.float64
+    total = torch.zeros(sum(p.numel() for p in params.values()), device=device, dtype=dtype)
     loss_sum = 0.0
     for part in _unit_chunks(units.of_record.to(device)[idx]):
         rows = idx[part]
         flat, losses = _per_sample_gradients(head, params, features[rows], labels[rows])
         _, local = torch.unique_consecutive(units.of_record.to(device)[rows], return_inverse=True)
         per_unit = torch.zeros(int(local.max()) + 1, flat.shape[1], device=device).index_add_(0, local, flat)
-        if clip_norm is not None:
-            per_unit = per_unit * (clip_norm / (per_unit.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+        if quantum is not None:  # float64, and a hair inside C, so that float error cannot push a norm past C
+            per_unit, bound = per_unit.double(), None if clip_norm is None else clip_norm * (1 - 1e-9)
+        else:
+            bound = clip_norm
+        if bound is not None:
+            per_unit = per_unit * (bound / (per_unit.norm(dim=1, keepdim=True) + 1e-12)).clamp(max=1.0)
+        if quantum is not None:
+            per_unit = torch.round(per_unit / quantum)  # γ a power of two: the division is exact
         total += per_unit.sum(0)
         loss_sum += float(losses.sum())
     sums = _unflatten(head, params, total)

@@ -19,7 +19,7 @@ from pathlib import Path
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common import atomic
+from common import atomic, skellam
 
 EPS_SLACK = 1e-9  # float noise between identical accountant calls
 
@@ -48,14 +48,33 @@ class DPPlan:
     accountant: str
     stats_noise_multiplier: float | None = None
     unit: str = "record"  # what one step's sampling and clipping protect: a record, or a user's records
+    # privacy.trust: distributed (common/skellam.py): the aggregate's Skellam variance μ in units of γ², the
+    # fewest sites SecAgg+ unmasks (each adds μ/K_min), γ and the integer sensitivities; 0 under local trust
+    noise_variance: float = 0.0
+    min_survivors: int = 0
+    quantum: float = 0.0
+    l1_sensitivity: float = 0.0
+    l2_sensitivity: float = 0.0
 
     @property
     def total_steps(self) -> int:
         return self.rounds * self.steps_per_round
 
     @property
-    def round_step(self) -> tuple[float, float, int]:
-        """One training round as an entry of the accountant's history."""
+    def distributed(self) -> bool:
+        return self.min_survivors > 0
+
+    @property
+    def noise_share(self) -> float:
+        """The Skellam variance this site adds per coordinate: μ/K_min."""
+        return self.noise_variance / self.min_survivors
+
+    @property
+    def round_step(self) -> tuple:
+        """One training round as an entry of the accountant's history (Opacus' triple, or a Skellam round)."""
+        if self.distributed:
+            return (skellam.SKELLAM, self.noise_variance, self.sample_rate, self.steps_per_round, self.l1_sensitivity,
+                    self.l2_sensitivity, self.min_survivors)  # fmt: skip
         return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
     @property
@@ -106,16 +125,38 @@ def plan_fedsgd(
                  stats_share, unit)  # fmt: skip
 
 
-def _plan(
-    n: int, q: float, steps: int, rounds: int, eps: float, delta: float, clip: float, accountant: str,
-    stats_share: float | None, unit: str,
+@functools.lru_cache(maxsize=256)
+def plan_distributed(
+    num_units: int, sample_rate: float, rounds: int, target_epsilon: float, target_delta: float, max_grad_norm: float,
+    dim: int, min_survivors: int, unit: str = "record",
 ) -> DPPlan:  # fmt: skip
+    """fedsgd under distributed trust: the Skellam variance μ of the aggregate of `min_survivors` or more sites.
+
+    μ is calibrated so that `rounds` Poisson-subsampled Skellam rounds meet the target for
+    the aggregate; each site adds μ/K_min. The noise multiplier recorded is √μ/Δ2.
+    """
+    _check_delta(num_units, target_delta, unit)
+    gamma = skellam.quantum(max_grad_norm)
+    d1, d2 = skellam.sensitivities(max_grad_norm, gamma, dim)
+    mu = skellam.calibrate_variance(sample_rate, rounds, target_epsilon, target_delta, d1, d2)
+    return DPPlan(math.sqrt(mu) / d2, sample_rate, 1, rounds, max_grad_norm, target_epsilon, target_delta, "rdp",
+                  None, unit, mu, min_survivors, gamma, d1, d2)  # fmt: skip
+
+
+def _check_delta(n: int, delta: float, unit: str) -> None:
     if delta >= 1.0 / n:
         what = "users" if unit == "user" else "training samples"
         raise ValueError(
             f"privacy.target_delta {delta:g} must be below 1/n = {1.0 / n:.3g} for this site's {n} {what}; "
             "lower target_delta"
         )
+
+
+def _plan(
+    n: int, q: float, steps: int, rounds: int, eps: float, delta: float, clip: float, accountant: str,
+    stats_share: float | None, unit: str,
+) -> DPPlan:  # fmt: skip
+    _check_delta(n, delta, unit)
     stats_sigma = None if stats_share is None else stats_noise_multiplier(eps, delta, stats_share, accountant)
     prefix = () if stats_sigma is None else ((stats_sigma, 1.0, 1),)
     sigma = calibrate(prefix, q, steps * rounds, eps, delta, accountant)
@@ -165,10 +206,16 @@ def calibrate(
     return high
 
 
-def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """ε of a whole history of (noise multiplier, sample rate, steps), composed by Opacus."""
+def epsilon_of(history: list[tuple], delta: float, accountant: str, individual: bool = False) -> float:
+    """ε of a whole history of (noise multiplier, sample rate, steps), composed by Opacus.
+
+    A history holding Skellam rounds (distributed trust) is composed in RDP by common/skellam.py,
+    Gaussian steps included; `individual` then gives ε against one site's own message.
+    """
     if not history:
         return 0.0
+    if any(skellam.is_skellam(h) for h in history):
+        return skellam.epsilon(tuple(tuple(h) for h in history), delta, individual)
     # n steps of one (σ, q) then m more are n + m steps of it: merging is exact for every accountant (Opacus'
     # own accountant.step merges the same way), and keeps a long fedsgd history one PRV composition
     merged: list[tuple[float, float, int]] = []
@@ -272,6 +319,8 @@ class PrivacyLedger:
         entry["plan"] = asdict(plan)
         steps = 1 if release else plan.steps_per_round
         done = {"round": server_round, "steps": steps, "epsilon": epsilon} | ({"release": release} if release else {})
+        if plan.distributed:  # the second ε of distributed trust: against this site's own message
+            done["epsilon_individual"] = epsilon_of(history, plan.target_delta, plan.accountant, individual=True)
         entry["rounds"] = entry["rounds"] + [done]
         self._data["runs"][self.run_key] = entry
         atomic.write_text(self.path, json.dumps(self._data, indent=1))

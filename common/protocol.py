@@ -57,6 +57,8 @@ class Metric(StrEnum):
     TRAIN_SECONDS = "train-seconds"
     TRAIN_LOSS = "train-loss"  # only without DP: a statistic of private data that DP does not cover
     EPSILON = "epsilon"  # the site's cumulative ε in this run, after this training
+    # privacy.trust: distributed: ε against one site's own message (its noise share alone); EPSILON is the aggregate's
+    EPSILON_INDIVIDUAL = "epsilon-individual"
     EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
@@ -145,12 +147,18 @@ def site_of(content: RecordDict) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+SKELLAM_FIELDS = ("noise_variance", "noise_share", "min_survivors", "quantum", "l1_sensitivity", "l2_sensitivity")
+
+
 @dataclass(frozen=True)
 class DPRecord:
     """One training's DP parameters: what the site logs, sends and the auditor recomputes ε from.
 
     One spelling everywhere: the audit log's `dp` field, the reply's DP record and each
-    round of `privacy.json` use these field names.
+    round of `privacy.json` use these field names. Under `privacy.trust: distributed` the
+    mechanism is "skellam": `noise_variance` μ is the aggregate's per-coordinate variance in
+    units of `quantum` γ, `noise_share` the variance this site added (μ/`min_survivors`),
+    the sensitivities are integer ones, and `noise_multiplier` is √μ/Δ2 (for policies).
     """
 
     noise_multiplier: float
@@ -159,16 +167,32 @@ class DPRecord:
     clip_norm: float
     delta: float
     accountant: str
+    mechanism: str = "gaussian"
+    noise_variance: float = 0.0
+    noise_share: float = 0.0
+    min_survivors: int = 0
+    quantum: float = 0.0
+    l1_sensitivity: float = 0.0
+    l2_sensitivity: float = 0.0
 
-    FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "accountant")
+    FIELDS = ("noise_multiplier", "sample_rate", "steps", "clip_norm", "delta", "accountant", "mechanism",
+              *SKELLAM_FIELDS)  # fmt: skip
 
     @property
-    def history_step(self) -> tuple[float, float, int]:
-        """As an entry of an Opacus accountant's history: (noise multiplier, sample rate, steps)."""
+    def history_step(self) -> tuple:
+        """As an accountant history entry: Opacus' (σ, q, steps), or the Skellam round (common/skellam.py)."""
+        if self.mechanism == "skellam":
+            return ("skellam", self.noise_variance, self.sample_rate, self.steps, self.l1_sensitivity,
+                    self.l2_sensitivity, self.min_survivors)  # fmt: skip
         return (self.noise_multiplier, self.sample_rate, self.steps)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """All fields; a Gaussian record leaves out the mechanism and the Skellam fields (as before they existed)."""
+        out = asdict(self)
+        if self.mechanism == "gaussian":
+            for name in ("mechanism", *SKELLAM_FIELDS):
+                del out[name]
+        return out
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(self.as_dict())
@@ -178,16 +202,25 @@ class DPRecord:
         """From a log entry, a JSON object or a ConfigRecord; ValueError naming the field that is wrong."""
         if not hasattr(raw, "get"):
             raise ValueError(f"DP parameters must be an object, got {type(raw).__name__}")
-        values: dict[str, Any] = {}
-        for name, kind in (("noise_multiplier", float), ("sample_rate", float), ("steps", int),
-                           ("clip_norm", float), ("delta", float), ("accountant", str)):  # fmt: skip
-            value = raw.get(name)
-            numeric = kind is not str and isinstance(value, int | float) and not isinstance(value, bool)
-            if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
-                raise ValueError(f"DP field {name} must be an integer, got {value!r:.40}")
-            if kind is float and not (numeric and math.isfinite(value)):
-                raise ValueError(f"DP field {name} must be a finite number, got {value!r:.40}")
-            if kind is str and not isinstance(value, str):
-                raise ValueError(f"DP field {name} must be a string, got {value!r:.40}")
-            values[name] = kind(value)
+        fields = [("noise_multiplier", float), ("sample_rate", float), ("steps", int), ("clip_norm", float),
+                  ("delta", float), ("accountant", str)]  # fmt: skip
+        mechanism = raw.get("mechanism", "gaussian")
+        if mechanism not in ("gaussian", "skellam"):
+            raise ValueError(f"DP field mechanism must be gaussian or skellam, got {mechanism!r:.40}")
+        if mechanism == "skellam":
+            fields += [(n, int if n == "min_survivors" else float) for n in SKELLAM_FIELDS]
+        values: dict[str, Any] = {"mechanism": mechanism}
+        for name, kind in fields:
+            values[name] = _typed(name, kind, raw.get(name))
         return DPRecord(**values)
+
+
+def _typed(name: str, kind: type, value: Any) -> Any:
+    numeric = kind is not str and isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise ValueError(f"DP field {name} must be an integer, got {value!r:.40}")
+    if kind is float and not (numeric and math.isfinite(value)):
+        raise ValueError(f"DP field {name} must be a finite number, got {value!r:.40}")
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"DP field {name} must be a string, got {value!r:.40}")
+    return kind(value)

@@ -47,6 +47,9 @@ class SitePolicy:
     max_clip_norm: float = 10.0
     require_dp: bool = True
     require_secure_aggregation: bool = False
+    # privacy.trust: distributed: the site adds only its share of the noise, so its ε against the coordinator rests
+    # on SecAgg+ and on the other surviving sites adding theirs; a site opts in to that
+    allow_distributed_trust: bool = False
     personal: SitePersonal = field(default_factory=SitePersonal)  # its own model: its choices win over the run's
 
     def __post_init__(self) -> None:

@@ -56,8 +56,11 @@ class RunRecorder:
         if not resumed:
             for stale in ("metrics.jsonl", "model.pt"):  # another run's; this folder is ours now (locked)
                 (self.run_dir / stale).unlink(missing_ok=True)
+        trust: dict[str, Any] = {"trust": self.cfg.privacy.trust}
+        if self.cfg.privacy.trust == "distributed":  # each site adds μ/K_min: the plan for the fewest survivors
+            trust["min_survivors"] = self.cfg.secagg.fewest_survivors(self.cfg.train.min_sites)
         self.audit.append(Event.RUN_RESUMED if resumed else Event.RUN_STARTED, run_id=self.run_id, round=start,
-                          **encoder, head=head)  # fmt: skip
+                          **encoder, head=head, **trust)  # fmt: skip
 
     def round_done(self, r: RoundReport) -> dict[str, Any]:
         """Audit records, checkpoint, metrics line and privacy.json for one round; returns the metrics line."""

@@ -14,6 +14,7 @@ from typing import Any
 from common import atomic
 from common.finite_json import finite
 from common.privacy import epsilon_of
+from common.protocol import DPRecord
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -46,12 +47,14 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, rec in sorted(sites.items()):
         trained = [r for r in rec["rounds"] if r["status"] == "trained"]
-        history = [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in trained if "noise_multiplier" in r]
         accountant, delta = rec.get("accountant", "none"), rec.get("delta")
+        history = [DPRecord.from_mapping(r | {"delta": delta, "accountant": accountant}).history_step
+                   for r in trained if "noise_multiplier" in r]  # fmt: skip
         recomputed = epsilon_of(history, delta, accountant) if history and delta else None
         out[name] = {
             "epsilon": trained[-1].get("epsilon") if trained else 0.0,
             "epsilon_recomputed": recomputed,
+            **_individual(trained, history, delta, accountant),
             "delta": delta,
             "accountant": accountant,
             "noise_multiplier": trained[-1].get("noise_multiplier") if trained else None,
@@ -65,6 +68,14 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
             "per_round": rec["rounds"],
         }
     return out
+
+
+def _individual(trained: list[dict[str, Any]], history: list[tuple], delta: Any, accountant: str) -> dict[str, Any]:
+    """Distributed trust's second ε, against one site's own message: claimed and recomputed; {} under local trust."""
+    if not trained or "epsilon_individual" not in trained[-1]:
+        return {}
+    return {"epsilon_individual": trained[-1]["epsilon_individual"],
+            "epsilon_individual_recomputed": epsilon_of(history, delta, accountant, individual=True)}  # fmt: skip
 
 
 def write_privacy(run_dir: Path, run_id: str, sites: dict[str, Any]) -> dict[str, Any]:

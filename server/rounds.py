@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -21,11 +21,14 @@ from common.audit_log import update_digest
 from common.config import RunConfig
 from common.exchange import arrays_to_numpy, wire_bytes
 from common.protocol import DPRecord, Metric, Rec, SiteStatus
-from server.secure import secure_round
+from common.secure_sum import sum_of_mean
+from common.skellam import quantum
+from server.secure import SecureRound, secure_round
 from server.sites import SiteBook, SiteRound, answer_of, answers, send_and_receive
 from server.strategy import SITES_IN_REPLY, ScreenedStrategy
 
-_OPTIONAL = {Metric.EPSILON: "epsilon", Metric.TRAIN_LOSS: "train_loss", Metric.WIRE_BYTES: "bytes_sent",
+_OPTIONAL = {Metric.EPSILON: "epsilon", Metric.EPSILON_INDIVIDUAL: "epsilon_individual",
+             Metric.TRAIN_LOSS: "train_loss", Metric.WIRE_BYTES: "bytes_sent",
              Metric.TRAIN_SECONDS: "train_s"}  # fmt: skip
 
 
@@ -108,16 +111,33 @@ def secure_train_round(
         log(WARNING, "round %d: %s; global head unchanged", rnd, out.halted)
         return out
     examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
-    out.arrays, _ = strategy.aggregate_train(rnd, [_as_one_reply(grid, rnd, sec.aggregate, examples, len(sec.trained))])
+    extra: dict[str, float] = {}
+    aggregate = sec.aggregate
+    if cfg.train.protocol == "fedsgd":  # the sites' gradient sums, read back exactly; FedSGD divides by Σ q·n
+        aggregate = secure_gradient_sum(sec, aggregate, cfg)
+        extra[Metric.EXPECTED_BATCH] = sum(float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH])
+                                           for r in sec.trained.values())  # fmt: skip
+    reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)
+    out.arrays, _ = strategy.aggregate_train(rnd, [reply])
     return out
 
 
-def _as_one_reply(grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites: int) -> Message:
-    """The SecAgg+ mean as one reply standing for `sites` sites: FedAvg keeps it, FedAdam steps from it."""
+def secure_gradient_sum(sec: SecureRound, mean: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
+    """The sum of the sites' fedsgd messages from SecAgg+'s mean of their grid vectors (common/secure_sum.py)."""
+    gamma, s = quantum(cfg.privacy.max_grad_norm), cfg.secagg
+    values = [sum_of_mean(v, len(sec.trained), gamma, s.clipping_range, s.quantization_range)
+              for v in sec.mean64 or []]  # fmt: skip
+    return ArrayRecord({n: Array(v.astype(mean[n].dtype)) for n, v in zip(mean.keys(), values, strict=True)})
+
+
+def _as_one_reply(
+    grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites: int, extra: dict[str, float]
+) -> Message:
+    """The SecAgg+ aggregate as one reply standing for `sites` sites: FedAvg keeps it, FedAdam and FedSGD step."""
     meta = Metadata(run_id=grid.run.run_id, message_id=f"secagg-{rnd}", src_node_id=0, dst_node_id=0,
                     reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=60.0,
                     message_type=MessageType.TRAIN)  # fmt: skip
-    metrics = MetricRecord({Metric.NUM_EXAMPLES: examples, SITES_IN_REPLY: sites})
+    metrics = MetricRecord({Metric.NUM_EXAMPLES: examples, SITES_IN_REPLY: sites, **extra})
     return Message(content=RecordDict({Rec.ARRAYS: mean, Rec.METRICS: metrics}), metadata=meta)
 
 

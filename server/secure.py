@@ -46,6 +46,7 @@ class SecureRound:
     """What one SecAgg+ round left the server with: the mean, and per node only masked or public data."""
 
     aggregate: ArrayRecord | None = None  # weighted mean of the heads of the sites that sent masked vectors
+    mean64: list[np.ndarray] | None = None  # the same mean in float64, as dequantised (fedsgd reads the sum from it)
     masked: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)  # node -> its masked vectors, named
     trained: dict[int, Message] = field(default_factory=dict)  # node -> its stage-2 reply (metrics, no arrays)
     errors: dict[int, Message] = field(default_factory=dict)  # node -> the error reply with which it left
@@ -94,6 +95,7 @@ def secure_round(
     workflow(tap, context)
     if strategy.mean is not None:
         values = parameters_to_ndarrays(strategy.mean)
+        result.mean64 = [np.asarray(v, dtype=np.float64) for v in values]
         result.aggregate = ArrayRecord(
             {n: Array(v.astype(arrays[n].dtype, copy=False)) for n, v in zip(names, values, strict=True)}
         )

@@ -241,7 +241,7 @@ def test_user_level_site_samples_users(tmp_path: Path) -> None:
     [
         ({"privacy": {"unit": "user", "synthetic_users": 4}}, "privacy.unit"),
         ({"train": {"protocol": "fedsgd"}, "privacy": {"unit": "user"}}, "privacy.synthetic_users"),
-        ({"train": {"protocol": "fedsgd"}, "secure_aggregation": True}, "train.protocol"),
+        ({"train": {"protocol": "fedsgd"}, "privacy": {"trust": "distributed"}}, "secure_aggregation"),
         ({"train": {"protocol": "fedsgd", "strategy": "fedmedian"}}, "train.strategy"),
         ({"train": {"sample_rate": 0.0}}, "train.sample_rate"),
     ],

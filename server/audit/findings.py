@@ -22,6 +22,8 @@ CHECKS = {
     "completion": "the run completed, every round aggregated at least train.min_sites sites; model.pt is the "
     "exported head",
     "privacy": "ε recomputed from the DP parameters equals each site's claim and is within target",
+    "trust": "under privacy.trust: distributed, every site logged adding its noise share, planned for the fewest "
+    "sites SecAgg+ unmasks, and its ε against its own message is recomputed",
     "policy": "each site's own policy was respected",
     "empirical": "empirical ε lower bound does not exceed the claimed ε",
 }
@@ -125,6 +127,8 @@ class SiteAudit:
     epsilon_claimed: float | None = None
     epsilon_recomputed: float | None = None
     target_epsilon: float | None = None
+    epsilon_individual_claimed: float | None = None  # distributed trust: ε against the site's own message
+    epsilon_individual_recomputed: float | None = None
     delta: float | None = None
     accountant: str | None = None
     rounds: list[RoundDP] = field(default_factory=list)

@@ -127,8 +127,9 @@ table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;p
 font-size:.92em}th{background:#f3f3f3}.pass{background:#e3f5e1;border:2px solid #3a8f35}.fail{background:#fbe4e4;
 border:2px solid #b3261e}.verdict{padding:.6em 1em;font-size:1.3em;font-weight:600}
 code{font-size:.9em}img{max-width:100%}td:first-child{white-space:nowrap}"""
-SITE_COLUMNS = ("site", "ε claimed", "ε recomputed (Opacus)", "target ε", "δ", "accountant", "rounds joined",
-                "rounds declined", "updates matched", "policy")  # fmt: skip
+SITE_COLUMNS = ("site", "ε claimed", "ε recomputed (Opacus)", "target ε", "ε against its own message (claimed / "
+                "recomputed)", "δ", "accountant", "rounds joined", "rounds declined", "updates matched",
+                "policy")  # fmt: skip
 ROUND_COLUMNS = ("round", "noise multiplier", "sample rate", "steps", "clip norm", "ε claimed", "ε recomputed")
 EMPIRICAL_COLUMNS = ("site", "ε claimed in the run", "ε of the test training (accountant)", "ε lower bound, DP",
                      "correct guesses", "ε lower bound, no DP (control)", "correct guesses",
@@ -138,7 +139,9 @@ EMPIRICAL_COLUMNS = ("site", "ε claimed in the run", "ε of the test training (
 def _site_row(s: SiteAudit) -> tuple[Any, ...]:
     declined = "; ".join(f"{d['round']}: {d['reason']}" for d in s.rounds_declined) or "none"
     joined = ", ".join(map(str, s.rounds_joined)) or "none"
-    return (s.name, s.epsilon_claimed, s.epsilon_recomputed, s.target_epsilon, s.delta, s.accountant, joined,
+    own = ("– (local trust: the same ε)" if s.epsilon_individual_recomputed is None
+           else f"{s.epsilon_individual_claimed} / {s.epsilon_individual_recomputed:.4f}")  # fmt: skip
+    return (s.name, s.epsilon_claimed, s.epsilon_recomputed, s.target_epsilon, own, s.delta, s.accountant, joined,
             declined, s.updates_matched, s.policy_status)  # fmt: skip
 
 

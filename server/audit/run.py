@@ -26,6 +26,7 @@ from server.audit.checks import (
 from server.audit.evidence import check_chain, collect_updates, file_hashes, gather
 from server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
 from server.audit.privacy import audit_site_privacy, check_policy
+from server.audit.trust import audit_trust
 
 if TYPE_CHECKING:
     from server.audit.empirical import CanarySettings
@@ -97,6 +98,7 @@ def _audit_sites(
     for site in sites:
         site.updates_matched = sum(key[0] == site.name for key in matched)
         audit_site_privacy(site, ev, received, trainings, found)
+        audit_trust(site, ev, trainings, found)
         if site.name in configs:
             check_policy(site, *configs[site.name], ev, found)
         else:
