@@ -1,40 +1,26 @@
 """The ClientApp: a site trains the head on its cached features under DP and sends only the head.
 
-A refusal (budget spent, backbone mismatch, policy, bad data, malformed message) is
-answered with a `Refusal` error reply that names the site and the reason, so the server
-records it and carries on with the other sites. Anything else that goes wrong is a bug,
-and is left to Flower, which answers with an error reply of its own (the server records
-the site as failed) and logs the traceback at the site.
+What a site does with a message is `client.handlers.handle`. A deployed site whose node config
+names its worker's socket (`site-worker`, set by `fedtransfer deploy site`) has the worker run
+it (client/site_worker.py), so this process, one per message in Flower 1.41, imports no torch;
+when the worker gives no answer (not running, ended mid-message, other code), this process
+runs `handle` itself and logs a warning. A simulation answers in the process.
+
+Mods run here either way: SecAgg+ messages go through Flower's secaggplus_mod, which masks the
+head the handler returns before anything leaves the site.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import bytes_to_ndarray
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client import train_round
-from client.personal import personal_round
-from client.secure import Refused, config_of, head_names, is_secure, take_handoff
-from client.site import Declined, Site, get_site
-from client.site_log import record
-from common import locking
-from common.audit_log import update_digest
-from common.config import ConfigError, RunConfig, config_from_run_config
-from common.data import DataError
-from common.encoders import EncoderError
-from common.exchange import masked_arrays
-from common.head import evaluate_head
-from common.privacy import BudgetExceeded
-from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
-
-REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
-STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
+from client import worker_link
+from client.secure import Refused, is_secure, take_handoff
 
 
 def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -56,13 +42,12 @@ def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Co
         reply = secaggplus_mod(msg, context, handler)
     except Refused as refused:
         return refused.reply
-    if (replayed := take_handoff(reply)) is not None:
-        names = head_names(config_of(msg))
-        vectors = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
-        site = get_site(context, config_from_run_config(context.run_config))
-        masked = update_digest(masked_arrays(vectors, names))
-        # the round's DP parameters are in the update-trained record of the training itself
-        record(site, msg, Event.UPDATE_SENT, update=masked, dp=None, masked=True, replayed=replayed)
+    if (replayed := take_handoff(reply)) is not None and not worker_link.forward_masked(
+        msg, context, reply.content, replayed
+    ):
+        from client import handlers  # torch: only when this process answers itself
+
+        handlers.record_masked(msg, context, reply.content, replayed)
     return reply
 
 
@@ -71,42 +56,18 @@ app = ClientApp(mods=[_secure_mod])
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, train_round.train)
+    return _respond(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _answer(msg, context, _evaluate)
+    return _respond(msg, context)
 
 
-def _answer(msg: Message, context: Context, handler: Callable[[Site, RunConfig, Message], RecordDict]) -> Message:
-    """The handler's reply, or a Refusal naming the site; only the site's own refusals are caught."""
-    name = str(context.node_config.get("partition-id", context.node_config.get("site-config", "site")))
-    site = None
-    try:
-        cfg = config_from_run_config(context.run_config)
-        site = get_site(context, cfg)
-        name = site.name
-        with locking.hold(site.state_dir, "a fedtransfer ClientApp", wait_s=STATE_LOCK_WAIT_S, name=".message.lock"):
-            return Message(handler(site, cfg, msg), reply_to=msg)
-    except REFUSALS as err:
-        reason = str(err)
-        if site is not None:
-            record(site, msg, Event.DECLINED, reason=reason)
-        return Message(Refusal(name, reason).to_error(), reply_to=msg)
+def _respond(msg: Message, context: Context) -> Message:
+    """The site worker's reply when it gives one, otherwise this process's: the same handler either way."""
+    if (reply := worker_link.forward(msg, context)) is not None:
+        return reply
+    from client import handlers  # torch, Opacus: only when this process answers itself
 
-
-def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
-    """The global model's scores on this site's test split; with personal:, its own model's too (trained first)."""
-    server_round, arrays, conf = train_round.received_head(site, msg)
-    head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
-    s = evaluate_head(head, site.test_x, site.test_y)
-    metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
-                            Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
-                            Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
-    if cfg.personal.enabled and server_round > 0:
-        own = personal_round(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
-        metrics[Metric.PERSONAL_ACCURACY] = own.accuracy
-        metrics[Metric.PERSONAL_BALANCED_ACCURACY] = own.balanced_accuracy
-    return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})
-
+    return handlers.handle(msg, context)

@@ -8,8 +8,10 @@
 
 `superlink` replaces itself with the Flower process (exec), so a service manager supervises
 Flower directly; `site` stays the SuperNode's parent so it can retry a refused activation, and
-passes signals on. Options a service sets per host also come from FEDTRANSFER_* variables
-(named in each option's help), so systemd units and containers call these commands as they are.
+passes signals on; next to the SuperNode it runs the site's worker (client/site_worker.py), which
+answers the messages the SuperNode's ClientApp processes forward to it. Options a service sets
+per host also come from FEDTRANSFER_* variables (named in each option's help), so systemd units
+and containers call these commands as they are.
 `--dry-run` prints the Flower command line instead of running it.
 """
 
@@ -19,10 +21,13 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
+from client import site_worker, worker_link
 from common import locking
 from common.config import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from common.site_config import site_paths
@@ -32,6 +37,7 @@ from deploy.launch import (
     DEFAULT_SUPERLINK_PORT,
     LOOPBACK,
     RegistrationError,
+    format_config,
     register_site,
     site_node_config,
     superlink_argv,
@@ -42,6 +48,8 @@ from deploy.launch import (
 from deploy.supernode import run_supernode
 from server.launcher import flower_bin, flower_env, submit_run
 from server.preflight import check_run
+
+WORKER_START_S = 120.0  # importing torch and Opacus on a loaded machine
 
 
 def _flwr_home() -> Path:
@@ -103,18 +111,69 @@ def _site(args: argparse.Namespace) -> int:
     sc = load_site_config(config)  # the name obeys the one site-name rule, so it names sites/<name>/
     creds = credential_paths(Path(args.credentials), [sc.name])
     _require_files(creds.ca_cert, creds.sites[sc.name].private_key)
-    if (data := site_paths(sc, config).data) is not None and not data.exists():
+    paths = site_paths(sc, config)
+    if paths.data is not None and not paths.data.exists():
         raise ConfigError(f"{config}: data_path: {sc.data_path} does not exist")
     port = supernode_port(args.port)
-    argv = supernode_argv(creds, sc.name, superlink=args.superlink, node_config=site_node_config(config),
-                          port=port, executable=flower_bin("flower-supernode"))  # fmt: skip
+    sock = None if args.no_worker else _worker_socket(sc.name, paths.state_dir)
+
+    def argv(with_worker: bool) -> list[str]:
+        node_config = site_node_config(config)
+        if with_worker:  # format_config renders space-separated pairs, so two renderings join with a space
+            node_config += " " + format_config({worker_link.NODE_CONFIG_KEY: str(sock)})
+        return supernode_argv(creds, sc.name, superlink=args.superlink, node_config=node_config, port=port,
+                              executable=flower_bin("flower-supernode"))  # fmt: skip
+
     if args.dry_run:
-        print(shlex.join(argv))
+        print(shlex.join(argv(sock is not None)))
         return 0
     print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
-    with locking.hold(site_paths(sc, config).state_dir, f"the SuperNode of site {sc.name}"):
-        return run_supernode(argv, flower_env(), sc.name, args.retry_for)
+    with locking.hold(paths.state_dir, f"the SuperNode of site {sc.name}"):
+        worker = None if sock is None else _start_worker(sc.name, sock)
+        try:
+            return run_supernode(argv(worker is not None), flower_env(), sc.name, args.retry_for)
+        finally:
+            if worker is not None:
+                _stop_worker(worker)
+
+
+def _worker_socket(site: str, state_dir: Path) -> Path | None:
+    """Where the site's worker will listen, or None (said in one line) when a Unix socket cannot be there."""
+    try:
+        return site_worker.socket_path(state_dir)
+    except site_worker.WorkerError as err:
+        print(f"fedtransfer: site {site}: no site worker: {err}", file=sys.stderr)
+        return None
+
+
+def _start_worker(site: str, sock: Path) -> subprocess.Popen | None:
+    """The site's worker (client/site_worker.py), once it listens; None, said in one line, if it never does.
+
+    It stays in this process's group, so a signal to the group (a terminal's Ctrl-C, a service
+    manager) stops it with the SuperNode, and it ends on its own if this process is killed.
+    """
+    sock.unlink(missing_ok=True)  # a dead worker's socket must not pass for the new one's
+    proc = subprocess.Popen([sys.executable, "-m", "client.site_worker", str(sock)], env=flower_env())
+    deadline = time.monotonic() + WORKER_START_S
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_worker(proc)
+            print(f"fedtransfer: site {site}: the site worker did not start (exit code {proc.returncode}); "
+                  "every message is answered in its own ClientApp process (slower, same result)",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        time.sleep(0.1)
+    return proc
+
+
+def _stop_worker(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def resume_config(run_dir: Path) -> RunConfig:
@@ -197,6 +256,9 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     site.add_argument("--retry-for", type=float, default=120.0, metavar="SECONDS",
                       help="keep retrying a refused activation this long (a crashed SuperNode of this site stays "
                            "online at the SuperLink for up to ~80 s; default 120)")  # fmt: skip
+    site.add_argument("--no-worker", action="store_true",
+                      help="no site worker: every message is answered in its own ClientApp process, which imports "
+                           "torch each time (slower; see client/site_worker.py)")  # fmt: skip
     site.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     site.set_defaults(func=_site)
 

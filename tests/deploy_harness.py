@@ -6,6 +6,10 @@ SuperNode authentication on a free loopback port, registers the sites, starts on
 every site is activated, and on exit (also on errors) stops every process it
 started, including detached grandchildren such as the SuperLink's SuperExec.
 
+With ``deploy_site`` (site name -> its site YAML) those sites are started as operators start
+them, with ``fedtransfer deploy site``: the SuperNode plus the site's worker, which answers the
+ClientApps' messages (client/site_worker.py).
+
 Example::
 
     with local_deployment(tmp_path, {"alpha": site_node_config(p)}) as dep:
@@ -183,10 +187,12 @@ class LocalDeployment:
         workdir: Path,
         creds: DeploymentCredentials,
         node_configs: Mapping[str, str],
+        deploy_site: Mapping[str, Path] | None = None,
     ) -> None:
         self.workdir = workdir
         self.creds = creds
         self.node_configs = dict(node_configs)
+        self.deploy_site = dict(deploy_site or {})  # started with `fedtransfer deploy site` (and its worker)
         self.superlink_port, *site_ports = free_ports(1 + len(creds.sites))
         self.site_ports = dict(zip(creds.sites, site_ports, strict=True))
         self.superlink_address = f"{LOOPBACK}:{self.superlink_port}"
@@ -293,8 +299,14 @@ class LocalDeployment:
             raise RuntimeError(f"site {site!r} is already running")
         env = self._env(self.workdir / "sites" / site / "flwr-home")
         deadline = time.monotonic() + timeout
+        if node_config is None and site in self.deploy_site:
+            argv = [str(BIN_DIR / "fedtransfer"), "deploy", "site", "--config", str(self.deploy_site[site]),
+                    "--credentials", str(self.creds.root), "--superlink", self.superlink_address,
+                    "--port", str(self.site_ports[site])]  # fmt: skip
+        else:
+            argv = self.site_argv(site, node_config)
         while True:
-            proc = self.spawn(site, self.site_argv(site, node_config), env)
+            proc = self.spawn(site, argv, env)
             self.sites[site] = proc
             if not wait:
                 return proc
@@ -417,6 +429,7 @@ def local_deployment(
     *,
     extra_sites: Collection[str] = (),
     connect_timeout: float = 90.0,
+    deploy_site: Mapping[str, Path] | None = None,
 ) -> Iterator[LocalDeployment]:
     """Run SuperLink + one registered, connected SuperNode per ``node_configs`` item.
 
@@ -425,7 +438,7 @@ def local_deployment(
     """
     workdir = Path(workdir)
     creds = init_deployment(workdir / "credentials", [*node_configs, *extra_sites], hosts=[])
-    dep = LocalDeployment(workdir, creds, node_configs)
+    dep = LocalDeployment(workdir, creds, node_configs, deploy_site)
     write_flwr_config(
         dep.flwr_home,
         address=dep.superlink_address,

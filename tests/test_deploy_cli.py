@@ -73,12 +73,30 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     argv = _dry_run(capsys, "superlink", "--credentials", str(creds.root))
     assert argv[1:] == superlink_argv(creds)[1:] and argv[0].endswith("flower-superlink")
-    site = _site_yaml(tmp_path)
+    site = _site_yaml(tmp_path, state_dir="state")
     (port,) = free_ports(1)
     argv = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443",
                     "--port", str(port))  # fmt: skip
-    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port)
+    worker = f"site-worker='{tmp_path / 'state' / 'worker' / 'site.sock'}'"  # the default state_dir: state
+    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=f"{site_node_config(site)} {worker}",
+                              port=port)  # fmt: skip
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
+    plain = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443",
+                     "--port", str(port), "--no-worker")  # fmt: skip
+    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port)
+    assert plain[1:] == expected[1:]
+
+
+def test_a_state_folder_too_deep_for_a_socket_runs_the_site_without_its_worker(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    creds = init_deployment(tmp_path / "creds", ["alpha"], [])
+    site = _site_yaml(tmp_path, state_dir="s" * 120)
+    assert main(["deploy", "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:1",
+                 "--dry-run"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "site-worker" not in out and err.count("\n") == 1, err
+    assert "site alpha: no site worker:" in err and "longer than a Unix socket path may be (107)" in err
 
 
 def test_a_second_site_on_one_host_gets_its_own_port_or_one_line(
@@ -128,7 +146,7 @@ def test_site_retries_a_refused_activation_within_its_bound(
     monkeypatch.setattr(deploy.supernode.time, "sleep", lambda _s: None)
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     site = ["deploy", "site", "--config", str(_site_yaml(tmp_path)), "--credentials", str(creds.root),
-            "--superlink", "h:1", "--retry-for", str(retry_for)]  # fmt: skip
+            "--superlink", "h:1", "--retry-for", str(retry_for), "--no-worker"]  # fmt: skip
     assert main(site) == code
     out, err = capsys.readouterr()
     assert "Exit Code: 305" not in out and "Failed to activate" not in out  # Flower's report is replaced by ours

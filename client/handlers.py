@@ -1,0 +1,98 @@
+"""What a site does with a message: one dispatch, run by the ClientApp itself or by the site's worker.
+
+A refusal (budget spent, backbone mismatch, policy, bad data, malformed message) is
+answered with a `Refusal` error reply that names the site and the reason, so the server
+records it and carries on with the other sites. Anything else that goes wrong is a bug and
+is raised: Flower answers it with an error reply of its own (the server records the site as
+failed) and logs the traceback at the site.
+
+`client_app.py` calls `handle` in its own process, or has the site worker
+(`client/site_worker.py`) call it: the same function either way, so a message is answered
+the same wherever it runs. This module imports torch and Opacus; `client_app.py` imports
+it only when it answers in its own process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from client import train_round
+from client.personal import personal_round
+from client.secure import config_of, head_names
+from client.site import PROCESS_CACHE, Declined, Site, get_site
+from client.site_log import record
+from common import locking
+from common.audit_log import update_digest
+from common.config import ConfigError, RunConfig, config_from_run_config
+from common.data import DataError
+from common.encoders import EncoderError
+from common.exchange import masked_arrays
+from common.head import evaluate_head
+from common.privacy import BudgetExceeded
+from common.process_cache import ProcessCache
+from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
+
+REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
+STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
+Handler = Callable[[Site, RunConfig, Message], RecordDict]
+
+
+def handle(msg: Message, context: Context, cache: ProcessCache = PROCESS_CACHE) -> Message:
+    """The reply to a train or evaluate message; `cache` is where the site is kept (see get_site)."""
+    handlers: dict[str, Handler] = {MessageType.TRAIN: train_round.train, MessageType.EVALUATE: _evaluate}
+    kind = msg.metadata.message_type
+    if kind not in handlers:
+        raise ValueError(f"a fedtransfer site answers train and evaluate messages, not {kind!r}")
+    return _answer(msg, context, handlers[kind], cache)
+
+
+def record_masked(
+    msg: Message, context: Context, masked: RecordDict, replayed: bool, cache: ProcessCache = PROCESS_CACHE
+) -> None:
+    """Log the masked vectors secaggplus_mod made of our head (`masked`, its reply) as what left the site.
+
+    The plain head stays in the update-trained record of the training itself, on the site's own disk.
+    """
+    names = head_names(config_of(msg))
+    vectors = [bytes_to_ndarray(b) for b in masked[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    site = get_site(context, config_from_run_config(context.run_config), cache)
+    digest = update_digest(masked_arrays(vectors, names))
+    # the round's DP parameters are in the update-trained record of the training itself
+    record(site, msg, Event.UPDATE_SENT, update=digest, dp=None, masked=True, replayed=replayed)
+
+
+def _answer(msg: Message, context: Context, handler: Handler, cache: ProcessCache) -> Message:
+    """The handler's reply, or a Refusal naming the site; only the site's own refusals are caught."""
+    name = str(context.node_config.get("partition-id", context.node_config.get("site-config", "site")))
+    site = None
+    try:
+        cfg = config_from_run_config(context.run_config)
+        site = get_site(context, cfg, cache)
+        name = site.name
+        with locking.hold(site.state_dir, "a fedtransfer ClientApp", wait_s=STATE_LOCK_WAIT_S, name=".message.lock"):
+            return Message(handler(site, cfg, msg), reply_to=msg)
+    except REFUSALS as err:
+        reason = str(err)
+        if site is not None:
+            record(site, msg, Event.DECLINED, reason=reason)
+        return Message(Refusal(name, reason).to_error(), reply_to=msg)
+
+
+def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
+    """The global model's scores on this site's test split; with personal:, its own model's too (trained first)."""
+    server_round, arrays, conf = train_round.received_head(site, msg)
+    head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
+    s = evaluate_head(head, site.test_x, site.test_y)
+    metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
+                            Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
+                            Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
+    if cfg.personal.enabled and server_round > 0:
+        own = personal_round(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
+        metrics[Metric.PERSONAL_ACCURACY] = own.accuracy
+        metrics[Metric.PERSONAL_BALANCED_ACCURACY] = own.balanced_accuracy
+    return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})

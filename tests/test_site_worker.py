@@ -1,0 +1,181 @@
+"""A site's worker answers what its ClientApp forwards exactly as the ClientApp would itself, refusals included.
+
+The worker runs on a thread of this process (the ClientApp side is this process too, or a fresh
+interpreter where the test is about what that process imports). Sites are simulated partitions
+of digits: the worker serves whatever context a ClientApp forwards, deployed or not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.common.serde import context_to_proto, message_to_proto
+
+from client import client_app, site_worker
+from client.worker_link import OP_MESSAGE, LinkBroken, Request, WorkerFailed, ask, code_digest
+from common.backbones import ImageBackbone, load_backbone
+from common.config import BackboneConfig, config_from_dict, to_run_config
+from common.exchange import arrays_to_numpy, head_to_arrays
+from common.head import make_head
+from common.protocol import Refusal
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+WORKER_ANSWERED = "site worker answered a train message"
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Path]:
+    """A worker listening in tmp_path/state/worker/, on a thread; stopped after the test."""
+    path = site_worker.socket_path(tmp_path / "state")
+    stop = threading.Event()
+    thread = threading.Thread(target=site_worker.serve, args=(path, lambda: not stop.is_set()), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert thread.is_alive() and time.monotonic() < deadline, "the worker never listened"
+        time.sleep(0.05)
+    yield path
+    stop.set()
+    thread.join(timeout=30)
+
+
+def _context(root: Path, worker: Path | None = None) -> Context:
+    cfg = config_from_dict({
+        "output_dir": str(root / "run"), "cache_dir": str(root.parent / "cache"), "device": "cpu",
+        "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
+        "train": {"rounds": 2, "local_epochs": 1}, "privacy": {"target_delta": 1e-4},
+    })  # fmt: skip
+    node = {"partition-id": 0, "num-partitions": 2} | ({"site-worker": str(worker)} if worker else {})
+    return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=to_run_config(cfg))
+
+
+@functools.cache
+def _backbone() -> ImageBackbone:
+    return load_backbone(BackboneConfig(image_size=32), "cpu")
+
+
+def _request(fingerprint: str | None = None, kind: str = "train") -> Message:
+    backbone = _backbone()
+    torch.manual_seed(0)
+    arrays = {k: torch.from_numpy(v) for k, v in arrays_to_numpy(head_to_arrays(make_head(1280, 10, 0))).items()}
+    config = ConfigRecord({"run-id": "0123abcd", "backbone-fingerprint": fingerprint or backbone.fingerprint,
+                           "app-version": "0.1.0", "server-round": 1})  # fmt: skip
+    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+                        group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind)  # fmt: skip
+    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=metadata)
+
+
+def _arrays(reply: Message) -> dict[str, bytes]:
+    assert not reply.has_error(), reply.error
+    return {k: a.data for k, a in reply.content["arrays"].items()}
+
+
+def test_a_forwarded_round_is_the_round_the_clientapp_would_train(
+    worker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    via_worker = client_app.train(_request(), _context(tmp_path / "a", worker))
+    assert WORKER_ANSWERED in capsys.readouterr().out  # the worker ran it, not this process
+    in_process = client_app.train(_request(), _context(tmp_path / "b"))
+    assert _arrays(via_worker) == _arrays(in_process)  # same handler, same seeds: the same bytes
+    timed = {k: v for k, v in via_worker.content["metrics"].items() if k != "train-seconds"}
+    assert timed == {k: v for k, v in in_process.content["metrics"].items() if k != "train-seconds"}
+    assert via_worker.metadata.reply_to_message_id == "m-1"  # a reply to the message it was sent
+    ledger = tmp_path / "a" / "run" / "sites" / "site-0" / "privacy-ledger.json"
+    assert json.loads(ledger.read_text())["runs"]["0123abcd"]["rounds"][0]["round"] == 1  # the worker charged it
+    assert stat.S_IMODE(worker.stat().st_mode) == 0o600 and stat.S_IMODE(worker.parent.stat().st_mode) == 0o700
+
+
+def test_a_refusal_comes_back_as_the_same_flower_error(
+    worker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    via_worker = client_app.train(_request(fingerprint="0" * 64), _context(tmp_path / "a", worker))
+    assert WORKER_ANSWERED in capsys.readouterr().out
+    in_process = client_app.train(_request(fingerprint="0" * 64), _context(tmp_path / "b"))
+    assert via_worker.has_error() and in_process.has_error()
+    assert (via_worker.error.code, via_worker.error.reason) == (in_process.error.code, in_process.error.reason)
+    refusal = Refusal.from_error(via_worker.error)
+    assert refusal is not None and refusal.site == "site-0" and "fingerprint" in refusal.reason
+
+
+def test_a_bug_in_the_worker_is_raised_and_other_code_is_not_answered(worker: Path, tmp_path: Path) -> None:
+    with pytest.raises(WorkerFailed, match="ValueError: a fedtransfer site answers train and evaluate messages"):
+        ask(worker, Request(OP_MESSAGE, code_digest(), _request(kind="query"), _context(tmp_path)))
+    with pytest.raises(LinkBroken, match="other fedtransfer code than this ClientApp"):
+        ask(worker, Request(OP_MESSAGE, "0" * 64, _request(), _context(tmp_path)))
+
+
+def _hang_up_after_the_request(path: Path) -> threading.Thread:
+    """A worker that dies mid-message: it takes the request and closes the connection without an answer."""
+    server = site_worker.listen(path)
+
+    def once() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1 << 16)
+
+    thread = threading.Thread(target=once, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("worker_state", ["missing", "dies mid-message"])
+def test_without_an_answer_the_clientapp_answers_itself_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, worker_state: str
+) -> None:
+    path = site_worker.socket_path(tmp_path / "state")
+    hung = _hang_up_after_the_request(path) if worker_state != "missing" else None
+    logging.getLogger("flwr").addHandler(caplog.handler)
+    try:
+        reply = client_app.train(_request(), _context(tmp_path, path))
+    finally:
+        logging.getLogger("flwr").removeHandler(caplog.handler)
+    assert _arrays(reply) == _arrays(client_app.train(_request(), _context(tmp_path / "b")))
+    assert f"site worker {path} gave no answer" in caplog.text and "answers the message itself" in caplog.text
+    if hung is not None:
+        hung.join(timeout=10)
+
+
+_FORWARDER = """\
+import json, sys
+from pathlib import Path
+from flwr.common.serde import context_from_proto, message_from_proto
+from flwr.proto.message_pb2 import Context, Message
+from client import client_app
+msg = message_from_proto(Message.FromString(Path(sys.argv[1]).read_bytes()))
+context = context_from_proto(Context.FromString(Path(sys.argv[2]).read_bytes()))
+reply = client_app.train(msg, context)
+print(json.dumps({"torch": sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "opacus", "scipy")),
+                  "error": reply.error.reason if reply.has_error() else None, "records": sorted(reply.content.keys())}))
+"""
+
+
+def test_a_clientapp_process_that_forwards_imports_no_torch(worker: Path, tmp_path: Path) -> None:
+    (tmp_path / "message.pb").write_bytes(message_to_proto(_request()).SerializeToString())
+    (tmp_path / "context.pb").write_bytes(context_to_proto(_context(tmp_path, worker)).SerializeToString())
+    argv = [sys.executable, "-c", _FORWARDER, str(tmp_path / "message.pb"), str(tmp_path / "context.pb")]
+    done = subprocess.run(argv, cwd=APP_ROOT, capture_output=True, text=True, timeout=300, check=True)
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer == {"torch": [], "error": None, "records": ["arrays", "dp", "metrics", "site"]}, done.stderr
+
+
+def test_a_malformed_request_is_dropped_and_the_worker_goes_on(worker: Path, tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(worker))
+        sock.sendall(b"\0" * 7 + b"\2" + b"[]")  # a header frame that is not a JSON object
+        assert sock.recv(1) == b""  # closed without an answer
+    with pytest.raises(WorkerFailed, match="not 'query'"):  # the next request is answered
+        ask(worker, Request(OP_MESSAGE, code_digest(), _request(kind="query"), _context(tmp_path)))
