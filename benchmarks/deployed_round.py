@@ -9,13 +9,16 @@ three runs of `--rounds` rounds each:
   polling (SuperNode 3 s, SuperExec 1 s, the ServerApp's grid 3 s) and process start cost;
 - `recompute`: fedtransfer with `FEDTRANSFER_PREPARED_STATE=off`, every process building the
   backbone and calibrating the noise, as before client/prepared.py;
-- `prepared`: fedtransfer as shipped.
+- `prepared`: fedtransfer with prepared state, each message answered in its own ClientApp process;
+- `worker`: fedtransfer as shipped: every site started with `fedtransfer deploy site`, which runs
+  the site's worker next to its SuperNode (client/site_worker.py); the ClientApp processes forward
+  each message to it and import no torch.
 
 Each fedtransfer run starts from empty state folders (round 1 extracts the features). Then
 the same config on the Simulation Engine, and one ClientApp process of each kind timed phase
 by phase in a fresh interpreter (benchmarks/clientapp_process.py) on a copy of a site's folder.
 
-    .venv/bin/python -m benchmarks.deployed_round [--sites 3] [--rounds 3]
+    .venv/bin/python -m benchmarks.deployed_round [--sites 3] [--rounds 3] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from tests.deploy_harness import LocalDeployment, local_deployment, write_npz_si
 
 SEED = 42
 MODES = {"recompute": "off", "prepared": "on"}  # the value of FEDTRANSFER_PREPARED_STATE at the sites
+WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one line per message
 
 _FLOOR_PYPROJECT = """\
 [project]
@@ -131,6 +135,18 @@ def fedtransfer_rounds(dep: LocalDeployment, cfg: RunConfig) -> list[float]:
     return [m["time_s"] for m in read_metrics(cfg.output_path)]
 
 
+def worker_rounds(dep: LocalDeployment, homes: Mapping[str, Path], cfg: RunConfig) -> list[float]:
+    """The sites as `fedtransfer deploy site` runs them, each with its worker; every training message must reach it."""
+    dep.deploy_site = {site: home / "site.yaml" for site, home in homes.items()}
+    restart_sites(dep, homes, "on")
+    seconds = fedtransfer_rounds(dep, cfg)
+    for site in homes:
+        if (answered := dep.sites[site].log_text().count(WORKER_ANSWERED)) != len(seconds):
+            raise RuntimeError(f"{site}'s worker answered {answered} of {len(seconds)} training messages:\n"
+                               f"{dep.sites[site].log_text()[-3000:]}")  # fmt: skip
+    return seconds
+
+
 def process_phases(home: Path, app: Path, cfg: dict[str, Any], workdir: Path, repeat: int) -> list[dict[str, Any]]:
     """One ClientApp process per mode and repeat, in a fresh interpreter, each on its own copy of `home`.
 
@@ -165,6 +181,7 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
         for mode, switch in MODES.items():
             restart_sites(dep, homes, switch)
             seconds[mode] = fedtransfer_rounds(dep, config_from_dict(run_config(workdir, sites, rounds, mode)))
+        seconds["worker"] = worker_rounds(dep, homes, config_from_dict(run_config(workdir, sites, rounds, "worker")))
     simulated = config_from_dict(run_config(workdir, sites, rounds, "simulated"))
     simulate(replace(simulated, cache_dir=str(workdir / "simulation-cache")), stream=False)
     seconds["simulated"] = [m["time_s"] for m in read_metrics(simulated.output_path)]
@@ -173,10 +190,11 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
     table.append({"round": f"2-{rounds}" if rounds > 1 else "1"} | {k: sum(r[k] for r in later) / len(later)
                                                                       for k in table[0] if k != "round"})  # fmt: skip
     for row in table:
-        row["prepared/simulated"] = row["prepared_s"] / row["simulated_s"]
-        row["prepared-floor_s"] = row["prepared_s"] - row["floor_s"]
+        for mode in ("prepared", "worker"):
+            row[f"{mode}/simulated"] = row[f"{mode}_s"] / row["simulated_s"]
+            row[f"{mode}-floor_s"] = row[f"{mode}_s"] - row["floor_s"]
     installed = (workdir / "deployment" / "sites" / names[0] / "flwr-home" / "apps").glob("fedtransfer.fedtransfer.*")
-    app = max(installed, key=lambda p: p.stat().st_mtime)  # the prepared run's (the tree may change meanwhile)
+    app = max(installed, key=lambda p: p.stat().st_mtime)  # the last run's (the tree may change meanwhile)
     phases = process_phases(homes[names[0]], app, run_config(workdir, sites, rounds, "process"), workdir, repeat)
     return table, phases
 
@@ -191,8 +209,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
         workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
         table, phases = measure(args.sites, args.rounds, args.repeat, workdir)
-    print_table(table, ["round", "floor_s", "recompute_s", "prepared_s", "simulated_s", "prepared/simulated",
-                        "prepared-floor_s"])  # fmt: skip
+    print_table(table, ["round", "floor_s", "recompute_s", "prepared_s", "worker_s", "simulated_s",
+                        "prepared/simulated", "worker/simulated", "worker-floor_s"])  # fmt: skip
     print()
     print_table(phases, ["mode", "process_s", "flower_imports_s", "app_imports_s", "site_s", "train_s",
                          "backbone_built", "error"])  # fmt: skip

@@ -3,7 +3,9 @@
 Each site has its own YAML, its own data folder (scikit-learn digits as MedMNIST-format .npz)
 and its own state folder (ledger, audit log, reply cache). bank-c's policy caps ε at 2, so it
 declines any run whose target is 3. In the dropout run hospital-b leaves mid-round (SIGTERM) and
-comes back, and bank-c crashes (SIGKILL); the rounds go on with the others.
+comes back, and bank-c crashes (SIGKILL); the rounds go on with the others. Every site runs as an
+operator runs it, `fedtransfer deploy site`: its SuperNode and its worker, which answers the
+messages its ClientApp processes forward (client/site_worker.py).
 
 The deployment is started once for the module (it takes a minute), but every test gets it in the
 same state (`fresh`): every site running and connected, every site's state folder empty. So each
@@ -49,6 +51,8 @@ RUN = {  # both runs; flwr checks every key against [tool.flwr.app.config]
     "train.local_epochs": 3, "train.min_sites": 2, "train.fraction_evaluate": 0.0, "privacy.target_delta": 1e-5,
 }  # fmt: skip
 RECEIVED = "Receiving: train message"
+WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one per message
+KEPT = ("worker", ".lock")  # what the running `deploy site` keeps in a state folder: its worker's socket, its lock
 
 
 @dataclass
@@ -67,12 +71,13 @@ def _digits() -> Federation:
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3]:
     root = tmp_path_factory.mktemp("deployment-e2e")
     data = _digits()
-    node_configs = {}
+    node_configs, site_yamls = {}, {}
     for name, share in zip(SITES, data.sites, strict=True):
         strict = {"policy": {"max_epsilon": 2.0}} if name == STRICT else {}
         # everything this site owns, and nobody else reads
         node_configs[name] = write_npz_site(root / "sites-home" / name, name, share, **strict)
-    with local_deployment(root / "deployment", node_configs, extra_sites=[INTRUDER]) as dep:
+        site_yamls[name] = root / "sites-home" / name / "site.yaml"
+    with local_deployment(root / "deployment", node_configs, extra_sites=[INTRUDER], deploy_site=site_yamls) as dep:
         yield Federation3(dep, root, data)
 
 
@@ -82,7 +87,10 @@ def fresh(federation: Federation3) -> Federation3:
     for site in SITES:
         if not federation.dep.sites[site].alive():
             federation.dep.start_site(site)  # retries while the SuperLink still counts a crashed node online
-        shutil.rmtree(_state(federation, site), ignore_errors=True)  # ledger, audit log, reply cache
+        state = _state(federation, site)
+        for entry in state.iterdir() if state.exists() else ():  # ledger, audit log, reply cache, records
+            if entry.name not in KEPT:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     federation.dep.wait_connected()
     return federation
 
@@ -99,6 +107,10 @@ def _ledger_rounds(fed: Federation3, site: str, run_id: str) -> list[dict[str, A
 
 def _received(fed: Federation3, site: str) -> int:
     return fed.dep.sites[site].log_text().count(RECEIVED)
+
+
+def _worker_answered(fed: Federation3, site: str) -> int:
+    return fed.dep.sites[site].log_text().count(WORKER_ANSWERED)
 
 
 def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 240.0) -> None:
@@ -229,8 +241,12 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
     dep, run_dir = federation.dep, federation.root / "run-3"
     overrides = RUN | {"train.rounds": 1, "privacy.target_epsilon": 3.0, "secure_aggregation": True,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    before = {site: _worker_answered(federation, site) for site in SITES}
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
+    for site in SITES:  # each site's worker trained (or declined) the round; no ClientApp answered itself
+        assert _worker_answered(federation, site) == before[site] + 1, dep.sites[site].log_text()[-3000:]
+        assert "gave no answer" not in dep.sites[site].log_text()
 
     (record,) = _metrics(run_dir)
     assert record["sites_trained"] == 2
