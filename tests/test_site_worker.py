@@ -7,9 +7,12 @@ of digits: the worker serves whatever context a ClientApp forwards, deployed or 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import signal
 import socket
 import stat
 import subprocess
@@ -179,3 +182,43 @@ def test_a_malformed_request_is_dropped_and_the_worker_goes_on(worker: Path, tmp
         assert sock.recv(1) == b""  # closed without an answer
     with pytest.raises(WorkerFailed, match="not 'query'"):  # the next request is answered
         ask(worker, Request(OP_MESSAGE, code_digest(), _request(kind="query"), _context(tmp_path)))
+
+
+_PARENT = """\
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, "-m", "client.site_worker", sys.argv[1]])
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
+    """`deploy site` killed outright (SIGKILL reaches only it): its worker notices and ends on its own."""
+    path = site_worker.socket_path(tmp_path / "state")
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(path)], cwd=APP_ROOT, stdout=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        assert parent.stdout is not None
+        worker_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 120
+        while not path.exists():
+            assert time.monotonic() < deadline, "the worker never listened"
+            time.sleep(0.1)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    try:
+        while _state(worker_pid) != "Z":
+            assert time.monotonic() < deadline, "the worker outlived its parent"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGKILL)  # only if the assertion failed: leave nothing behind
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
