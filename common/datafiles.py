@@ -7,10 +7,12 @@ malformed file is one DataError naming the file, and the member or pixel range a
 
 from __future__ import annotations
 
+import csv
 import struct
 import warnings
 import zipfile
 import zlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,3 +154,46 @@ def _npz_split(path: Path, arrays: dict[str, np.ndarray], split: str) -> tuple[n
             "they must pair one to one"
         )
     return images, labels
+
+
+def read_user_map(path: Path, key: str) -> dict[str, str]:
+    """A CSV naming each record's person (privacy.unit: user): a header `KEY,user`, then one line per record.
+
+    `key` is `path` (an image's path relative to data.path) or `index` (a record of the .npz, its
+    splits pooled in train, val, test order). An empty user, a key listed twice or a wrong header is
+    one line naming the file and line: a record whose person is unknown cannot be sampled and
+    clipped with that person's other records.
+    """
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, strict=True)
+            if [h.strip() for h in next(reader, [])] != [key, "user"]:
+                raise DataError(f"{path}: the header must be {key},user (one line per record below it)")
+            mapping: dict[str, str] = {}
+            for row in reader:
+                if not row:
+                    continue
+                record, user = (cell.strip() for cell in [*row, "", ""][:2])
+                if len(row) > 2 or not record or not user:
+                    raise DataError(f"{path}: line {reader.line_num}: needs {key},user with both filled in")
+                if record in mapping:
+                    raise DataError(f"{path}: line {reader.line_num}: {key} {record[:80]!r} is listed twice")
+                mapping[record] = user
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the users file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    except csv.Error as err:
+        raise DataError(f"{path}: not a valid CSV file ({err})") from None
+    return mapping
+
+
+def users_of(keys: Sequence[str], mapping: Mapping[str, str], path: Path, key: str) -> np.ndarray:
+    """Each record's person, from `read_user_map`; a record the file does not list is one line naming it."""
+    missing = next((k for k in keys if k not in mapping), None)
+    if missing is not None:
+        raise DataError(f"{path}: no user for {key} {missing!r}; every record needs its person "
+                        f"(add the line {missing},USER)")  # fmt: skip
+    out = np.empty(len(keys), dtype=object)
+    out[:] = [mapping[k] for k in keys]
+    return out

@@ -76,6 +76,7 @@ class TableSchema:
     ignore: tuple[str, ...]  # columns a file may hold that are not used (an id column)
     missing_values: tuple[str, ...]  # cell texts that mean "missing"
     random_features: RandomFeatures | None
+    user: str | None = None  # the column naming each row's person (privacy.unit: user): never a feature
 
     @property
     def base_dim(self) -> int:
@@ -106,7 +107,7 @@ class TableSchema:
             "ignore": list(self.ignore),
             "missing_values": list(self.missing_values),
             "random_features": None if rf is None else {"dim": rf.dim, "seed": rf.seed, "lengthscale": rf.lengthscale},
-        }
+        } | ({} if self.user is None else {"user": self.user})  # absent when unset: older schemas keep their digest
 
 
 def load_schema(path: str | Path) -> TableSchema:
@@ -121,18 +122,21 @@ def load_schema(path: str | Path) -> TableSchema:
 
 def schema_from_dict(raw: Any) -> TableSchema:
     """A TableSchema from plain data (a schema file, or the describe() of a saved encoder)."""
-    top = _mapping(raw, "top level", {"columns", "label", "ignore", "missing_values", "random_features"})
+    top = _mapping(raw, "top level", {"columns", "label", "ignore", "missing_values", "random_features", "user"})
     columns = _mapping(top.get("columns"), "columns", None)
     _check(0 < len(columns) <= MAX_COLUMNS, "columns", f"declare 1..{MAX_COLUMNS} columns", len(columns))
     parsed = tuple(_column(str(name), spec) for name, spec in columns.items())
     label = _label(top.get("label"))
     ignore = _names(top.get("ignore", []), "ignore")
     missing = _names(top.get("missing_values", ["", "NA"]), "missing_values")
-    used = [c.name for c in parsed] + [label[0]] + list(ignore)
+    user = top.get("user")
+    _check(user is None or (isinstance(user, str) and user.strip()), "user", "must name the column holding each "
+           "row's person (privacy.unit: user)", user)  # fmt: skip
+    used = [c.name for c in parsed] + [label[0]] + list(ignore) + ([user] if user else [])
     twice = sorted({n for n in used if used.count(n) > 1})
-    _check(not twice, "columns", "a column is declared twice (columns, label, ignore)", twice)
+    _check(not twice, "columns", "a column is declared twice (columns, label, ignore, user)", twice)
     rf = _random_features(top.get("random_features"))
-    return TableSchema(parsed, label[0], label[1], ignore, missing, rf)
+    return TableSchema(parsed, label[0], label[1], ignore, missing, rf, user)
 
 
 def _column(name: str, spec: Any) -> Column:

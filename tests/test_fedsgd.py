@@ -308,6 +308,7 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
         assert site["rounds_trained"] == [0, 1, 2, 3]
         release = site["per_round"][0]
         assert (release["sample_rate"], release["steps"]) == (1.0, 1)
+        assert [r["release"] for r in site["per_round"]] == [FEATURE_STATS, "training", "training", "training"]
         assert site["sample_rate"] == 0.5 and site["steps"] == 4
         assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9)
         assert 0.9 * 3.0 < site["epsilon"] <= 3.0 + 1e-9

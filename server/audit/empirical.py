@@ -102,13 +102,15 @@ def audit_training(
     private: bool = True,
     claimed_epsilon: float | None = None,
     on_round: Callable[[], None] | None = None,
+    users: np.ndarray | None = None,
 ) -> EmpiricalResult:
     """Train as the site would, with canaries mixed in, and bound ε from the attack's success.
 
     With `private`, the site's DP plan is used and the claim defaults to the ε the accountant
     gives for this very training. Without it (the positive control, or a deliberately broken
     configuration) the head trains with plain SGD and `claimed_epsilon` is what a run would
-    have claimed. `on_round` is called after each round's training (progress).
+    have claimed. `on_round` is called after each round's training (progress); `users`: the real records'
+    person codes under privacy.unit: user, when the data names them.
     """
     if private and not cfg.privacy.enabled:
         raise ValueError("privacy.enabled is false: the run claims no differential privacy to audit")
@@ -119,7 +121,7 @@ def audit_training(
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
     p = cfg.privacy
     if cfg.train.protocol == "fedsgd":  # the site's gradient sums and the server's step (empirical_fedsgd)
-        units = canary_units(len(labels), len(y), cfg)
+        units = canary_units(len(labels), len(y), cfg, users)
         plan = fedsgd_plan(cfg, units) if private else None
         head, history, steps = train_fedsgd(x, y, units, num_classes, cfg, plan, settings.seed, on_round)
     else:
@@ -188,6 +190,7 @@ class SiteFeatures:
     features: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    users: np.ndarray | None = None  # each record's person code (Samples.user_codes) when the data names them
 
 
 def simulated_sites(cfg: RunConfig) -> list[SiteFeatures]:
@@ -207,7 +210,8 @@ def deployed_site(cfg: RunConfig, site: SiteConfig, config_path: Path) -> SiteFe
 def _features(encoder: Encoder, data: SiteData, cache_dir: Path) -> SiteFeatures:
     features, _ = cached_features(encoder, data.train, cache_dir)
     labels = torch.from_numpy(data.train.labels)
-    return SiteFeatures(data.name, features, labels, len(data.train.classes))
+    users = None if data.train.users is None else data.train.user_codes()
+    return SiteFeatures(data.name, features, labels, len(data.train.classes), users)
 
 
 @contextmanager
@@ -256,10 +260,11 @@ def run_empirical(
 def _test_site(site: SiteAudit, d: SiteFeatures, cfg: RunConfig, settings: CanarySettings, progress: Progress) -> None:
     """The canary training with the site's DP plan, then the same without DP (the positive control)."""
     site.empirical = result = audit_training(d.features, d.labels, d.num_classes, cfg, settings,
-                                             on_round=progress.step)  # fmt: skip
+                                             on_round=progress.step, users=d.users)  # fmt: skip
     progress.stage_done(f"{site.name} with DP")
     site.control = audit_training(d.features, d.labels, d.num_classes, cfg, settings, private=False,
-                                  claimed_epsilon=result.claimed_epsilon, on_round=progress.step)  # fmt: skip
+                                  claimed_epsilon=result.claimed_epsilon, on_round=progress.step,
+                                  users=d.users)  # fmt: skip
     progress.stage_done(f"{site.name} control without DP")
 
 

@@ -7,8 +7,8 @@ and starts the head, then each round its noisy gradient sum (common.dp_fedsgd, t
 site runs) goes through the server's step (server.strategy.server_step, the code the server
 runs) with the site's own public expected batch size q·n as divisor.
 
-Under `privacy.unit: user` the real records are grouped as the site groups them
-(synthetic users of `privacy.synthetic_users` records) and each canary is a user of its own.
+Under `privacy.unit: user` the real records are grouped as the site groups them (by the persons
+the data names, or synthetic users of `privacy.synthetic_users` records) and each canary is a user of its own.
 """
 
 from __future__ import annotations
@@ -38,11 +38,13 @@ from server.strategy import server_step
 History = list[tuple[float, float, int]]
 
 
-def canary_units(num_real: int, num_total: int, cfg: RunConfig) -> Units:
-    """Sampling units of the real records (then the included canaries, each its own unit)."""
+def canary_units(num_real: int, num_total: int, cfg: RunConfig, users: np.ndarray | None = None) -> Units:
+    """Sampling units of the real records (then the included canaries, each its own unit); `users`: the real
+    records' person codes when the data names them (Samples.user_codes), else the synthetic grouping."""
     if cfg.privacy.unit != "user":
         return Units.records(num_total)
-    real = synthetic_users(num_real, cfg.privacy.synthetic_users, user_seed(cfg.seed, "empirical-audit"))
+    real = torch.from_numpy(users) if users is not None else \
+        synthetic_users(num_real, cfg.privacy.synthetic_users, user_seed(cfg.seed, "empirical-audit"))  # fmt: skip
     canaries = torch.arange(num_total - num_real) + (int(real.max()) + 1 if num_real else 0)
     return Units.of_users(torch.cat([real, canaries]))
 
