@@ -1,0 +1,183 @@
+"""privacy.trust: distributed: the config's rules, a site's integer sum and Skellam share, its two ε, its policy,
+and a whole run on the Simulation Engine whose audit passes, and fails when a site's log lacks its share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client import train_round
+from client.site import Declined, Site, enforce_policy
+from common.audit_log import RESERVED_FIELDS, AuditLog, read_records
+from common.config import ConfigError, SecAggConfig, SitePolicy, config_from_dict
+from common.data import Samples, SiteData
+from common.head import make_head
+from common.privacy import PrivacyLedger, epsilon_of
+from common.protocol import DPRecord, Metric
+from common.skellam import SKELLAM, quantum, sensitivities
+
+DIM, CLASSES = 32, 4
+DISTRIBUTED = {"train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fraction_evaluate": 0.0},
+               "data": {"num_sites": 3}, "secure_aggregation": True,
+               "privacy": {"trust": "distributed", "target_delta": 1e-3}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"secure_aggregation": False}, "secure_aggregation"),
+        ({"train": {"protocol": "fedavg"}}, "train.protocol"),
+        ({"privacy": {"accountant": "prv"}}, "privacy.accountant"),
+        ({"secagg": {"clipping_range": 6.0}}, "secagg.clipping_range"),
+        ({"secagg": {"quantization_range": 3_000_000}}, "secagg.quantization_range"),
+        ({"secagg": {"max_weight": 100.5}}, "secagg.max_weight"),
+    ],
+)
+def test_what_distributed_trust_needs_is_a_one_line_config_error(change: dict, key: str) -> None:
+    raw = {k: (DISTRIBUTED.get(k, {}) | v) if isinstance(v, dict) else v for k, v in change.items()}
+    with pytest.raises(ConfigError, match=f"^{key}: "):
+        config_from_dict(DISTRIBUTED | raw)
+
+
+@pytest.mark.parametrize(
+    ("shares", "threshold", "sites", "fewest"),
+    [(1.0, 0.67, 3, 2), (1.0, 0.67, 4, 3), (1.0, 0.67, 10, 7), (1.0, 0.5, 2, 2), (11, 6, 50, 6)],
+)
+def test_fewest_survivors_follows_flowers_threshold(shares: float, threshold: float, sites: int, fewest: int) -> None:
+    assert SecAggConfig(num_shares=shares, reconstruction_threshold=threshold).fewest_survivors(sites) == fewest
+
+
+def _site(tmp_path: Path, n: int = 80) -> Site:
+    torch.manual_seed(0)
+    x, y = torch.randn(n, DIM), torch.randint(0, CLASSES, (n,))
+    samples = Samples(np.zeros((n, 1, 1, 1), np.uint8), y.numpy(), tuple(str(c) for c in range(CLASSES)))
+
+    class Backbone:
+        name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
+
+    return Site("site-x", SiteData("site-x", samples, samples), Backbone(), tmp_path, 7, None, None, x, y, x, y)
+
+
+def test_a_site_sends_an_integer_sum_with_its_share_and_claims_two_epsilons(tmp_path: Path) -> None:
+    cfg, site = config_from_dict(DISTRIBUTED), _site(tmp_path)
+    head = make_head(DIM, CLASSES)
+    dim = sum(p.numel() for p in head.parameters())
+    ledger = PrivacyLedger(site.ledger_path, "r")
+    plan = train_round.privacy_plan(site, cfg, ledger, dim)
+    assert plan is not None and plan.min_survivors == 2 and plan.quantum == quantum(1.0)
+    assert (plan.l1_sensitivity, plan.l2_sensitivity) == sensitivities(1.0, plan.quantum, dim)
+    work = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=3)
+    sent = np.concatenate([v.numpy().ravel() for v in work.arrays.values()])
+    assert sent.dtype == np.float64 and np.array_equal(sent / plan.quantum, np.rint(sent / plan.quantum))
+    quiet = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=3)  # the same draw: the same message
+    assert np.array_equal(sent, np.concatenate([v.numpy().ravel() for v in quiet.arrays.values()]))
+    answer, dp = train_round._answer(site, work, plan, ledger, 1, 0.1)
+    assert dp is not None and dp.mechanism == "skellam"
+    assert dp.noise_share == pytest.approx(plan.noise_variance / 2) and dp.min_survivors == 2
+    assert ledger.history == [dp.history_step] and dp.history_step[0] == SKELLAM
+    eps, own = answer["metrics"][Metric.EPSILON], answer["metrics"][Metric.EPSILON_INDIVIDUAL]
+    assert eps == pytest.approx(epsilon_of([dp.history_step], 1e-3, "rdp")) and own > eps
+    assert DPRecord.from_mapping(answer["dp"]) == dp  # the reply's record parses back whole
+
+
+def test_the_share_has_the_planned_variance(tmp_path: Path) -> None:
+    """Far from any data: a site with no units sampled sends its noise alone, of variance μ/K_min per coordinate."""
+    cfg = config_from_dict(DISTRIBUTED | {"train": DISTRIBUTED["train"] | {"sample_rate": 1e-9}})
+    site, head = _site(tmp_path), make_head(DIM, CLASSES)
+    ledger = PrivacyLedger(site.ledger_path, "r")
+    plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
+    assert plan is not None
+    work = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=5)
+    noise = work.arrays["head.1.weight"].numpy().ravel() / plan.quantum
+    assert float(noise.var()) == pytest.approx(plan.noise_share, rel=0.15)
+
+
+def test_a_plain_message_is_declined_under_distributed_trust(tmp_path: Path) -> None:
+    import time
+
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+
+    from common.exchange import head_to_arrays
+
+    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    conf = ConfigRecord({"server-round": 1, "run-id": "r", "backbone-fingerprint": "f" * 64})
+    msg = Message(content=RecordDict({"arrays": head_to_arrays(make_head(DIM, CLASSES)), "config": conf}),
+                  metadata=meta)  # fmt: skip
+    with pytest.raises(Declined, match="only masked under secure aggregation"):
+        train_round.train(_site(tmp_path), config_from_dict(DISTRIBUTED), msg)
+
+
+def test_site_policy_must_allow_distributed_trust(tmp_path: Path) -> None:
+    cfg = config_from_dict(DISTRIBUTED)
+    plan = train_round.privacy_plan(_site(tmp_path), cfg, PrivacyLedger(tmp_path / "l.json", "r"), 132)
+    with pytest.raises(Declined, match=r"policy\.allow_distributed_trust"):
+        enforce_policy(SitePolicy(max_delta=1e-2), cfg, plan, 0.0)
+    enforce_policy(SitePolicy(max_delta=1e-2, allow_distributed_trust=True), cfg, plan, 0.0)
+
+
+def _assert_round_2_stepped_on_the_exact_sum(run_dir: Path) -> None:
+    """The server's gradient in round 2 is the sum of the sites' plain messages (their reply caches) over Σ q·n."""
+    first, second = (torch.load(run_dir / "checkpoints" / f"round-000{r}.pt", weights_only=False) for r in (1, 2))
+    total: dict[str, np.ndarray] = {}
+    batch = 0.0
+    for cache in sorted(run_dir.glob("sites/site-*/replies/*.pt")):  # each site's last (round 2) message, in plain
+        raw = torch.load(cache, weights_only=True)
+        for name, value in raw["arrays"]["arrays"].items():
+            total[name] = total.get(name, 0.0) + value.numpy()
+        batch += raw["metrics"]["metrics"][Metric.EXPECTED_BATCH]
+    for name, summed in total.items():
+        velocity = [np.asarray(c["strategy_state"]["m_t"][name]) for c in (first, second)]
+        step = velocity[1] - 0.9 * velocity[0]  # heavy ball: v2 = 0.9·v1 + g2
+        assert np.allclose(step, summed / batch, rtol=1e-6, atol=1e-12)  # float32 on the wire to the strategy
+
+
+def _drop_share(log: Path) -> None:
+    """Rewrite a site's log as a consistent chain in which its trainings record no noise share."""
+    records = read_records(log)
+    log.unlink()
+    rewritten = AuditLog(log)
+    for r in records:
+        fields = {k: v for k, v in r.items() if k not in RESERVED_FIELDS}
+        if isinstance(fields.get("dp"), dict) and "noise_share" in fields["dp"]:
+            fields["dp"] = fields["dp"] | {"noise_share": 0.0}
+        rewritten.append(r["event"], **fields)
+
+
+@pytest.mark.slow
+def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(tmp_path: Path, capsys) -> None:
+    import yaml
+
+    from cli.main import main
+
+    run_dir = tmp_path / "run"
+    raw = {"run_name": "distributed", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
+           "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 3, "split": "iid"},
+           "train": {"protocol": "fedsgd", "rounds": 2, "min_sites": 3, "sample_rate": 1.0, "learning_rate": 1.0,
+                     "fraction_evaluate": 0.0},
+           "secure_aggregation": True, "privacy": {"trust": "distributed", "target_delta": 1e-4}}  # fmt: skip
+    config = tmp_path / "distributed.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
+    privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
+    assert len(privacy) == 3
+    for site in privacy.values():
+        assert site["rounds_trained"] == [1, 2]
+        assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9) and site["epsilon"] <= 3.0
+        assert site["epsilon_individual"] == pytest.approx(site["epsilon_individual_recomputed"], rel=1e-9)
+        assert site["epsilon_individual"] > site["epsilon"]
+        assert {r["mechanism"] for r in site["per_round"]} == {"skellam"}
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["final_accuracy"] > 0.25  # two noisy steps from the initial head: well above chance (0.1)
+    _assert_round_2_stepped_on_the_exact_sum(run_dir)
+    assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "a")]) == 0, capsys.readouterr().out
+    report = json.loads((tmp_path / "a" / "audit-report.json").read_text())
+    assert all(s["epsilon_individual_recomputed"] is not None for s in report["sites"])
+    _drop_share(run_dir / "sites" / "site-1" / "audit.jsonl")
+    assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "b")]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL [trust]" in out and "site-1 round 1: the log does not record adding a Skellam noise share" in out
