@@ -1,4 +1,4 @@
-"""Image backbones as a sequence of blocks: where fine-tuning can cut a torchvision feature network.
+"""Encoders as a sequence of blocks: where fine-tuning can cut a torchvision network or a transformer.
 
 `flat_modules(name, net)` lists the modules the feature network (classifier stripped) runs,
 in order, so that running them one after another is its forward in eval mode; `blocks`
@@ -6,10 +6,16 @@ groups them into blocks, each starting at a module with weights of its own (a co
 a residual block, an inverted-residual block, a linear layer) and taking the weight-free
 modules (pooling, activation) that follow it. The last k blocks are what `finetune.blocks: k`
 trains; everything below them runs once per sample (common/finetune.py).
+
+A text encoder's blocks are its transformer layers: `text_split` cuts below the last k of
+them; the cut's activations are the hidden states with the attention mask beside them, and
+the top runs the last k layers and then the encoder's own pooling (common/text_encoder.py
+hands over the modules; this module never imports transformers).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -61,3 +67,58 @@ def split(name: str, net: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequenti
     below = [m for g in groups[:-k] for m in g]
     above = [m for g in groups[-k:] for m in g]
     return nn.Sequential(*below), nn.Sequential(*above)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, L) 1/0 attention mask -> the (N, 1, 1, L) additive bias a transformer layer adds to its attention scores."""
+    return (1.0 - mask.to(dtype))[:, None, None, :] * torch.finfo(dtype).min
+
+
+class TextBelow(nn.Module):
+    """A transformer encoder up to the cut: token embeddings and the layers below, on tokenized text.
+
+    Gives (N, L, hidden + 1): the hidden states at the cut and, as the last channel, the
+    attention mask, so the cached activations alone are all the top needs.
+    """
+
+    def __init__(self, embeddings: nn.Module, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.embeddings, self.layers = embeddings, nn.ModuleList(layers)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                attention_mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        states = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        bias = additive_mask(attention_mask, states.dtype)
+        for layer in self.layers:
+            states = layer(states, bias)
+        return torch.cat([states, attention_mask[..., None].to(states.dtype)], dim=-1)
+
+
+class TextAbove(nn.Module):
+    """The transformer layers above the cut, then the encoder's own pooling (and normalisation) modules.
+
+    Input: what `TextBelow` gives, (N, L, hidden + 1); output: the (N, hidden) sentence
+    embedding the frozen encoder would give (the same modules, in the same order).
+    """
+
+    def __init__(self, layers: list[nn.Module], pooling: list[nn.Module], hidden: int) -> None:
+        super().__init__()
+        self.layers, self.pooling, self.hidden = nn.ModuleList(layers), nn.ModuleList(pooling), hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        states, mask = x[..., : self.hidden], x[..., self.hidden]
+        bias = additive_mask(mask, states.dtype)
+        for layer in self.layers:
+            states = layer(states, bias)
+        features = {"token_embeddings": states, "attention_mask": mask}
+        for module in self.pooling:  # sentence-transformers modules: a dict in, the dict out
+            features = module(features)
+        return features["sentence_embedding"]
+
+
+def text_split(embeddings: nn.Module, layers: list[nn.Module], pooling: list[nn.Module], hidden: int,
+               k: int) -> tuple[TextBelow, TextAbove]:  # fmt: skip
+    """(below the cut, the last k layers and the pooling) of a transformer encoder: composed, its forward."""
+    if not 1 <= k <= len(layers):  # the embeddings always stay below
+        raise ValueError(f"the text encoder has {len(layers)} layers; finetune.blocks must be 1..{len(layers)}")
+    return TextBelow(embeddings, layers[:-k]), TextAbove(layers[-k:], pooling, hidden)

@@ -65,7 +65,7 @@ CATALOG: dict[str, EncoderSpec] = {
     "vgg16": EncoderSpec("image", 4096, blocks=14),
     "efficientnet_b0": EncoderSpec("image", 1280, blocks=17),
     "inception_v3": EncoderSpec("image", 2048, min_image_size=75, blocks=15),  # 299 px is its native input
-    "all-MiniLM-L6-v2": EncoderSpec("text", 384),  # sentence-transformers, offline from PyPI (common/text_encoder.py)
+    "all-MiniLM-L6-v2": EncoderSpec("text", 384, blocks=6),  # sentence-transformers, offline (common/text_encoder.py)
     "tabular": EncoderSpec("tabular", 0),  # feature_dim 0: the schema (backbone.schema) decides it (common/tabular.py)
 }
 

@@ -14,6 +14,10 @@ BatchNorm above the cut never uses batch statistics: it becomes torchvision's
 become identities, so the top computes in training exactly what it computes in evaluation.
 LoRA adapters come from Hugging Face peft (`inject_adapter_in_model`), on every convolution
 without groups and every linear layer of the top blocks.
+
+Image backbones cut between torchvision blocks, text encoders between transformer layers
+(common/backbone_stages.py): the same `CutEncoder`, `Top` and exchange serve both; a text
+top's input is the hidden states at the cut with the attention mask as an extra channel.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ from common.finetune_config import FinetuneConfig
 from common.head import make_head
 
 _DROPS = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout)
+
+
+class Off(nn.Identity):
+    """Dropout switched off: the identity, with the rate 0 that code reading a dropout's `p` (HF attention) finds."""
+
+    p = 0.0
 
 
 class CutEncoder:
@@ -68,10 +78,11 @@ def cut_encoder(encoder: Encoder, ft: FinetuneConfig) -> Encoder:
     """`encoder` itself when only the head trains; else the encoder cut below its last `ft.blocks` blocks."""
     if not ft.active:
         return encoder
-    if encoder.kind == "image":
-        return _image_cut(encoder, ft.blocks, int(ft.cache_max_gb * (1 << 30)))
-    # the config refuses it first (CATALOG's blocks is 0 for text and tabular encoders): this version cuts images
-    raise EncoderError(f"finetune.train: {ft.train} needs an image encoder; {encoder.name} is {encoder.kind}")
+    cut = _CUTS.get(encoder.kind)
+    if cut is None:  # the config refuses it first (CATALOG's blocks is 0 for tabular encoders)
+        raise EncoderError(f"finetune.train: {ft.train} needs an image or text encoder; {encoder.name} is "
+                           f"{encoder.kind}; use head")  # fmt: skip
+    return cut(encoder, ft.blocks, int(ft.cache_max_gb * (1 << 30)))
 
 
 def _image_cut(encoder: Any, k: int, cache_max_bytes: int) -> CutEncoder:
@@ -88,6 +99,32 @@ def _image_cut(encoder: Any, k: int, cache_max_bytes: int) -> CutEncoder:
     with torch.inference_mode():
         shape = tuple(run(probe).shape[1:])
     return CutEncoder(encoder, k, run, above, shape, cache_max_bytes, below)
+
+
+def _text_cut(encoder: Any, k: int, cache_max_bytes: int, batch_size: int = 32) -> CutEncoder:
+    """A text encoder cut below its last k transformer layers (common/text_encoder.py:TextEncoder.parts).
+
+    The activations are (max_seq_length, hidden + 1) per text: the hidden states at the cut
+    and the attention mask, every text padded to max_seq_length tokens.
+    """
+    from common.backbone_stages import text_split
+
+    embeddings, layers, pooling = encoder.parts()
+    hidden = int(embeddings.word_embeddings.embedding_dim)
+    below, above = text_split(embeddings, layers, pooling, hidden, k)
+    below = below.eval().requires_grad_(False)
+
+    def run(inputs: Any) -> torch.Tensor:
+        if not len(inputs):
+            return torch.empty(0, encoder.max_seq_length, hidden + 1)
+        tokens = encoder.tokens(inputs)
+        return torch.cat([below(**{key: v[i : i + batch_size] for key, v in tokens.items()})
+                          for i in range(0, len(inputs), batch_size)])  # fmt: skip
+
+    return CutEncoder(encoder, k, run, above, (encoder.max_seq_length, hidden + 1), cache_max_bytes)
+
+
+_CUTS: dict[str, Callable[[Any, int, int], CutEncoder]] = {"image": _image_cut, "text": _text_cut}
 
 
 class Top(nn.Module):
@@ -157,7 +194,7 @@ def _strip_dropout(module: nn.Module) -> None:
 
     for name, child in module.named_children():
         if isinstance(child, (*_DROPS, StochasticDepth)):
-            setattr(module, name, nn.Identity())
+            setattr(module, name, Off())
         else:
             if getattr(child, "inplace", False) is True:
                 child.inplace = False

@@ -83,7 +83,7 @@ def check_run(cfg: Any) -> None:
     ft, spec = cfg.finetune, CATALOG[cfg.backbone.name]
     if ft.active:
         _require(spec.blocks > 0, "finetune.train", f"{cfg.backbone.name} is a {spec.kind} encoder; this version "
-                 "fine-tunes image backbones only (text: the transformer layers are not cut yet); use head",
+                 "fine-tunes image backbones and text encoders only; use head",
                  ft.train)  # fmt: skip
         _require(ft.blocks <= spec.blocks, "finetune.blocks", f"must be 1..{spec.blocks} for {cfg.backbone.name}",
                  ft.blocks)  # fmt: skip

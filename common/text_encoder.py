@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.common.logger import log
+from torch import nn
 
 from common.config import BackboneConfig
 from common.encoders import CATALOG, EncoderError, encoder_fingerprint, file_sha256
@@ -65,18 +66,44 @@ class TextEncoder:
 
     def embed(self, inputs: Sequence[str] | np.ndarray) -> torch.Tensor:
         """N texts to (N, feature_dim) features; texts past max_seq_length tokens are truncated, and counted."""
-        texts = [str(t) for t in inputs]
+        texts = self._texts(inputs)
         if not texts:
             return torch.empty(0, self.feature_dim)
+        with torch.inference_mode():
+            out = self.model.encode(texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False)
+        return out.float().cpu()
+
+    def tokens(self, inputs: Sequence[str] | np.ndarray) -> dict[str, torch.Tensor]:
+        """N texts to token ids, token types and attention mask, (N, max_seq_length) each on the device.
+
+        Padded to `max_seq_length` (not to the batch's longest, as `embed` pads): fine-tuning's
+        cached activations need one shape for every text. The padding is masked out everywhere.
+        """
+        texts = self._texts(inputs)
+        found = self.model.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_seq_length,
+                                     return_tensors="pt")  # fmt: skip
+        return {key: found[key].to(self.device) for key in ("input_ids", "token_type_ids", "attention_mask")}
+
+    def parts(self) -> tuple[nn.Module, list[nn.Module], list[nn.Module]]:
+        """(token embeddings, transformer layers, pooling modules): the blocks fine-tuning cuts between.
+
+        The module objects themselves (frozen); common/backbone_stages.py:text_split cuts them.
+        """
+        transformer = self.model[0].model
+        return transformer.embeddings, list(transformer.encoder.layer), list(self.model)[1:]
+
+    def _texts(self, inputs: Sequence[str] | np.ndarray) -> list[str]:
+        """The inputs as strings; logs how many are longer than max_seq_length tokens (they are truncated)."""
+        texts = [str(t) for t in inputs]
+        if not texts:
+            return texts
         lengths = [len(ids) for ids in self.model.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
         cut = sum(n > self.max_seq_length for n in lengths)
         if cut:
             log(WARNING, "text encoder %s: %d of %d texts are longer than %d tokens and were truncated to their "
                         "first %d (backbone.max_seq_length)", self.name, cut, len(texts), self.max_seq_length,
                         self.max_seq_length)  # fmt: skip
-        with torch.inference_mode():
-            out = self.model.encode(texts, batch_size=32, convert_to_tensor=True, show_progress_bar=False)
-        return out.float().cpu()
+        return texts
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "max_seq_length": self.max_seq_length, "truncate": "end"}

@@ -12,7 +12,10 @@ the run's audit log (`serving-exported`: the file's SHA-256 and the head's diges
 `fedtransfer audit` checks that the file is the one recorded and holds the exported head.
 
 Only image models export: a text model's tokenizer and a tabular model's schema coding of
-CSV cells run in Python, outside any tensor graph, so those are refused in one line.
+CSV cells run in Python, outside any tensor graph, so those are refused in one line (a
+fine-tuned text run too). A fine-tuned image run exports its frozen part below the cut and
+its top (the trained blocks or LoRA adapters and the head); the file names the head's
+tensors, so the audit reads back exactly the exchanged ones, not LoRA's frozen base weights.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from common.protocol import Event
 from server.export import AdaptedModel, load_model
 
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+HEAD_NAMES = "fedtransfer_head_tensors"  # file metadata: the head's tensor names, JSON (a fine-tuned top has more)
 TOLERANCE = 1e-3  # largest |logit difference| from model.pt accepted (float32, other kernels: ~1e-5 is usual)
 
 BATCH = 64
@@ -101,17 +105,27 @@ def serving_graph(model: AdaptedModel, model_path: Path) -> ImageServingGraph:
 
 
 def write_graph(graph: ImageServingGraph, fmt: str, path: Path) -> None:
-    """Write `graph` in `fmt` to `path`; N, H and W of the input stay dynamic."""
+    """Write `graph` in `fmt` to `path`; N, H and W of the input stay dynamic.
+
+    The file also names the head's tensors (`HEAD_NAMES`): a fine-tuned top holds frozen
+    tensors too (LoRA's base weights, frozen statistics), which are not the exchanged head.
+    """
     example = torch.zeros(2, graph.image_size, graph.image_size, 3, dtype=torch.uint8)
+    names = json.dumps(sorted(head_arrays(graph.head)))
     with warnings.catch_warnings():  # torch 2.14 marks torch.jit deprecated and the exporter chats: not ours to fix
         warnings.simplefilter("ignore")
         if fmt == "torchscript":
-            torch.jit.trace(graph, (example,), check_trace=False).save(str(path))
+            torch.jit.trace(graph, (example,), check_trace=False).save(str(path), _extra_files={HEAD_NAMES: names})
             return
         batch, height, width = (torch.export.Dim(n, min=1) for n in ("batch", "height", "width"))
         torch.onnx.export(graph, (example,), str(path), dynamo=True, opset_version=OPSET, input_names=["images"],
                           output_names=["logits"], dynamic_shapes={"images": {0: batch, 1: height, 2: width}},
                           external_data=False, verbose=False)  # weights inside: one file to serve (all < 2 GB)
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {HEAD_NAMES: names})
+    onnx.save(proto, str(path))
 
 
 def run_file(path: Path, fmt: str) -> Any:
@@ -189,6 +203,9 @@ def export_run(run_dir: Path, fmt: str, limit: int) -> tuple[Path, Check]:
     tmp = Path(name)
     try:
         write_graph(graph, fmt, tmp)
+        if update_digest(file_head(tmp, fmt)) != update_digest(head_arrays(model.head)):  # what the audit reads back
+            raise ExportError(f"{model_path}: the {fmt} graph does not keep the head's tensors under their names "
+                              "(finetune.train); serve model.pt with server.export.load_model")  # fmt: skip
         check = compare(tmp, fmt, model, images)
         if not check.passed:
             return tmp.replace(run_dir / f"{target.name}.rejected"), check
@@ -215,23 +232,30 @@ def _completed_status(run_dir: Path) -> dict[str, Any]:
     return status
 
 
-def file_head(path: Path) -> dict[str, np.ndarray]:
+def file_head(path: Path, fmt: str | None = None) -> dict[str, np.ndarray]:
     """The head tensors inside an exported file (wire names), read back for the audit.
+
+    `fmt` ("onnx" or "torchscript") when the name does not say it (a file still being checked).
 
     ONNX initializers are read with `onnx` (no code runs); a TorchScript file is loaded with
     `torch.jit.load`, which runs no Python. Raises ValueError when the file holds no head.
     """
-    if path.name == FILES["onnx"]:
+    if (fmt or ("onnx" if path.name == FILES["onnx"] else "torchscript")) == "onnx":
         import onnx
         from onnx import numpy_helper
 
-        graph = onnx.load(str(path)).graph
-        found = {t.name: numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith(PREFIX)}
+        proto = onnx.load(str(path))
+        named = next((p.value for p in proto.metadata_props if p.key == HEAD_NAMES), "")
+        found = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.startswith(PREFIX)}
     else:
+        extra = {HEAD_NAMES: ""}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
+            state = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).state_dict()
+        named = extra[HEAD_NAMES]
         found = {k: v.numpy() for k, v in state.items() if k.startswith(PREFIX)}
+    if named:  # a fine-tuned top: only the tensors the file names as its head (frozen ones stay out)
+        found = {k: v for k, v in found.items() if k in set(json.loads(named))}
     if not found:
         raise ValueError("no head tensors inside")
     return found
