@@ -1,10 +1,12 @@
 """Privacy against utility, local trust: fedavg (today's default) against DP-FedSGD, with and without the DP
-feature statistics, at ε in {1, 3, 8}, on two 4-site federations of the 5,000 MNIST digits at 64 px.
+feature statistics, at ε in {1, 3, 8}, on federations of the 5,000 MNIST digits at 64 px.
 
 - `demo`: the image demo's own federation (configs/demo.yaml: Dirichlet(0.5), config seed 42); validation is
   the pooled sites' test splits, the test set the server's hold-out.
 - `iid`: the standard 4-site IID split of benchmarks/accuracy.py (training pool / test set); validation is
   20% of the training pool (seed 1), the federation trains on the rest.
+- `iid16`, `dirichlet`: the same pool, validation and test set as `iid`, split over 16 sites IID, or over 4
+  sites by Dirichlet(0.3) label skew (benchmarks/accuracy.py's skewed split).
 
 Each fedsgd setting (rounds 30/100/200 × sampling rate 0.3/1 × learning rate 0.5/1, server momentum 0.9) is
 chosen on validation at ε = 3 with RDP (mean of the seeds), per method and split; then every method is scored
@@ -13,7 +15,9 @@ sampling and initialisation; the split is fixed). fedavg is today's default, not
 cached features with the site's own code (common.dp_fedsgd, common.dp_training) and the server's own step
 (server.strategy.server_step); the wall time of each whole run is reported beside its accuracy.
 
-    .venv/bin/python -m benchmarks.privacy_utility [--splits demo iid] [--seeds 0 1 2] [--epsilons 1 3 8]
+    .venv/bin/python -m benchmarks.privacy_utility [--splits demo iid iid16 dirichlet] [--seeds 0 1 2]
+        [--epsilons 1 3 8] [--methods fedavg fedsgd fedsgd+stats] [--accountants rdp prv] [--rounds 30 100 200]
+        [--name privacy_utility]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +35,7 @@ import torch
 from benchmarks.accuracy import Task
 from benchmarks.harness import FedSetup, federate, print_table, write_results
 from common.config import load_config
-from common.data import federation_for, partition_iid, split_holdout
+from common.data import federation_for, partition_dirichlet, partition_iid, split_holdout
 from common.dp_fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
@@ -60,7 +65,9 @@ class SGDSetup:
     accountant: str = "rdp"
 
 
-CANDIDATES = [SGDSetup(rounds, q, lr) for rounds in (30, 100, 200) for q in (0.3, 1.0) for lr in (0.5, 1.0)]
+def candidates(rounds: list[int]) -> list[SGDSetup]:
+    """The fedsgd grid searched on validation: the given round counts × q 0.3/1 × learning rate 0.5/1."""
+    return [SGDSetup(r, q, lr) for r in rounds for q in (0.3, 1.0) for lr in (0.5, 1.0)]
 
 
 def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: float | None, seed: int) -> dict:
@@ -108,13 +115,24 @@ def demo_split(cache: Path) -> tuple[list[Data], Data, Data]:
     return sites, val, feats(fed.server_test)
 
 
-def iid_split(cache: Path) -> tuple[list[Data], Data, Data]:
-    """benchmarks/accuracy.py's 4-site IID split of the training pool, 20% of it held out as validation."""
+def pool_split(cache: Path, num_sites: int, skewed: bool) -> tuple[list[Data], Data, Data]:
+    """benchmarks/accuracy.py's split of the training pool over the sites (IID, or Dirichlet(0.3) label skew),
+    20% of the pool held out as validation first."""
     task = Task(64, cache)
     tune, val = split_holdout(len(task.y_train), 0.2, seed=1)
-    parts = [tune[p] for p in partition_iid(task.train.labels[tune], 4, 0)]
+    labels = task.train.labels[tune]
+    split = partition_dirichlet(labels, num_sites, 0.3, 0) if skewed else partition_iid(labels, num_sites, 0)
+    parts = [tune[p] for p in split]
     sites = [(task.f_train[p], task.y_train[p]) for p in parts]
     return sites, (task.f_train[val], task.y_train[val]), (task.f_test, task.y_test)
+
+
+SPLITS: dict[str, Callable[[Path], tuple[list[Data], Data, Data]]] = {
+    "demo": demo_split,
+    "iid": lambda cache: pool_split(cache, 4, skewed=False),
+    "iid16": lambda cache: pool_split(cache, 16, skewed=False),
+    "dirichlet": lambda cache: pool_split(cache, 4, skewed=True),
+}
 
 
 def run(method: str, sites: list[Data], test: Data, eps: float, seed: int, sgd: SGDSetup) -> dict:
@@ -127,14 +145,14 @@ def run(method: str, sites: list[Data], test: Data, eps: float, seed: int, sgd: 
     return {**out, "seconds": time.perf_counter() - started}
 
 
-def tuned(method: str, sites: list[Data], val: Data, seeds: list[int], name: str, rows: list[dict]) -> SGDSetup:
+def tuned(method: str, sites: list[Data], val: Data, args: argparse.Namespace, name: str, rows: list[dict]) -> SGDSetup:
     """The fedsgd setting with the best mean validation accuracy at ε = 3 (RDP); fedavg keeps today's default."""
     if method == "fedavg":
         return SGDSetup(rounds=5)  # 5 rounds × 10 local epochs, batch 64, lr 0.5: configs/demo.yaml's fedavg
     share = 0.2 if method == "fedsgd+stats" else None
     scored = []
-    for sgd in (replace(c, stats_share=share) for c in CANDIDATES):
-        accuracy = float(np.mean([run(method, sites, val, 3.0, seed, sgd)["accuracy"] for seed in seeds]))
+    for sgd in (replace(c, stats_share=share) for c in candidates(args.rounds)):
+        accuracy = float(np.mean([run(method, sites, val, 3.0, seed, sgd)["accuracy"] for seed in args.seeds]))
         scored.append((accuracy, sgd))
         rows.append({"split": name, "phase": "tune (validation)", "method": method, "accountant": "rdp",
                      "epsilon": 3.0, "rounds": sgd.rounds, "q": sgd.sample_rate, "lr": sgd.learning_rate,
@@ -146,7 +164,7 @@ def evaluate_split(name: str, data: tuple[list[Data], Data, Data], args: argpars
     sites, val, test = data
     rows: list[dict] = []
     for method in args.methods:
-        best = tuned(method, sites, val, args.seeds, name, rows)
+        best = tuned(method, sites, val, args, name, rows)
         for accountant in ["rdp"] if method == "fedavg" else args.accountants:
             chosen = replace(best, accountant=accountant)
             for eps in args.epsilons:  # the test set, once per (method, accountant, ε, seed)
@@ -165,24 +183,25 @@ def evaluate_split(name: str, data: tuple[list[Data], Data, Data], args: argpars
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--splits", nargs="+", default=["demo", "iid"], choices=["demo", "iid"])
+    parser.add_argument("--splits", nargs="+", default=["demo", "iid"], choices=sorted(SPLITS))
     parser.add_argument("--methods", nargs="+", default=["fedavg", "fedsgd", "fedsgd+stats"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--accountants", nargs="+", default=["rdp", "prv"], help="fedsgd's test runs")
+    parser.add_argument("--rounds", type=int, nargs="+", default=[30, 100, 200], help="fedsgd's round grid")
+    parser.add_argument("--name", default="privacy_utility", help="the results file: benchmarks/results/NAME.json")
     parser.add_argument("--cache", default="~/.cache/fedtransfer")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     cache = Path(args.cache).expanduser()
-    splits = {"demo": demo_split, "iid": iid_split}
     rows = []
     for name in args.splits:
-        data = splits[name](cache)
+        data = SPLITS[name](cache)
         torch.set_num_threads(1)
         rows += evaluate_split(name, data, args)
     print_table(rows, ["split", "phase", "method", "accountant", "epsilon", "rounds", "q", "lr", "accuracy",
                        "accuracy_sd", "epsilon_spent", "seconds"])  # fmt: skip
-    write_results("privacy_utility", rows, vars(args))
+    write_results(args.name, rows, vars(args))
 
 
 if __name__ == "__main__":

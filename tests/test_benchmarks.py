@@ -94,6 +94,18 @@ def test_accuracy_ablation_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_privacy_utility_smoke() -> None:
+    """The 16-site split: fedsgd's grid tuned on validation, then fedavg and fedsgd once on the test set."""
+    args = ("--splits", "iid16", "--methods", "fedavg", "fedsgd+stats", "--seeds", "0", "--epsilons", "3",
+            "--accountants", "prv", "--rounds", "10", "--name", "privacy_utility_smoke")  # fmt: skip
+    rows = _run("benchmarks.privacy_utility", *args)["rows"]
+    assert sum(r["phase"] == "tune (validation)" for r in rows) == 4  # 10 rounds × q 0.3/1 × lr 0.5/1
+    tested = {r["method"]: r for r in rows if r["phase"] == "test"}
+    assert set(tested) == {"fedavg", "fedsgd+stats"} and tested["fedsgd+stats"]["accountant"] == "prv"
+    assert all(0 <= r["accuracy"] <= 1 and r["epsilon_spent"] <= 3.0 + 1e-6 for r in tested.values())
+
+
+@pytest.mark.slow
 def test_scale_smoke() -> None:
     rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
