@@ -201,3 +201,24 @@ def test_canary_audit_groups_the_real_records_by_their_people() -> None:
                             "train": {"protocol": "fedsgd"}, "privacy": {"unit": "user"}})  # fmt: skip
     units = canary_units(6, 9, cfg, np.array([0, 0, 1, 1, 2, 2]))
     assert units.count == 3 + 3  # three people, then each canary a person of its own
+
+
+@pytest.mark.slow
+def test_per_person_table_run_on_the_simulation_engine(tmp_path: Path, capsys) -> None:
+    """unit: user end to end: privacy.json counts each site's people (not rows) in every round, round 0 included,
+    and the audit recomputes every site's ε from its log and passes."""
+    import json
+
+    people = [f"c{k // 6}" for k in range(300)]  # 50 customers, 6 statements each
+    raw = _table_config(*_table(tmp_path, people), tmp_path)
+    raw["train"] |= {"rounds": 2}
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
+    fed = federation_for(config_from_dict(raw))
+    privacy = json.loads((tmp_path / "run" / "privacy.json").read_text())["sites"]
+    for site in fed.sites:
+        rounds = privacy[site.name]["per_round"]
+        assert [r["release"] for r in rounds] == [FEATURE_STATS, "training", "training"]
+        assert {r["num_examples"] for r in rounds} == {len(set(site.train.users))} != {len(site.train)}
+    assert main(["audit", str(tmp_path / "run"), "--report-dir", str(tmp_path / "audit")]) == 0
