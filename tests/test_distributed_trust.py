@@ -181,3 +181,32 @@ def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(t
     assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "b")]) == 1
     out = capsys.readouterr().out
     assert "FAIL [trust]" in out and "site-1 round 1: the log does not record adding a Skellam noise share" in out
+
+
+def test_local_trust_fedsgd_under_secagg_sends_its_noisy_sum_on_flowers_grid() -> None:
+    """Local trust: the Gaussian-noised float sum is rounded to γ (post-processing) and sent with weight max_weight,
+    so that Flower's SecAgg+ arithmetic gives the server back Σ round(sum/γ)·γ."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.common import parameters_to_ndarrays
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.secure import secure_reply
+    from common.secure_sum import sum_of_mean
+
+    settings, gamma = SecAggConfig(), quantum(1.0)
+    rng = np.random.default_rng(1)
+    sums = [rng.normal(0, 40, size=(4, 6)).astype(np.float32) for _ in range(3)]
+    masked = np.zeros((4, 6), np.int64)
+    for s in sums:
+        arrays, metrics = ArrayRecord({"head.1.weight": Array(s)}), MetricRecord({"num-examples": 7})
+        answer = RecordDict({"arrays": arrays, "metrics": metrics})
+        reply = secure_reply(answer, ["head.1.weight"], settings, False, gamma)
+        fitres = compat.recorddict_to_fitres(reply, keep_input=False)
+        assert fitres.num_examples == int(settings.max_weight)  # Flower's ratio is exactly 1
+        (grid,) = parameters_to_ndarrays(fitres.parameters)
+        masked = masked + quantize([grid], settings.clipping_range, settings.quantization_range)[0]
+    levels, clip = settings.quantization_range, settings.clipping_range
+    mean = (dequantize([masked], clip, levels)[0] - 2 * clip) / 3
+    expected = sum(np.rint(s.astype(np.float64) / gamma) for s in sums) * gamma
+    assert np.array_equal(sum_of_mean(mean, 3, gamma, clip, levels), expected)
