@@ -292,7 +292,12 @@ def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> RunConfig:
     """Build a RunConfig from Flower's flattened run config ("train.rounds" = 3)."""
-    return config_from_dict(unflatten_dict(dict(run_config)))
+    try:
+        nested = unflatten_dict(dict(run_config))
+    except (TypeError, ValueError, AttributeError):  # "train" = 1 beside "train.rounds" = 3: no nesting holds both
+        keys = ", ".join(sorted(map(str, run_config))[:6])
+        raise ConfigError(f"run config: keys that cannot nest (a key is both a value and a section): {keys}") from None
+    return config_from_dict(nested)
 
 
 def to_run_config(cfg: RunConfig) -> dict[str, Any]:
