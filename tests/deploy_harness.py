@@ -300,6 +300,9 @@ class LocalDeployment:
         env = self._env(self.workdir / "sites" / site / "flwr-home")
         deadline = time.monotonic() + timeout
         if node_config is None and site in self.deploy_site:
+            # a new port each start: `deploy site` checks its port with a plain bind, which the
+            # stopped SuperNode's lingering connections (TIME_WAIT) still block for a while
+            (self.site_ports[site],) = free_ports(1)
             argv = [str(BIN_DIR / "fedtransfer"), "deploy", "site", "--config", str(self.deploy_site[site]),
                     "--credentials", str(self.creds.root), "--superlink", self.superlink_address,
                     "--port", str(self.site_ports[site])]  # fmt: skip
