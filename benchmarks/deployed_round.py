@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -158,7 +159,7 @@ def process_phases(home: Path, app: Path, cfg: dict[str, Any], workdir: Path, re
     for mode, switch in MODES.items():
         for i in range(repeat):
             copy = workdir / f"process-{mode}-{i}"
-            shutil.copytree(home, copy)
+            shutil.copytree(home, copy, ignore=shutil.ignore_patterns("worker"))  # not the worker's socket
             env = os.environ | {SWITCH_ENV: switch}
             argv = [sys.executable, "-m", "benchmarks.clientapp_process", str(copy / "site.yaml"),
                     str(workdir / "run-config.json")]  # fmt: skip
@@ -186,9 +187,9 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
     simulate(replace(simulated, cache_dir=str(workdir / "simulation-cache")), stream=False)
     seconds["simulated"] = [m["time_s"] for m in read_metrics(simulated.output_path)]
     table = [{"round": r + 1} | {f"{k}_s": v[r] for k, v in seconds.items()} for r in range(rounds)]
-    later = table[1:] or table
-    table.append({"round": f"2-{rounds}" if rounds > 1 else "1"} | {k: sum(r[k] for r in later) / len(later)
-                                                                      for k in table[0] if k != "round"})  # fmt: skip
+    later = table[1:] or table  # round 1 extracts the features: the rounds after it are the steady state
+    medians = {k: statistics.median(r[k] for r in later) for k in table[0] if k != "round"}
+    table.append({"round": f"median 2-{rounds}" if rounds > 1 else "1"} | medians)
     for row in table:
         for mode in ("prepared", "worker"):
             row[f"{mode}/simulated"] = row[f"{mode}_s"] / row["simulated_s"]
