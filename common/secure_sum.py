@@ -14,13 +14,7 @@ accuracy, never of privacy.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-
-
-def is_power_of_two(x: float) -> bool:
-    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 def to_grid(values: np.ndarray, gamma: float, clipping_range: float, levels: int) -> np.ndarray:
@@ -28,11 +22,6 @@ def to_grid(values: np.ndarray, gamma: float, clipping_range: float, levels: int
     integers = np.rint(np.asarray(values, dtype=np.float64) / gamma)
     m = np.mod(integers + levels // 2, levels)  # in [0, levels): m − levels/2 ≡ integers (mod levels)
     return (m - levels // 2) * (2 * clipping_range / levels)
-
-
-def integer_of_grid(values: np.ndarray, clipping_range: float, levels: int) -> np.ndarray:
-    """The wrapped integer a grid point stands for (the inverse of `to_grid` up to γ): used by tests and checks."""
-    return np.rint(np.asarray(values, dtype=np.float64) * levels / (2 * clipping_range)).astype(np.int64)
 
 
 def sum_of_mean(mean: np.ndarray, sites: int, gamma: float, clipping_range: float, levels: int) -> np.ndarray:
