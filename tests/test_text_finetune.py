@@ -187,3 +187,18 @@ def test_config_takes_text_fine_tuning_within_the_layers(raw: dict, key: str) ->
     assert cfg.finetune.blocks == 6
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(text | raw)
+
+
+def test_benchmark_text_demo_smoke(tmp_path) -> None:
+    """benchmarks/finetune.py --demo text, tiny: every cell of the grid runs and LoRA sends more than the head."""
+    from tests.test_benchmarks import _run  # the benchmarks' own smoke runner (results to a temporary folder)
+
+    args = ("--demo", "text", "--modes", "head", "lora r4", "--sites", "2", "--limit", "80", "--max-tokens", "16",
+            "--rounds", "1", "--local-epochs", "1", "--batch-size", "16", "--cache", str(tmp_path))  # fmt: skip
+    result = _run("benchmarks.finetune", *args)
+    rows = result["rows"]
+    assert result["benchmark"] == "finetune_text_accuracy" and len(rows) == 2 * 2 * 4  # splits x modes x ε
+    head = {r["bytes_per_round"] for r in rows if r["trains"] == "head"}
+    lora = {r["bytes_per_round"] for r in rows if r["trains"] == "lora r4"}
+    assert len(head) == len(lora) == 1 and lora.pop() > head.pop()
+    assert all(0 <= r["accuracy"] <= 1 and r["train_s"] > 0 for r in rows)
