@@ -87,6 +87,9 @@ def check_run(cfg: Any) -> None:
                  ft.train)  # fmt: skip
         _require(ft.blocks <= spec.blocks, "finetune.blocks", f"must be 1..{spec.blocks} for {cfg.backbone.name}",
                  ft.blocks)  # fmt: skip
+        _require(ft.norm == "frozen" or spec.kind == "image", "finetune.norm", f"{cfg.backbone.name} has no "
+                 "BatchNorm to replace (its layers use LayerNorm, which trains with them); use frozen",
+                 ft.norm)  # fmt: skip
         _require(cfg.train.protocol == "fedavg", "train.protocol", "fine-tuning beyond the head needs fedavg: "
                  "fedsgd's per-record gradient sum and its audit are written for the head on cached features; "
                  "use fedavg, or finetune.train: head", cfg.train.protocol)  # fmt: skip

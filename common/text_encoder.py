@@ -15,6 +15,10 @@ and the maximum sequence length (describe()).
 Texts longer than `max_seq_length` tokens are truncated to their first tokens, as
 sentence-transformers does, and every `embed` call that truncates logs how many it cut:
 the choice is the operator's (raise `backbone.max_seq_length` up to the model's limit).
+
+Fine-tuning (common/finetune.py) cuts the transformer between its layers: `parts()` hands over
+the embeddings, the layers and the pooling modules, and `tokens()` the token ids every text
+padded to `max_seq_length`, so that the cached activations have one shape.
 """
 
 from __future__ import annotations

@@ -180,6 +180,7 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
 @pytest.mark.parametrize(("raw", "key"), [
     ({"finetune": {"train": "blocks", "blocks": 7}}, "finetune.blocks"),
     ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
+    ({"finetune": {"train": "blocks", "norm": "groupnorm"}}, "finetune.norm"),
 ])  # fmt: skip
 def test_config_takes_text_fine_tuning_within_the_layers(raw: dict, key: str) -> None:
     text = {"backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64}, "data": {"source": "bbc"}}
