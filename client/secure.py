@@ -60,17 +60,23 @@ def head_names(conf: ConfigRecord) -> list[str]:
 
 
 def secure_reply(
-    answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool, gamma: float | None = None
-) -> RecordDict:
+    answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool,
+    quanta: dict[str, float] | None = None,
+) -> RecordDict:  # fmt: skip
     """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently.
 
-    A fedsgd gradient sum (`gamma`: its unit γ) goes as integers on Flower's grid with weight
-    max_weight, so that the server can read back the exact sum (common/secure_sum.py).
+    A sum the server must read back exactly (a fedsgd gradient sum, the feature statistics;
+    `quanta`: each tensor's unit γ) goes as integers on Flower's grid with weight max_weight
+    (common/secure_sum.py).
     """
-    head = [answer[Rec.ARRAYS][n].numpy() for n in names]
+    try:
+        head = [answer[Rec.ARRAYS][n].numpy() for n in names]
+    except KeyError as err:
+        raise ValueError(f"the server asked for tensor {err} this reply does not hold") from None
     examples = int(answer[Rec.METRICS][Metric.NUM_EXAMPLES])
-    if gamma is not None:
-        head = [to_grid(v, gamma, settings.clipping_range, settings.quantization_range) for v in head]
+    if quanta is not None:
+        head = [to_grid(v, quanta[n], settings.clipping_range, settings.quantization_range)
+                for n, v in zip(names, head, strict=True)]  # fmt: skip
         examples = int(settings.max_weight)
     if examples > settings.max_weight:
         raise ValueError(

@@ -23,11 +23,14 @@ from client.site_log import record
 from common.audit_log import update_digest
 from common.config import RunConfig
 from common.dp_fedsgd import (
+    STATS_NORM,
     Units,
     add_noise,
     clipped_gradient_sum,
     make_generator,
     release_statistics,
+    skellam_statistics,
+    stats_quanta,
     synthetic_users,
     user_seed,
 )
@@ -67,11 +70,16 @@ def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRec
     return int(conf[Cfg.SERVER_ROUND]), arrays, conf
 
 
-def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord, num_classes: int) -> nn.Module:
-    """A head of this run's shape with the server's weights; a head of another shape is declined."""
+def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord | None, num_classes: int) -> nn.Module:
+    """A head of this run's shape with the server's weights; a head of another shape is declined.
+
+    `arrays` None: the statistics release under SecAgg+, whose message carries the release's shape, not
+    a head; the release needs only the head's size (for the plan), not its weights.
+    """
     head = make_top(site.backbone, num_classes, cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune)
     try:
-        load_head(head, arrays)
+        if arrays is not None:
+            load_head(head, arrays)
     except ValueError as err:
         raise Declined(str(err)) from None
     return head.to(site.backbone.device)
@@ -110,10 +118,16 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
 def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
     """The Skellam plan; declined when this site's share could wrap modulo SecAgg+'s range (see share_wrap_bound)."""
     p, t, n = cfg.privacy, cfg.train, site_units(site, cfg).count
-    survivors = cfg.secagg.fewest_survivors(t.min_sites)
+    survivors, classes, features = cfg.secagg.fewest_survivors(t.min_sites), len(site.data.train.classes), 0
+    if p.feature_stats:
+        features = int(site.train_x.shape[1])
     plan = site.plan(plan_distributed, n, t.sample_rate, t.rounds, p.target_epsilon, p.target_delta,
-                     p.max_grad_norm, dim, survivors, p.unit)  # fmt: skip
+                     p.max_grad_norm, dim, survivors, p.unit, p.feature_stats_share if p.feature_stats else None,
+                     features, classes)  # fmt: skip
     wrap = t.rounds * share_wrap_bound(n, plan.l2_sensitivity, plan.noise_share, dim, cfg.secagg.quantization_range)
+    if p.feature_stats:  # the release's sums, each unit moving a coordinate by at most Δ2 of the statistics
+        wrap += share_wrap_bound(n, plan.stats_l2, plan.stats_variance / survivors, classes * (features + 1),
+                                 cfg.secagg.quantization_range)  # fmt: skip
     if wrap > 1e-6 * plan.target_delta:
         raise ValueError(f"secagg.quantization_range {cfg.secagg.quantization_range} is too small for this site's {n} "
                          f"units (its integer sum could wrap, probability up to {wrap:.2g}); raise it")  # fmt: skip
@@ -162,7 +176,8 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         record(site, msg, Event.REPLY_REPLAYED, request=key, update=digest)
         return _secure(cached, conf, cfg, replayed=True) if secure else cached
     ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
-    head = local_head(site, cfg, arrays, len(site.data.train.classes))
+    head = local_head(site, cfg, None if secure and conf.get(Cfg.RELEASE) is not None else arrays,
+                      len(site.data.train.classes))  # fmt: skip
     plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
     started = time.monotonic()
     work = _work(site, cfg, conf, server_round, plan, ledger, head)
@@ -194,10 +209,15 @@ def _work(
         step = None if plan is None else plan.stats_step
         if plan is not None:
             ledger.check_round(plan, step)
-        units = site_units(site, cfg)
-        released = release_statistics(site.train_x, site.train_y, len(site.data.train.classes), units,
-                                      None if plan is None else plan.stats_noise_multiplier,
-                                      make_generator(seed, secure_mode, site.train_x.device), secure_mode)  # fmt: skip
+        units, classes = site_units(site, cfg), len(site.data.train.classes)
+        generator = make_generator(seed, secure_mode, site.train_x.device)
+        if plan is not None and plan.distributed:  # integers in units of each tensor's quantum, plus a Skellam share
+            released = skellam_statistics(site.train_x, site.train_y, classes, units, plan.stats_variance /
+                                          plan.min_survivors, generator)  # fmt: skip
+        else:
+            released = release_statistics(site.train_x, site.train_y, classes, units,
+                                          None if plan is None else plan.stats_noise_multiplier, generator,
+                                          secure_mode)  # fmt: skip
         return Work(ArrayRecord(released), None, 1, _extended(ledger, step), step,
                     {Metric.NUM_EXAMPLES: units.count}, FEATURE_STATS)  # fmt: skip
     if plan is not None:
@@ -280,6 +300,10 @@ def _dp_record(work: Work, plan: DPPlan) -> DPRecord:
         return DPRecord(plan.noise_multiplier, plan.sample_rate, work.steps, plan.max_grad_norm, plan.target_delta,
                         plan.accountant, "skellam", plan.noise_variance, plan.noise_share, plan.min_survivors,
                         plan.quantum, plan.l1_sensitivity, plan.l2_sensitivity)  # fmt: skip
+    if plan.distributed:  # the statistics' Skellam release: its own norm bound, quantum and sensitivities
+        return DPRecord(plan.stats_noise_multiplier or 0.0, 1.0, 1, STATS_NORM, plan.target_delta, plan.accountant,
+                        "skellam", plan.stats_variance, plan.stats_variance / plan.min_survivors, plan.min_survivors,
+                        quantum(STATS_NORM), plan.stats_l1, plan.stats_l2)  # fmt: skip
     sigma, q, steps = work.step
     clip = 1.0 if work.release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
     return DPRecord(sigma, q, steps, clip, plan.target_delta, plan.accountant)
@@ -288,7 +312,11 @@ def _dp_record(work: Work, plan: DPPlan) -> DPRecord:
 def _secure(answer: RecordDict, conf: ConfigRecord, cfg: RunConfig, replayed: bool) -> RecordDict:
     """Our reply in the form secaggplus_mod masks; a head SecAgg+ would clip silently is declined."""
     try:
-        gamma = quantum(cfg.privacy.max_grad_norm) if cfg.train.protocol == "fedsgd" else None
-        return secure_reply(answer, head_names(conf), cfg.secagg, replayed, gamma)
+        names, quanta = head_names(conf), None
+        if conf.get(Cfg.RELEASE) is not None:  # the statistics: each sum read back exactly (common/secure_sum.py)
+            quanta = stats_quanta()
+        elif cfg.train.protocol == "fedsgd":
+            quanta = dict.fromkeys(names, quantum(cfg.privacy.max_grad_norm))
+        return secure_reply(answer, names, cfg.secagg, replayed, quanta)
     except ValueError as err:
         raise Declined(str(err)) from None

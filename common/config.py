@@ -209,8 +209,6 @@ class RunConfig:
             f"cannot exceed data.num_sites ({self.data.num_sites})",
             self.train.min_sites,
         )
-        _require(not (self.secure_aggregation and self.privacy.feature_stats), "privacy.feature_stats",
-                 "the statistics release is sent plain, not under secure_aggregation; set false", True)  # fmt: skip
         if self.secure_aggregation:
             # the server only ever holds the sum of the updates: nothing per site to screen or rank
             _require(

@@ -31,10 +31,16 @@ from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from common import skellam
+
 STATS_SUMS = "stats.class-sums"  # (classes, feature_dim)
 STATS_COUNTS = "stats.class-counts"  # (classes,)
 STATS_NAMES = (STATS_SUMS, STATS_COUNTS)
 COUNT_NOISE_FACTOR = 3.0  # counts get 3x the noise of the sums: the mean needs the sums more
+# distributed trust: a count enters the integer release as 1/4 of a record (exact on γ's grid), so with one
+# Skellam variance per coordinate the counts get 4x the sums' noise (in records); see stats_sensitivities
+STATS_COUNT_SCALE = 0.25
+STATS_NORM = math.sqrt(1 + STATS_COUNT_SCALE**2)  # one unit's (sums, scaled counts) move in L2, before rounding
 CHUNK_RECORDS = 512  # per-sample gradients are computed this many records at a time (memory)
 
 
@@ -114,8 +120,8 @@ def clipped_gradient_sum(
     idx = torch.nonzero(keep).squeeze(1)
     idx = idx[torch.argsort(units.of_record.to(device)[idx], stable=True)]  # a unit's records together
     params = {k: v.detach() for k, v in head.named_parameters()}
-    if units.count == len(units.of_record) and _is_linear_probe(head) and quantum is None:
-        total, loss_sum = _linear_probe_sum(head, features[idx], labels[idx], clip_norm)
+    if units.count == len(units.of_record) and _is_linear_probe(head):
+        total, loss_sum = _linear_probe_sum(head, features[idx], labels[idx], clip_norm, quantum)
         return ClippedSum(_unflatten(head, params, total), loss_sum / max(len(idx), 1), len(idx))
     dtype = torch.float32 if quantum is None else torch.float64
     total = torch.zeros(sum(p.numel() for p in params.values()), device=device, dtype=dtype)
@@ -148,20 +154,34 @@ def _is_linear_probe(head: nn.Module) -> bool:
 
 @torch.no_grad()
 def _linear_probe_sum(
-    head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, clip_norm: float | None
+    head: nn.Sequential, x: torch.Tensor, y: torch.Tensor, clip_norm: float | None, quantum: float | None = None
 ) -> tuple[torch.Tensor, float]:
     """Closed form for softmax regression on z = head[:-1](x): a record's gradient is (p − e_y) zᵀ for the
-    weights and p − e_y for the bias, of norm ‖p − e_y‖·√(‖z‖² + 1); the clipped sum is one matrix product."""
+    weights and p − e_y for the bias, of norm ‖p − e_y‖·√(‖z‖² + 1); the clipped sum is one matrix product.
+
+    With `quantum` γ each record's clipped gradient is built (in float64, CHUNK_RECORDS at a time, a hair
+    inside C as in clipped_gradient_sum) and rounded in units of γ before the sum.
+    """
     z = head[:-1](x)
     logits = head[-1](z)
     residual = logits.softmax(1) - nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
-    scale = torch.ones(len(y), device=x.device)
-    if clip_norm is not None:
-        norms = residual.norm(dim=1) * (z.square().sum(1) + 1).sqrt()
-        scale = (clip_norm / (norms + 1e-12)).clamp(max=1.0)
-    weighted = residual * scale[:, None]
     loss = float(nn.functional.cross_entropy(logits, y, reduction="sum")) if len(y) else 0.0
-    return torch.cat([(weighted.T @ z).flatten(), weighted.sum(0)]), loss
+    if quantum is not None:
+        residual, z = residual.double(), z.double()
+    scale = torch.ones(len(y), device=x.device, dtype=residual.dtype)
+    if clip_norm is not None:
+        bound = clip_norm if quantum is None else clip_norm * (1 - 1e-9)
+        norms = residual.norm(dim=1) * (z.square().sum(1) + 1).sqrt()
+        scale = (bound / (norms + 1e-12)).clamp(max=1.0)
+    weighted = residual * scale[:, None]
+    if quantum is None:
+        return torch.cat([(weighted.T @ z).flatten(), weighted.sum(0)]), loss
+    total = torch.zeros(weighted.shape[1] * (z.shape[1] + 1), dtype=torch.float64, device=x.device)
+    for at in range(0, len(y), CHUNK_RECORDS):
+        r, zc = weighted[at : at + CHUNK_RECORDS], z[at : at + CHUNK_RECORDS]
+        per_record = torch.cat([(r[:, :, None] * zc[:, None, :]).flatten(1), r], dim=1)
+        total += torch.round(per_record / quantum).sum(0)
+    return total, loss
 
 
 def _unit_chunks(unit_of_row: torch.Tensor) -> list[torch.Tensor]:
@@ -237,6 +257,51 @@ def release_statistics(
         sums = sums + _generate_noise(sum_std, sums, generator, secure_mode)
         counts = counts + _generate_noise(COUNT_NOISE_FACTOR * sum_std, counts, generator, secure_mode)
     return {STATS_SUMS: sums.cpu(), STATS_COUNTS: counts.cpu()}
+
+
+def stats_quanta() -> dict[str, float]:
+    """The unit of each released tensor on SecAgg+'s integer grid: γ for the sums, γ/s for the counts."""
+    gamma = skellam.quantum(STATS_NORM)
+    return {STATS_SUMS: gamma, STATS_COUNTS: gamma / STATS_COUNT_SCALE}
+
+
+def stats_sensitivities(feature_dim: int, num_classes: int, per_user: bool) -> tuple[float, float]:
+    """(Δ1, Δ2) of the integer statistics release under distributed trust, in units of γ = quantum(STATS_NORM).
+
+    Neighbouring datasets differ by one unit (a record, or all of a user's records). Each unit's
+    contribution is rounded on its own: v = ⊕_k (Σ_{i: y_i = k} w_i·u_i, s·Σ_{i: y_i = k} w_i) over
+    the classes k, with ‖u_i‖ = 1, w_i = 1/m (m the unit's records, so Σ w_i = 1) and count scale
+    s = STATS_COUNT_SCALE. By the triangle inequality ‖v‖ ≤ Σ_i w_i·‖(u_i, s)‖ = √(1 + s²) = STATS_NORM,
+    whatever classes a user's records fall in. Dividing by γ and rounding each coordinate moves it by
+    at most 1/2, and a zero coordinate stays zero: at most D coordinates move, D = F + 1 for a record
+    (its class's sum row and count), C·(F + 1) for a user (every class). The other units' rounded
+    vectors do not change, so the sum moves by exactly this unit's: Δ2 ≤ STATS_NORM/γ + √D/2, and for
+    an integer vector with D nonzeros Δ1 ≤ min(√D·Δ2, Δ2²) (common.skellam.sensitivities).
+    """
+    touched = (feature_dim + 1) * (num_classes if per_user else 1)
+    return skellam.sensitivities(STATS_NORM, skellam.quantum(STATS_NORM), touched)
+
+
+def skellam_statistics(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, units: Units, share_variance: float,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Distributed trust's release: each unit's (sums, s·counts) in units of γ, rounded, summed, plus this
+    site's Skellam share on every coordinate; returned as values (integers × each tensor's quantum), float64."""
+    gamma, quanta = skellam.quantum(STATS_NORM), stats_quanta()
+    w = units.weights().to(features.device).double()
+    unit = nn.functional.normalize(features.double(), dim=1) * (w * (1 - 1e-9))[:, None]  # float error stays inside
+    cells, at = torch.unique(units.of_record.to(features.device) * num_classes + labels, return_inverse=True)
+    rows = torch.zeros(len(cells), features.shape[1], dtype=torch.float64, device=features.device)
+    rows = torch.round(rows.index_add_(0, at, unit) / gamma)  # one unit's part of one class, rounded
+    counts = torch.zeros(len(cells), dtype=torch.float64, device=features.device).index_add_(0, at, w)
+    counts = torch.round(counts * STATS_COUNT_SCALE / gamma)
+    cls = cells % num_classes
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    per_class = torch.zeros(num_classes, dtype=torch.float64, device=features.device)
+    totals = {STATS_SUMS: sums.index_add_(0, cls, rows), STATS_COUNTS: per_class.index_add_(0, cls, counts)}
+    return {k: ((v + skellam.sample(v.shape, share_variance, generator, v.device)) * quanta[k]).cpu()
+            for k, v in totals.items()}  # fmt: skip
 
 
 def whitened_sensitivity(noise_multiplier: float) -> float:

@@ -102,13 +102,21 @@ def epsilon(history: tuple[tuple, ...], delta: float, individual: bool = False) 
 
 @functools.lru_cache(maxsize=256)
 def calibrate_variance(
-    sample_rate: float, steps: int, target_epsilon: float, target_delta: float, d1: float, d2: float
-) -> float:
-    """The smallest variance μ (to 1% in √μ) whose `steps` subsampled Skellam rounds meet (ε, δ) for the aggregate."""
+    sample_rate: float, steps: int, target_epsilon: float, target_delta: float, d1: float, d2: float,
+    prefix: tuple[tuple, ...] = (),
+) -> float:  # fmt: skip
+    """The smallest variance μ (to 1% in √μ) whose `steps` subsampled Skellam rounds meet (ε, δ) for the aggregate.
+
+    `prefix`: releases that come first (the feature statistics' Skellam release), composed in;
+    ValueError when they alone spend the target.
+    """
 
     def eps(std: float) -> float:
-        return epsilon(((SKELLAM, std * std, sample_rate, steps, d1, d2, 1),), target_delta)
+        return epsilon((*prefix, (SKELLAM, std * std, sample_rate, steps, d1, d2, 1)), target_delta)
 
+    if prefix and eps(1e9 * d2) > target_epsilon:
+        raise ValueError(f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+                         f"{target_epsilon:g}; lower it")  # fmt: skip
     low, high = 0.0, d2
     while eps(high) > target_epsilon:
         low, high = high, 2 * high

@@ -168,12 +168,12 @@ def _round(
     cfg, t0 = co.cfg, time.monotonic()
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     connected = book.learn_registered(grid)
-    release = co.release if rnd == 0 else None  # round 0 is the statistics release: plain, every site once
+    release = co.release if rnd == 0 else None  # round 0 is the statistics release: every site once
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
-        if release is not None:
+        if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
+            train = secure_train_round(grid, rnd, arrays, config, release or co.strategy, book, cfg)
+        elif release is not None:
             train = plain_round(grid, rnd, arrays, config, release, book, cfg.train.round_timeout_s)
-        elif cfg.secure_aggregation:
-            train = secure_train_round(grid, rnd, arrays, config, co.strategy, book, cfg)
         else:
             train = plain_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
     if train.arrays is not None:

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from common.audit_log import update_digest
-from common.config import RunConfig
+from common.config import RunConfig, SecAggConfig
+from common.dp_fedsgd import stats_quanta
 from common.exchange import arrays_to_numpy, wire_bytes
-from common.protocol import DPRecord, Metric, Rec, SiteStatus
+from common.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from common.secure_sum import sum_of_mean
 from common.skellam import quantum
 from server.secure import SecureRound, secure_round
@@ -86,7 +88,14 @@ def secure_train_round(
     grid: Grid, rnd: int, arrays: ArrayRecord, config: ConfigRecord, strategy: ScreenedStrategy, book: SiteBook,
     cfg: RunConfig,
 ) -> TrainRound:  # fmt: skip
-    """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean."""
+    """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean.
+
+    Round 0's statistics release (`config` names it) goes the same way: the message carries zeros
+    shaped like the release (the strategy's spec), and the server reads back the exact sums.
+    """
+    release = config.get(Cfg.RELEASE) is not None
+    if release:
+        arrays = ArrayRecord({n: Array(np.zeros(shape, dtype=dtype)) for n, (shape, dtype) in strategy.spec.items()})
     nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
     sec = secure_round(grid, rnd, arrays, config, nodes, cfg.secagg, cfg.train.round_timeout_s)
     out = TrainRound(bytes_received=sum(sec.payload.values()))
@@ -113,8 +122,11 @@ def secure_train_round(
     examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
     extra: dict[str, float] = {}
     aggregate = sec.aggregate
-    if cfg.train.protocol == "fedsgd":  # the sites' gradient sums, read back exactly; FedSGD divides by Σ q·n
-        aggregate = secure_gradient_sum(sec, aggregate, cfg)
+    if release:  # the sites' statistics, read back exactly; the release strategy keeps the one sum it gets
+        aggregate = secure_sum(sec, aggregate, stats_quanta(), cfg.secagg)
+    elif cfg.train.protocol == "fedsgd":  # the sites' gradient sums, read back exactly; FedSGD divides by Σ q·n
+        aggregate = secure_sum(sec, aggregate, dict.fromkeys(aggregate.keys(), quantum(cfg.privacy.max_grad_norm)),
+                               cfg.secagg)  # fmt: skip
         extra[Metric.EXPECTED_BATCH] = sum(float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH])
                                            for r in sec.trained.values())  # fmt: skip
     reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)
@@ -122,11 +134,11 @@ def secure_train_round(
     return out
 
 
-def secure_gradient_sum(sec: SecureRound, mean: ArrayRecord, cfg: RunConfig) -> ArrayRecord:
-    """The sum of the sites' fedsgd messages from SecAgg+'s mean of their grid vectors (common/secure_sum.py)."""
-    gamma, s = quantum(cfg.privacy.max_grad_norm), cfg.secagg
-    values = [sum_of_mean(v, len(sec.trained), gamma, s.clipping_range, s.quantization_range)
-              for v in sec.mean64 or []]  # fmt: skip
+def secure_sum(sec: SecureRound, mean: ArrayRecord, quanta: dict[str, float], s: SecAggConfig) -> ArrayRecord:
+    """The sum of the sites' messages (fedsgd's gradient sums, or the statistics: `quanta`, each tensor's unit γ)
+    from SecAgg+'s mean of their grid vectors (common/secure_sum.py)."""
+    values = [sum_of_mean(v, len(sec.trained), quanta[n], s.clipping_range, s.quantization_range)
+              for n, v in zip(mean.keys(), sec.mean64 or [], strict=True)]  # fmt: skip
     return ArrayRecord({n: Array(v.astype(mean[n].dtype)) for n, v in zip(mean.keys(), values, strict=True)})
 
 

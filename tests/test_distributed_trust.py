@@ -201,7 +201,7 @@ def test_local_trust_fedsgd_under_secagg_sends_its_noisy_sum_on_flowers_grid() -
     for s in sums:
         arrays, metrics = ArrayRecord({"head.1.weight": Array(s)}), MetricRecord({"num-examples": 7})
         answer = RecordDict({"arrays": arrays, "metrics": metrics})
-        reply = secure_reply(answer, ["head.1.weight"], settings, False, gamma)
+        reply = secure_reply(answer, ["head.1.weight"], settings, False, {"head.1.weight": gamma})
         fitres = compat.recorddict_to_fitres(reply, keep_input=False)
         assert fitres.num_examples == int(settings.max_weight)  # Flower's ratio is exactly 1
         (grid,) = parameters_to_ndarrays(fitres.parameters)
@@ -210,3 +210,78 @@ def test_local_trust_fedsgd_under_secagg_sends_its_noisy_sum_on_flowers_grid() -
     mean = (dequantize([masked], clip, levels)[0] - 2 * clip) / 3
     expected = sum(np.rint(s.astype(np.float64) / gamma) for s in sums) * gamma
     assert np.array_equal(sum_of_mean(mean, 3, gamma, clip, levels), expected)
+
+
+STATS = DISTRIBUTED | {"privacy": DISTRIBUTED["privacy"] | {"feature_stats": True}}
+
+
+def test_feature_statistics_under_secure_aggregation_load_under_either_trust() -> None:
+    """Refused before the statistics travelled under SecAgg+; now both trusts accept them."""
+    assert config_from_dict(STATS).privacy.feature_stats
+    local = STATS | {"privacy": {"target_delta": 1e-3, "feature_stats": True}}
+    assert config_from_dict(local).privacy.trust == "local"
+
+
+def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> None:
+    """Round 0's Skellam release is in the plan, the ledger and the DP record; with it the run meets ε, without its
+    share the rounds alone spend less."""
+    from common.dp_fedsgd import STATS_NORM, stats_sensitivities
+
+    cfg, site = config_from_dict(STATS), _site(tmp_path)
+    head = make_head(DIM, CLASSES, centred=True)
+    ledger = PrivacyLedger(site.ledger_path, "r")
+    plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
+    assert plan is not None and plan.stats_variance > 0
+    assert (plan.stats_l1, plan.stats_l2) == stats_sensitivities(DIM, CLASSES, per_user=False)
+    conf = {"server-round": 0, "run-id": "r", "release": "feature-stats"}
+    from flwr.app import ConfigRecord
+
+    work = train_round._work(site, cfg, ConfigRecord(conf), 0, plan, ledger, head)
+    answer, dp = train_round._answer(site, work, plan, ledger, 0, 0.1)
+    assert dp is not None and dp.mechanism == "skellam" and dp.clip_norm == STATS_NORM and dp.sample_rate == 1.0
+    assert ledger.history == [plan.stats_step] == [dp.history_step]
+    whole = [plan.stats_step] + [plan.round_step] * cfg.train.rounds
+    assert epsilon_of(whole, 1e-3, "rdp") <= cfg.privacy.target_epsilon + 1e-9
+    assert epsilon_of(whole[1:], 1e-3, "rdp") < epsilon_of(whole, 1e-3, "rdp")
+    assert answer["metrics"][Metric.EPSILON_INDIVIDUAL] > answer["metrics"][Metric.EPSILON] > 0
+
+
+def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_messages() -> None:
+    """Each site's Skellam release (integers × quantum) on Flower's grid, Flower's masked-sum arithmetic, the
+    server's read-back: exactly the sum of the sites' messages, sums and counts."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+    from flwr.common import parameters_to_ndarrays
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.secure import secure_reply
+    from common.dp_fedsgd import STATS_NAMES, Units, skellam_statistics, stats_quanta
+    from server.rounds import secure_sum
+    from server.secure import SecureRound
+
+    settings, quanta, sites = SecAggConfig(quantization_range=2**24), stats_quanta(), 3
+    masked = {n: 0 for n in STATS_NAMES}
+    messages = []
+    for i in range(sites):
+        torch.manual_seed(i)
+        x, y = torch.randn(50, DIM), torch.randint(0, CLASSES, (50,))
+        released = skellam_statistics(x, y, CLASSES, Units.records(50), 400.0, torch.Generator().manual_seed(i))
+        messages.append(released)
+        for name, value in released.items():
+            assert np.array_equal(value.numpy() / quanta[name], np.rint(value.numpy() / quanta[name]))
+        answer = RecordDict({"arrays": ArrayRecord({n: Array(v.numpy()) for n, v in released.items()}),
+                             "metrics": MetricRecord({"num-examples": 50})})  # fmt: skip
+        reply = secure_reply(answer, list(STATS_NAMES), settings, False, quanta)
+        grids = parameters_to_ndarrays(compat.recorddict_to_fitres(reply, keep_input=False).parameters)
+        for name, grid in zip(STATS_NAMES, grids, strict=True):
+            q = quantize([grid], settings.clipping_range, settings.quantization_range)[0]
+            masked[name] = (masked[name] + q.astype(np.int64)) % 2**32
+    clip, levels = settings.clipping_range, settings.quantization_range
+    means = [(dequantize([masked[n]], clip, levels)[0] - (sites - 1) * clip) / sites for n in STATS_NAMES]
+    sec = SecureRound(mean64=means, trained=dict.fromkeys(range(sites)))
+    template = ArrayRecord({n: Array(np.zeros_like(m, dtype=np.float32)) for n, m in zip(STATS_NAMES, means,
+                                                                                        strict=True)})  # fmt: skip
+    got = secure_sum(sec, template, quanta, settings)
+    for name in STATS_NAMES:
+        exact = sum(m[name].numpy() for m in messages)
+        assert np.array_equal(got[name].numpy(), exact.astype(np.float32))
