@@ -131,6 +131,9 @@ def _assert_round_2_stepped_on_the_exact_sum(run_dir: Path) -> None:
             total[name] = total.get(name, 0.0) + value.numpy()
         batch += raw["metrics"]["metrics"][Metric.EXPECTED_BATCH]
     for name, summed in total.items():
+        if name not in first["strategy_state"]["m_t"]:  # a buffer (the centring mean): no gradient, sent as zeros
+            assert not summed.any()
+            continue
         velocity = [np.asarray(c["strategy_state"]["m_t"][name]) for c in (first, second)]
         step = velocity[1] - 0.9 * velocity[0]  # heavy ball: v2 = 0.9·v1 + g2
         assert np.allclose(step, summed / batch, rtol=1e-6, atol=1e-12)  # float32 on the wire to the strategy
@@ -159,18 +162,22 @@ def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(t
            "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 3, "split": "iid"},
            "train": {"protocol": "fedsgd", "rounds": 2, "min_sites": 3, "sample_rate": 1.0, "learning_rate": 1.0,
                      "fraction_evaluate": 0.0},
-           "secure_aggregation": True, "privacy": {"trust": "distributed", "target_delta": 1e-4}}  # fmt: skip
+           "secure_aggregation": True,
+           "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
     config = tmp_path / "distributed.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     assert len(privacy) == 3
-    for site in privacy.values():
-        assert site["rounds_trained"] == [1, 2]
+    for site in privacy.values():  # round 0: the statistics' Skellam release, in both ε
+        assert site["rounds_trained"] == [0, 1, 2]
         assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9) and site["epsilon"] <= 3.0
         assert site["epsilon_individual"] == pytest.approx(site["epsilon_individual_recomputed"], rel=1e-9)
         assert site["epsilon_individual"] > site["epsilon"]
         assert {r["mechanism"] for r in site["per_round"]} == {"skellam"}
+        assert site["per_round"][0]["clip_norm"] != site["per_round"][1]["clip_norm"]  # the release's own bound
+    masked = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "update-received" and r.get("round") == 0 and r.get("masked") for r in masked)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["final_accuracy"] > 0.25  # two noisy steps from the initial head: well above chance (0.1)
     _assert_round_2_stepped_on_the_exact_sum(run_dir)
@@ -285,3 +292,30 @@ def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_message
     for name in STATS_NAMES:
         exact = sum(m[name].numpy() for m in messages)
         assert np.array_equal(got[name].numpy(), exact.astype(np.float32))
+
+
+def test_the_audit_checks_the_announced_trust_against_the_config_and_the_sites_logs(tmp_path: Path) -> None:
+    """run-started names trust and min_survivors: a wrong trust, or a site log planned for another K_min, fails."""
+    from server.audit.findings import Entry, Evidence, Findings, Update
+    from server.audit.trust import audit_announced_trust
+
+    cfg = config_from_dict(DISTRIBUTED)  # 3 sites, threshold 0.67: K_min = 2
+    log = tmp_path / "audit.jsonl"
+
+    def audit(started: dict, site_k: int) -> list[str]:
+        ev = Evidence(tmp_path, log, [], True, "r", cfg, server=[Entry(log, 1, {"event": "run-started", **started})])
+        trained = Update(Entry(log, 2, {"event": "update-trained"}), "site-1", 1, "", (), {"min_survivors": site_k})
+        found = Findings()
+        audit_announced_trust(ev, [trained], found)
+        return [f.reason for f in found.failures]
+
+    assert audit({"trust": "distributed", "min_survivors": 2}, 2) == []
+    (wrong,) = audit({"trust": "local"}, 2)
+    assert "announces trust 'local' with min_survivors None" in wrong and "'distributed' with 2" in wrong
+    (own,) = audit({"trust": "distributed", "min_survivors": 2}, 3)
+    assert own == "site-1 round 1: planned its share for 3 surviving sites, the server announced 2 at run-started"
+    local = Evidence(tmp_path, log, [], True, "r", config_from_dict({"privacy": {"target_delta": 1e-3}}),
+                     server=[Entry(log, 1, {"event": "run-started"})])  # fmt: skip
+    found = Findings()
+    audit_announced_trust(local, [], found)  # a local run recorded before run-started named its trust
+    assert found.failures == []

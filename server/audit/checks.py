@@ -48,7 +48,7 @@ def check_head_only(updates: Iterable[Update], head: list[str], found: Findings)
     for u in updates:
         allowed = {*head, MASKED_WEIGHT} if u.masked else set(head)
         if u.round == 0:  # round 0 is the DP feature-statistics release (privacy.feature_stats), not a head
-            allowed = set(STATS_NAMES)
+            allowed = {*STATS_NAMES, MASKED_WEIGHT} if u.masked else set(STATS_NAMES)
         extra, missing = sorted(set(u.tensors) - allowed), sorted(allowed - set(u.tensors))
         if extra or missing or len(u.tensors) != len(set(u.tensors)):
             what = f"tensor(s) {extra} that are not part of the head" if extra else f"{sorted(u.tensors)}, not {head}"

@@ -26,7 +26,7 @@ from server.audit.checks import (
 from server.audit.evidence import check_chain, collect_updates, file_hashes, gather
 from server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
 from server.audit.privacy import audit_site_privacy, check_policy
-from server.audit.trust import audit_trust
+from server.audit.trust import audit_announced_trust, audit_trust
 
 if TYPE_CHECKING:
     from server.audit.empirical import CanarySettings
@@ -58,6 +58,7 @@ def audit_run(
     check_aggregation(received, ev, found)
     check_completion(ev, received, found)
     trainings = sorted([*sent, *trained], key=lambda u: (str(u.entry.path), u.entry.line))  # each log's order
+    audit_announced_trust(ev, trainings, found)
     sites = _audit_sites(ev, received, trainings, matched, configs, found)
     files = file_hashes([ev.server_log, *ev.site_logs, *site_configs], run_dir)
     report = AuditReport(str(run_dir), ev.run_id, head, files, sites, found.failures, found.notes, mode=mode)

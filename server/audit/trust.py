@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from common.config import RunConfig
 from common.protocol import DPRecord, Event
 from server.audit.findings import Evidence, Findings, SiteAudit, Update
 
@@ -33,7 +34,7 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
                    f"{site.name}: its log records no training with a noise share")  # fmt: skip
     history = []
     for u in trainings:
-        reason = _share_problem(u.dp, expected, ev.cfg.privacy.max_grad_norm)
+        reason = _share_problem(u.dp, expected, ev.cfg.privacy.max_grad_norm, ev.cfg if u.round == 0 else None)
         if reason is not None:
             found.fail_at(CHECK, u.entry, f"{site.name} round {u.round}: {reason}")
             continue
@@ -41,8 +42,12 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
     _individual_epsilon(site, history, ev, found)
 
 
-def _share_problem(dp: dict[str, Any] | None, survivors: int, clip_norm: float) -> str | None:
-    """Why a logged training does not show this site's share of the planned noise, or None."""
+def _share_problem(
+    dp: dict[str, Any] | None, survivors: int, clip_norm: float, release: RunConfig | None = None
+) -> str | None:
+    """Why a logged training (or, with `release`, round 0's statistics) does not show this site's share of the
+    planned noise, or None."""
+    from common.dp_fedsgd import STATS_NORM
     from common.skellam import quantum
 
     if dp is None:
@@ -58,9 +63,54 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, clip_norm: float) 
                 f"unmask {survivors}")  # fmt: skip
     if not math.isclose(rec.noise_share * rec.min_survivors, rec.noise_variance, rel_tol=1e-9):
         return f"added variance {rec.noise_share:g}, not μ/K_min = {rec.noise_variance / rec.min_survivors:g}"
-    if rec.quantum != quantum(clip_norm) or rec.clip_norm != clip_norm:
+    bound = STATS_NORM if release is not None else clip_norm  # the statistics: a unit's (sums, counts/4) norm
+    if rec.quantum != quantum(bound) or rec.clip_norm != bound:
         return f"quantum {rec.quantum:g} and clip norm {rec.clip_norm:g} are not the run's"
+    return None if release is None else _release_problem(rec, release)
+
+
+def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
+    """Round 0's Skellam statistics release, recomputed: one step at rate 1, sensitivities no smaller than the
+    unrounded bound allows, and the variance the plan gives those sensitivities (common.privacy.plan_distributed)."""
+    from common.skellam import calibrate_variance
+
+    if (rec.sample_rate, rec.steps) != (1.0, 1):
+        return f"the statistics release is one step at rate 1, not {rec.steps} at {rec.sample_rate:g}"
+    if rec.l2_sensitivity < rec.clip_norm / rec.quantum or rec.l1_sensitivity < rec.l2_sensitivity:
+        return (f"the statistics release's sensitivities Δ1 = {rec.l1_sensitivity:g}, Δ2 = {rec.l2_sensitivity:g} "
+                f"are below the bound {rec.clip_norm / rec.quantum:g} of one unit")  # fmt: skip
+    p = cfg.privacy
+    mu = calibrate_variance(1.0, 1, p.target_epsilon, rec.delta, rec.l1_sensitivity, rec.l2_sensitivity)
+    if not p.feature_stats or not math.isclose(rec.noise_variance, mu / p.feature_stats_share, rel_tol=1e-9):
+        return (f"the statistics release's variance {rec.noise_variance:g} is not the plan's "
+                f"{mu / p.feature_stats_share:g} (privacy.feature_stats_share {p.feature_stats_share:g})")  # fmt: skip
     return None
+
+
+def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings) -> None:
+    """The trust (and, distributed, the fewest survivors) the server announced at run-started and every resume:
+    the config's, and what each site's log shows it planned its noise share for.
+
+    A run-started record of a local-trust run may name no trust (runs recorded before the field existed):
+    local trust promises no shares.
+    """
+    if ev.cfg is None:
+        return
+    trust = ev.cfg.privacy.trust
+    distributed = trust == "distributed"
+    survivors = ev.cfg.secagg.fewest_survivors(ev.cfg.train.min_sites) if distributed else None
+    starts = [e for e in ev.server if e.event in (Event.RUN_STARTED, Event.RUN_RESUMED)]
+    for entry in starts:
+        said = (entry.record.get("trust"), entry.record.get("min_survivors"))
+        if (distributed or said[0] is not None) and said != (trust, survivors):
+            found.fail_at(CHECK, entry, f"{entry.event} announces trust {said[0]!r} with min_survivors {said[1]!r}; "
+                          f"the run's config gives {trust!r} with {survivors!r}")  # fmt: skip
+    announced = starts[0].record.get("min_survivors") if starts and distributed else None
+    for u in trainings if announced is not None else []:
+        logged = (u.dp or {}).get("min_survivors")
+        if logged is not None and logged != announced:
+            found.fail_at(CHECK, u.entry, f"{u.site} round {u.round}: planned its share for {logged} surviving sites, "
+                          f"the server announced {announced!r} at {starts[0].event}")  # fmt: skip
 
 
 def _individual_epsilon(site: SiteAudit, history: list[tuple], ev: Evidence, found: Findings) -> None:
