@@ -14,8 +14,10 @@ it only when it answers in its own process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import bytes_to_ndarray
@@ -39,6 +41,10 @@ from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
 
 REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
 STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
+# Training or scoring a head on cached features is many tiny ops (a 1280 x 10 layer on batches of tens): torch's
+# intra-op thread pool only adds waiting, and on a busy or shared machine a 0.2 s message took 2-4 s with 2 threads
+# (README, "What a site keeps between messages"). One thread also makes the result independent of the core count.
+HEAD_THREADS = 1
 Handler = Callable[[Site, RunConfig, Message], RecordDict]
 
 
@@ -74,13 +80,35 @@ def _answer(msg: Message, context: Context, handler: Handler, cache: ProcessCach
         cfg = config_from_run_config(context.run_config)
         site = get_site(context, cfg, cache)
         name = site.name
-        with locking.hold(site.state_dir, "a fedtransfer ClientApp", wait_s=STATE_LOCK_WAIT_S, name=".message.lock"):
+        lock = locking.hold(site.state_dir, "a fedtransfer ClientApp", wait_s=STATE_LOCK_WAIT_S, name=".message.lock")
+        with lock, _threads(work_threads(cfg)):
             return Message(handler(site, cfg, msg), reply_to=msg)
     except REFUSALS as err:
         reason = str(err)
         if site is not None:
             record(site, msg, Event.DECLINED, reason=reason)
         return Message(Refusal(name, reason).to_error(), reply_to=msg)
+
+
+def work_threads(cfg: RunConfig) -> int | None:
+    """Threads for answering a message of `cfg` once its site is built; None keeps torch's own count.
+
+    A head on cached features gets HEAD_THREADS. Fine-tuning runs backbone blocks (convolutions, attention),
+    where more threads do pay off, so it keeps the process's setting.
+    """
+    return None if cfg.finetune.active else HEAD_THREADS
+
+
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` for the block, then as they were (a worker answers many messages)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:

@@ -27,12 +27,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
 
-from client import client_app, site_worker
+from client import client_app, handlers, site_worker, train_round
 from client.worker_link import OP_MESSAGE, LinkBroken, Request, WorkerFailed, ask, code_digest
 from common.backbones import ImageBackbone, load_backbone
 from common.config import BackboneConfig, config_from_dict, to_run_config
 from common.exchange import arrays_to_numpy, head_to_arrays
 from common.head import make_head
+from common.process_cache import ProcessCache
 from common.protocol import Refusal
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -222,3 +223,26 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_a_head_is_trained_on_one_thread_and_the_worker_keeps_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head work on cached features runs on HEAD_THREADS; fine-tuning keeps the process's count."""
+    seen: list[int] = []
+
+    def trains(site: object, cfg: object, msg: Message) -> RecordDict:
+        seen.append(torch.get_num_threads())
+        return RecordDict()
+
+    monkeypatch.setattr(train_round, "train", trains)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reply = handlers.handle(_request(), _context(tmp_path), ProcessCache(max_entries=16, max_bytes=1 << 30))
+        assert not reply.has_error(), reply.error
+        assert seen == [handlers.HEAD_THREADS] and torch.get_num_threads() == 2  # restored for the next message
+    finally:
+        torch.set_num_threads(before)
+    finetune = config_from_dict({"finetune": {"train": "blocks", "blocks": 1}})
+    assert handlers.work_threads(finetune) is None and handlers.work_threads(config_from_dict({})) == 1
