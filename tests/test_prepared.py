@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -101,6 +102,31 @@ def test_a_changed_weights_file_or_config_is_a_new_encoder(tmp_path: Path) -> No
     assert isinstance(_encoder(cfg, state, loads), PreparedEncoder)  # recorded again, for the new file
     other = BackboneConfig(image_size=64, weights_file=cfg.weights_file, weights_sha256=cfg.weights_sha256)
     assert not isinstance(_encoder(other, state, loads), PreparedEncoder) and loads.count == 3
+
+
+def test_a_weights_file_is_hashed_again_when_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker keeps a file's digest by its stat; a file written moments ago is hashed every time (racy)."""
+    hashed = Loads(prepared.file_sha256)
+    monkeypatch.setattr(prepared, "file_sha256", hashed)
+    cfg, state, loads = _weights(tmp_path), _state(tmp_path), Loads(FakeEncoder)
+    path = Path(str(cfg.weights_file))
+    _encoder(cfg, state, loads)
+    assert isinstance(_encoder(cfg, state, loads), PreparedEncoder) and hashed.count == 2  # just written: no memory
+    monkeypatch.setattr(prepared, "RACY_NS", -(10**12))  # as if the file had been written long ago
+    for _ in range(3):
+        assert isinstance(_encoder(cfg, state, loads), PreparedEncoder)
+    assert hashed.count == 3 and loads.count == 1  # hashed once for three messages
+
+    fresh = path.with_name("weights.new")
+    fresh.write_bytes(b"weights v2")  # same size, replaced under the same name: another inode
+    os.replace(fresh, path)
+    assert not isinstance(_encoder(cfg, state, loads), PreparedEncoder) and loads.count == 2
+    before = os.stat(path)
+    path.write_bytes(b"weights v3")  # rewritten in place, same size; a later mtime, as a later write has
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    changed = _encoder(cfg, state, loads)
+    assert not isinstance(changed, PreparedEncoder) and loads.count == 3
+    assert changed.fingerprint == hashlib.sha256(b"weights v3").hexdigest()
 
 
 @pytest.mark.parametrize("tamper", ["fingerprint", "torn", "other-secret"])
