@@ -106,6 +106,18 @@ def test_privacy_utility_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_distributed_trust_smoke() -> None:
+    """Distributed trust with the statistics release on the Dirichlet split: tuned, tested, both ε within reach."""
+    args = ("--splits", "dirichlet", "--methods", "stats", "--seeds", "0", "--epsilons", "3", "--rounds", "2",
+            "--name", "distributed_trust_smoke")  # fmt: skip
+    rows = _run("benchmarks.distributed_trust", *args)["rows"]
+    assert sum(r["phase"] == "tune (validation)" for r in rows) == 2  # 2 rounds × lr 0.5/1
+    (tested,) = [r for r in rows if r["phase"] == "test"]
+    assert tested["stats"] and tested["k_min"] == 3 and 0 <= tested["accuracy_mean"] <= 1
+    assert tested["epsilon_aggregate"] <= 3.0 + 1e-6 < tested["epsilon_individual"]
+
+
+@pytest.mark.slow
 def test_scale_smoke() -> None:
     rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
