@@ -6,9 +6,10 @@ deploy site` starts this worker next to the SuperNode, for the SuperNode's life;
 ClientApp forwards its message here (client/worker_link.py) and imports no torch itself.
 
 What the worker keeps is imported code, not the site: every message builds the site afresh,
-exactly as a new ClientApp process would (site YAML and policy read again, data and weights
-files hashed again, prepared records checked again: client/prepared.py), and runs the same
-`client.handlers.handle`. So an edited policy applies at the next message, and a record
+exactly as a new ClientApp process would (site YAML and policy read again, data files hashed
+again, weights files hashed again once their stat changes, prepared records checked again:
+client/prepared.py), and runs the same `client.handlers.handle` (head work on one torch
+thread: `handlers.work_threads`). So an edited policy applies at the next message, and a record
 still skips work, never a check. Messages are answered one at a time, each under the state
 folder's `.message.lock`, as before.
 
