@@ -319,3 +319,32 @@ def test_the_audit_checks_the_announced_trust_against_the_config_and_the_sites_l
     found = Findings()
     audit_announced_trust(local, [], found)  # a local run recorded before run-started named its trust
     assert found.failures == []
+
+
+def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_to_the_grid(tmp_path: Path) -> None:
+    """Local trust: round 0's Gaussian release, rounded to each tensor's quantum (post-processing), full weight."""
+    from flwr.app import ConfigRecord
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from common.dp_fedsgd import STATS_NAMES, stats_quanta
+    from common.secure_sum import sum_of_mean
+
+    cfg = config_from_dict({"secure_aggregation": True, "train": {"protocol": "fedsgd", "min_sites": 2},
+                            "data": {"num_sites": 2}, "privacy": {"target_delta": 1e-3,
+                                                                  "feature_stats": True}})  # fmt: skip
+    site, ledger = _site(tmp_path), PrivacyLedger(tmp_path / "l.json", "r")
+    head = make_head(DIM, CLASSES, centred=True)
+    plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
+    conf = ConfigRecord({"server-round": 0, "run-id": "r", "release": "feature-stats",
+                         "head-names": ",".join(STATS_NAMES)})  # fmt: skip
+    work = train_round._work(site, cfg, conf, 0, plan, ledger, head)
+    answer, dp = train_round._answer(site, work, plan, ledger, 0, 0.1)
+    assert dp is not None and dp.mechanism == "gaussian"
+    fitres = compat.recorddict_to_fitres(train_round._secure(answer, conf, cfg, replayed=False), keep_input=False)
+    assert fitres.num_examples == int(cfg.secagg.max_weight)
+    s, quanta = cfg.secagg, stats_quanta()
+    for name, grid in zip(STATS_NAMES, parameters_to_ndarrays(fitres.parameters), strict=True):
+        back = sum_of_mean(grid.astype(np.float64), 1, quanta[name], s.clipping_range, s.quantization_range)
+        released = answer["arrays"][name].numpy().astype(np.float64)
+        assert np.array_equal(back, np.rint(released / quanta[name]) * quanta[name])
