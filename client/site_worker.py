@@ -18,12 +18,11 @@ peers of its own uid, and only a ClientApp running byte-identical code (`code_di
 other ClientApp answers its message itself. The worker ends when its parent (`deploy site`)
 does, or on SIGTERM with the SuperNode's process group.
 
-    python -m client.site_worker SOCKET
+    fedtransfer deploy worker SOCKET   (deploy site starts it)
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import struct
@@ -145,18 +144,12 @@ def _serve_one(conn: socket.socket, handlers: ModuleType, own: str, cache: Proce
     send_answer(conn, *answer)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m client.site_worker", description=__doc__.splitlines()[0])
-    parser.add_argument("socket", help="the Unix socket to listen on (deploy site: STATE_DIR/worker/site.sock)")
-    args = parser.parse_args(argv)
+def run(sock: Path) -> int:
+    """`fedtransfer deploy worker SOCKET` (started by `deploy site`): serve until the parent that started it ends."""
     parent = os.getppid()
     try:
-        serve(Path(args.socket), lambda: os.getppid() == parent)
+        serve(sock, lambda: os.getppid() == parent)
     except (WorkerError, OSError) as err:
         print(f"fedtransfer: site worker: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

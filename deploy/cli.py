@@ -154,7 +154,7 @@ def _start_worker(site: str, sock: Path) -> subprocess.Popen | None:
     manager) stops it with the SuperNode, and it ends on its own if this process is killed.
     """
     sock.unlink(missing_ok=True)  # a dead worker's socket must not pass for the new one's
-    proc = subprocess.Popen([sys.executable, "-m", "client.site_worker", str(sock)], env=flower_env())
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "deploy", "worker", str(sock)], env=flower_env())
     deadline = time.monotonic() + WORKER_START_S
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -261,6 +261,11 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
                            "torch each time (slower; see client/site_worker.py)")  # fmt: skip
     site.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     site.set_defaults(func=_site)
+
+    worker = dep_sub.add_parser("worker", help="a site's worker on SOCKET (deploy site starts it; see "
+                                "client/site_worker.py)")  # fmt: skip
+    worker.add_argument("socket", type=Path, help="the Unix socket to listen on (STATE_DIR/worker/site.sock)")
+    worker.set_defaults(func=lambda args: site_worker.run(args.socket))
 
     run = dep_sub.add_parser("run", help="submit a run to the SuperLink and wait for it (or resume one)")
     which = run.add_mutually_exclusive_group()

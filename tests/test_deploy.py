@@ -19,6 +19,8 @@ import yaml
 from cryptography import x509
 
 from cli.main import main
+from client import site_worker
+from common.site_config import load_site_config, site_paths
 from deploy.credentials import CredentialsError, init_deployment
 from deploy.launch import (
     LOOPBACK,
@@ -212,8 +214,10 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
     monkeypatch.setenv("FEDTRANSFER_SUPERNODE_PORT", str(port))
     assert main(["deploy", "site", "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
-    expected = supernode_argv(creds, "alpha", superlink="superlink.example.org:8443",
-                              node_config=site_node_config(site_yaml), port=port)  # fmt: skip
+    state_dir = site_paths(load_site_config(site_yaml), site_yaml).state_dir  # the service's site runs its worker
+    node_config = f"{site_node_config(site_yaml)} site-worker='{site_worker.socket_path(state_dir)}'"
+    expected = supernode_argv(creds, "alpha", superlink="superlink.example.org:8443", node_config=node_config,
+                              port=port)  # fmt: skip
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
 
 

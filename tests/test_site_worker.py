@@ -187,7 +187,7 @@ def test_a_malformed_request_is_dropped_and_the_worker_goes_on(worker: Path, tmp
 
 _PARENT = """\
 import subprocess, sys, time
-worker = subprocess.Popen([sys.executable, "-m", "client.site_worker", sys.argv[1]])
+worker = subprocess.Popen([sys.executable, "-m", "cli", "deploy", "worker", sys.argv[1]])
 print(worker.pid, flush=True)
 time.sleep(600)
 """
