@@ -107,6 +107,7 @@ def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: 
         "completion",
         "privacy",
         "policy",
+        "trust",
     }
     assert report["head"] == ["head.1.bias", "head.1.weight"]
     privacy = json.loads((honest_run / "privacy.json").read_text())["sites"]
