@@ -288,7 +288,7 @@ class LocalDeployment:
         *,
         node_config: str | None = None,
         wait: bool = True,
-        timeout: float = 90.0,
+        timeout: float = 180.0,  # a `deploy site` start imports torch for its worker before the SuperNode starts
     ) -> ManagedProcess:
         """Start ``site``'s SuperNode; with ``wait``, return once it is activated.
 

@@ -196,13 +196,19 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     dep, run_dir = federation.dep, federation.root / "run-2"
     overrides = RUN | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    # these two run a bare SuperNode (no worker: each message imports torch in its own ClientApp process, seconds),
+    # so the kills below land while they train and hospital-b is back before round 3; a worker answers in a blink
+    bare = {site: dep.node_configs[site] for site in ("hospital-b", STRICT)}
+    for site, node_config in bare.items():
+        dep.kill_site(site, graceful=True)
+        dep.start_site(site, node_config=node_config)
     before = {site: _received(federation, site) for site in SITES}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(dep.run_app, APP_DIR, overrides, timeout=400)
         # hospital-b leaves while it trains round 2 (a clean stop: Flower marks it offline at once) ...
         _wait_for(lambda: _received(federation, "hospital-b") == before["hospital-b"] + 2, "round 2 at hospital-b")
         dep.kill_site("hospital-b", graceful=True)
-        dep.start_site("hospital-b")  # ... and is back before round 3
+        dep.start_site("hospital-b", node_config=bare["hospital-b"])  # ... and is back before round 3
         # bank-c crashes while it trains round 3: no goodbye, the server waits round_timeout_s for it
         _wait_for(lambda: _received(federation, STRICT) == before[STRICT] + 3, "round 3 at bank-c")
         dep.kill_site(STRICT)
@@ -232,6 +238,8 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     assert rounds[1]["epsilon"] == pytest.approx(epsilon_of([per_round, per_round], 1e-5, "rdp"), rel=1e-9)
     assert rounds[1]["epsilon"] > rounds[0]["epsilon"]
     assert (run_dir / "model.pt").is_file()
+    dep.kill_site("hospital-b", graceful=True)  # back to `deploy site` with its worker, as the other tests expect
+    dep.start_site("hospital-b")
 
 
 def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh: Federation3) -> None:
