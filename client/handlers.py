@@ -24,7 +24,7 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client import train_round
-from client.personal import personal_round
+from client.personal import personal_scores
 from client.secure import config_of, head_names
 from client.site import PROCESS_CACHE, Declined, Site, get_site
 from client.site_log import record
@@ -112,15 +112,15 @@ def _threads(count: int | None) -> Iterator[None]:
 
 
 def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
-    """The global model's scores on this site's test split; with personal:, its own model's too (trained first)."""
+    """The global model's scores on this site's test split; its own model's too where it keeps one (trained first)."""
     server_round, arrays, conf = train_round.received_head(site, msg)
     head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
     s = evaluate_head(head, site.test_x, site.test_y)
     metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
                             Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
                             Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
-    if cfg.personal.enabled and server_round > 0:
-        own = personal_round(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
+    own = None if server_round <= 0 else personal_scores(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
+    if own is not None:
         metrics[Metric.PERSONAL_ACCURACY] = own.accuracy
         metrics[Metric.PERSONAL_BALANCED_ACCURACY] = own.balanced_accuracy
     return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})

@@ -19,6 +19,9 @@ What is protected, and from whom:
   Someone who sees both the global updates and the personal model faces at most the sum of
   the two ε (sequential composition). With `dp: false` it is trained without noise: keep it
   inside the site (it may memorise its records).
+- whether to keep one at all is the site's too (`policy.personal.keep`): with false it trains
+  none, stores none and reports only the global model's scores, and its audit log says so once
+  per run (`personal-not-kept`); with true it keeps one even where the run proposes none.
 """
 
 from __future__ import annotations
@@ -64,6 +67,36 @@ def personal_choice(policy: SitePolicy | None, run: PersonalConfig) -> PersonalC
     return PersonalChoice(True, dp_by, run.target_epsilon, "run")
 
 
+def kept_by(policy: SitePolicy | None, run: PersonalConfig) -> tuple[bool, Literal["site", "run"]]:
+    """Whether this site keeps a personal model, and who chose: its `policy.personal.keep`, else `personal.enabled`."""
+    own = None if policy is None else policy.personal.keep
+    return (run.enabled, "run") if own is None else (own, "site")
+
+
+def personal_scores(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
+                    server_round: int) -> Scores | None:  # fmt: skip
+    """This round's scores of the site's personal model (trained first), or None where it keeps none.
+
+    A site whose own file declines one sends no personal metric at all (the server averages over
+    the sites that sent one) and records its choice once per run.
+    """
+    keep, chosen_by = kept_by(site.policy, cfg.personal)
+    if keep:
+        return personal_round(site, cfg, global_top, msg, run_id, server_round)
+    if chosen_by == "site":
+        _record_not_kept(site, msg, run_id, cfg.personal.enabled)
+    return None
+
+
+def _record_not_kept(site: Site, msg: Message, run_id: str, run_proposed: bool) -> None:
+    """The `personal-not-kept` record, once per run: a marker file (no model) says it is written."""
+    marker = site.state_dir / "personal" / f"{run_id}.not-kept"
+    if marker.is_file():
+        return
+    record(site, msg, Event.PERSONAL_NOT_KEPT, keep_chosen_by="site", run_proposed=run_proposed)
+    atomic.write_text(marker, "policy.personal.keep: false; recorded in the audit log (personal-not-kept)\n")
+
+
 def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
                    server_round: int) -> Scores:  # fmt: skip
     """Train this site's personal model for `server_round` (once per round), keep it, and score it."""
@@ -86,7 +119,8 @@ def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Messa
                                         "steps": outcome.steps, "max_grad_norm": plan.max_grad_norm,
                                         "target_epsilon": plan.target_epsilon, "target_delta": plan.target_delta,
                                         "accountant": plan.accountant}  # fmt: skip
-        record(site, msg, Event.PERSONAL_TRAINED, dp_chosen=choice.dp, dp_chosen_by=choice.dp_chosen_by,
+        record(site, msg, Event.PERSONAL_TRAINED, keep_chosen_by=kept_by(site.policy, p)[1], dp_chosen=choice.dp,
+               dp_chosen_by=choice.dp_chosen_by,
                target_epsilon_chosen_by=choice.target_epsilon_chosen_by, dp=dp, epsilon=epsilon, lam=p.lam,
                epochs=p.epochs, kept=str(path))  # fmt: skip
     return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)

@@ -57,9 +57,11 @@ def _shown(value: float | None) -> str:
 
 
 def _personal_violations(own: SitePersonal, uses: tuple[PersonalUse, ...]) -> list[str]:
-    """Each personal training that went against the site's own `policy.personal` choice."""
+    """Each personal training that went against the site's own `policy.personal` choice (to keep one at all, DP, ε)."""
     found = []
     for u in uses:
+        if own.keep is False:  # then dp and target_epsilon are unset: nothing else to check
+            found.append(f"{u.where}: a personal model trained, but policy.personal.keep is false")
         if own.dp is not None and u.dp != own.dp:
             found.append(f"{u.where}: the personal model trained {'with' if u.dp else 'without'} DP, but "
                          f"policy.personal.dp is {str(own.dp).lower()}")  # fmt: skip

@@ -89,6 +89,7 @@ class Event(StrEnum):
     REPLY_REPLAYED = "reply-replayed"
     DECLINED = "declined"
     PERSONAL_TRAINED = "personal-trained"  # the site's own model trained (never sent): its DP choice and ε
+    PERSONAL_NOT_KEPT = "personal-not-kept"  # the site's file declines a personal model (once per run)
 
 
 class SiteStatus(StrEnum):

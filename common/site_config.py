@@ -22,14 +22,21 @@ class SitePersonal:
     The personal model never leaves the site, so how it trains is the site's business, not the
     coordinator's: a key left out (None) follows the run's `personal:`; a key given here wins,
     and every `personal-trained` record in the site's audit log says who chose (site or run).
+    `keep: false` declines a personal model altogether (none trains, none is stored, only the
+    global model's accuracy is reported), `keep: true` keeps one even where the run proposes none.
     `dp: true` makes the model (ε, δ)-DP for the site's records (so the site may publish it);
     `dp: false` trains it without noise (keep it inside the site).
     """
 
+    keep: bool | None = None  # None: as the run's personal.enabled
     dp: bool | None = None
     target_epsilon: float | None = None  # the personal model's own ε over the whole run (with dp)
 
     def __post_init__(self) -> None:
+        for key in ("dp", "target_epsilon"):  # how to train a model the site declines to keep is a contradiction
+            require(self.keep is not False or getattr(self, key) is None, f"policy.personal.{key}", "says how the "
+                    "personal model trains, but policy.personal.keep is false; remove one of the two",
+                    getattr(self, key))  # fmt: skip
         eps = self.target_epsilon
         require(eps is None or 0 < eps <= 100, "policy.personal.target_epsilon", "must be in (0, 100]", eps)
         require(eps is None or self.dp is not False, "policy.personal.target_epsilon", "is the budget of a DP-trained "

@@ -220,10 +220,22 @@ def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def personal_summary(federated: dict[str, Any]) -> str:
-    """Each site's own-test-split accuracy, global model then personal model, and their weighted means."""
-    sites = " ".join(f"{name} {s.get('accuracy', float('nan')):.3f}->{s.get('personal_accuracy', float('nan')):.3f}"
-                     for name, s in federated["per_site"].items())  # fmt: skip
-    return f"global {federated['accuracy']:.4f} personal {federated['personal_accuracy']:.4f} | {sites}"
+    """Each site's own-test-split accuracy, global model then personal model, and their weighted means.
+
+    The personal mean is over the sites that keep a personal model only (a site may decline one),
+    beside the global model's mean over those same sites; a site without one shows its global figure.
+    """
+    sites = " ".join(_site_figures(name, s) for name, s in federated["per_site"].items())
+    return (f"global {federated['accuracy']:.4f} | on the {federated['personal_sites']} of {federated['sites']} sites "
+            f"with a personal model: global {federated['global_accuracy_personal_sites']:.4f} personal "
+            f"{federated['personal_accuracy']:.4f} | {sites}")  # fmt: skip
+
+
+def _site_figures(name: str, scores: dict[str, float]) -> str:
+    """`site-0 0.690->0.880`, or `site-1 0.700 (no personal model)` for a site that keeps none."""
+    shown = f"{name} {scores.get('accuracy', float('nan')):.3f}"
+    own = scores.get("personal_accuracy")
+    return f"{shown} (no personal model)" if own is None else f"{shown}->{own:.3f}"
 
 
 def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:

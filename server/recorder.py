@@ -23,7 +23,7 @@ from common.config import RunConfig
 from common.finite_json import finite
 from common.protocol import FEATURE_STATS, Event, SiteStatus
 from server import checkpoint, report, tracking
-from server.rounds import TrainRound
+from server.rounds import PERSONAL_MEANS, TrainRound
 from server.sites import SiteRound
 
 STATUS = "status.json"
@@ -118,8 +118,9 @@ class RunRecorder:
         aggregated = [m["round"] for m in metrics if m.get("aggregated")]
         summary: dict[str, Any] = {"run_id": self.run_id, "final_accuracy": accuracy, "rounds_aggregated": aggregated,
                                    "final_metrics": metrics[-1]["server"] if metrics else None}  # the hold-out's
-        if metrics and (metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
-            summary["final_sites"] = metrics[-1]["federated"]["per_site"]
+        if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
+            summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
+            summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one
         if failure is None and model_path is not None:
             self.audit.append(Event.MODEL_EXPORTED, run_id=self.run_id, round=rounds, path=str(model_path),
                               head=update_digest(head))  # fmt: skip

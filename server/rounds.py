@@ -32,6 +32,9 @@ from server.strategy import SITES_IN_REPLY, ScreenedStrategy
 _OPTIONAL = {Metric.EPSILON: "epsilon", Metric.EPSILON_INDIVIDUAL: "epsilon_individual",
              Metric.TRAIN_LOSS: "train_loss", Metric.WIRE_BYTES: "bytes_sent",
              Metric.TRAIN_SECONDS: "train_s"}  # fmt: skip
+_PERSONAL = (Metric.PERSONAL_ACCURACY, Metric.PERSONAL_BALANCED_ACCURACY)  # a site's own model (client/personal.py)
+# federated's summary of the personal models (personal_means): their mean, over how many sites, the global model's there
+PERSONAL_MEANS = ("personal_accuracy", "personal_sites", "global_accuracy_personal_sites")
 
 
 @dataclass
@@ -166,17 +169,49 @@ def evaluate_round(
     for a in got:
         if a.status is not None:
             log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, a.site, a.reason)
-    agg = strategy.aggregate_evaluate(rnd, good) if good else None
+    agg = strategy.aggregate_evaluate(rnd, [global_only(r) for r in good]) if good else None
     if agg is None:
         return None
     defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
     out = {"accuracy": float(agg[Metric.EVAL_ACCURACY]), "loss": float(agg[Metric.EVAL_LOSS]),
            "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
            "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None, "sites": len(good)}  # fmt: skip
-    if Metric.PERSONAL_ACCURACY in agg:  # personal: each site's own model beside the global one, per site
-        out["personal_accuracy"] = float(agg[Metric.PERSONAL_ACCURACY])
+    if (personal := personal_means(good)) is not None:  # each site's own model beside the global one, per site
+        out |= personal
         out["per_site"] = per_site_scores(got)
     return out
+
+
+def global_only(reply: Message) -> Message:
+    """`reply` without its personal-model metrics, for the strategy's mean of the global model's scores.
+
+    Flower averages only replies that carry the same keys, and a site may keep no personal model
+    (`policy.personal.keep: false`): `personal_means` averages those over the sites that sent them.
+    """
+    content = RecordDict({key: MetricRecord({k: v for k, v in r.items() if k not in _PERSONAL})
+                          if isinstance(r, MetricRecord) else r for key, r in reply.content.items()})  # fmt: skip
+    return Message(content=content, metadata=reply.metadata)
+
+
+def personal_means(replies: list[Message]) -> dict[str, Any] | None:
+    """Personal accuracy averaged (by test examples) over only the sites that sent one, how many they are,
+    and the global model's accuracy on those same sites (the fair comparison); None when no site sent one.
+
+    A site without a personal model sends no personal metric: counting it as 0 would understate
+    the others' models, and leaving it in the global side of the comparison would mix site sets.
+    """
+    rows = [m for r in replies if Metric.PERSONAL_ACCURACY in (m := r.content.metric_records.get(Rec.METRICS, {}))]
+    if not rows:
+        return None
+    weights = [max(float(m.get(Metric.NUM_EXAMPLES, 0)), 0.0) for m in rows]
+    if sum(weights) <= 0:  # no example counts to weigh by: every site alike
+        weights = [1.0] * len(rows)
+
+    def mean(key: str) -> float:
+        return sum(w * float(m[key]) for w, m in zip(weights, rows, strict=True)) / sum(weights)
+
+    return dict(zip(PERSONAL_MEANS, (mean(Metric.PERSONAL_ACCURACY), len(rows), mean(Metric.EVAL_ACCURACY)),
+                    strict=True))  # fmt: skip
 
 
 def per_site_scores(got: list[Any]) -> dict[str, dict[str, float]]:

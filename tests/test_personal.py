@@ -9,13 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 
-from client.personal import PersonalChoice, personal_choice, personal_round
+from client.handlers import _evaluate
+from client.personal import PersonalChoice, kept_by, personal_choice, personal_round
 from client.site import Site
+from client.train_round import local_head
 from common.audit_log import read_records
 from common.config import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
+from common.exchange import head_to_arrays
 from common.head import evaluate_head, make_head
+from common.protocol import Metric, Rec
 from common.site_config import SitePersonal
 
 DIM, CLASSES = 16, 4
@@ -31,22 +35,24 @@ def _site(tmp_path: Path, policy: SitePolicy | None = None) -> Site:
         return centres[y] + 1.5 * torch.randn(n, DIM, generator=g), y
 
     (train_x, train_y), (test_x, test_y) = split(400), split(200)
-    encoder = SimpleNamespace(device=torch.device("cpu"), feature_dim=DIM)
-    return Site("site-0", None, encoder, tmp_path, 7, policy, None, train_x, train_y, test_x, test_y,  # type: ignore[arg-type]
+    encoder = SimpleNamespace(device=torch.device("cpu"), feature_dim=DIM, name="test-encoder", fingerprint="fp")
+    data = SimpleNamespace(test=SimpleNamespace(classes=list(range(CLASSES))))
+    return Site("site-0", data, encoder, tmp_path, 7, policy, None, train_x, train_y, test_x, test_y,  # type: ignore[arg-type]
                 policy is None)  # fmt: skip
 
 
-def _message(server_round: int) -> Message:
+def _message(server_round: int, arrays: ArrayRecord | None = None) -> Message:
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=60.0, message_type="evaluate")  # fmt: skip
-    return Message(content=RecordDict({"config": ConfigRecord({"server-round": server_round, "run-id": "r1"})}),
-                   metadata=meta)  # fmt: skip
+    config = ConfigRecord({"server-round": server_round, "run-id": "r1", "backbone-fingerprint": "fp"})
+    content = RecordDict({"config": config} if arrays is None else {"config": config, "arrays": arrays})
+    return Message(content=content, metadata=meta)
 
 
-def _cfg(**personal: object) -> RunConfig:
+def _cfg(enabled: bool = True, **personal: object) -> RunConfig:
     cfg = RunConfig()
     return replace(cfg, train=replace(cfg.train, rounds=3, batch_size=50),
-                   personal=PersonalConfig(enabled=True, epochs=3, learning_rate=0.5, **personal))  # fmt: skip
+                   personal=PersonalConfig(enabled=enabled, epochs=3, learning_rate=0.5, **personal))  # fmt: skip
 
 
 @pytest.mark.parametrize("dp", [True, False])
@@ -136,6 +142,7 @@ def _site_yaml(tmp_path: Path, personal: str) -> Path:
 def test_the_site_file_carries_its_personal_choice(tmp_path: Path) -> None:
     site = load_site_config(_site_yaml(tmp_path, "    dp: true\n    target_epsilon: 1.5\n"))
     assert site.policy.personal == SitePersonal(dp=True, target_epsilon=1.5)
+    assert load_site_config(_site_yaml(tmp_path, "    keep: false\n")).policy.personal == SitePersonal(keep=False)
     assert load_site_config(_site_yaml(tmp_path, "    {}\n")).policy.personal == SitePersonal()
 
 
@@ -147,6 +154,11 @@ def test_the_site_file_carries_its_personal_choice(tmp_path: Path) -> None:
         ("    target_epsilon: 0\n", "policy.personal.target_epsilon: must be in (0, 100]"),
         ("    dp: false\n    target_epsilon: 2\n", "policy.personal.target_epsilon: is the budget of a DP-trained"),
         ("    - dp\n", "policy.personal: must be a mapping"),
+        ("    keep: sometimes\n", "policy.personal.keep: must be true or false"),
+        ("    keep: false\n    dp: true\n", "policy.personal.dp: says how the personal model trains, but "
+         "policy.personal.keep is false"),
+        ("    keep: false\n    target_epsilon: 2\n", "policy.personal.target_epsilon: says how the personal model "
+         "trains, but policy.personal.keep is false"),
     ],
 )
 def test_a_bad_personal_key_is_one_line_naming_the_file_and_key(tmp_path: Path, personal: str, named: str) -> None:
@@ -154,3 +166,37 @@ def test_a_bad_personal_key_is_one_line_naming_the_file_and_key(tmp_path: Path, 
     with pytest.raises(ConfigError) as err:
         load_site_config(path)
     assert str(err.value).startswith(f"{path}: {named}") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("keep", "run_enabled", "expected"),
+    [(None, True, (True, "run")), (None, False, (False, "run")), (False, True, (False, "site")),
+     (True, False, (True, "site")), (True, True, (True, "site"))],
+)
+def test_whether_a_personal_model_is_kept_is_the_sites_choice_where_its_file_says(
+    keep: bool | None, run_enabled: bool, expected: tuple[bool, str]
+) -> None:
+    assert kept_by(SitePolicy(personal=SitePersonal(keep=keep)), PersonalConfig(enabled=run_enabled)) == expected
+    assert kept_by(None, PersonalConfig(enabled=run_enabled)) == (run_enabled, "run")  # simulation: the run's
+
+
+@pytest.mark.parametrize(("keep", "run_enabled"), [(False, True), (None, True), (True, False), (False, False)])
+def test_a_site_that_keeps_no_personal_model_trains_stores_and_sends_none(
+    tmp_path: Path, keep: bool | None, run_enabled: bool
+) -> None:
+    """Two evaluation messages answered by the handler itself: personal metrics, model file and records follow keep."""
+    site, cfg = _site(tmp_path, SitePolicy(personal=SitePersonal(keep=keep))), _cfg(run_enabled, dp=False)
+    kept = keep if keep is not None else run_enabled
+    global_head = head_to_arrays(local_head(site, cfg, None, CLASSES))
+    for rnd in (1, 2):
+        metrics = _evaluate(site, cfg, _message(rnd, global_head))[Rec.METRICS]
+        assert Metric.EVAL_ACCURACY in metrics  # the global model's scores always
+        assert (Metric.PERSONAL_ACCURACY in metrics) is kept and (Metric.PERSONAL_BALANCED_ACCURACY in metrics) is kept
+    assert (tmp_path / "personal" / "r1.pt").is_file() is kept
+    records = read_records(site.audit_path)
+    trained = [r for r in records if r["event"] == "personal-trained"]
+    assert [r["round"] for r in trained] == ([1, 2] if kept else [])
+    assert all(r["keep_chosen_by"] == ("run" if keep is None else "site") for r in trained)
+    not_kept = [(r["round"], r["keep_chosen_by"], r["run_proposed"]) for r in records
+                if r["event"] == "personal-not-kept"]  # fmt: skip
+    assert not_kept == ([(1, "site", run_enabled)] if keep is False else [])  # once per run, when the site declines

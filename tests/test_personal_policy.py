@@ -41,6 +41,11 @@ def _use(*personal: PersonalUse) -> PolicyUse:
          "round 1: the personal model trained with DP, but policy.personal.dp is false"),
         (SitePersonal(target_epsilon=2.0), PersonalUse("round 3", True, 3.0, 2.5),
          "round 3: the personal model's ε (target 3, spent 2.5) > policy.personal.target_epsilon 2"),
+        (SitePersonal(keep=True), PersonalUse("round 1", True, 3.0, 1.0), None),
+        (SitePersonal(keep=False), PersonalUse("round 2", False, None, None),
+         "round 2: a personal model trained, but policy.personal.keep is false"),
+        (SitePersonal(keep=False), PersonalUse("round 1", True, 3.0, 1.0),
+         "round 1: a personal model trained, but policy.personal.keep is false"),
     ],
 )
 def test_a_personal_training_against_the_sites_choice_is_a_violation(own: SitePersonal, use: PersonalUse,
@@ -96,3 +101,19 @@ def test_the_audit_passes_a_dp_personal_model_within_the_sites_budget(tmp_path: 
     code, out = _audit(run, tmp_path, capsys, dp=True, target_epsilon=1.0)
     assert code == 1
     assert "round 2: the personal model's ε (target 3, spent 1.6) > policy.personal.target_epsilon 1" in out
+
+
+def test_the_audit_fails_a_personal_model_the_site_declined_to_keep(tmp_path: Path, capsys) -> None:
+    run = _run_with_personal(tmp_path, dp=False)
+    code, out = _audit(run, tmp_path, capsys, keep=False)
+    assert code == 1
+    config = tmp_path / "site-0.yaml"
+    for rnd in (1, 2):
+        assert (f"FAIL [policy] {config}: site-0: round {rnd}: a personal model trained, but "
+                "policy.personal.keep is false") in out  # fmt: skip
+    honest = write_run(tmp_path / "declined", RunSpec())  # the site kept none: only its choice is on record
+    AuditLog(honest / "sites" / "site-0" / "audit.jsonl").append(
+        Event.PERSONAL_NOT_KEPT, run_id=RUN_ID, site="site-0", round=1, message_type="evaluate",
+        keep_chosen_by="site", run_proposed=True)  # fmt: skip
+    code, out = _audit(honest, tmp_path, capsys, keep=False)
+    assert code == 0, out
