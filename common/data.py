@@ -15,7 +15,7 @@ import numpy as np
 
 from common.config import RunConfig
 from common.datafiles import IMAGE_SUFFIXES, DataError, read_image, read_npz, read_user_map, users_of
-from common.site_config import SiteConfig, SitePaths
+from common.site_config import SiteConfig, SitePaths, data_error_line
 from common.table_schema import load_schema
 from common.tablefiles import read_rdataset, read_table_csv
 from common.textdata import TEXT_SUFFIXES, load_bbc, load_text_file, load_text_files
@@ -298,8 +298,12 @@ def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> S
     The ClientApp, the auditor's canary test and anything else that needs a site's data call this.
     """
     schema = str(paths.schema) if paths.schema else None  # a table's schema: the site's own copy
-    pool = load_source(site.data_source, str(paths.data) if paths.data else None, image_size, schema,
-                       (site.text_column, site.label_column))  # fmt: skip
+    users = site.user_column or (str(paths.users) if paths.users else None)  # read as data.user_column / users_file
+    try:
+        pool = load_source(site.data_source, str(paths.data) if paths.data else None, image_size, schema,
+                           (site.text_column, site.label_column), users)  # fmt: skip
+    except DataError as err:
+        raise DataError(data_error_line(site, paths, str(err))) from None
     return site_split(pool, site.name, site.test_fraction, seed=0)
 
 

@@ -77,7 +77,9 @@ class SiteConfig:
     data_path: str | None = None
     text_column: str = "text"  # data_source text: the CSV column / JSONL key of each document ...
     label_column: str = "label"  # ... and of its class name
+    user_column: str | None = None  # data_source text: the column / key naming each record's person (unit: user)
     data_schema: str | None = None  # data_source table: the site's own copy of the run's schema file (same fingerprint)
+    users_file: str | None = None  # imagefolder, npz: a CSV naming each record's person (path,user / index,user)
     test_fraction: float = 0.2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str = "~/.fedtransfer/site"
@@ -92,6 +94,12 @@ class SiteConfig:
         is_table = self.data_source == "table"
         require(is_table == bool(self.data_schema), "data_schema", "data_source table needs it (only it takes one)",
                 self.data_schema)  # fmt: skip
+        require(self.user_column is None or (self.data_source == "text" and self.user_column.strip()), "user_column",
+                "names a column of a text site's file (a table names its person column in its schema: user)",
+                self.user_column)  # fmt: skip
+        require(self.users_file is None or (self.data_source in ("imagefolder", "npz") and self.users_file.strip()),
+                "users_file", "is a CSV naming each image's person, for data_source imagefolder or npz",
+                self.users_file)  # fmt: skip
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
 
 
@@ -109,10 +117,12 @@ def load_site_config(path: str | Path) -> SiteConfig:
 class SitePaths:
     """Where a deployed site's files are, every relative path resolved against its config file."""
 
+    config: Path  # the site's YAML file itself: every error about its data names it
     data: Path | None  # the data_path (None for the built-in sources)
     state_dir: Path  # ledger, audit log, secret seed, reply cache
     cache_dir: Path  # cached features (default: state_dir/features)
     schema: Path | None = None  # a table's schema file (data_schema)
+    users: Path | None = None  # an image folder's or .npz's users file (users_file)
 
 
 def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
@@ -124,4 +134,29 @@ def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
     state_dir = local(site.state_dir)
     cache_dir = local(site.cache_dir) if site.cache_dir else state_dir / "features"
     schema = local(site.data_schema) if site.data_schema else None
-    return SitePaths(local(site.data_path) if site.data_path else None, state_dir, cache_dir, schema)
+    users = local(site.users_file) if site.users_file else None
+    return SitePaths(config_path, local(site.data_path) if site.data_path else None, state_dir, cache_dir, schema,
+                     users)  # fmt: skip
+
+
+def check_site_files(site: SiteConfig, paths: SitePaths) -> None:
+    """Refuse, before a SuperNode connects, a site whose data_path or users_file is not there (one line, exit 2)."""
+    if paths.data is not None and not paths.data.exists():
+        raise ConfigError(f"{paths.config}: data_path: {site.data_path} does not exist")
+    if paths.users is not None and not paths.users.is_file():
+        raise ConfigError(f"{paths.config}: users_file: {site.users_file} is not a file (a CSV path,user or "
+                          "index,user; relative paths are relative to this file)")  # fmt: skip
+
+
+def data_error_line(site: SiteConfig, paths: SitePaths, error: str) -> str:
+    """A loader's one-line DataError, prefixed with the site's file and the key whose file or column is at fault.
+
+    Every loader's message starts with the file at fault, so one about the users file names users_file
+    (the schema file: data_schema); one that names the site's person column (empty, missing, of the wrong
+    type) names user_column; any other is about the data itself (data_path, with its columns).
+    """
+    files = {"users_file": paths.users, "data_schema": paths.schema}
+    key = next((k for k, file in files.items() if file is not None and error.startswith(f"{file}:")), "data_path")
+    if key == "data_path" and site.user_column is not None and repr(site.user_column) in error:
+        key = "user_column"
+    return f"{paths.config}: {key}: {error}"

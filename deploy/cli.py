@@ -30,7 +30,7 @@ from pathlib import Path
 from client import site_worker, worker_link
 from common import locking
 from common.config import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
-from common.site_config import site_paths
+from common.site_config import check_site_files, site_paths
 from deploy.credentials import CredentialsError, credential_paths, init_deployment
 from deploy.launch import (
     DEFAULT_CONNECTION,
@@ -112,8 +112,7 @@ def _site(args: argparse.Namespace) -> int:
     creds = credential_paths(Path(args.credentials), [sc.name])
     _require_files(creds.ca_cert, creds.sites[sc.name].private_key)
     paths = site_paths(sc, config)
-    if paths.data is not None and not paths.data.exists():
-        raise ConfigError(f"{config}: data_path: {sc.data_path} does not exist")
+    check_site_files(sc, paths)
     port = supernode_port(args.port)
     sock = None if args.no_worker else _worker_socket(sc.name, paths.state_dir)
 
