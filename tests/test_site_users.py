@@ -35,7 +35,8 @@ def _run(tmp_path: Path, source: str = "npz", **privacy: object) -> RunConfig:
     train = {"protocol": "fedsgd", "sample_rate": 1.0, "rounds": 3}  # rate 1: the accountant's quick case
     return config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
                              "backbone": {"image_size": 32}, "train": train, "data": data,
-                             "privacy": {"unit": "user", "target_delta": 1e-3} | privacy})  # fmt: skip
+                             "privacy": {"unit": "user", "target_delta": 1e-3, "accountant": "rdp",
+                                         "feature_stats": False} | privacy})  # fmt: skip
 
 
 def _site_yaml(home: Path, **keys: object) -> Path:
@@ -214,5 +215,5 @@ def _message(server_round: int, **extra: str) -> Message:
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
                     group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
     conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, 2, centred=True))
+    head = head_to_arrays(make_head(DIM, 2))  # a linear probe: the run has no feature statistics
     return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
