@@ -18,7 +18,14 @@ Each fedtransfer run starts from empty state folders (round 1 extracts the featu
 the same config on the Simulation Engine, and one ClientApp process of each kind timed phase
 by phase in a fresh interpreter (benchmarks/clientapp_process.py) on a copy of a site's folder.
 
+`--protocols fedavg fedsgd` measures instead what a protocol's round count costs a whole run: one whole
+run of the demo's federation (4 sites) per protocol, with the settings it ships with (PROTOCOLS), in the
+order given, each on a new deployment whose sites run as shipped (`fedtransfer deploy site`, with their
+workers) from empty state folders, timed from the start of `flwr run` to its final result; then the same
+runs on the Simulation Engine, timed the same way (results: deployed_protocols.json).
+
     .venv/bin/python -m benchmarks.deployed_round [--sites 3] [--rounds 3] [--repeat 1]
+    .venv/bin/python -m benchmarks.deployed_round --protocols fedavg fedsgd
 """
 
 from __future__ import annotations
@@ -40,13 +47,33 @@ from typing import Any
 from benchmarks.harness import print_table, write_results
 from client.prepared import SWITCH_ENV
 from common.config import RunConfig, config_from_dict
-from common.data import simulate_federation
+from common.data import federation_for, simulate_federation
 from server.launcher import submit_run
 from server.report import read_metrics
 from server.simulation import simulate
 from tests.deploy_harness import LocalDeployment, local_deployment, write_npz_site
 
 SEED = 42
+# The demo's federation (configs/demo.yaml: 5,000 MNIST digits, 4 sites, Dirichlet(0.5), MobileNetV2 at 64 px,
+# ε = 3, δ = 1e-5 per site for the whole run), named here so that a change of the config defaults cannot move it.
+DEMO: dict[str, Any] = {
+    "seed": SEED, "device": "cpu", "backbone": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "image_size": 64},
+    "data": {"source": "mnist", "split": "dirichlet", "alpha": 0.5, "num_sites": 4, "site_test_fraction": 0.2,
+             "server_test_fraction": 0.1},
+    "train": {"strategy": "fedavg", "fraction_train": 1.0, "min_sites": 2, "fraction_evaluate": 1.0},
+    "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
+}  # fmt: skip
+# Each protocol with the settings it ships with, whichever of them the config defaults pick: fedavg as
+# configs/demo.yaml ran it (5 rounds × 10 local epochs), fedsgd as configs/demo-fedsgd.yaml (30 rounds after the
+# feature statistics' round 0); both chosen by benchmarks/privacy_utility.py.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "fedavg": {"train": {"protocol": "fedavg", "rounds": 5, "local_epochs": 10, "batch_size": 64,
+                         "learning_rate": 0.5, "momentum": 0.0},
+               "privacy": {"accountant": "rdp", "feature_stats": False}},
+    "fedsgd": {"train": {"protocol": "fedsgd", "rounds": 30, "sample_rate": 1.0, "learning_rate": 1.0,
+                         "server_momentum": 0.9},
+               "privacy": {"accountant": "prv", "feature_stats": True, "feature_stats_share": 0.2}},
+}  # fmt: skip
 MODES = {"recompute": "off", "prepared": "on"}  # the value of FEDTRANSFER_PREPARED_STATE at the sites
 WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one line per message
 
@@ -105,8 +132,17 @@ def run_config(workdir: Path, sites: int, rounds: int, name: str) -> dict[str, A
     return {"run_name": name, "output_dir": str(workdir / name), "cache_dir": str(workdir / "server-cache"),
             "seed": SEED, "device": "cpu", "backbone": {"image_size": 32},
             "data": {"source": "digits", "split": "iid", "num_sites": sites},
-            "train": {"rounds": rounds, "local_epochs": 3, "min_sites": sites, "fraction_evaluate": 0.0},
-            "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5}}  # fmt: skip
+            "train": {"rounds": rounds, "local_epochs": 3, "min_sites": sites, "fraction_evaluate": 0.0,
+                      "protocol": "fedavg", "learning_rate": 0.5},
+            "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "accountant": "rdp",
+                        "feature_stats": False}}  # fmt: skip
+
+
+def protocol_config(workdir: Path, demo: Mapping[str, Any], settings: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """`demo` with a protocol's `settings` over it, section by section; its own output and (empty) cache folders."""
+    merged = {k: v | settings[k] if k in settings else v for k, v in demo.items()}
+    merged |= {k: v for k, v in settings.items() if k not in demo}
+    return merged | {"run_name": name, "output_dir": str(workdir / name), "cache_dir": str(workdir / f"{name}-cache")}
 
 
 def restart_sites(dep: LocalDeployment, homes: Mapping[str, Path], switch: str) -> None:
@@ -136,15 +172,20 @@ def fedtransfer_rounds(dep: LocalDeployment, cfg: RunConfig) -> list[float]:
     return [m["time_s"] for m in read_metrics(cfg.output_path)]
 
 
+def check_workers(dep: LocalDeployment, homes: Mapping[str, Path], messages: int) -> None:
+    """Each site's worker answered all `messages` training messages of the run (none fell back to its process)."""
+    for site in homes:
+        if (answered := dep.sites[site].log_text().count(WORKER_ANSWERED)) != messages:
+            raise RuntimeError(f"{site}'s worker answered {answered} of {messages} training messages:\n"
+                               f"{dep.sites[site].log_text()[-3000:]}")  # fmt: skip
+
+
 def worker_rounds(dep: LocalDeployment, homes: Mapping[str, Path], cfg: RunConfig) -> list[float]:
     """The sites as `fedtransfer deploy site` runs them, each with its worker; every training message must reach it."""
     dep.deploy_site = {site: home / "site.yaml" for site, home in homes.items()}
     restart_sites(dep, homes, "on")
     seconds = fedtransfer_rounds(dep, cfg)
-    for site in homes:
-        if (answered := dep.sites[site].log_text().count(WORKER_ANSWERED)) != len(seconds):
-            raise RuntimeError(f"{site}'s worker answered {answered} of {len(seconds)} training messages:\n"
-                               f"{dep.sites[site].log_text()[-3000:]}")  # fmt: skip
+    check_workers(dep, homes, len(seconds))
     return seconds
 
 
@@ -200,23 +241,97 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
     return table, phases
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeat", type=int, default=2, help="ClientApp processes timed phase by phase, per mode")
-    parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
-        workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
-        table, phases = measure(args.sites, args.rounds, args.repeat, workdir)
+def whole_run(setting: str, protocol: str, cfg: RunConfig, seconds: float) -> dict[str, Any]:
+    """One whole run's row, from its metrics.jsonl: time, rounds (round 0 included), accuracy, bytes per site."""
+    metrics = read_metrics(cfg.output_path)
+    rounds = [m["time_s"] for m in metrics]
+    sites = sorted(metrics[-1]["sites"])
+    sent = [sum(m["sites"][s].get("bytes_sent", 0) for m in metrics) for s in sites]  # a site's uploads
+    return {"setting": setting, "protocol": protocol, "rounds": len(metrics), "whole_run_s": seconds,
+            "per_round_s": seconds / len(metrics), "first_round_s": rounds[0],
+            "later_round_s": statistics.median(rounds[1:] or rounds),  # after the features' extraction
+            "accuracy": metrics[-1]["server"]["accuracy"],
+            "epsilon": max(metrics[-1]["sites"][s].get("epsilon", 0.0) for s in sites),
+            "sent_per_site_bytes": statistics.mean(sent),
+            "received_per_site_bytes": sum(m["bytes_sent_per_site"] for m in metrics),  # the head, each round
+            "load_1m": os.getloadavg()[0]}  # fmt: skip
+
+
+def measure_protocols(workdir: Path, demo: Mapping[str, Any], protocols: Mapping[str, Mapping[str, Any]]
+                      ) -> list[dict[str, Any]]:  # fmt: skip
+    """One whole run per protocol, in order, each on a new deployment of `demo`'s federation whose sites start
+    with `fedtransfer deploy site` (and their workers) and empty state folders; then the same runs simulated,
+    each with an empty cache. Both are timed around the run: `flwr run` to its final result, `simulate`."""
+    federation = federation_for(config_from_dict(demo))
+    rows = []
+    for protocol, settings in protocols.items():
+        cfg = config_from_dict(protocol_config(workdir, demo, settings, f"{protocol}-deployed"))
+        homes = {share.name: workdir / f"{protocol}-sites" / share.name for share in federation.sites}
+        configs = {share.name: write_npz_site(homes[share.name], share.name, share) for share in federation.sites}
+        os.environ[SWITCH_ENV] = "on"  # prepared state, as shipped
+        sites = {site: home / "site.yaml" for site, home in homes.items()}
+        with local_deployment(workdir / f"{protocol}-deployment", configs, deploy_site=sites,
+                              connect_timeout=300.0) as dep:  # each site's worker imports torch first
+            t0 = time.perf_counter()
+            submit_run(cfg, dep.connection, env=dep.env, stream=False)
+            rows.append(whole_run("deployed", protocol, cfg, time.perf_counter() - t0))
+            check_workers(dep, homes, rows[-1]["rounds"])
+    for protocol, settings in protocols.items():
+        cfg = config_from_dict(protocol_config(workdir, demo, settings, f"{protocol}-simulated"))
+        t0 = time.perf_counter()
+        simulate(cfg, stream=False)
+        rows.append(whole_run("simulated", protocol, cfg, time.perf_counter() - t0))
+    return rows + protocol_ratios(rows)
+
+
+def protocol_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Deployed over simulated for each protocol, and each protocol over the first one in each setting."""
+    by = {(r["setting"], r["protocol"]): r for r in rows}
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    keys = ("whole_run_s", "per_round_s", "later_round_s")
+    out = [{"setting": "deployed/simulated", "protocol": p}
+           | {k: by["deployed", p][k] / by["simulated", p][k] for k in keys} for p in protocols]  # fmt: skip
+    out += [{"setting": setting, "protocol": f"{p}/{protocols[0]}"}
+            | {k: by[setting, p][k] / by[setting, protocols[0]][k] for k in (*keys, "rounds")}
+            for setting in ("deployed", "simulated") for p in protocols[1:]]  # fmt: skip
+    return out
+
+
+def report_protocols(workdir: Path, protocols: list[str]) -> None:
+    chosen = {p: PROTOCOLS[p] for p in protocols}
+    rows = measure_protocols(workdir, DEMO, chosen)
+    print_table(rows, ["setting", "protocol", "rounds", "whole_run_s", "per_round_s", "first_round_s",
+                       "later_round_s", "accuracy", "epsilon", "sent_per_site_bytes", "load_1m"])  # fmt: skip
+    write_results("deployed_protocols", rows, {"protocols": protocols, "demo": DEMO, "settings": chosen})
+
+
+def report_rounds(workdir: Path, sites: int, rounds: int, repeat: int) -> None:
+    table, phases = measure(sites, rounds, repeat, workdir)
     print_table(table, ["round", "floor_s", "recompute_s", "prepared_s", "worker_s", "simulated_s",
                         "prepared/simulated", "worker/simulated", "worker-floor_s"])  # fmt: skip
     print()
     print_table(phases, ["mode", "process_s", "flower_imports_s", "app_imports_s", "site_s", "train_s",
                          "backbone_built", "error"])  # fmt: skip
     rows = [{"table": "rounds"} | r for r in table] + [{"table": "process"} | p for p in phases]
-    write_results("deployed_round", rows, vars(args))
+    write_results("deployed_round", rows, {"sites": sites, "rounds": rounds, "repeat": repeat})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=2, help="ClientApp processes timed phase by phase, per mode")
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS),
+                        help="instead: one whole run of the demo per protocol, deployed and simulated "
+                             "(--sites, --rounds and --repeat do not apply)")  # fmt: skip
+    parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
+        workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
+        if args.protocols:
+            report_protocols(workdir, args.protocols)
+        else:
+            report_rounds(workdir, args.sites, args.rounds, args.repeat)
     print(f"load average while measuring: {os.getloadavg()}")
 
 
