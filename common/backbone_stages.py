@@ -15,8 +15,12 @@ hands over the modules; this module never imports transformers).
 
 from __future__ import annotations
 
+import copy
+import itertools
+
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -67,6 +71,32 @@ def split(name: str, net: nn.Module, k: int) -> tuple[nn.Sequential, nn.Sequenti
     below = [m for g in groups[:-k] for m in g]
     above = [m for g in groups[-k:] for m in g]
     return nn.Sequential(*below), nn.Sequential(*above)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """`module` in eval mode with each BatchNorm that directly follows a convolution in a sequence folded into it.
+
+    Below the cut the network only ever runs in eval mode, where BatchNorm is a fixed affine map
+    per channel: the convolution before it can compute both in one pass (the same values to float
+    rounding) instead of two over the largest activations of the network (MobileNetV2 at 224 px
+    below its last block: 18 against 30 ms of CPU per image). Only sequences are folded, where the
+    children's order is the forward's. Modules it does not change are shared, never copied, and
+    `module` itself is left as it was: its weights are the fingerprinted encoder's.
+    """
+    children = dict(module.named_children())
+    new = {name: fold_batchnorm(child) for name, child in children.items()}
+    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+        names = list(new)
+        for first, second in itertools.pairwise(names):
+            conv, norm = new[first], new[second]
+            if isinstance(conv, nn.Conv2d) and type(norm) is nn.BatchNorm2d and norm.running_var is not None:
+                new[first] = fuse_conv_bn_eval(conv.eval(), norm.eval()).requires_grad_(False)
+                new[second] = nn.Identity()
+    if all(new[name] is child for name, child in children.items()):
+        return module.eval()
+    out = copy.copy(module)
+    out.__dict__["_modules"] = {**module._modules, **new}  # copy.copy shares the dict of children: not this one
+    return out.eval()
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

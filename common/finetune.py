@@ -86,10 +86,10 @@ def cut_encoder(encoder: Encoder, ft: FinetuneConfig) -> Encoder:
 
 
 def _image_cut(encoder: Any, k: int, cache_max_bytes: int) -> CutEncoder:
-    from common.backbone_stages import split  # image internals: preprocess and module are the ImageBackbone's
+    from common.backbone_stages import fold_batchnorm, split  # image internals: the ImageBackbone's
 
     below, above = split(encoder.name, encoder.module.net, k)
-    below = below.eval().requires_grad_(False)
+    below = fold_batchnorm(below.eval()).requires_grad_(False)  # it only ever runs in eval mode
 
     def run(inputs: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(inputs)).to(encoder.device).permute(0, 3, 1, 2).float().div_(255.0)

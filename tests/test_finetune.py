@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common.backbone_stages import blocks, flat_modules, split
+from common.backbone_stages import blocks, flat_modules, fold_batchnorm, split
 from common.backbones import ImageBackbone, feature_network
 from common.config import ConfigError, config_from_dict
 from common.cut_cache import SUFFIX, cached_activations, evict
@@ -56,6 +56,22 @@ def test_below_then_above_is_the_feature_network(name: str) -> None:
     below, above = split(name, encoder.module.net, 2)
     with torch.no_grad():
         torch.testing.assert_close(above(below(x)), encoder.module(x))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18"])
+def test_batchnorm_folded_below_the_cut_computes_the_same_and_leaves_the_encoder(name: str) -> None:
+    encoder = _encoder(name)
+    weights = {k: v.clone() for k, v in encoder.state_dict().items()}
+    x = encoder.preprocess(torch.from_numpy(_images(3)).permute(0, 3, 1, 2).float() / 255)
+    below, _ = split(name, encoder.module.net, 1)
+    folded = fold_batchnorm(below.eval())
+    count = {m: sum(isinstance(n, nn.BatchNorm2d) for n in m.modules()) for m in (below, folded)}
+    assert count[folded] < count[below] and (name != "mobilenet_v2" or count[folded] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), below(x), rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(n, nn.BatchNorm2d) for n in below.modules()) == count[below]  # the encoder's own modules
+    assert encoder.state_dict().keys() == weights.keys()
+    assert all(torch.equal(v, weights[k]) for k, v in encoder.state_dict().items())
 
 
 def test_top_on_cut_activations_is_the_head_on_features() -> None:
@@ -182,7 +198,8 @@ def test_cache_keeps_the_most_recently_used_within_its_bound(tmp_path) -> None:
 
 @pytest.mark.parametrize(("raw", "key"), [
     ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
-    ({"finetune": {"train": "blocks"}, "privacy": {"feature_stats": True}}, "privacy.feature_stats"),
+    ({"finetune": {"train": "blocks"}, "privacy": {"feature_stats": True}, "train": {"protocol": "fedavg"}},
+     "privacy.feature_stats"),
     ({"finetune": {"train": "blocks", "blocks": 19}}, "finetune.blocks"),
     ({"finetune": {"train": "lora", "norm": "groupnorm"}}, "finetune.norm"),
     ({"finetune": {"train": "blocks"}, "backbone": {"name": "tabular", "schema": "s.yaml"},
