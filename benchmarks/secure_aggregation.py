@@ -34,7 +34,9 @@ def run(sites: int, secure: bool, rounds: int, workdir: Path, secagg: dict[str, 
         "run_name": f"secagg-{sites}-{mode}", "output_dir": str(workdir / f"{sites}-{mode}"),
         "cache_dir": str(workdir / "cache"), "backbone": {"image_size": 32},
         "data": {"num_sites": sites, "split": "iid"},
-        "train": {"rounds": rounds, "local_epochs": 2, "fraction_evaluate": 0.0, "min_sites": 2},
+        "train": {"rounds": rounds, "local_epochs": 2, "fraction_evaluate": 0.0, "min_sites": 2, "protocol": "fedavg",
+                  "learning_rate": 0.5},  # as measured: SecAgg+ over the sites' heads
+        "privacy": {"feature_stats": False, "accountant": "rdp"},
         "secure_aggregation": secure, "secagg": secagg,
     })  # fmt: skip
     simulate(cfg, stream=False)

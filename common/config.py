@@ -79,10 +79,10 @@ SOURCE_KINDS = {"mnist": "image", "digits": "image", "imagefolder": "image", "np
 
 @dataclass(frozen=True)
 class TrainConfig:
-    rounds: int = 5
+    rounds: int = 30
     local_epochs: int = 10
     batch_size: int = 64
-    learning_rate: float = 0.5
+    learning_rate: float = 1.0
     momentum: float = 0.0
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"] = "fedavg"
     proximal_mu: float = 0.01
@@ -95,7 +95,7 @@ class TrainConfig:
     round_timeout_s: float = 600.0
     # fedavg: local epochs of DP-SGD, heads averaged. fedsgd: one clipped, noised gradient sum per site and round,
     # the server steps (learning_rate, server_momentum) from the sum divided by the public expected batch size.
-    protocol: Literal["fedavg", "fedsgd"] = "fedavg"
+    protocol: Literal["fedavg", "fedsgd"] = "fedsgd"
     sample_rate: float = 1.0  # fedsgd: Poisson rate at which a site samples its records (or users) each round
     server_momentum: float = 0.9  # fedsgd: heavy-ball momentum of the server's step
 
@@ -106,13 +106,15 @@ class TrainConfig:
         _require(
             self.protocol == "fedavg" or self.strategy == "fedavg",
             "train.strategy",
-            "fedsgd takes its own server step from the sum of the sites' gradients; leave strategy: fedavg",
+            "needs train.protocol: fedavg (fedsgd, the default, steps from the sum of the sites' gradients, "
+            "with no model per site to combine); set it, or leave strategy: fedavg",
             self.strategy,
         )
         _require(
             self.protocol == "fedavg" or self.max_update_norm is None,
             "train.max_update_norm",
-            "bounds a head's distance from the round's head, which fedsgd never sends; set null",
+            "bounds a head's distance from the round's head, which fedsgd (the default) never sends; set "
+            "train.protocol: fedavg, or null",
             self.max_update_norm,
         )
         _require(1 <= self.local_epochs <= 1000, "train.local_epochs", "must be 1..1000", self.local_epochs)
@@ -142,14 +144,14 @@ class PrivacyConfig:
     target_epsilon: float = 3.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = "prv"
     secure_mode: bool = False
     # record: ε protects one record. user: one person, all their records (sampling and clipping per user).
     unit: Literal["record", "user"] = "record"
     synthetic_users: int = 0  # unit user on mnist/digits only: group a site's records into users of this many
     # one Gaussian release per site of per-class feature sums and counts (round 0): a DP mean to centre features
     # and a class-mean start for the head, taking feature_stats_share of the budget (in the Gaussian's μ²)
-    feature_stats: bool = False
+    feature_stats: bool = True
     feature_stats_share: float = 0.2
     # local: a site's own noise gives its ε against everyone. distributed (fedsgd under secure_aggregation): each
     # site adds its share of discrete (Skellam) noise; the sum of the fewest sites SecAgg+ unmasks carries it all

@@ -33,8 +33,8 @@ SMALL = {
     "run_name": "audit",
     "backbone": {"image_size": 32},
     "data": {"num_sites": 2, "max_samples": 900, "split": "iid"},
-    "train": {"rounds": 2, "local_epochs": 5},
-    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4},
+    "train": {"rounds": 2, "local_epochs": 5, "protocol": "fedavg", "learning_rate": 0.5},  # fedsgd: test_fedsgd.py
+    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
 }
 SITE_LOG = "sites/site-0/audit.jsonl"
 SERVER_LOG = "audit.jsonl"
@@ -270,8 +270,8 @@ def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tm
 
 CANARY_CFG = config_from_dict(
     {
-        "train": {"rounds": 2, "local_epochs": 5, "batch_size": 32},
-        "privacy": {"target_epsilon": 1.0, "target_delta": 1e-4},
+        "train": {"rounds": 2, "local_epochs": 5, "batch_size": 32, "protocol": "fedavg"},  # fedsgd: test_fedsgd.py
+        "privacy": {"target_epsilon": 1.0, "target_delta": 1e-4, "accountant": "rdp", "feature_stats": False},
     }
 )
 

@@ -25,8 +25,8 @@ TINY = {
     "run_name": "cluster",
     "backbone": {"image_size": 32},
     "data": {"num_sites": 2, "max_samples": 400, "split": "iid"},
-    "train": {"rounds": 1, "local_epochs": 2},
-    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4},
+    "train": {"rounds": 1, "local_epochs": 2, "protocol": "fedavg", "learning_rate": 0.5},
+    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
 }
 
 

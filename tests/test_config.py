@@ -150,6 +150,26 @@ def test_demo_yaml_is_the_default_config() -> None:
     assert load_config(path) == RunConfig()
 
 
+SHIPPED = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.endswith(".schema.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_config_loads(path: Path) -> None:
+    """A config the README tells users to run passes every check (protocol rules included) before anything starts."""
+    assert load_config(path).run_name
+
+
+def test_fedavg_only_settings_under_the_default_protocol_name_the_fix(tmp_path: Path) -> None:
+    """fedsgd is the default: a robust strategy left on it is refused with the key to set, in one line."""
+    path = tmp_path / "median.yaml"
+    path.write_text("train:\n  strategy: fedmedian\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "train.protocol: fedavg" in str(info.value) and "\n" not in str(info.value)
+    path.write_text("train:\n  strategy: fedmedian\n  protocol: fedavg\n", encoding="utf-8")
+    assert load_config(path).train.strategy == "fedmedian"
+
+
 def test_pyproject_run_config_is_the_default_config() -> None:
     """`flwr run .` (pyproject's [tool.flwr.app.config]) and the embedded default cannot drift."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
@@ -168,8 +188,9 @@ def test_run_config_round_trip_keeps_none_and_non_defaults() -> None:
         backbone=BackboneConfig(name="resnet18", weights="none", image_size=48),
         data=DataConfig(source="digits", path=None, split="iid", alpha=0.3, num_sites=3, max_samples=None),
         head=HeadConfig(hidden=32),
-        train=TrainConfig(rounds=2, local_epochs=1, batch_size=16, strategy="fedprox", min_sites=3),
-        privacy=PrivacyConfig(enabled=False, target_epsilon=1.5, target_delta=1e-6, accountant="prv"),
+        train=TrainConfig(rounds=2, local_epochs=1, batch_size=16, strategy="fedprox", min_sites=3, protocol="fedavg"),
+        privacy=PrivacyConfig(enabled=False, target_epsilon=1.5, target_delta=1e-6, accountant="rdp",
+                              feature_stats=False),
     )
     flat = to_run_config(cfg)
     assert None not in flat.values()  # TOML and Flower's run config have no null

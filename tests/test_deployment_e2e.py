@@ -50,6 +50,10 @@ RUN = {  # both runs; flwr checks every key against [tool.flwr.app.config]
     "data.source": "digits", "data.split": "iid", "data.num_sites": 3,  # the server's own hold-out
     "train.local_epochs": 3, "train.min_sites": 2, "train.fraction_evaluate": 0.0, "privacy.target_delta": 1e-5,
 }  # fmt: skip
+# the drop-out and SecAgg+ runs time their kills by local training: fedavg, as it was measured (the first run
+# takes the default protocol, fedsgd with the DP feature statistics)
+FEDAVG = {"train.protocol": "fedavg", "train.learning_rate": 0.5, "privacy.feature_stats": False,
+          "privacy.accountant": "rdp"}  # fmt: skip
 RECEIVED = "Receiving: train message"
 WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one per message
 KEPT = ("worker", ".lock")  # what the running `deploy site` keeps in a state folder: its worker's socket, its lock
@@ -194,7 +198,7 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
 def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -> None:
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-2"
-    overrides = RUN | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
+    overrides = RUN | FEDAVG | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
     # these two run a bare SuperNode (no worker: each message imports torch in its own ClientApp process, seconds),
     # so the kills below land while they train and hospital-b is back before round 3; a worker answers in a blink
@@ -247,7 +251,7 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
     exchange it refuses to train: a dropout after sharing keys, which the unmask stage must recover from."""
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-3"
-    overrides = RUN | {"train.rounds": 1, "privacy.target_epsilon": 3.0, "secure_aggregation": True,
+    overrides = RUN | FEDAVG | {"train.rounds": 1, "privacy.target_epsilon": 3.0, "secure_aggregation": True,
                        "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
     before = {site: _worker_answered(federation, site) for site in SITES}
     result = dep.run_app(APP_DIR, overrides, timeout=400)

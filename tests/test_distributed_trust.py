@@ -23,7 +23,8 @@ from common.skellam import SKELLAM, quantum, sensitivities
 DIM, CLASSES = 32, 4
 DISTRIBUTED = {"train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fraction_evaluate": 0.0},
                "data": {"num_sites": 3}, "secure_aggregation": True,
-               "privacy": {"trust": "distributed", "target_delta": 1e-3}}  # fmt: skip
+               "privacy": {"trust": "distributed", "target_delta": 1e-3, "accountant": "rdp",
+                           "feature_stats": False}}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -163,7 +164,8 @@ def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(t
            "train": {"protocol": "fedsgd", "rounds": 2, "min_sites": 3, "sample_rate": 1.0, "learning_rate": 1.0,
                      "fraction_evaluate": 0.0},
            "secure_aggregation": True,
-           "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
+           "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True,
+                       "accountant": "rdp"}}  # fmt: skip
     config = tmp_path / "distributed.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()

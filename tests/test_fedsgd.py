@@ -187,7 +187,7 @@ def test_screened_fedsgd_sums_the_sites_and_refuses_unfit_gradients() -> None:
 
 
 FEDSGD = {"train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
-          "privacy": {"target_delta": 1e-3, "feature_stats": True}}  # fmt: skip
+          "privacy": {"target_delta": 1e-3, "feature_stats": True, "accountant": "rdp"}}  # fmt: skip
 
 
 def _site(tmp_path: Path, n: int = 80) -> Site:
@@ -229,7 +229,7 @@ def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: 
 
 
 def test_user_level_site_samples_users(tmp_path: Path) -> None:
-    raw = FEDSGD | {"privacy": {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4}}
+    raw = FEDSGD | {"privacy": {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4, "feature_stats": False}}
     cfg, site = config_from_dict(raw), _site(tmp_path)
     reply = train_round.train(site, cfg, _message(1, centred=False))
     assert reply["metrics"][Metric.NUM_EXAMPLES] == 20  # 80 records, 4 per user
@@ -239,7 +239,7 @@ def test_user_level_site_samples_users(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raw", "key"),
     [
-        ({"privacy": {"unit": "user", "synthetic_users": 4}}, "privacy.unit"),
+        ({"train": {"protocol": "fedavg"}, "privacy": {"unit": "user", "synthetic_users": 4}}, "privacy.unit"),
         ({"train": {"protocol": "fedsgd"}, "privacy": {"unit": "user"}}, "privacy.synthetic_users"),
         ({"train": {"protocol": "fedsgd"}, "privacy": {"trust": "distributed"}}, "secure_aggregation"),
         ({"train": {"protocol": "fedsgd", "strategy": "fedmedian"}}, "train.strategy"),
@@ -318,7 +318,7 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
 
 
 def test_fedavg_trains_a_centred_head_and_keeps_its_mean(tmp_path: Path) -> None:
-    raw = {"train": {"rounds": 2, "local_epochs": 1, "batch_size": 20},
+    raw = {"train": {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 20},
            "privacy": {"target_delta": 1e-3, "feature_stats": True}}  # fmt: skip
     cfg, site = config_from_dict(raw), _site(tmp_path)
     stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))

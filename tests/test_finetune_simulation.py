@@ -29,8 +29,8 @@ def test_lora_run_sends_only_its_trainable_tensors_and_passes_its_audit(
     raw |= {"output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"), "device": "cpu"}
     raw["backbone"]["image_size"] = 32
     raw["data"] |= {"num_sites": 2, "max_samples": 600, "alpha": 0.3}
-    raw["train"] |= {"rounds": 2, "local_epochs": 1, "batch_size": 32}
-    raw["privacy"] |= {"target_delta": 1.0e-4}
+    raw["train"] |= {"rounds": 2, "local_epochs": 1, "batch_size": 32, "protocol": "fedavg", "learning_rate": 0.5}
+    raw["privacy"] |= {"target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"}
     raw["finetune"] |= {"train": "lora", "blocks": 1, "lora_rank": 2}
     raw["personal"] |= {"enabled": True, "epochs": 1, "dp": True}
     config = tmp_path / "finetune.yaml"

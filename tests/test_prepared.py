@@ -194,8 +194,9 @@ def _deployed(tmp_path: Path) -> tuple[Context, RunConfig]:
     (home / "site.yaml").write_text(yaml.safe_dump(site))
     cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
                             "device": "cpu", "backbone": {"image_size": 32},
-                            "data": {"source": "digits", "num_sites": 3}, "train": {"rounds": 3, "local_epochs": 1},
-                            "privacy": {"target_delta": 1e-5}})  # fmt: skip
+                            "data": {"source": "digits", "num_sites": 3},
+                            "train": {"rounds": 3, "local_epochs": 1, "protocol": "fedavg"},
+                            "privacy": {"target_delta": 1e-5, "feature_stats": False}})  # fmt: skip
     context = Context(run_id=1, node_id=7, node_config={"site-config": str(home / "site.yaml")}, state=RecordDict(),
                       run_config=to_run_config(cfg))  # fmt: skip
     return context, cfg

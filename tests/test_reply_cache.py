@@ -25,7 +25,8 @@ def context(tmp_path: Path) -> Context:
     cfg = config_from_dict({
         "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
         "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
-        "train": {"rounds": 2, "local_epochs": 1}, "privacy": {"target_delta": 1e-4},
+        "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
+        "privacy": {"target_delta": 1e-4, "feature_stats": False},
     })  # fmt: skip
     return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                    run_config=to_run_config(cfg))  # fmt: skip

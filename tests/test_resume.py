@@ -32,7 +32,8 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "run_name": "resume", "seed": 7, "device": "cpu", "backbone": {"image_size": 32},
     "data": {"source": "digits", "split": "iid", "num_sites": 2, "max_samples": 600},
-    "train": {"rounds": 2, "local_epochs": 2}, "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4},
+    "train": {"rounds": 2, "local_epochs": 2, "protocol": "fedavg", "learning_rate": 0.5},
+    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
 }  # fmt: skip
 SITES = ("site-0", "site-1")
 

@@ -91,6 +91,8 @@ def site_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, str
             "cache_dir": str(out / "cache"),
             "backbone": {"image_size": 32},
             "data": {"source": "digits", "max_samples": 120, "num_sites": 2},
+            "train": {"protocol": "fedavg"},  # robust strategies combine one model per site
+            "privacy": {"feature_stats": False},
         }
     )
     ctx = Context(
@@ -156,7 +158,7 @@ def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rou
     torch.manual_seed(0)
     head = make_head(test[0].shape[1], 10)
     arrays, spec = head_to_arrays(head), head_spec(head)
-    inner = make_strategy(TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2))
+    inner = make_strategy(TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2, protocol="fedavg"))
     strategy = ScreenedStrategy(inner, spec, min_sites=2)
     for rnd in range(1, rounds + 1):
         replies = []
@@ -197,6 +199,6 @@ def test_robust_aggregator_survives_nan_and_scaled_updates(digits_task: tuple) -
 
 def test_run_config_exposes_the_robust_strategies() -> None:
     for name in ("fedmedian", "fedtrimmedavg"):
-        cfg = config_from_dict({"train": {"strategy": name, "max_update_norm": 10.0}})
+        cfg = config_from_dict({"train": {"strategy": name, "max_update_norm": 10.0, "protocol": "fedavg"}})
         assert type(make_strategy(cfg.train)).__name__.lower() == name
     assert RunConfig().train.max_update_norm is None

@@ -23,7 +23,8 @@ def _config(run: Path, cache: Path) -> RunConfig:
     return config_from_dict({
         "run_name": "robust", "output_dir": str(run), "cache_dir": str(cache), "backbone": {"image_size": 32},
         "data": {"num_sites": 8, "split": "iid"}, "train": {"rounds": 3, "local_epochs": 5, "strategy":
-        "fedtrimmedavg", "trimmed_beta": 0.2, "fraction_evaluate": 0.0},
+        "fedtrimmedavg", "trimmed_beta": 0.2, "fraction_evaluate": 0.0, "protocol": "fedavg", "learning_rate": 0.5},
+        "privacy": {"feature_stats": False, "accountant": "rdp"},
     })  # fmt: skip
 
 

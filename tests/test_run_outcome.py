@@ -23,8 +23,8 @@ EVERY_SITE_DECLINES = {
     "device": "cpu",
     "backbone": {"image_size": 32},
     "data": {"source": "digits", "split": "iid", "num_sites": 2, "max_samples": 300},
-    "train": {"rounds": 2, "local_epochs": 1},
-    "privacy": {"target_epsilon": 3.0, "target_delta": 0.5},  # ≥ 1/n at every site: each declines
+    "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
+    "privacy": {"target_epsilon": 3.0, "target_delta": 0.5, "feature_stats": False},  # δ ≥ 1/n: every site declines
 }
 
 

@@ -40,7 +40,9 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = config_from_dict({
         "run_name": "secagg", "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
         "backbone": {"image_size": 32}, "data": {"source": "digits", "split": "iid", "num_sites": SITES},
-        "train": {"rounds": 2, "local_epochs": 2, "fraction_evaluate": 0.0},
+        "train": {"rounds": 2, "local_epochs": 2, "fraction_evaluate": 0.0, "protocol": "fedavg",
+                  "learning_rate": 0.5},  # heads under SecAgg+ (fedsgd's sums: test_distributed_trust.py)
+        "privacy": {"feature_stats": False, "accountant": "rdp"},
         "secure_aggregation": True,
     })  # fmt: skip
     mp = pytest.MonkeyPatch()

@@ -25,8 +25,8 @@ SMALL = {
     "run_name": "e2e",
     "backbone": {"image_size": 32},
     "data": {"num_sites": 2, "max_samples": 900, "split": "iid"},
-    "train": {"rounds": 2, "local_epochs": 5},
-    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4},
+    "train": {"rounds": 2, "local_epochs": 5, "protocol": "fedavg", "learning_rate": 0.5},  # fedsgd: test_fedsgd.py
+    "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
 }
 
 
@@ -101,7 +101,8 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path: Path) -> None:
     out = tmp_path / "flwr-run"
     overrides = (
         f"output_dir='{out}' cache_dir='{tmp_path / 'cache'}' backbone.image_size=32 data.max_samples=900 "
-        "data.split='iid' train.rounds=2 train.local_epochs=5 privacy.target_delta=1.0e-4"
+        "data.split='iid' train.rounds=2 train.local_epochs=5 privacy.target_delta=1.0e-4 train.protocol='fedavg' "
+        "train.learning_rate=0.5 privacy.feature_stats=false privacy.accountant='rdp'"
     )
     flwr_home = tmp_path / ".flwr"
     with simulation_superlink(flwr_home, tmp_path / "superlink.log") as connection:

@@ -60,7 +60,8 @@ def _context(root: Path, worker: Path | None = None) -> Context:
     cfg = config_from_dict({
         "output_dir": str(root / "run"), "cache_dir": str(root.parent / "cache"), "device": "cpu",
         "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
-        "train": {"rounds": 2, "local_epochs": 1}, "privacy": {"target_delta": 1e-4},
+        "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
+        "privacy": {"target_delta": 1e-4, "feature_stats": False},
     })  # fmt: skip
     node = {"partition-id": 0, "num-partitions": 2} | ({"site-worker": str(worker)} if worker else {})
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=to_run_config(cfg))
@@ -244,5 +245,6 @@ def test_a_head_is_trained_on_one_thread_and_the_worker_keeps_its_own(
         assert seen == [handlers.HEAD_THREADS] and torch.get_num_threads() == 2  # restored for the next message
     finally:
         torch.set_num_threads(before)
-    finetune = config_from_dict({"finetune": {"train": "blocks", "blocks": 1}})
+    finetune = config_from_dict({"finetune": {"train": "blocks", "blocks": 1}, "train": {"protocol": "fedavg"},
+                                 "privacy": {"feature_stats": False}})
     assert handlers.work_threads(finetune) is None and handlers.work_threads(config_from_dict({})) == 1

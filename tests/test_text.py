@@ -295,7 +295,8 @@ def test_modalities_benchmark_smoke(tmp_path: Path) -> None:
     config.write_text(yaml.safe_dump({"run_name": "smoke", "cache_dir": str(tmp_path / "cache"),
                                       "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
                                       "data": {"source": "bbc", "max_samples": 120},
-                                      "train": {"rounds": 2, "local_epochs": 2}}))  # fmt: skip
+                                      "train": {"rounds": 2, "local_epochs": 2, "protocol": "fedavg"},
+                                      "privacy": {"feature_stats": False}}))  # fmt: skip
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-m", "benchmarks.modalities", "--config", str(config), "--sites", "1", "2",
                            "--results-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
@@ -323,8 +324,9 @@ def test_bbc_slice_end_to_end_on_the_simulation_engine(tmp_path: Path, capsys: p
     raw = {"run_name": "text-e2e", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
            "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 32},
            "data": {"source": "bbc", "num_sites": 2, "max_samples": 160, "split": "iid"},
-           "train": {"rounds": 2, "local_epochs": 5},
-           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4}}  # fmt: skip
+           "train": {"rounds": 2, "local_epochs": 5, "protocol": "fedavg", "learning_rate": 0.5},
+           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False,
+                       "accountant": "rdp"}}  # fmt: skip
     config = tmp_path / "text.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config), "--quiet"]) == 0

@@ -183,7 +183,8 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
     ({"finetune": {"train": "blocks", "norm": "groupnorm"}}, "finetune.norm"),
 ])  # fmt: skip
 def test_config_takes_text_fine_tuning_within_the_layers(raw: dict, key: str) -> None:
-    text = {"backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64}, "data": {"source": "bbc"}}
+    text = {"backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64}, "data": {"source": "bbc"},
+            "train": {"protocol": "fedavg"}, "privacy": {"feature_stats": False}}  # fine-tuning trains locally
     cfg = config_from_dict(text | {"finetune": {"train": "lora", "blocks": 6}})
     assert cfg.finetune.blocks == 6
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -220,8 +221,8 @@ def test_lora_text_run_on_the_simulation_engine(tmp_path, capsys: pytest.Capture
     raw = {"run_name": "text-lora", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
            "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
            "data": {"source": "bbc", "num_sites": 2, "max_samples": 120, "split": "iid"},
-           "train": {"rounds": 2, "local_epochs": 1, "batch_size": 16},
-           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4},
+           "train": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "protocol": "fedavg", "learning_rate": 0.5},
+           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
            "finetune": {"train": "lora", "blocks": 1, "lora_rank": 2}}  # fmt: skip
     config = tmp_path / "text-lora.yaml"
     config.write_text(yaml.safe_dump(raw))
