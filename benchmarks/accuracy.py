@@ -141,7 +141,7 @@ def data_sweep(task: Task, setup: FedSetup, sites: int) -> list[dict]:
     return rows
 
 
-# (batch size, local epochs, rounds, learning rate); the first is the app's default (configs/demo.yaml)
+# (batch size, local epochs, rounds, learning rate) of fedavg; the first is configs/demo-fedavg.yaml's
 CANDIDATES = [(64, 10, 5, 0.5), (128, 10, 5, 1.0), (256, 10, 3, 2.0), (256, 5, 3, 2.0), (512, 10, 2, 4.0),
               (128, 5, 2, 1.0)]  # fmt: skip
 TARGET_SITES, TARGET_EPSILON, TARGET_POINTS = 4, 3.0, 0.05

@@ -142,6 +142,7 @@ def _check_ledgers_match_server(fed: Federation3, run_dir: Path) -> dict[str, An
 
 
 def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) -> None:
+    """The default protocol deployed: round 0's statistics release, then fedsgd rounds, a site declining each."""
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-1"
     intruder = dep.start_site(INTRUDER, node_config=format_config({"site-config": "/nonexistent"}), wait=False)
@@ -165,7 +166,7 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
     listed = dep.flwr("ls", dep.connection, "--run-id", flower_id.group(1), "--format", "json")
     assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed"  # the id `flwr` takes
     rounds = [line for line in done.stdout.splitlines() if line.startswith("round ")]
-    assert [line.split(" | ")[0] for line in rounds] == ["round 1/2", "round 2/2"]  # one console line per round
+    assert [line.split(" | ")[0] for line in rounds] == ["round 0/2", "round 1/2", "round 2/2"]  # 0: the statistics
 
     # an unregistered key is refused at activation and never becomes a node
     assert intruder.popen.wait(timeout=60) != 0
@@ -181,9 +182,10 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
         assert record["sites"][STRICT] == {"status": "declined", "reason": declined}
         for site in SITES[:2]:
             assert record["sites"][site]["status"] == "trained"
-            assert record["sites"][site]["bytes_sent"] == record["bytes_sent_per_site"]
+            if record["round"] > 0:  # round 0 asks for the statistics release; later rounds carry the centred head
+                assert record["sites"][site]["bytes_sent"] == record["bytes_sent_per_site"]
     privacy = _check_ledgers_match_server(federation, run_dir)
-    assert privacy["sites"][STRICT]["rounds_declined"] == [{"round": r, "reason": declined} for r in (1, 2)]
+    assert privacy["sites"][STRICT]["rounds_declined"] == [{"round": r, "reason": declined} for r in (0, 1, 2)]
     assert _ledger_rounds(federation, STRICT, privacy["run_id"]) == []
     for site in SITES[:2]:
         assert 2.5 < privacy["sites"][site]["epsilon"] <= 3.0 + 1e-9
