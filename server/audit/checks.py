@@ -70,11 +70,11 @@ def check_mode(updates: Iterable[Update], ev: Evidence, found: Findings) -> str:
         for entry in ev.server:
             if entry.event == Event.ROUND_AGGREGATED and not isinstance(entry.record.get("secure_aggregation"), dict):
                 found.fail_at("secure-aggregation", entry, "round-aggregated lacks its secure_aggregation settings")
-    return (
-        "secure aggregation (SecAgg+): the server received masked vectors and reconstructed only their weighted mean"
-        if secure
-        else "plain: the server received each site's head"
-    )
+    fedsgd = ev.cfg.train.protocol == "fedsgd"
+    if secure:
+        combined = "the sum of the sites' noisy gradient sums" if fedsgd else "the weighted mean of the sites' heads"
+        return f"secure aggregation (SecAgg+): the server received masked vectors and reconstructed only {combined}"
+    return f"plain: the server received each site's {'noisy gradient sum' if fedsgd else 'head'}"
 
 
 def check_updates(
