@@ -64,8 +64,8 @@ DEMO: dict[str, Any] = {
     "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
 }  # fmt: skip
 # Each protocol with the settings it ships with, whichever of them the config defaults pick: fedavg as
-# configs/demo.yaml ran it (5 rounds × 10 local epochs), fedsgd as configs/demo-fedsgd.yaml (30 rounds after the
-# feature statistics' round 0); both chosen by benchmarks/privacy_utility.py.
+# configs/demo-fedavg.yaml (5 rounds × 10 local epochs), fedsgd as configs/demo.yaml (30 rounds after the feature
+# statistics' round 0); tests/test_benchmarks.py keeps them equal.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "fedavg": {"train": {"protocol": "fedavg", "rounds": 5, "local_epochs": 10, "batch_size": 64,
                          "learning_rate": 0.5, "momentum": 0.0},

@@ -151,21 +151,21 @@ def test_finetune_personal_smoke() -> None:
     assert all(len(r["per_site"]) == 2 and 0 <= r["personal_mean"] <= 1 for r in rows)
 
 
-def test_deployed_protocols_name_their_settings() -> None:
-    """`deployed_round --protocols` runs each protocol as shipped on the demo's federation, whatever the defaults."""
+def test_deployed_protocols_run_each_protocol_as_shipped() -> None:
+    """`deployed_round --protocols` names each protocol's settings; they must stay those of its shipped config."""
     from benchmarks.deployed_round import DEMO, PROTOCOLS, protocol_config
-    from common.config import RunConfig, config_from_dict
-
-    built = {p: config_from_dict(protocol_config(Path("/w"), DEMO, s, f"{p}-deployed")) for p, s in PROTOCOLS.items()}
-    fedavg, fedsgd = built["fedavg"], built["fedsgd"]
+    from common.config import RunConfig, config_from_dict, load_config
 
     def settings(cfg: RunConfig) -> tuple:
-        t, dp = cfg.train, cfg.privacy
-        return t.protocol, t.rounds, t.local_epochs, t.learning_rate, t.sample_rate, dp.accountant, dp.feature_stats
+        t, dp, d = cfg.train, cfg.privacy, cfg.data
+        return (t.protocol, t.rounds, t.local_epochs, t.batch_size, t.learning_rate, t.momentum, t.sample_rate,
+                t.server_momentum, t.fraction_evaluate, dp.accountant, dp.feature_stats, dp.feature_stats_share,
+                dp.target_epsilon, dp.target_delta, d.source, d.split, d.alpha, d.num_sites, cfg.backbone.image_size,
+                cfg.seed)  # fmt: skip
 
-    assert settings(fedavg) == ("fedavg", 5, 10, 0.5, 1.0, "rdp", False)
-    assert settings(fedsgd)[:2] + settings(fedsgd)[3:] == ("fedsgd", 30, 1.0, 1.0, "prv", True)
-    for cfg in built.values():  # the demo's sections survive the protocol's keys laid over them
-        assert (cfg.data.source, cfg.data.split, cfg.data.num_sites, cfg.data.alpha) == ("mnist", "dirichlet", 4, 0.5)
-        assert (cfg.backbone.image_size, cfg.privacy.target_epsilon, cfg.train.fraction_evaluate) == (64, 3.0, 1.0)
+    shipped = {"fedavg": "demo-fedavg.yaml", "fedsgd": "demo.yaml"}
+    built = {p: config_from_dict(protocol_config(Path("/w"), DEMO, s, f"{p}-deployed")) for p, s in PROTOCOLS.items()}
+    for protocol, cfg in built.items():
+        assert cfg.train.protocol == protocol
+        assert settings(cfg) == settings(load_config(ROOT / "configs" / shipped[protocol])), protocol
     assert len({(c.output_dir, c.cache_dir) for c in built.values()}) == 2  # each run its own (empty) folders
