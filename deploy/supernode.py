@@ -10,16 +10,20 @@ the SuperNode so a service manager can stop it as if it ran the SuperNode itself
 
 from __future__ import annotations
 
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import FrameType
+from typing import IO
 
 ACTIVATION_REFUSED = "Failed to activate SuperNode"
 _FLOWER_EXIT_BLOCK = "Exit Code:"  # Flower's multi-line error report starts here
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_DRAIN_S = 2.0  # after the SuperNode exits, how long its last lines may take to arrive
 
 
 class ActivationError(RuntimeError):
@@ -64,7 +68,7 @@ def _run_once(argv: list[str], env: Mapping[str, str], stopping: list[int]) -> t
     refused = False
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
+        for line in _lines_until_exit(proc, proc.stdout):
             refused = refused or ACTIVATION_REFUSED in line
             if held or _FLOWER_EXIT_BLOCK in line:
                 held.append(line)  # shown below only if it is not the refusal we explain ourselves
@@ -78,3 +82,32 @@ def _run_once(argv: list[str], env: Mapping[str, str], stopping: list[int]) -> t
     if not refused:
         sys.stdout.writelines(held)
     return code, refused
+
+
+def _lines_until_exit(proc: subprocess.Popen[str], stream: IO[str]) -> Iterator[str]:
+    """The process's output lines until it has exited and its last lines are read.
+
+    Reading to end of file is not enough: a child the SuperNode started (Flower's `flower-superexec`)
+    inherits the pipe and can outlive it, so end of file may never come, and a site restarting after
+    a refused activation would hang with its SuperNode unreaped. A daemon thread reads; this stops
+    at end of file, or `_DRAIN_S` after the process exited.
+    """
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True, name="supernode-output").start()
+    exited_at: float | None = None
+    while exited_at is None or time.monotonic() - exited_at < _DRAIN_S:
+        try:
+            line = lines.get(timeout=0.2)
+        except queue.Empty:
+            if exited_at is None and proc.poll() is not None:
+                exited_at = time.monotonic()
+            continue
+        if line is None:
+            return
+        yield line
