@@ -74,6 +74,9 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
                          "server_momentum": 0.9},
                "privacy": {"accountant": "prv", "feature_stats": True, "feature_stats_share": 0.2}},
 }  # fmt: skip
+# fedsgd with federated evaluation in every 5th round and the last (train.evaluate_every): a deployed round is
+# then one Flower exchange, not two
+PROTOCOLS["fedsgd-evaluate5"] = {**PROTOCOLS["fedsgd"], "train": PROTOCOLS["fedsgd"]["train"] | {"evaluate_every": 5}}
 MODES = {"recompute": "off", "prepared": "on"}  # the value of FEDTRANSFER_PREPARED_STATE at the sites
 WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one line per message
 
@@ -297,12 +300,13 @@ def protocol_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def report_protocols(workdir: Path, protocols: list[str]) -> None:
-    chosen = {p: PROTOCOLS[p] for p in protocols}
+def report_protocols(workdir: Path, protocols: list[str], rounds: int | None, name: str) -> None:
+    chosen = {p: PROTOCOLS[p] | {"train": PROTOCOLS[p]["train"] | ({"rounds": rounds} if rounds else {})}
+              for p in protocols}  # fmt: skip
     rows = measure_protocols(workdir, DEMO, chosen)
     print_table(rows, ["setting", "protocol", "rounds", "whole_run_s", "per_round_s", "first_round_s",
                        "later_round_s", "accuracy", "epsilon", "sent_per_site_bytes", "load_1m"])  # fmt: skip
-    write_results("deployed_protocols", rows, {"protocols": protocols, "demo": DEMO, "settings": chosen})
+    write_results(name, rows, {"protocols": protocols, "demo": DEMO, "settings": chosen})
 
 
 def report_rounds(workdir: Path, sites: int, rounds: int, repeat: int) -> None:
@@ -324,12 +328,14 @@ def main() -> None:
     parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS),
                         help="instead: one whole run of the demo per protocol, deployed and simulated "
                              "(--sites, --rounds and --repeat do not apply)")  # fmt: skip
+    parser.add_argument("--protocol-rounds", type=int, help="with --protocols: this many rounds (default: as shipped)")
+    parser.add_argument("--name", default="deployed_protocols", help="with --protocols: the results file's name")
     parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
         workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
         if args.protocols:
-            report_protocols(workdir, args.protocols)
+            report_protocols(workdir, args.protocols, args.protocol_rounds, args.name)
         else:
             report_rounds(workdir, args.sites, args.rounds, args.repeat)
     print(f"load average while measuring: {os.getloadavg()}")

@@ -92,6 +92,9 @@ class TrainConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     fraction_evaluate: float = 1.0
+    # federated evaluation in every evaluate_every-th round and the last: deployed, each evaluation is one more
+    # Flower exchange per round (its per-message floor), which fedsgd's many short rounds pay most
+    evaluate_every: int = 1
     round_timeout_s: float = 600.0
     # fedavg: local epochs of DP-SGD, heads averaged. fedsgd: one clipped, noised gradient sum per site and round,
     # the server steps (learning_rate, server_momentum) from the sum divided by the public expected batch size.
@@ -136,6 +139,11 @@ class TrainConfig:
             0 <= self.fraction_evaluate <= 1, "train.fraction_evaluate", "must be in [0, 1]", self.fraction_evaluate
         )
         _require(self.round_timeout_s > 0, "train.round_timeout_s", "must be > 0", self.round_timeout_s)
+        _require(1 <= self.evaluate_every <= 10_000, "train.evaluate_every", "must be 1..10000", self.evaluate_every)
+
+    def evaluates(self, rnd: int) -> bool:
+        """Whether round `rnd` asks the sites for federated evaluation: every evaluate_every-th, and the last."""
+        return self.fraction_evaluate > 0 and (rnd % self.evaluate_every == 0 or rnd == self.rounds)
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,5 @@ def check_run(cfg: Any) -> None:
     if cfg.personal.enabled:
         _require(cfg.train.fraction_evaluate > 0, "train.fraction_evaluate", "personal models train and are "
                  "evaluated when the server asks for evaluation; must be > 0", cfg.train.fraction_evaluate)  # fmt: skip
+        _require(cfg.train.evaluate_every == 1, "train.evaluate_every", "personal models train when the server asks "
+                 "for evaluation, so every round; must be 1", cfg.train.evaluate_every)  # fmt: skip

@@ -180,8 +180,10 @@ def _round(
         head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
-    with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
-        federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
+    federated = None
+    if cfg.train.evaluates(rnd):
+        with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
+            federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
     outcome = RoundReport(rnd, train, absent, head, co.strategy.state(), co.evaluate(head), federated,
                           time.monotonic() - t0, wire_bytes(arrays))  # fmt: skip
     line = recorder.round_done(outcome)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,7 +166,8 @@ def test_deployed_protocols_run_each_protocol_as_shipped() -> None:
 
     shipped = {"fedavg": "demo-fedavg.yaml", "fedsgd": "demo.yaml"}
     built = {p: config_from_dict(protocol_config(Path("/w"), DEMO, s, f"{p}-deployed")) for p, s in PROTOCOLS.items()}
-    for protocol, cfg in built.items():
-        assert cfg.train.protocol == protocol
-        assert settings(cfg) == settings(load_config(ROOT / "configs" / shipped[protocol])), protocol
-    assert len({(c.output_dir, c.cache_dir) for c in built.values()}) == 2  # each run its own (empty) folders
+    for protocol, config in shipped.items():
+        assert built[protocol].train.protocol == protocol
+        assert settings(built[protocol]) == settings(load_config(ROOT / "configs" / config)), protocol
+    assert len({(c.output_dir, c.cache_dir) for c in built.values()}) == len(PROTOCOLS)  # each its own folders
+    assert built["fedsgd-evaluate5"].train == replace(built["fedsgd"].train, evaluate_every=5)

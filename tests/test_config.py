@@ -170,6 +170,15 @@ def test_fedavg_only_settings_under_the_default_protocol_name_the_fix(tmp_path: 
     assert load_config(path).train.strategy == "fedmedian"
 
 
+def test_federated_evaluation_runs_every_evaluate_every_rounds_and_in_the_last() -> None:
+    t = TrainConfig(rounds=12, evaluate_every=5)
+    assert [r for r in range(13) if t.evaluates(r)] == [0, 5, 10, 12]
+    assert all(TrainConfig(rounds=3).evaluates(r) for r in range(4))  # the default: every round
+    assert not any(TrainConfig(rounds=3, fraction_evaluate=0.0).evaluates(r) for r in range(4))
+    with pytest.raises(ConfigError, match=r"^train\.evaluate_every: "):
+        TrainConfig(evaluate_every=0)
+
+
 def test_pyproject_run_config_is_the_default_config() -> None:
     """`flwr run .` (pyproject's [tool.flwr.app.config]) and the embedded default cannot drift."""
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))

@@ -297,11 +297,13 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
     run_dir = tmp_path / "run"
     raw = {"run_name": "fedsgd", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
            "backbone": {"image_size": 32}, "data": {"num_sites": 2, "max_samples": 600, "split": "iid"},
-           "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
+           "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5, "evaluate_every": 2},
            "privacy": {"target_epsilon": 3.0, "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
     config = tmp_path / "fedsgd.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics if m["federated"]] == [0, 2, 3]  # evaluate_every 2, and the last round
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     assert len(privacy) == 2
     for site in privacy.values():

@@ -205,6 +205,7 @@ def test_cache_keeps_the_most_recently_used_within_its_bound(tmp_path) -> None:
     ({"finetune": {"train": "blocks"}, "backbone": {"name": "tabular", "schema": "s.yaml"},
       "data": {"source": "table", "path": "x.csv"}}, "finetune.train"),
     ({"personal": {"enabled": True}, "train": {"fraction_evaluate": 0.0}}, "train.fraction_evaluate"),
+    ({"personal": {"enabled": True}, "train": {"evaluate_every": 5}}, "train.evaluate_every"),
 ])  # fmt: skip
 def test_config_refuses_what_cannot_work(raw: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
