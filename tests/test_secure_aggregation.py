@@ -128,9 +128,9 @@ def test_audit_passes_and_names_the_mode(secure_run: Path) -> None:
 
 def test_secure_aggregation_refuses_what_it_cannot_do() -> None:
     with pytest.raises(ConfigError, match=r"train\.strategy: secure_aggregation needs"):
-        config_from_dict({"secure_aggregation": True, "train": {"strategy": "fedmedian"}})
+        config_from_dict({"secure_aggregation": True, "train": {"strategy": "fedmedian", "protocol": "fedavg"}})
     with pytest.raises(ConfigError, match=r"train\.max_update_norm: cannot be checked"):
-        config_from_dict({"secure_aggregation": True, "train": {"max_update_norm": 5.0}})
+        config_from_dict({"secure_aggregation": True, "train": {"max_update_norm": 5.0, "protocol": "fedavg"}})
     with pytest.raises(ConfigError, match=r"secagg\.reconstruction_threshold: must be below"):
         config_from_dict({"secagg": {"num_shares": 5, "reconstruction_threshold": 5}})
     with pytest.raises(ConfigError, match=r"secagg\.num_shares: an odd count .* use 11"):
@@ -147,7 +147,7 @@ def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: 
     context = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(),
                       run_config=to_run_config(cfg))  # fmt: skip
     backbone = load_backbone(cfg.backbone)
-    head = make_head(backbone.feature_dim, 10)
+    head = make_head(backbone.feature_dim, 10, centred=True)  # the default protocol's head (feature statistics on)
     config = {"server-round": 1, "run-id": "r1", "backbone-fingerprint": backbone.fingerprint}
     meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
                     created_at=time.time(), ttl=600.0, message_type="train")  # fmt: skip
