@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-from PIL import Image
 
 from cli.main import main
 from client import train_round
@@ -25,6 +24,7 @@ from common.process_cache import ProcessCache
 from common.protocol import Metric
 from common.site_config import site_paths
 from deploy.credentials import init_deployment
+from tests.test_users import tiny_images  # the same tiny image folder the simulation's tests use
 
 DIM = 8
 
@@ -69,24 +69,13 @@ def _grouped_by_person(site: Site, cfg: RunConfig) -> int:
     return units.count
 
 
-def _images(root: Path, count: int) -> list[str]:
-    """`count` tiny PNGs under root/<class>/, and their paths relative to root."""
-    paths = []
-    for k in range(count):
-        file = root / f"class{k % 2}" / f"{k}.png"
-        file.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8), k * 10, np.uint8)).save(file)
-        paths.append(file.relative_to(root).as_posix())
-    return paths
-
-
 def _npz(path: Path, count: int) -> None:
     images = np.arange(count * 64, dtype=np.int64).reshape(count, 8, 8) % 251
     np.savez(path, train_images=images.astype(np.uint8), train_labels=np.arange(count) % 2)
 
 
 def test_an_image_folder_site_names_its_people_in_a_users_file_beside_its_config(tmp_path: Path) -> None:
-    paths = _images(tmp_path / "scans", 20)
+    paths = tiny_images(tmp_path / "scans", 20)
     (tmp_path / "people").mkdir()
     (tmp_path / "people" / "users.csv").write_text("path,user\n" + "".join(f"{p},patient-{k // 4}\n"
                                                                           for k, p in enumerate(paths)))  # fmt: skip
@@ -176,7 +165,7 @@ def test_a_person_key_for_another_source_is_one_line_naming_it(tmp_path: Path, k
 
 
 def test_a_record_the_users_file_does_not_name_is_one_line(tmp_path: Path) -> None:
-    paths = _images(tmp_path / "scans", 6)
+    paths = tiny_images(tmp_path / "scans", 6)
     users = tmp_path / "users.csv"
     users.write_text("path,user\n" + "".join(f"{p},patient-{k}\n" for k, p in enumerate(paths[1:])))
     config = _site_yaml(tmp_path, data_source="imagefolder", data_path="scans", users_file="users.csv")

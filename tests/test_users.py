@@ -144,7 +144,7 @@ def test_text_user_column(tmp_path: Path) -> None:
         load_source("text", str(texts), 32, columns=("text", "label"), users="user")
 
 
-def _images(root: Path, count: int) -> list[str]:
+def tiny_images(root: Path, count: int) -> list[str]:
     """`count` tiny PNGs under root/<class>/, and their paths relative to root."""
     paths = []
     for k in range(count):
@@ -157,7 +157,7 @@ def _images(root: Path, count: int) -> list[str]:
 
 def test_image_folder_users_file(tmp_path: Path) -> None:
     root = tmp_path / "scans"
-    paths = _images(root, 6)
+    paths = tiny_images(root, 6)
     users = tmp_path / "users.csv"
     users.write_text("path,user\n" + "".join(f"{p},patient-{k // 2}\n" for k, p in enumerate(paths)))
     samples = load_source("imagefolder", str(root), 32, users=str(users))
@@ -170,7 +170,8 @@ def test_image_folder_users_file(tmp_path: Path) -> None:
 
 def test_image_folders_per_site_take_paths_relative_to_data_path(tmp_path: Path) -> None:
     root = tmp_path / "sites"
-    lines = [f"{site}/{p},{site}-person-{k % 3}" for site in ("a", "b") for k, p in enumerate(_images(root / site, 6))]
+    lines = [f"{site}/{p},{site}-person-{k % 3}"
+             for site in ("a", "b") for k, p in enumerate(tiny_images(root / site, 6))]
     users = tmp_path / "users.csv"
     users.write_text("path,user\n" + "\n".join(lines) + "\n")
     fed = simulate_federation("imagefolder", str(root), "folders", 2, 0.5, 0.2, 0.1, 32, 0, users=str(users))
