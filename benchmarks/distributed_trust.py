@@ -63,10 +63,11 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     head = make_head(sites[0][0].shape[1], classes, centred=s.stats_share is not None)
     dim = sum(p.numel() for p in head.parameters())
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(sites))]
-    plans = [plan_distributed(len(y), q, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, dim, survivors, "record",
-                              s.stats_share, x.shape[1], classes) for x, y in sites]  # fmt: skip
+    plans = [plan_distributed(len(y), q, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, dim, survivors, cfg.secagg,
+                              "record", s.stats_share, x.shape[1], classes) for x, y in sites]  # fmt: skip
     if s.stats_share is not None:
-        released = [skellam_statistics(x, y, classes, Units.records(len(y)), p.stats_variance / survivors, g)
+        released = [skellam_statistics(x, y, classes, Units.records(len(y)), p.stats_variance / survivors, g,
+                                       p.stats_quantum)
                     for (x, y), p, g in zip(sites, plans, gens, strict=True)]  # fmt: skip
         start_from_statistics(head, *(sum(r[k] for r in released).float() for k in (STATS_SUMS, STATS_COUNTS)))
     frozen = frozenset(k for k, _ in head.named_buffers())

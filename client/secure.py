@@ -74,15 +74,15 @@ def secure_reply(
     except KeyError as err:
         raise ValueError(f"the server asked for tensor {err} this reply does not hold") from None
     examples = int(answer[Rec.METRICS][Metric.NUM_EXAMPLES])
-    if quanta is not None:
-        head = [to_grid(v, quanta[n], settings.clipping_range, settings.quantization_range)
-                for n, v in zip(names, head, strict=True)]  # fmt: skip
-        examples = int(settings.max_weight)
-    if examples > settings.max_weight:
+    if examples > settings.max_weight:  # under fedsgd it also sets γ (SecAggConfig.quantum): no wrap-around
         raise ValueError(
             f"this site trains on {examples} examples, more than secagg.max_weight = {settings.max_weight:g}; "
             "the run must raise secagg.max_weight"
         )
+    if quanta is not None:
+        head = [to_grid(v, quanta[n], settings.clipping_range, settings.quantization_range)
+                for n, v in zip(names, head, strict=True)]  # fmt: skip
+        examples = int(settings.max_weight)
     largest = max(float(np.max(np.abs(v))) for v in head) * examples / settings.max_weight
     if largest > settings.clipping_range:
         raise ValueError(

@@ -47,7 +47,7 @@ from common.privacy import (
     require_secure_rng,
 )
 from common.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
-from common.skellam import quantum, sample, share_wrap_bound
+from common.skellam import sample, share_wrap_bound
 
 
 def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
@@ -118,19 +118,23 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
 def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
     """The Skellam plan; declined when this site's share could wrap modulo SecAgg+'s range (see share_wrap_bound)."""
     p, t, n = cfg.privacy, cfg.train, site_units(site, cfg).count
+    if n > cfg.secagg.max_weight:  # γ is set for sites of up to max_weight units (SecAggConfig.quantum)
+        raise ValueError(f"this site has {n} units, more than secagg.max_weight = {cfg.secagg.max_weight:g}; the "
+                         "run must raise secagg.max_weight")  # fmt: skip
     survivors, classes, features = cfg.secagg.fewest_survivors(t.min_sites), len(site.data.train.classes), 0
     if p.feature_stats:
         features = int(site.train_x.shape[1])
     plan = site.plan(plan_distributed, n, t.sample_rate, t.rounds, p.target_epsilon, p.target_delta,
-                     p.max_grad_norm, dim, survivors, p.unit, p.feature_stats_share if p.feature_stats else None,
-                     features, classes)  # fmt: skip
+                     p.max_grad_norm, dim, survivors, cfg.secagg, p.unit,
+                     p.feature_stats_share if p.feature_stats else None, features, classes)  # fmt: skip
     wrap = t.rounds * share_wrap_bound(n, plan.l2_sensitivity, plan.noise_share, dim, cfg.secagg.quantization_range)
     if p.feature_stats:  # the release's sums, each unit moving a coordinate by at most Δ2 of the statistics
         wrap += share_wrap_bound(n, plan.stats_l2, plan.stats_variance / survivors, classes * (features + 1),
                                  cfg.secagg.quantization_range)  # fmt: skip
     if wrap > 1e-6 * plan.target_delta:
         raise ValueError(f"secagg.quantization_range {cfg.secagg.quantization_range} is too small for this site's {n} "
-                         f"units (its integer sum could wrap, probability up to {wrap:.2g}); raise it")  # fmt: skip
+                         f"units (its noisy integer sum could wrap, probability up to {wrap:.2g}); the run must raise "
+                         "secagg.max_weight (a coarser γ leaves the noise more room)")  # fmt: skip
     return plan
 
 
@@ -215,7 +219,7 @@ def _work(
         generator = make_generator(seed, secure_mode, site.train_x.device)
         if plan is not None and plan.distributed:  # integers in units of each tensor's quantum, plus a Skellam share
             released = skellam_statistics(site.train_x, site.train_y, classes, units, plan.stats_variance /
-                                          plan.min_survivors, generator)  # fmt: skip
+                                          plan.min_survivors, generator, plan.stats_quantum)  # fmt: skip
         else:
             released = release_statistics(site.train_x, site.train_y, classes, units,
                                           None if plan is None else plan.stats_noise_multiplier, generator,
@@ -305,7 +309,7 @@ def _dp_record(work: Work, plan: DPPlan) -> DPRecord:
     if plan.distributed:  # the statistics' Skellam release: its own norm bound, quantum and sensitivities
         return DPRecord(plan.stats_noise_multiplier or 0.0, 1.0, 1, STATS_NORM, plan.target_delta, plan.accountant,
                         "skellam", plan.stats_variance, plan.stats_variance / plan.min_survivors, plan.min_survivors,
-                        quantum(STATS_NORM), plan.stats_l1, plan.stats_l2)  # fmt: skip
+                        plan.stats_quantum, plan.stats_l1, plan.stats_l2)  # fmt: skip
     sigma, q, steps = work.step
     clip = 1.0 if work.release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
     return DPRecord(sigma, q, steps, clip, plan.target_delta, plan.accountant)
@@ -316,9 +320,9 @@ def _secure(answer: RecordDict, conf: ConfigRecord, cfg: RunConfig, replayed: bo
     try:
         names, quanta = head_names(conf), None
         if conf.get(Cfg.RELEASE) is not None:  # the statistics: each sum read back exactly (common/secure_sum.py)
-            quanta = stats_quanta()
+            quanta = stats_quanta(cfg.secagg.quantum(STATS_NORM))
         elif cfg.train.protocol == "fedsgd":
-            quanta = dict.fromkeys(names, quantum(cfg.privacy.max_grad_norm))
+            quanta = dict.fromkeys(names, cfg.secagg.quantum(cfg.privacy.max_grad_norm))
         return secure_reply(answer, names, cfg.secagg, replayed, quanta)
     except ValueError as err:
         raise Declined(str(err)) from None

@@ -252,6 +252,10 @@ class RunConfig:
                 (self.privacy.enabled, "privacy.enabled", "must be true", self.privacy.enabled),
                 (self.privacy.accountant == "rdp", "privacy.accountant", "must be rdp (the Skellam mechanism is "
                  "accounted in RDP; Opacus' PRV knows only the Gaussian)", self.privacy.accountant),
+                (self.secagg.quantization_range >= 4096 * self.secagg.max_weight, "secagg.quantization_range",
+                 f"must be at least 4096 × secagg.max_weight = {4096 * self.secagg.max_weight:.0f} (each unit's "
+                 "clipped gradient then spans 1,024 integer levels or more: rounding adds √d/2 to the sensitivity, "
+                 "and so to the noise)", self.secagg.quantization_range),
             ):  # fmt: skip
                 _require(ok, key, f"{why} under privacy.trust: distributed", value)
         if self.secure_aggregation and self.train.protocol == "fedsgd":
@@ -261,6 +265,9 @@ class RunConfig:
                          "integer sum is read back exactly from SecAgg+'s mean)", value)  # fmt: skip
             _require(s.max_weight == int(s.max_weight), "secagg.max_weight", "must be a whole number under fedsgd "
                      "(every site sends weight max_weight, so SecAgg+ scales by exactly 1)", s.max_weight)  # fmt: skip
+            _require(s.quantization_range >= 64 * s.max_weight, "secagg.quantization_range", f"must be at least 64 × "
+                     f"secagg.max_weight = {64 * s.max_weight:.0f} under fedsgd (each unit's clipped gradient spans "
+                     "16 integer levels or more)", s.quantization_range)  # fmt: skip
 
     def _check_privacy_unit(self) -> None:
         """Per-user privacy needs fedsgd (per-user sampling and clipping) and a user for every record."""

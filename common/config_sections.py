@@ -6,6 +6,7 @@ frozen, validated on construction, one-line errors naming the key.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -110,12 +111,26 @@ class SecAggConfig:
             )
         _require(self.clipping_range > 0, "secagg.clipping_range", "must be > 0", self.clipping_range)
         _require(
-            2 <= self.quantization_range <= 2**24,
+            2 <= self.quantization_range <= 2**30,
             "secagg.quantization_range",
-            "must be 2..16777216 (the sum of all sites' values must fit Flower's 2**32 modulus)",
+            "must be 2..1073741824 (Flower rounds to int32, and the sum of all sites' values must fit its 2**32 "
+            "modulus)",
             self.quantization_range,
         )
         _require(self.max_weight >= 1, "secagg.max_weight", "must be >= 1", self.max_weight)
+
+    def quantum(self, clip_norm: float) -> float:
+        """γ, the unit of fedsgd's integer sums on SecAgg+'s grid: the power of two at which one unit's clipped
+        gradient (norm ≤ C = `clip_norm`) spans C/γ ∈ (L/2, L] levels, L the largest power of two ≤ Q/(4·max_weight).
+
+        A site of up to max_weight units then keeps its clipped, rounded sum within about ±Q/4 per
+        coordinate, leaving the rest of [−Q/2, Q/2) to its noise (common.skellam.share_wrap_bound
+        checks it). A finer γ shrinks what rounding adds to the sensitivity (√d/2 against C/γ,
+        common.skellam.sensitivities), so more levels per unit buy accuracy under distributed trust.
+        Q and C powers of two make every float step (x/γ, y·γ) exact.
+        """
+        log2_levels = math.frexp(self.quantization_range / (4 * self.max_weight))[1] - 1  # ⌊log2 Q/(4·max_weight)⌋
+        return 2.0 ** (math.ceil(math.log2(clip_norm)) - log2_levels)
 
     def fewest_survivors(self, sites: int) -> int:
         """The fewest sites whose masked vectors SecAgg+ unmasks in a round of `sites` sites: its threshold.

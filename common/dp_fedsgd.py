@@ -259,14 +259,15 @@ def release_statistics(
     return {STATS_SUMS: sums.cpu(), STATS_COUNTS: counts.cpu()}
 
 
-def stats_quanta() -> dict[str, float]:
-    """The unit of each released tensor on SecAgg+'s integer grid: γ for the sums, γ/s for the counts."""
-    gamma = skellam.quantum(STATS_NORM)
+def stats_quanta(gamma: float) -> dict[str, float]:
+    """The unit of each released tensor on SecAgg+'s grid: γ (SecAggConfig.quantum(STATS_NORM)) for the sums,
+    γ/s for the counts."""
     return {STATS_SUMS: gamma, STATS_COUNTS: gamma / STATS_COUNT_SCALE}
 
 
-def stats_sensitivities(feature_dim: int, num_classes: int, per_user: bool) -> tuple[float, float]:
-    """(Δ1, Δ2) of the integer statistics release under distributed trust, in units of γ = quantum(STATS_NORM).
+def stats_sensitivities(feature_dim: int, num_classes: int, per_user: bool, gamma: float) -> tuple[float, float]:
+    """(Δ1, Δ2) of the integer statistics release under distributed trust, in units of γ (the run's
+    SecAggConfig.quantum(STATS_NORM)).
 
     Neighbouring datasets differ by one unit (a record, or all of a user's records). Each unit's
     contribution is rounded on its own: v = ⊕_k (Σ_{i: y_i = k} w_i·u_i, s·Σ_{i: y_i = k} w_i) over
@@ -279,16 +280,17 @@ def stats_sensitivities(feature_dim: int, num_classes: int, per_user: bool) -> t
     an integer vector with D nonzeros Δ1 ≤ min(√D·Δ2, Δ2²) (common.skellam.sensitivities).
     """
     touched = (feature_dim + 1) * (num_classes if per_user else 1)
-    return skellam.sensitivities(STATS_NORM, skellam.quantum(STATS_NORM), touched)
+    return skellam.sensitivities(STATS_NORM, gamma, touched)
 
 
 def skellam_statistics(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, units: Units, share_variance: float,
-    generator: torch.Generator,
+    generator: torch.Generator, gamma: float,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Distributed trust's release: each unit's (sums, s·counts) in units of γ, rounded, summed, plus this
-    site's Skellam share on every coordinate; returned as values (integers × each tensor's quantum), float64."""
-    gamma, quanta = skellam.quantum(STATS_NORM), stats_quanta()
+    """Distributed trust's release: each unit's (sums, s·counts) in units of γ (SecAggConfig.quantum(STATS_NORM)),
+    rounded, summed, plus this site's Skellam share on every coordinate; returned as values (integers × each
+    tensor's quantum), float64."""
+    quanta = stats_quanta(gamma)
     w = units.weights().to(features.device).double()
     unit = nn.functional.normalize(features.double(), dim=1) * (w * (1 - 1e-9))[:, None]  # float error stays inside
     cells, at = torch.unique(units.of_record.to(features.device) * num_classes + labels, return_inverse=True)

@@ -1,7 +1,7 @@
 """Distributed discrete noise for fedsgd under secure aggregation: the Skellam mechanism and its accounting.
 
 Under `privacy.trust: distributed` each site quantises every unit's clipped gradient to
-integers (γ a power of two: C/γ between 512 and 1024 levels), sums them and adds Skellam
+integers (γ a power of two: common.config_sections.SecAggConfig.quantum), sums them and adds Skellam
 noise Sk = Poisson(v/2) − Poisson(v/2) of variance v = μ/K_min. A sum of independent
 Skellams is a Skellam, so the integer sum of any K ≥ K_min sites carries variance ≥ μ:
 the accounting of the aggregate is exactly that of one Skellam mechanism.
@@ -30,17 +30,11 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import gammaln, logsumexp
 
 SKELLAM = "skellam"  # first element of a Skellam entry in an accountant history
-SCALE_BITS = 10  # C/γ lies in (512, 1024]: γ = 2^(⌈log2 C⌉ − 10)
 ORDERS = (*range(2, 65), 80, 96, 128, 192, 256)  # integer RDP orders (Zhu & Wang's bound needs integers)
 
 # A history entry of a Skellam round, as the ledger and the audit keep it:
 # (SKELLAM, variance μ of the aggregate, sample rate q, steps, Δ1, Δ2, K_min)
 SkellamStep = tuple[str, float, float, int, float, float, int]
-
-
-def quantum(clip_norm: float) -> float:
-    """γ: the power of two such that C/γ ∈ (512, 1024]; every float step (x/γ, y·γ) is exact."""
-    return 2.0 ** (math.ceil(math.log2(clip_norm)) - SCALE_BITS)
 
 
 def sensitivities(clip_norm: float, gamma: float, dim: int) -> tuple[float, float]:

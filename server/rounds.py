@@ -20,11 +20,10 @@ from flwr.serverapp import Grid
 
 from common.audit_log import update_digest
 from common.config import RunConfig, SecAggConfig
-from common.dp_fedsgd import stats_quanta
+from common.dp_fedsgd import STATS_NORM, stats_quanta
 from common.exchange import arrays_to_numpy, wire_bytes
 from common.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from common.secure_sum import sum_of_mean
-from common.skellam import quantum
 from server.secure import SecureRound, secure_round
 from server.sites import SiteBook, SiteRound, answer_of, answers, send_and_receive
 from server.strategy import SITES_IN_REPLY, ScreenedStrategy
@@ -126,10 +125,10 @@ def secure_train_round(
     extra: dict[str, float] = {}
     aggregate = sec.aggregate
     if release:  # the sites' statistics, read back exactly; the release strategy keeps the one sum it gets
-        aggregate = secure_sum(sec, aggregate, stats_quanta(), cfg.secagg)
+        aggregate = secure_sum(sec, aggregate, stats_quanta(cfg.secagg.quantum(STATS_NORM)), cfg.secagg)
     elif cfg.train.protocol == "fedsgd":  # the sites' gradient sums, read back exactly; FedSGD divides by Σ q·n
-        aggregate = secure_sum(sec, aggregate, dict.fromkeys(aggregate.keys(), quantum(cfg.privacy.max_grad_norm)),
-                               cfg.secagg)  # fmt: skip
+        gamma = cfg.secagg.quantum(cfg.privacy.max_grad_norm)
+        aggregate = secure_sum(sec, aggregate, dict.fromkeys(aggregate.keys(), gamma), cfg.secagg)
         extra[Metric.EXPECTED_BATCH] = sum(float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH])
                                            for r in sec.trained.values())  # fmt: skip
     reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)

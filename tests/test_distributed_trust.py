@@ -4,6 +4,7 @@ and a whole run on the Simulation Engine whose audit passes, and fails when a si
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ from common.data import Samples, SiteData
 from common.head import make_head
 from common.privacy import PrivacyLedger, epsilon_of
 from common.protocol import DPRecord, Metric
-from common.skellam import SKELLAM, quantum, sensitivities
+from common.skellam import SKELLAM, sensitivities
 
 DIM, CLASSES = 32, 4
+GRID = {"quantization_range": 2**27, "max_weight": 2048}  # 16,384 levels per unit: configs/distributed.yaml's
 DISTRIBUTED = {"train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fraction_evaluate": 0.0},
-               "data": {"num_sites": 3}, "secure_aggregation": True,
+               "data": {"num_sites": 3}, "secure_aggregation": True, "secagg": GRID,
                "privacy": {"trust": "distributed", "target_delta": 1e-3, "accountant": "rdp",
                            "feature_stats": False}}  # fmt: skip
 
@@ -35,6 +37,8 @@ DISTRIBUTED = {"train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fra
         ({"privacy": {"accountant": "prv"}}, "privacy.accountant"),
         ({"secagg": {"clipping_range": 6.0}}, "secagg.clipping_range"),
         ({"secagg": {"quantization_range": 3_000_000}}, "secagg.quantization_range"),
+        ({"secagg": {"quantization_range": 2**22}}, "secagg.quantization_range"),  # 512 levels per unit
+        ({"secagg": {"quantization_range": 2**31}}, "secagg.quantization_range"),  # past Flower's int32
         ({"secagg": {"max_weight": 100.5}}, "secagg.max_weight"),
     ],
 )
@@ -69,7 +73,7 @@ def test_a_site_sends_an_integer_sum_with_its_share_and_claims_two_epsilons(tmp_
     dim = sum(p.numel() for p in head.parameters())
     ledger = PrivacyLedger(site.ledger_path, "r")
     plan = train_round.privacy_plan(site, cfg, ledger, dim)
-    assert plan is not None and plan.min_survivors == 2 and plan.quantum == quantum(1.0)
+    assert plan is not None and plan.min_survivors == 2 and plan.quantum == 2.0**-14  # 2**27 / (4 × 2048) levels
     assert (plan.l1_sensitivity, plan.l2_sensitivity) == sensitivities(1.0, plan.quantum, dim)
     work = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=3)
     sent = np.concatenate([v.numpy().ravel() for v in work.arrays.values()])
@@ -111,6 +115,30 @@ def test_a_plain_message_is_declined_under_distributed_trust(tmp_path: Path) -> 
                   metadata=meta)  # fmt: skip
     with pytest.raises(Declined, match="only masked under secure aggregation"):
         train_round.train(_site(tmp_path), config_from_dict(DISTRIBUTED), msg)
+
+
+def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
+    """γ spends SecAgg+'s levels: 16,384 per unit (configs/distributed.yaml's grid) instead of 1,024 shrinks what
+    rounding adds to Δ2, so the noise each round carries, in gradient units, drops at the same ε."""
+    from common.privacy import plan_distributed
+
+    def noise_std(grid: SecAggConfig) -> float:
+        plan = plan_distributed(1000, 1.0, 30, 3.0, 1e-5, 1.0, 12810, 3, grid)
+        assert epsilon_of([plan.round_step] * 30, 1e-5, "rdp") <= 3.0
+        return math.sqrt(plan.noise_variance) * plan.quantum
+
+    coarse, fine = SecAggConfig(quantization_range=2**24, max_weight=4096), SecAggConfig(**GRID)
+    assert 1 / coarse.quantum(1.0) == 1024 and 1 / fine.quantum(1.0) == 16384
+    assert noise_std(fine) < 0.96 * noise_std(coarse)
+
+
+def test_a_site_larger_than_max_weight_is_declined_before_it_spends(tmp_path: Path) -> None:
+    """γ is set for sites of up to secagg.max_weight units; a larger site would risk its sum wrapping around."""
+    cfg = config_from_dict(DISTRIBUTED | {"secagg": GRID | {"max_weight": 64}})
+    ledger = PrivacyLedger(tmp_path / "l.json", "r")
+    with pytest.raises(Declined, match=r"this site has 80 units, more than secagg.max_weight = 64"):
+        train_round.privacy_plan(_site(tmp_path, n=80), cfg, ledger, 132)
+    assert ledger.history == []
 
 
 def test_site_policy_must_allow_distributed_trust(tmp_path: Path) -> None:
@@ -163,7 +191,7 @@ def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(t
            "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 3, "split": "iid"},
            "train": {"protocol": "fedsgd", "rounds": 2, "min_sites": 3, "sample_rate": 1.0, "learning_rate": 1.0,
                      "fraction_evaluate": 0.0},
-           "secure_aggregation": True,
+           "secure_aggregation": True, "secagg": GRID,
            "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True,
                        "accountant": "rdp"}}  # fmt: skip
     config = tmp_path / "distributed.yaml"
@@ -203,7 +231,8 @@ def test_local_trust_fedsgd_under_secagg_sends_its_noisy_sum_on_flowers_grid() -
     from client.secure import secure_reply
     from common.secure_sum import sum_of_mean
 
-    settings, gamma = SecAggConfig(), quantum(1.0)
+    settings = SecAggConfig()
+    gamma = settings.quantum(1.0)
     rng = np.random.default_rng(1)
     sums = [rng.normal(0, 40, size=(4, 6)).astype(np.float32) for _ in range(3)]
     masked = np.zeros((4, 6), np.int64)
@@ -241,7 +270,8 @@ def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> 
     ledger = PrivacyLedger(site.ledger_path, "r")
     plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
     assert plan is not None and plan.stats_variance > 0
-    assert (plan.stats_l1, plan.stats_l2) == stats_sensitivities(DIM, CLASSES, per_user=False)
+    assert plan.stats_quantum == cfg.secagg.quantum(STATS_NORM)
+    assert (plan.stats_l1, plan.stats_l2) == stats_sensitivities(DIM, CLASSES, False, plan.stats_quantum)
     conf = {"server-round": 0, "run-id": "r", "release": "feature-stats"}
     from flwr.app import ConfigRecord
 
@@ -264,17 +294,20 @@ def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_message
     from flwr.compat.common import recorddict_compat as compat
 
     from client.secure import secure_reply
-    from common.dp_fedsgd import STATS_NAMES, Units, skellam_statistics, stats_quanta
+    from common.dp_fedsgd import STATS_NAMES, STATS_NORM, Units, skellam_statistics, stats_quanta
     from server.rounds import secure_sum
     from server.secure import SecureRound
 
-    settings, quanta, sites = SecAggConfig(quantization_range=2**24), stats_quanta(), 3
+    settings, sites = SecAggConfig(**GRID), 3
+    gamma = settings.quantum(STATS_NORM)
+    quanta = stats_quanta(gamma)
     masked = {n: 0 for n in STATS_NAMES}
     messages = []
     for i in range(sites):
         torch.manual_seed(i)
         x, y = torch.randn(50, DIM), torch.randint(0, CLASSES, (50,))
-        released = skellam_statistics(x, y, CLASSES, Units.records(50), 400.0, torch.Generator().manual_seed(i))
+        released = skellam_statistics(x, y, CLASSES, Units.records(50), 400.0, torch.Generator().manual_seed(i),
+                                      gamma)  # fmt: skip
         messages.append(released)
         for name, value in released.items():
             assert np.array_equal(value.numpy() / quanta[name], np.rint(value.numpy() / quanta[name]))
@@ -329,7 +362,7 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
 
-    from common.dp_fedsgd import STATS_NAMES, stats_quanta
+    from common.dp_fedsgd import STATS_NAMES, STATS_NORM, stats_quanta
     from common.secure_sum import sum_of_mean
 
     cfg = config_from_dict({"secure_aggregation": True, "train": {"protocol": "fedsgd", "min_sites": 2},
@@ -345,7 +378,8 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     assert dp is not None and dp.mechanism == "gaussian"
     fitres = compat.recorddict_to_fitres(train_round._secure(answer, conf, cfg, replayed=False), keep_input=False)
     assert fitres.num_examples == int(cfg.secagg.max_weight)
-    s, quanta = cfg.secagg, stats_quanta()
+    s = cfg.secagg
+    quanta = stats_quanta(s.quantum(STATS_NORM))
     for name, grid in zip(STATS_NAMES, parameters_to_ndarrays(fitres.parameters), strict=True):
         back = sum_of_mean(grid.astype(np.float64), 1, quanta[name], s.clipping_range, s.quantization_range)
         released = answer["arrays"][name].numpy().astype(np.float64)

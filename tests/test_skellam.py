@@ -16,6 +16,7 @@ from scipy.special import logsumexp
 from scipy.stats import skellam as scipy_skellam
 
 from common import skellam
+from common.config_sections import SecAggConfig
 from common.dp_fedsgd import Units, clipped_gradient_sum
 from common.head import make_head
 from common.secure_sum import sum_of_mean, to_grid
@@ -56,7 +57,7 @@ def test_large_variance_approaches_the_gaussian_of_the_same_sigma() -> None:
 
 def test_calibrated_variance_meets_the_target_like_opacus_gaussian() -> None:
     """Full batches, 30 rounds: μ for ε = 3 gives the noise multiplier Opacus gives the Gaussian, within 2%."""
-    d1, d2 = skellam.sensitivities(1.0, skellam.quantum(1.0), 1290)
+    d1, d2 = skellam.sensitivities(1.0, 2.0**-10, 1290)  # 1,024 levels per unit
     mu = skellam.calibrate_variance(1.0, 30, 3.0, 1e-5, d1, d2)
     assert skellam.epsilon(((skellam.SKELLAM, mu, 1.0, 30, d1, d2, 1),), 1e-5) <= 3.0
     sigma = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=30, accountant="rdp")
@@ -84,7 +85,7 @@ def test_quantised_sum_is_integer_and_one_unit_moves_it_within_the_sensitivity()
     x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))
     head = make_head(16, 3)
     dim = sum(p.numel() for p in head.parameters())
-    gamma = skellam.quantum(1.0)
+    gamma = SecAggConfig(quantization_range=2**27, max_weight=2048).quantum(1.0)
     d1, d2 = skellam.sensitivities(1.0, gamma, dim)
 
     def total(keep: torch.Tensor) -> torch.Tensor:

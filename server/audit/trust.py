@@ -34,7 +34,7 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
                    f"{site.name}: its log records no training with a noise share")  # fmt: skip
     history = []
     for u in trainings:
-        reason = _share_problem(u.dp, expected, ev.cfg.privacy.max_grad_norm, ev.cfg if u.round == 0 else None)
+        reason = _share_problem(u.dp, expected, ev.cfg, u.round == 0)
         if reason is not None:
             found.fail_at(CHECK, u.entry, f"{site.name} round {u.round}: {reason}")
             continue
@@ -42,13 +42,10 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
     _individual_epsilon(site, history, ev, found)
 
 
-def _share_problem(
-    dp: dict[str, Any] | None, survivors: int, clip_norm: float, release: RunConfig | None = None
-) -> str | None:
+def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, release: bool) -> str | None:
     """Why a logged training (or, with `release`, round 0's statistics) does not show this site's share of the
     planned noise, or None."""
     from common.dp_fedsgd import STATS_NORM
-    from common.skellam import quantum
 
     if dp is None:
         return "trained without DP, so it added no noise share"
@@ -63,10 +60,10 @@ def _share_problem(
                 f"unmask {survivors}")  # fmt: skip
     if not math.isclose(rec.noise_share * rec.min_survivors, rec.noise_variance, rel_tol=1e-9):
         return f"added variance {rec.noise_share:g}, not μ/K_min = {rec.noise_variance / rec.min_survivors:g}"
-    bound = STATS_NORM if release is not None else clip_norm  # the statistics: a unit's (sums, counts/4) norm
-    if rec.quantum != quantum(bound) or rec.clip_norm != bound:
+    bound = STATS_NORM if release else cfg.privacy.max_grad_norm  # the statistics: a unit's (sums, counts/4) norm
+    if rec.quantum != cfg.secagg.quantum(bound) or rec.clip_norm != bound:
         return f"quantum {rec.quantum:g} and clip norm {rec.clip_norm:g} are not the run's"
-    return None if release is None else _release_problem(rec, release)
+    return _release_problem(rec, cfg) if release else None
 
 
 def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
