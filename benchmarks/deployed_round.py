@@ -273,8 +273,9 @@ def measure_protocols(workdir: Path, demo: Mapping[str, Any], protocols: Mapping
         configs = {share.name: write_npz_site(homes[share.name], share.name, share) for share in federation.sites}
         os.environ[SWITCH_ENV] = "on"  # prepared state, as shipped
         sites = {site: home / "site.yaml" for site, home in homes.items()}
-        with local_deployment(workdir / f"{protocol}-deployment", configs, deploy_site=sites,
-                              connect_timeout=300.0) as dep:  # each site's worker imports torch first
+        with local_deployment(
+            workdir / f"{protocol}-deployment", configs, deploy_site=sites, connect_timeout=300.0
+        ) as dep:  # each site's worker imports torch first
             t0 = time.perf_counter()
             submit_run(cfg, dep.connection, env=dep.env, stream=False)
             rows.append(whole_run("deployed", protocol, cfg, time.perf_counter() - t0))

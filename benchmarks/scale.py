@@ -176,8 +176,14 @@ def run(sites: int, rounds: int, image_size: int, workdir: Path, ray_address: st
             "cache_dir": str(workdir / "cache"),
             "backbone": {"image_size": image_size},
             "data": {"num_sites": sites, "split": "iid", "site_test_fraction": 0.2},
-            "train": {"rounds": rounds, "local_epochs": 1, "min_sites": 1, "fraction_evaluate": 0.0,
-                      "protocol": "fedavg", "learning_rate": 0.5},  # as measured: a head trained at every site
+            "train": {
+                "rounds": rounds,
+                "local_epochs": 1,
+                "min_sites": 1,
+                "fraction_evaluate": 0.0,
+                "protocol": "fedavg",
+                "learning_rate": 0.5,
+            },  # as measured: a head trained at every site
             "privacy": {"target_delta": 1e-5, "feature_stats": False, "accountant": "rdp"},
         }
     )

@@ -105,10 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
     pred = sub.add_parser("predict", help="classify an image or a folder of images with an exported model")
     pred.add_argument("model", help="model.pt written by a run")
-    pred.add_argument("images", help="an image file or a folder (searched recursively); for a tabular model a CSV "
-                      "file of its columns (prints row number and class)")
-    pred.add_argument("--column", help="text model: the column (or JSONL key) of a .csv/.tsv/.jsonl file holding the "
-                      "texts; a plain file is one text per line (prints line number and class)")
+    pred.add_argument(
+        "images",
+        help="an image file or a folder (searched recursively); for a tabular model a CSV "
+        "file of its columns (prints row number and class)",
+    )
+    pred.add_argument(
+        "--column",
+        help="text model: the column (or JSONL key) of a .csv/.tsv/.jsonl file holding the "
+        "texts; a plain file is one text per line (prints line number and class)",
+    )
     pred.set_defaults(func=_predict)
     add_audit_parser(sub)
     add_export_parser(sub)  # model.onnx / model.torchscript.pt for serving

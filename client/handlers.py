@@ -116,9 +116,16 @@ def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     server_round, arrays, conf = train_round.received_head(site, msg)
     head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
     s = evaluate_head(head, site.test_x, site.test_y)
-    metrics = MetricRecord({Metric.NUM_EXAMPLES: len(site.test_y), Metric.EVAL_LOSS: s.loss,
-                            Metric.EVAL_ACCURACY: s.accuracy, Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
-                            Metric.EVAL_AUROC: s.auroc or 0.0, Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None)})
+    metrics = MetricRecord(
+        {
+            Metric.NUM_EXAMPLES: len(site.test_y),
+            Metric.EVAL_LOSS: s.loss,
+            Metric.EVAL_ACCURACY: s.accuracy,
+            Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
+            Metric.EVAL_AUROC: s.auroc or 0.0,
+            Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None),
+        }
+    )
     own = None if server_round <= 0 else personal_scores(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
     if own is not None:
         metrics[Metric.PERSONAL_ACCURACY] = own.accuracy

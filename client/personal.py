@@ -146,4 +146,3 @@ def _load(path: Path, global_top: nn.Module) -> tuple[nn.Module, int]:
         except (RuntimeError, KeyError, ValueError, TypeError, EOFError):
             pass  # torn or of another shape: start again from the global model
     return personal, 0
-

@@ -75,7 +75,8 @@ class PreparedState:
             record = json.loads(path.read_text(encoding="utf-8"))
             body = _canonical({"key": record["key"], "value": record["value"]})
             trusted = hmac.compare_digest(str(record["mac"]), self._mac(body)) and record["key"] == json.loads(
-                _canonical(key))
+                _canonical(key)
+            )
         except (OSError, ValueError, KeyError, TypeError):
             trusted = False
         if not trusted:

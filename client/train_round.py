@@ -145,11 +145,14 @@ def site_units(site: Site, cfg: RunConfig) -> Units:
     if site.data.train.users is not None:  # its user column, users file or schema's user: (as the auditor's units)
         return Units.of_users(torch.from_numpy(site.data.train.user_codes()))
     if cfg.privacy.synthetic_users > 0:  # built-in mnist/digits: no people in them
-        return Units.of_users(synthetic_users(len(site.train_y), cfg.privacy.synthetic_users, user_seed(cfg.seed,
-                                                                                                        site.name)))
+        return Units.of_users(
+            synthetic_users(len(site.train_y), cfg.privacy.synthetic_users, user_seed(cfg.seed, site.name))
+        )
     # a deployed site whose own file names nobody (a simulation is refused before Flower starts)
-    raise Declined("privacy.unit: user, but this site's data names no person per record; set user_column (text) "
-                   "or users_file (imagefolder, npz) in the site's config, or user: in its table schema copy")
+    raise Declined(
+        "privacy.unit: user, but this site's data names no person per record; set user_column (text) "
+        "or users_file (imagefolder, npz) in the site's config, or user: in its table schema copy"
+    )
 
 
 @dataclass(frozen=True)

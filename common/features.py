@@ -49,6 +49,7 @@ def cached_features(encoder: Encoder, samples: Samples, cache_dir: Path | None) 
     if "cut" in encoder.describe():
         where = cache_dir / f"{cache_key(encoder, samples)}{cut_cache.SUFFIX}" if cache_dir is not None else None
         with Progress(f"cut activations ({encoder.name})", len(samples), "samples") as progress:
+
             def compute(start: int, stop: int) -> torch.Tensor:
                 out = encoder.embed(samples.inputs[start:stop])
                 progress.step(stop - start)

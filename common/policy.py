@@ -102,8 +102,10 @@ def policy_violations(policy: SitePolicy, use: PolicyUse) -> list[str]:
         found.append("policy.require_secure_aggregation: the site requires secure aggregation, but the head goes out "
                      "in plain (secure_aggregation: false)")  # fmt: skip
     if use.distributed_trust and not policy.allow_distributed_trust:
-        found.append("policy.allow_distributed_trust: under privacy.trust: distributed the site adds only a share of "
-                     "the noise, and its policy does not allow that (set it true, or run with trust: local)")
+        found.append(
+            "policy.allow_distributed_trust: under privacy.trust: distributed the site adds only a share of "
+            "the noise, and its policy does not allow that (set it true, or run with trust: local)"
+        )
     if use.rounds is not None and use.rounds > policy.max_rounds:
         found.append(f"train.rounds {use.rounds} > policy.max_rounds {policy.max_rounds}")
     if use.delta is not None and use.delta > policy.max_delta:

@@ -244,6 +244,18 @@ def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> N
     """The one console line of a round (server.console shows it by default, and little else)."""
     eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
     fed = record["federated"]
-    log(INFO, "%s", round_summary(rnd, cfg.train.rounds, record["sites_trained"], asked, record["server"]["accuracy"],
-                                  fed["accuracy"] if fed else None, max(eps) if eps else None,
-                                  cfg.privacy.target_epsilon if cfg.privacy.enabled else None, record["time_s"]))
+    log(
+        INFO,
+        "%s",
+        round_summary(
+            rnd,
+            cfg.train.rounds,
+            record["sites_trained"],
+            asked,
+            record["server"]["accuracy"],
+            fed["accuracy"] if fed else None,
+            max(eps) if eps else None,
+            cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+            record["time_s"],
+        ),
+    )

@@ -116,8 +116,12 @@ class RunRecorder:
         report.write_plots(self.run_dir, metrics, self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None)
         rounds = self.cfg.train.rounds
         aggregated = [m["round"] for m in metrics if m.get("aggregated")]
-        summary: dict[str, Any] = {"run_id": self.run_id, "final_accuracy": accuracy, "rounds_aggregated": aggregated,
-                                   "final_metrics": metrics[-1]["server"] if metrics else None}  # the hold-out's
+        summary: dict[str, Any] = {
+            "run_id": self.run_id,
+            "final_accuracy": accuracy,
+            "rounds_aggregated": aggregated,
+            "final_metrics": metrics[-1]["server"] if metrics else None,
+        }  # the hold-out's
         if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
             summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
             summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one

@@ -118,9 +118,18 @@ def write_graph(graph: ImageServingGraph, fmt: str, path: Path) -> None:
             torch.jit.trace(graph, (example,), check_trace=False).save(str(path), _extra_files={HEAD_NAMES: names})
             return
         batch, height, width = (torch.export.Dim(n, min=1) for n in ("batch", "height", "width"))
-        torch.onnx.export(graph, (example,), str(path), dynamo=True, opset_version=OPSET, input_names=["images"],
-                          output_names=["logits"], dynamic_shapes={"images": {0: batch, 1: height, 2: width}},
-                          external_data=False, verbose=False)  # weights inside: one file to serve (all < 2 GB)
+        torch.onnx.export(
+            graph,
+            (example,),
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes={"images": {0: batch, 1: height, 2: width}},
+            external_data=False,
+            verbose=False,
+        )  # weights inside: one file to serve (all < 2 GB)
     import onnx
 
     proto = onnx.load(str(path))
@@ -259,4 +268,3 @@ def file_head(path: Path, fmt: str | None = None) -> dict[str, np.ndarray]:
     if not found:
         raise ValueError("no head tensors inside")
     return found
-

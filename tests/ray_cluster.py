@@ -93,6 +93,3 @@ def _wait_nodes(port: int, count: int, procs: list[subprocess.Popen], root: Path
             return
         time.sleep(1.0)
     raise RuntimeError(f"the Ray cluster did not reach {count} node(s) within {START_TIMEOUT_S:.0f}s; see {root}")
-
-
-

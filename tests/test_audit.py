@@ -443,8 +443,10 @@ def test_unreadable_run_dir_is_exit_2(tmp_path: Path, capsys) -> None:
         if os.access(run, os.R_OK):
             pytest.skip("this user reads any folder (root): permissions cannot make one unreadable")
         assert main(["audit", str(run), "--report-dir", str(tmp_path / "report")]) == 2
-        assert capsys.readouterr().err == f"fedtransfer: error: {run}: cannot be read (permission denied); run the " \
+        assert (
+            capsys.readouterr().err == f"fedtransfer: error: {run}: cannot be read (permission denied); run the "
             "audit as a user who can read it\n"
+        )
     finally:
         run.chmod(0o755)
 

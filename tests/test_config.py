@@ -198,8 +198,9 @@ def test_run_config_round_trip_keeps_none_and_non_defaults() -> None:
         data=DataConfig(source="digits", path=None, split="iid", alpha=0.3, num_sites=3, max_samples=None),
         head=HeadConfig(hidden=32),
         train=TrainConfig(rounds=2, local_epochs=1, batch_size=16, strategy="fedprox", min_sites=3, protocol="fedavg"),
-        privacy=PrivacyConfig(enabled=False, target_epsilon=1.5, target_delta=1e-6, accountant="rdp",
-                              feature_stats=False),
+        privacy=PrivacyConfig(
+            enabled=False, target_epsilon=1.5, target_delta=1e-6, accountant="rdp", feature_stats=False
+        ),
     )
     flat = to_run_config(cfg)
     assert None not in flat.values()  # TOML and Flower's run config have no null
@@ -278,9 +279,7 @@ def test_error_echoes_a_bounded_value_for_a_yaml_alias_bomb(tmp_path: Path) -> N
     assert len(message) < 300 + len(str(path))
 
 
-@pytest.mark.parametrize(
-    "value", ["x y" * 50_000, 10**200, {"k" * 10_000: 1}, "line\nbreak", list(range(100_000))]
-)
+@pytest.mark.parametrize("value", ["x y" * 50_000, 10**200, {"k" * 10_000: 1}, "line\nbreak", list(range(100_000))])
 def test_every_echoed_value_is_short_and_one_line(value: object) -> None:
     for raw in ({"run_name": value}, {"privacy": {"target_epsilon": value}}, {"data": {"split": value}}):
         message = _error(raw)
@@ -318,8 +317,20 @@ def test_integer_too_large_for_a_float_is_a_config_error() -> None:
 
 
 _SECTION_KEYS = {
-    "": ["run_name", "seed", "device", "output_dir", "resume", "secure_aggregation", "backbone", "data", "train",
-         "privacy", "secagg", "head"],
+    "": [
+        "run_name",
+        "seed",
+        "device",
+        "output_dir",
+        "resume",
+        "secure_aggregation",
+        "backbone",
+        "data",
+        "train",
+        "privacy",
+        "secagg",
+        "head",
+    ],
     "backbone": ["name", "weights", "weights_file", "weights_sha256", "image_size"],
     "data": ["source", "path", "split", "alpha", "num_sites", "max_samples", "site_test_fraction"],
     "train": ["rounds", "local_epochs", "batch_size", "learning_rate", "strategy", "min_sites", "max_update_norm"],
@@ -327,7 +338,12 @@ _SECTION_KEYS = {
     "secagg": ["num_shares", "reconstruction_threshold", "quantization_range"],
 }
 _leaves = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30), st.binary(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=30),
+    st.binary(max_size=10),
     st.sampled_from(["", "1e-5", "nan", "inf", "fedavg", "mnist", "folders", "none", "mobilenet_v2", "resnet18"]),
 )
 _values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(

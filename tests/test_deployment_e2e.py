@@ -175,8 +175,10 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
     assert {int(n["node-id"]) for n in json.loads(listed.stdout)["nodes"]} == set(dep.node_ids.values())
 
     # the strict site declined every round, naming its limit; the two others carried the run
-    declined = ("site policy: ε 3 (privacy.target_epsilon of this run plus ε 0 already spent in earlier runs) > "
-                "policy.max_epsilon 2")
+    declined = (
+        "site policy: ε 3 (privacy.target_epsilon of this run plus ε 0 already spent in earlier runs) > "
+        "policy.max_epsilon 2"
+    )
     for record in _metrics(run_dir):
         assert record["sites_trained"] == 2
         assert record["sites"][STRICT] == {"status": "declined", "reason": declined}

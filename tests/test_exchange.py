@@ -25,8 +25,10 @@ from common.protocol import REFUSAL_CODE, DPRecord, Refusal, site_of
 
 CLASSES = 10
 # fedavg: a trained head goes back (fedsgd's noisy sums: test_fedsgd.py)
-CFG = RunConfig(train=TrainConfig(rounds=2, local_epochs=1, batch_size=50, protocol="fedavg"),
-                privacy=PrivacyConfig(target_delta=1e-3, feature_stats=False, accountant="rdp"))
+CFG = RunConfig(
+    train=TrainConfig(rounds=2, local_epochs=1, batch_size=50, protocol="fedavg"),
+    privacy=PrivacyConfig(target_delta=1e-3, feature_stats=False, accountant="rdp"),
+)
 
 
 @pytest.fixture(scope="module")

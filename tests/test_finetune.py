@@ -109,7 +109,8 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones() -> None:
         assert not any("running_" in n for n in top.state_dict())  # frozen statistics stay home
         if ft.train == "lora":
             assert {n for n in trainable if n.startswith("blocks.")} and all(
-                ".lora_A." in n or ".lora_B." in n for n in trainable if n.startswith("blocks."))
+                ".lora_A." in n or ".lora_B." in n for n in trainable if n.startswith("blocks.")
+            )
             assert not any("base_layer" in n for n in top.state_dict())
         other = make_top(cut, 10, 0, False, ft)
         load_head(other, head_to_arrays(top))  # the exchange's own check and load

@@ -93,11 +93,17 @@ def test_a_round_trains_once_and_the_model_carries_over(tmp_path: Path) -> None:
         (SitePersonal(), PersonalConfig(dp=False), PersonalChoice(False, "run", None, None)),
         (SitePersonal(dp=True), PersonalConfig(dp=False, target_epsilon=5.0), PersonalChoice(True, "site", 5.0, "run")),
         (SitePersonal(dp=False), PersonalConfig(dp=True), PersonalChoice(False, "site", None, None)),
-        (SitePersonal(target_epsilon=1.0), PersonalConfig(dp=True, target_epsilon=8.0),
-         PersonalChoice(True, "run", 1.0, "site")),
+        (
+            SitePersonal(target_epsilon=1.0),
+            PersonalConfig(dp=True, target_epsilon=8.0),
+            PersonalChoice(True, "run", 1.0, "site"),
+        ),
         (SitePersonal(target_epsilon=1.0), PersonalConfig(dp=False), PersonalChoice(False, "run", None, None)),
-        (SitePersonal(dp=True, target_epsilon=2.0), PersonalConfig(dp=False),
-         PersonalChoice(True, "site", 2.0, "site")),
+        (
+            SitePersonal(dp=True, target_epsilon=2.0),
+            PersonalConfig(dp=False),
+            PersonalChoice(True, "site", 2.0, "site"),
+        ),
     ],
 )
 def test_the_sites_own_file_wins_over_the_run_config(own: SitePersonal | None, run: PersonalConfig,
@@ -155,10 +161,14 @@ def test_the_site_file_carries_its_personal_choice(tmp_path: Path) -> None:
         ("    dp: false\n    target_epsilon: 2\n", "policy.personal.target_epsilon: is the budget of a DP-trained"),
         ("    - dp\n", "policy.personal: must be a mapping"),
         ("    keep: sometimes\n", "policy.personal.keep: must be true or false"),
-        ("    keep: false\n    dp: true\n", "policy.personal.dp: says how the personal model trains, but "
-         "policy.personal.keep is false"),
-        ("    keep: false\n    target_epsilon: 2\n", "policy.personal.target_epsilon: says how the personal model "
-         "trains, but policy.personal.keep is false"),
+        (
+            "    keep: false\n    dp: true\n",
+            "policy.personal.dp: says how the personal model trains, but policy.personal.keep is false",
+        ),
+        (
+            "    keep: false\n    target_epsilon: 2\n",
+            "policy.personal.target_epsilon: says how the personal model trains, but policy.personal.keep is false",
+        ),
     ],
 )
 def test_a_bad_personal_key_is_one_line_naming_the_file_and_key(tmp_path: Path, personal: str, named: str) -> None:
@@ -170,8 +180,13 @@ def test_a_bad_personal_key_is_one_line_naming_the_file_and_key(tmp_path: Path, 
 
 @pytest.mark.parametrize(
     ("keep", "run_enabled", "expected"),
-    [(None, True, (True, "run")), (None, False, (False, "run")), (False, True, (False, "site")),
-     (True, False, (True, "site")), (True, True, (True, "site"))],
+    [
+        (None, True, (True, "run")),
+        (None, False, (False, "run")),
+        (False, True, (False, "site")),
+        (True, False, (True, "site")),
+        (True, True, (True, "site")),
+    ],
 )
 def test_whether_a_personal_model_is_kept_is_the_sites_choice_where_its_file_says(
     keep: bool | None, run_enabled: bool, expected: tuple[bool, str]

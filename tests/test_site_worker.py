@@ -245,6 +245,11 @@ def test_a_head_is_trained_on_one_thread_and_the_worker_keeps_its_own(
         assert seen == [handlers.HEAD_THREADS] and torch.get_num_threads() == 2  # restored for the next message
     finally:
         torch.set_num_threads(before)
-    finetune = config_from_dict({"finetune": {"train": "blocks", "blocks": 1}, "train": {"protocol": "fedavg"},
-                                 "privacy": {"feature_stats": False}})
+    finetune = config_from_dict(
+        {
+            "finetune": {"train": "blocks", "blocks": 1},
+            "train": {"protocol": "fedavg"},
+            "privacy": {"feature_stats": False},
+        }
+    )
     assert handlers.work_threads(finetune) is None and handlers.work_threads(config_from_dict({})) == 1

@@ -60,8 +60,11 @@ def test_site_names_with_colons_and_spaces_are_reported_as_given() -> None:
                        metadata=_metadata("d", 40, 1, "m-40"))  # fmt: skip
     trained = _reply(50, "bank: branch 12")
     got = {a.node: a for a in answers(_sent(40, 50, 60), [declined, trained], book, TIMEOUT)}
-    assert (got[40].site, got[40].status, got[40].reason) == (name, SiteStatus.DECLINED,
-                                                              "site policy: train.rounds 9 > policy.max_rounds 5")
+    assert (got[40].site, got[40].status, got[40].reason) == (
+        name,
+        SiteStatus.DECLINED,
+        "site policy: train.rounds 9 > policy.max_rounds 5",
+    )
     assert (got[50].site, got[50].status, got[50].reply) == ("bank: branch 12", None, trained)
     assert (got[60].site, got[60].status) == ("node-60", SiteStatus.NO_REPLY)  # never answered: named by its node
     assert book.known == [name, "bank: branch 12"]

@@ -183,8 +183,12 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
     ({"finetune": {"train": "blocks", "norm": "groupnorm"}}, "finetune.norm"),
 ])  # fmt: skip
 def test_config_takes_text_fine_tuning_within_the_layers(raw: dict, key: str) -> None:
-    text = {"backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64}, "data": {"source": "bbc"},
-            "train": {"protocol": "fedavg"}, "privacy": {"feature_stats": False}}  # fine-tuning trains locally
+    text = {
+        "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64},
+        "data": {"source": "bbc"},
+        "train": {"protocol": "fedavg"},
+        "privacy": {"feature_stats": False},
+    }  # fine-tuning trains locally
     cfg = config_from_dict(text | {"finetune": {"train": "lora", "blocks": 6}})
     assert cfg.finetune.blocks == 6
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -170,8 +170,9 @@ def test_image_folder_users_file(tmp_path: Path) -> None:
 
 def test_image_folders_per_site_take_paths_relative_to_data_path(tmp_path: Path) -> None:
     root = tmp_path / "sites"
-    lines = [f"{site}/{p},{site}-person-{k % 3}"
-             for site in ("a", "b") for k, p in enumerate(tiny_images(root / site, 6))]
+    lines = [
+        f"{site}/{p},{site}-person-{k % 3}" for site in ("a", "b") for k, p in enumerate(tiny_images(root / site, 6))
+    ]
     users = tmp_path / "users.csv"
     users.write_text("path,user\n" + "\n".join(lines) + "\n")
     fed = simulate_federation("imagefolder", str(root), "folders", 2, 0.5, 0.2, 0.1, 32, 0, users=str(users))

@@ -26,12 +26,27 @@ def add_audit_parser(subparsers: Any) -> None:
         description="Exit status: 0 passed, 1 failed, 2 the run could not be audited.",
     )
     p.add_argument("run_dir", type=Path, help="the run's output_dir (audit.jsonl, privacy.json, config.json, ...)")
-    p.add_argument("--site-log", type=Path, action="append", default=[], metavar="FILE",
-                   help="a site's audit.jsonl, once per site (default: RUN_DIR/sites/*/audit.jsonl, simulation)")
-    p.add_argument("--site-config", type=Path, action="append", default=[], metavar="FILE",
-                   help="a site's YAML config, once per site: its policy is checked, and --empirical uses its data")
-    p.add_argument("--empirical", action="store_true",
-                   help="also run the canary membership-inference test per site: an empirical lower bound on ε")
+    p.add_argument(
+        "--site-log",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a site's audit.jsonl, once per site (default: RUN_DIR/sites/*/audit.jsonl, simulation)",
+    )
+    p.add_argument(
+        "--site-config",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a site's YAML config, once per site: its policy is checked, and --empirical uses its data",
+    )
+    p.add_argument(
+        "--empirical",
+        action="store_true",
+        help="also run the canary membership-inference test per site: an empirical lower bound on ε",
+    )
     p.add_argument("--canaries", type=int, default=1000, help="canaries per site for --empirical (default 1000)")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound (default 0.95)")
     p.add_argument("--seed", type=int, default=0, help="randomness of canaries and the test training (default 0)")

@@ -241,8 +241,10 @@ def run_empirical(
         return
     cfg = ev.cfg
     if cfg.finetune.active:  # canaries are unit feature vectors for the head; a top's inputs are cut activations
-        report.notes.append(f"empirical test skipped: it trains the head on features, this run trained encoder "
-                            f"blocks too (finetune.train: {cfg.finetune.train}); the analytic checks still apply")
+        report.notes.append(
+            f"empirical test skipped: it trains the head on features, this run trained encoder "
+            f"blocks too (finetune.train: {cfg.finetune.train}); the analytic checks still apply"
+        )
         return
     data = {s.name: s for s in simulated_sites(cfg)} if ev.simulation else {}
     data |= {name: deployed_site(cfg, config, path) for name, (config, path) in configs.items()}

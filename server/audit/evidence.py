@@ -18,8 +18,14 @@ from common.config import ConfigError, config_from_dict
 from common.protocol import TRAININGS, Event
 from server.audit.findings import SERVER_LOG, Entry, Evidence, Findings, Malformed, Update
 
-RUN_FILES = ("privacy.json", "config.json", "status.json", "model.pt",
-             "model.onnx", "model.torchscript.pt")  # hashed into the report (the last two: `fedtransfer export`)
+RUN_FILES = (
+    "privacy.json",
+    "config.json",
+    "status.json",
+    "model.pt",
+    "model.onnx",
+    "model.torchscript.pt",
+)  # hashed into the report (the last two: `fedtransfer export`)
 
 
 def check_chain(path: Path, found: Findings) -> None:
@@ -147,4 +153,3 @@ def model_head_digest(path: Path) -> str | None:
     except (OSError, RuntimeError, KeyError, TypeError, AttributeError, EOFError, ValueError, pickle.UnpicklingError):
         return None  # whatever it is, it is not the model the run exported
     return update_digest(state)["sha256"]
-

@@ -204,4 +204,3 @@ def _empirical_section(report: AuditReport) -> str:
     if not audited:
         return intro + "<p>No site could be tested (see the notes).</p>"
     return intro + _table(EMPIRICAL_COLUMNS, [_empirical_row(s) for s in audited]) + _empirical_plots(report)
-
