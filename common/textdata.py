@@ -183,8 +183,8 @@ def _jsonl_rows(path: Path, content: str, columns: list[str]) -> list[tuple[int,
             raise DataError(f"{path}: line {line}: not a JSON object")
         missing = [c for c in columns if c not in record]
         if missing:
-            raise DataError(f"{path}: line {line}: no key {', '.join(map(repr, missing))}; "
-                            "set data.text_column / data.label_column / data.user_column")  # fmt: skip
+            raise DataError(f"{path}: line {line}: no key {', '.join(map(repr, missing))}; name the right ones "
+                            "in the config's text_column / label_column / user_column")  # fmt: skip
         values = [record[c] for c in columns]
         # a text must be a string; a label or user may be a string or an integer (0/1, an id), never a bool,
         # a fractional number or a list

@@ -85,8 +85,13 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """True when nothing listens on ``host:port`` and we may bind it."""
+    """True when nothing listens on ``host:port`` and we may bind it.
+
+    SO_REUSEADDR, as gRPC's servers set it: a port whose last connections linger in TIME_WAIT
+    (a site restarted within a minute) is free for the SuperNode, and only a listener holds it.
+    """
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

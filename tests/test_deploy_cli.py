@@ -117,6 +117,25 @@ def test_a_second_site_on_one_host_gets_its_own_port_or_one_line(
     assert f"--port {DEFAULT_SUPERNODE_PORT}: {LOOPBACK}:{DEFAULT_SUPERNODE_PORT} is in use" in err
 
 
+def test_a_port_a_site_just_left_is_free_again() -> None:
+    """A restarted site's port, its last connection in TIME_WAIT, is not "in use": only a listener holds a port."""
+    with socket.socket() as listener:  # the site's gRPC server, which binds with SO_REUSEADDR
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((LOOPBACK, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not port_is_free(port)
+        client = socket.create_connection((LOOPBACK, port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end of the connection enters TIME_WAIT
+        client.recv(1)
+        client.close()
+    with socket.socket() as plain:  # what a probe without SO_REUSEADDR would see
+        with pytest.raises(OSError):
+            plain.bind((LOOPBACK, port))
+    assert port_is_free(port)
+
+
 _FAKE_SUPERNODE = """\
 import sys
 from pathlib import Path
