@@ -130,9 +130,8 @@ def test_a_port_a_site_just_left_is_free_again() -> None:
         accepted.close()  # the server side closes first: its end of the connection enters TIME_WAIT
         client.recv(1)
         client.close()
-    with socket.socket() as plain:  # what a probe without SO_REUSEADDR would see
-        with pytest.raises(OSError):
-            plain.bind((LOOPBACK, port))
+    with socket.socket() as plain, pytest.raises(OSError):  # what a probe without SO_REUSEADDR would see
+        plain.bind((LOOPBACK, port))
     assert port_is_free(port)
 
 
