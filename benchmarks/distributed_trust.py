@@ -33,6 +33,7 @@ from benchmarks.privacy_utility import DELTA, SPLITS, Data
 from common.config import load_config
 from common.dp_fedsgd import (
     STATS_COUNTS,
+    STATS_NORM,
     STATS_SUMS,
     Units,
     clipped_gradient_sum,
@@ -63,7 +64,8 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     head = make_head(sites[0][0].shape[1], classes, centred=s.stats_share is not None)
     dim = sum(p.numel() for p in head.parameters())
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(sites))]
-    plans = [plan_distributed(len(y), q, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, dim, survivors, cfg.secagg,
+    gammas = cfg.secagg.quantum(1.0), cfg.secagg.quantum(STATS_NORM)
+    plans = [plan_distributed(len(y), q, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, dim, survivors, *gammas,
                               "record", s.stats_share, x.shape[1], classes) for x, y in sites]  # fmt: skip
     if s.stats_share is not None:
         released = [skellam_statistics(x, y, classes, Units.records(len(y)), p.stats_variance / survivors, g,

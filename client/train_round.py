@@ -125,7 +125,8 @@ def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
     if p.feature_stats:
         features = int(site.train_x.shape[1])
     plan = site.plan(plan_distributed, n, t.sample_rate, t.rounds, p.target_epsilon, p.target_delta,
-                     p.max_grad_norm, dim, survivors, cfg.secagg, p.unit,
+                     p.max_grad_norm, dim, survivors, cfg.secagg.quantum(p.max_grad_norm),
+                     cfg.secagg.quantum(STATS_NORM), p.unit,
                      p.feature_stats_share if p.feature_stats else None, features, classes)  # fmt: skip
     wrap = t.rounds * share_wrap_bound(n, plan.l2_sensitivity, plan.noise_share, dim, cfg.secagg.quantization_range)
     if p.feature_stats:  # the release's sums, each unit moving a coordinate by at most Δ2 of the statistics

@@ -20,8 +20,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common import atomic, skellam
-from common.config_sections import SecAggConfig
-from common.dp_fedsgd import STATS_NORM, stats_sensitivities
+from common.dp_fedsgd import stats_sensitivities
 
 EPS_SLACK = 1e-9  # float noise between identical accountant calls
 
@@ -137,32 +136,32 @@ def plan_fedsgd(
 @functools.lru_cache(maxsize=256)
 def plan_distributed(
     num_units: int, sample_rate: float, rounds: int, target_epsilon: float, target_delta: float, max_grad_norm: float,
-    dim: int, min_survivors: int, grid: SecAggConfig, unit: str = "record", stats_share: float | None = None,
-    feature_dim: int = 0, num_classes: int = 0,
+    dim: int, min_survivors: int, gamma: float, stats_gamma: float, unit: str = "record",
+    stats_share: float | None = None, feature_dim: int = 0, num_classes: int = 0,
 ) -> DPPlan:  # fmt: skip
     """fedsgd under distributed trust: the Skellam variance μ of the aggregate of `min_survivors` or more sites.
 
     μ is calibrated so that `rounds` Poisson-subsampled Skellam rounds meet the target for
-    the aggregate; each site adds μ/K_min. The noise multiplier recorded is √μ/Δ2. With
+    the aggregate; each site adds μ/K_min. `gamma` and `stats_gamma` are the integer units of the
+    gradient sums and of the statistics (the run's SecAggConfig.quantum of their norm bounds; plain
+    floats, so that a deployed site can remember the plan). The noise multiplier recorded is √μ/Δ2. With
     `stats_share`, the feature statistics (`feature_dim`, `num_classes`) come first as one
     Skellam release at rate 1 (common.dp_fedsgd.stats_sensitivities): as for the Gaussian
     release, it takes `stats_share` of the precision 1/μ of the one release that alone meets
     the target, and the rounds are calibrated on what is left (bisection over the composed ε).
     """
     _check_delta(num_units, target_delta, unit)
-    gamma = grid.quantum(max_grad_norm)
     d1, d2 = skellam.sensitivities(max_grad_norm, gamma, dim)
-    stats_mu = s1 = s2 = stats_gamma = 0.0
+    stats_mu = s1 = s2 = 0.0
     prefix: tuple[tuple, ...] = ()
     if stats_share is not None:
-        stats_gamma = grid.quantum(STATS_NORM)
         s1, s2 = stats_sensitivities(feature_dim, num_classes, unit == "user", stats_gamma)
         stats_mu = skellam.calibrate_variance(1.0, 1, target_epsilon, target_delta, s1, s2) / stats_share
         prefix = ((skellam.SKELLAM, stats_mu, 1.0, 1, s1, s2, min_survivors),)
     mu = skellam.calibrate_variance(sample_rate, rounds, target_epsilon, target_delta, d1, d2, prefix)
     return DPPlan(math.sqrt(mu) / d2, sample_rate, 1, rounds, max_grad_norm, target_epsilon, target_delta, "rdp",
                   math.sqrt(stats_mu) / s2 if prefix else None, unit, mu, min_survivors, gamma, d1, d2, stats_mu, s1,
-                  s2, stats_gamma)  # fmt: skip
+                  s2, stats_gamma if prefix else 0.0)  # fmt: skip
 
 
 def _check_delta(n: int, delta: float, unit: str) -> None:

@@ -77,7 +77,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation3
     data = _digits()
     node_configs, site_yamls = {}, {}
     for name, share in zip(SITES, data.sites, strict=True):
-        strict = {"policy": {"max_epsilon": 2.0}} if name == STRICT else {}
+        # the hospitals accept distributed trust; bank-c caps ε at 2 and keeps the default (local trust only)
+        strict = {"policy": {"max_epsilon": 2.0}} if name == STRICT else {"policy": {"allow_distributed_trust": True}}
         # everything this site owns, and nobody else reads
         node_configs[name] = write_npz_site(root / "sites-home" / name, name, share, **strict)
         site_yamls[name] = root / "sites-home" / name / "site.yaml"
@@ -286,3 +287,46 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
     report = audit_run(run_dir, logs)
     assert report.passed, [str(f) for f in report.failures]
     assert report.mode.startswith("secure aggregation")
+
+
+def test_distributed_trust_over_tls_sums_the_shares_of_the_sites_it_planned_for(fresh: Federation3) -> None:
+    """privacy.trust: distributed on the TLS deployment. The hospitals opted in; bank-c did not (and caps ε at 2),
+    so it declines after the key exchange and the round's sum holds 2 shares: the K_min the run planned for
+    (SecAgg+ threshold 0.67 of train.min_sites 2). The server steps on exactly the two sites' integer sums."""
+    federation = fresh
+    dep, run_dir = federation.dep, federation.root / "run-distributed"
+    overrides = RUN | {"train.rounds": 1, "privacy.feature_stats": False, "privacy.accountant": "rdp",
+                       "privacy.trust": "distributed", "secure_aggregation": True,
+                       "secagg.quantization_range": 2**27, "secagg.max_weight": 2048,
+                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    result = dep.run_app(APP_DIR, overrides, timeout=400)
+    assert result.ok, (result.status, result.status_details, result.output[-4000:])
+    (record,) = _metrics(run_dir)
+    assert record["sites_trained"] == 2, record["sites"]
+    assert record["sites"][STRICT]["status"] == "declined" and "policy." in record["sites"][STRICT]["reason"]
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    total: dict[str, np.ndarray] = {}
+    batch = 0.0
+    for site in SITES[:2]:
+        report = privacy["sites"][site]
+        assert report["epsilon"] <= 3.0 < report["epsilon_individual"]  # against the sum; against its own message
+        (trained,) = report["per_round"]
+        assert trained["mechanism"] == "skellam" and trained["min_survivors"] == 2
+        assert trained["noise_share"] == pytest.approx(trained["noise_variance"] / 2, rel=1e-12)
+        assert trained["quantum"] == 2.0**-14  # 2**27 / (4 × 2048) levels per record
+        raw = torch.load(_state(federation, site) / "replies" / f"{privacy['run_id']}.pt", weights_only=True)
+        for name, value in raw["arrays"]["arrays"].items():  # the site's own message, before masking
+            total[name] = total.get(name, 0.0) + value.numpy()
+        batch += raw["metrics"]["metrics"]["expected-batch"]
+    first = torch.load(run_dir / "checkpoints" / "round-0001.pt", weights_only=False)
+    velocity = first["strategy_state"]["m_t"]
+    assert set(velocity) <= set(total)
+    for name, summed in total.items():  # the first heavy-ball step is the gradient: Σ of the two messages / Σ q·n
+        if name not in velocity:  # a buffer (the centring mean): no gradient, sent as zeros
+            assert not summed.any()
+            continue
+        assert np.allclose(np.asarray(velocity[name]), summed / batch, rtol=1e-6, atol=1e-12)
+    logs = [_state(federation, site) / "audit.jsonl" for site in SITES]
+    audit = audit_run(run_dir, logs)
+    assert audit.passed, [str(f) for f in audit.failures]
+    assert audit.mode.startswith("secure aggregation")

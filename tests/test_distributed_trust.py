@@ -123,7 +123,7 @@ def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
     from common.privacy import plan_distributed
 
     def noise_std(grid: SecAggConfig) -> float:
-        plan = plan_distributed(1000, 1.0, 30, 3.0, 1e-5, 1.0, 12810, 3, grid)
+        plan = plan_distributed(1000, 1.0, 30, 3.0, 1e-5, 1.0, 12810, 3, grid.quantum(1.0), 0.0)
         assert epsilon_of([plan.round_step] * 30, 1e-5, "rdp") <= 3.0
         return math.sqrt(plan.noise_variance) * plan.quantum
 
