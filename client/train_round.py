@@ -101,10 +101,15 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
     try:
         if p.secure_mode:
             require_secure_rng()
+        units = site_units(site, cfg).count
+        if cfg.secure_aggregation and t.protocol == "fedsgd" and units > cfg.secagg.max_weight:
+            # γ is set for sites of up to max_weight units (SecAggConfig.quantum): refused before anything is spent
+            raise ValueError(f"this site has {units} units, more than secagg.max_weight = {cfg.secagg.max_weight:g}; "
+                             "the run must raise secagg.max_weight")  # fmt: skip
         if p.trust == "distributed":
             plan = _distributed_plan(site, cfg, dim)
         elif t.protocol == "fedsgd":
-            plan = site.plan(plan_fedsgd, site_units(site, cfg).count, t.sample_rate, t.rounds, p.target_epsilon,
+            plan = site.plan(plan_fedsgd, units, t.sample_rate, t.rounds, p.target_epsilon,
                              p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
         else:  # site.plan: a deployed site computes each plan once (client/prepared.py)
             plan = site.plan(plan_dp, len(site.train_y), t.batch_size, t.local_epochs, t.rounds, p.target_epsilon,
@@ -118,9 +123,6 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
 def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
     """The Skellam plan; declined when this site's share could wrap modulo SecAgg+'s range (see share_wrap_bound)."""
     p, t, n = cfg.privacy, cfg.train, site_units(site, cfg).count
-    if n > cfg.secagg.max_weight:  # γ is set for sites of up to max_weight units (SecAggConfig.quantum)
-        raise ValueError(f"this site has {n} units, more than secagg.max_weight = {cfg.secagg.max_weight:g}; the "
-                         "run must raise secagg.max_weight")  # fmt: skip
     survivors, classes, features = cfg.secagg.fewest_survivors(t.min_sites), len(site.data.train.classes), 0
     if p.feature_stats:
         features = int(site.train_x.shape[1])

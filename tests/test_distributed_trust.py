@@ -132,9 +132,15 @@ def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
     assert noise_std(fine) < 0.96 * noise_std(coarse)
 
 
-def test_a_site_larger_than_max_weight_is_declined_before_it_spends(tmp_path: Path) -> None:
-    """γ is set for sites of up to secagg.max_weight units; a larger site would risk its sum wrapping around."""
-    cfg = config_from_dict(DISTRIBUTED | {"secagg": GRID | {"max_weight": 64}})
+LOCAL_SECAGG = {"secure_aggregation": True, "train": {"protocol": "fedsgd", "min_sites": 2}, "data": {"num_sites": 2},
+                "privacy": {"target_delta": 1e-3}}  # fmt: skip
+
+
+@pytest.mark.parametrize("raw", [DISTRIBUTED, LOCAL_SECAGG], ids=["distributed", "local"])
+def test_a_site_larger_than_max_weight_is_declined_before_it_spends(tmp_path: Path, raw: dict) -> None:
+    """fedsgd under SecAgg+, either trust: γ is set for sites of up to secagg.max_weight units; a larger site
+    would risk its sum wrapping around."""
+    cfg = config_from_dict(raw | {"secagg": GRID | {"max_weight": 64}})
     ledger = PrivacyLedger(tmp_path / "l.json", "r")
     with pytest.raises(Declined, match=r"this site has 80 units, more than secagg.max_weight = 64"):
         train_round.privacy_plan(_site(tmp_path, n=80), cfg, ledger, 132)
