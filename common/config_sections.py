@@ -127,7 +127,7 @@ class SecAggConfig:
         coordinate, leaving the rest of [−Q/2, Q/2) to its noise (common.skellam.share_wrap_bound
         checks it). A finer γ shrinks what rounding adds to the sensitivity (√d/2 against C/γ,
         common.skellam.sensitivities), so more levels per unit buy accuracy under distributed trust.
-        Q and C powers of two make every float step (x/γ, y·γ) exact.
+        γ a power of two makes every float step (x/γ, y·γ) exact.
         """
         log2_levels = math.frexp(self.quantization_range / (4 * self.max_weight))[1] - 1  # ⌊log2 Q/(4·max_weight)⌋
         return 2.0 ** (math.ceil(math.log2(clip_norm)) - log2_levels)
