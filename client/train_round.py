@@ -29,8 +29,8 @@ from common.dp_fedsgd import (
     clipped_gradient_sum,
     make_generator,
     release_statistics,
+    secure_sum_quanta,
     skellam_statistics,
-    stats_quanta,
     synthetic_users,
     user_seed,
 )
@@ -107,7 +107,7 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
             raise ValueError(f"this site has {units} units, more than secagg.max_weight = {cfg.secagg.max_weight:g}; "
                              "the run must raise secagg.max_weight")  # fmt: skip
         if p.trust == "distributed":
-            plan = _distributed_plan(site, cfg, dim)
+            plan = _distributed_plan(site, cfg, dim, units)
         elif t.protocol == "fedsgd":
             plan = site.plan(plan_fedsgd, units, t.sample_rate, t.rounds, p.target_epsilon,
                              p.target_delta, p.max_grad_norm, p.accountant, share, p.unit)  # fmt: skip
@@ -120,9 +120,10 @@ def privacy_plan(site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int) ->
     return plan
 
 
-def _distributed_plan(site: Site, cfg: RunConfig, dim: int) -> DPPlan:
-    """The Skellam plan; declined when this site's share could wrap modulo SecAgg+'s range (see share_wrap_bound)."""
-    p, t, n = cfg.privacy, cfg.train, site_units(site, cfg).count
+def _distributed_plan(site: Site, cfg: RunConfig, dim: int, n: int) -> DPPlan:
+    """The Skellam plan for this site's `n` units; declined when its share could wrap modulo SecAgg+'s range (see
+    share_wrap_bound)."""
+    p, t = cfg.privacy, cfg.train
     survivors, classes, features = cfg.secagg.fewest_survivors(t.min_sites), len(site.data.train.classes), 0
     if p.feature_stats:
         features = int(site.train_x.shape[1])
@@ -324,11 +325,8 @@ def _dp_record(work: Work, plan: DPPlan) -> DPRecord:
 def _secure(answer: RecordDict, conf: ConfigRecord, cfg: RunConfig, replayed: bool) -> RecordDict:
     """Our reply in the form secaggplus_mod masks; a head SecAgg+ would clip silently is declined."""
     try:
-        names, quanta = head_names(conf), None
-        if conf.get(Cfg.RELEASE) is not None:  # the statistics: each sum read back exactly (common/secure_sum.py)
-            quanta = stats_quanta(cfg.secagg.quantum(STATS_NORM))
-        elif cfg.train.protocol == "fedsgd":
-            quanta = dict.fromkeys(names, cfg.secagg.quantum(cfg.privacy.max_grad_norm))
+        names = head_names(conf)
+        quanta = secure_sum_quanta(cfg, names, conf.get(Cfg.RELEASE) is not None)
         return secure_reply(answer, names, cfg.secagg, replayed, quanta)
     except ValueError as err:
         raise Declined(str(err)) from None

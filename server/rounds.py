@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 
 from common.audit_log import update_digest
 from common.config import RunConfig, SecAggConfig
-from common.dp_fedsgd import STATS_NORM, stats_quanta
+from common.dp_fedsgd import secure_sum_quanta
 from common.exchange import arrays_to_numpy, wire_bytes
 from common.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from common.secure_sum import sum_of_mean
@@ -124,11 +124,10 @@ def secure_train_round(
     examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
     extra: dict[str, float] = {}
     aggregate = sec.aggregate
-    if release:  # the sites' statistics, read back exactly; the release strategy keeps the one sum it gets
-        aggregate = secure_sum(sec, aggregate, stats_quanta(cfg.secagg.quantum(STATS_NORM)), cfg.secagg)
-    elif cfg.train.protocol == "fedsgd":  # the sites' gradient sums, read back exactly; FedSGD divides by Σ q·n
-        gamma = cfg.secagg.quantum(cfg.privacy.max_grad_norm)
-        aggregate = secure_sum(sec, aggregate, dict.fromkeys(aggregate.keys(), gamma), cfg.secagg)
+    quanta = secure_sum_quanta(cfg, aggregate.keys(), release)
+    if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
+        aggregate = secure_sum(sec, aggregate, quanta, cfg.secagg)
+    if not release and cfg.train.protocol == "fedsgd":  # FedSGD divides the sum by Σ q·n
         extra[Metric.EXPECTED_BATCH] = sum(float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH])
                                            for r in sec.trained.values())  # fmt: skip
     reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)
