@@ -371,9 +371,7 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     from common.dp_fedsgd import STATS_NAMES, STATS_NORM, stats_quanta
     from common.secure_sum import sum_of_mean
 
-    cfg = config_from_dict({"secure_aggregation": True, "train": {"protocol": "fedsgd", "min_sites": 2},
-                            "data": {"num_sites": 2}, "privacy": {"target_delta": 1e-3,
-                                                                  "feature_stats": True}})  # fmt: skip
+    cfg = config_from_dict(LOCAL_SECAGG | {"privacy": LOCAL_SECAGG["privacy"] | {"feature_stats": True}})
     site, ledger = _site(tmp_path), PrivacyLedger(tmp_path / "l.json", "r")
     head = make_head(DIM, CLASSES, centred=True)
     plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
