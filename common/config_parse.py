@@ -46,6 +46,19 @@ def require(ok: object, key: str, allowed: str, got: object) -> None:
         raise ConfigError(f"{key}: {allowed} (got {shown(got)})")
 
 
+def require_people_keys(source: str, user_column: str | None, users_file: str | None, prefix: str, files: str,
+                        source_key: str) -> None:  # fmt: skip
+    """Where a source names each record's person (privacy.unit: user), one rule for the run config's data section
+    and a site's own file: `user_column` only for text, `users_file` only for an image folder or .npz (a table
+    names its person column in its schema). `prefix` and `source_key` are the keys as that file spells them,
+    `files` what the text column is a column of."""
+    require(user_column is None or (source == "text" and user_column.strip()), f"{prefix}user_column",
+            f"names a column of a text {files} (a table names its person column in its schema: user)",
+            user_column)  # fmt: skip
+    require(users_file is None or (source in ("imagefolder", "npz") and users_file.strip()), f"{prefix}users_file",
+            f"is a CSV naming each image's person, for {source_key} imagefolder or npz", users_file)  # fmt: skip
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """Parse a YAML file; unreadable, undecodable or invalid text is a ConfigError naming the file."""
     try:

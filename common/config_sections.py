@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from common.config_parse import require as _require
+from common.config_parse import require_people_keys
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,7 @@ class DataConfig:
             self.server_test_fraction,
         )
         _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0", self.max_samples)
-        _require(self.user_column is None or (self.source == "text" and self.user_column.strip()), "data.user_column",
-                 "names a column of a text source's files (a table names its user column in its schema: user)",
-                 self.user_column)  # fmt: skip
-        _require(self.users_file is None or (self.source in ("imagefolder", "npz") and self.users_file.strip()),
-                 "data.users_file", "is a CSV mapping images to people, for source imagefolder or npz",
-                 self.users_file)  # fmt: skip
+        require_people_keys(self.source, self.user_column, self.users_file, "data.", "source's files", "source")
         _require(self.users_file is None or not (self.source == "npz" and self.split == "folders"), "data.users_file",
                  "with one .npz per site (split: folders) is not supported; use one .npz and split iid or dirichlet",
                  self.users_file)  # fmt: skip

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from common.config_parse import ConfigError, build, read_yaml, require
+from common.config_parse import ConfigError, build, read_yaml, require, require_people_keys
 from common.names import SITE_NAME_RULE, is_site_name
 
 
@@ -94,12 +94,7 @@ class SiteConfig:
         is_table = self.data_source == "table"
         require(is_table == bool(self.data_schema), "data_schema", "data_source table needs it (only it takes one)",
                 self.data_schema)  # fmt: skip
-        require(self.user_column is None or (self.data_source == "text" and self.user_column.strip()), "user_column",
-                "names a column of a text site's file (a table names its person column in its schema: user)",
-                self.user_column)  # fmt: skip
-        require(self.users_file is None or (self.data_source in ("imagefolder", "npz") and self.users_file.strip()),
-                "users_file", "is a CSV naming each image's person, for data_source imagefolder or npz",
-                self.users_file)  # fmt: skip
+        require_people_keys(self.data_source, self.user_column, self.users_file, "", "site's file", "data_source")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
 
 
