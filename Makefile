@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fedtransfer simulate --config configs/demo.yaml
 
+# PYTHONFAULTHANDLER: a crash after the tests (one fresh-clone run segfaulted in interpreter shutdown, every test
+# passed) prints every thread's Python stack, so the next one names its culprit
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
 
 # tests/test_report_browser.py opens the audit report in headless Chromium (Debian's package);
 # installed only when missing, so a machine that has it does nothing here
