@@ -4,10 +4,15 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fedtransfer-installed
+# a new .venv takes about 7 GB (torch's CUDA build is most of it): refuse at once, not half-way through pip
+VENV_MIN_GB := 8
 
 .PHONY: demo test lint bench clean browser
 
 $(STAMP): pyproject.toml
+	@test -x $(PY) || { mkdir -p $(dir $(VENV)); free=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  [ "$$free" -ge $(VENV_MIN_GB) ] || { echo "make: a new $(VENV) needs about $(VENV_MIN_GB) GB of disk and \
+	$$free GB are free there: free some space (old clones' .venv folders?) and run make again" >&2; exit 2; }; }
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
