@@ -1,6 +1,7 @@
 """The `fedtransfer` command: simulate, predict, export, audit, deploy.
 
-User errors end with one line on stderr and exit status 2; no tracebacks.
+User errors (common.config_parse.InputError, and the deployment's refusals) end with one line
+on stderr and exit status 2, no traceback. Anything else is a bug: its traceback, exit status 1.
 """
 
 from __future__ import annotations
@@ -125,8 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `fedtransfer` command; returns its exit status (2: a user error, said in one line)."""
     args = build_parser().parse_args(argv)
-    from common.config import ConfigError
-    from common.data import DataError
+    from common.config_parse import InputError
     from common.encoders import EncoderError
     from common.locking import FolderInUse
     from deploy.credentials import CredentialsError
@@ -134,8 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from deploy.supernode import ActivationError
     from server.launcher import LaunchError, RunFailed
 
-    user_errors = (ConfigError, DataError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError,
-                   FolderInUse, ValueError)  # fmt: skip
+    # InputError covers ConfigError, DataError, ModelFileError, ExportError, AuditLogError; a bare ValueError is a bug
+    user_errors = (InputError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError, FolderInUse)
     try:
         return args.func(args)
     except RunFailed as failed:  # it ran, and failed: not the user's input, and never a success

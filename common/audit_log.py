@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from common.config_parse import InputError
+
 GENESIS_HASH = "0" * 64
 RESERVED_FIELDS = frozenset({"seq", "time", "event", "prev", "hash"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -31,7 +33,7 @@ _TAIL_CHUNK = 4096
 _DIGEST_TAG = b"fedtransfer-update-digest-v1"
 
 
-class AuditLogError(ValueError):
+class AuditLogError(InputError):
     """The log file is malformed; raised instead of extending a broken chain."""
 
     def __init__(self, path: str | os.PathLike[str], line: int, reason: str) -> None:

@@ -22,7 +22,17 @@ import yaml
 SHOWN_CHARS = 80  # the most characters of a user's value an error message repeats
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """What the user gave (a flag, a config key, a file or folder) cannot be used.
+
+    The one type the `fedtransfer` command reports as the user's mistake: its message names the
+    file, key or flag and says what to do, and the command prints it on one line and exits 2.
+    Any other exception, a bare ValueError included, is a bug and must look like one (a
+    traceback, exit 1), never like bad input. A ValueError, so `except ValueError` still holds it.
+    """
+
+
+class ConfigError(InputError):
     """A configuration value is missing, unknown, of the wrong type or impossible."""
 
 

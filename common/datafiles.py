@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.config_parse import InputError
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -33,7 +35,7 @@ _NPZ_ERRORS = (
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error, zlib.error)
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data cannot be used as configured: names the file or site and what to do."""
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from common.config_parse import InputError
+
 SITE_NAME_RULE = "use 1-63 lowercase letters, digits or '-', starting with a letter or digit"
 _SITE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -19,7 +21,7 @@ def is_site_name(name: object) -> bool:
 
 
 def validate_site_name(name: object) -> str:
-    """Return `name` when it is a valid site name; otherwise a ValueError that states the rule."""
+    """Return `name` when it is a valid site name; otherwise an InputError that states the rule."""
     if not is_site_name(name):
-        raise ValueError(f"invalid site name {name!r}: {SITE_NAME_RULE}")
+        raise InputError(f"invalid site name {name!r}: {SITE_NAME_RULE}")
     return str(name)

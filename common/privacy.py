@@ -20,6 +20,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from common import atomic, skellam
+from common.config_parse import ConfigError
 from common.dp_fedsgd import stats_sensitivities
 
 EPS_SLACK = 1e-9  # float noise between identical accountant calls
@@ -167,7 +168,7 @@ def plan_distributed(
 def _check_delta(n: int, delta: float, unit: str) -> None:
     if delta >= 1.0 / n:
         what = "users" if unit == "user" else "training samples"
-        raise ValueError(
+        raise ConfigError(
             f"privacy.target_delta {delta:g} must be below 1/n = {1.0 / n:.3g} for this site's {n} {what}; "
             "lower target_delta"
         )
@@ -216,8 +217,8 @@ def calibrate(
         return epsilon_of([*prefix, (sigma, sample_rate, steps)], target_delta, accountant)
 
     if eps(1e6) > target_epsilon:
-        raise ValueError(f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
-                         f"{target_epsilon:g}; lower it")  # fmt: skip
+        raise ConfigError(f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+                          f"{target_epsilon:g}; lower it")  # fmt: skip
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2 * high

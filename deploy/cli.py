@@ -182,7 +182,7 @@ def resume_config(run_dir: Path) -> RunConfig:
         raw = json.loads(saved.read_text(encoding="utf-8"))
     except OSError:
         raise ConfigError(f"{saved}: missing; --resume takes the output_dir of an earlier run") from None
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not UTF-8 (UnicodeDecodeError)
         raise ConfigError(f"{saved}: not valid JSON") from None
     try:
         cfg = config_from_dict(raw)

@@ -31,16 +31,20 @@ import ipaddress
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization.ssh import SSHPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.config_parse import InputError
 from common.names import validate_site_name
 
 ALWAYS_INCLUDED_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
@@ -52,6 +56,7 @@ DIR_MODE = 0o700
 
 _DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _CURVE = ec.SECP384R1  # flwr generates P-384 keys itself; any NIST curve is accepted
+_Loaded = TypeVar("_Loaded")
 
 
 class CredentialsError(RuntimeError):
@@ -90,7 +95,7 @@ def normalize_hosts(hosts: Sequence[str]) -> list[str]:
         except ValueError:
             labels = host.rstrip(".").split(".")
             if len(host) > 253 or not all(_DNS_LABEL_RE.fullmatch(lb) for lb in labels):
-                raise ValueError(f"invalid host {raw!r}: expected an IP address or DNS name") from None
+                raise InputError(f"--host: {raw!r} is not an IP address or DNS name; give the SuperLink's") from None
             host = ".".join(labels)
         if host not in result:
             result.append(host)
@@ -125,8 +130,9 @@ def init_deployment(out_dir: Path, sites: list[str], hosts: list[str], force: bo
     leaves the directory untouched.
     """
     paths = credential_paths(out_dir, sites)
-    if len(set(sites)) != len(sites):
-        raise ValueError(f"duplicate site names in {sites!r}")
+    twice = sorted({s for s in sites if sites.count(s) > 1})
+    if twice:
+        raise InputError(f"--sites: {', '.join(twice)} named more than once; name each site once")
     all_hosts = normalize_hosts(hosts)
 
     # Plan: decide keep/create per unit and fail before writing on any conflict.
@@ -215,17 +221,34 @@ def _existing_pair(private: Path, public: Path) -> bool:
     )
 
 
+def _read(path: Path, loader: Callable[[bytes], _Loaded]) -> _Loaded:
+    """A key or certificate from `path`; a damaged one (cryptography's ValueError) is a CredentialsError naming it."""
+    try:
+        return loader(path.read_bytes())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:  # TypeError: a key that needs a password
+        raise CredentialsError(f"{path}: not a readable key or certificate ({err}); restore it, or pass --force to "
+                               "regenerate all credentials (sites must re-register)") from None  # fmt: skip
+
+
+def _pem_key(data: bytes) -> PrivateKeyTypes:
+    return serialization.load_pem_private_key(data, password=None)
+
+
+def _ssh_key(data: bytes) -> SSHPrivateKeyTypes:
+    return serialization.load_ssh_private_key(data, None)
+
+
 def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = _read(key_path, _pem_key)
+    cert = _read(cert_path, x509.load_pem_x509_certificate)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or _pub(key) != _pub(cert):
         raise CredentialsError(f"{key_path} does not match {cert_path}")
     return key, cert
 
 
 def _check_server_cert(key_path: Path, cert_path: Path, ca_cert: x509.Certificate, hosts: list[str]) -> None:
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = _read(key_path, _pem_key)
+    cert = _read(cert_path, x509.load_pem_x509_certificate)
     if _pub(key) != _pub(cert):
         raise CredentialsError(f"{key_path} does not match {cert_path}")
     try:
@@ -244,8 +267,8 @@ def _check_server_cert(key_path: Path, cert_path: Path, ca_cert: x509.Certificat
 
 
 def _check_site_pair(pair: SiteKeyPair) -> None:
-    key = serialization.load_ssh_private_key(pair.private_key.read_bytes(), None)
-    public = serialization.load_ssh_public_key(pair.public_key.read_bytes())
+    key = _read(pair.private_key, _ssh_key)
+    public = _read(pair.public_key, serialization.load_ssh_public_key)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or _pub(key) != _pub(public):
         raise CredentialsError(f"{pair.private_key} does not match {pair.public_key}")
 

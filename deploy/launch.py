@@ -30,6 +30,7 @@ from pathlib import Path
 
 import tomli_w
 
+from common.config_parse import InputError
 from common.names import validate_site_name
 from deploy.credentials import DeploymentCredentials
 
@@ -64,7 +65,8 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
     """Render ``--node-config``/``--run-config`` text that flwr parses back exactly.
 
     flwr splits ``key=value`` pairs with a regex and reads values as TOML, so
-    strings must be quoted without the quote char inside them.
+    strings must be quoted without the quote char inside them. The keys are ours; a string
+    value is often a user's path, so one with no safe quoting is an InputError naming it.
     """
     parts = []
     for key, value in values.items():
@@ -78,6 +80,9 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
             rendered = f"'{value}'"
         elif isinstance(value, str) and "\n" not in value and not {'"', "\\"} & set(value):
             rendered = f'"{value}"'
+        elif isinstance(value, str):
+            raise InputError(f"{value!r:.200}: Flower reads {key} as a quoted string, and this one holds a newline "
+                             "or a ' together with a \" or \\; use a path without them")  # fmt: skip
         else:
             raise ValueError(f"unsupported config value for {key!r}: {value!r}")
         parts.append(f"{key}={rendered}")
@@ -243,11 +248,15 @@ def write_flwr_config(
     """Add/replace the TLS connection ``name`` in ``$FLWR_HOME/config.toml``.
 
     Other connections in an existing file are preserved. ``flwr run . <name>``
-    then talks to the Control API at ``address`` trusting only our CA.
+    then talks to the Control API at ``address`` trusting only our CA. An existing file that
+    is not TOML is an InputError naming it: it is never overwritten.
     """
     root = Path(root_certificates).expanduser().resolve()
     path = Path(flwr_home) / "config.toml"
-    config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    try:
+        config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: not valid TOML ({err}); fix it or move it away, then register again") from None
     superlink = config.setdefault("superlink", {})
     superlink[name] = {"address": address, "root-certificates": str(root)}
     if make_default:

@@ -18,7 +18,7 @@ from torch import nn
 
 from common import atomic
 from common.backbones import format1_description
-from common.config_parse import ConfigError, build
+from common.config_parse import ConfigError, InputError, build
 from common.data import MAX_CLASSES
 from common.encoder_registry import rebuild_encoder
 from common.encoders import Encoder, EncoderError, encoder_fingerprint, state_dict_fingerprint
@@ -31,7 +31,7 @@ FORMAT = "fedtransfer-model/2"
 FORMAT_V1 = "fedtransfer-model/1"  # torchvision backbone fields at the top level; still readable
 
 
-class ModelFileError(ValueError):
+class ModelFileError(InputError):
     """A model file cannot be used: names the file and what is wrong with it."""
 
 

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from common import locking
 from common.audit_log import AuditLog, update_digest
 from common.config import ConfigError, config_from_dict
+from common.config_parse import InputError
 from common.encoders import file_sha256
 from common.exchange import PREFIX
 from common.protocol import Event
@@ -54,7 +55,7 @@ NOT_TRACEABLE = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The run cannot be exported as asked; the message names the file and what to do."""
 
 

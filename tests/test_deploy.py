@@ -20,6 +20,7 @@ from cryptography import x509
 
 from cli.main import main
 from client import site_worker
+from common.config_parse import InputError
 from common.site_config import load_site_config, site_paths
 from deploy.credentials import CredentialsError, init_deployment
 from deploy.launch import (
@@ -162,7 +163,7 @@ def test_credentials_private_and_never_overwritten(tmp_path: Path) -> None:
     assert first.ca_key.read_bytes() != before[first.ca_key]
     assert _mode(forced.ca_key) == 0o600 and not forced.kept
 
-    with pytest.raises(ValueError, match="invalid site name 'Bad_Site'"):
+    with pytest.raises(InputError, match="invalid site name 'Bad_Site'"):
         init_deployment(out, ["Bad_Site"], [])
 
 

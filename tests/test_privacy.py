@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from client.site import Declined, enforce_policy
-from common.config import PrivacyConfig, RunConfig, SitePolicy, TrainConfig
+from common.config import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
 from common.dp_training import LocalTraining, train_head
 from common.head import make_head
 from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp
@@ -56,7 +56,7 @@ def test_epsilon_equals_opacus_on_the_raw_history(accountant: str) -> None:
 
 
 def test_delta_not_below_one_over_n_is_refused() -> None:
-    with pytest.raises(ValueError, match="target_delta"):
+    with pytest.raises(ConfigError, match="target_delta"):
         plan_dp(N, BATCH, 1, 1, EPSILON, 1.0 / N, 1.0, "rdp")
 
 

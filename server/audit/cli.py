@@ -56,6 +56,7 @@ def add_audit_parser(subparsers: Any) -> None:
 
 def audit_command(args: argparse.Namespace) -> int:
     """Audit, write the report, print a summary, every failure with file and line, and the verdict."""
+    from common.config_parse import InputError
     from server.audit.render import write_report
     from server.audit.run import audit_run
 
@@ -66,7 +67,7 @@ def audit_command(args: argparse.Namespace) -> int:
 
             settings = CanarySettings(args.canaries, args.confidence, args.seed)
         report = audit_run(args.run_dir, args.site_log, args.site_config, settings)
-    except ValueError as err:  # ConfigError included: a site config that is not valid
+    except InputError as err:  # ConfigError included: a site config that is not valid; any other error is a bug
         return _cannot_audit(str(err))
     out_dir = args.report_dir or args.run_dir
     try:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from common.config import RunConfig, SiteConfig
+from common.config_parse import ConfigError, InputError
 from common.data import SiteData, deployed_site_data, federation_for
 from common.dp_training import LocalTraining, train_head
 from common.encoder_registry import load_encoder
@@ -57,9 +58,9 @@ class CanarySettings:
 
     def __post_init__(self) -> None:
         if self.num_canaries < 2:
-            raise ValueError(f"--canaries must be at least 2 (got {self.num_canaries})")
+            raise InputError(f"--canaries must be at least 2 (got {self.num_canaries})")
         if not 0.0 < self.confidence < 1.0:
-            raise ValueError(f"--confidence must be in (0, 1) (got {self.confidence})")
+            raise InputError(f"--confidence must be in (0, 1) (got {self.confidence})")
 
     @property
     def guess_counts(self) -> list[int]:
@@ -113,7 +114,7 @@ def audit_training(
     person codes under privacy.unit: user, when the data names them.
     """
     if private and not cfg.privacy.enabled:
-        raise ValueError("privacy.enabled is false: the run claims no differential privacy to audit")
+        raise ConfigError("privacy.enabled is false: the run claims no differential privacy to audit")
     rng = np.random.default_rng(settings.seed)
     canaries, canary_labels = make_canaries(features.shape[1], num_classes, settings.num_canaries, rng)
     included = rng.random(settings.num_canaries) < 0.5

@@ -2,8 +2,8 @@
 
 A failed check is a finding in the report (the audit failed); only what stops the audit
 from starting (no such run folder, one that cannot be read, a --site-log that does not
-exist, a site config that is not valid) is raised, as ValueError, and means the run could
-not be audited at all.
+exist, a site config that is not valid) is raised, as InputError (ConfigError for a site
+config), and means the run could not be audited at all.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.config import SiteConfig, load_site_config
+from common.config_parse import InputError
 from common.protocol import Event
 from server.audit.checks import (
     check_aggregation,
@@ -70,14 +71,14 @@ def audit_run(
 
 
 def _inputs(run_dir: Path, site_logs: Sequence[Path], site_configs: Sequence[Path]) -> SiteConfigs:
-    """What the audit needs before it can start; ValueError (ConfigError) naming the path otherwise."""
+    """What the audit needs before it can start; InputError (ConfigError) naming the path otherwise."""
     if not run_dir.is_dir():
-        raise ValueError(f"{run_dir}: not a folder (give a run's output_dir)")
+        raise InputError(f"{run_dir}: not a folder (give a run's output_dir)")
     if not os.access(run_dir, os.R_OK | os.X_OK):
-        raise ValueError(f"{run_dir}: cannot be read (permission denied); run the audit as a user who can read it")
+        raise InputError(f"{run_dir}: cannot be read (permission denied); run the audit as a user who can read it")
     for path in site_logs:
         if not path.is_file():
-            raise ValueError(f"--site-log {path}: no such file")
+            raise InputError(f"--site-log {path}: no such file")
     configs: SiteConfigs = {}
     for path in site_configs:
         config = load_site_config(path)  # a user error (ConfigError naming the file), not an audit failure
