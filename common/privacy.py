@@ -194,9 +194,37 @@ def stats_noise_multiplier(target_epsilon: float, target_delta: float, share: fl
     with warnings.catch_warnings():  # as in _epsilon: a conservative RDP order, PRV's log(1 - q) at q = 1
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         warnings.filterwarnings("ignore", message="divide by zero encountered in log")
-        whole = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
-                                     steps=1, accountant=accountant, epsilon_tolerance=0.001)  # fmt: skip
+        whole = _noise_multiplier(
+            target_epsilon,
+            target_delta,
+            1.0,
+            1,
+            accountant,
+            "the feature statistics' one release; raise it",
+            epsilon_tolerance=0.001,
+        )
     return whole / math.sqrt(share)
+
+
+def _noise_multiplier(
+    target_epsilon: float, target_delta: float, sample_rate: float, steps: int, accountant: str, what: str,
+    **tolerance: float,
+) -> float:  # fmt: skip
+    """Opacus' get_noise_multiplier; an ε no noise within its search meets is one ConfigError naming the key and
+    `what` it was too small for (and what to do)."""
+    try:
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
+                                    steps=steps, accountant=accountant, **tolerance)  # fmt: skip
+    except ValueError:  # Opacus: "The privacy budget is too low."
+        raise _too_small(target_epsilon, what) from None
+
+
+def _too_small(target_epsilon: float, what: str) -> ConfigError:
+    return ConfigError(f"privacy.target_epsilon: {target_epsilon:g} is too small (no noise meets it) for {what}")
+
+
+def _rounds(sample_rate: float, steps: int) -> str:
+    return f"{steps} step(s) at sample rate {sample_rate:g}; raise it, or lower train.rounds"
 
 
 @functools.lru_cache(maxsize=256)
@@ -210,15 +238,18 @@ def calibrate(
     release) the search is the same bisection over Opacus' own ε.
     """
     if not prefix:
-        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
-                                    steps=steps, accountant=accountant)  # fmt: skip
+        return _noise_multiplier(
+            target_epsilon, target_delta, sample_rate, steps, accountant, _rounds(sample_rate, steps)
+        )
 
     def eps(sigma: float) -> float:
         return epsilon_of([*prefix, (sigma, sample_rate, steps)], target_delta, accountant)
 
-    if eps(1e6) > target_epsilon:
+    if epsilon_of(list(prefix), target_delta, accountant) >= target_epsilon:
         raise ConfigError(f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
                           f"{target_epsilon:g}; lower it")  # fmt: skip
+    if eps(1e6) > target_epsilon:
+        raise _too_small(target_epsilon, _rounds(sample_rate, steps))
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2 * high

@@ -12,7 +12,7 @@ from client.site import Declined, enforce_policy
 from common.config import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
 from common.dp_training import LocalTraining, train_head
 from common.head import make_head
-from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp
+from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp, plan_fedsgd
 
 N, DIM, CLASSES, BATCH = 200, 16, 3, 50
 EPSILON, DELTA, ROUNDS, LOCAL_EPOCHS = 3.0, 1e-3, 3, 1
@@ -193,3 +193,15 @@ def test_spent_before_counts_only_runs_the_ledger_held_before_this_one(tmp_path:
     assert PrivacyLedger(path, "a").spent_before(DELTA, "rdp") == 0.0
     assert PrivacyLedger(path, "c").spent_before(DELTA, "rdp") == pytest.approx(epsilon_of(a + a + b, DELTA, "rdp"))
     assert PrivacyLedger(path, "never-trained").spent_before(DELTA, "rdp") is None
+
+
+@pytest.mark.parametrize(
+    ("stats_share", "what"), [(None, r"30 step\(s\) at sample rate 1; raise it, or lower train\.rounds"),
+                              (0.2, "the feature statistics' one release; raise it")],
+)  # fmt: skip
+def test_an_epsilon_no_noise_can_meet_is_one_line_naming_the_key(stats_share: float | None, what: str) -> None:
+    # Opacus' own search gives up ("The privacy budget is too low"): that is the user's ε, not a bug
+    with pytest.raises(
+        ConfigError, match=rf"^privacy\.target_epsilon: 0\.001 is too small \(no noise meets it\) for {what}$"
+    ):
+        plan_fedsgd(1000, 1.0, 30, 0.001, 1e-5, 1.0, "rdp", stats_share)
