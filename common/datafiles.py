@@ -12,7 +12,8 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ import numpy as np
 from common.config_parse import InputError
 
 if TYPE_CHECKING:
+    from _csv import _reader as CsvReader
+
     from PIL import Image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -166,28 +169,38 @@ def read_user_map(path: Path, key: str) -> dict[str, str]:
     one line naming the file and line: a record whose person is unknown cannot be sampled and
     clipped with that person's other records.
     """
+    with csv_file(path, "the users file") as reader:
+        if [h.strip() for h in next(reader, [])] != [key, "user"]:
+            raise DataError(f"{path}: the header must be {key},user (one line per record below it)")
+        mapping: dict[str, str] = {}
+        for row in reader:
+            if not row:
+                continue
+            record, user = (cell.strip() for cell in [*row, "", ""][:2])
+            if len(row) > 2 or not record or not user:
+                raise DataError(f"{path}: line {reader.line_num}: needs {key},user with both filled in")
+            if record in mapping:
+                raise DataError(f"{path}: line {reader.line_num}: {key} {record[:80]!r} is listed twice")
+            mapping[record] = user
+    return mapping
+
+
+@contextmanager
+def csv_file(path: Path, what: str) -> Iterator[CsvReader]:
+    """A strict csv.reader over a UTF-8 file (a BOM dropped); what goes wrong reading it is one DataError.
+
+    A file that cannot be read (named as `what`), is not UTF-8, or is not CSV (a quote left open, a
+    field past csv's size limit) names the file, inside the `with` block as well as on opening it.
+    """
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=True)
-            if [h.strip() for h in next(reader, [])] != [key, "user"]:
-                raise DataError(f"{path}: the header must be {key},user (one line per record below it)")
-            mapping: dict[str, str] = {}
-            for row in reader:
-                if not row:
-                    continue
-                record, user = (cell.strip() for cell in [*row, "", ""][:2])
-                if len(row) > 2 or not record or not user:
-                    raise DataError(f"{path}: line {reader.line_num}: needs {key},user with both filled in")
-                if record in mapping:
-                    raise DataError(f"{path}: line {reader.line_num}: {key} {record[:80]!r} is listed twice")
-                mapping[record] = user
+            yield csv.reader(f, strict=True)
     except OSError as err:
-        raise DataError(f"{path}: cannot read the users file ({err.strerror})") from None
+        raise DataError(f"{path}: cannot read {what} ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except csv.Error as err:
         raise DataError(f"{path}: not a valid CSV file ({err})") from None
-    return mapping
 
 
 def users_of(keys: Sequence[str], mapping: Mapping[str, str], path: Path, key: str) -> np.ndarray:

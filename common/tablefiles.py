@@ -15,7 +15,6 @@ statistic of the rows.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 from flwr.common.logger import log
 
-from common.datafiles import DataError
+from common.datafiles import DataError, csv_file
 from common.table_schema import Column, NumericColumn, TableSchema, schema_from_dict
 
 MAX_CELL_CHARS = 10_000  # a longer cell is a broken file (an unclosed quote swallowing the rest), not a value
@@ -61,19 +60,11 @@ def _per_column(counts: Counter[str]) -> str:
 
 def read_table_csv(path: Path, schema: TableSchema, need_label: bool = True) -> Table:
     """A CSV file (UTF-8, a header line naming the columns) coded against `schema`; warns once if it changed values."""
-    try:
-        with path.open(encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, strict=True)
-            header = next(reader, None)
-            if not header:  # no line, or a blank first line
-                raise DataError(f"{path}: empty file; expected a header line naming the columns")
-            table = code_rows(str(path), header, ((reader.line_num, row) for row in reader), schema, need_label)
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save the table as UTF-8") from None
-    except csv.Error as err:
-        raise DataError(f"{path}: not a valid CSV file ({err})") from None
+    with csv_file(path, "the table") as reader:
+        header = next(reader, None)
+        if not header:  # no line, or a blank first line
+            raise DataError(f"{path}: empty file; expected a header line naming the columns")
+        table = code_rows(str(path), header, ((reader.line_num, row) for row in reader), schema, need_label)
     _warn(table, str(path))
     return table
 

@@ -224,3 +224,27 @@ def test_per_person_table_run_on_the_simulation_engine(tmp_path: Path, capsys) -
         assert [r["release"] for r in rounds] == [FEATURE_STATS, "training", "training"]
         assert {r["num_examples"] for r in rounds} == {len(set(site.train.users))} != {len(site.train)}
     assert main(["audit", str(tmp_path / "run"), "--report-dir", str(tmp_path / "audit")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("path,user\na.png,ann\n".encode("utf-16"), "not UTF-8 text"),
+        (b'path,user\n"a.png"x,ann\n', "not a valid CSV file"),
+        (b"path,person\na.png,ann\n", "the header must be path,user"),
+        (b"path,user\na.png,\n", "line 2: needs path,user with both filled in"),
+        (b"path,user\na.png,ann\na.png,bob\n", "line 3: path 'a.png' is listed twice"),
+        (None, "cannot read the users file"),
+    ],
+)
+def test_a_bad_users_file_is_one_line_naming_it(tmp_path: Path, content: bytes | None, message: str) -> None:
+    from common.datafiles import DataError, read_user_map
+
+    path = tmp_path / "users.csv"
+    if content is None:
+        path.mkdir()  # a folder where the file should be: the open fails
+    else:
+        path.write_bytes(content)
+    with pytest.raises(DataError) as err:
+        read_user_map(path, "path")
+    assert str(err.value).startswith(f"{path}: ") and message in str(err.value) and "\n" not in str(err.value)
