@@ -44,23 +44,20 @@ def _patched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], m
 
 
 @pytest.mark.parametrize(("argv", "module", "name"), COMMANDS)
-def test_a_bare_value_error_inside_a_command_is_a_bug_not_a_user_error(
+@pytest.mark.parametrize("user_error", [False, True])
+def test_only_an_input_error_inside_a_command_is_the_users_one_line_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-    module: str, name: str,
+    module: str, name: str, user_error: bool,
 ) -> None:  # fmt: skip
+    """An InputError is one line and exit 2; a bare ValueError from the same place is a bug: it propagates."""
+    if user_error:
+        argv = _patched(monkeypatch, tmp_path, argv, module, name, InputError("--flag: cannot be used; give another"))
+        _one_line_error(capsys, argv, "fedtransfer: error: --flag: cannot be used; give another")
+        return
     argv = _patched(monkeypatch, tmp_path, argv, module, name, ValueError("an internal check failed"))
     with pytest.raises(ValueError, match="an internal check failed"):
         main(argv)
     assert "fedtransfer: error" not in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(("argv", "module", "name"), COMMANDS)
-def test_an_input_error_from_the_same_place_is_one_line_and_exit_2(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-    module: str, name: str,
-) -> None:  # fmt: skip
-    argv = _patched(monkeypatch, tmp_path, argv, module, name, InputError("--flag: cannot be used; give another"))
-    _one_line_error(capsys, argv, "fedtransfer: error: --flag: cannot be used; give another")
 
 
 @pytest.mark.parametrize(
