@@ -25,10 +25,11 @@ demo: $(STAMP)
 	$(VENV)/bin/fedtransfer simulate --config configs/demo.yaml
 
 # PYTHONFAULTHANDLER: a crash after the tests (one fresh-clone run segfaulted in interpreter shutdown, every test
-# passed) prints every thread's Python stack, so the next one names its culprit
+# passed) prints every thread's Python stack, so the next one names its culprit. --durations: the slowest tests,
+# where the suite's time goes (most of it is end-to-end runs on real Flower processes)
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check .
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=15
 
 # tests/test_report_browser.py opens the audit report in headless Chromium (Debian's package);
 # installed only when missing, so a machine that has it does nothing here
