@@ -35,7 +35,7 @@ from common.data import DataError
 from common.encoders import EncoderError
 from common.exchange import masked_arrays
 from common.head import evaluate_head
-from common.privacy import BudgetExceeded
+from common.ledger import BudgetExceeded
 from common.process_cache import ProcessCache
 from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
 

@@ -41,7 +41,8 @@ from common import atomic
 from common.config import PersonalConfig, RunConfig, SitePolicy
 from common.dp_training import LocalTraining, train_head
 from common.head import Scores, evaluate_head
-from common.privacy import DPPlan, PrivacyLedger, plan_dp
+from common.ledger import PrivacyLedger
+from common.privacy import DPPlan, plan_dp
 from common.protocol import Event
 
 

@@ -37,15 +37,8 @@ from common.dp_fedsgd import (
 from common.dp_training import LocalTraining, train_head
 from common.exchange import PREFIX, arrays_to_numpy, gradient_to_arrays, head_to_arrays, load_head, wire_bytes
 from common.finetune import make_top
-from common.privacy import (
-    DPPlan,
-    PrivacyLedger,
-    epsilon_of,
-    plan_distributed,
-    plan_dp,
-    plan_fedsgd,
-    require_secure_rng,
-)
+from common.ledger import PrivacyLedger
+from common.privacy import DPPlan, epsilon_of, plan_distributed, plan_dp, plan_fedsgd, require_secure_rng
 from common.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
 from common.skellam import sample, share_wrap_bound
 

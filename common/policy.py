@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import SitePolicy
-from common.privacy import EPS_SLACK
+from common.ledger import EPS_SLACK
 from common.site_config import SitePersonal
 
 

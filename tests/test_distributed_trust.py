@@ -17,7 +17,8 @@ from common.audit_log import RESERVED_FIELDS, AuditLog, read_records
 from common.config import ConfigError, SecAggConfig, SitePolicy, config_from_dict
 from common.data import Samples, SiteData
 from common.head import make_head
-from common.privacy import PrivacyLedger, epsilon_of
+from common.ledger import PrivacyLedger
+from common.privacy import epsilon_of
 from common.protocol import DPRecord, Metric
 from common.skellam import SKELLAM, sensitivities
 

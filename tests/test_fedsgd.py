@@ -29,7 +29,8 @@ from common.dp_fedsgd import (
 )
 from common.exchange import head_spec, head_to_arrays
 from common.head import make_head
-from common.privacy import PrivacyLedger, epsilon_of, plan_fedsgd, stats_noise_multiplier
+from common.ledger import PrivacyLedger
+from common.privacy import epsilon_of, plan_fedsgd, stats_noise_multiplier
 from common.protocol import FEATURE_STATS, DPRecord, Metric
 from server.audit import empirical_fedsgd
 from server.audit.empirical import CanarySettings, audit_training

@@ -12,7 +12,8 @@ from client.site import Declined, enforce_policy
 from common.config import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
 from common.dp_training import LocalTraining, train_head
 from common.head import make_head
-from common.privacy import BudgetExceeded, DPPlan, PrivacyLedger, epsilon_of, plan_dp, plan_fedsgd
+from common.ledger import BudgetExceeded, PrivacyLedger
+from common.privacy import DPPlan, epsilon_of, plan_dp, plan_fedsgd
 
 N, DIM, CLASSES, BATCH = 200, 16, 3, 50
 EPSILON, DELTA, ROUNDS, LOCAL_EPOCHS = 3.0, 1e-3, 3, 1

@@ -31,7 +31,7 @@ def audit_site_privacy(
     site: SiteAudit, ev: Evidence, received: list[Update], sent: list[Update], found: Findings
 ) -> None:
     """ε recomputed with Opacus from every training the site logged, against every ε it claimed and the target."""
-    from common.privacy import EPS_SLACK
+    from common.ledger import EPS_SLACK
 
     used = {(u.round, u.sha256) for u in received if u.site == site.name}
     site.rounds_joined = sorted({rnd for rnd, _ in used})
@@ -225,7 +225,7 @@ def _earlier_runs(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence,
     Only runs the ledger held before this run are counted: a site that ran again after an
     honest run must not make that run fail its audit afterwards.
     """
-    from common.privacy import PrivacyLedger
+    from common.ledger import PrivacyLedger
 
     ledger = site_paths(config, path).state_dir / "privacy-ledger.json"
     if not ledger.is_file():
