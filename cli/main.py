@@ -38,6 +38,8 @@ def _simulate(args: argparse.Namespace) -> int:
 def _image_files(target: Path) -> list[Path]:
     from common.data import IMAGE_SUFFIXES, DataError
 
+    if not target.exists():
+        raise DataError(f"{target}: no such file or folder; give an image or a folder of images")
     if target.is_dir():
         files = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     else:

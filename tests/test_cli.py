@@ -118,7 +118,9 @@ def test_predict_classifies_images_and_refuses_bad_model_files(
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     _one_line_error(capsys, ["predict", str(foreign), str(image)], "foreign.pt: not a fedtransfer model file")
-    _one_line_error(capsys, ["predict", str(model_file), str(tmp_path / "nothing")], "no images found")
+    _one_line_error(capsys, ["predict", str(model_file), str(tmp_path / "nothing")], "nothing: no such file or folder")
+    (tmp_path / "empty").mkdir()
+    _one_line_error(capsys, ["predict", str(model_file), str(tmp_path / "empty")], "empty: no images found")
 
 
 @pytest.mark.parametrize("limit", [1_000, 1_500])  # past 2 x the limit PIL raises; past the limit it only warns
