@@ -185,15 +185,8 @@ def stats_noise_multiplier(target_epsilon: float, target_delta: float, share: fl
     with warnings.catch_warnings():  # as in _epsilon: a conservative RDP order, PRV's log(1 - q) at q = 1
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         warnings.filterwarnings("ignore", message="divide by zero encountered in log")
-        whole = _noise_multiplier(
-            target_epsilon,
-            target_delta,
-            1.0,
-            1,
-            accountant,
-            "the feature statistics' one release; raise it",
-            epsilon_tolerance=0.001,
-        )
+        whole = _noise_multiplier(target_epsilon, target_delta, 1.0, 1, accountant,
+                                  "the feature statistics' one release; raise it", epsilon_tolerance=0.001)  # fmt: skip
     return whole / math.sqrt(share)
 
 

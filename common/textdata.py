@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,9 @@ def read_text_records(
         raise DataError(f"{path}: not a text data file; use one of {sorted(TEXT_SUFFIXES)}")
     content = _decoded(path)
     chosen = [(text_column, text_key), (label_column, "label_column"), (user_column, "user_column")]
-    settings = [(column, key) for column, key in chosen if column is not None]
-    columns = [column for column, _ in settings]
-    read = _jsonl_rows if kind == "jsonl" else partial(_csv_rows, kind=kind)
-    rows = read(path, content, settings)
+    named = [(column, key) for column, key in chosen if column is not None]
+    columns = [column for column, _ in named]
+    rows = _jsonl_rows(path, content, named) if kind == "jsonl" else _csv_rows(path, content, named, kind)
     lines, texts, labels, users = [], [], [], []
     for line, values in rows:
         for column, value in zip(columns, values, strict=True):
