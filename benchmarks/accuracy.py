@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.data.sources import load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.image import load_backbone
+from fedtransfer.common.model.head import FEATURE_SCALE
 from sklearn.linear_model import LogisticRegression
 
 from benchmarks.harness import FedSetup, SmallCNN, federate, print_table, write_results
-from common.backbones import load_backbone
-from common.config import BackboneConfig
-from common.data import load_source, partition_dirichlet, partition_iid, split_holdout
-from common.features import cached_features
-from common.head import FEATURE_SCALE
 
 EPSILONS = [0.5, 1.0, 2.0, 4.0, 8.0, None]
 SCRATCH_EPOCHS = 2
@@ -142,8 +142,14 @@ def data_sweep(task: Task, setup: FedSetup, sites: int) -> list[dict]:
 
 
 # (batch size, local epochs, rounds, learning rate) of fedavg; the first is configs/demo-fedavg.yaml's
-CANDIDATES = [(64, 10, 5, 0.5), (128, 10, 5, 1.0), (256, 10, 3, 2.0), (256, 5, 3, 2.0), (512, 10, 2, 4.0),
-              (128, 5, 2, 1.0)]  # fmt: skip
+CANDIDATES = [
+    (64, 10, 5, 0.5),
+    (128, 10, 5, 1.0),
+    (256, 10, 3, 2.0),
+    (256, 5, 3, 2.0),
+    (512, 10, 2, 4.0),
+    (128, 5, 2, 1.0),
+]
 TARGET_SITES, TARGET_EPSILON, TARGET_POINTS = 4, 3.0, 0.05
 
 
@@ -159,13 +165,26 @@ def target_search(task: Task, accountants: list[str]) -> list[dict]:
             setup = FedSetup(rounds, epochs, batch, lr, TARGET_EPSILON, accountant=accountant)
             sites = [(task.f_train[p], task.y_train[p]) for p in tune_parts]
             out = federate(sites, val_data, 10, setup)
-            rows.append({"phase": "tune (validation)", "split": "iid", "accountant": accountant, "batch": batch,
-                         "local_epochs": epochs, "rounds": rounds, "lr": lr, "accuracy": out["accuracy"],
-                         "epsilon": out["epsilon"], "ceiling": val_ceiling,
-                         "gap_points": 100 * (val_ceiling - out["accuracy"])})  # fmt: skip
+            rows.append(
+                {
+                    "phase": "tune (validation)",
+                    "split": "iid",
+                    "accountant": accountant,
+                    "batch": batch,
+                    "local_epochs": epochs,
+                    "rounds": rounds,
+                    "lr": lr,
+                    "accuracy": out["accuracy"],
+                    "epsilon": out["epsilon"],
+                    "ceiling": val_ceiling,
+                    "gap_points": 100 * (val_ceiling - out["accuracy"]),
+                }
+            )
     best = max(rows, key=lambda r: r["accuracy"])
-    chosen = {"default": ("rdp", *CANDIDATES[0]), "tuned": (best["accountant"], best["batch"],
-              best["local_epochs"], best["rounds"], best["lr"])}  # fmt: skip
+    chosen = {
+        "default": ("rdp", *CANDIDATES[0]),
+        "tuned": (best["accountant"], best["batch"], best["local_epochs"], best["rounds"], best["lr"]),
+    }
     ceiling = task.ceiling()
     for split in ("iid", "dirichlet"):
         parts = task.parts(TARGET_SITES, split)
@@ -174,10 +193,22 @@ def target_search(task: Task, accountants: list[str]) -> list[dict]:
             sites = [(task.f_train[p], task.y_train[p]) for p in parts]
             out = federate(sites, (task.f_test, task.y_test), 10, setup)
             gap = ceiling - out["accuracy"]
-            rows.append({"phase": f"test ({name})", "split": split, "accountant": accountant, "batch": batch,
-                         "local_epochs": epochs, "rounds": rounds, "lr": lr, "accuracy": out["accuracy"],
-                         "epsilon": out["epsilon"], "ceiling": ceiling, "gap_points": 100 * gap,
-                         "target_met": gap <= TARGET_POINTS})  # fmt: skip
+            rows.append(
+                {
+                    "phase": f"test ({name})",
+                    "split": split,
+                    "accountant": accountant,
+                    "batch": batch,
+                    "local_epochs": epochs,
+                    "rounds": rounds,
+                    "lr": lr,
+                    "accuracy": out["accuracy"],
+                    "epsilon": out["epsilon"],
+                    "ceiling": ceiling,
+                    "gap_points": 100 * gap,
+                    "target_met": gap <= TARGET_POINTS,
+                }
+            )
     return rows
 
 
@@ -202,9 +233,17 @@ def ablation(task: Task) -> list[dict]:
         data = [(features[p], task.y_train[p]) for p in parts]
         runs = [federate(data, (features[val], task.y_train[val]), 10, setup, seed=s) for s in ABLATION_SEEDS]
         accs = [r["accuracy"] for r in runs]
-        rows.append({"features": name, "sites": len(parts), "accuracy": float(np.mean(accs)),
-                     "accuracy_sd": float(np.std(accs)), "epsilon": max(r["epsilon"] for r in runs),
-                     "ceiling": val_ceiling, "gap_points": 100 * (val_ceiling - float(np.mean(accs)))})  # fmt: skip
+        rows.append(
+            {
+                "features": name,
+                "sites": len(parts),
+                "accuracy": float(np.mean(accs)),
+                "accuracy_sd": float(np.std(accs)),
+                "epsilon": max(r["epsilon"] for r in runs),
+                "ceiling": val_ceiling,
+                "gap_points": 100 * (val_ceiling - float(np.mean(accs))),
+            }
+        )
     return rows
 
 
@@ -246,8 +285,20 @@ def main() -> None:
         columns = ["features", "sites", "accuracy", "accuracy_sd", "epsilon", "ceiling", "gap_points"]
     else:
         rows = target_search(task, args.accountants)
-        columns = ["phase", "split", "accountant", "batch", "local_epochs", "rounds", "lr", "accuracy", "epsilon",
-                   "ceiling", "gap_points", "target_met"]  # fmt: skip
+        columns = [
+            "phase",
+            "split",
+            "accountant",
+            "batch",
+            "local_epochs",
+            "rounds",
+            "lr",
+            "accuracy",
+            "epsilon",
+            "ceiling",
+            "gap_points",
+            "target_met",
+        ]
     print_table(rows, columns)
     size = "" if args.image_size == 64 else f"_{args.image_size}px"
     write_results(f"accuracy_{args.question}{size}", rows, vars(args))

@@ -27,18 +27,22 @@ def one_message(site_yaml: Path, run_config: dict[str, Any], server_round: int) 
     import flwr.supernode.runtime.run_clientapp  # noqa: F401  what flwr-clientapp imports before our app
 
     t1 = time.perf_counter()
-    from client import client_app
-    from client.prepared import PreparedEncoder
-    from client.site import get_site
+    from fedtransfer.client import client_app
+    from fedtransfer.client.prepared import PreparedEncoder
+    from fedtransfer.client.site import get_site
 
     t2 = time.perf_counter()
+    from fedtransfer.common.config.run import config_from_dict, to_run_config
     from flwr.app import Context, RecordDict
 
-    from common.config import config_from_dict, to_run_config
-
     cfg = config_from_dict(run_config)
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(),
-                      run_config=to_run_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-config": str(site_yaml)},
+        state=RecordDict(),
+        run_config=to_run_config(cfg),
+    )
     t3 = time.perf_counter()
     site = get_site(context, cfg)  # client_app.train finds it in the process cache, as in a real process
     t4 = time.perf_counter()
@@ -47,25 +51,40 @@ def one_message(site_yaml: Path, run_config: dict[str, Any], server_round: int) 
     reply = client_app.train(message, context)
     t6 = time.perf_counter()
     built = not isinstance(site.backbone, PreparedEncoder) or site.backbone.loaded
-    return {"flower_imports_s": t1 - t0, "app_imports_s": t2 - t1, "site_s": t4 - t3, "train_s": t6 - t5,
-            "backbone_built": built, "error": reply.error.reason[:300] if reply.has_error() else None}  # fmt: skip
+    return {
+        "flower_imports_s": t1 - t0,
+        "app_imports_s": t2 - t1,
+        "site_s": t4 - t3,
+        "train_s": t6 - t5,
+        "backbone_built": built,
+        "error": reply.error.reason[:300] if reply.has_error() else None,
+    }
 
 
 def _train_message(site: Any, server_round: int) -> Any:
     """A training message as the server sends it: a fresh head, this run's config and the site's fingerprint."""
     import torch
+    from fedtransfer.common.model.head import make_head
+    from fedtransfer.common.wire.exchange import head_to_arrays
+    from fedtransfer.common.wire.protocol import Cfg
     from flwr.app import ConfigRecord, Message, Metadata, RecordDict
-
-    from common.exchange import head_to_arrays
-    from common.head import make_head
-    from common.protocol import Cfg
 
     torch.manual_seed(0)
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), 0)
-    config = ConfigRecord({Cfg.RUN_ID: "benchmark", Cfg.FINGERPRINT: site.backbone.fingerprint,
-                           Cfg.SERVER_ROUND: server_round})  # fmt: skip
-    meta = Metadata(run_id=1, message_id=f"m-{server_round}", src_node_id=1, dst_node_id=1, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
+    config = ConfigRecord(
+        {Cfg.RUN_ID: "benchmark", Cfg.FINGERPRINT: site.backbone.fingerprint, Cfg.SERVER_ROUND: server_round}
+    )
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{server_round}",
+        src_node_id=1,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=RecordDict({"arrays": head_to_arrays(head), "config": config}), metadata=meta)
 
 

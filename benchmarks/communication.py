@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 
+from fedtransfer.common.config.catalog import CATALOG
+from fedtransfer.common.encoders.image import IMAGE_BACKBONES, feature_network
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import head_to_arrays, wire_bytes
 from flwr.app import ArrayRecord
 
 from benchmarks.harness import print_table, write_results
-from common.backbones import IMAGE_BACKBONES, feature_network
-from common.encoders import CATALOG
-from common.exchange import head_to_arrays, wire_bytes
-from common.head import make_head
 
 
 def measure(name: str, classes: int) -> dict:

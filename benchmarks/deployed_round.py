@@ -44,36 +44,54 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedtransfer.client.prepared import SWITCH_ENV
+from fedtransfer.common.config.run import RunConfig, config_from_dict
+from fedtransfer.common.data.sources import federation_for, simulate_federation
+from fedtransfer.server.federation.report import read_metrics
+from fedtransfer.server.launch.launcher import submit_run
+from fedtransfer.server.launch.simulation import simulate
+
 from benchmarks.harness import print_table, write_results
-from client.prepared import SWITCH_ENV
-from common.config import RunConfig, config_from_dict
-from common.data import federation_for, simulate_federation
-from server.launcher import submit_run
-from server.report import read_metrics
-from server.simulation import simulate
 from tests.deploy_harness import LocalDeployment, local_deployment, write_npz_site
 
 SEED = 42
 # The demo's federation (configs/demo.yaml: 5,000 MNIST digits, 4 sites, Dirichlet(0.5), MobileNetV2 at 64 px,
 # ε = 3, δ = 1e-5 per site for the whole run), named here so that a change of the config defaults cannot move it.
 DEMO: dict[str, Any] = {
-    "seed": SEED, "device": "cpu", "backbone": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "image_size": 64},
-    "data": {"source": "mnist", "split": "dirichlet", "alpha": 0.5, "num_sites": 4, "site_test_fraction": 0.2,
-             "server_test_fraction": 0.1},
+    "seed": SEED,
+    "device": "cpu",
+    "backbone": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1", "image_size": 64},
+    "data": {
+        "source": "mnist",
+        "split": "dirichlet",
+        "alpha": 0.5,
+        "num_sites": 4,
+        "site_test_fraction": 0.2,
+        "server_test_fraction": 0.1,
+    },
     "train": {"strategy": "fedavg", "fraction_train": 1.0, "min_sites": 2, "fraction_evaluate": 1.0},
     "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "max_grad_norm": 1.0},
-}  # fmt: skip
+}
 # Each protocol with the settings it ships with, whichever of them the config defaults pick: fedavg as
 # configs/demo-fedavg.yaml (5 rounds × 10 local epochs), fedsgd as configs/demo.yaml (30 rounds after the feature
 # statistics' round 0); tests/test_benchmarks.py keeps them equal.
 PROTOCOLS: dict[str, dict[str, Any]] = {
-    "fedavg": {"train": {"protocol": "fedavg", "rounds": 5, "local_epochs": 10, "batch_size": 64,
-                         "learning_rate": 0.5, "momentum": 0.0},
-               "privacy": {"accountant": "rdp", "feature_stats": False}},
-    "fedsgd": {"train": {"protocol": "fedsgd", "rounds": 30, "sample_rate": 1.0, "learning_rate": 1.0,
-                         "server_momentum": 0.9},
-               "privacy": {"accountant": "prv", "feature_stats": True, "feature_stats_share": 0.2}},
-}  # fmt: skip
+    "fedavg": {
+        "train": {
+            "protocol": "fedavg",
+            "rounds": 5,
+            "local_epochs": 10,
+            "batch_size": 64,
+            "learning_rate": 0.5,
+            "momentum": 0.0,
+        },
+        "privacy": {"accountant": "rdp", "feature_stats": False},
+    },
+    "fedsgd": {
+        "train": {"protocol": "fedsgd", "rounds": 30, "sample_rate": 1.0, "learning_rate": 1.0, "server_momentum": 0.9},
+        "privacy": {"accountant": "prv", "feature_stats": True, "feature_stats_share": 0.2},
+    },
+}
 # fedsgd with federated evaluation in every 5th round and the last (train.evaluate_every): a deployed round is
 # then one Flower exchange, not two
 PROTOCOLS["fedsgd-evaluate5"] = {**PROTOCOLS["fedsgd"], "train": PROTOCOLS["fedsgd"]["train"] | {"evaluate_every": 5}}
@@ -132,13 +150,24 @@ def train(msg: Message, context: Context) -> Message:
 
 def run_config(workdir: Path, sites: int, rounds: int, name: str) -> dict[str, Any]:
     """The e2e deployment's run (digits split between `sites`, MobileNetV2 at 32 px, 3 local epochs, ε = 3)."""
-    return {"run_name": name, "output_dir": str(workdir / name), "cache_dir": str(workdir / "server-cache"),
-            "seed": SEED, "device": "cpu", "backbone": {"image_size": 32},
-            "data": {"source": "digits", "split": "iid", "num_sites": sites},
-            "train": {"rounds": rounds, "local_epochs": 3, "min_sites": sites, "fraction_evaluate": 0.0,
-                      "protocol": "fedavg", "learning_rate": 0.5},
-            "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "accountant": "rdp",
-                        "feature_stats": False}}  # fmt: skip
+    return {
+        "run_name": name,
+        "output_dir": str(workdir / name),
+        "cache_dir": str(workdir / "server-cache"),
+        "seed": SEED,
+        "device": "cpu",
+        "backbone": {"image_size": 32},
+        "data": {"source": "digits", "split": "iid", "num_sites": sites},
+        "train": {
+            "rounds": rounds,
+            "local_epochs": 3,
+            "min_sites": sites,
+            "fraction_evaluate": 0.0,
+            "protocol": "fedavg",
+            "learning_rate": 0.5,
+        },
+        "privacy": {"target_epsilon": 3.0, "target_delta": 1e-5, "accountant": "rdp", "feature_stats": False},
+    }
 
 
 def protocol_config(workdir: Path, demo: Mapping[str, Any], settings: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -179,8 +208,10 @@ def check_workers(dep: LocalDeployment, homes: Mapping[str, Path], messages: int
     """Each site's worker answered all `messages` training messages of the run (none fell back to its process)."""
     for site in homes:
         if (answered := dep.sites[site].log_text().count(WORKER_ANSWERED)) != messages:
-            raise RuntimeError(f"{site}'s worker answered {answered} of {messages} training messages:\n"
-                               f"{dep.sites[site].log_text()[-3000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"{site}'s worker answered {answered} of {messages} training messages:\n"
+                f"{dep.sites[site].log_text()[-3000:]}"
+            )
 
 
 def worker_rounds(dep: LocalDeployment, homes: Mapping[str, Path], cfg: RunConfig) -> list[float]:
@@ -205,8 +236,13 @@ def process_phases(home: Path, app: Path, cfg: dict[str, Any], workdir: Path, re
             copy = workdir / f"process-{mode}-{i}"
             shutil.copytree(home, copy, ignore=shutil.ignore_patterns("worker"))  # not the worker's socket
             env = os.environ | {SWITCH_ENV: switch}
-            argv = [sys.executable, "-m", "benchmarks.clientapp_process", str(copy / "site.yaml"),
-                    str(workdir / "run-config.json")]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "benchmarks.clientapp_process",
+                str(copy / "site.yaml"),
+                str(workdir / "run-config.json"),
+            ]
             t0 = time.perf_counter()
             done = subprocess.run(argv, cwd=app, env=env, capture_output=True, text=True, timeout=600, check=True)
             wall = time.perf_counter() - t0
@@ -218,8 +254,9 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
     federation = simulate_federation("digits", None, "iid", sites, 0.5, 0.2, 0.1, 32, SEED)
     names = [f"site-{k}" for k in range(sites)]
     homes = {name: workdir / "sites" / name for name in names}
-    configs = {name: write_npz_site(homes[name], name, share) for name, share in zip(names, federation.sites,
-                                                                                      strict=True)}  # fmt: skip
+    configs = {
+        name: write_npz_site(homes[name], name, share) for name, share in zip(names, federation.sites, strict=True)
+    }
     seconds: dict[str, list[float]] = {}
     with local_deployment(workdir / "deployment", configs) as dep:
         seconds["floor"] = floor_rounds(dep, workdir, rounds)
@@ -238,7 +275,7 @@ def measure(sites: int, rounds: int, repeat: int, workdir: Path) -> tuple[list[d
         for mode in ("prepared", "worker"):
             row[f"{mode}/simulated"] = row[f"{mode}_s"] / row["simulated_s"]
             row[f"{mode}-floor_s"] = row[f"{mode}_s"] - row["floor_s"]
-    installed = (workdir / "deployment" / "sites" / names[0] / "flwr-home" / "apps").glob("fedtransfer.fedtransfer.*")
+    installed = (workdir / "deployment" / "sites" / names[0] / "flwr-home" / "apps").glob("fedtransfer.*")
     app = max(installed, key=lambda p: p.stat().st_mtime)  # the last run's (the tree may change meanwhile)
     phases = process_phases(homes[names[0]], app, run_config(workdir, sites, rounds, "process"), workdir, repeat)
     return table, phases
@@ -250,18 +287,25 @@ def whole_run(setting: str, protocol: str, cfg: RunConfig, seconds: float) -> di
     rounds = [m["time_s"] for m in metrics]
     sites = sorted(metrics[-1]["sites"])
     sent = [sum(m["sites"][s].get("bytes_sent", 0) for m in metrics) for s in sites]  # a site's uploads
-    return {"setting": setting, "protocol": protocol, "rounds": len(metrics), "whole_run_s": seconds,
-            "per_round_s": seconds / len(metrics), "first_round_s": rounds[0],
-            "later_round_s": statistics.median(rounds[1:] or rounds),  # after the features' extraction
-            "accuracy": metrics[-1]["server"]["accuracy"],
-            "epsilon": max(metrics[-1]["sites"][s].get("epsilon", 0.0) for s in sites),
-            "sent_per_site_bytes": statistics.mean(sent),
-            "received_per_site_bytes": sum(m["bytes_sent_per_site"] for m in metrics),  # the head, each round
-            "load_1m": os.getloadavg()[0]}  # fmt: skip
+    return {
+        "setting": setting,
+        "protocol": protocol,
+        "rounds": len(metrics),
+        "whole_run_s": seconds,
+        "per_round_s": seconds / len(metrics),
+        "first_round_s": rounds[0],
+        "later_round_s": statistics.median(rounds[1:] or rounds),  # after the features' extraction
+        "accuracy": metrics[-1]["server"]["accuracy"],
+        "epsilon": max(metrics[-1]["sites"][s].get("epsilon", 0.0) for s in sites),
+        "sent_per_site_bytes": statistics.mean(sent),
+        "received_per_site_bytes": sum(m["bytes_sent_per_site"] for m in metrics),  # the head, each round
+        "load_1m": os.getloadavg()[0],
+    }
 
 
-def measure_protocols(workdir: Path, demo: Mapping[str, Any], protocols: Mapping[str, Mapping[str, Any]]
-                      ) -> list[dict[str, Any]]:  # fmt: skip
+def measure_protocols(
+    workdir: Path, demo: Mapping[str, Any], protocols: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
     """One whole run per protocol, in order, each on a new deployment of `demo`'s federation whose sites start
     with `fedtransfer deploy site` (and their workers) and empty state folders; then the same runs simulated,
     each with an empty cache. Both are timed around the run: `flwr run` to its final result, `simulate`."""
@@ -293,30 +337,65 @@ def protocol_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["setting"], r["protocol"]): r for r in rows}
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
     keys = ("whole_run_s", "per_round_s", "later_round_s")
-    out = [{"setting": "deployed/simulated", "protocol": p}
-           | {k: by["deployed", p][k] / by["simulated", p][k] for k in keys} for p in protocols]  # fmt: skip
-    out += [{"setting": setting, "protocol": f"{p}/{protocols[0]}"}
-            | {k: by[setting, p][k] / by[setting, protocols[0]][k] for k in (*keys, "rounds")}
-            for setting in ("deployed", "simulated") for p in protocols[1:]]  # fmt: skip
+    out = [
+        {"setting": "deployed/simulated", "protocol": p}
+        | {k: by["deployed", p][k] / by["simulated", p][k] for k in keys}
+        for p in protocols
+    ]
+    out += [
+        {"setting": setting, "protocol": f"{p}/{protocols[0]}"}
+        | {k: by[setting, p][k] / by[setting, protocols[0]][k] for k in (*keys, "rounds")}
+        for setting in ("deployed", "simulated")
+        for p in protocols[1:]
+    ]
     return out
 
 
 def report_protocols(workdir: Path, protocols: list[str], rounds: int | None, name: str) -> None:
-    chosen = {p: PROTOCOLS[p] | {"train": PROTOCOLS[p]["train"] | ({"rounds": rounds} if rounds else {})}
-              for p in protocols}  # fmt: skip
+    chosen = {
+        p: PROTOCOLS[p] | {"train": PROTOCOLS[p]["train"] | ({"rounds": rounds} if rounds else {})} for p in protocols
+    }
     rows = measure_protocols(workdir, DEMO, chosen)
-    print_table(rows, ["setting", "protocol", "rounds", "whole_run_s", "per_round_s", "first_round_s",
-                       "later_round_s", "accuracy", "epsilon", "sent_per_site_bytes", "load_1m"])  # fmt: skip
+    print_table(
+        rows,
+        [
+            "setting",
+            "protocol",
+            "rounds",
+            "whole_run_s",
+            "per_round_s",
+            "first_round_s",
+            "later_round_s",
+            "accuracy",
+            "epsilon",
+            "sent_per_site_bytes",
+            "load_1m",
+        ],
+    )
     write_results(name, rows, {"protocols": protocols, "demo": DEMO, "settings": chosen})
 
 
 def report_rounds(workdir: Path, sites: int, rounds: int, repeat: int) -> None:
     table, phases = measure(sites, rounds, repeat, workdir)
-    print_table(table, ["round", "floor_s", "recompute_s", "prepared_s", "worker_s", "simulated_s",
-                        "prepared/simulated", "worker/simulated", "worker-floor_s"])  # fmt: skip
+    print_table(
+        table,
+        [
+            "round",
+            "floor_s",
+            "recompute_s",
+            "prepared_s",
+            "worker_s",
+            "simulated_s",
+            "prepared/simulated",
+            "worker/simulated",
+            "worker-floor_s",
+        ],
+    )
     print()
-    print_table(phases, ["mode", "process_s", "flower_imports_s", "app_imports_s", "site_s", "train_s",
-                         "backbone_built", "error"])  # fmt: skip
+    print_table(
+        phases,
+        ["mode", "process_s", "flower_imports_s", "app_imports_s", "site_s", "train_s", "backbone_built", "error"],
+    )
     rows = [{"table": "rounds"} | r for r in table] + [{"table": "process"} | p for p in phases]
     write_results("deployed_round", rows, {"sites": sites, "rounds": rounds, "repeat": repeat})
 
@@ -326,9 +405,13 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=2, help="ClientApp processes timed phase by phase, per mode")
-    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS),
-                        help="instead: one whole run of the demo per protocol, deployed and simulated "
-                             "(--sites, --rounds and --repeat do not apply)")  # fmt: skip
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=list(PROTOCOLS),
+        help="instead: one whole run of the demo per protocol, deployed and simulated "
+        "(--sites, --rounds and --repeat do not apply)",
+    )
     parser.add_argument("--protocol-rounds", type=int, help="with --protocols: this many rounds (default: as shipped)")
     parser.add_argument("--name", default="deployed_protocols", help="with --protocols: the results file's name")
     parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")

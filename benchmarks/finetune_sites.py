@@ -64,8 +64,9 @@ def main() -> None:
         print_table(rows, ["sites", "split", "trains", "epsilon_target", "accuracy", "bytes_per_round", "train_s"])
         tagged += [{"question": "accuracy"} | r for r in rows]
     if "personal" in args.questions:
-        personal = personal_sweep(task, replace(setup, target_epsilon=3.0), args.sites, args.modes,
-                                  args.personal_epochs)  # fmt: skip
+        personal = personal_sweep(
+            task, replace(setup, target_epsilon=3.0), args.sites, args.modes, args.personal_epochs
+        )
         print_table(personal, ["sites", "trains", "hold-out", "global_mean", "personal_mean", "gain_points"])
         tagged += [{"question": "personal"} | r for r in personal]
     params = vars(args) | {"learning_rate": setup.learning_rate}

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmarks: a table printer, JSON results, and an in-process federation.
 
-The in-process federation runs the app's own site procedure (common.dp_training.train_head with
-common.privacy.plan_dp on cached features) and Flower's own weighted aggregation
+The in-process federation runs the app's own site procedure (fedtransfer.common.privacy.dp_sgd.train_head with
+fedtransfer.common.privacy.calibration.plan_dp on cached features) and Flower's own weighted aggregation
 (`aggregate_arrayrecords`, what FedAvg calls), without Ray or a SuperLink, so that sweeps of
 dozens of configurations finish in minutes. Round time with Flower in the loop is measured
 separately (benchmarks/round_time.py, benchmarks/scale.py).
@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.wire.exchange import head_to_arrays, load_head
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
-
-from common.dp_training import LocalTraining, train_head
-from common.exchange import head_to_arrays, load_head
-from common.head import evaluate_head, make_head
-from common.privacy import epsilon_of, plan_dp
 
 RESULTS_ENV = "FEDTRANSFER_BENCH_RESULTS"
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results"  # the committed full-size runs
@@ -127,8 +126,16 @@ def federate_model(
             load_head(local, arrays)
             plan = None
             if setup.target_epsilon is not None:
-                plan = plan_dp(len(y), setup.batch_size, setup.local_epochs, setup.rounds, setup.target_epsilon,
-                             min(setup.target_delta, 0.5 / len(y)), setup.max_grad_norm, setup.accountant)  # fmt: skip
+                plan = plan_dp(
+                    len(y),
+                    setup.batch_size,
+                    setup.local_epochs,
+                    setup.rounds,
+                    setup.target_epsilon,
+                    min(setup.target_delta, 0.5 / len(y)),
+                    setup.max_grad_norm,
+                    setup.accountant,
+                )
             opts = LocalTraining(setup.local_epochs, setup.batch_size, setup.learning_rate, setup.momentum)
             out = train_head(local, x, y, opts, plan, histories[i], seed=seed * 10_000 + rnd * 100 + i)
             histories[i] = out.history
@@ -151,10 +158,16 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 16, 5, stride=2, padding=2), nn.GroupNorm(4, 16), nn.Tanh(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32), nn.Tanh(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, num_classes),
-        )  # fmt: skip
+            nn.Conv2d(1, 16, 5, stride=2, padding=2),
+            nn.GroupNorm(4, 16),
+            nn.Tanh(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1),
+            nn.GroupNorm(4, 32),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(32 * 16, num_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

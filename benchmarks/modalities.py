@@ -3,7 +3,7 @@
 For a config (default configs/bank-text.yaml): the configured encoder embeds the configured data
 once (cached); 20% is held out as the test set; the rest is split over 1, 4 and 16 sites, IID and
 Dirichlet(data.alpha), and federated with the app's own DP head training (benchmarks.harness.federate:
-common.dp_training + Flower's weighted aggregation) at ε in {1, 3, 8} and without DP, with the
+fedtransfer.common.privacy.dp_sgd + Flower's weighted aggregation) at ε in {1, 3, 8} and without DP, with the
 config's train.* settings. Beside it, the non-private centralised probe: scikit-learn's logistic
 regression on the same L2-normalised features of the whole training pool, the ceiling a federation
 could reach. Every row is the mean of --seeds runs.
@@ -26,15 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedtransfer.common.config.run import RunConfig, load_config
+from fedtransfer.common.data.sources import Samples, load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.registry import load_encoder, resolve_device
+from fedtransfer.common.model.head import FEATURE_SCALE, macro_auroc
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 
 from benchmarks.harness import RESULTS_ENV, FedSetup, federate, print_table, write_results
-from common.config import RunConfig, load_config
-from common.data import Samples, load_source, partition_dirichlet, partition_iid, split_holdout
-from common.encoder_registry import load_encoder, resolve_device
-from common.features import cached_features
-from common.head import FEATURE_SCALE, macro_auroc
 
 EPSILONS: list[float | None] = [1.0, 3.0, 8.0, None]
 METRICS = ("accuracy", "balanced_accuracy", "auroc")
@@ -45,8 +45,9 @@ class Task:
 
     def __init__(self, cfg: RunConfig) -> None:
         d = cfg.data
-        pool = load_source(d.source, d.path, cfg.backbone.image_size, cfg.backbone.schema,
-                           (d.text_column, d.label_column))  # fmt: skip
+        pool = load_source(
+            d.source, d.path, cfg.backbone.image_size, cfg.backbone.schema, (d.text_column, d.label_column)
+        )
         if d.max_samples is not None and d.max_samples < len(pool):
             pool = pool.subset(np.sort(np.random.default_rng(cfg.seed).permutation(len(pool))[: d.max_samples]))
         encoder = load_encoder(cfg.backbone, resolve_device(cfg.device))
@@ -75,9 +76,11 @@ class Task:
         probs = np.zeros((len(self.y_test), len(self.classes)))
         probs[:, clf.classes_] = clf.predict_proba(norm(self.f_test))
         truth = self.y_test.numpy()
-        return {"accuracy": float((probs.argmax(1) == truth).mean()),
-                "balanced_accuracy": float(balanced_accuracy_score(truth, probs.argmax(1))),
-                "auroc": macro_auroc(truth, probs)}  # fmt: skip
+        return {
+            "accuracy": float((probs.argmax(1) == truth).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(truth, probs.argmax(1))),
+            "auroc": macro_auroc(truth, probs),
+        }
 
 
 def sweep(task: Task, setup: FedSetup, site_counts: list[int], seeds: int) -> list[dict]:
@@ -93,8 +96,15 @@ def sweep(task: Task, setup: FedSetup, site_counts: list[int], seeds: int) -> li
                 for seed in range(seeds):
                     parts = task.parts(sites, split, seed)
                     data = [(task.f_train[p], task.y_train[p]) for p in parts]
-                    runs.append(federate(data, (task.f_test, task.y_test), len(task.classes),
-                                         replace(setup, target_epsilon=eps), seed=seed))  # fmt: skip
+                    runs.append(
+                        federate(
+                            data,
+                            (task.f_test, task.y_test),
+                            len(task.classes),
+                            replace(setup, target_epsilon=eps),
+                            seed=seed,
+                        )
+                    )
                 row = {"split": split, "sites": sites, "epsilon": "none" if eps is None else eps}
                 for m in METRICS:
                     values = [r[m] for r in runs if r[m] is not None]
@@ -123,15 +133,23 @@ def main() -> None:
     task = Task(cfg)  # feature extraction: all cores
     torch.set_num_threads(args.threads)
     t = cfg.train
-    setup = FedSetup(rounds=t.rounds, local_epochs=t.local_epochs, batch_size=t.batch_size,
-                     learning_rate=t.learning_rate, target_delta=cfg.privacy.target_delta,
-                     max_grad_norm=cfg.privacy.max_grad_norm, accountant=cfg.privacy.accountant,
-                     momentum=t.momentum)  # fmt: skip
+    setup = FedSetup(
+        rounds=t.rounds,
+        local_epochs=t.local_epochs,
+        batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        target_delta=cfg.privacy.target_delta,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        accountant=cfg.privacy.accountant,
+        momentum=t.momentum,
+    )
     t0 = time.monotonic()
     rows = sweep(task, setup, args.sites, args.seeds)
     took = time.monotonic() - t0
-    print(f"{task.encoder} on {cfg.data.source} {cfg.data.path or ''}: {len(task.y_train)} training / "
-          f"{len(task.y_test)} test records, {len(task.classes)} classes; sweep {took:.0f}s")  # fmt: skip
+    print(
+        f"{task.encoder} on {cfg.data.source} {cfg.data.path or ''}: {len(task.y_train)} training / "
+        f"{len(task.y_test)} test records, {len(task.classes)} classes; sweep {took:.0f}s"
+    )
     print_table(rows, ["split", "sites", "epsilon", *METRICS, "epsilon_spent", "auroc_gap_to_probe"])
     params = vars(args) | {"encoder": task.encoder, "embed_seconds": task.embed_s, "setup": setup.__dict__}
     write_results(f"modalities_{cfg.run_name}", rows, params)

@@ -12,8 +12,8 @@ Each fedsgd setting (rounds 30/100/200 × sampling rate 0.3/1 × learning rate 0
 chosen on validation at ε = 3 with RDP (mean of the seeds), per method and split; then every method is scored
 once on the test set at every ε (fedsgd with the RDP and the PRV accountant), mean ± sd over the seeds (noise,
 sampling and initialisation; the split is fixed). fedavg is today's default, not searched. Runs in-process on
-cached features with the site's own code (common.dp_fedsgd, common.dp_training) and the server's own step
-(server.strategy.server_step); the wall time of each whole run is reported beside its accuracy.
+cached features with the site's own code (common.privacy.fedsgd, common.privacy.dp_sgd) and the server's own step
+(fedtransfer.server.federation.strategy.server_step); the wall time of each whole run is reported beside its accuracy.
 
     .venv/bin/python -m benchmarks.privacy_utility [--splits demo iid iid16 dirichlet] [--seeds 0 1 2]
         [--epsilons 1 3 8] [--methods fedavg fedsgd fedsgd+stats] [--accountants rdp prv] [--rounds 30 100 200]
@@ -31,25 +31,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.accuracy import Task
-from benchmarks.harness import FedSetup, federate, print_table, write_results
-from common.config import load_config
-from common.data import federation_for, partition_dirichlet, partition_iid, split_holdout
-from common.dp_fedsgd import (
+from fedtransfer.common.config.run import load_config
+from fedtransfer.common.data.sources import federation_for, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_fedsgd
+from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
     Units,
     add_noise,
     clipped_gradient_sum,
     release_statistics,
-    start_from_statistics,  # fmt: skip
+    start_from_statistics,
 )
-from common.encoder_registry import load_encoder
-from common.features import cached_features
-from common.head import evaluate_head, make_head
-from common.privacy import epsilon_of, plan_fedsgd
-from server.strategy import server_step
+from fedtransfer.server.federation.strategy import server_step
+
+from benchmarks.accuracy import Task
+from benchmarks.harness import FedSetup, federate, print_table, write_results
 
 Data = tuple[torch.Tensor, torch.Tensor]
 DELTA = 1e-5
@@ -76,12 +76,20 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
     stats = s.stats_share is not None
     head = make_head(sites[0][0].shape[1], classes, centred=stats)
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(sites))]
-    plans = [None if eps is None else plan_fedsgd(len(y), s.sample_rate, s.rounds, eps, min(DELTA, 0.5 / len(y)),
-                                                  1.0, s.accountant, s.stats_share) for _, y in sites]  # fmt: skip
+    plans = [
+        None
+        if eps is None
+        else plan_fedsgd(
+            len(y), s.sample_rate, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, s.accountant, s.stats_share
+        )
+        for _, y in sites
+    ]
     histories: list[list] = [[] for _ in sites]
     if stats:
-        released = [release_statistics(x, y, classes, Units.records(len(y)), p and p.stats_noise_multiplier, g)
-                    for (x, y), p, g in zip(sites, plans, gens, strict=True)]  # fmt: skip
+        released = [
+            release_statistics(x, y, classes, Units.records(len(y)), p and p.stats_noise_multiplier, g)
+            for (x, y), p, g in zip(sites, plans, gens, strict=True)
+        ]
         start_from_statistics(head, sum(r[STATS_SUMS] for r in released), sum(r[STATS_COUNTS] for r in released))
         histories = [[p.stats_step] if p else [] for p in plans]
     frozen = frozenset(k for k, _ in head.named_buffers())
@@ -97,8 +105,10 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
         weights = {k: v.detach().numpy() for k, v in head.state_dict().items()}
         weights, velocity = server_step(weights, total, velocity, batch, s.learning_rate, s.momentum, frozen)
         head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-    spent = max((epsilon_of(h, p.target_delta, s.accountant) for h, p in zip(histories, plans, strict=True) if p),
-                default=float("inf"))  # fmt: skip
+    spent = max(
+        (epsilon_of(h, p.target_delta, s.accountant) for h, p in zip(histories, plans, strict=True) if p),
+        default=float("inf"),
+    )
     return {"accuracy": evaluate_head(head, *test).accuracy, "epsilon": spent}
 
 
@@ -154,9 +164,19 @@ def tuned(method: str, sites: list[Data], val: Data, args: argparse.Namespace, n
     for sgd in (replace(c, stats_share=share) for c in candidates(args.rounds)):
         accuracy = float(np.mean([run(method, sites, val, 3.0, seed, sgd)["accuracy"] for seed in args.seeds]))
         scored.append((accuracy, sgd))
-        rows.append({"split": name, "phase": "tune (validation)", "method": method, "accountant": "rdp",
-                     "epsilon": 3.0, "rounds": sgd.rounds, "q": sgd.sample_rate, "lr": sgd.learning_rate,
-                     "accuracy": accuracy})  # fmt: skip
+        rows.append(
+            {
+                "split": name,
+                "phase": "tune (validation)",
+                "method": method,
+                "accountant": "rdp",
+                "epsilon": 3.0,
+                "rounds": sgd.rounds,
+                "q": sgd.sample_rate,
+                "lr": sgd.learning_rate,
+                "accuracy": accuracy,
+            }
+        )
     return max(scored, key=lambda t: t[0])[1]
 
 
@@ -170,13 +190,22 @@ def evaluate_split(name: str, data: tuple[list[Data], Data, Data], args: argpars
             for eps in args.epsilons:  # the test set, once per (method, accountant, ε, seed)
                 outs = [run(method, sites, test, eps, seed, chosen) for seed in args.seeds]
                 accs = [o["accuracy"] for o in outs]
-                rows.append({"split": name, "phase": "test", "method": method, "accountant": accountant,
-                             "epsilon": eps, "rounds": chosen.rounds,
-                             "q": None if method == "fedavg" else chosen.sample_rate,
-                             "lr": 0.5 if method == "fedavg" else chosen.learning_rate,
-                             "accuracy": float(np.mean(accs)), "accuracy_sd": float(np.std(accs)),
-                             "epsilon_spent": max(o["epsilon"] for o in outs),
-                             "seconds": float(np.mean([o["seconds"] for o in outs]))})  # fmt: skip
+                rows.append(
+                    {
+                        "split": name,
+                        "phase": "test",
+                        "method": method,
+                        "accountant": accountant,
+                        "epsilon": eps,
+                        "rounds": chosen.rounds,
+                        "q": None if method == "fedavg" else chosen.sample_rate,
+                        "lr": 0.5 if method == "fedavg" else chosen.learning_rate,
+                        "accuracy": float(np.mean(accs)),
+                        "accuracy_sd": float(np.std(accs)),
+                        "epsilon_spent": max(o["epsilon"] for o in outs),
+                        "seconds": float(np.mean([o["seconds"] for o in outs])),
+                    }
+                )
                 print(rows[-1], flush=True)
     return rows
 
@@ -199,8 +228,23 @@ def main() -> None:
         data = SPLITS[name](cache)
         torch.set_num_threads(1)
         rows += evaluate_split(name, data, args)
-    print_table(rows, ["split", "phase", "method", "accountant", "epsilon", "rounds", "q", "lr", "accuracy",
-                       "accuracy_sd", "epsilon_spent", "seconds"])  # fmt: skip
+    print_table(
+        rows,
+        [
+            "split",
+            "phase",
+            "method",
+            "accountant",
+            "epsilon",
+            "rounds",
+            "q",
+            "lr",
+            "accuracy",
+            "accuracy_sd",
+            "epsilon_spent",
+            "seconds",
+        ],
+    )
     write_results(args.name, rows, vars(args))
 
 

@@ -18,19 +18,19 @@ import warnings
 
 import numpy as np
 import torch
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.data.sources import load_source, partition_iid
+from fedtransfer.common.encoders.feature_cache import extract
+from fedtransfer.common.encoders.image import load_backbone
+from fedtransfer.common.encoders.registry import resolve_device
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.harness import print_table, write_results
-from common.backbones import load_backbone
-from common.config import BackboneConfig
-from common.data import load_source, partition_iid
-from common.dp_training import LocalTraining, train_head
-from common.encoder_registry import resolve_device
-from common.features import extract
-from common.head import make_head
-from common.privacy import plan_dp
 
 
 def usual_round(

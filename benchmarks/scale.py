@@ -53,9 +53,10 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+from fedtransfer.common.config.run import config_from_dict
+from fedtransfer.server.launch.simulation import simulate
+
 from benchmarks.harness import print_table, write_results
-from common.config import config_from_dict
-from server.simulation import simulate
 
 
 def _used_bytes() -> int:
@@ -166,8 +167,9 @@ def overhead(record: dict, workers: int, clientapp_s: list[float]) -> dict:
     }
 
 
-def run(sites: int, rounds: int, image_size: int, workdir: Path, ray_address: str | None = None,
-        cpus: int | None = None) -> dict:  # fmt: skip
+def run(
+    sites: int, rounds: int, image_size: int, workdir: Path, ray_address: str | None = None, cpus: int | None = None
+) -> dict:
     """One simulation of `sites` sites, locally or on the Ray cluster at `ray_address` (`cpus` CPUs)."""
     cfg = config_from_dict(
         {
@@ -256,8 +258,12 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary folder)")
     cluster = parser.add_mutually_exclusive_group()
     cluster.add_argument("--ray-address", help="run on this existing Ray cluster (HOST:PORT of its head)")
-    cluster.add_argument("--local-cluster", type=int, metavar="CPUS", help="start a two-node loopback cluster whose "
-                         "worker has CPUS CPUs (the head none) and run on it")  # fmt: skip
+    cluster.add_argument(
+        "--local-cluster",
+        type=int,
+        metavar="CPUS",
+        help="start a two-node loopback cluster whose worker has CPUS CPUs (the head none) and run on it",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedtransfer-scale-") as tmp, _cluster(args, Path(tmp)) as (address, cpus):
         workdir = Path(args.workdir) if args.workdir else Path(tmp)

@@ -23,22 +23,34 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from fedtransfer.common.config.run import config_from_dict
+from fedtransfer.server.launch.simulation import simulate
+
 from benchmarks.harness import print_table, write_results
-from common.config import config_from_dict
-from server.simulation import simulate
 
 
 def run(sites: int, secure: bool, rounds: int, workdir: Path, secagg: dict[str, float]) -> dict:
     mode = "secagg" if secure else "plain"
-    cfg = config_from_dict({
-        "run_name": f"secagg-{sites}-{mode}", "output_dir": str(workdir / f"{sites}-{mode}"),
-        "cache_dir": str(workdir / "cache"), "backbone": {"image_size": 32},
-        "data": {"num_sites": sites, "split": "iid"},
-        "train": {"rounds": rounds, "local_epochs": 2, "fraction_evaluate": 0.0, "min_sites": 2, "protocol": "fedavg",
-                  "learning_rate": 0.5},  # as measured: SecAgg+ over the sites' heads
-        "privacy": {"feature_stats": False, "accountant": "rdp"},
-        "secure_aggregation": secure, "secagg": secagg,
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "run_name": f"secagg-{sites}-{mode}",
+            "output_dir": str(workdir / f"{sites}-{mode}"),
+            "cache_dir": str(workdir / "cache"),
+            "backbone": {"image_size": 32},
+            "data": {"num_sites": sites, "split": "iid"},
+            "train": {
+                "rounds": rounds,
+                "local_epochs": 2,
+                "fraction_evaluate": 0.0,
+                "min_sites": 2,
+                "protocol": "fedavg",
+                "learning_rate": 0.5,
+            },  # as measured: SecAgg+ over the sites' heads
+            "privacy": {"feature_stats": False, "accountant": "rdp"},
+            "secure_aggregation": secure,
+            "secagg": secagg,
+        }
+    )
     simulate(cfg, stream=False)
     records = [json.loads(line) for line in (cfg.output_path / "metrics.jsonl").read_text().splitlines()]
     later = records[1:] or records
@@ -63,8 +75,11 @@ def main() -> None:
     parser.add_argument("--num-shares", type=float, default=None, help="secagg.num_shares (default: the config's)")
     parser.add_argument("--threshold", type=float, default=None, help="secagg.reconstruction_threshold")
     args = parser.parse_args()
-    secagg = {k: v for k, v in (("num_shares", args.num_shares), ("reconstruction_threshold", args.threshold))
-              if v is not None}  # fmt: skip
+    secagg = {
+        k: v
+        for k, v in (("num_shares", args.num_shares), ("reconstruction_threshold", args.threshold))
+        if v is not None
+    }
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedtransfer-secagg-") as tmp:
         for sites in args.sites:
@@ -73,8 +88,22 @@ def main() -> None:
             secure["time_ratio"] = secure["round_s"] / plain["round_s"]
             secure["bytes_ratio"] = secure["bytes_per_site"] / plain["bytes_per_site"]
             rows += [plain, secure]
-            print_table(rows, ["sites", "mode", "num_shares", "threshold", "round_s", "round1_s", "time_ratio",
-                               "bytes_per_site", "bytes_ratio", "sites_trained", "accuracy"])  # fmt: skip
+            print_table(
+                rows,
+                [
+                    "sites",
+                    "mode",
+                    "num_shares",
+                    "threshold",
+                    "round_s",
+                    "round1_s",
+                    "time_ratio",
+                    "bytes_per_site",
+                    "bytes_ratio",
+                    "sites_trained",
+                    "accuracy",
+                ],
+            )
             print()
     name = "secure_aggregation" if not secagg else "secure_aggregation_neighbours"
     write_results(name, rows, vars(args))

@@ -1,7 +1,7 @@
-"""`python -m cli ...` is `fedtransfer ...` (containers that mount the repository without installing it)."""
+"""`python -m fedtransfer.cli ...` is `fedtransfer ...` (containers that mount the repository without installing it)."""
 
 import sys
 
-from cli.main import main
+from fedtransfer.cli.main import main
 
 sys.exit(main())

@@ -1,6 +1,6 @@
 """The `fedtransfer` command: simulate, predict, export, audit, deploy.
 
-User errors (common.config_parse.InputError, and the deployment's refusals) end with one line
+User errors (fedtransfer.common.errors.InputError, and the deployment's refusals) end with one line
 on stderr and exit status 2, no traceback. Anything else is a bug: its traceback, exit status 1.
 """
 
@@ -18,8 +18,8 @@ BATCH = 64  # images classified at once by `predict`
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from common.config import RunConfig, load_config
-    from server.simulation import simulate
+    from fedtransfer.common.config.run import RunConfig, load_config
+    from fedtransfer.server.launch.simulation import simulate
 
     cfg = load_config(args.config) if args.config else RunConfig()
     if args.output:
@@ -36,7 +36,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _image_files(target: Path) -> list[Path]:
-    from common.data import IMAGE_SUFFIXES, DataError
+    from fedtransfer.common.data.sources import IMAGE_SUFFIXES, DataError
 
     if not target.exists():
         raise DataError(f"{target}: no such file or folder; give an image or a folder of images")
@@ -50,9 +50,9 @@ def _image_files(target: Path) -> list[Path]:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from common.data import DataError
-    from common.datafiles import read_image  # the training loader's decoding: 16-bit scaling, same resize
-    from server.export import load_model
+    from fedtransfer.common.data.files import read_image  # the training loader's decoding: 16-bit scaling, same resize
+    from fedtransfer.common.data.sources import DataError
+    from fedtransfer.server.export.model_file import load_model
 
     model_path = Path(args.model)
     if not model_path.is_file():
@@ -60,7 +60,7 @@ def _predict(args: argparse.Namespace) -> int:
     model = load_model(model_path)
     description = model.encoder.describe()
     if description.get("kind") == "tabular":  # a CSV of the declared columns, coded by the schema inside the model
-        from common.tablefiles import read_table_inputs
+        from fedtransfer.common.data.tables import read_table_inputs
 
         rows = read_table_inputs(Path(args.images), description)
         for start in range(0, len(rows), BATCH):
@@ -68,7 +68,7 @@ def _predict(args: argparse.Namespace) -> int:
                 print(f"{k}\t{label}")
         return 0
     if description.get("kind") == "text":  # one text per line, or a CSV/JSONL column (--column)
-        from common.textdata import read_text_inputs
+        from fedtransfer.common.data.texts import read_text_inputs
 
         lines, texts = read_text_inputs(Path(args.images), args.column)
         for start in range(0, len(texts), BATCH):
@@ -90,9 +90,9 @@ def _predict(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """Every `fedtransfer` subcommand: this is the only command-line entry point of the project."""
-    from deploy.cli import add_deploy_parser
-    from server.audit.cli import add_audit_parser
-    from server.serving_cli import add_export_parser
+    from fedtransfer.cli.audit import add_audit_parser
+    from fedtransfer.cli.deploy import add_deploy_parser
+    from fedtransfer.cli.export import add_export_parser
 
     parser = argparse.ArgumentParser(prog="fedtransfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--config", help="YAML config (default: the embedded demo, see configs/demo.yaml)")
     sim.add_argument("--output", help="override output_dir")
     sim.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
-    sim.add_argument("--ray-address", metavar="HOST:PORT", help="run the sites on this existing Ray cluster (its "
-                     "head); output_dir and cache_dir must be on storage every node mounts")  # fmt: skip
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="run the sites on this existing Ray cluster (its "
+        "head); output_dir and cache_dir must be on storage every node mounts",
+    )
     shown = sim.add_mutually_exclusive_group()
     shown.add_argument("--quiet", action="store_true", help="print only the outcome (the log is in run.log)")
     shown.add_argument("--verbose", action="store_true", help="print every log line of Flower, Ray and the ServerApp")
@@ -128,13 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `fedtransfer` command; returns its exit status (2: a user error, said in one line)."""
     args = build_parser().parse_args(argv)
-    from common.config_parse import InputError
-    from common.encoders import EncoderError
-    from common.locking import FolderInUse
-    from deploy.credentials import CredentialsError
-    from deploy.launch import PortError
-    from deploy.supernode import ActivationError
-    from server.launcher import LaunchError, RunFailed
+    from fedtransfer.common.encoders.interface import EncoderError
+    from fedtransfer.common.errors import InputError
+    from fedtransfer.common.storage.locking import FolderInUse
+    from fedtransfer.deploy.credentials import CredentialsError
+    from fedtransfer.deploy.launch import PortError
+    from fedtransfer.deploy.supernode import ActivationError
+    from fedtransfer.server.launch.launcher import LaunchError, RunFailed
 
     # InputError covers ConfigError, DataError, ModelFileError, ExportError, AuditLogError; a bare ValueError is a bug
     user_errors = (InputError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError, FolderInUse)

@@ -1,6 +1,6 @@
 """The ClientApp: a site trains the head on its cached features under DP and sends only the head.
 
-What a site does with a message is `client.handlers.handle`. A deployed site whose node config
+What a site does with a message is `fedtransfer.client.handlers.handle`. A deployed site whose node config
 names its worker's socket (`site-worker`, set by `fedtransfer deploy site`) has the worker run
 it (client/site_worker.py), so this process, one per message in Flower 1.41, imports no torch;
 when the worker gives no answer (not running, ended mid-message, other code), this process
@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from fedtransfer.client import worker_link
+from fedtransfer.client.secure import Refused, is_secure, take_handoff
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-
-from client import worker_link
-from client.secure import Refused, is_secure, take_handoff
 
 
 def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -45,7 +44,7 @@ def _secure_mod(msg: Message, context: Context, call_next: Callable[[Message, Co
     if (replayed := take_handoff(reply)) is not None and not worker_link.forward_masked(
         msg, context, reply.content, replayed
     ):
-        from client import handlers  # torch: only when this process answers itself
+        from fedtransfer.client import handlers  # torch: only when this process answers itself
 
         handlers.record_masked(msg, context, reply.content, replayed)
     return reply
@@ -68,6 +67,6 @@ def _respond(msg: Message, context: Context) -> Message:
     """The site worker's reply when it gives one, otherwise this process's: the same handler either way."""
     if (reply := worker_link.forward(msg, context)) is not None:
         return reply
-    from client import handlers  # torch, Opacus: only when this process answers itself
+    from fedtransfer.client import handlers  # torch, Opacus: only when this process answers itself
 
     return handlers.handle(msg, context)

@@ -18,26 +18,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from fedtransfer.client import train_round
+from fedtransfer.client.personal import personal_scores
+from fedtransfer.client.secure import config_of, head_names
+from fedtransfer.client.site import PROCESS_CACHE, Declined, Site, get_site
+from fedtransfer.client.site_log import record
+from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_run_config
+from fedtransfer.common.data.sources import DataError
+from fedtransfer.common.encoders.interface import EncoderError
+from fedtransfer.common.encoders.process_cache import ProcessCache
+from fedtransfer.common.model.head import evaluate_head
+from fedtransfer.common.privacy.ledger import BudgetExceeded
+from fedtransfer.common.storage import locking
+from fedtransfer.common.storage.audit_log import update_digest
+from fedtransfer.common.wire.exchange import masked_arrays
+from fedtransfer.common.wire.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
-
-from client import train_round
-from client.personal import personal_scores
-from client.secure import config_of, head_names
-from client.site import PROCESS_CACHE, Declined, Site, get_site
-from client.site_log import record
-from common import locking
-from common.audit_log import update_digest
-from common.config import ConfigError, RunConfig, config_from_run_config
-from common.data import DataError
-from common.encoders import EncoderError
-from common.exchange import masked_arrays
-from common.head import evaluate_head
-from common.ledger import BudgetExceeded
-from common.process_cache import ProcessCache
-from common.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
 
 REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, locking.FolderInUse)
 STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger

@@ -32,18 +32,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from fedtransfer.client.site import Site
+from fedtransfer.client.site_log import record
+from fedtransfer.common.config.run import PersonalConfig, RunConfig, SitePolicy
+from fedtransfer.common.model.head import Scores, evaluate_head
+from fedtransfer.common.privacy.calibration import DPPlan, plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.storage import atomic
+from fedtransfer.common.wire.protocol import Event
 from flwr.app import Message
 from torch import nn
-
-from client.site import Site
-from client.site_log import record
-from common import atomic
-from common.config import PersonalConfig, RunConfig, SitePolicy
-from common.dp_training import LocalTraining, train_head
-from common.head import Scores, evaluate_head
-from common.ledger import PrivacyLedger
-from common.privacy import DPPlan, plan_dp
-from common.protocol import Event
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,9 @@ def kept_by(policy: SitePolicy | None, run: PersonalConfig) -> tuple[bool, Liter
     return (run.enabled, "run") if own is None else (own, "site")
 
 
-def personal_scores(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
-                    server_round: int) -> Scores | None:  # fmt: skip
+def personal_scores(
+    site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str, server_round: int
+) -> Scores | None:
     """This round's scores of the site's personal model (trained first), or None where it keeps none.
 
     A site whose own file declines one sends no personal metric at all (the server averages over
@@ -98,8 +98,9 @@ def _record_not_kept(site: Site, msg: Message, run_id: str, run_proposed: bool) 
     atomic.write_text(marker, "policy.personal.keep: false; recorded in the audit log (personal-not-kept)\n")
 
 
-def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str,
-                   server_round: int) -> Scores:  # fmt: skip
+def personal_round(
+    site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str, server_round: int
+) -> Scores:
     """Train this site's personal model for `server_round` (once per round), keep it, and score it."""
     path = site.state_dir / "personal" / f"{run_id}.pt"
     personal, done = _load(path, global_top)
@@ -112,18 +113,46 @@ def personal_round(site: Site, cfg: RunConfig, global_top: nn.Module, msg: Messa
             ledger.check_round(plan)  # BudgetExceeded: the site declines, as for a training round
         opts = LocalTraining(p.epochs, t.batch_size, p.learning_rate, t.momentum, p.lam)
         seed = site.round_seed(f"{run_id}|personal", server_round)
-        outcome = train_head(personal, site.train_x, site.train_y, opts, plan, ledger.history, seed=seed,
-                             secure_mode=cfg.privacy.secure_mode, anchor=global_top)  # fmt: skip
+        outcome = train_head(
+            personal,
+            site.train_x,
+            site.train_y,
+            opts,
+            plan,
+            ledger.history,
+            seed=seed,
+            secure_mode=cfg.privacy.secure_mode,
+            anchor=global_top,
+        )
         epsilon = None if plan is None else ledger.record_round(server_round, plan, outcome.history)
         atomic.torch_save({"round": server_round, "state": personal.cpu().state_dict()}, path)
-        dp = None if plan is None else {"noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate,
-                                        "steps": outcome.steps, "max_grad_norm": plan.max_grad_norm,
-                                        "target_epsilon": plan.target_epsilon, "target_delta": plan.target_delta,
-                                        "accountant": plan.accountant}  # fmt: skip
-        record(site, msg, Event.PERSONAL_TRAINED, keep_chosen_by=kept_by(site.policy, p)[1], dp_chosen=choice.dp,
-               dp_chosen_by=choice.dp_chosen_by,
-               target_epsilon_chosen_by=choice.target_epsilon_chosen_by, dp=dp, epsilon=epsilon, lam=p.lam,
-               epochs=p.epochs, kept=str(path))  # fmt: skip
+        dp = (
+            None
+            if plan is None
+            else {
+                "noise_multiplier": plan.noise_multiplier,
+                "sample_rate": plan.sample_rate,
+                "steps": outcome.steps,
+                "max_grad_norm": plan.max_grad_norm,
+                "target_epsilon": plan.target_epsilon,
+                "target_delta": plan.target_delta,
+                "accountant": plan.accountant,
+            }
+        )
+        record(
+            site,
+            msg,
+            Event.PERSONAL_TRAINED,
+            keep_chosen_by=kept_by(site.policy, p)[1],
+            dp_chosen=choice.dp,
+            dp_chosen_by=choice.dp_chosen_by,
+            target_epsilon_chosen_by=choice.target_epsilon_chosen_by,
+            dp=dp,
+            epsilon=epsilon,
+            lam=p.lam,
+            epochs=p.epochs,
+            kept=str(path),
+        )
     return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)
 
 
@@ -132,8 +161,16 @@ def _plan(site: Site, cfg: RunConfig, choice: PersonalChoice) -> DPPlan | None:
     t, priv = cfg.train, cfg.privacy
     if choice.target_epsilon is None:
         return None
-    return plan_dp(len(site.train_y), t.batch_size, cfg.personal.epochs, t.rounds, choice.target_epsilon,
-                   priv.target_delta, priv.max_grad_norm, priv.accountant)  # fmt: skip
+    return plan_dp(
+        len(site.train_y),
+        t.batch_size,
+        cfg.personal.epochs,
+        t.rounds,
+        choice.target_epsilon,
+        priv.target_delta,
+        priv.max_grad_norm,
+        priv.accountant,
+    )
 
 
 def _load(path: Path, global_top: nn.Module) -> tuple[nn.Module, int]:

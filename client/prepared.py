@@ -1,7 +1,7 @@
 """What a deployed site keeps on disk so that a new ClientApp process need not recompute it.
 
 Flower 1.41 starts a new ClientApp process for every message, so the process cache
-(common/process_cache.py) is empty at every round of a deployment. Two results are costly
+(common/encoders/process_cache.py) is empty at every round of a deployment. Two results are costly
 and change only when their inputs do: the encoder's identity (building the backbone and
 hashing its weights, only to announce and compare a fingerprint when the features are
 already cached) and the DP plan (Opacus' noise calibration, a bisection over the
@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedtransfer.common.config.catalog import CATALOG
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.encoders.interface import Encoder, EncoderError, file_sha256
+from fedtransfer.common.privacy.calibration import DPPlan
+from fedtransfer.common.storage import atomic
 from flwr.common.logger import log
-
-from common import atomic
-from common.config import BackboneConfig
-from common.encoders import CATALOG, Encoder, EncoderError, file_sha256
-from common.privacy import DPPlan
 
 SWITCH_ENV = "FEDTRANSFER_PREPARED_STATE"  # "off": every process recomputes, as before this module existed
 _PACKAGES = ("torch", "torchvision", "opacus", "sentence-transformers", "transformers")
@@ -156,9 +156,11 @@ class PreparedEncoder:
         if self._loaded is None:
             loaded = self._load()
             if loaded.fingerprint != self.fingerprint or loaded.describe() != self._description:
-                raise EncoderError(f"backbone {self.name}: the weights loaded now (fingerprint "
-                                   f"{loaded.fingerprint[:16]}…) are not the ones this site prepared "
-                                   f"({self.fingerprint[:16]}…); retry the round")  # fmt: skip
+                raise EncoderError(
+                    f"backbone {self.name}: the weights loaded now (fingerprint "
+                    f"{loaded.fingerprint[:16]}…) are not the ones this site prepared "
+                    f"({self.fingerprint[:16]}…); retry the round"
+                )
             self._loaded = loaded
         return self._loaded
 
@@ -173,9 +175,18 @@ def site_encoder(cfg: BackboneConfig, device: str, state: PreparedState, load: C
     files = None if sources is None else _identities(sources)  # hashed before loading: a race errs to stale
     encoder = load()
     if files is not None:
-        state.write("encoder", key, {"name": encoder.name, "kind": encoder.kind, "feature_dim": encoder.feature_dim,
-                                     "fingerprint": encoder.fingerprint, "description": encoder.describe(),
-                                     "files": files})  # fmt: skip
+        state.write(
+            "encoder",
+            key,
+            {
+                "name": encoder.name,
+                "kind": encoder.kind,
+                "feature_dim": encoder.feature_dim,
+                "fingerprint": encoder.fingerprint,
+                "description": encoder.describe(),
+                "files": files,
+            },
+        )
     return encoder
 
 
@@ -185,7 +196,7 @@ def weight_sources(cfg: BackboneConfig) -> list[Path] | None:
     if kind == "tabular":
         return [Path(str(cfg.schema)).expanduser()]
     if kind == "text":
-        from common.text_encoder import packaged_folder
+        from fedtransfer.common.encoders.text import packaged_folder
 
         where = Path(cfg.weights_file).expanduser() if cfg.weights_file else packaged_folder(cfg.name)
         folder = where if where.is_dir() else where.parent
@@ -195,8 +206,7 @@ def weight_sources(cfg: BackboneConfig) -> list[Path] | None:
     if cfg.weights.lower() == "none":
         return None
     import torchvision
-
-    from common.backbones import hub_checkpoint_path
+    from fedtransfer.common.encoders.image import hub_checkpoint_path
 
     return [hub_checkpoint_path(torchvision.models.get_model_weights(cfg.name)[cfg.weights])]
 

@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedtransfer.common.storage import atomic
+from fedtransfer.common.storage.audit_log import update_digest
+from fedtransfer.common.wire.exchange import arrays_to_numpy
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-
-from common import atomic
-from common.audit_log import update_digest
-from common.exchange import arrays_to_numpy
 
 FORMAT = "fedtransfer-reply/1"
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")

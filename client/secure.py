@@ -9,14 +9,13 @@ message format, and turning our reply into the one the mod masks.
 from __future__ import annotations
 
 import numpy as np
+from fedtransfer.common.config.run import SecAggConfig
+from fedtransfer.common.wire.protocol import Cfg, Metric, Rec
+from fedtransfer.common.wire.secure_sum import to_grid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
-
-from common.config import SecAggConfig
-from common.protocol import Cfg, Metric, Rec
-from common.secure_sum import to_grid
 
 HANDOFF = "fedtransfer.handoff"  # from our handler to our mod, popped before the reply leaves the site
 
@@ -60,14 +59,17 @@ def head_names(conf: ConfigRecord) -> list[str]:
 
 
 def secure_reply(
-    answer: RecordDict, names: list[str], settings: SecAggConfig, replayed: bool,
+    answer: RecordDict,
+    names: list[str],
+    settings: SecAggConfig,
+    replayed: bool,
     quanta: dict[str, float] | None = None,
-) -> RecordDict:  # fmt: skip
+) -> RecordDict:
     """Our reply as the FitRes secaggplus_mod masks; refuses a head SecAgg+ would clip silently.
 
     A sum the server must read back exactly (a fedsgd gradient sum, the feature statistics;
     `quanta`: each tensor's unit γ) goes as integers on Flower's grid with weight max_weight
-    (common/secure_sum.py).
+    (common/wire/secure_sum.py).
     """
     try:
         head = [answer[Rec.ARRAYS][n].numpy() for n in names]
@@ -80,8 +82,10 @@ def secure_reply(
             "the run must raise secagg.max_weight"
         )
     if quanta is not None:
-        head = [to_grid(v, quanta[n], settings.clipping_range, settings.quantization_range)
-                for n, v in zip(names, head, strict=True)]  # fmt: skip
+        head = [
+            to_grid(v, quanta[n], settings.clipping_range, settings.quantization_range)
+            for n, v in zip(names, head, strict=True)
+        ]
         examples = int(settings.max_weight)
     largest = max(float(np.max(np.abs(v))) for v in head) * examples / settings.max_weight
     if largest > settings.clipping_range:

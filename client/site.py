@@ -17,18 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fedtransfer.client.prepared import PreparedState, remembered_plan, site_encoder
+from fedtransfer.common.config.run import RunConfig, SitePolicy, load_site_config
+from fedtransfer.common.config.site import site_paths
+from fedtransfer.common.data.sources import SiteData, deployed_site_data, federation_for
+from fedtransfer.common.encoders.devices import resolve_device
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.interface import Encoder
+from fedtransfer.common.encoders.process_cache import ProcessCache, nbytes
+from fedtransfer.common.privacy.calibration import DPPlan
+from fedtransfer.common.privacy.policy import DPSettings, PolicyUse, policy_violations
 from flwr.app import Context
-
-from client.prepared import PreparedState, remembered_plan, site_encoder
-from common.config import RunConfig, SitePolicy, load_site_config
-from common.data import SiteData, deployed_site_data, federation_for
-from common.devices import resolve_device
-from common.encoders import Encoder
-from common.features import cached_features
-from common.policy import DPSettings, PolicyUse, policy_violations
-from common.privacy import DPPlan
-from common.process_cache import ProcessCache, nbytes
-from common.site_config import site_paths
 
 
 class Declined(RuntimeError):
@@ -52,7 +51,7 @@ class Site:
     prepared: PreparedState | None = None  # deployed sites: what earlier processes computed (client/prepared.py)
 
     def plan(self, planner: Callable[..., DPPlan], *args: Any) -> DPPlan:
-        """`planner(*args)` (common.privacy's plan_dp or plan_fedsgd), from the site's records when it has one."""
+        """`planner(*args)` (plan_dp or plan_fedsgd), from the site's records when it has one."""
         return planner(*args) if self.prepared is None else remembered_plan(self.prepared, planner, args)
 
     @property
@@ -88,8 +87,17 @@ PROCESS_CACHE = ProcessCache(max_entries=4096, max_bytes=4 << 30)
 def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CACHE) -> Site:
     """This node's site for the run `cfg`, built once and then served from `cache`."""
     node = dict(context.node_config)
-    key = ("site", tuple(sorted(node.items())), cfg.backbone, cfg.data, cfg.seed, cfg.device, cfg.output_dir,
-           cfg.cache_dir, cfg.finetune.blocks if cfg.finetune.active else 0)  # fmt: skip
+    key = (
+        "site",
+        tuple(sorted(node.items())),
+        cfg.backbone,
+        cfg.data,
+        cfg.seed,
+        cfg.device,
+        cfg.output_dir,
+        cfg.cache_dir,
+        cfg.finetune.blocks if cfg.finetune.active else 0,
+    )
     if "site-config" in node:
         return cache.get(key, lambda: _deployed_site(node, cfg, cache))
     return cache.get(key, lambda: _simulated_site(node, cfg, cache))
@@ -97,12 +105,18 @@ def get_site(context: Context, cfg: RunConfig, cache: ProcessCache = PROCESS_CAC
 
 def _encoder(cfg: RunConfig, device: str, cache: ProcessCache) -> Encoder:
     """One frozen encoder per configuration and device: a simulation actor plays many sites that all use it."""
-    from common.encoder_registry import load_encoder  # here: a prepared deployed site never imports torchvision
-    from common.finetune import cut_encoder  # the encoder itself, or cut below the blocks that train (finetune)
+    from fedtransfer.common.encoders.registry import (
+        load_encoder,  # here: a prepared deployed site never imports torchvision
+    )
+    from fedtransfer.common.model.finetune import (
+        cut_encoder,  # the encoder itself, or cut below the blocks that train (finetune)
+    )
 
-    return cache.get(("encoder", cfg.backbone, cfg.finetune.blocks if cfg.finetune.active else 0, device),
-                     lambda: cut_encoder(load_encoder(cfg.backbone, device), cfg.finetune),
-                     lambda encoder: nbytes(encoder.state_dict()))  # fmt: skip
+    return cache.get(
+        ("encoder", cfg.backbone, cfg.finetune.blocks if cfg.finetune.active else 0, device),
+        lambda: cut_encoder(load_encoder(cfg.backbone, device), cfg.finetune),
+        lambda encoder: nbytes(encoder.state_dict()),
+    )
 
 
 def _simulated_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
@@ -113,8 +127,14 @@ def _simulated_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     split_key = ("federation", cfg.data, cfg.backbone.image_size, cfg.seed, count)
     data = cache.get(split_key, lambda: federation_for(cfg, count)).sites[pid]
     device = resolve_device(cfg.device)
-    return _make_site(data, _encoder(cfg, device, cache), cfg.output_path / "sites" / data.name, cfg.cache_path,
-                      secret_seed=cfg.seed * 1000 + pid, simulated=True)  # fmt: skip
+    return _make_site(
+        data,
+        _encoder(cfg, device, cache),
+        cfg.output_path / "sites" / data.name,
+        cfg.cache_path,
+        secret_seed=cfg.seed * 1000 + pid,
+        simulated=True,
+    )
 
 
 def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
@@ -129,10 +149,21 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     # hold it, and its weights load only if the features are not cached (client/prepared.py)
     prepared = PreparedState(paths.state_dir / "prepared", secret)
     # a fine-tuning site needs the encoder's weights above the cut every round: no prepared stand-in
-    encoder = (_encoder(cfg, device, cache) if cfg.finetune.active else
-               site_encoder(cfg.backbone, device, prepared, lambda: _encoder(cfg, device, cache)))  # fmt: skip
-    return _make_site(data, encoder, paths.state_dir, paths.cache_dir, secret_seed=secret, policy=sc.policy,
-                      accept_app_version=sc.accept_app_version, prepared=prepared)  # fmt: skip
+    encoder = (
+        _encoder(cfg, device, cache)
+        if cfg.finetune.active
+        else site_encoder(cfg.backbone, device, prepared, lambda: _encoder(cfg, device, cache))
+    )
+    return _make_site(
+        data,
+        encoder,
+        paths.state_dir,
+        paths.cache_dir,
+        secret_seed=secret,
+        policy=sc.policy,
+        accept_app_version=sc.accept_app_version,
+        prepared=prepared,
+    )
 
 
 def _make_site(
@@ -151,9 +182,20 @@ def _make_site(
     test_x, _ = cached_features(encoder, data.test, cache_dir)
     state_dir.mkdir(parents=True, exist_ok=True)
     return Site(
-        data.name, data, encoder, state_dir, secret_seed, policy, accept_app_version,
-        train_x, torch.from_numpy(data.train.labels), test_x, torch.from_numpy(data.test.labels), simulated, prepared,
-    )  # fmt: skip
+        data.name,
+        data,
+        encoder,
+        state_dir,
+        secret_seed,
+        policy,
+        accept_app_version,
+        train_x,
+        torch.from_numpy(data.train.labels),
+        test_x,
+        torch.from_numpy(data.test.labels),
+        simulated,
+        prepared,
+    )
 
 
 def _secret_seed(state_dir: Path) -> int:
@@ -172,7 +214,7 @@ def _secret_seed(state_dir: Path) -> int:
 
 
 def enforce_policy(policy: SitePolicy | None, cfg: RunConfig, plan: DPPlan | None, spent_other_runs: float) -> None:
-    """Refuse a plan that would exceed the site's own limits, naming the limit (common/policy.py)."""
+    """Refuse a plan that would exceed the site's own limits, naming the limit (common/privacy/policy.py)."""
     if policy is None:
         return
     scope = f"privacy.target_epsilon of this run plus ε {spent_other_runs:.3g} already spent in earlier runs"

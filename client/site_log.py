@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from fedtransfer.client.secure import config_of
+from fedtransfer.client.site import Site
+from fedtransfer.common.storage.audit_log import AuditLog
+from fedtransfer.common.wire.protocol import Cfg, Event
 from flwr.app import Message
-
-from client.secure import config_of
-from client.site import Site
-from common.audit_log import AuditLog
-from common.protocol import Cfg, Event
 
 
 def record(site: Site, msg: Message, event: Event, **fields: object) -> None:

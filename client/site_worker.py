@@ -8,7 +8,7 @@ ClientApp forwards its message here (client/worker_link.py) and imports no torch
 What the worker keeps is imported code, not the site: every message builds the site afresh,
 exactly as a new ClientApp process would (site YAML and policy read again, data files hashed
 again, weights files hashed again once their stat changes, prepared records checked again:
-client/prepared.py), and runs the same `client.handlers.handle` (head work on one torch
+client/prepared.py), and runs the same `fedtransfer.client.handlers.handle` (head work on one torch
 thread: `handlers.work_threads`). So an edited policy applies at the next message, and a record
 still skips work, never a check. Messages are answered one at a time, each under the state
 folder's `.message.lock`, as before.
@@ -34,10 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from flwr.app import Error, RecordDict
-from google.protobuf.message import DecodeError
-
-from client.worker_link import (
+from fedtransfer.client.worker_link import (
     CONTENT,
     DONE,
     ERROR,
@@ -49,9 +46,11 @@ from client.worker_link import (
     recv_request,
     send_answer,
 )
+from flwr.app import Error, RecordDict
+from google.protobuf.message import DecodeError
 
 if TYPE_CHECKING:
-    from common.process_cache import ProcessCache  # imports torch: only the worker's serve() does
+    from fedtransfer.common.encoders.process_cache import ProcessCache  # imports torch: only the worker's serve() does
 
 SOCKET_NAME = "worker/site.sock"  # under the site's state_dir
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes on Linux, with the terminating NUL
@@ -66,8 +65,10 @@ def socket_path(state_dir: Path) -> Path:
     """Where a site's worker listens; WorkerError when the path is too long for a Unix socket."""
     path = state_dir.resolve() / SOCKET_NAME
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-        raise WorkerError(f"{path}: {len(os.fsencode(path))} bytes, longer than a Unix socket path may be "
-                          f"({MAX_SOCKET_PATH}); a shorter state_dir lets the site run its worker")  # fmt: skip
+        raise WorkerError(
+            f"{path}: {len(os.fsencode(path))} bytes, longer than a Unix socket path may be "
+            f"({MAX_SOCKET_PATH}); a shorter state_dir lets the site run its worker"
+        )
     return path
 
 
@@ -94,8 +95,8 @@ def listen(path: Path) -> socket.socket:
 
 def serve(path: Path, keep_going: Callable[[], bool]) -> None:
     """Answer requests on `path` one at a time while `keep_going()`; imports the handlers first."""
-    from client import handlers  # torch, Opacus, SciPy: once, before the socket says the worker is ready
-    from common.process_cache import ProcessCache
+    from fedtransfer.client import handlers  # torch, Opacus, SciPy: once, before the socket says the worker is ready
+    from fedtransfer.common.encoders.process_cache import ProcessCache
 
     own = code_digest()
     with listen(path) as server:
@@ -124,8 +125,12 @@ def _serve_one(conn: socket.socket, handlers: ModuleType, own: str, cache: Proce
         print(f"fedtransfer: site worker: a malformed request ({err}); not answered", file=sys.stderr, flush=True)
         return
     if request.code != own:
-        send_answer(conn, OTHER_CODE, "the worker runs other fedtransfer code than this ClientApp (another app "
-                    "version); restart the site to run this one in its worker")  # fmt: skip
+        send_answer(
+            conn,
+            OTHER_CODE,
+            "the worker runs other fedtransfer code than this ClientApp (another app "
+            "version); restart the site to run this one in its worker",
+        )
         return
     try:
         if request.op == OP_MASKED_SENT:
@@ -139,8 +144,10 @@ def _serve_one(conn: socket.socket, handlers: ModuleType, own: str, cache: Proce
         traceback.print_exc()
         answer = (FAILED, f"{type(err).__name__}: {err}", None)
     kind = request.message.metadata.message_type
-    print(f"fedtransfer: site worker answered a {kind} message ({request.op}) in {time.monotonic() - t0:.2f} s",
-          flush=True)  # fmt: skip
+    print(
+        f"fedtransfer: site worker answered a {kind} message ({request.op}) in {time.monotonic() - t0:.2f} s",
+        flush=True,
+    )
     send_answer(conn, *answer)
 
 

@@ -122,9 +122,11 @@ def _header(raw: bytes) -> dict[str, str]:
 
 def send_request(sock: socket.socket, request: Request) -> None:
     header = {"op": request.op, "code": request.code, "replayed": "yes" if request.replayed else "no"}
-    frames = [json.dumps(header).encode(),
-              message_to_proto(request.message).SerializeToString(),
-              context_to_proto(request.context).SerializeToString()]  # fmt: skip
+    frames = [
+        json.dumps(header).encode(),
+        message_to_proto(request.message).SerializeToString(),
+        context_to_proto(request.context).SerializeToString(),
+    ]
     if request.masked is not None:
         frames.append(recorddict_to_proto(request.masked).SerializeToString())
     send_frames(sock, *frames)
@@ -207,5 +209,10 @@ def _socket_of(context: Context) -> Path | None:
 
 
 def _warn(path: Path, err: Exception) -> None:
-    log(WARNING, "fedtransfer: site worker %s gave no answer (%s); this ClientApp process answers the message "
-        "itself (importing torch: slower, same result)", path, err)  # fmt: skip
+    log(
+        WARNING,
+        "fedtransfer: site worker %s gave no answer (%s); this ClientApp process answers the message "
+        "itself (importing torch: slower, same result)",
+        path,
+        err,
+    )

@@ -41,8 +41,11 @@ class Progress:
         elapsed = time.monotonic() - self.started
         left = elapsed / self.done * (self.total - self.done) if 0 < self.done < self.total else None
         eta = "" if left is None else f", about {_duration(left)} left"
-        print(f"{self.what}: {stage} done ({self.done}/{self.total} {self.unit}, {_duration(elapsed)}{eta})",
-              file=self.stream, flush=True)  # fmt: skip
+        print(
+            f"{self.what}: {stage} done ({self.done}/{self.total} {self.unit}, {_duration(elapsed)}{eta})",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

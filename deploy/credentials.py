@@ -43,9 +43,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization.ssh import SSHPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from common.config_parse import InputError
-from common.names import validate_site_name
+from fedtransfer.common.config.names import validate_site_name
+from fedtransfer.common.errors import InputError
 
 ALWAYS_INCLUDED_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 CA_VALIDITY_DAYS = 3650
@@ -226,8 +225,10 @@ def _read(path: Path, loader: Callable[[bytes], _Loaded]) -> _Loaded:
     try:
         return loader(path.read_bytes())
     except (ValueError, TypeError, UnsupportedAlgorithm) as err:  # TypeError: a key that needs a password
-        raise CredentialsError(f"{path}: not a readable key or certificate ({err}); restore it, or pass --force to "
-                               "regenerate all credentials (sites must re-register)") from None  # fmt: skip
+        raise CredentialsError(
+            f"{path}: not a readable key or certificate ({err}); restore it, or pass --force to "
+            "regenerate all credentials (sites must re-register)"
+        ) from None
 
 
 def _pem_key(data: bytes) -> PrivateKeyTypes:

@@ -29,10 +29,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import tomli_w
-
-from common.config_parse import InputError
-from common.names import validate_site_name
-from deploy.credentials import DeploymentCredentials
+from fedtransfer.common.config.names import validate_site_name
+from fedtransfer.common.errors import InputError
+from fedtransfer.deploy.credentials import DeploymentCredentials
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 8000  # flwr 1.41 default; Runtime + Control + Fleet
@@ -81,8 +80,10 @@ def format_config(values: Mapping[str, ConfigValue]) -> str:
         elif isinstance(value, str) and "\n" not in value and not {'"', "\\"} & set(value):
             rendered = f'"{value}"'
         elif isinstance(value, str):
-            raise InputError(f"{value!r:.200}: Flower reads {key} as a quoted string, and this one holds a newline "
-                             "or a ' together with a \" or \\; use a path without them")  # fmt: skip
+            raise InputError(
+                f"{value!r:.200}: Flower reads {key} as a quoted string, and this one holds a newline "
+                "or a ' together with a \" or \\; use a path without them"
+            )
         else:
             raise ValueError(f"unsupported config value for {key!r}: {value!r}")
         parts.append(f"{key}={rendered}")
@@ -156,14 +157,19 @@ def superlink_argv(
         )
     argv = [
         executable,
-        "--ssl-ca-certfile", str(creds.ca_cert),
-        "--ssl-certfile", str(creds.server_cert),
-        "--ssl-keyfile", str(creds.server_key),
+        "--ssl-ca-certfile",
+        str(creds.ca_cert),
+        "--ssl-certfile",
+        str(creds.server_cert),
+        "--ssl-keyfile",
+        str(creds.server_key),
         "--enable-supernode-auth",
-        "--host", host,
-        "--port", str(port),
+        "--host",
+        host,
+        "--port",
+        str(port),
         "--disable-runtime-dependency-installation",
-    ]  # fmt: skip
+    ]
     if database is not None:
         argv += ["--database", str(database)]
     return argv
@@ -187,21 +193,34 @@ def supernode_argv(
     keys = creds.sites[site]
     return [
         executable,
-        "--root-certificates", str(creds.ca_cert),
-        "--superlink", superlink,
-        "--auth-supernode-private-key", str(keys.private_key),
-        "--host", LOOPBACK,
-        "--port", str(port),
-        "--node-config", node_config,
-    ]  # fmt: skip
+        "--root-certificates",
+        str(creds.ca_cert),
+        "--superlink",
+        superlink,
+        "--auth-supernode-private-key",
+        str(keys.private_key),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
 
 
 def register_argv(public_key: Path, connection: str, *, name: str, executable: str = "flwr") -> list[str]:
     """``flwr supernode register`` call that whitelists one site's public key."""
     return [
-        executable, "supernode", "register", str(public_key), connection,
-        "--name", name, "--format", "json",
-    ]  # fmt: skip
+        executable,
+        "supernode",
+        "register",
+        str(public_key),
+        connection,
+        "--name",
+        name,
+        "--format",
+        "json",
+    ]
 
 
 def register_site(

@@ -56,8 +56,9 @@ def run_supernode(argv: list[str], env: Mapping[str, str], site: str, retry_for:
 
 def _run_once(argv: list[str], env: Mapping[str, str], stopping: list[int]) -> tuple[int, bool]:
     """One SuperNode process: its output passes through, except Flower's report of a refused activation."""
-    proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", bufsize=1)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    )
 
     def forward(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)

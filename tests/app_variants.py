@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from server.simulation import APP_DIR
+from fedtransfer.server.launch.simulation import APP_DIR
 
-SERVERAPP, CLIENTAPP = "server.server_app:app", "client.client_app:app"
+SERVERAPP, CLIENTAPP = "fedtransfer.server.federation.server_app:app", "fedtransfer.client.client_app:app"
 
 
 def app_variant(dest: Path, module: Path, *, serverapp: str | None = None, clientapp: str | None = None) -> Path:

@@ -35,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-
-from common.data import SiteData
-from deploy.credentials import DeploymentCredentials, init_deployment
-from deploy.launch import (
+from fedtransfer.common.data.sources import SiteData
+from fedtransfer.deploy.credentials import DeploymentCredentials, init_deployment
+from fedtransfer.deploy.launch import (
     LOOPBACK,
     ConfigValue,
     format_config,
@@ -48,8 +47,8 @@ from deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
-from deploy.supernode import ACTIVATION_REFUSED  # also after a crash, while the old node counts as online
-from server.launcher import BIN_DIR, flower_env
+from fedtransfer.deploy.supernode import ACTIVATION_REFUSED  # also after a crash, while the old node counts as online
+from fedtransfer.server.launch.launcher import BIN_DIR, flower_env
 
 CONNECTION = "harness"
 _STOP_GRACE_S = 5.0
@@ -303,9 +302,19 @@ class LocalDeployment:
             # a new port each start: `deploy site` checks its port with a plain bind, which the
             # stopped SuperNode's lingering connections (TIME_WAIT) still block for a while
             (self.site_ports[site],) = free_ports(1)
-            argv = [str(BIN_DIR / "fedtransfer"), "deploy", "site", "--config", str(self.deploy_site[site]),
-                    "--credentials", str(self.creds.root), "--superlink", self.superlink_address,
-                    "--port", str(self.site_ports[site])]  # fmt: skip
+            argv = [
+                str(BIN_DIR / "fedtransfer"),
+                "deploy",
+                "site",
+                "--config",
+                str(self.deploy_site[site]),
+                "--credentials",
+                str(self.creds.root),
+                "--superlink",
+                self.superlink_address,
+                "--port",
+                str(self.site_ports[site]),
+            ]
         else:
             argv = self.site_argv(site, node_config)
         while True:

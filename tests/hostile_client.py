@@ -7,10 +7,9 @@ corrupt what they send, as a broken or malicious site would.
 from __future__ import annotations
 
 import numpy as np
+from fedtransfer.client import client_app
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-
-from client import client_app
 
 NAN_SITE, SCALED_SITE, SCALE = 0, 1, 100.0
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from server.launcher import stop_process_group
+from fedtransfer.server.launch.launcher import stop_process_group
 
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
@@ -48,10 +48,28 @@ def can_hide_folders() -> bool:
 
 
 def _node_argv(temp_dir: Path, cpus: int, ip: str) -> list[str]:
-    return [RAY, "start", "--block", "--node-ip-address", ip, "--num-cpus", str(cpus),
-            "--object-store-memory", str(100 * 2**20), "--temp-dir", str(temp_dir), "--disable-usage-stats",
-            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--metrics-export-port", str(_free_port()), "--runtime-env-agent-port", str(_free_port())]  # fmt: skip
+    return [
+        RAY,
+        "start",
+        "--block",
+        "--node-ip-address",
+        ip,
+        "--num-cpus",
+        str(cpus),
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--temp-dir",
+        str(temp_dir),
+        "--disable-usage-stats",
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--dashboard-agent-grpc-port",
+        str(_free_port()),
+        "--metrics-export-port",
+        str(_free_port()),
+        "--runtime-env-agent-port",
+        str(_free_port()),
+    ]
 
 
 @contextmanager
@@ -60,19 +78,37 @@ def two_node_cluster(root: Path, worker_cpus: int = 2, hide: Path | None = None)
     env = dict(os.environ) | RAY_ENV
     env.pop("RAY_ADDRESS", None)
     port = _free_port()
-    head = [*_node_argv(root / "head", 0, HEAD_IP), "--head", "--port", str(port), "--include-dashboard", "false",
-            "--ray-client-server-port", str(_free_port())]  # fmt: skip
+    head = [
+        *_node_argv(root / "head", 0, HEAD_IP),
+        "--head",
+        "--port",
+        str(port),
+        "--include-dashboard",
+        "false",
+        "--ray-client-server-port",
+        str(_free_port()),
+    ]
     worker = [*_node_argv(root / "worker", worker_cpus, WORKER_IP), "--address", f"{HEAD_IP}:{port}"]
     if hide is not None:
-        worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                  'mount -t tmpfs tmpfs "$0" && exec "$@"', str(hide), *worker]  # fmt: skip
+        worker = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs tmpfs "$0" && exec "$@"',
+            str(hide),
+            *worker,
+        ]
     procs: list[subprocess.Popen] = []
     try:
         for argv, name in ((head, "head"), (worker, "worker")):
             (root / name).mkdir(parents=True, exist_ok=True)
             with (root / f"{name}.log").open("wb") as log:
-                procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                              start_new_session=True))  # fmt: skip
+                procs.append(
+                    subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                )
             _wait_nodes(port, len(procs), procs, root, env)
         yield f"{HEAD_IP}:{port}"
     finally:
@@ -87,8 +123,9 @@ def _wait_nodes(port: int, count: int, procs: list[subprocess.Popen], root: Path
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"a Ray node exited with {proc.returncode}; see {root}/*.log")
-        status = subprocess.run([RAY, "status", "--address", f"{HEAD_IP}:{port}"], env=env, capture_output=True,
-                                text=True, timeout=30)  # fmt: skip
+        status = subprocess.run(
+            [RAY, "status", "--address", f"{HEAD_IP}:{port}"], env=env, capture_output=True, text=True, timeout=30
+        )
         if status.returncode == 0 and status.stdout.split("Pending:")[0].count(" node_") >= count:
             return
         time.sleep(1.0)

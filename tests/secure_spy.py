@@ -15,12 +15,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fedtransfer.server.federation import server_app
+from fedtransfer.server.federation.sites import send_and_receive
 from flwr.app import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp import Grid, ServerApp
-
-from server import server_app
-from server.sites import send_and_receive
 
 app = ServerApp()
 
@@ -45,8 +44,9 @@ class Spy:
         kept = []
         for reply in self._grid.pull_messages(message_ids):
             lost = self._lowest.get(reply.metadata.reply_to_message_id)
-            dropped = (_is_masked(reply) and reply.metadata.group_id == self._drop_round
-                       and reply.metadata.src_node_id == lost)  # fmt: skip
+            dropped = (
+                _is_masked(reply) and reply.metadata.group_id == self._drop_round and reply.metadata.src_node_id == lost
+            )
             self.received.append(_summary(reply) | {"dropped": dropped})
             if not dropped:
                 kept.append(reply)
@@ -63,8 +63,12 @@ def _is_masked(reply: Message) -> bool:
 
 
 def _summary(reply: Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"node": reply.metadata.src_node_id, "round": reply.metadata.group_id,
-                           "type": reply.metadata.message_type, "error": reply.has_error()}  # fmt: skip
+    out: dict[str, Any] = {
+        "node": reply.metadata.src_node_id,
+        "round": reply.metadata.group_id,
+        "type": reply.metadata.message_type,
+        "error": reply.has_error(),
+    }
     if not reply.has_error():
         content = reply.content
         out["arrays"] = {n: {k: a.numpy() for k, a in rec.items()} for n, rec in content.array_records.items()}

@@ -2,7 +2,7 @@
 
 The audit only reads files, so its checks can be tested without starting Flower: this
 writes the server's and every site's hash-chained log with the real `AuditLog`, ε claims
-computed with the real accountant (`common.privacy.epsilon_of`), privacy.json,
+computed with the real accountant (`fedtransfer.common.privacy.calibration.epsilon_of`), privacy.json,
 config.json, status.json and a model.pt whose head is the last aggregate. Arguments say
 which sites trained in which round, so a test can write an honest run or a broken one.
 """
@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from common.audit_log import AuditLog, update_digest
-from common.config import config_from_dict, to_nested
-from common.privacy import epsilon_of
-from common.protocol import Event
+from fedtransfer.common.config.run import config_from_dict, to_nested
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.storage.audit_log import AuditLog, update_digest
+from fedtransfer.common.wire.protocol import Event
 
 HEAD = ("head.1.bias", "head.1.weight")
 DP = {"noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 20, "clip_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
@@ -44,9 +43,13 @@ class RunSpec:
 def write_run(run_dir: Path, spec: RunSpec) -> Path:
     """Write the run folder (simulation layout: site logs under sites/<name>/) and return it."""
     run_dir.mkdir(parents=True)
-    cfg = config_from_dict({"train": {"rounds": spec.rounds, "min_sites": spec.min_sites},
-                            "data": {"num_sites": len(spec.sites)},
-                            "privacy": {"target_epsilon": 3.0, "target_delta": DP["delta"]}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "train": {"rounds": spec.rounds, "min_sites": spec.min_sites},
+            "data": {"num_sites": len(spec.sites)},
+            "privacy": {"target_epsilon": 3.0, "target_delta": DP["delta"]},
+        }
+    )
     (run_dir / "config.json").write_text(json.dumps(to_nested(cfg)), encoding="utf-8")
     server = AuditLog(run_dir / "audit.jsonl")
     server.append(Event.RUN_STARTED, run_id=RUN_ID, round=1, head=list(HEAD))
@@ -58,8 +61,9 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
         for name in spec.trained_in(rnd):
             update = _head(rng)
             digest = update_digest(update)
-            _site_log(run_dir, name).append(Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest,
-                                            dp=DP)  # fmt: skip
+            _site_log(run_dir, name).append(
+                Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=DP
+            )
             server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
             history = [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
             epsilon = epsilon_of(history, DP["delta"], DP["accountant"])
@@ -67,19 +71,27 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
             updates.append(update)
         if len(updates) >= spec.min_sites:
             head = {k: np.mean([u[k] for u in updates], axis=0).astype(np.float32) for k in HEAD}
-        server.append(Event.ROUND_AGGREGATED, run_id=RUN_ID, round=rnd, sites=sorted(spec.trained_in(rnd)),
-                      aggregate=update_digest(head))  # fmt: skip
+        server.append(
+            Event.ROUND_AGGREGATED,
+            run_id=RUN_ID,
+            round=rnd,
+            sites=sorted(spec.trained_in(rnd)),
+            aggregate=update_digest(head),
+        )
     _write_privacy(run_dir, claims)
-    torch.save({"head_state": {k.removeprefix("head."): torch.from_numpy(v) for k, v in head.items()}},
-               run_dir / "model.pt")  # fmt: skip
+    torch.save(
+        {"head_state": {k.removeprefix("head."): torch.from_numpy(v) for k, v in head.items()}}, run_dir / "model.pt"
+    )
     server.append(Event.MODEL_EXPORTED, run_id=RUN_ID, round=spec.rounds, head=update_digest(head))
     (run_dir / "status.json").write_text(json.dumps(spec.status | {"run_id": RUN_ID}), encoding="utf-8")
     return run_dir
 
 
 def _head(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    return {"head.1.bias": rng.standard_normal(3).astype(np.float32),
-            "head.1.weight": rng.standard_normal((3, 4)).astype(np.float32)}  # fmt: skip
+    return {
+        "head.1.bias": rng.standard_normal(3).astype(np.float32),
+        "head.1.weight": rng.standard_normal((3, 4)).astype(np.float32),
+    }
 
 
 def _per_round() -> dict[str, Any]:
@@ -96,8 +108,12 @@ def _write_privacy(run_dir: Path, claims: dict[str, list[dict[str, Any]]]) -> No
     sites = {}
     for name, rounds in claims.items():
         spent = rounds[-1]["epsilon"] if rounds else 0.0
-        sites[name] = {"epsilon": spent, "delta": DP["delta"] if rounds else None, "accountant": DP["accountant"],
-                       "per_round": rounds}  # fmt: skip
+        sites[name] = {
+            "epsilon": spent,
+            "delta": DP["delta"] if rounds else None,
+            "accountant": DP["accountant"],
+            "per_round": rounds,
+        }
     (run_dir / "privacy.json").write_text(json.dumps({"run_id": RUN_ID, "sites": sites}), encoding="utf-8")
 
 

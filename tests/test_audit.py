@@ -14,19 +14,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fedtransfer.server.audit.empirical as empirical_audit
 import numpy as np
 import pytest
 import torch
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import config_from_dict, load_site_config
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.dp_sgd import TrainOutcome
+from fedtransfer.common.storage.audit_log import record_hash
+from fedtransfer.common.storage.finite_json import finite
+from fedtransfer.server.audit.empirical import CanarySettings, audit_training
+from fedtransfer.server.launch.simulation import simulate
 
-import server.audit.empirical as empirical_audit
-from cli.main import main
-from common.audit_log import record_hash
-from common.config import config_from_dict, load_site_config
-from common.dp_training import TrainOutcome
-from common.finite_json import finite
-from common.privacy import epsilon_of
-from server.audit.empirical import CanarySettings, audit_training
-from server.simulation import simulate
 from tests.synthetic_run import DP, RUN_ID, RunSpec, run_epsilon, write_run
 
 SMALL = {
@@ -359,8 +359,9 @@ def test_a_run_that_never_aggregated_an_update_fails(tmp_path: Path, capsys) -> 
     run = tmp_path / "run"
     assert f"FAIL [completion] {run / 'audit.jsonl'}: no site's update was received in any round" in out
     line = _line_of(run / SERVER_LOG, "round-aggregated", round=1)
-    assert (f"FAIL [completion] {run / SERVER_LOG}:{line}: round 1 aggregated 0 site(s) [], fewer than "
-            "train.min_sites = 2") in out  # fmt: skip
+    assert (
+        f"FAIL [completion] {run / SERVER_LOG}:{line}: round 1 aggregated 0 site(s) [], fewer than train.min_sites = 2"
+    ) in out
 
 
 def test_a_round_below_min_sites_fails(tmp_path: Path, capsys) -> None:

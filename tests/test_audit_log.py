@@ -10,11 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-
-from common.audit_log import (
+from fedtransfer.common.storage.audit_log import (
     GENESIS_HASH,
     AuditLog,
     AuditLogError,
@@ -24,6 +20,9 @@ from common.audit_log import (
     update_digest,
     verify_chain,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 
 def _update(seed: int) -> dict[str, np.ndarray]:

@@ -14,21 +14,26 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-
-from common.backbones import (
+from fedtransfer.common.config.catalog import CATALOG
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.data.sources import MAX_CLASSES, Samples
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.image import (
     IMAGE_BACKBONES,
     BackboneError,
     ImageBackbone,
     hub_checkpoint_path,
     load_backbone,
 )
-from common.config import BackboneConfig
-from common.data import MAX_CLASSES, Samples
-from common.encoder_registry import rebuild_encoder
-from common.encoders import CATALOG, EncoderError, encoder_fingerprint, file_sha256, state_dict_fingerprint
-from common.features import cached_features
-from common.head import make_head
-from server.export import FORMAT_V1, ModelFileError, export_model, load_model
+from fedtransfer.common.encoders.interface import (
+    EncoderError,
+    encoder_fingerprint,
+    file_sha256,
+    state_dict_fingerprint,
+)
+from fedtransfer.common.encoders.registry import rebuild_encoder
+from fedtransfer.common.model.head import make_head
+from fedtransfer.server.export.model_file import FORMAT_V1, ModelFileError, export_model, load_model
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +220,23 @@ def test_model_file_predicts_like_encoder_plus_head(backbone: ImageBackbone, tmp
 def test_format_1_model_files_still_load(backbone: ImageBackbone, tmp_path: Path) -> None:
     head = _exported(backbone, tmp_path / "model.pt")
     state = {k: v.clone() for k, v in backbone.state_dict().items()}
-    legacy = {"format": FORMAT_V1, "backbone_config": {"name": "mobilenet_v2", "weights": "IMAGENET1K_V1",
-              "weights_file": None, "weights_sha256": None, "image_size": 32},
-              "backbone_state": state, "backbone_fingerprint": state_dict_fingerprint(state),
-              "mean": list(backbone.mean), "std": list(backbone.std), "head_hidden": 0,
-              "head_state": head.state_dict(), "classes": ["c0", "c1", "c2"]}  # fmt: skip
+    legacy = {
+        "format": FORMAT_V1,
+        "backbone_config": {
+            "name": "mobilenet_v2",
+            "weights": "IMAGENET1K_V1",
+            "weights_file": None,
+            "weights_sha256": None,
+            "image_size": 32,
+        },
+        "backbone_state": state,
+        "backbone_fingerprint": state_dict_fingerprint(state),
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "head_hidden": 0,
+        "head_state": head.state_dict(),
+        "classes": ["c0", "c1", "c2"],
+    }
     torch.save(legacy, tmp_path / "old.pt")
     batch = _batch(8, n=4)
     assert load_model(tmp_path / "old.pt").predict(batch) == load_model(tmp_path / "model.pt").predict(batch)
@@ -247,6 +264,8 @@ def test_model_file_errors_name_the_file(backbone: ImageBackbone, tmp_path: Path
 
 
 def test_config_and_encoder_names_load_without_torch() -> None:
-    code = ("import sys; from common.config import RunConfig; RunConfig(); "
-            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")  # fmt: skip
+    code = (
+        "import sys; from fedtransfer.common.config.run import RunConfig; RunConfig(); "
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

@@ -97,8 +97,23 @@ def test_accuracy_ablation_smoke() -> None:
 @pytest.mark.slow
 def test_privacy_utility_smoke() -> None:
     """The 16-site split: fedsgd's grid tuned on validation, then fedavg and fedsgd once on the test set."""
-    args = ("--splits", "iid16", "--methods", "fedavg", "fedsgd+stats", "--seeds", "0", "--epsilons", "3",
-            "--accountants", "prv", "--rounds", "10", "--name", "privacy_utility_smoke")  # fmt: skip
+    args = (
+        "--splits",
+        "iid16",
+        "--methods",
+        "fedavg",
+        "fedsgd+stats",
+        "--seeds",
+        "0",
+        "--epsilons",
+        "3",
+        "--accountants",
+        "prv",
+        "--rounds",
+        "10",
+        "--name",
+        "privacy_utility_smoke",
+    )
     rows = _run("benchmarks.privacy_utility", *args)["rows"]
     assert sum(r["phase"] == "tune (validation)" for r in rows) == 4  # 10 rounds × q 0.3/1 × lr 0.5/1
     tested = {r["method"]: r for r in rows if r["phase"] == "test"}
@@ -109,8 +124,20 @@ def test_privacy_utility_smoke() -> None:
 @pytest.mark.slow
 def test_distributed_trust_smoke() -> None:
     """Distributed trust with the statistics release on the Dirichlet split: tuned, tested, both ε within reach."""
-    args = ("--splits", "dirichlet", "--methods", "stats", "--seeds", "0", "--epsilons", "3", "--rounds", "2",
-            "--name", "distributed_trust_smoke")  # fmt: skip
+    args = (
+        "--splits",
+        "dirichlet",
+        "--methods",
+        "stats",
+        "--seeds",
+        "0",
+        "--epsilons",
+        "3",
+        "--rounds",
+        "2",
+        "--name",
+        "distributed_trust_smoke",
+    )
     rows = _run("benchmarks.distributed_trust", *args)["rows"]
     assert sum(r["phase"] == "tune (validation)" for r in rows) == 2  # 2 rounds × lr 0.5/1
     (tested,) = [r for r in rows if r["phase"] == "test"]
@@ -139,8 +166,25 @@ def test_secure_aggregation_smoke_with_fewer_neighbours_than_sites() -> None:
 
 
 def test_finetune_personal_smoke() -> None:
-    args = ("--question", "personal", "--modes", "head", "lora r4", "--sites", "2", "--limit", "300",
-            "--image-size", "32", "--rounds", "1", "--local-epochs", "1", "--personal-epochs", "1")  # fmt: skip
+    args = (
+        "--question",
+        "personal",
+        "--modes",
+        "head",
+        "lora r4",
+        "--sites",
+        "2",
+        "--limit",
+        "300",
+        "--image-size",
+        "32",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--personal-epochs",
+        "1",
+    )
     rows = _run("benchmarks.finetune", *args)["rows"]
     assert [r["trains"] for r in rows] == ["head", "lora r4"]
     assert all(len(r["per_site"]) == 2 and 0 <= r["personal_mean"] <= 1 for r in rows)
@@ -148,15 +192,34 @@ def test_finetune_personal_smoke() -> None:
 
 def test_deployed_protocols_run_each_protocol_as_shipped() -> None:
     """`deployed_round --protocols` names each protocol's settings; they must stay those of its shipped config."""
+    from fedtransfer.common.config.run import RunConfig, config_from_dict, load_config
+
     from benchmarks.deployed_round import DEMO, PROTOCOLS, protocol_config
-    from common.config import RunConfig, config_from_dict, load_config
 
     def settings(cfg: RunConfig) -> tuple:
         t, dp, d = cfg.train, cfg.privacy, cfg.data
-        return (t.protocol, t.rounds, t.local_epochs, t.batch_size, t.learning_rate, t.momentum, t.sample_rate,
-                t.server_momentum, t.fraction_evaluate, dp.accountant, dp.feature_stats, dp.feature_stats_share,
-                dp.target_epsilon, dp.target_delta, d.source, d.split, d.alpha, d.num_sites, cfg.backbone.image_size,
-                cfg.seed)  # fmt: skip
+        return (
+            t.protocol,
+            t.rounds,
+            t.local_epochs,
+            t.batch_size,
+            t.learning_rate,
+            t.momentum,
+            t.sample_rate,
+            t.server_momentum,
+            t.fraction_evaluate,
+            dp.accountant,
+            dp.feature_stats,
+            dp.feature_stats_share,
+            dp.target_epsilon,
+            dp.target_delta,
+            d.source,
+            d.split,
+            d.alpha,
+            d.num_sites,
+            cfg.backbone.image_size,
+            cfg.seed,
+        )
 
     shipped = {"fedavg": "demo-fedavg.yaml", "fedsgd": "demo.yaml"}
     built = {p: config_from_dict(protocol_config(Path("/w"), DEMO, s, f"{p}-deployed")) for p, s in PROTOCOLS.items()}

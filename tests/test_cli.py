@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.head import make_head
+from fedtransfer.server.export.model_file import export_model
+from fedtransfer.server.federation.console import ConsoleFilter, round_summary
 from PIL import Image
-
-from cli.main import main
-from common.config import BackboneConfig
-from common.encoder_registry import load_encoder
-from common.head import make_head
-from server.console import ConsoleFilter, round_summary
-from server.export import export_model
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *expected: str) -> str:
@@ -44,8 +43,11 @@ def _read_only_folder(tmp_path: Path) -> Path:
 
 
 def _config(tmp_path: Path, **keys: object) -> str:
-    raw = {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-           "data": {"source": "digits", "num_sites": 2}} | keys  # fmt: skip
+    raw = {
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "data": {"source": "digits", "num_sites": 2},
+    } | keys
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -148,12 +150,15 @@ def test_console_shows_one_line_per_round_and_every_warning_once() -> None:
         stamped.format("Run 73734833fc2e: mobilenet_v2 (1412499855a3), 10 classes, 2 rounds"),
         coloured.format("configure_train: Sampled 4 nodes (out of 4)"),
         stamped.format("configure_train: Sampled 4 nodes (out of 4)"),
-        coloured.format(rounds[0]), stamped.format(rounds[0]),
-        f"\x1b[93mWARNING \x1b[0m:   {warn}", f"11/25/2026 17:42:51:WARNING:{warn}",
-        coloured.format(rounds[1]), stamped.format(rounds[1]),
+        coloured.format(rounds[0]),
+        stamped.format(rounds[0]),
+        f"\x1b[93mWARNING \x1b[0m:   {warn}",
+        f"11/25/2026 17:42:51:WARNING:{warn}",
+        coloured.format(rounds[1]),
+        stamped.format(rounds[1]),
         coloured.format("Run 73734833fc2e finished: server hold-out accuracy 0.7980"),
         "11/25/2026 17:42:55:DEBUG:ServerApp finished running.",
-    ]  # fmt: skip
+    ]
     console = ConsoleFilter()
     shown = [text for line in stream if (text := console.show(line)) is not None]
     assert shown == [
@@ -162,14 +167,16 @@ def test_console_shows_one_line_per_round_and_every_warning_once() -> None:
         f"WARNING: {warn}",
         rounds[1],
     ]
-    assert rounds[1] == "round 2/2 | sites trained 4/4 | server acc 0.7000 | sites' acc 0.5000 | ε spent max 2.000 " \
-                        "(target 3) | 1.2s"  # fmt: skip
+    assert (
+        rounds[1] == "round 2/2 | sites trained 4/4 | server acc 0.7000 | sites' acc 0.5000 | ε spent max 2.000 "
+        "(target 3) | 1.2s"
+    )
     verbose = ConsoleFilter(verbose=True)
     assert [verbose.show(line) for line in stream] == stream
 
 
 def test_no_private_entry_points_beside_the_command() -> None:
-    """One command line: no module of the project runs as a program of its own except `python -m cli`."""
+    """One command line: no module of the project runs as a program of its own except `python -m fedtransfer.cli`."""
     root = Path(__file__).resolve().parent.parent
     own = [p for package in ("cli", "server", "client", "common", "deploy") for p in (root / package).rglob("*.py")]
     mains = [p.relative_to(root) for p in own if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8")]
@@ -199,8 +206,8 @@ def test_launcher_keeps_the_whole_log_and_reads_the_verdict(
     """`submit_run` against a stand-in `flwr`: Flower's run id, run.log, one console line, status.json's verdict."""
     import sys
 
-    from common.config import config_from_dict
-    from server import launcher
+    from fedtransfer.common.config.run import config_from_dict
+    from fedtransfer.server.launch import launcher
 
     fake = tmp_path / "flwr"
     fake.write_text(f"#!{sys.executable}\n{_FAKE_FLWR}")

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import config_from_dict
+from fedtransfer.server.launch.simulation import simulate
 
-from cli.main import main
-from common.config import config_from_dict
-from server.simulation import simulate
 from tests.ray_cluster import RAY_ENV, can_hide_folders, two_node_cluster
 
 pytestmark = pytest.mark.slow

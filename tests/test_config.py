@@ -7,11 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.common.config import flatten_dict
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from common.config import (
+from fedtransfer.common.config.run import (
     BackboneConfig,
     ConfigError,
     DataConfig,
@@ -26,6 +22,9 @@ from common.config import (
     load_site_config,
     to_run_config,
 )
+from flwr.common.config import flatten_dict
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -346,8 +345,11 @@ _leaves = st.one_of(
     st.binary(max_size=10),
     st.sampled_from(["", "1e-5", "nan", "inf", "fedavg", "mnist", "folders", "none", "mobilenet_v2", "resnet18"]),
 )
-_values = st.recursive(_leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=8) | st.integers(), inner, max_size=4), max_leaves=12)  # fmt: skip
+_values = st.recursive(
+    _leaves,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.integers(), inner, max_size=4),
+    max_leaves=12,
+)
 
 
 @st.composite

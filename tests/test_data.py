@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from common import data
-from common.data import (
+from fedtransfer.common.data import sources as data
+from fedtransfer.common.data.sources import (
     MAX_CLASSES,
     DataError,
     Samples,
@@ -23,6 +21,7 @@ from common.data import (
     simulate_federation,
     site_split,
 )
+from PIL import Image
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtransfer.common.data.sources import MAX_CLASSES, DataError, Samples, load_image_folder, load_npz
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-
-from common.data import MAX_CLASSES, DataError, Samples, load_image_folder, load_npz
 
 FUZZ = settings(
     max_examples=120,

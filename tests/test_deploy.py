@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 from cryptography import x509
-
-from cli.main import main
-from client import site_worker
-from common.config_parse import InputError
-from common.site_config import load_site_config, site_paths
-from deploy.credentials import CredentialsError, init_deployment
-from deploy.launch import (
+from fedtransfer.cli.main import main
+from fedtransfer.client import site_worker
+from fedtransfer.common.config.site import load_site_config, site_paths
+from fedtransfer.common.errors import InputError
+from fedtransfer.deploy.credentials import CredentialsError, init_deployment
+from fedtransfer.deploy.launch import (
     LOOPBACK,
     format_config,
     site_node_config,
@@ -31,6 +30,7 @@ from deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
+
 from tests.deploy_harness import LocalDeployment, free_ports, local_deployment
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,8 +180,11 @@ def test_launch_defaults_keep_control_api_on_loopback(tmp_path: Path) -> None:
 
 def _service_env(unit: Path) -> dict[str, str]:
     """The Environment= lines of a systemd unit, as `fedtransfer deploy` will see them."""
-    pairs = [line.removeprefix("Environment=").split("=", 1) for line in unit.read_text().splitlines()
-             if line.startswith("Environment=")]  # fmt: skip
+    pairs = [
+        line.removeprefix("Environment=").split("=", 1)
+        for line in unit.read_text().splitlines()
+        if line.startswith("Environment=")
+    ]
     return dict(pairs)
 
 
@@ -217,8 +220,9 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
     argv = shlex.split(capsys.readouterr().out)
     state_dir = site_paths(load_site_config(site_yaml), site_yaml).state_dir  # the service's site runs its worker
     node_config = f"{site_node_config(site_yaml)} site-worker='{site_worker.socket_path(state_dir)}'"
-    expected = supernode_argv(creds, "alpha", superlink="superlink.example.org:8443", node_config=node_config,
-                              port=port)  # fmt: skip
+    expected = supernode_argv(
+        creds, "alpha", superlink="superlink.example.org:8443", node_config=node_config, port=port
+    )
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
 
 

@@ -10,16 +10,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fedtransfer.deploy.supernode
 import pytest
 import yaml
-
-import deploy.supernode
-from cli.main import main
-from common.config import SiteConfig, SitePolicy, config_from_dict, load_config, load_site_config, to_nested
-from deploy import cli as deploy_cli
-from deploy.cli import resume_config
-from deploy.credentials import init_deployment
-from deploy.launch import (
+from fedtransfer.cli import deploy as deploy_cli
+from fedtransfer.cli.deploy import resume_config
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import (
+    SiteConfig,
+    SitePolicy,
+    config_from_dict,
+    load_config,
+    load_site_config,
+    to_nested,
+)
+from fedtransfer.deploy.credentials import init_deployment
+from fedtransfer.deploy.launch import (
     DEFAULT_SUPERNODE_PORT,
     LOOPBACK,
     port_is_free,
@@ -27,6 +33,7 @@ from deploy.launch import (
     superlink_argv,
     supernode_argv,
 )
+
 from tests.deploy_harness import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +52,11 @@ def test_site_example_documents_every_key() -> None:
 
 
 def _keys(raw: dict, prefix: str = "") -> set[str]:
-    return {k for key, value in raw.items() for k in (_keys(value, f"{prefix}{key}.") if isinstance(value, dict)
-                                                      else {f"{prefix}{key}"})}  # fmt: skip
+    return {
+        k
+        for key, value in raw.items()
+        for k in (_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})
+    }
 
 
 def test_coordinator_example_is_a_complete_run_config() -> None:
@@ -75,14 +85,36 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
     assert argv[1:] == superlink_argv(creds)[1:] and argv[0].endswith("flower-superlink")
     site = _site_yaml(tmp_path, state_dir="state")
     (port,) = free_ports(1)
-    argv = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443",
-                    "--port", str(port))  # fmt: skip
+    argv = _dry_run(
+        capsys,
+        "site",
+        "--config",
+        str(site),
+        "--credentials",
+        str(creds.root),
+        "--superlink",
+        "h:8443",
+        "--port",
+        str(port),
+    )
     worker = f"site-worker='{tmp_path / 'state' / 'worker' / 'site.sock'}'"  # the default state_dir: state
-    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=f"{site_node_config(site)} {worker}",
-                              port=port)  # fmt: skip
+    expected = supernode_argv(
+        creds, "alpha", superlink="h:8443", node_config=f"{site_node_config(site)} {worker}", port=port
+    )
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
-    plain = _dry_run(capsys, "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:8443",
-                     "--port", str(port), "--no-worker")  # fmt: skip
+    plain = _dry_run(
+        capsys,
+        "site",
+        "--config",
+        str(site),
+        "--credentials",
+        str(creds.root),
+        "--superlink",
+        "h:8443",
+        "--port",
+        str(port),
+        "--no-worker",
+    )
     expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port)
     assert plain[1:] == expected[1:]
 
@@ -92,8 +124,22 @@ def test_a_state_folder_too_deep_for_a_socket_runs_the_site_without_its_worker(
 ) -> None:
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     site = _site_yaml(tmp_path, state_dir="s" * 120)
-    assert main(["deploy", "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:1",
-                 "--dry-run"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "deploy",
+                "site",
+                "--config",
+                str(site),
+                "--credentials",
+                str(creds.root),
+                "--superlink",
+                "h:1",
+                "--dry-run",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "site-worker" not in out and err.count("\n") == 1, err
     assert "site alpha: no site worker:" in err and "longer than a Unix socket path may be (107)" in err
@@ -152,19 +198,34 @@ print("INFO :      SuperNode ID: 7", flush=True)
 
 @pytest.mark.parametrize(("refusals", "retry_for", "code"), [(2, 30.0, 0), (9, 0.5, 2)])
 def test_site_retries_a_refused_activation_within_its_bound(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-    refusals: int, retry_for: float, code: int,
-) -> None:  # fmt: skip
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    refusals: int,
+    retry_for: float,
+    code: int,
+) -> None:
     """After a crash the SuperLink refuses the site like an unregistered key: say so, wait, try again, give up."""
     fake = tmp_path / "fake_supernode.py"
     fake.write_text(_FAKE_SUPERNODE)
     (tmp_path / "tries").write_text("")
     argv = [sys.executable, str(fake), str(tmp_path / "tries"), str(refusals)]
     monkeypatch.setattr(deploy_cli, "supernode_argv", lambda *_args, **_kwargs: argv)
-    monkeypatch.setattr(deploy.supernode.time, "sleep", lambda _s: None)
+    monkeypatch.setattr(fedtransfer.deploy.supernode.time, "sleep", lambda _s: None)
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
-    site = ["deploy", "site", "--config", str(_site_yaml(tmp_path)), "--credentials", str(creds.root),
-            "--superlink", "h:1", "--retry-for", str(retry_for), "--no-worker"]  # fmt: skip
+    site = [
+        "deploy",
+        "site",
+        "--config",
+        str(_site_yaml(tmp_path)),
+        "--credentials",
+        str(creds.root),
+        "--superlink",
+        "h:1",
+        "--retry-for",
+        str(retry_for),
+        "--no-worker",
+    ]
     assert main(site) == code
     out, err = capsys.readouterr()
     assert "Exit Code: 305" not in out and "Failed to activate" not in out  # Flower's report is replaced by ours
@@ -211,11 +272,18 @@ def test_a_second_supernode_on_one_state_folder_is_refused_in_one_line(
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     site = _site_yaml(tmp_path, state_dir="state")
     holder = subprocess.Popen(  # the first SuperNode's `fedtransfer deploy site`, holding the folder
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from common import locking\n"
-         "with locking.hold(Path(sys.argv[1]), 'the SuperNode of site alpha'):\n"
-         "    print('held', flush=True); time.sleep(60)", str(tmp_path / "state")],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from fedtransfer.common.storage import locking\n"
+            "with locking.hold(Path(sys.argv[1]), 'the SuperNode of site alpha'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+            str(tmp_path / "state"),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         code = main(["deploy", "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:1"])

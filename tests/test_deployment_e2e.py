@@ -29,13 +29,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.common.data.sources import Federation, simulate_federation
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.deploy.launch import format_config
+from fedtransfer.server.audit import audit_run
+from fedtransfer.server.export.model_file import load_model
+from fedtransfer.server.federation import checkpoint
 
-from common.data import Federation, simulate_federation
-from common.privacy import epsilon_of
-from deploy.launch import format_config
-from server import checkpoint
-from server.audit import audit_run
-from server.export import load_model
 from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment, write_npz_site
 
 pytestmark = pytest.mark.slow
@@ -46,14 +46,25 @@ STRICT = "bank-c"
 INTRUDER = "intruder"
 SEED = 42
 RUN = {  # both runs; flwr checks every key against [tool.flwr.app.config]
-    "seed": SEED, "device": "cpu", "backbone.image_size": 32,
-    "data.source": "digits", "data.split": "iid", "data.num_sites": 3,  # the server's own hold-out
-    "train.local_epochs": 3, "train.min_sites": 2, "train.fraction_evaluate": 0.0, "privacy.target_delta": 1e-5,
-}  # fmt: skip
+    "seed": SEED,
+    "device": "cpu",
+    "backbone.image_size": 32,
+    "data.source": "digits",
+    "data.split": "iid",
+    "data.num_sites": 3,  # the server's own hold-out
+    "train.local_epochs": 3,
+    "train.min_sites": 2,
+    "train.fraction_evaluate": 0.0,
+    "privacy.target_delta": 1e-5,
+}
 # the drop-out and SecAgg+ runs time their kills by local training: fedavg, as it was measured (the first run
 # takes the default protocol, fedsgd with the DP feature statistics)
-FEDAVG = {"train.protocol": "fedavg", "train.learning_rate": 0.5, "privacy.feature_stats": False,
-          "privacy.accountant": "rdp"}  # fmt: skip
+FEDAVG = {
+    "train.protocol": "fedavg",
+    "train.learning_rate": 0.5,
+    "privacy.feature_stats": False,
+    "privacy.accountant": "rdp",
+}
 RECEIVED = "Receiving: train message"
 WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one per message
 KEPT = ("worker", ".lock")  # what the running `deploy site` keeps in a state folder: its worker's socket, its lock
@@ -158,8 +169,12 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
     config.write_text(yaml.safe_dump(nested))
     done = subprocess.run(
         [str(BIN_DIR / "fedtransfer"), "deploy", "run", "--config", str(config), "--connection", dep.connection],
-        env=dep.env, capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
+        env=dep.env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     privacy = json.loads((run_dir / "privacy.json").read_text())
     flower_id = re.search(r"Flower's id of this submission is (\d+): `flwr log \1 ", done.stdout)
@@ -203,8 +218,17 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
 def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -> None:
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-2"
-    overrides = RUN | FEDAVG | {"train.rounds": 3, "privacy.target_epsilon": 1.5, "train.round_timeout_s": 90.0,
-                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    overrides = (
+        RUN
+        | FEDAVG
+        | {
+            "train.rounds": 3,
+            "privacy.target_epsilon": 1.5,
+            "train.round_timeout_s": 90.0,
+            "output_dir": str(run_dir),
+            "cache_dir": str(federation.root / "server-cache"),
+        }
+    )
     # these two run a bare SuperNode (no worker: each message imports torch in its own ClientApp process, seconds),
     # so the kills below land while they train and hospital-b is back before round 3; a worker answers in a blink
     bare = {site: dep.node_configs[site] for site in ("hospital-b", STRICT)}
@@ -256,8 +280,17 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
     exchange it refuses to train: a dropout after sharing keys, which the unmask stage must recover from."""
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-3"
-    overrides = RUN | FEDAVG | {"train.rounds": 1, "privacy.target_epsilon": 3.0, "secure_aggregation": True,
-                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    overrides = (
+        RUN
+        | FEDAVG
+        | {
+            "train.rounds": 1,
+            "privacy.target_epsilon": 3.0,
+            "secure_aggregation": True,
+            "output_dir": str(run_dir),
+            "cache_dir": str(federation.root / "server-cache"),
+        }
+    )
     before = {site: _worker_answered(federation, site) for site in SITES}
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
@@ -275,8 +308,9 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
         assert record["sites"][site]["status"] == "trained"
         assert record["sites"][site]["bytes_sent"] > record["bytes_sent_per_site"]  # masked int64 + key exchange
         raw = torch.load(_state(federation, site) / "replies" / f"{run_id}.pt", weights_only=True)
-        heads.append(({k: v.numpy() for k, v in raw["arrays"]["arrays"].items()},
-                      int(raw["metrics"]["metrics"]["num-examples"])))  # fmt: skip
+        heads.append(
+            ({k: v.numpy() for k, v in raw["arrays"]["arrays"].items()}, int(raw["metrics"]["metrics"]["num-examples"]))
+        )
     total = sum(n for _, n in heads)
     final = checkpoint.latest(run_dir).head
     for name in final:
@@ -295,10 +329,17 @@ def test_distributed_trust_over_tls_sums_the_shares_of_the_sites_it_planned_for(
     (SecAgg+ threshold 0.67 of train.min_sites 2). The server steps on exactly the two sites' integer sums."""
     federation = fresh
     dep, run_dir = federation.dep, federation.root / "run-distributed"
-    overrides = RUN | {"train.rounds": 1, "privacy.feature_stats": False, "privacy.accountant": "rdp",
-                       "privacy.trust": "distributed", "secure_aggregation": True,
-                       "secagg.quantization_range": 2**27, "secagg.max_weight": 2048,
-                       "output_dir": str(run_dir), "cache_dir": str(federation.root / "server-cache")}  # fmt: skip
+    overrides = RUN | {
+        "train.rounds": 1,
+        "privacy.feature_stats": False,
+        "privacy.accountant": "rdp",
+        "privacy.trust": "distributed",
+        "secure_aggregation": True,
+        "secagg.quantization_range": 2**27,
+        "secagg.max_weight": 2048,
+        "output_dir": str(run_dir),
+        "cache_dir": str(federation.root / "server-cache"),
+    }
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
     (record,) = _metrics(run_dir)

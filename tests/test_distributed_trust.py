@@ -10,24 +10,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from client import train_round
-from client.site import Declined, Site, enforce_policy
-from common.audit_log import RESERVED_FIELDS, AuditLog, read_records
-from common.config import ConfigError, SecAggConfig, SitePolicy, config_from_dict
-from common.data import Samples, SiteData
-from common.head import make_head
-from common.ledger import PrivacyLedger
-from common.privacy import epsilon_of
-from common.protocol import DPRecord, Metric
-from common.skellam import SKELLAM, sensitivities
+from fedtransfer.client import train_round
+from fedtransfer.client.site import Declined, Site, enforce_policy
+from fedtransfer.common.config.run import ConfigError, SecAggConfig, SitePolicy, config_from_dict
+from fedtransfer.common.data.sources import Samples, SiteData
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.privacy.skellam import SKELLAM, sensitivities
+from fedtransfer.common.storage.audit_log import RESERVED_FIELDS, AuditLog, read_records
+from fedtransfer.common.wire.protocol import DPRecord, Metric
 
 DIM, CLASSES = 32, 4
 GRID = {"quantization_range": 2**27, "max_weight": 2048}  # 16,384 levels per unit: configs/distributed.yaml's
-DISTRIBUTED = {"train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fraction_evaluate": 0.0},
-               "data": {"num_sites": 3}, "secure_aggregation": True, "secagg": GRID,
-               "privacy": {"trust": "distributed", "target_delta": 1e-3, "accountant": "rdp",
-                           "feature_stats": False}}  # fmt: skip
+DISTRIBUTED = {
+    "train": {"protocol": "fedsgd", "rounds": 3, "min_sites": 3, "fraction_evaluate": 0.0},
+    "data": {"num_sites": 3},
+    "secure_aggregation": True,
+    "secagg": GRID,
+    "privacy": {"trust": "distributed", "target_delta": 1e-3, "accountant": "rdp", "feature_stats": False},
+}
 
 
 @pytest.mark.parametrize(
@@ -105,15 +107,24 @@ def test_the_share_has_the_planned_variance(tmp_path: Path) -> None:
 def test_a_plain_message_is_declined_under_distributed_trust(tmp_path: Path) -> None:
     import time
 
+    from fedtransfer.common.wire.exchange import head_to_arrays
     from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
-    from common.exchange import head_to_arrays
-
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     conf = ConfigRecord({"server-round": 1, "run-id": "r", "backbone-fingerprint": "f" * 64})
-    msg = Message(content=RecordDict({"arrays": head_to_arrays(make_head(DIM, CLASSES)), "config": conf}),
-                  metadata=meta)  # fmt: skip
+    msg = Message(
+        content=RecordDict({"arrays": head_to_arrays(make_head(DIM, CLASSES)), "config": conf}), metadata=meta
+    )
     with pytest.raises(Declined, match="only masked under secure aggregation"):
         train_round.train(_site(tmp_path), config_from_dict(DISTRIBUTED), msg)
 
@@ -121,7 +132,7 @@ def test_a_plain_message_is_declined_under_distributed_trust(tmp_path: Path) -> 
 def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
     """γ spends SecAgg+'s levels: 16,384 per unit (configs/distributed.yaml's grid) instead of 1,024 shrinks what
     rounding adds to Δ2, so the noise each round carries, in gradient units, drops at the same ε."""
-    from common.privacy import plan_distributed
+    from fedtransfer.common.privacy.calibration import plan_distributed
 
     def noise_std(grid: SecAggConfig) -> float:
         plan = plan_distributed(1000, 1.0, 30, 3.0, 1e-5, 1.0, 12810, 3, grid.quantum(1.0), 0.0)
@@ -133,8 +144,12 @@ def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
     assert noise_std(fine) < 0.96 * noise_std(coarse)
 
 
-LOCAL_SECAGG = {"secure_aggregation": True, "train": {"protocol": "fedsgd", "min_sites": 2}, "data": {"num_sites": 2},
-                "privacy": {"target_delta": 1e-3}}  # fmt: skip
+LOCAL_SECAGG = {
+    "secure_aggregation": True,
+    "train": {"protocol": "fedsgd", "min_sites": 2},
+    "data": {"num_sites": 2},
+    "privacy": {"target_delta": 1e-3},
+}
 
 
 @pytest.mark.parametrize("raw", [DISTRIBUTED, LOCAL_SECAGG], ids=["distributed", "local"])
@@ -190,17 +205,27 @@ def _drop_share(log: Path) -> None:
 @pytest.mark.slow
 def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(tmp_path: Path, capsys) -> None:
     import yaml
-
-    from cli.main import main
+    from fedtransfer.cli.main import main
 
     run_dir = tmp_path / "run"
-    raw = {"run_name": "distributed", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
-           "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 3, "split": "iid"},
-           "train": {"protocol": "fedsgd", "rounds": 2, "min_sites": 3, "sample_rate": 1.0, "learning_rate": 1.0,
-                     "fraction_evaluate": 0.0},
-           "secure_aggregation": True, "secagg": GRID,
-           "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True,
-                       "accountant": "rdp"}}  # fmt: skip
+    raw = {
+        "run_name": "distributed",
+        "output_dir": str(run_dir),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbone": {"image_size": 32},
+        "data": {"source": "digits", "num_sites": 3, "split": "iid"},
+        "train": {
+            "protocol": "fedsgd",
+            "rounds": 2,
+            "min_sites": 3,
+            "sample_rate": 1.0,
+            "learning_rate": 1.0,
+            "fraction_evaluate": 0.0,
+        },
+        "secure_aggregation": True,
+        "secagg": GRID,
+        "privacy": {"trust": "distributed", "target_delta": 1e-4, "feature_stats": True, "accountant": "rdp"},
+    }
     config = tmp_path / "distributed.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
@@ -230,13 +255,12 @@ def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(t
 def test_local_trust_fedsgd_under_secagg_sends_its_noisy_sum_on_flowers_grid() -> None:
     """Local trust: the Gaussian-noised float sum is rounded to γ (post-processing) and sent with weight max_weight,
     so that Flower's SecAgg+ arithmetic gives the server back Σ round(sum/γ)·γ."""
+    from fedtransfer.client.secure import secure_reply
+    from fedtransfer.common.wire.secure_sum import sum_of_mean
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.common import parameters_to_ndarrays
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
     from flwr.compat.common import recorddict_compat as compat
-
-    from client.secure import secure_reply
-    from common.secure_sum import sum_of_mean
 
     settings = SecAggConfig()
     gamma = settings.quantum(1.0)
@@ -270,7 +294,7 @@ def test_feature_statistics_under_secure_aggregation_load_under_either_trust() -
 def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> None:
     """Round 0's Skellam release is in the plan, the ledger and the DP record; with it the run meets ε, without its
     share the rounds alone spend less."""
-    from common.dp_fedsgd import STATS_NORM, stats_sensitivities
+    from fedtransfer.common.privacy.fedsgd import STATS_NORM, stats_sensitivities
 
     cfg, site = config_from_dict(STATS), _site(tmp_path)
     head = make_head(DIM, CLASSES, centred=True)
@@ -295,15 +319,14 @@ def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> 
 def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_messages() -> None:
     """Each site's Skellam release (integers × quantum) on Flower's grid, Flower's masked-sum arithmetic, the
     server's read-back: exactly the sum of the sites' messages, sums and counts."""
+    from fedtransfer.client.secure import secure_reply
+    from fedtransfer.common.privacy.fedsgd import STATS_NAMES, STATS_NORM, Units, skellam_statistics, stats_quanta
+    from fedtransfer.server.federation.rounds import secure_sum
+    from fedtransfer.server.federation.secure import SecureRound
     from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
     from flwr.common import parameters_to_ndarrays
     from flwr.common.secure_aggregation.quantization import dequantize, quantize
     from flwr.compat.common import recorddict_compat as compat
-
-    from client.secure import secure_reply
-    from common.dp_fedsgd import STATS_NAMES, STATS_NORM, Units, skellam_statistics, stats_quanta
-    from server.rounds import secure_sum
-    from server.secure import SecureRound
 
     settings, sites = SecAggConfig(**GRID), 3
     gamma = settings.quantum(STATS_NORM)
@@ -313,13 +336,16 @@ def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_message
     for i in range(sites):
         torch.manual_seed(i)
         x, y = torch.randn(50, DIM), torch.randint(0, CLASSES, (50,))
-        released = skellam_statistics(x, y, CLASSES, Units.records(50), 400.0, torch.Generator().manual_seed(i),
-                                      gamma)  # fmt: skip
+        released = skellam_statistics(x, y, CLASSES, Units.records(50), 400.0, torch.Generator().manual_seed(i), gamma)
         messages.append(released)
         for name, value in released.items():
             assert np.array_equal(value.numpy() / quanta[name], np.rint(value.numpy() / quanta[name]))
-        answer = RecordDict({"arrays": ArrayRecord({n: Array(v.numpy()) for n, v in released.items()}),
-                             "metrics": MetricRecord({"num-examples": 50})})  # fmt: skip
+        answer = RecordDict(
+            {
+                "arrays": ArrayRecord({n: Array(v.numpy()) for n, v in released.items()}),
+                "metrics": MetricRecord({"num-examples": 50}),
+            }
+        )
         reply = secure_reply(answer, list(STATS_NAMES), settings, False, quanta)
         grids = parameters_to_ndarrays(compat.recorddict_to_fitres(reply, keep_input=False).parameters)
         for name, grid in zip(STATS_NAMES, grids, strict=True):
@@ -328,8 +354,9 @@ def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_message
     clip, levels = settings.clipping_range, settings.quantization_range
     means = [(dequantize([masked[n]], clip, levels)[0] - (sites - 1) * clip) / sites for n in STATS_NAMES]
     sec = SecureRound(mean64=means, trained=dict.fromkeys(range(sites)))
-    template = ArrayRecord({n: Array(np.zeros_like(m, dtype=np.float32)) for n, m in zip(STATS_NAMES, means,
-                                                                                        strict=True)})  # fmt: skip
+    template = ArrayRecord(
+        {n: Array(np.zeros_like(m, dtype=np.float32)) for n, m in zip(STATS_NAMES, means, strict=True)}
+    )
     got = secure_sum(sec, template, quanta, settings)
     for name in STATS_NAMES:
         exact = sum(m[name].numpy() for m in messages)
@@ -338,8 +365,8 @@ def test_statistics_summed_under_secagg_are_the_sum_of_the_sites_integer_message
 
 def test_the_audit_checks_the_announced_trust_against_the_config_and_the_sites_logs(tmp_path: Path) -> None:
     """run-started names trust and min_survivors: a wrong trust, or a site log planned for another K_min, fails."""
-    from server.audit.findings import Entry, Evidence, Findings, Update
-    from server.audit.trust import audit_announced_trust
+    from fedtransfer.server.audit.findings import Entry, Evidence, Findings, Update
+    from fedtransfer.server.audit.trust import audit_announced_trust
 
     cfg = config_from_dict(DISTRIBUTED)  # 3 sites, threshold 0.67: K_min = 2
     log = tmp_path / "audit.jsonl"
@@ -356,8 +383,15 @@ def test_the_audit_checks_the_announced_trust_against_the_config_and_the_sites_l
     assert "announces trust 'local' with min_survivors None" in wrong and "'distributed' with 2" in wrong
     (own,) = audit({"trust": "distributed", "min_survivors": 2}, 3)
     assert own == "site-1 round 1: planned its share for 3 surviving sites, the server announced 2 at run-started"
-    local = Evidence(tmp_path, log, [], True, "r", config_from_dict({"privacy": {"target_delta": 1e-3}}),
-                     server=[Entry(log, 1, {"event": "run-started"})])  # fmt: skip
+    local = Evidence(
+        tmp_path,
+        log,
+        [],
+        True,
+        "r",
+        config_from_dict({"privacy": {"target_delta": 1e-3}}),
+        server=[Entry(log, 1, {"event": "run-started"})],
+    )
     found = Findings()
     audit_announced_trust(local, [], found)  # a local run recorded before run-started named its trust
     assert found.failures == []
@@ -365,19 +399,19 @@ def test_the_audit_checks_the_announced_trust_against_the_config_and_the_sites_l
 
 def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_to_the_grid(tmp_path: Path) -> None:
     """Local trust: round 0's Gaussian release, rounded to each tensor's quantum (post-processing), full weight."""
+    from fedtransfer.common.privacy.fedsgd import STATS_NAMES, STATS_NORM, stats_quanta
+    from fedtransfer.common.wire.secure_sum import sum_of_mean
     from flwr.app import ConfigRecord
     from flwr.common import parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
-
-    from common.dp_fedsgd import STATS_NAMES, STATS_NORM, stats_quanta
-    from common.secure_sum import sum_of_mean
 
     cfg = config_from_dict(LOCAL_SECAGG | {"privacy": LOCAL_SECAGG["privacy"] | {"feature_stats": True}})
     site, ledger = _site(tmp_path), PrivacyLedger(tmp_path / "l.json", "r")
     head = make_head(DIM, CLASSES, centred=True)
     plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
-    conf = ConfigRecord({"server-round": 0, "run-id": "r", "release": "feature-stats",
-                         "head-names": ",".join(STATS_NAMES)})  # fmt: skip
+    conf = ConfigRecord(
+        {"server-round": 0, "run-id": "r", "release": "feature-stats", "head-names": ",".join(STATS_NAMES)}
+    )
     work = train_round._work(site, cfg, conf, 0, plan, ledger, head)
     answer, dp = train_round._answer(site, work, plan, ledger, 0, 0.1)
     assert dp is not None and dp.mechanism == "gaussian"

@@ -7,15 +7,14 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from server.audit.empirical_stats import (
+from fedtransfer.server.audit.empirical_stats import (
     AuditResult,
     audit_from_scores,
     epsilon_lower_bound,
     p_value,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def _reference_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:

@@ -11,17 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedtransfer.client import client_app, train_round
+from fedtransfer.client.site import Declined, Site
+from fedtransfer.common.config.run import (
+    BackboneConfig,
+    DataConfig,
+    PrivacyConfig,
+    RunConfig,
+    TrainConfig,
+    to_run_config,
+)
+from fedtransfer.common.data.sources import Samples, SiteData
+from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import check_arrays, head_spec, head_to_arrays, load_head, wire_bytes
+from fedtransfer.common.wire.protocol import REFUSAL_CODE, DPRecord, Refusal, site_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import message_to_proto
-
-from client import client_app, train_round
-from client.site import Declined, Site
-from common.backbones import ImageBackbone, load_backbone
-from common.config import BackboneConfig, DataConfig, PrivacyConfig, RunConfig, TrainConfig, to_run_config
-from common.data import Samples, SiteData
-from common.exchange import check_arrays, head_spec, head_to_arrays, load_head, wire_bytes
-from common.head import make_head
-from common.protocol import REFUSAL_CODE, DPRecord, Refusal, site_of
 
 CLASSES = 10
 # fedavg: a trained head goes back (fedsgd's noisy sums: test_fedsgd.py)
@@ -56,14 +62,27 @@ def _site(backbone: ImageBackbone, state_dir: Path, n: int = 100) -> Site:
 
 
 def _message(arrays: ArrayRecord, **config: str | int) -> Message:
-    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=metadata)
 
 
 def _train_message(backbone: ImageBackbone, **changes: str | int) -> Message:
-    config: dict[str, str | int] = {"server-round": 1, "run-id": "run-a", "app-version": "0.1.0",
-                                    "backbone-fingerprint": backbone.fingerprint} | changes  # fmt: skip
+    config: dict[str, str | int] = {
+        "server-round": 1,
+        "run-id": "run-a",
+        "app-version": "0.1.0",
+        "backbone-fingerprint": backbone.fingerprint,
+    } | changes
     return _message(head_to_arrays(make_head(backbone.feature_dim, CLASSES)), **config)
 
 

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from common.config import BackboneConfig, RunConfig
-from common.encoder_registry import load_encoder
-from common.exchange import head_spec, head_to_arrays
-from common.head import make_head
-from server.federation import Coordinator, export_or_why
-from server.strategy import ScreenedStrategy, make_strategy
+from fedtransfer.common.config.run import BackboneConfig, RunConfig
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
+from fedtransfer.server.federation.loop import Coordinator, export_or_why
+from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedtransfer.client.site import Site, get_site
+from fedtransfer.common.config.run import BackboneConfig, config_from_dict, config_from_run_config, to_run_config
+from fedtransfer.common.data.sources import Samples
+from fedtransfer.common.encoders.feature_cache import cache_key, cached_features
+from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
+from fedtransfer.common.encoders.process_cache import ProcessCache, nbytes
 from flwr.app import Context, RecordDict
-
-from client.site import Site, get_site
-from common.backbones import ImageBackbone, load_backbone
-from common.config import BackboneConfig, config_from_dict, config_from_run_config, to_run_config
-from common.data import Samples
-from common.features import cache_key, cached_features
-from common.process_cache import ProcessCache, nbytes
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +106,22 @@ def test_nbytes_counts_arrays_and_tensors_inside_dataclasses() -> None:
 
 
 def _context(tmp_path: Path, partition: int) -> Context:
-    cfg = config_from_dict({
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
-        "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 200},
-    })  # fmt: skip
-    return Context(run_id=1, node_id=partition, node_config={"partition-id": partition, "num-partitions": 2},
-                   state=RecordDict(), run_config=to_run_config(cfg))  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+            "backbone": {"image_size": 32},
+            "data": {"source": "digits", "num_sites": 2, "max_samples": 200},
+        }
+    )
+    return Context(
+        run_id=1,
+        node_id=partition,
+        node_config={"partition-id": partition, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=to_run_config(cfg),
+    )
 
 
 def test_sites_are_frozen_and_built_once_per_process_cache(tmp_path: Path) -> None:

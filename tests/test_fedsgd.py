@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-
-from client import train_round
-from client.site import Declined, Site
-from common.config import ConfigError, config_from_dict
-from common.data import Samples, SiteData
-from common.dp_fedsgd import (
+from fedtransfer.client import train_round
+from fedtransfer.client.site import Declined, Site
+from fedtransfer.common.config.run import ConfigError, config_from_dict
+from fedtransfer.common.data.sources import Samples, SiteData
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_fedsgd, stats_noise_multiplier
+from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
     Units,
@@ -27,14 +27,13 @@ from common.dp_fedsgd import (
     synthetic_users,
     whitened_sensitivity,
 )
-from common.exchange import head_spec, head_to_arrays
-from common.head import make_head
-from common.ledger import PrivacyLedger
-from common.privacy import epsilon_of, plan_fedsgd, stats_noise_multiplier
-from common.protocol import FEATURE_STATS, DPRecord, Metric
-from server.audit import empirical_fedsgd
-from server.audit.empirical import CanarySettings, audit_training
-from server.strategy import FedSGD, ScreenedStrategy, server_step
+from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
+from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
+from fedtransfer.server.audit import empirical_fedsgd
+from fedtransfer.server.audit.empirical import CanarySettings, audit_training
+from fedtransfer.server.federation.strategy import FedSGD, ScreenedStrategy, server_step
+from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 DIM, CLASSES = 32, 4
 
@@ -108,8 +107,10 @@ def test_closed_form_for_the_linear_probe_equals_per_sample_autograd(clip: float
 def test_a_user_is_sampled_with_all_records_or_none() -> None:
     x, y = _data(60)
     units = Units.of_users(synthetic_users(60, 6, seed=0))
-    sampled = {clipped_gradient_sum(make_head(DIM, CLASSES), x, y, units, 0.5, 1.0, torch.Generator().manual_seed(s))
-               .sampled for s in range(20)}  # fmt: skip
+    sampled = {
+        clipped_gradient_sum(make_head(DIM, CLASSES), x, y, units, 0.5, 1.0, torch.Generator().manual_seed(s)).sampled
+        for s in range(20)
+    }
     assert sampled <= set(range(0, 61, 6)) and len(sampled) > 2
 
 
@@ -129,8 +130,10 @@ def test_statistics_noise_matches_one_gaussian_step_at_the_noise_multiplier() ->
     sigma = 3.0
     assert whitened_sensitivity(sigma) == pytest.approx(1 / sigma)
     x, y = _data(40)
-    draws = [release_statistics(x, y, CLASSES, Units.records(40), sigma, torch.Generator().manual_seed(s))
-             for s in range(200)]  # fmt: skip
+    draws = [
+        release_statistics(x, y, CLASSES, Units.records(40), sigma, torch.Generator().manual_seed(s))
+        for s in range(200)
+    ]
     sums, counts = class_statistics(x, y, CLASSES, Units.records(40))
     sum_sd = torch.stack([d[STATS_SUMS] - sums for d in draws]).std().item()
     count_sd = torch.stack([d[STATS_COUNTS] - counts for d in draws]).std().item()
@@ -163,8 +166,17 @@ def test_server_step_is_the_heavy_ball_formula_on_the_expected_batch() -> None:
 
 
 def _reply(arrays: dict[str, np.ndarray], expected: float | None, node: int) -> Message:
-    meta = Metadata(run_id=1, message_id=f"m{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     metrics = {Metric.NUM_EXAMPLES: 10} | ({Metric.EXPECTED_BATCH: expected} if expected is not None else {})
     record = ArrayRecord({k: torch.from_numpy(v) for k, v in arrays.items()})
     return Message(content=RecordDict({"arrays": record, "metrics": MetricRecord(metrics)}), metadata=meta)
@@ -178,8 +190,13 @@ def test_screened_fedsgd_sums_the_sites_and_refuses_unfit_gradients() -> None:
     good = {k: np.ones_like(v) for k, v in start.items()}
     nan = {k: np.full_like(v, np.nan) for k, v in start.items()}
     wrong = {k: np.ones((2, 2), np.float32) for k in start}
-    replies = [_reply(good, 3.0, 1), _reply(good, 1.0, 2), _reply(nan, 1.0, 3), _reply(wrong, 1.0, 4),
-               _reply(good, None, 5)]  # fmt: skip
+    replies = [
+        _reply(good, 3.0, 1),
+        _reply(good, 1.0, 2),
+        _reply(nan, 1.0, 3),
+        _reply(wrong, 1.0, 4),
+        _reply(good, None, 5),
+    ]
     arrays, _ = strategy.aggregate_train(1, replies)
     assert sorted(strategy.refused) == [3, 4, 5]
     assert "NaN" in strategy.refused[3] and "expected-batch" in strategy.refused[5]
@@ -187,8 +204,10 @@ def test_screened_fedsgd_sums_the_sites_and_refuses_unfit_gradients() -> None:
         np.testing.assert_allclose(value.numpy(), start[name] - 0.5 * 2.0 / 4.0, rtol=1e-6)
 
 
-FEDSGD = {"train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
-          "privacy": {"target_delta": 1e-3, "feature_stats": True, "accountant": "rdp"}}  # fmt: skip
+FEDSGD = {
+    "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
+    "privacy": {"target_delta": 1e-3, "feature_stats": True, "accountant": "rdp"},
+}
 
 
 def _site(tmp_path: Path, n: int = 80) -> Site:
@@ -202,8 +221,17 @@ def _site(tmp_path: Path, n: int = 80) -> Site:
 
 
 def _message(server_round: int, centred: bool = True, **extra: str) -> Message:
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
     head = head_to_arrays(make_head(DIM, CLASSES, centred=centred))
     return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
@@ -261,15 +289,18 @@ def test_class_mean_start_centres_and_points_at_the_class_means() -> None:
     assert (head(x).argmax(1) == y).float().mean() > 0.9
 
 
-CANARY = {"train": {"protocol": "fedsgd", "rounds": 10, "sample_rate": 1.0, "learning_rate": 2.0},
-          "privacy": {"target_epsilon": 1.0, "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
+CANARY = {
+    "train": {"protocol": "fedsgd", "rounds": 10, "sample_rate": 1.0, "learning_rate": 2.0},
+    "privacy": {"target_epsilon": 1.0, "target_delta": 1e-4, "feature_stats": True},
+}
 
 
 def _features(n: int = 200, dim: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     rng = np.random.default_rng(0)
     means, labels = rng.random((10, dim)), rng.integers(0, 10, n)
-    return torch.tensor(np.maximum(means[labels] + 0.5 * rng.standard_normal((n, dim)), 0), dtype=torch.float32), \
-        torch.tensor(labels)  # fmt: skip
+    return torch.tensor(
+        np.maximum(means[labels] + 0.5 * rng.standard_normal((n, dim)), 0), dtype=torch.float32
+    ), torch.tensor(labels)
 
 
 def test_canary_audit_on_fedsgd_passes_the_honest_site_and_catches_one_without_noise(monkeypatch) -> None:
@@ -291,15 +322,19 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
     import json
 
     import yaml
-
-    from cli.main import main
-    from server.export import load_model
+    from fedtransfer.cli.main import main
+    from fedtransfer.server.export.model_file import load_model
 
     run_dir = tmp_path / "run"
-    raw = {"run_name": "fedsgd", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
-           "backbone": {"image_size": 32}, "data": {"num_sites": 2, "max_samples": 600, "split": "iid"},
-           "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5, "evaluate_every": 2},
-           "privacy": {"target_epsilon": 3.0, "target_delta": 1e-4, "feature_stats": True}}  # fmt: skip
+    raw = {
+        "run_name": "fedsgd",
+        "output_dir": str(run_dir),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbone": {"image_size": 32},
+        "data": {"num_sites": 2, "max_samples": 600, "split": "iid"},
+        "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5, "evaluate_every": 2},
+        "privacy": {"target_epsilon": 3.0, "target_delta": 1e-4, "feature_stats": True},
+    }
     config = tmp_path / "fedsgd.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0, capsys.readouterr()
@@ -321,8 +356,10 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
 
 
 def test_fedavg_trains_a_centred_head_and_keeps_its_mean(tmp_path: Path) -> None:
-    raw = {"train": {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 20},
-           "privacy": {"target_delta": 1e-3, "feature_stats": True}}  # fmt: skip
+    raw = {
+        "train": {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 20},
+        "privacy": {"target_delta": 1e-3, "feature_stats": True},
+    }
     cfg, site = config_from_dict(raw), _site(tmp_path)
     stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))
     head = make_head(DIM, CLASSES, centred=True)

@@ -8,20 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fedtransfer.common.config.catalog import CATALOG
+from fedtransfer.common.config.finetune import FinetuneConfig
+from fedtransfer.common.config.run import ConfigError, config_from_dict
+from fedtransfer.common.data.sources import Samples
+from fedtransfer.common.encoders.cut_cache import SUFFIX, cached_activations, evict
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.image import ImageBackbone, feature_network
+from fedtransfer.common.encoders.interface import EncoderError
+from fedtransfer.common.encoders.stages import blocks, flat_modules, fold_batchnorm, split
+from fedtransfer.common.model.finetune import CutEncoder, Top, cut_encoder, make_top, parameter_groups
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.wire.exchange import head_spec, head_to_arrays, load_head
 from torch import nn
-
-from common.backbone_stages import blocks, flat_modules, fold_batchnorm, split
-from common.backbones import ImageBackbone, feature_network
-from common.config import ConfigError, config_from_dict
-from common.cut_cache import SUFFIX, cached_activations, evict
-from common.data import Samples
-from common.dp_training import LocalTraining, train_head
-from common.encoders import CATALOG, EncoderError
-from common.exchange import head_spec, head_to_arrays, load_head
-from common.features import cached_features
-from common.finetune import CutEncoder, Top, cut_encoder, make_top, parameter_groups
-from common.finetune_config import FinetuneConfig
-from common.privacy import plan_dp
 
 IMAGE = [name for name, spec in CATALOG.items() if spec.kind == "image"]
 
@@ -121,8 +121,14 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones() -> None:
             other.load_state_dict({**top.state_dict(), "blocks.extra": torch.zeros(1)})
 
 
-@pytest.mark.parametrize("ft", [FinetuneConfig(train="blocks"), FinetuneConfig(train="lora", lora_rank=2),
-                                FinetuneConfig(train="blocks", norm="groupnorm")])  # fmt: skip
+@pytest.mark.parametrize(
+    "ft",
+    [
+        FinetuneConfig(train="blocks"),
+        FinetuneConfig(train="lora", lora_rank=2),
+        FinetuneConfig(train="blocks", norm="groupnorm"),
+    ],
+)
 def test_opacus_trains_the_top_as_it_is(ft: FinetuneConfig) -> None:
     cut = cut_encoder(_encoder(), ft)
     top = make_top(cut, 10, 0, False, ft)
@@ -197,17 +203,28 @@ def test_cache_keeps_the_most_recently_used_within_its_bound(tmp_path) -> None:
         cached_activations(tmp_path / f"big{SUFFIX}", 10, 100, ones, max_bytes=size // 2)
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
-    ({"finetune": {"train": "blocks"}, "privacy": {"feature_stats": True}, "train": {"protocol": "fedavg"}},
-     "privacy.feature_stats"),
-    ({"finetune": {"train": "blocks", "blocks": 19}}, "finetune.blocks"),
-    ({"finetune": {"train": "lora", "norm": "groupnorm"}}, "finetune.norm"),
-    ({"finetune": {"train": "blocks"}, "backbone": {"name": "tabular", "schema": "s.yaml"},
-      "data": {"source": "table", "path": "x.csv"}}, "finetune.train"),
-    ({"personal": {"enabled": True}, "train": {"fraction_evaluate": 0.0}}, "train.fraction_evaluate"),
-    ({"personal": {"enabled": True}, "train": {"evaluate_every": 5}}, "train.evaluate_every"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
+        (
+            {"finetune": {"train": "blocks"}, "privacy": {"feature_stats": True}, "train": {"protocol": "fedavg"}},
+            "privacy.feature_stats",
+        ),
+        ({"finetune": {"train": "blocks", "blocks": 19}}, "finetune.blocks"),
+        ({"finetune": {"train": "lora", "norm": "groupnorm"}}, "finetune.norm"),
+        (
+            {
+                "finetune": {"train": "blocks"},
+                "backbone": {"name": "tabular", "schema": "s.yaml"},
+                "data": {"source": "table", "path": "x.csv"},
+            },
+            "finetune.train",
+        ),
+        ({"personal": {"enabled": True}, "train": {"fraction_evaluate": 0.0}}, "train.fraction_evaluate"),
+        ({"personal": {"enabled": True}, "train": {"evaluate_every": 5}}, "train.evaluate_every"),
+    ],
+)
 def test_config_refuses_what_cannot_work(raw: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_from_dict(raw)

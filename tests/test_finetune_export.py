@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.finetune import FinetuneConfig
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.finetune import cut_encoder, make_top
+from fedtransfer.common.storage.audit_log import AuditLog, update_digest
+from fedtransfer.common.wire.protocol import Event
+from fedtransfer.server.audit.run import audit_run
+from fedtransfer.server.export import serving
+from fedtransfer.server.export.model_file import export_model
 
-from cli.main import main
-from common.audit_log import AuditLog, update_digest
-from common.config import BackboneConfig
-from common.encoder_registry import load_encoder
-from common.finetune import cut_encoder, make_top
-from common.finetune_config import FinetuneConfig
-from common.protocol import Event
-from server import serving
-from server.audit.run import audit_run
-from server.export import export_model
 from tests.synthetic_run import RUN_ID, RunSpec, write_run
 
 
@@ -36,13 +36,15 @@ def _fine_tuned_run(run_dir: Path, ft: FinetuneConfig) -> Path:
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     export_model(run_dir / "model.pt", cut, top, 0, [str(i) for i in range(10)], ft)
-    AuditLog(run_dir / "audit.jsonl").append(Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt",
-                                              head=update_digest(serving.head_arrays(top)))  # fmt: skip
+    AuditLog(run_dir / "audit.jsonl").append(
+        Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt", head=update_digest(serving.head_arrays(top))
+    )
     return run_dir
 
 
-@pytest.mark.parametrize("ft", [FinetuneConfig(train="lora", lora_rank=2), FinetuneConfig(train="blocks")],
-                         ids=["lora", "blocks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "ft", [FinetuneConfig(train="lora", lora_rank=2), FinetuneConfig(train="blocks")], ids=["lora", "blocks"]
+)
 def test_fine_tuned_image_run_exports_and_passes_its_audit(
     ft: FinetuneConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

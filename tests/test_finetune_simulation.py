@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from cli.main import main
-from common.audit_log import read_records
-from server.export import load_model
+from fedtransfer.cli.main import main
+from fedtransfer.common.storage.audit_log import read_records
+from fedtransfer.server.export.model_file import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +46,9 @@ def test_lora_run_sends_only_its_trainable_tensors_and_passes_its_audit(
     for name in ("site-0", "site-1"):
         sent = [r for r in read_records(run_dir / "sites" / name / "audit.jsonl") if r["event"] == "update-sent"]
         assert len(sent) == 2 and all(sorted(t["name"] for t in r["update"]["tensors"]) == names for r in sent)
-        personal = [r for r in read_records(run_dir / "sites" / name / "audit.jsonl")
-                    if r["event"] == "personal-trained"]  # fmt: skip
+        personal = [
+            r for r in read_records(run_dir / "sites" / name / "audit.jsonl") if r["event"] == "personal-trained"
+        ]
         assert [r["round"] for r in personal] == [1, 2] and all(r["dp_chosen"] and r["dp"] for r in personal)
     # every round, each site's own test split: the global model's accuracy and its personal model's
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

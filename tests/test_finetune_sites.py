@@ -9,8 +9,25 @@ from tests.test_benchmarks import ROOT, _run
 
 
 def test_finetune_sites_smoke() -> None:
-    args = ("--sites", "3", "--modes", "head", "--epsilons", "3", "none", "--limit", "300", "--image-size", "32",
-            "--rounds", "1", "--local-epochs", "1", "--personal-epochs", "1")  # fmt: skip
+    args = (
+        "--sites",
+        "3",
+        "--modes",
+        "head",
+        "--epsilons",
+        "3",
+        "none",
+        "--limit",
+        "300",
+        "--image-size",
+        "32",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--personal-epochs",
+        "1",
+    )
     result = _run("benchmarks.finetune_sites", *args)
     accuracy = [r for r in result["rows"] if r["question"] == "accuracy"]
     personal = [r for r in result["rows"] if r["question"] == "personal"]
@@ -23,16 +40,43 @@ def test_finetune_sites_smoke() -> None:
 
 
 def test_finetune_sites_refuses_a_bad_epsilon_in_one_line() -> None:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.finetune_sites", "--epsilons", "0"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.finetune_sites", "--epsilons", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 2 and "ε must be > 0 or none (got 0)" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_finetune_sites_text_demo_asks_only_the_questions_named(tmp_path) -> None:
     """`--demo text --questions accuracy`: the MiniLM rows only, no personal rows, in finetune_text_sites<N>."""
-    args = ("--demo", "text", "--sites", "3", "--modes", "head", "--epsilons", "3", "--limit", "80",
-            "--max-tokens", "16", "--rounds", "1", "--local-epochs", "1", "--batch-size", "16",
-            "--questions", "accuracy", "--cache", str(tmp_path))  # fmt: skip
+    args = (
+        "--demo",
+        "text",
+        "--sites",
+        "3",
+        "--modes",
+        "head",
+        "--epsilons",
+        "3",
+        "--limit",
+        "80",
+        "--max-tokens",
+        "16",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--questions",
+        "accuracy",
+        "--cache",
+        str(tmp_path),
+    )
     result = _run("benchmarks.finetune_sites", *args)
     assert result["benchmark"] == "finetune_text_sites3"
     assert [(r["question"], r["split"]) for r in result["rows"]] == [("accuracy", "iid"), ("accuracy", "dirichlet")]

@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from common.backbones import load_backbone
-from common.config import BackboneConfig
-from common.dp_training import LocalTraining, train_head
-from common.encoder_registry import resolve_device
-from common.head import evaluate_head, make_head
-from common.privacy import epsilon_of, plan_dp
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.encoders.image import load_backbone
+from fedtransfer.common.encoders.registry import resolve_device
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 

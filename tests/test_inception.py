@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fedtransfer.common.config.finetune import FinetuneConfig
+from fedtransfer.common.config.run import BackboneConfig, ConfigError
+from fedtransfer.common.encoders.image import IMAGENET_MEAN, IMAGENET_STD, BackboneError, load_backbone
+from fedtransfer.common.encoders.registry import rebuild_encoder
+from fedtransfer.common.model.finetune import cut_encoder, make_top
 from torch.nn import functional as F
-
-from common.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneError, load_backbone
-from common.config import BackboneConfig, ConfigError
-from common.encoder_registry import rebuild_encoder
-from common.finetune import cut_encoder, make_top
-from common.finetune_config import FinetuneConfig
 
 SIZE = 75  # the smallest input Inception v3 takes (299 px is its native size; the test keeps it small)
 
@@ -37,8 +36,9 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, torch.
 
 def test_loads_from_a_local_file_and_matches_torchvisions_network(weights: tuple) -> None:
     path, digest, reference = weights
-    encoder = load_backbone(BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256=digest,
-                                           image_size=SIZE))  # fmt: skip
+    encoder = load_backbone(
+        BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256=digest, image_size=SIZE)
+    )
     assert not any(k.startswith("AuxLogits.") for k in encoder.state_dict())
     images = np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     features = encoder.embed(images)
@@ -57,21 +57,24 @@ def test_loads_from_a_local_file_and_matches_torchvisions_network(weights: tuple
 def test_a_file_with_another_hash_is_refused(weights: tuple) -> None:
     path, _, _ = weights
     with pytest.raises(BackboneError, match="SHA-256"):
-        load_backbone(BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256="0" * 64,
-                                     image_size=SIZE))  # fmt: skip
+        load_backbone(
+            BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256="0" * 64, image_size=SIZE)
+        )
 
 
 def test_its_last_block_fine_tunes(weights: tuple) -> None:
     path, digest, _ = weights
-    encoder = load_backbone(BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256=digest,
-                                           image_size=SIZE))  # fmt: skip
+    encoder = load_backbone(
+        BackboneConfig(name="inception_v3", weights_file=str(path), weights_sha256=digest, image_size=SIZE)
+    )
     ft = FinetuneConfig(train="lora", blocks=1, lora_rank=2)
     cut = cut_encoder(encoder, ft)
     top = make_top(cut, 3, 0, False, ft)
     images = np.random.default_rng(2).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(top.blocks(cut.embed(images).reshape(2, *cut.shape)), encoder.embed(images),
-                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+        torch.testing.assert_close(
+            top.blocks(cut.embed(images).reshape(2, *cut.shape)), encoder.embed(images), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_too_small_an_image_is_refused_by_the_config() -> None:

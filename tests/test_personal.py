@@ -9,18 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from fedtransfer.client.handlers import _evaluate
+from fedtransfer.client.personal import PersonalChoice, kept_by, personal_choice, personal_round
+from fedtransfer.client.site import Site
+from fedtransfer.client.train_round import local_head
+from fedtransfer.common.config.run import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
+from fedtransfer.common.config.site import SitePersonal
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.storage.audit_log import read_records
+from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import Metric, Rec
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
-
-from client.handlers import _evaluate
-from client.personal import PersonalChoice, kept_by, personal_choice, personal_round
-from client.site import Site
-from client.train_round import local_head
-from common.audit_log import read_records
-from common.config import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
-from common.exchange import head_to_arrays
-from common.head import evaluate_head, make_head
-from common.protocol import Metric, Rec
-from common.site_config import SitePersonal
 
 DIM, CLASSES = 16, 4
 
@@ -37,13 +36,34 @@ def _site(tmp_path: Path, policy: SitePolicy | None = None) -> Site:
     (train_x, train_y), (test_x, test_y) = split(400), split(200)
     encoder = SimpleNamespace(device=torch.device("cpu"), feature_dim=DIM, name="test-encoder", fingerprint="fp")
     data = SimpleNamespace(test=SimpleNamespace(classes=list(range(CLASSES))))
-    return Site("site-0", data, encoder, tmp_path, 7, policy, None, train_x, train_y, test_x, test_y,  # type: ignore[arg-type]
-                policy is None)  # fmt: skip
+    return Site(
+        "site-0",
+        data,
+        encoder,
+        tmp_path,
+        7,
+        policy,
+        None,
+        train_x,
+        train_y,
+        test_x,
+        test_y,  # type: ignore[arg-type]
+        policy is None,
+    )
 
 
 def _message(server_round: int, arrays: ArrayRecord | None = None) -> Message:
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=60.0, message_type="evaluate")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="evaluate",
+    )
     config = ConfigRecord({"server-round": server_round, "run-id": "r1", "backbone-fingerprint": "fp"})
     content = RecordDict({"config": config} if arrays is None else {"config": config, "arrays": arrays})
     return Message(content=content, metadata=meta)
@@ -51,8 +71,11 @@ def _message(server_round: int, arrays: ArrayRecord | None = None) -> Message:
 
 def _cfg(enabled: bool = True, **personal: object) -> RunConfig:
     cfg = RunConfig()
-    return replace(cfg, train=replace(cfg.train, rounds=3, batch_size=50),
-                   personal=PersonalConfig(enabled=enabled, epochs=3, learning_rate=0.5, **personal))  # fmt: skip
+    return replace(
+        cfg,
+        train=replace(cfg.train, rounds=3, batch_size=50),
+        personal=PersonalConfig(enabled=enabled, epochs=3, learning_rate=0.5, **personal),
+    )
 
 
 @pytest.mark.parametrize("dp", [True, False])
@@ -78,8 +101,9 @@ def test_a_round_trains_once_and_the_model_carries_over(tmp_path: Path) -> None:
     personal_round(site, cfg, global_head, _message(1), "r1", 1)
     state = torch.load(tmp_path / "personal" / "r1.pt", weights_only=True)
     again = personal_round(site, cfg, global_head, _message(1), "r1", 1)  # a repeated evaluation of round 1
-    assert torch.equal(torch.load(tmp_path / "personal" / "r1.pt", weights_only=True)["state"]["1.weight"],
-                       state["state"]["1.weight"])  # fmt: skip
+    assert torch.equal(
+        torch.load(tmp_path / "personal" / "r1.pt", weights_only=True)["state"]["1.weight"], state["state"]["1.weight"]
+    )
     assert len([r for r in read_records(site.audit_path) if r["event"] == "personal-trained"]) == 1
     personal_round(site, cfg, global_head, _message(2), "r1", 2)
     assert torch.load(tmp_path / "personal" / "r1.pt", weights_only=True)["round"] == 2
@@ -106,8 +130,9 @@ def test_a_round_trains_once_and_the_model_carries_over(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_the_sites_own_file_wins_over_the_run_config(own: SitePersonal | None, run: PersonalConfig,
-                                                     expected: PersonalChoice) -> None:  # fmt: skip
+def test_the_sites_own_file_wins_over_the_run_config(
+    own: SitePersonal | None, run: PersonalConfig, expected: PersonalChoice
+) -> None:
     policy = None if own is None else SitePolicy(personal=own)  # None: simulation, the run config is the site's own
     assert personal_choice(policy, run) == expected
 
@@ -212,6 +237,7 @@ def test_a_site_that_keeps_no_personal_model_trains_stores_and_sends_none(
     trained = [r for r in records if r["event"] == "personal-trained"]
     assert [r["round"] for r in trained] == ([1, 2] if kept else [])
     assert all(r["keep_chosen_by"] == ("run" if keep is None else "site") for r in trained)
-    not_kept = [(r["round"], r["keep_chosen_by"], r["run_proposed"]) for r in records
-                if r["event"] == "personal-not-kept"]  # fmt: skip
+    not_kept = [
+        (r["round"], r["keep_chosen_by"], r["run_proposed"]) for r in records if r["event"] == "personal-not-kept"
+    ]
     assert not_kept == ([(1, "site", run_enabled)] if keep is False else [])  # once per run, when the site declines

@@ -11,22 +11,37 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import SitePolicy
+from fedtransfer.common.config.site import SitePersonal
+from fedtransfer.common.privacy.policy import PersonalUse, PolicyUse, personal_uses, policy_violations
+from fedtransfer.common.storage.audit_log import AuditLog
+from fedtransfer.common.wire.protocol import Event
 
-from cli.main import main
-from common.audit_log import AuditLog
-from common.config import SitePolicy
-from common.policy import PersonalUse, PolicyUse, personal_uses, policy_violations
-from common.protocol import Event
-from common.site_config import SitePersonal
 from tests.synthetic_run import RUN_ID, RunSpec, write_run
 
-DP_PLAN = {"noise_multiplier": 1.1, "sample_rate": 0.1, "steps": 20, "max_grad_norm": 1.0, "target_epsilon": 3.0,
-           "target_delta": 1e-5, "accountant": "rdp"}  # fmt: skip
+DP_PLAN = {
+    "noise_multiplier": 1.1,
+    "sample_rate": 0.1,
+    "steps": 20,
+    "max_grad_norm": 1.0,
+    "target_epsilon": 3.0,
+    "target_delta": 1e-5,
+    "accountant": "rdp",
+}
 
 
 def _use(*personal: PersonalUse) -> PolicyUse:
-    return PolicyUse(rounds=2, without_dp=False, plain_aggregation=False, delta=1e-5, epsilon=1.0, epsilon_earlier=0.0,
-                     epsilon_scope="this run", personal=personal)  # fmt: skip
+    return PolicyUse(
+        rounds=2,
+        without_dp=False,
+        plain_aggregation=False,
+        delta=1e-5,
+        epsilon=1.0,
+        epsilon_earlier=0.0,
+        epsilon_scope="this run",
+        personal=personal,
+    )
 
 
 @pytest.mark.parametrize(
@@ -63,17 +78,24 @@ def _use(*personal: PersonalUse) -> PolicyUse:
         ),
     ],
 )
-def test_a_personal_training_against_the_sites_choice_is_a_violation(own: SitePersonal, use: PersonalUse,
-                                                                     violation: str | None) -> None:  # fmt: skip
+def test_a_personal_training_against_the_sites_choice_is_a_violation(
+    own: SitePersonal, use: PersonalUse, violation: str | None
+) -> None:
     found = policy_violations(SitePolicy(personal=own), _use(use))
     assert found == ([] if violation is None else [violation])
 
 
 def test_records_without_a_stated_dp_choice_count_as_without_dp() -> None:
-    records = [{"round": 1, "dp_chosen": True, "dp": DP_PLAN, "epsilon": 1.2},
-               {"round": 2, "dp_chosen": True, "dp": None, "epsilon": None}, {"round": 3}]  # fmt: skip
-    assert personal_uses(records) == (PersonalUse("round 1", True, 3.0, 1.2), PersonalUse("round 2", False, None, None),
-                                      PersonalUse("round 3", False, None, None))  # fmt: skip
+    records = [
+        {"round": 1, "dp_chosen": True, "dp": DP_PLAN, "epsilon": 1.2},
+        {"round": 2, "dp_chosen": True, "dp": None, "epsilon": None},
+        {"round": 3},
+    ]
+    assert personal_uses(records) == (
+        PersonalUse("round 1", True, 3.0, 1.2),
+        PersonalUse("round 2", False, None, None),
+        PersonalUse("round 3", False, None, None),
+    )
 
 
 def _run_with_personal(tmp_path: Path, dp: bool) -> Path:
@@ -81,16 +103,33 @@ def _run_with_personal(tmp_path: Path, dp: bool) -> Path:
     run = write_run(tmp_path / "run", RunSpec())
     log = AuditLog(run / "sites" / "site-0" / "audit.jsonl")
     for rnd in (1, 2):
-        log.append(Event.PERSONAL_TRAINED, run_id=RUN_ID, site="site-0", round=rnd, message_type="evaluate",
-                   dp_chosen=dp, dp_chosen_by="site", target_epsilon_chosen_by="site" if dp else None,
-                   dp=DP_PLAN if dp else None, epsilon=0.8 * rnd if dp else None)  # fmt: skip
+        log.append(
+            Event.PERSONAL_TRAINED,
+            run_id=RUN_ID,
+            site="site-0",
+            round=rnd,
+            message_type="evaluate",
+            dp_chosen=dp,
+            dp_chosen_by="site",
+            target_epsilon_chosen_by="site" if dp else None,
+            dp=DP_PLAN if dp else None,
+            epsilon=0.8 * rnd if dp else None,
+        )
     return run
 
 
 def _audit(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], **personal: Any) -> tuple[int, str]:
     config = tmp_path / "site-0.yaml"
-    config.write_text(json.dumps({"name": "site-0", "data_source": "mnist", "state_dir": str(tmp_path / "state"),
-                                  "policy": {"max_delta": 1e-3, "personal": personal}}))  # fmt: skip
+    config.write_text(
+        json.dumps(
+            {
+                "name": "site-0",
+                "data_source": "mnist",
+                "state_dir": str(tmp_path / "state"),
+                "policy": {"max_delta": 1e-3, "personal": personal},
+            }
+        )
+    )
     code = main(["audit", str(run), "--site-config", str(config), "--report-dir", str(tmp_path / "report")])
     return code, capsys.readouterr().out
 
@@ -105,8 +144,10 @@ def test_the_audit_checks_the_personal_records_against_the_site_file(tmp_path: P
     assert code == 1
     config = tmp_path / "site-0.yaml"
     for rnd in (1, 2):
-        assert (f"FAIL [policy] {config}: site-0: round {rnd}: the personal model trained without DP, but "
-                "policy.personal.dp is true") in out  # fmt: skip
+        assert (
+            f"FAIL [policy] {config}: site-0: round {rnd}: the personal model trained without DP, but "
+            "policy.personal.dp is true"
+        ) in out
 
 
 def test_the_audit_passes_a_dp_personal_model_within_the_sites_budget(tmp_path: Path, capsys) -> None:
@@ -124,11 +165,18 @@ def test_the_audit_fails_a_personal_model_the_site_declined_to_keep(tmp_path: Pa
     assert code == 1
     config = tmp_path / "site-0.yaml"
     for rnd in (1, 2):
-        assert (f"FAIL [policy] {config}: site-0: round {rnd}: a personal model trained, but "
-                "policy.personal.keep is false") in out  # fmt: skip
+        assert (
+            f"FAIL [policy] {config}: site-0: round {rnd}: a personal model trained, but policy.personal.keep is false"
+        ) in out
     honest = write_run(tmp_path / "declined", RunSpec())  # the site kept none: only its choice is on record
     AuditLog(honest / "sites" / "site-0" / "audit.jsonl").append(
-        Event.PERSONAL_NOT_KEPT, run_id=RUN_ID, site="site-0", round=1, message_type="evaluate",
-        keep_chosen_by="site", run_proposed=True)  # fmt: skip
+        Event.PERSONAL_NOT_KEPT,
+        run_id=RUN_ID,
+        site="site-0",
+        round=1,
+        message_type="evaluate",
+        keep_chosen_by="site",
+        run_proposed=True,
+    )
     code, out = _audit(honest, tmp_path, capsys, keep=False)
     assert code == 0, out

@@ -15,30 +15,44 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.wire.protocol import Metric, Rec, site_record
+from fedtransfer.server.federation.loop import personal_summary
+from fedtransfer.server.federation.recorder import RunRecorder
+from fedtransfer.server.federation.rounds import evaluate_round
+from fedtransfer.server.federation.sites import SiteBook
+from fedtransfer.server.federation.strategy import ScreenedStrategy
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
-
-from common.config import RunConfig
-from common.protocol import Metric, Rec, site_record
-from server.federation import personal_summary
-from server.recorder import RunRecorder
-from server.rounds import evaluate_round
-from server.sites import SiteBook
-from server.strategy import ScreenedStrategy
 
 TIMEOUT = 30.0
 
 
 def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
-                    group_id="1", created_at=time.time(), ttl=600.0, message_type="evaluate")  # fmt: skip
+    return Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="evaluate",
+    )
 
 
 def _scores(examples: int, accuracy: float, personal: float | None) -> dict[str, float]:
     """An evaluation reply's metrics; `personal` None: the site keeps no personal model and sends none."""
-    out = {Metric.NUM_EXAMPLES: examples, Metric.EVAL_LOSS: 1.0, Metric.EVAL_ACCURACY: accuracy,
-           Metric.EVAL_BALANCED_ACCURACY: accuracy, Metric.EVAL_AUROC: 0.0, Metric.EVAL_AUROC_DEFINED: 0.0}  # fmt: skip
+    out = {
+        Metric.NUM_EXAMPLES: examples,
+        Metric.EVAL_LOSS: 1.0,
+        Metric.EVAL_ACCURACY: accuracy,
+        Metric.EVAL_BALANCED_ACCURACY: accuracy,
+        Metric.EVAL_AUROC: 0.0,
+        Metric.EVAL_AUROC_DEFINED: 0.0,
+    }
     if personal is not None:
         out |= {Metric.PERSONAL_ACCURACY: personal, Metric.PERSONAL_BALANCED_ACCURACY: personal}
     return out
@@ -66,16 +80,19 @@ class _Grid:
 def _evaluate(sites: dict[str, dict[str, float]]) -> dict | None:
     """One federated evaluation with Flower's FedAvg behind the server's own strategy, as a run does it."""
     strategy = ScreenedStrategy(FedAvg(fraction_evaluate=1.0, min_evaluate_nodes=1, min_available_nodes=1), {}, 1)
-    asked = [Message(content=RecordDict(), metadata=_metadata(f"m-{n}", SUPERLINK_NODE_ID, n))
-             for n in range(1, len(sites) + 1)]  # fmt: skip
+    asked = [
+        Message(content=RecordDict(), metadata=_metadata(f"m-{n}", SUPERLINK_NODE_ID, n))
+        for n in range(1, len(sites) + 1)
+    ]
     strategy.configure_evaluate = lambda *_: asked  # type: ignore[method-assign]  # the sampling is not under test
     arrays = ArrayRecord({"w": torch.zeros(2)})
     return evaluate_round(_Grid(sites), 1, arrays, ConfigRecord({}), strategy, SiteBook(), TIMEOUT)  # type: ignore[arg-type]
 
 
 def test_a_site_without_a_personal_model_is_left_out_of_the_personal_mean_only() -> None:
-    out = _evaluate({"site-a": _scores(100, 0.5, 0.9), "site-b": _scores(300, 0.7, None),
-                     "site-c": _scores(100, 0.6, 0.8)})  # fmt: skip
+    out = _evaluate(
+        {"site-a": _scores(100, 0.5, 0.9), "site-b": _scores(300, 0.7, None), "site-c": _scores(100, 0.6, 0.8)}
+    )
     assert out is not None
     assert out["sites"] == 3 and out["accuracy"] == pytest.approx((50 + 210 + 60) / 500)  # the global mean: all
     assert out["personal_sites"] == 2
@@ -110,5 +127,8 @@ def test_status_json_ends_with_the_personal_means_over_the_sites_that_keep_one(t
     (tmp_path / "metrics.jsonl").write_text(json.dumps(line) + "\n")
     summary = recorder.finish({"w": np.zeros(2, dtype=np.float32)}, 0.6, None, "not under test")
     assert summary["final_sites"]["site-b"] == {"accuracy": 0.7, "balanced_accuracy": 0.7}
-    assert summary["final_personal"] == {"personal_accuracy": pytest.approx(0.9), "personal_sites": 1,
-                                         "global_accuracy_personal_sites": pytest.approx(0.5)}  # fmt: skip
+    assert summary["final_personal"] == {
+        "personal_accuracy": pytest.approx(0.9),
+        "personal_sites": 1,
+        "global_accuracy_personal_sites": pytest.approx(0.5),
+    }

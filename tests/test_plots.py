@@ -7,16 +7,21 @@ from typing import Any
 
 import matplotlib
 import pytest
-
-from server import report
+from fedtransfer.server.federation import report
 
 matplotlib.use("Agg")
 
 
 def _metrics(rounds: int) -> list[dict[str, Any]]:
-    return [{"round": r, "server": {"accuracy": 0.5 + 0.05 * r, "loss": 1.0}, "federated": {"accuracy": 0.4 + 0.05 * r},
-             "sites": {"site-0": {"status": "trained", "epsilon": 0.6 * r}, "site-1": {"status": "declined"}}}
-            for r in range(1, rounds + 1)]  # fmt: skip
+    return [
+        {
+            "round": r,
+            "server": {"accuracy": 0.5 + 0.05 * r, "loss": 1.0},
+            "federated": {"accuracy": 0.4 + 0.05 * r},
+            "sites": {"site-0": {"status": "trained", "epsilon": 0.6 * r}, "site-1": {"status": "declined"}},
+        }
+        for r in range(1, rounds + 1)
+    ]
 
 
 def _round_labels(fig: Any) -> list[str]:

@@ -21,20 +21,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.client import prepared, train_round
+from fedtransfer.client.prepared import PreparedEncoder, PreparedState, remembered_plan, site_encoder
+from fedtransfer.client.site import Site, get_site
+from fedtransfer.common.config.run import BackboneConfig, RunConfig, config_from_dict, to_run_config
+from fedtransfer.common.data.sources import simulate_federation
+from fedtransfer.common.encoders import registry as encoder_registry
+from fedtransfer.common.encoders.feature_cache import extract
+from fedtransfer.common.encoders.interface import EncoderError
+from fedtransfer.common.encoders.process_cache import ProcessCache
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.wire.exchange import head_to_arrays
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
-
-from client import prepared, train_round
-from client.prepared import PreparedEncoder, PreparedState, remembered_plan, site_encoder
-from client.site import Site, get_site
-from common import encoder_registry
-from common.config import BackboneConfig, RunConfig, config_from_dict, to_run_config
-from common.data import simulate_federation
-from common.encoders import EncoderError
-from common.exchange import head_to_arrays
-from common.features import extract
-from common.head import make_head
-from common.privacy import plan_dp
-from common.process_cache import ProcessCache
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,16 +188,32 @@ def _deployed(tmp_path: Path) -> tuple[Context, RunConfig]:
     images = np.concatenate([share.train.inputs, share.test.inputs])[:120, ..., 0]
     labels = np.concatenate([share.train.labels, share.test.labels])[:120]
     np.savez(home / "digits.npz", train_images=images, train_labels=labels)
-    site = {"name": "hospital-a", "data_source": "npz", "data_path": "digits.npz", "device": "cpu",
-            "state_dir": "state"}  # fmt: skip
+    site = {
+        "name": "hospital-a",
+        "data_source": "npz",
+        "data_path": "digits.npz",
+        "device": "cpu",
+        "state_dir": "state",
+    }
     (home / "site.yaml").write_text(yaml.safe_dump(site))
-    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-                            "device": "cpu", "backbone": {"image_size": 32},
-                            "data": {"source": "digits", "num_sites": 3},
-                            "train": {"rounds": 3, "local_epochs": 1, "protocol": "fedavg"},
-                            "privacy": {"target_delta": 1e-5, "feature_stats": False}})  # fmt: skip
-    context = Context(run_id=1, node_id=7, node_config={"site-config": str(home / "site.yaml")}, state=RecordDict(),
-                      run_config=to_run_config(cfg))  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+            "backbone": {"image_size": 32},
+            "data": {"source": "digits", "num_sites": 3},
+            "train": {"rounds": 3, "local_epochs": 1, "protocol": "fedavg"},
+            "privacy": {"target_delta": 1e-5, "feature_stats": False},
+        }
+    )
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"site-config": str(home / "site.yaml")},
+        state=RecordDict(),
+        run_config=to_run_config(cfg),
+    )
     return context, cfg
 
 
@@ -210,10 +225,25 @@ def _process(context: Context, cfg: RunConfig) -> Site:
 def _train_message(site: Site, server_round: int) -> Message:
     torch.manual_seed(0)
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), 0)
-    config = ConfigRecord({"run-id": "0123abcd", "backbone-fingerprint": site.backbone.fingerprint,
-                           "app-version": "0.1.0", "server-round": server_round})  # fmt: skip
-    meta = Metadata(run_id=1, message_id=f"m-{server_round}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
+    config = ConfigRecord(
+        {
+            "run-id": "0123abcd",
+            "backbone-fingerprint": site.backbone.fingerprint,
+            "app-version": "0.1.0",
+            "server-round": server_round,
+        }
+    )
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m-{server_round}",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=RecordDict({"arrays": head_to_arrays(head), "config": config}), metadata=meta)
 
 
@@ -236,17 +266,23 @@ def test_a_prepared_site_trains_without_building_its_backbone(tmp_path: Path, mo
     assert reply["metrics"]["epsilon"] > 0 and "dp" in reply
 
     data = np.load(tmp_path / "site" / "digits.npz")  # the site's data changes: new features, same weights
-    np.savez(tmp_path / "site" / "digits.npz", train_images=255 - data["train_images"],
-             train_labels=data["train_labels"])  # fmt: skip
+    np.savez(
+        tmp_path / "site" / "digits.npz", train_images=255 - data["train_images"], train_labels=data["train_labels"]
+    )
     third = _process(context, cfg)
     assert loads.count == 2 and third.backbone.loaded  # built lazily, only to extract, and checked
-    assert torch.allclose(third.train_x, extract(encoder_registry.KINDS["image"].load(cfg.backbone, "cpu"),
-                                                 third.data.train.inputs))  # fmt: skip
+    assert torch.allclose(
+        third.train_x, extract(encoder_registry.KINDS["image"].load(cfg.backbone, "cpu"), third.data.train.inputs)
+    )
 
 
 def test_the_clientapp_imports_no_image_or_text_library() -> None:
     """A prepared site never builds its encoder, so its process does not pay for importing torchvision."""
-    probe = "import sys, client.client_app; print(sorted({'torchvision', 'sentence_transformers'} & set(sys.modules)))"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=APP_ROOT, capture_output=True, text=True, timeout=300,
-                          check=True)  # fmt: skip
+    probe = (
+        "import sys, fedtransfer.client.client_app; "
+        "print(sorted({'torchvision', 'sentence_transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=APP_ROOT, capture_output=True, text=True, timeout=300, check=True
+    )
     assert done.stdout.strip() == "[]"

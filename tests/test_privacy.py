@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from client.site import Declined, enforce_policy
-from common.config import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
-from common.dp_training import LocalTraining, train_head
-from common.head import make_head
-from common.ledger import BudgetExceeded, PrivacyLedger
-from common.privacy import DPPlan, epsilon_of, plan_dp, plan_fedsgd
+from fedtransfer.client.site import Declined, enforce_policy
+from fedtransfer.common.config.run import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of, plan_dp, plan_fedsgd
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.ledger import BudgetExceeded, PrivacyLedger
 
 N, DIM, CLASSES, BATCH = 200, 16, 3, 50
 EPSILON, DELTA, ROUNDS, LOCAL_EPOCHS = 3.0, 1e-3, 3, 1
@@ -153,8 +152,16 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path: Path) -> None:
 
 
 def _dp_plan(**changes: float) -> DPPlan:
-    values = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps_per_round": 10, "rounds": 5, "max_grad_norm": 1.0,
-              "target_epsilon": 3.0, "target_delta": 1e-5, "accountant": "rdp"} | changes  # fmt: skip
+    values = {
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.1,
+        "steps_per_round": 10,
+        "rounds": 5,
+        "max_grad_norm": 1.0,
+        "target_epsilon": 3.0,
+        "target_delta": 1e-5,
+        "accountant": "rdp",
+    } | changes
     return DPPlan(**values)  # type: ignore[arg-type]
 
 
@@ -197,9 +204,12 @@ def test_spent_before_counts_only_runs_the_ledger_held_before_this_one(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("stats_share", "what"), [(None, r"30 step\(s\) at sample rate 1; raise it, or lower train\.rounds"),
-                              (0.2, "the feature statistics' one release; raise it")],
-)  # fmt: skip
+    ("stats_share", "what"),
+    [
+        (None, r"30 step\(s\) at sample rate 1; raise it, or lower train\.rounds"),
+        (0.2, "the feature statistics' one release; raise it"),
+    ],
+)
 def test_an_epsilon_no_noise_can_meet_is_one_line_naming_the_key(stats_share: float | None, what: str) -> None:
     # Opacus' own search gives up ("The privacy budget is too low"): that is the user's ε, not a bug
     with pytest.raises(

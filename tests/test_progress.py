@@ -6,14 +6,14 @@ import io
 import re
 from pathlib import Path
 
+import fedtransfer.server.audit.empirical as empirical_audit
 import numpy as np
 import pytest
 import torch
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.progress import Progress, _duration
 
-import server.audit.empirical as empirical_audit
-from cli.main import main
-from common.config import RunConfig
-from common.progress import Progress, _duration
 from tests.synthetic_run import RunSpec, write_run
 
 
@@ -62,8 +62,9 @@ def _site_features(cfg: RunConfig) -> list[empirical_audit.SiteFeatures]:
     for name in ("site-0", "site-1"):
         labels = rng.integers(0, 10, 120)
         features = np.maximum(rng.random((10, 64))[labels] + 0.5 * rng.standard_normal((120, 64)), 0)
-        out.append(empirical_audit.SiteFeatures(name, torch.tensor(features, dtype=torch.float32),
-                                                torch.tensor(labels), 10))  # fmt: skip
+        out.append(
+            empirical_audit.SiteFeatures(name, torch.tensor(features, dtype=torch.float32), torch.tensor(labels), 10)
+        )
     return out
 
 
@@ -76,6 +77,9 @@ def test_the_canary_test_reports_each_stage_in_a_log(tmp_path: Path, monkeypatch
     stages = [line for line in err.splitlines() if line.startswith("empirical test: ")]
     assert code == 0, err
     assert [s.split(" done ")[0] for s in stages] == [
-        "empirical test: site-0 with DP", "empirical test: site-0 control without DP",
-        "empirical test: site-1 with DP", "empirical test: site-1 control without DP"]  # fmt: skip
+        "empirical test: site-0 with DP",
+        "empirical test: site-0 control without DP",
+        "empirical test: site-1 with DP",
+        "empirical test: site-1 control without DP",
+    ]
     assert [re.search(r"\((\d+)/8 rounds", s).group(1) for s in stages] == ["2", "4", "6", "8"]

@@ -9,27 +9,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedtransfer.client import client_app
+from fedtransfer.client.replay import ReplyCache
+from fedtransfer.common.config.run import BackboneConfig, config_from_dict, to_run_config
+from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.storage.audit_log import read_records, verify_chain
+from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
-
-from client import client_app
-from client.replay import ReplyCache
-from common.audit_log import read_records, verify_chain
-from common.backbones import ImageBackbone, load_backbone
-from common.config import BackboneConfig, config_from_dict, to_run_config
-from common.exchange import arrays_to_numpy, head_to_arrays
-from common.head import make_head
 
 
 @pytest.fixture
 def context(tmp_path: Path) -> Context:
-    cfg = config_from_dict({
-        "output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
-        "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
-        "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
-        "privacy": {"target_delta": 1e-4, "feature_stats": False},
-    })  # fmt: skip
-    return Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
-                   run_config=to_run_config(cfg))  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+            "backbone": {"image_size": 32},
+            "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
+            "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
+            "privacy": {"target_delta": 1e-4, "feature_stats": False},
+        }
+    )
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=to_run_config(cfg),
+    )
 
 
 @functools.cache
@@ -42,11 +51,25 @@ def _request(server_round: int, scale: float = 1.0) -> Message:
     torch.manual_seed(0)  # the same global head each time it is asked for
     head = make_head(backbone.feature_dim, 10, 0)
     arrays = {k: torch.from_numpy(v * scale) for k, v in arrays_to_numpy(head_to_arrays(head)).items()}
-    config = ConfigRecord({"run-id": "0123abcd", "backbone-fingerprint": backbone.fingerprint,
-                           "app-version": "0.1.0", "server-round": server_round})  # fmt: skip
-    metadata = Metadata(run_id=1, message_id=f"m-{server_round}-{scale}", src_node_id=1, dst_node_id=7,
-                        reply_to_message_id="", group_id=str(server_round), created_at=time.time(), ttl=3600.0,
-                        message_type="train")  # fmt: skip
+    config = ConfigRecord(
+        {
+            "run-id": "0123abcd",
+            "backbone-fingerprint": backbone.fingerprint,
+            "app-version": "0.1.0",
+            "server-round": server_round,
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m-{server_round}-{scale}",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=metadata)
 
 

@@ -14,15 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtransfer.cli.main import main
 from PIL import Image
 
-from cli.main import main
 from tests.synthetic_run import RunSpec, write_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here: `make test` installs Debian's package")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync")  # fmt: skip
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 SITES = ("hospital-a", "hospital-b", "bank-c")
 
 
@@ -69,5 +77,6 @@ def test_a_failed_report_shows_the_failure(tmp_path: Path, capsys) -> None:
     dom = _browse(page, tmp_path / "profile", "--dump-dom").stdout
     assert re.search(r'<div class="verdict fail">FAILED: \d+ failure\(s\)</div>', dom)
     failed = dom[dom.index("<h2>Failed checks</h2>") :]
-    assert re.search(r"<li><code>[^<]*audit\.jsonl:\d+: round 2 aggregated 1 site\(s\)[^<]*</code> \(completion\)</li>",
-                     failed), failed[:1500]  # fmt: skip
+    assert re.search(
+        r"<li><code>[^<]*audit\.jsonl:\d+: round 2 aggregated 1 site\(s\)[^<]*</code> \(completion\)</li>", failed
+    ), failed[:1500]

@@ -20,21 +20,24 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedtransfer.common.config.run import RunConfig, config_from_dict
+from fedtransfer.common.storage.audit_log import read_records
+from fedtransfer.server.federation import checkpoint
+from fedtransfer.server.launch.simulation import SimulationError, simulate
 
-from common.audit_log import read_records
-from common.config import RunConfig, config_from_dict
-from server import checkpoint
-from server.simulation import SimulationError, simulate
 from tests.deploy_harness import _descendants
 
 pytestmark = pytest.mark.slow
 
 SMALL = {
-    "run_name": "resume", "seed": 7, "device": "cpu", "backbone": {"image_size": 32},
+    "run_name": "resume",
+    "seed": 7,
+    "device": "cpu",
+    "backbone": {"image_size": 32},
     "data": {"source": "digits", "split": "iid", "num_sites": 2, "max_samples": 600},
     "train": {"rounds": 2, "local_epochs": 2, "protocol": "fedavg", "learning_rate": 0.5},
     "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
-}  # fmt: skip
+}
 SITES = ("site-0", "site-1")
 
 

@@ -8,22 +8,21 @@ import time
 import numpy as np
 import pytest
 import torch
+from fedtransfer.client import client_app
+from fedtransfer.common.config.run import BackboneConfig, RunConfig, TrainConfig, config_from_dict, to_run_config
+from fedtransfer.common.data.sources import load_source, partition_iid, split_holdout
+from fedtransfer.common.encoders.feature_cache import extract
+from fedtransfer.common.encoders.image import load_backbone
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.wire.exchange import check_arrays, head_spec, head_to_arrays, load_head
+from fedtransfer.common.wire.protocol import Refusal
+from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
-from client import client_app
-from common.backbones import load_backbone
-from common.config import BackboneConfig, RunConfig, TrainConfig, config_from_dict, to_run_config
-from common.data import load_source, partition_iid, split_holdout
-from common.dp_training import LocalTraining, train_head
-from common.exchange import check_arrays, head_spec, head_to_arrays, load_head
-from common.features import extract
-from common.head import evaluate_head, make_head
-from common.privacy import plan_dp
-from common.protocol import Refusal
-from server.strategy import ScreenedStrategy, make_strategy
 
 HEAD = make_head(16, 4)
 SPEC = head_spec(HEAD)
@@ -107,8 +106,17 @@ def site_context(tmp_path_factory: pytest.TempPathFactory) -> tuple[Context, str
 
 def _message(content: RecordDict, message_id: str, src: int, dst: int, reply_to: str = "") -> Message:
     """A train message with explicit metadata: flwr 1.41 fills it only inside a running app."""
-    meta = Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
-                    group_id="1", created_at=time.time(), ttl=3600.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     return Message(content=content, metadata=meta)
 
 

@@ -11,21 +11,34 @@ import json
 from pathlib import Path
 
 import pytest
+from fedtransfer.common.config.run import RunConfig, config_from_dict
+from fedtransfer.server.launch.simulation import simulate
 
-from common.config import RunConfig, config_from_dict
-from server.simulation import simulate
 from tests.app_variants import app_variant
 
 pytestmark = pytest.mark.slow
 
 
 def _config(run: Path, cache: Path) -> RunConfig:
-    return config_from_dict({
-        "run_name": "robust", "output_dir": str(run), "cache_dir": str(cache), "backbone": {"image_size": 32},
-        "data": {"num_sites": 8, "split": "iid"}, "train": {"rounds": 3, "local_epochs": 5, "strategy":
-        "fedtrimmedavg", "trimmed_beta": 0.2, "fraction_evaluate": 0.0, "protocol": "fedavg", "learning_rate": 0.5},
-        "privacy": {"feature_stats": False, "accountant": "rdp"},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "run_name": "robust",
+            "output_dir": str(run),
+            "cache_dir": str(cache),
+            "backbone": {"image_size": 32},
+            "data": {"num_sites": 8, "split": "iid"},
+            "train": {
+                "rounds": 3,
+                "local_epochs": 5,
+                "strategy": "fedtrimmedavg",
+                "trimmed_beta": 0.2,
+                "fraction_evaluate": 0.0,
+                "protocol": "fedavg",
+                "learning_rate": 0.5,
+            },
+            "privacy": {"feature_stats": False, "accountant": "rdp"},
+        }
+    )
 
 
 def _rounds(run: Path) -> list[dict]:
@@ -34,8 +47,9 @@ def _rounds(run: Path) -> list[dict]:
 
 def test_trimmed_mean_survives_a_nan_site_and_a_scaled_site(tmp_path: Path) -> None:
     honest = simulate(_config(tmp_path / "honest", tmp_path / "cache"), stream=False)
-    hostile_app = app_variant(tmp_path / "app", Path(__file__).with_name("hostile_client.py"),
-                              clientapp="hostile_client:app")  # fmt: skip
+    hostile_app = app_variant(
+        tmp_path / "app", Path(__file__).with_name("hostile_client.py"), clientapp="hostile_client:app"
+    )
     attacked = simulate(_config(tmp_path / "attacked", tmp_path / "cache"), stream=False, app_dir=hostile_app)
     for record in _rounds(tmp_path / "attacked"):
         assert record["sites_trained"] == 7  # the scaled head passes the checks; the trimmed mean cuts it

@@ -8,10 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from common import locking
-from common.config import ConfigError, RunConfig, config_from_dict, to_nested
-from server import run_folder
+from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, to_nested
+from fedtransfer.common.storage import locking
+from fedtransfer.server.federation import run_folder
 
 
 def _hold_until_told(folder: str, ready: multiprocessing.Event, release: multiprocessing.Event) -> None:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cli.main import main
-from server.audit import audit_run
+from fedtransfer.cli.main import main
+from fedtransfer.server.audit import audit_run
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,9 @@ EVERY_SITE_DECLINES = {
 def test_a_run_in_which_every_site_declines_fails_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(EVERY_SITE_DECLINES | {"output_dir": str(run_dir),
-                                                            "cache_dir": str(tmp_path / "cache")}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(EVERY_SITE_DECLINES | {"output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache")})
+    )
     assert main(["simulate", "--config", str(config)]) == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "no model exported" in err

@@ -16,18 +16,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.client import client_app
+from fedtransfer.common.config.run import ConfigError, config_from_dict, to_run_config
+from fedtransfer.common.encoders.image import load_backbone
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import Refusal
+from fedtransfer.server.audit import audit_run
+from fedtransfer.server.federation import checkpoint
+from fedtransfer.server.launch.simulation import simulate
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client import client_app
-from common.backbones import load_backbone
-from common.config import ConfigError, config_from_dict, to_run_config
-from common.exchange import head_to_arrays
-from common.head import make_head
-from common.protocol import Refusal
-from server import checkpoint
-from server.audit import audit_run
-from server.simulation import simulate
 from tests.app_variants import app_variant
 
 pytestmark = pytest.mark.slow
@@ -37,14 +37,24 @@ SITES = 4
 @pytest.fixture(scope="module")
 def secure_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("secagg")
-    cfg = config_from_dict({
-        "run_name": "secagg", "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
-        "backbone": {"image_size": 32}, "data": {"source": "digits", "split": "iid", "num_sites": SITES},
-        "train": {"rounds": 2, "local_epochs": 2, "fraction_evaluate": 0.0, "protocol": "fedavg",
-                  "learning_rate": 0.5},  # heads under SecAgg+ (fedsgd's sums: test_distributed_trust.py)
-        "privacy": {"feature_stats": False, "accountant": "rdp"},
-        "secure_aggregation": True,
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "run_name": "secagg",
+            "output_dir": str(tmp / "run"),
+            "cache_dir": str(tmp / "cache"),
+            "backbone": {"image_size": 32},
+            "data": {"source": "digits", "split": "iid", "num_sites": SITES},
+            "train": {
+                "rounds": 2,
+                "local_epochs": 2,
+                "fraction_evaluate": 0.0,
+                "protocol": "fedavg",
+                "learning_rate": 0.5,
+            },  # heads under SecAgg+ (fedsgd's sums: test_distributed_trust.py)
+            "privacy": {"feature_stats": False, "accountant": "rdp"},
+            "secure_aggregation": True,
+        }
+    )
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDTRANSFER_SPY_DROP_ROUND", "2")  # inherited by the SuperLink and the ServerApp it starts
     try:
@@ -101,8 +111,9 @@ def test_aggregate_is_fedavg_of_the_surviving_sites_within_quantisation_error(se
     survivors = [heads[n] for n in sorted(heads) if n not in lost]
     total = sum(n for _, n in survivors)
     mean = {k: sum(h[k].astype(np.float64) * n for h, n in survivors) / total for k in survivors[0][0]}
-    everyone = {k: sum(h[k].astype(np.float64) * n for h, n in heads.values()) / sum(n for _, n in heads.values())
-                for k in mean}  # fmt: skip
+    everyone = {
+        k: sum(h[k].astype(np.float64) * n for h, n in heads.values()) / sum(n for _, n in heads.values()) for k in mean
+    }
     aggregate = checkpoint.latest(secure_run).head
     error = max(float(np.max(np.abs(aggregate[k] - mean[k]))) for k in mean)
     # stochastic rounding: each site's weighted value is off by at most one level of 2c/T, over Σ weights
@@ -139,18 +150,38 @@ def test_secure_aggregation_refuses_what_it_cannot_do() -> None:
 
 def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
-    site = {"name": "hospital-z", "data_source": "digits", "device": "cpu", "state_dir": "state",
-            "policy": {"require_secure_aggregation": True}}  # fmt: skip
+    site = {
+        "name": "hospital-z",
+        "data_source": "digits",
+        "device": "cpu",
+        "state_dir": "state",
+        "policy": {"require_secure_aggregation": True},
+    }
     site_yaml.write_text(yaml.safe_dump(site))
-    cfg = config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-                            "backbone": {"image_size": 32}})  # fmt: skip
-    context = Context(run_id=1, node_id=1, node_config={"site-config": str(site_yaml)}, state=RecordDict(),
-                      run_config=to_run_config(cfg))  # fmt: skip
+    cfg = config_from_dict(
+        {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "backbone": {"image_size": 32}}
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"site-config": str(site_yaml)},
+        state=RecordDict(),
+        run_config=to_run_config(cfg),
+    )
     backbone = load_backbone(cfg.backbone)
     head = make_head(backbone.feature_dim, 10, centred=True)  # the default protocol's head (feature statistics on)
     config = {"server-round": 1, "run-id": "r1", "backbone-fingerprint": backbone.fingerprint}
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="", group_id="1",
-                    created_at=time.time(), ttl=600.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="train",
+    )
     plain = Message(RecordDict({"arrays": head_to_arrays(head), "config": ConfigRecord(config)}), metadata=meta)
     answer = client_app.train(plain, context)
     assert answer.has_error()

@@ -17,17 +17,17 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import BackboneConfig
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.storage.audit_log import AuditLog, update_digest
+from fedtransfer.common.wire.protocol import Event
+from fedtransfer.server.audit.run import audit_run
+from fedtransfer.server.export import serving
+from fedtransfer.server.export.model_file import AdaptedModel, export_model, load_model
 from onnx import numpy_helper
 
-from cli.main import main
-from common.audit_log import AuditLog, update_digest
-from common.config import BackboneConfig
-from common.encoder_registry import load_encoder
-from common.head import make_head
-from common.protocol import Event
-from server import serving
-from server.audit.run import audit_run
-from server.export import AdaptedModel, export_model, load_model
 from tests.synthetic_run import RUN_ID, RunSpec, write_run
 
 SAMPLES = "48"  # hold-out images each export is checked on: enough to compare, quick on 2 cores
@@ -40,8 +40,9 @@ def _real_model_run(run_dir: Path) -> Path:
     encoder = load_encoder(BackboneConfig(name="mobilenet_v2", image_size=32), "cpu")
     head = make_head(encoder.feature_dim, 10)
     export_model(run_dir / "model.pt", encoder, head, 0, [str(i) for i in range(10)])
-    AuditLog(run_dir / "audit.jsonl").append(Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt",
-                                              head=update_digest(serving.head_arrays(head)))  # fmt: skip
+    AuditLog(run_dir / "audit.jsonl").append(
+        Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt", head=update_digest(serving.head_arrays(head))
+    )
     return run_dir
 
 

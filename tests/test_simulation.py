@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from cli.main import main
-from common.audit_log import read_records, verify_chain
-from common.config import RunConfig, config_from_dict
-from common.data import federation_for
-from common.privacy import epsilon_of
-from server.export import load_model
-from server.launcher import APP_DIR, flower_bin, flower_env
-from server.simulation import simulation_superlink
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import RunConfig, config_from_dict
+from fedtransfer.common.data.sources import federation_for
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.storage.audit_log import read_records, verify_chain
+from fedtransfer.server.export.model_file import load_model
+from fedtransfer.server.launch.launcher import APP_DIR, flower_bin, flower_env
+from fedtransfer.server.launch.simulation import simulation_superlink
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +54,11 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
 
     # hash-chained audit logs at the server and at every site, and their update hashes match record by record
     assert verify_chain(run_dir / "audit.jsonl") == []
-    received = {(r["site"], r["round"]): r["update"]["sha256"] for r in read_records(run_dir / "audit.jsonl")
-                if r["event"] == "update-received"}  # fmt: skip
+    received = {
+        (r["site"], r["round"]): r["update"]["sha256"]
+        for r in read_records(run_dir / "audit.jsonl")
+        if r["event"] == "update-received"
+    }
     sent = {}
     for name in privacy:
         log = run_dir / "sites" / name / "audit.jsonl"
@@ -107,10 +109,24 @@ def test_flwr_run_dot_uses_the_same_apps(tmp_path: Path) -> None:
     flwr_home = tmp_path / ".flwr"
     with simulation_superlink(flwr_home, tmp_path / "superlink.log") as connection:
         done = subprocess.run(
-            [flower_bin("flwr"), "run", ".", connection, "--run-config", overrides, "--stream",
-             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
-            cwd=APP_DIR, env=flower_env(flwr_home), capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
+            [
+                flower_bin("flwr"),
+                "run",
+                ".",
+                connection,
+                "--run-config",
+                overrides,
+                "--stream",
+                "--federation-config",
+                "num-supernodes=2 client-resources-num-cpus=1",
+            ],
+            cwd=APP_DIR,
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "status.json").read_text())["status"] == "completed", done.stdout[-3000:]
     cfg = config_from_dict(SMALL | {"run_name": "demo", "output_dir": str(out), "cache_dir": str(tmp_path / "cache")})

@@ -11,19 +11,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.cli.main import main
+from fedtransfer.client import train_round
+from fedtransfer.client.site import Declined, Site, get_site
+from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_site_config, to_run_config
+from fedtransfer.common.config.site import site_paths
+from fedtransfer.common.data.sources import DataError, deployed_site_data
+from fedtransfer.common.encoders.process_cache import ProcessCache
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import Metric
+from fedtransfer.deploy.credentials import init_deployment
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
-from cli.main import main
-from client import train_round
-from client.site import Declined, Site, get_site
-from common.config import ConfigError, RunConfig, config_from_dict, load_site_config, to_run_config
-from common.data import DataError, deployed_site_data
-from common.exchange import head_to_arrays
-from common.head import make_head
-from common.process_cache import ProcessCache
-from common.protocol import Metric
-from common.site_config import site_paths
-from deploy.credentials import init_deployment
 from tests.test_users import tiny_images  # the same tiny image folder the simulation's tests use
 
 DIM = 8
@@ -33,10 +33,17 @@ def _run(tmp_path: Path, source: str = "npz", **privacy: object) -> RunConfig:
     """A coordinator's run config under unit: user (its data is its own hold-out; a deployed site reads its own)."""
     data = {"source": source} | ({"path": str(tmp_path / "server-test.npz")} if source == "npz" else {})
     train = {"protocol": "fedsgd", "sample_rate": 1.0, "rounds": 3}  # rate 1: the accountant's quick case
-    return config_from_dict({"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
-                             "backbone": {"image_size": 32}, "train": train, "data": data,
-                             "privacy": {"unit": "user", "target_delta": 1e-3, "accountant": "rdp",
-                                         "feature_stats": False} | privacy})  # fmt: skip
+    return config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "device": "cpu",
+            "backbone": {"image_size": 32},
+            "train": train,
+            "data": data,
+            "privacy": {"unit": "user", "target_delta": 1e-3, "accountant": "rdp", "feature_stats": False} | privacy,
+        }
+    )
 
 
 def _site_yaml(home: Path, **keys: object) -> Path:
@@ -56,8 +63,19 @@ def _site(config: Path) -> Site:
         name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
 
     x, t = torch.randn(len(data.train), DIM), torch.randn(len(data.test), DIM)
-    return Site(data.name, data, Backbone(), paths.state_dir, 7, sc.policy, None, x,
-                torch.from_numpy(data.train.labels), t, torch.from_numpy(data.test.labels))  # fmt: skip
+    return Site(
+        data.name,
+        data,
+        Backbone(),
+        paths.state_dir,
+        7,
+        sc.policy,
+        None,
+        x,
+        torch.from_numpy(data.train.labels),
+        t,
+        torch.from_numpy(data.test.labels),
+    )
 
 
 def _grouped_by_person(site: Site, cfg: RunConfig) -> int:
@@ -77,8 +95,9 @@ def _npz(path: Path, count: int) -> None:
 def test_an_image_folder_site_names_its_people_in_a_users_file_beside_its_config(tmp_path: Path) -> None:
     paths = tiny_images(tmp_path / "scans", 20)
     (tmp_path / "people").mkdir()
-    (tmp_path / "people" / "users.csv").write_text("path,user\n" + "".join(f"{p},patient-{k // 4}\n"
-                                                                          for k, p in enumerate(paths)))  # fmt: skip
+    (tmp_path / "people" / "users.csv").write_text(
+        "path,user\n" + "".join(f"{p},patient-{k // 4}\n" for k, p in enumerate(paths))
+    )
     config = _site_yaml(tmp_path, data_source="imagefolder", data_path="scans", users_file="people/users.csv")
     site = _site(config)
     assert _grouped_by_person(site, _run(tmp_path)) <= 5  # 5 patients of 4 scans each, some of them held out
@@ -92,8 +111,9 @@ def test_a_npz_site_takes_an_absolute_users_file_and_trains_per_person(tmp_path:
     _npz(home / "scans.npz", 40)
     users = elsewhere / "users.csv"
     users.write_text("index,user\n" + "".join(f"{k},p{k % 8}\n" for k in range(40)))
-    config = _site_yaml(home, data_source="npz", data_path="scans.npz", users_file=str(users),
-                        policy={"max_delta": 1e-2})  # fmt: skip
+    config = _site_yaml(
+        home, data_source="npz", data_path="scans.npz", users_file=str(users), policy={"max_delta": 1e-2}
+    )
     site, cfg = _site(config), _run(tmp_path)
     persons = _grouped_by_person(site, cfg)
     reply = train_round.train(site, cfg, _message(1))
@@ -104,16 +124,25 @@ def test_a_npz_site_takes_an_absolute_users_file_and_trains_per_person(tmp_path:
 def test_a_text_site_names_its_people_in_a_user_column(tmp_path: Path) -> None:
     rows = "".join(f"note {k},{['fees', 'card'][k % 2]},customer-{k % 6}\n" for k in range(30))
     (tmp_path / "notes.csv").write_text("body,desk,customer\n" + rows)
-    config = _site_yaml(tmp_path, data_source="text", data_path="notes.csv", text_column="body", label_column="desk",
-                        user_column="customer")  # fmt: skip
+    config = _site_yaml(
+        tmp_path,
+        data_source="text",
+        data_path="notes.csv",
+        text_column="body",
+        label_column="desk",
+        user_column="customer",
+    )
     site = _site(config)
     assert _grouped_by_person(site, _run(tmp_path)) == 6
     assert all(u.startswith("customer-") for u in site.data.train.users)
 
 
 def test_a_table_site_names_its_people_through_its_schema_copy(tmp_path: Path) -> None:
-    schema = {"columns": {"balance": {"type": "numeric", "range": [0, 100]}},
-              "label": {"column": "default", "classes": ["No", "Yes"]}, "user": "customer"}  # fmt: skip
+    schema = {
+        "columns": {"balance": {"type": "numeric", "range": [0, 100]}},
+        "label": {"column": "default", "classes": ["No", "Yes"]},
+        "user": "customer",
+    }
     (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
     rows = "".join(f"{k},{['No', 'Yes'][k % 2]},c{k // 5}\n" for k in range(40))
     (tmp_path / "cards.csv").write_text("balance,default,customer\n" + rows)
@@ -127,8 +156,9 @@ def test_the_clientapp_builds_a_deployed_site_with_its_people(tmp_path: Path) ->
     (tmp_path / "users.csv").write_text("index,user\n" + "".join(f"{k},p{k // 3}\n" for k in range(30)))
     config = _site_yaml(tmp_path, data_source="npz", data_path="scans.npz", users_file="users.csv")
     cfg = _run(tmp_path)
-    context = Context(run_id=1, node_id=7, node_config={"site-config": str(config)}, state=RecordDict(),
-                      run_config=to_run_config(cfg))  # fmt: skip
+    context = Context(
+        run_id=1, node_id=7, node_config={"site-config": str(config)}, state=RecordDict(), run_config=to_run_config(cfg)
+    )
     site = get_site(context, cfg, ProcessCache(max_entries=16, max_bytes=1 << 30))
     assert _grouped_by_person(site, cfg) <= 10
 
@@ -146,8 +176,11 @@ def test_a_site_that_names_nobody_declines_naming_the_key_to_set(tmp_path: Path)
     _npz(tmp_path / "scans.npz", 20)
     site = _site(_site_yaml(tmp_path, data_source="npz", data_path="scans.npz"))
     assert train_round.site_units(site, _run(tmp_path, unit="record")).count == len(site.train_y)
-    with pytest.raises(Declined, match=r"names no person per record; set user_column \(text\) or users_file "
-                                       r"\(imagefolder, npz\) in the site's config"):  # fmt: skip
+    with pytest.raises(
+        Declined,
+        match=r"names no person per record; set user_column \(text\) or users_file "
+        r"\(imagefolder, npz\) in the site's config",
+    ):
         train_round.site_units(site, _run(tmp_path))
 
 
@@ -171,8 +204,10 @@ def test_a_record_the_users_file_does_not_name_is_one_line(tmp_path: Path) -> No
     config = _site_yaml(tmp_path, data_source="imagefolder", data_path="scans", users_file="users.csv")
     with pytest.raises(DataError) as err:
         _site(config)
-    assert str(err.value) == (f"{config}: users_file: {users}: no user for path '{paths[0]}'; every record needs "
-                              f"its person (add the line {paths[0]},USER)")  # fmt: skip
+    assert str(err.value) == (
+        f"{config}: users_file: {users}: no user for path '{paths[0]}'; every record needs "
+        f"its person (add the line {paths[0]},USER)"
+    )
     users.write_text("index,user\n")
     with pytest.raises(DataError, match=r"site\.yaml: users_file: .*users\.csv: the header must be path,user"):
         _site(config)
@@ -184,8 +219,9 @@ def test_a_text_record_without_its_person_or_an_unknown_column_is_one_line(tmp_p
     config = _site_yaml(tmp_path, data_source="text", data_path="notes.csv", user_column="customer")
     with pytest.raises(DataError) as err:
         _site(config)
-    assert str(err.value) == (f"{config}: user_column: {notes}: line 3: empty 'customer'; remove the record or "
-                              "fill it in")  # fmt: skip
+    assert str(err.value) == (
+        f"{config}: user_column: {notes}: line 3: empty 'customer'; remove the record or fill it in"
+    )
     wrong = _site_yaml(tmp_path, data_source="text", data_path="notes.csv", user_column="client")
     with pytest.raises(DataError, match=r"site\.yaml: user_column: .*notes\.csv: no column 'client' in the header"):
         _site(wrong)
@@ -201,8 +237,17 @@ def test_deploy_site_refuses_a_missing_users_file_before_connecting(tmp_path: Pa
 
 
 def _message(server_round: int, **extra: str) -> Message:
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
     head = head_to_arrays(make_head(DIM, 2))  # a linear probe: the run has no feature statistics
     return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)

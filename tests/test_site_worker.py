@@ -24,17 +24,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedtransfer.client import client_app, handlers, site_worker, train_round
+from fedtransfer.client.worker_link import OP_MESSAGE, LinkBroken, Request, WorkerFailed, ask, code_digest
+from fedtransfer.common.config.run import BackboneConfig, config_from_dict, to_run_config
+from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
+from fedtransfer.common.encoders.process_cache import ProcessCache
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
+from fedtransfer.common.wire.protocol import Refusal
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
-
-from client import client_app, handlers, site_worker, train_round
-from client.worker_link import OP_MESSAGE, LinkBroken, Request, WorkerFailed, ask, code_digest
-from common.backbones import ImageBackbone, load_backbone
-from common.config import BackboneConfig, config_from_dict, to_run_config
-from common.exchange import arrays_to_numpy, head_to_arrays
-from common.head import make_head
-from common.process_cache import ProcessCache
-from common.protocol import Refusal
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 WORKER_ANSWERED = "site worker answered a train message"
@@ -57,12 +56,17 @@ def worker(tmp_path: Path) -> Iterator[Path]:
 
 
 def _context(root: Path, worker: Path | None = None) -> Context:
-    cfg = config_from_dict({
-        "output_dir": str(root / "run"), "cache_dir": str(root.parent / "cache"), "device": "cpu",
-        "backbone": {"image_size": 32}, "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
-        "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
-        "privacy": {"target_delta": 1e-4, "feature_stats": False},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "output_dir": str(root / "run"),
+            "cache_dir": str(root.parent / "cache"),
+            "device": "cpu",
+            "backbone": {"image_size": 32},
+            "data": {"source": "digits", "num_sites": 2, "max_samples": 300},
+            "train": {"rounds": 2, "local_epochs": 1, "protocol": "fedavg"},
+            "privacy": {"target_delta": 1e-4, "feature_stats": False},
+        }
+    )
     node = {"partition-id": 0, "num-partitions": 2} | ({"site-worker": str(worker)} if worker else {})
     return Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config=to_run_config(cfg))
 
@@ -76,10 +80,25 @@ def _request(fingerprint: str | None = None, kind: str = "train") -> Message:
     backbone = _backbone()
     torch.manual_seed(0)
     arrays = {k: torch.from_numpy(v) for k, v in arrays_to_numpy(head_to_arrays(make_head(1280, 10, 0))).items()}
-    config = ConfigRecord({"run-id": "0123abcd", "backbone-fingerprint": fingerprint or backbone.fingerprint,
-                           "app-version": "0.1.0", "server-round": 1})  # fmt: skip
-    metadata = Metadata(run_id=1, message_id="m-1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-                        group_id="1", created_at=time.time(), ttl=3600.0, message_type=kind)  # fmt: skip
+    config = ConfigRecord(
+        {
+            "run-id": "0123abcd",
+            "backbone-fingerprint": fingerprint or backbone.fingerprint,
+            "app-version": "0.1.0",
+            "server-round": 1,
+        }
+    )
+    metadata = Metadata(
+        run_id=1,
+        message_id="m-1",
+        src_node_id=1,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
     return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=metadata)
 
 
@@ -159,7 +178,7 @@ import json, sys
 from pathlib import Path
 from flwr.common.serde import context_from_proto, message_from_proto
 from flwr.proto.message_pb2 import Context, Message
-from client import client_app
+from fedtransfer.client import client_app
 msg = message_from_proto(Message.FromString(Path(sys.argv[1]).read_bytes()))
 context = context_from_proto(Context.FromString(Path(sys.argv[2]).read_bytes()))
 reply = client_app.train(msg, context)
@@ -197,8 +216,9 @@ time.sleep(600)
 def test_the_worker_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
     """`deploy site` killed outright (SIGKILL reaches only it): its worker notices and ends on its own."""
     path = site_worker.socket_path(tmp_path / "state")
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(path)], cwd=APP_ROOT, stdout=subprocess.PIPE,
-                              text=True)  # fmt: skip
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT, str(path)], cwd=APP_ROOT, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert parent.stdout is not None
         worker_pid = int(parent.stdout.readline())

@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import time
 
+from fedtransfer.common.wire.protocol import Refusal, SiteStatus, site_record
+from fedtransfer.server.federation.sites import SiteBook, absent_sites, answers
 from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.proto.node_pb2 import NodeInfo
-
-from common.protocol import Refusal, SiteStatus, site_record
-from server.sites import SiteBook, absent_sites, answers
 
 TIMEOUT = 30.0
 
 
 def _metadata(message_id: str, src: int, dst: int, reply_to: str = "") -> Metadata:
-    return Metadata(run_id=1, message_id=message_id, src_node_id=src, dst_node_id=dst, reply_to_message_id=reply_to,
-                    group_id="1", created_at=time.time(), ttl=600.0, message_type="train")  # fmt: skip
+    return Metadata(
+        run_id=1,
+        message_id=message_id,
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="train",
+    )
 
 
 def _sent(*nodes: int) -> list[Message]:
@@ -36,8 +44,10 @@ def _reply(node: int, name: str) -> Message:
 
 def test_a_lapsed_node_with_no_known_name_is_a_dropout_of_that_node() -> None:
     book = SiteBook()
-    lapsed = Message(error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
-                     metadata=_metadata("u", SUPERLINK_NODE_ID, SUPERLINK_NODE_ID, "m-20"))  # fmt: skip
+    lapsed = Message(
+        error=Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+        metadata=_metadata("u", SUPERLINK_NODE_ID, SUPERLINK_NODE_ID, "m-20"),
+    )
     (answer,) = answers(_sent(20), [lapsed], book, TIMEOUT)
     assert (answer.site, answer.status) == ("node-20", SiteStatus.NO_REPLY)
     assert "Node Unavailable" in answer.reason
@@ -46,8 +56,10 @@ def test_a_lapsed_node_with_no_known_name_is_a_dropout_of_that_node() -> None:
 
 def test_an_error_that_is_not_a_refusal_is_the_nodes_failure_not_a_name() -> None:
     book = SiteBook()
-    crash = Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="Error: boom"),
-                    metadata=_metadata("c", 30, 1, "m-30"))  # fmt: skip
+    crash = Message(
+        error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="Error: boom"),
+        metadata=_metadata("c", 30, 1, "m-30"),
+    )
     (answer,) = answers(_sent(30), [crash], book, TIMEOUT)
     assert (answer.site, answer.status) == ("node-30", SiteStatus.FAILED)
     assert book.known == []
@@ -56,8 +68,10 @@ def test_an_error_that_is_not_a_refusal_is_the_nodes_failure_not_a_name() -> Non
 def test_site_names_with_colons_and_spaces_are_reported_as_given() -> None:
     book = SiteBook()
     name = "St. Mary's: ward 7 (oncology)"
-    declined = Message(error=Refusal(name, "site policy: train.rounds 9 > policy.max_rounds 5").to_error(),
-                       metadata=_metadata("d", 40, 1, "m-40"))  # fmt: skip
+    declined = Message(
+        error=Refusal(name, "site policy: train.rounds 9 > policy.max_rounds 5").to_error(),
+        metadata=_metadata("d", 40, 1, "m-40"),
+    )
     trained = _reply(50, "bank: branch 12")
     got = {a.node: a for a in answers(_sent(40, 50, 60), [declined, trained], book, TIMEOUT)}
     assert (got[40].site, got[40].status, got[40].reason) == (
@@ -72,8 +86,10 @@ def test_site_names_with_colons_and_spaces_are_reported_as_given() -> None:
 
 def test_a_refusal_relayed_by_someone_else_does_not_name_the_node() -> None:
     book = SiteBook()
-    forged = Message(error=Refusal("impostor", "nope").to_error(),
-                     metadata=_metadata("f", SUPERLINK_NODE_ID, SUPERLINK_NODE_ID, "m-70"))  # fmt: skip
+    forged = Message(
+        error=Refusal("impostor", "nope").to_error(),
+        metadata=_metadata("f", SUPERLINK_NODE_ID, SUPERLINK_NODE_ID, "m-70"),
+    )
     (answer,) = answers(_sent(70), [forged], book, TIMEOUT)
     assert (answer.site, answer.status) == ("node-70", SiteStatus.NO_REPLY)
     assert "impostor" not in book.known

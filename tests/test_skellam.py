@@ -9,17 +9,16 @@ import math
 import numpy as np
 import pytest
 import torch
+from fedtransfer.common.config.sections import SecAggConfig
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy import skellam
+from fedtransfer.common.privacy.fedsgd import Units, clipped_gradient_sum
+from fedtransfer.common.wire.secure_sum import sum_of_mean, to_grid
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from opacus.accountants.analysis.rdp import compute_rdp
 from opacus.accountants.utils import get_noise_multiplier
 from scipy.special import logsumexp
 from scipy.stats import skellam as scipy_skellam
-
-from common import skellam
-from common.config_sections import SecAggConfig
-from common.dp_fedsgd import Units, clipped_gradient_sum
-from common.head import make_head
-from common.secure_sum import sum_of_mean, to_grid
 
 
 def test_rdp_is_the_papers_bound_at_a_hand_computed_point() -> None:
@@ -89,8 +88,9 @@ def test_quantised_sum_is_integer_and_one_unit_moves_it_within_the_sensitivity()
     d1, d2 = skellam.sensitivities(1.0, gamma, dim)
 
     def total(keep: torch.Tensor) -> torch.Tensor:
-        out = clipped_gradient_sum(head, x[keep], y[keep], Units.records(int(keep.sum())), 1.0, 1.0,
-                                   torch.Generator().manual_seed(1), gamma)  # fmt: skip
+        out = clipped_gradient_sum(
+            head, x[keep], y[keep], Units.records(int(keep.sum())), 1.0, 1.0, torch.Generator().manual_seed(1), gamma
+        )
         return torch.cat([v.flatten().double() for v in out.sums.values()])
 
     everyone = total(torch.ones(40, dtype=torch.bool))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.supernode import ACTIVATION_REFUSED
+from fedtransfer.deploy.supernode import ACTIVATION_REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,16 +16,27 @@ def _wrapped(said: str, code: int, retry_for: float) -> subprocess.CompletedProc
     """`run_supernode` around a stand-in SuperNode that starts a child inheriting its stdout (outliving it by a
     minute), says `said` and exits with `code`; the wrapper runs as its own process (it installs signal handlers),
     and a wrapper that waited for the orphan's end of file would run into the timeout."""
-    node = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-            f"print({said!r}, flush=True); sys.exit({code})")  # fmt: skip
-    wrapper = ("import os, sys; from deploy.supernode import ActivationError, run_supernode\n"
-               "try:\n"
-               f"    sys.exit(run_supernode([sys.executable, '-c', {node!r}], os.environ, 'hospital-a', {retry_for},"
-               " pause=0.2))\n"
-               "except ActivationError as error:\n"
-               "    print(f'ActivationError: {error}', file=sys.stderr); sys.exit(99)\n")  # fmt: skip
-    return subprocess.run([sys.executable, "-c", wrapper], cwd=ROOT, capture_output=True, text=True, timeout=40,
-                          start_new_session=True, check=False)  # fmt: skip
+    node = (
+        "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"print({said!r}, flush=True); sys.exit({code})"
+    )
+    wrapper = (
+        "import os, sys; from fedtransfer.deploy.supernode import ActivationError, run_supernode\n"
+        "try:\n"
+        f"    sys.exit(run_supernode([sys.executable, '-c', {node!r}], os.environ, 'hospital-a', {retry_for},"
+        " pause=0.2))\n"
+        "except ActivationError as error:\n"
+        "    print(f'ActivationError: {error}', file=sys.stderr); sys.exit(99)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", wrapper],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=40,
+        start_new_session=True,
+        check=False,
+    )
 
 
 def test_an_exit_with_a_child_still_holding_the_pipe_returns_its_code() -> None:

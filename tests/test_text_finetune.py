@@ -9,32 +9,38 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fedtransfer.cli.main import main
+from fedtransfer.common.config.catalog import CATALOG
+from fedtransfer.common.config.finetune import FinetuneConfig
+from fedtransfer.common.config.run import BackboneConfig, ConfigError, config_from_dict
+from fedtransfer.common.data.sources import Samples
+from fedtransfer.common.encoders.cut_cache import SUFFIX
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.encoders.text import TextEncoder
+from fedtransfer.common.model.finetune import CutEncoder, Off, Top, cut_encoder, make_top
+from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.wire.exchange import head_to_arrays, load_head
+from fedtransfer.server.export import serving
+from fedtransfer.server.export.model_file import export_model, load_model
 from opacus import GradSampleModule
 from torch import nn
-
-from cli.main import main
-from common.config import BackboneConfig, ConfigError, config_from_dict
-from common.cut_cache import SUFFIX
-from common.data import Samples
-from common.dp_training import LocalTraining, train_head
-from common.encoder_registry import load_encoder
-from common.encoders import CATALOG
-from common.exchange import head_to_arrays, load_head
-from common.features import cached_features
-from common.finetune import CutEncoder, Off, Top, cut_encoder, make_top
-from common.finetune_config import FinetuneConfig
-from common.privacy import plan_dp
-from common.text_encoder import TextEncoder
-from server import serving
-from server.export import export_model, load_model
 
 LENGTH = 32
 MINILM = BackboneConfig(name="all-MiniLM-L6-v2", max_seq_length=LENGTH)
 BLOCKS, LORA = FinetuneConfig(train="blocks", blocks=2), FinetuneConfig(train="lora", blocks=1, lora_rank=2)
 CLASSES = ["business", "sport", "tech"]
-TEXTS = ["Rates rise again as the central bank acts on inflation", "Cup final tonight: the home side is favourite",
-         "A new phone chip doubles battery life", "  Shares fall in early trading  ", "Hat-trick seals the title",
-         "Start-up raises funds for its cloud software", "profits", "a " * 60]  # fmt: skip
+TEXTS = [
+    "Rates rise again as the central bank acts on inflation",
+    "Cup final tonight: the home side is favourite",
+    "A new phone chip doubles battery life",
+    "  Shares fall in early trading  ",
+    "Hat-trick seals the title",
+    "Start-up raises funds for its cloud software",
+    "profits",
+    "a " * 60,
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +98,14 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones(encoder: TextEncoder) 
         assert layers == {str(i) for i in range(ft.blocks)}  # every layer above the cut trains, none below
         if ft.train == "lora":
             adapted = {n.rsplit(".lora_", 1)[0] for n in trainable if n.startswith("blocks.")}
-            assert {a.split(".", 3)[3] for a in adapted} == {"attention.self.query", "attention.self.key",
-                "attention.self.value", "attention.output.dense", "intermediate.dense", "output.dense"}  # fmt: skip
+            assert {a.split(".", 3)[3] for a in adapted} == {
+                "attention.self.query",
+                "attention.self.key",
+                "attention.self.value",
+                "attention.output.dense",
+                "intermediate.dense",
+                "output.dense",
+            }
             assert all(".lora_A." in n or ".lora_B." in n for n in trainable if n.startswith("blocks."))
         other = make_top(cut, 3, 0, False, ft)
         load_head(other, head_to_arrays(_nudged(top)))  # the exchange's own check and load
@@ -109,8 +121,9 @@ def test_opacus_per_sample_gradients_of_the_top_are_exact(encoder: TextEncoder, 
     top = _nudged(make_top(cut, 3, 0, False, ft))
     x, y = cut.embed(_texts(4)).clone(), torch.tensor([0, 1, 2, 1])  # clone: not an inference tensor
     trained = [p for p in top.parameters() if p.requires_grad]
-    alone = [torch.autograd.grad(nn.functional.cross_entropy(top(x[i : i + 1]), y[i : i + 1]), trained)
-             for i in range(4)]  # fmt: skip
+    alone = [
+        torch.autograd.grad(nn.functional.cross_entropy(top(x[i : i + 1]), y[i : i + 1]), trained) for i in range(4)
+    ]
     model = GradSampleModule(top, loss_reduction="sum")
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     names = [n for n, p in top.named_parameters() if p.requires_grad]
@@ -177,11 +190,14 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
         serving.serving_graph(model, path)  # ONNX/TorchScript: refused in one line, fine-tuned or not
 
 
-@pytest.mark.parametrize(("raw", "key"), [
-    ({"finetune": {"train": "blocks", "blocks": 7}}, "finetune.blocks"),
-    ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
-    ({"finetune": {"train": "blocks", "norm": "groupnorm"}}, "finetune.norm"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"finetune": {"train": "blocks", "blocks": 7}}, "finetune.blocks"),
+        ({"finetune": {"train": "lora"}, "train": {"protocol": "fedsgd"}}, "train.protocol"),
+        ({"finetune": {"train": "blocks", "norm": "groupnorm"}}, "finetune.norm"),
+    ],
+)
 def test_config_takes_text_fine_tuning_within_the_layers(raw: dict, key: str) -> None:
     text = {
         "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 64},
@@ -199,8 +215,27 @@ def test_benchmark_text_demo_smoke(tmp_path) -> None:
     """benchmarks/finetune.py --demo text, tiny: every cell of the grid runs and LoRA sends more than the head."""
     from tests.test_benchmarks import _run  # the benchmarks' own smoke runner (results to a temporary folder)
 
-    args = ("--demo", "text", "--modes", "head", "lora r4", "--sites", "2", "--limit", "80", "--max-tokens", "16",
-            "--rounds", "1", "--local-epochs", "1", "--batch-size", "16", "--cache", str(tmp_path))  # fmt: skip
+    args = (
+        "--demo",
+        "text",
+        "--modes",
+        "head",
+        "lora r4",
+        "--sites",
+        "2",
+        "--limit",
+        "80",
+        "--max-tokens",
+        "16",
+        "--rounds",
+        "1",
+        "--local-epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--cache",
+        str(tmp_path),
+    )
     result = _run("benchmarks.finetune", *args)
     rows = result["rows"]
     assert result["benchmark"] == "finetune_text_accuracy" and len(rows) == 2 * 2 * 4  # splits x modes x ε
@@ -217,17 +252,21 @@ def test_lora_text_run_on_the_simulation_engine(tmp_path, capsys: pytest.Capture
     import json
 
     import yaml
-
-    from common.audit_log import read_records
-    from common.data import federation_for
+    from fedtransfer.common.data.sources import federation_for
+    from fedtransfer.common.storage.audit_log import read_records
 
     run_dir = tmp_path / "run"
-    raw = {"run_name": "text-lora", "output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache"), "device": "cpu",
-           "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
-           "data": {"source": "bbc", "num_sites": 2, "max_samples": 120, "split": "iid"},
-           "train": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "protocol": "fedavg", "learning_rate": 0.5},
-           "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
-           "finetune": {"train": "lora", "blocks": 1, "lora_rank": 2}}  # fmt: skip
+    raw = {
+        "run_name": "text-lora",
+        "output_dir": str(run_dir),
+        "cache_dir": str(tmp_path / "cache"),
+        "device": "cpu",
+        "backbone": {"name": "all-MiniLM-L6-v2", "max_seq_length": 16},
+        "data": {"source": "bbc", "num_sites": 2, "max_samples": 120, "split": "iid"},
+        "train": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "protocol": "fedavg", "learning_rate": 0.5},
+        "privacy": {"target_epsilon": 3.0, "target_delta": 1.0e-4, "feature_stats": False, "accountant": "rdp"},
+        "finetune": {"train": "lora", "blocks": 1, "lora_rank": 2},
+    }
     config = tmp_path / "text-lora.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config), "--quiet"]) == 0

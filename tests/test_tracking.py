@@ -10,33 +10,48 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict
+from fedtransfer.common.wire.protocol import SiteStatus
+from fedtransfer.server.federation import tracking
+from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
+from fedtransfer.server.federation.rounds import TrainRound
+from fedtransfer.server.federation.sites import SiteRound
 from flwr.app import ArrayRecord
 from mlflow.tracking import MlflowClient
-
-from common.config import ConfigError, RunConfig, config_from_dict
-from common.protocol import SiteStatus
-from server import tracking
-from server.recorder import RoundReport, RunRecorder
-from server.rounds import TrainRound
-from server.sites import SiteRound
 
 RUN_ID = "0123abcd4567"
 HEAD = {"head.1.weight": np.zeros((3, 4), np.float32), "head.1.bias": np.zeros(3, np.float32)}
 
 
 def _cfg(tmp_path: Path, rounds: int = 3, **tracking_keys: object) -> RunConfig:
-    return config_from_dict({"output_dir": str(tmp_path / "run"), "train": {"rounds": rounds},
-                             "tracking": {"enabled": True} | tracking_keys})  # fmt: skip
+    return config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "train": {"rounds": rounds},
+            "tracking": {"enabled": True} | tracking_keys,
+        }
+    )
 
 
 def _round(rnd: int) -> RoundReport:
     """Round `rnd`: site-0 trains (ε grows), site-1 declines, federated evaluation answered."""
-    trained = SiteRound(SiteStatus.TRAINED, fields={"num_examples": 100, "steps": 10, "epsilon": 0.5 * rnd,
-                                                    "bytes_sent": 51_496, "train_s": 0.25})  # fmt: skip
+    trained = SiteRound(
+        SiteStatus.TRAINED,
+        fields={"num_examples": 100, "steps": 10, "epsilon": 0.5 * rnd, "bytes_sent": 51_496, "train_s": 0.25},
+    )
     declined = SiteRound(SiteStatus.DECLINED, "site policy: budget used up")
     train = TrainRound(sites={"site-0": trained, "site-1": declined}, arrays=ArrayRecord(), bytes_received=51_496)
-    return RoundReport(rnd, train, {}, HEAD, {}, {"accuracy": 0.5 + 0.1 * rnd, "loss": 1.0 / rnd},
-                       {"accuracy": 0.4 + 0.1 * rnd, "loss": 2.0 / rnd}, 1.5, 51_496)  # fmt: skip
+    return RoundReport(
+        rnd,
+        train,
+        {},
+        HEAD,
+        {},
+        {"accuracy": 0.5 + 0.1 * rnd, "loss": 1.0 / rnd},
+        {"accuracy": 0.4 + 0.1 * rnd, "loss": 2.0 / rnd},
+        1.5,
+        51_496,
+    )
 
 
 def _run(cfg: RunConfig, rounds: range, resumed: bool = False) -> RunRecorder:
@@ -135,25 +150,53 @@ def test_an_unreachable_server_is_one_warning_and_the_run_completes(
 
 
 def test_round_metrics_keeps_finite_numbers_only() -> None:
-    line = {"round": 2, "time_s": 1.0, "server": {"accuracy": float("nan"), "loss": 0.5}, "federated": None,
-            "sites": {"a": {"status": "trained", "epsilon": 1.2, "accuracy": 0.9}, "b": {"status": "declined"}},
-            "sites_trained": 1, "aggregated": True, "bytes_received": 10, "bytes_sent_per_site": 5}  # fmt: skip
-    assert tracking.round_metrics(line) == {"server_loss": 0.5, "sites_trained": 1.0, "bytes_received": 10.0,
-                                            "bytes_sent_per_site": 5.0, "round_time_s": 1.0, "epsilon/a": 1.2,
-                                            "accuracy/a": 0.9}  # fmt: skip
+    line = {
+        "round": 2,
+        "time_s": 1.0,
+        "server": {"accuracy": float("nan"), "loss": 0.5},
+        "federated": None,
+        "sites": {"a": {"status": "trained", "epsilon": 1.2, "accuracy": 0.9}, "b": {"status": "declined"}},
+        "sites_trained": 1,
+        "aggregated": True,
+        "bytes_received": 10,
+        "bytes_sent_per_site": 5,
+    }
+    assert tracking.round_metrics(line) == {
+        "server_loss": 0.5,
+        "sites_trained": 1.0,
+        "bytes_received": 10.0,
+        "bytes_sent_per_site": 5.0,
+        "round_time_s": 1.0,
+        "epsilon/a": 1.2,
+        "accuracy/a": 0.9,
+    }
 
 
-@pytest.mark.parametrize("uri", ["", "http://mlflow:5000", "https://mlflow.example.org", "sqlite:////srv/mlflow.db",
-                                 "postgresql+psycopg2://u@db/mlflow", "databricks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "",
+        "http://mlflow:5000",
+        "https://mlflow.example.org",
+        "sqlite:////srv/mlflow.db",
+        "postgresql+psycopg2://u@db/mlflow",
+        "databricks",
+    ],
+)
 def test_tracking_uris_accepted(uri: str) -> None:
     assert config_from_dict({"tracking": {"uri": uri}}).tracking.uri == uri
 
 
-@pytest.mark.parametrize(("tracking_keys", "key"), [({"uri": "./mlruns"}, "tracking.uri"),
-                                                    ({"uri": "ftp://host/x"}, "tracking.uri"),
-                                                    ({"experiment": ""}, "tracking.experiment"),
-                                                    ({"enabled": "yes"}, "tracking.enabled"),
-                                                    ({"server": "x"}, "tracking.server")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("tracking_keys", "key"),
+    [
+        ({"uri": "./mlruns"}, "tracking.uri"),
+        ({"uri": "ftp://host/x"}, "tracking.uri"),
+        ({"experiment": ""}, "tracking.experiment"),
+        ({"enabled": "yes"}, "tracking.enabled"),
+        ({"server": "x"}, "tracking.server"),
+    ],
+)
 def test_bad_tracking_config_names_the_key(tracking_keys: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         config_from_dict({"tracking": tracking_keys})

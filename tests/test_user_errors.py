@@ -9,20 +9,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from cli.main import main
-from common.config_parse import InputError
-from deploy.credentials import init_deployment
+from fedtransfer.cli.main import main
+from fedtransfer.common.errors import InputError
+from fedtransfer.deploy.credentials import init_deployment
 
 # (argv, module, function): a command, and a function it calls once its arguments are read
 COMMANDS = [
-    (["simulate", "--quiet"], "server.simulation", "simulate"),
-    (["predict", "{tmp}/model.pt", "{tmp}"], "server.export", "load_model"),
-    (["export", "{tmp}", "--format", "onnx"], "server.serving", "export_run"),
-    (["audit", "{tmp}"], "server.audit.run", "audit_run"),
-    (["deploy", "init", "--sites", "alpha", "--host", "h.example.org", "--out", "{tmp}/c"], "deploy.cli",
-     "init_deployment"),
-]  # fmt: skip
+    (["simulate", "--quiet"], "fedtransfer.server.launch.simulation", "simulate"),
+    (["predict", "{tmp}/model.pt", "{tmp}"], "fedtransfer.server.export.model_file", "load_model"),
+    (["export", "{tmp}", "--format", "onnx"], "fedtransfer.server.export.serving", "export_run"),
+    (["audit", "{tmp}"], "fedtransfer.server.audit.run", "audit_run"),
+    (
+        ["deploy", "init", "--sites", "alpha", "--host", "h.example.org", "--out", "{tmp}/c"],
+        "fedtransfer.cli.deploy",
+        "init_deployment",
+    ),
+]
 
 
 def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], expected: str) -> str:
@@ -33,8 +35,9 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], expecte
     return err
 
 
-def _patched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], module: str, name: str,
-             error: Exception) -> list[str]:  # fmt: skip
+def _patched(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], module: str, name: str, error: Exception
+) -> list[str]:
     def fail(*args: object, **kwargs: object) -> None:
         raise error
 
@@ -46,9 +49,14 @@ def _patched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, argv: list[str], m
 @pytest.mark.parametrize(("argv", "module", "name"), COMMANDS)
 @pytest.mark.parametrize("user_error", [False, True])
 def test_only_an_input_error_inside_a_command_is_the_users_one_line_error(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
-    module: str, name: str, user_error: bool,
-) -> None:  # fmt: skip
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    module: str,
+    name: str,
+    user_error: bool,
+) -> None:
     """An InputError is one line and exit 2; a bare ValueError from the same place is a bug: it propagates."""
     if user_error:
         argv = _patched(monkeypatch, tmp_path, argv, module, name, InputError("--flag: cannot be used; give another"))
@@ -128,8 +136,18 @@ def test_deploy_site_refuses_a_config_path_flower_cannot_be_given(
     (folder / "data.npz").write_bytes(b"")
     site = folder / "site.yaml"
     site.write_text(yaml.safe_dump({"name": "alpha", "data_source": "npz", "data_path": "data.npz"}))
-    argv = ["deploy", "site", "--config", str(site), "--credentials", str(creds.root), "--superlink", "h:1",
-            "--no-worker", "--dry-run"]  # fmt: skip
+    argv = [
+        "deploy",
+        "site",
+        "--config",
+        str(site),
+        "--credentials",
+        str(creds.root),
+        "--superlink",
+        "h:1",
+        "--no-worker",
+        "--dry-run",
+    ]
     _one_line_error(capsys, argv, "Flower reads site-config as a quoted string")
 
 

@@ -11,18 +11,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from fedtransfer.cli.main import main
+from fedtransfer.client import train_round
+from fedtransfer.client.site import Declined, Site
+from fedtransfer.common.config.run import config_from_dict
+from fedtransfer.common.data.sources import DataError, SiteData, federation_for, load_source, simulate_federation
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
+from fedtransfer.server.audit.empirical_fedsgd import canary_units
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 from PIL import Image
-
-from cli.main import main
-from client import train_round
-from client.site import Declined, Site
-from common.config import config_from_dict
-from common.data import DataError, SiteData, federation_for, load_source, simulate_federation
-from common.exchange import head_to_arrays
-from common.head import make_head
-from common.protocol import FEATURE_STATS, DPRecord, Metric
-from server.audit.empirical_fedsgd import canary_units
 
 DIM = 16
 SCHEMA = {
@@ -44,16 +43,28 @@ def _table(tmp_path: Path, users: list[str], schema: dict = SCHEMA) -> tuple[Pat
 
 
 def _table_config(schema: Path, table: Path, tmp_path: Path, **privacy: object) -> dict:
-    return {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"),
-            "backbone": {"name": "tabular", "schema": str(schema)},
-            "data": {"source": "table", "path": str(table), "split": "iid", "num_sites": 2},
-            "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
-            "privacy": {"unit": "user", "feature_stats": True, "target_delta": 1e-3} | privacy}  # fmt: skip
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "backbone": {"name": "tabular", "schema": str(schema)},
+        "data": {"source": "table", "path": str(table), "split": "iid", "num_sites": 2},
+        "train": {"protocol": "fedsgd", "rounds": 3, "sample_rate": 0.5},
+        "privacy": {"unit": "user", "feature_stats": True, "target_delta": 1e-3} | privacy,
+    }
 
 
 def _message(server_round: int, **extra: str) -> Message:
-    meta = Metadata(run_id=1, message_id="m", src_node_id=0, dst_node_id=1, reply_to_message_id="",
-                    group_id=str(server_round), created_at=time.time(), ttl=60.0, message_type="train")  # fmt: skip
+    meta = Metadata(
+        run_id=1,
+        message_id="m",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
     conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
     head = head_to_arrays(make_head(DIM, 2, centred=True))
     return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
@@ -68,8 +79,19 @@ def _site(data: SiteData, tmp_path: Path) -> Site:
         name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
 
     (tmp_path / "site").mkdir(exist_ok=True)
-    return Site(data.name, data, Backbone(), tmp_path / "site", 7, None, None, x,
-                torch.from_numpy(data.train.labels), t, torch.from_numpy(data.test.labels))  # fmt: skip
+    return Site(
+        data.name,
+        data,
+        Backbone(),
+        tmp_path / "site",
+        7,
+        None,
+        None,
+        x,
+        torch.from_numpy(data.train.labels),
+        t,
+        torch.from_numpy(data.test.labels),
+    )
 
 
 def test_table_with_repeated_users_trains_per_user(tmp_path: Path) -> None:
@@ -135,8 +157,9 @@ def test_a_table_schema_without_a_user_column_is_refused_before_flower(tmp_path:
 
 def test_text_user_column(tmp_path: Path) -> None:
     texts = tmp_path / "notes.jsonl"
-    texts.write_text('{"text": "late fee", "label": "fees", "user": 17}\n{"text": "card lost", "label": "card", '
-                     '"user": "u-2"}\n')  # fmt: skip
+    texts.write_text(
+        '{"text": "late fee", "label": "fees", "user": 17}\n{"text": "card lost", "label": "card", "user": "u-2"}\n'
+    )
     samples = load_source("text", str(texts), 32, columns=("text", "label"), users="user")
     assert list(samples.users) == ["17", "u-2"]
     texts.write_text('{"text": "late fee", "label": "fees", "user": ""}\n')
@@ -183,8 +206,7 @@ def test_image_folders_per_site_take_paths_relative_to_data_path(tmp_path: Path)
 def test_npz_users_file(tmp_path: Path) -> None:
     archive = tmp_path / "med.npz"
     parts = {f"{s}_images": np.zeros((n, 8, 8), np.uint8) for s, n in (("train", 4), ("val", 2), ("test", 2))}
-    np.savez(archive, **parts, **{f"{s}_labels": np.arange(n) % 2 for s, n in (("train", 4), ("val", 2),
-                                                                              ("test", 2))})  # fmt: skip
+    np.savez(archive, **parts, **{f"{s}_labels": np.arange(n) % 2 for s, n in (("train", 4), ("val", 2), ("test", 2))})
     users = tmp_path / "users.csv"
     users.write_text("index,user\n" + "".join(f"{k},p{k % 3}\n" for k in range(8)))
     samples = load_source("npz", str(archive), 32, users=str(users))
@@ -198,9 +220,14 @@ def test_npz_users_file(tmp_path: Path) -> None:
 
 
 def test_canary_audit_groups_the_real_records_by_their_people() -> None:
-    cfg = config_from_dict({"data": {"source": "table", "path": "x.csv"},
-                            "backbone": {"name": "tabular", "schema": "s.yaml"},
-                            "train": {"protocol": "fedsgd"}, "privacy": {"unit": "user"}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "data": {"source": "table", "path": "x.csv"},
+            "backbone": {"name": "tabular", "schema": "s.yaml"},
+            "train": {"protocol": "fedsgd"},
+            "privacy": {"unit": "user"},
+        }
+    )
     units = canary_units(6, 9, cfg, np.array([0, 0, 1, 1, 2, 2]))
     assert units.count == 3 + 3  # three people, then each canary a person of its own
 
@@ -238,7 +265,7 @@ def test_per_person_table_run_on_the_simulation_engine(tmp_path: Path, capsys) -
     ],
 )
 def test_a_bad_users_file_is_one_line_naming_it(tmp_path: Path, content: bytes | None, message: str) -> None:
-    from common.datafiles import DataError, read_user_map
+    from fedtransfer.common.data.files import DataError, read_user_map
 
     path = tmp_path / "users.csv"
     if content is None:

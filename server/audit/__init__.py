@@ -13,7 +13,7 @@ status 1), so the command can gate a release. A run that cannot be audited at al
 - render.py: the JSON and HTML report; run.py: the audit in order; cli.py: the subcommand.
 
 The public names below load on first use, so that registering the subcommand
-(`server.audit.cli`) does not import torch.
+(`fedtransfer.cli.audit`) does not import torch.
 """
 
 from __future__ import annotations
@@ -22,19 +22,19 @@ import importlib
 from typing import Any
 
 _PUBLIC = {
-    "audit_run": "server.audit.run",
-    "AuditReport": "server.audit.findings",
-    "Failure": "server.audit.findings",
-    "SiteAudit": "server.audit.findings",
-    "CHECKS": "server.audit.findings",
-    "report_data": "server.audit.render",
-    "write_report": "server.audit.render",
-    "add_audit_parser": "server.audit.cli",
+    "audit_run": "fedtransfer.server.audit.run",
+    "AuditReport": "fedtransfer.server.audit.findings",
+    "Failure": "fedtransfer.server.audit.findings",
+    "SiteAudit": "fedtransfer.server.audit.findings",
+    "CHECKS": "fedtransfer.server.audit.findings",
+    "report_data": "fedtransfer.server.audit.render",
+    "write_report": "fedtransfer.server.audit.render",
+    "add_audit_parser": "fedtransfer.cli.audit",
 }
 __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _PUBLIC:
-        raise AttributeError(f"module 'server.audit' has no attribute {name!r}")
+        raise AttributeError(f"module 'fedtransfer.server.audit' has no attribute {name!r}")
     return getattr(importlib.import_module(_PUBLIC[name]), name)

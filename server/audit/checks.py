@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
-from common.dp_fedsgd import STATS_NAMES
-from common.exchange import MASKED_WEIGHT
-from common.protocol import Event
-from server.audit.evidence import field_of, model_head_digest
-from server.audit.findings import Entry, Evidence, Findings, Malformed, Update
+from fedtransfer.common.privacy.fedsgd import STATS_NAMES
+from fedtransfer.common.wire.exchange import MASKED_WEIGHT
+from fedtransfer.common.wire.protocol import Event
+from fedtransfer.server.audit.evidence import field_of, model_head_digest
+from fedtransfer.server.audit.findings import Entry, Evidence, Findings, Malformed, Update
 
 STARTS = (Event.RUN_STARTED, Event.RUN_RESUMED)
 
@@ -64,8 +64,11 @@ def check_mode(updates: Iterable[Update], ev: Evidence, found: Findings) -> str:
         if u.masked != secure:
             what = "a plain update" if secure else "a masked update"
             mode = "secure_aggregation: true" if secure else "secure_aggregation: false"
-            found.fail_at("secure-aggregation", u.entry, f"{u.entry.event} of {u.site} in round {u.round} is {what} "
-                          f"in a run with {mode}")  # fmt: skip
+            found.fail_at(
+                "secure-aggregation",
+                u.entry,
+                f"{u.entry.event} of {u.site} in round {u.round} is {what} in a run with {mode}",
+            )
     if secure:
         for entry in ev.server:
             if entry.event == Event.ROUND_AGGREGATED and not isinstance(entry.record.get("secure_aggregation"), dict):
@@ -149,8 +152,12 @@ def check_completion(ev: Evidence, received: list[Update], found: Findings) -> N
         found.fail("completion", ev.status_path, None, f"run status is {status!r}" + (f": {why}" if why else ""))
         return
     if not received:
-        found.fail("completion", ev.server_log, None, "no site's update was received in any round: the model is "
-                   "the untrained initial head")  # fmt: skip
+        found.fail(
+            "completion",
+            ev.server_log,
+            None,
+            "no site's update was received in any round: the model is the untrained initial head",
+        )
     _check_rounds(ev, found)
     _check_export(ev, found)
 
@@ -173,8 +180,9 @@ def _check_rounds(ev: Evidence, found: Findings) -> None:
         halted = secure.get("halted") if isinstance(secure, dict) else None
         if isinstance(sites, list) and len(sites) < need:
             what = f"round {rnd} aggregated {len(sites)} site(s) {sorted(map(str, sites))}"
-            found.fail_at("completion", entry, f"{what}, fewer than train.min_sites = {need}: the global head was "
-                          "left unchanged")  # fmt: skip
+            found.fail_at(
+                "completion", entry, f"{what}, fewer than train.min_sites = {need}: the global head was left unchanged"
+            )
         elif halted or entry.record.get("aggregated") is False:
             found.fail_at("completion", entry, f"round {rnd} aggregated nothing" + (f" ({halted})" if halted else ""))
 
@@ -200,8 +208,8 @@ def _check_export(ev: Evidence, found: Findings) -> None:
 def _check_serving(ev: Evidence, found: Findings, recorded: object) -> None:
     """model.onnx / model.torchscript.pt, where present: the file `fedtransfer export` recorded, holding the
     head that model-exported names (read from the file itself, not only from the record)."""
-    from common.audit_log import update_digest
-    from server.serving import FILES, file_head, file_sha256  # late import: torch and onnx
+    from fedtransfer.common.storage.audit_log import update_digest
+    from fedtransfer.server.export.serving import FILES, file_head, file_sha256  # late import: torch and onnx
 
     records = {e.record.get("path"): e for e in ev.server if e.event == Event.SERVING_EXPORTED}  # the last counts
     for name in FILES.values():
@@ -215,12 +223,20 @@ def _check_serving(ev: Evidence, found: Findings, recorded: object) -> None:
         except Exception as err:  # onnx and torch.jit raise their own types on a foreign or torn file
             inside = f"unreadable ({type(err).__name__})"
         if entry is None:
-            found.fail("completion", path, None, "no serving-exported record names it: it was not written by "
-                       "`fedtransfer export` for this run")  # fmt: skip
+            found.fail(
+                "completion",
+                path,
+                None,
+                "no serving-exported record names it: it was not written by `fedtransfer export` for this run",
+            )
         elif entry.record.get("sha256") != file_sha256(path):
             found.fail("completion", path, None, f"its SHA-256 is not the one recorded at {entry.path}:{entry.line}")
         elif not isinstance(head, dict) or head.get("sha256") != recorded:
             found.fail_at("completion", entry, f"{name} was exported from a head other than the model-exported one")
         if inside != recorded:
-            found.fail("completion", path, None, f"the head inside it ({inside[:24]}) is not the head of the "
-                       "model-exported record")  # fmt: skip
+            found.fail(
+                "completion",
+                path,
+                None,
+                f"the head inside it ({inside[:24]}) is not the head of the model-exported record",
+            )

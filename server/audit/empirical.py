@@ -1,8 +1,8 @@
 """Empirical privacy test: train a site's head with canaries, attack it, bound ε from below.
 
 The accountant's ε is a proof about the *algorithm*; this test checks the *code*. It
-runs the site's own training procedure (`common.dp_training.train_head` with the DP plan
-from `common.privacy.plan_dp`, every round and local epoch of the run) on the site's
+runs the site's own training procedure (`fedtransfer.common.privacy.dp_sgd.train_head` with the DP plan
+from `fedtransfer.common.privacy.calibration.plan_dp`, every round and local epoch of the run) on the site's
 features plus m canaries, each included independently with probability 1/2, then
 scores every canary with a membership-inference attack on the trained head and turns
 the attack's success into a lower bound on ε that holds with the stated confidence
@@ -28,22 +28,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedtransfer.common.config.parse import ConfigError
+from fedtransfer.common.config.run import RunConfig, SiteConfig
+from fedtransfer.common.config.site import site_paths
+from fedtransfer.common.data.sources import SiteData, deployed_site_data, federation_for
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.interface import Encoder
+from fedtransfer.common.encoders.registry import load_encoder
+from fedtransfer.common.errors import InputError
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of, plan_dp
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.progress import Progress
+from fedtransfer.server.audit.empirical_fedsgd import canary_units, fedsgd_plan, train_fedsgd
+from fedtransfer.server.audit.empirical_stats import audit_from_scores
+from fedtransfer.server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure, SiteAudit
 from torch import nn
-
-from common.config import RunConfig, SiteConfig
-from common.config_parse import ConfigError, InputError
-from common.data import SiteData, deployed_site_data, federation_for
-from common.dp_training import LocalTraining, train_head
-from common.encoder_registry import load_encoder
-from common.encoders import Encoder
-from common.features import cached_features
-from common.head import make_head
-from common.privacy import DPPlan, epsilon_of, plan_dp
-from common.progress import Progress
-from common.site_config import site_paths
-from server.audit.empirical_fedsgd import canary_units, fedsgd_plan, train_fedsgd
-from server.audit.empirical_stats import audit_from_scores
-from server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure, SiteAudit
 
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)  # k = fraction × m; Bonferroni over these four
 
@@ -131,8 +131,13 @@ def audit_training(
     if plan is not None and claimed_epsilon is None:
         claimed_epsilon = epsilon_of(history, p.target_delta, p.accountant)
     scores = canary_scores(head, canaries, canary_labels)
-    audit = partial(audit_from_scores, included=included, delta=p.target_delta, confidence=settings.confidence,
-                    guess_counts=settings.guess_counts)  # fmt: skip
+    audit = partial(
+        audit_from_scores,
+        included=included,
+        delta=p.target_delta,
+        confidence=settings.confidence,
+        guess_counts=settings.guess_counts,
+    )
     result, perfect = audit(scores), audit(included.astype(float))
     return EmpiricalResult(
         private=private,
@@ -158,14 +163,27 @@ def _plan(num_samples: int, cfg: RunConfig) -> DPPlan:
     t, p = cfg.train, cfg.privacy
     with warnings.catch_warnings():  # "optimal order is the largest alpha": conservative, as in epsilon_of
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return plan_dp(num_samples, t.batch_size, t.local_epochs, t.rounds, p.target_epsilon, p.target_delta,
-                       p.max_grad_norm, p.accountant)  # fmt: skip
+        return plan_dp(
+            num_samples,
+            t.batch_size,
+            t.local_epochs,
+            t.rounds,
+            p.target_epsilon,
+            p.target_delta,
+            p.max_grad_norm,
+            p.accountant,
+        )
 
 
 def _train_like_the_site(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, cfg: RunConfig, plan: DPPlan | None, seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    cfg: RunConfig,
+    plan: DPPlan | None,
+    seed: int,
     on_round: Callable[[], None] | None,
-) -> tuple[nn.Module, list[tuple[float, float, int]], int]:  # fmt: skip
+) -> tuple[nn.Module, list[tuple[float, float, int]], int]:
     """A fresh head trained with the site's own procedure for every round: the head, accountant history, steps."""
     t = cfg.train
     mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
@@ -262,12 +280,21 @@ def run_empirical(
 
 def _test_site(site: SiteAudit, d: SiteFeatures, cfg: RunConfig, settings: CanarySettings, progress: Progress) -> None:
     """The canary training with the site's DP plan, then the same without DP (the positive control)."""
-    site.empirical = result = audit_training(d.features, d.labels, d.num_classes, cfg, settings,
-                                             on_round=progress.step, users=d.users)  # fmt: skip
+    site.empirical = result = audit_training(
+        d.features, d.labels, d.num_classes, cfg, settings, on_round=progress.step, users=d.users
+    )
     progress.stage_done(f"{site.name} with DP")
-    site.control = audit_training(d.features, d.labels, d.num_classes, cfg, settings, private=False,
-                                  claimed_epsilon=result.claimed_epsilon, on_round=progress.step,
-                                  users=d.users)  # fmt: skip
+    site.control = audit_training(
+        d.features,
+        d.labels,
+        d.num_classes,
+        cfg,
+        settings,
+        private=False,
+        claimed_epsilon=result.claimed_epsilon,
+        on_round=progress.step,
+        users=d.users,
+    )
     progress.stage_done(f"{site.name} control without DP")
 
 
@@ -277,9 +304,15 @@ def _judge(site: SiteAudit, report: AuditReport, config_path: str) -> None:
     assert result is not None and control is not None
     if result.exceeds_claim:
         reason = f"{site.name}: empirical ε lower bound {result.eps_lower_bound:.3f} > claimed ε"
-        report.failures.append(Failure("empirical", config_path, None,
-                                       f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
-                                       "confidence: the DP implementation is broken"))  # fmt: skip
+        report.failures.append(
+            Failure(
+                "empirical",
+                config_path,
+                None,
+                f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
+                "confidence: the DP implementation is broken",
+            )
+        )
     if not control.exceeds_claim:
         weak = f"without DP the attack only proved ε ≥ {control.eps_lower_bound:.3f}"
         ceiling = f"at most {result.eps_ceiling:.3f} is provable with {result.num_canaries} canaries"

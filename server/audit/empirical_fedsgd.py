@@ -3,8 +3,8 @@ server's own step.
 
 As for fedavg (server/audit/empirical.py) the site is alone for every round of the run, the
 strongest position for the attack: its statistics release (when the run has one) centres
-and starts the head, then each round its noisy gradient sum (common.dp_fedsgd, the code the
-site runs) goes through the server's step (server.strategy.server_step, the code the server
+and starts the head, then each round its noisy gradient sum (fedtransfer.common.privacy.fedsgd, the code the
+site runs) goes through the server's step (fedtransfer.server.federation.strategy.server_step, the code the server
 runs) with the site's own public expected batch size q·n as divisor.
 
 Under `privacy.unit: user` the real records are grouped as the site groups them (by the persons
@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch import nn
-
-from common.config import RunConfig
-from common.dp_fedsgd import (
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.calibration import DPPlan, plan_fedsgd
+from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
     Units,
@@ -31,9 +31,8 @@ from common.dp_fedsgd import (
     synthetic_users,
     user_seed,
 )
-from common.head import make_head
-from common.privacy import DPPlan, plan_fedsgd
-from server.strategy import server_step
+from fedtransfer.server.federation.strategy import server_step
+from torch import nn
 
 History = list[tuple[float, float, int]]
 
@@ -43,8 +42,11 @@ def canary_units(num_real: int, num_total: int, cfg: RunConfig, users: np.ndarra
     records' person codes when the data names them (Samples.user_codes), else the synthetic grouping."""
     if cfg.privacy.unit != "user":
         return Units.records(num_total)
-    real = torch.from_numpy(users) if users is not None else \
-        synthetic_users(num_real, cfg.privacy.synthetic_users, user_seed(cfg.seed, "empirical-audit"))  # fmt: skip
+    real = (
+        torch.from_numpy(users)
+        if users is not None
+        else synthetic_users(num_real, cfg.privacy.synthetic_users, user_seed(cfg.seed, "empirical-audit"))
+    )
     canaries = torch.arange(num_total - num_real) + (int(real.max()) + 1 if num_real else 0)
     return Units.of_users(torch.cat([real, canaries]))
 
@@ -53,14 +55,29 @@ def fedsgd_plan(cfg: RunConfig, units: Units) -> DPPlan:
     """The plan the site makes for this many units, the statistics release included when configured."""
     t, p = cfg.train, cfg.privacy
     share = p.feature_stats_share if p.feature_stats else None
-    return plan_fedsgd(units.count, t.sample_rate, t.rounds, p.target_epsilon, p.target_delta, p.max_grad_norm,
-                       p.accountant, share, p.unit)  # fmt: skip
+    return plan_fedsgd(
+        units.count,
+        t.sample_rate,
+        t.rounds,
+        p.target_epsilon,
+        p.target_delta,
+        p.max_grad_norm,
+        p.accountant,
+        share,
+        p.unit,
+    )
 
 
 def train_fedsgd(
-    x: torch.Tensor, y: torch.Tensor, units: Units, num_classes: int, cfg: RunConfig, plan: DPPlan | None, seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    units: Units,
+    num_classes: int,
+    cfg: RunConfig,
+    plan: DPPlan | None,
+    seed: int,
     on_round: Callable[[], None] | None = None,
-) -> tuple[nn.Module, History, int]:  # fmt: skip
+) -> tuple[nn.Module, History, int]:
     """A fresh head trained the fedsgd way by one site: (head, accountant history, steps)."""
     t = cfg.train
     torch.manual_seed(seed)
@@ -74,14 +91,17 @@ def train_fedsgd(
     frozen = frozenset(k for k, _ in head.named_buffers())
     velocity: dict[str, np.ndarray] = {}
     for _ in range(t.rounds):
-        clipped = clipped_gradient_sum(head, x, y, units, t.sample_rate, plan.max_grad_norm if plan else None,
-                                       generator)  # fmt: skip
-        noisy = add_noise(clipped.sums, plan.noise_multiplier * plan.max_grad_norm if plan else 0.0, generator,
-                          skip=frozen)  # fmt: skip
+        clipped = clipped_gradient_sum(
+            head, x, y, units, t.sample_rate, plan.max_grad_norm if plan else None, generator
+        )
+        noisy = add_noise(
+            clipped.sums, plan.noise_multiplier * plan.max_grad_norm if plan else 0.0, generator, skip=frozen
+        )
         weights = {k: v.detach().numpy() for k, v in head.state_dict().items()}
         grads = {k: v.numpy() for k, v in noisy.items()}
-        weights, velocity = server_step(weights, grads, velocity, t.sample_rate * units.count, t.learning_rate,
-                                        t.server_momentum, frozen)  # fmt: skip
+        weights, velocity = server_step(
+            weights, grads, velocity, t.sample_rate * units.count, t.learning_rate, t.server_momentum, frozen
+        )
         head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
         history += [plan.round_step] if plan else []
         if on_round is not None:

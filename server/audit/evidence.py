@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.audit_log import AuditLogError, read_records, update_digest, verify_chain
-from common.config import ConfigError, config_from_dict
-from common.protocol import TRAININGS, Event
-from server.audit.findings import SERVER_LOG, Entry, Evidence, Findings, Malformed, Update
+from fedtransfer.common.config.run import ConfigError, config_from_dict
+from fedtransfer.common.storage.audit_log import AuditLogError, read_records, update_digest, verify_chain
+from fedtransfer.common.wire.protocol import TRAININGS, Event
+from fedtransfer.server.audit.findings import SERVER_LOG, Entry, Evidence, Findings, Malformed, Update
 
 RUN_FILES = (
     "privacy.json",
@@ -144,8 +144,7 @@ def file_hashes(files: Iterable[Path], run_dir: Path) -> dict[str, str]:
 def model_head_digest(path: Path) -> str | None:
     """SHA-256 (update_digest) of the head inside an exported model file, named as on the wire."""
     import torch  # late import: torch is heavy and only this check needs it here
-
-    from common.exchange import PREFIX
+    from fedtransfer.common.wire.exchange import PREFIX
 
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.config import RunConfig
+from fedtransfer.common.config.run import RunConfig
 
 SERVER_LOG = "audit.jsonl"
 CHECKS = {

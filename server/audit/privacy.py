@@ -1,9 +1,9 @@
 """Per-site privacy: ε recomputed from what each site logged, and the site's own policy.
 
-- privacy: per site, ε recomputed with Opacus (`common.privacy.epsilon_of`) from the DP
+- privacy: per site, ε recomputed with Opacus (`fedtransfer.common.privacy.calibration.epsilon_of`) from the DP
   parameters of every training the site logged equals each ε it claimed, and is within
   the run's target; privacy.json agrees with the logs;
-- policy: each site's own limits (its site config), checked by `common.policy`, the same
+- policy: each site's own limits (its site config), checked by `fedtransfer.common.privacy.policy`, the same
   function the site itself runs before it trains.
 
 Opacus is imported late, inside the functions: `fedtransfer --help` should not load it.
@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common.config import SiteConfig
-from common.protocol import DPRecord, Event
-from common.site_config import site_paths
-from server.audit.findings import Entry, Evidence, Findings, RoundDP, SiteAudit, Update
+from fedtransfer.common.config.run import SiteConfig
+from fedtransfer.common.config.site import site_paths
+from fedtransfer.common.wire.protocol import DPRecord, Event
+from fedtransfer.server.audit.findings import Entry, Evidence, Findings, RoundDP, SiteAudit, Update
 
 EPS_RTOL = 1e-6  # the same history through the same Opacus accountant agrees to float noise
 PER_SITE_FIELDS = ("delta", "accountant")  # privacy.json keeps these once per site
@@ -31,7 +31,7 @@ def audit_site_privacy(
     site: SiteAudit, ev: Evidence, received: list[Update], sent: list[Update], found: Findings
 ) -> None:
     """ε recomputed with Opacus from every training the site logged, against every ε it claimed and the target."""
-    from common.ledger import EPS_SLACK
+    from fedtransfer.common.privacy.ledger import EPS_SLACK
 
     used = {(u.round, u.sha256) for u in received if u.site == site.name}
     site.rounds_joined = sorted({rnd for rnd, _ in used})
@@ -71,8 +71,9 @@ def _read_claims(site: SiteAudit, ev: Evidence, found: Findings) -> dict[int, di
         return None
     try:
         reported = {int(r["round"]): r for r in rec["per_round"] if r["status"] == "trained"}
-        site.rounds_declined = [{"round": r["round"], "reason": r.get("reason", "")}
-                                for r in rec["per_round"] if r["status"] != "trained"]  # fmt: skip
+        site.rounds_declined = [
+            {"round": r["round"], "reason": r.get("reason", "")} for r in rec["per_round"] if r["status"] != "trained"
+        ]
         site.epsilon_claimed, site.accountant = rec["epsilon"], str(rec["accountant"])
         site.delta = None if rec["delta"] is None else float(rec["delta"])  # None: the site never trained
     except (KeyError, TypeError, ValueError) as err:
@@ -151,7 +152,9 @@ def _logged_delta(site: SiteAudit, trainings: list[Training], ev: Evidence, foun
 
 def _recompute(site: SiteAudit, trainings: list[Training], path: Path, found: Findings) -> None:
     """Cumulative ε after each training, through Opacus, compared with every ε the site claimed."""
-    from common.privacy import epsilon_of  # composes (and merges) the history as the site's accountant does
+    from fedtransfer.common.privacy.calibration import (
+        epsilon_of,  # composes (and merges) the history as the site's accountant does
+    )
 
     if trainings and (site.delta is None or site.accountant is None):
         found.fail("privacy", path, None, f"{site.name}: trained, but no δ and accountant to recompute ε with")
@@ -173,8 +176,10 @@ def _recompute(site: SiteAudit, trainings: list[Training], path: Path, found: Fi
         return
     site.epsilon_recomputed = site.rounds[-1].epsilon_recomputed if site.rounds else 0.0
     if site.epsilon_recomputed > (last_claimed or 0.0) * (1 + EPS_RTOL):
-        found.notes.append(f"{site.name}: spent ε {site.epsilon_recomputed:.4f} by its own log, more than the last "
-                           "claim the server received (a training whose update never arrived)")  # fmt: skip
+        found.notes.append(
+            f"{site.name}: spent ε {site.epsilon_recomputed:.4f} by its own log, more than the last "
+            "claim the server received (a training whose update never arrived)"
+        )
     if not _close(site.epsilon_claimed, last_claimed if last_claimed is not None else 0.0):
         reason = f"{site.name}: claims ε {site.epsilon_claimed!r}, recomputed from its DP parameters"
         found.fail("privacy", path, None, f"{reason} {last_claimed or 0.0:.6f}")
@@ -196,7 +201,7 @@ def _site_declines(entries: list[Entry], known: list[dict[str, Any]]) -> list[di
 
 def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, found: Findings) -> None:
     """The site's own limits against what it did in this run and, its ledger at hand, in the runs before it."""
-    from common.policy import DPSettings, PolicyUse, personal_uses, policy_violations
+    from fedtransfer.common.privacy.policy import DPSettings, PolicyUse, personal_uses, policy_violations
 
     site.policy = asdict(config.policy)
     took_part = bool(site.rounds_joined)
@@ -225,7 +230,7 @@ def _earlier_runs(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence,
     Only runs the ledger held before this run are counted: a site that ran again after an
     honest run must not make that run fail its audit afterwards.
     """
-    from common.ledger import PrivacyLedger
+    from fedtransfer.common.privacy.ledger import PrivacyLedger
 
     ledger = site_paths(config, path).state_dir / "privacy-ledger.json"
     if not ledger.is_file():

@@ -15,9 +15,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from common import atomic
-from common.finite_json import finite
-from server.audit.findings import AuditReport, SiteAudit
+from fedtransfer.common.storage import atomic
+from fedtransfer.common.storage.finite_json import finite
+from fedtransfer.server.audit.findings import AuditReport, SiteAudit
 
 REPORT_NAME = "audit-report"
 
@@ -127,30 +127,71 @@ table{border-collapse:collapse;margin:.6em 0 1.2em}td,th{border:1px solid #ccc;p
 font-size:.92em}th{background:#f3f3f3}.pass{background:#e3f5e1;border:2px solid #3a8f35}.fail{background:#fbe4e4;
 border:2px solid #b3261e}.verdict{padding:.6em 1em;font-size:1.3em;font-weight:600}
 code{font-size:.9em}img{max-width:100%}td:first-child{white-space:nowrap}"""
-SITE_COLUMNS = ("site", "ε claimed", "ε recomputed (Opacus)", "target ε", "ε against its own message (claimed / "
-                "recomputed)", "δ", "accountant", "rounds joined", "rounds declined", "updates matched",
-                "policy")  # fmt: skip
+SITE_COLUMNS = (
+    "site",
+    "ε claimed",
+    "ε recomputed (Opacus)",
+    "target ε",
+    "ε against its own message (claimed / recomputed)",
+    "δ",
+    "accountant",
+    "rounds joined",
+    "rounds declined",
+    "updates matched",
+    "policy",
+)
 ROUND_COLUMNS = ("round", "noise multiplier", "sample rate", "steps", "clip norm", "ε claimed", "ε recomputed")
-EMPIRICAL_COLUMNS = ("site", "ε claimed in the run", "ε of the test training (accountant)", "ε lower bound, DP",
-                     "correct guesses", "ε lower bound, no DP (control)", "correct guesses",
-                     "largest provable bound", "verdict")  # fmt: skip
+EMPIRICAL_COLUMNS = (
+    "site",
+    "ε claimed in the run",
+    "ε of the test training (accountant)",
+    "ε lower bound, DP",
+    "correct guesses",
+    "ε lower bound, no DP (control)",
+    "correct guesses",
+    "largest provable bound",
+    "verdict",
+)
 
 
 def _site_row(s: SiteAudit) -> tuple[Any, ...]:
     declined = "; ".join(f"{d['round']}: {d['reason']}" for d in s.rounds_declined) or "none"
     joined = ", ".join(map(str, s.rounds_joined)) or "none"
-    own = ("– (local trust: the same ε)" if s.epsilon_individual_recomputed is None
-           else f"{s.epsilon_individual_claimed} / {s.epsilon_individual_recomputed:.4f}")  # fmt: skip
-    return (s.name, s.epsilon_claimed, s.epsilon_recomputed, s.target_epsilon, own, s.delta, s.accountant, joined,
-            declined, s.updates_matched, s.policy_status)  # fmt: skip
+    own = (
+        "– (local trust: the same ε)"
+        if s.epsilon_individual_recomputed is None
+        else f"{s.epsilon_individual_claimed} / {s.epsilon_individual_recomputed:.4f}"
+    )
+    return (
+        s.name,
+        s.epsilon_claimed,
+        s.epsilon_recomputed,
+        s.target_epsilon,
+        own,
+        s.delta,
+        s.accountant,
+        joined,
+        declined,
+        s.updates_matched,
+        s.policy_status,
+    )
 
 
 def _empirical_row(s: SiteAudit) -> tuple[Any, ...]:
     assert s.empirical is not None and s.control is not None
     e, c = s.empirical, s.control
     verdict = "BROKEN: the bound exceeds the claim" if e.exceeds_claim else "consistent with the claim"
-    return (s.name, s.epsilon_claimed, e.claimed_epsilon, e.eps_lower_bound, f"{e.num_correct}/{e.num_guesses}",
-            c.eps_lower_bound, f"{c.num_correct}/{c.num_guesses}", e.eps_ceiling, verdict)  # fmt: skip
+    return (
+        s.name,
+        s.epsilon_claimed,
+        e.claimed_epsilon,
+        e.eps_lower_bound,
+        f"{e.num_correct}/{e.num_guesses}",
+        c.eps_lower_bound,
+        f"{c.num_correct}/{c.num_guesses}",
+        e.eps_ceiling,
+        verdict,
+    )
 
 
 def render_html(report: AuditReport) -> str:
@@ -165,19 +206,33 @@ def render_html(report: AuditReport) -> str:
     if report.failures:
         items = "".join(f"<li><code>{html.escape(str(f))}</code> ({f.check})</li>" for f in report.failures)
         parts.append(f"<h2>Failed checks</h2><ol>{items}</ol>")
-    checks = [(c["check"], c["what"], "passed" if c["passed"] else f"FAILED ({c['failures']})")
-              for c in report.check_summary()]  # fmt: skip
+    checks = [
+        (c["check"], c["what"], "passed" if c["passed"] else f"FAILED ({c['failures']})")
+        for c in report.check_summary()
+    ]
     parts.append("<h2>Checks</h2>" + _table(("check", "what it means", "result"), checks))
     head = html.escape(", ".join(report.head))
-    parts.append(f"<h2>Sites</h2><p>Aggregation: {html.escape(report.mode)}.</p><p>Head tensors, the only ones "
-                 f"allowed to leave a site: <code>{head}</code></p>")  # fmt: skip
+    parts.append(
+        f"<h2>Sites</h2><p>Aggregation: {html.escape(report.mode)}.</p><p>Head tensors, the only ones "
+        f"allowed to leave a site: <code>{head}</code></p>"
+    )
     parts.append(_table(SITE_COLUMNS, [_site_row(s) for s in report.sites]))
     if any(s.rounds for s in report.sites):
         parts.append(_epsilon_plot(report))
     for s in report.sites:
         if s.rounds:
-            rows = [(r.round, r.noise_multiplier, r.sample_rate, r.steps, r.clip_norm, r.epsilon_claimed,
-                     r.epsilon_recomputed) for r in s.rounds]  # fmt: skip
+            rows = [
+                (
+                    r.round,
+                    r.noise_multiplier,
+                    r.sample_rate,
+                    r.steps,
+                    r.clip_norm,
+                    r.epsilon_claimed,
+                    r.epsilon_recomputed,
+                )
+                for r in s.rounds
+            ]
             parts.append(f"<h3>{html.escape(s.name)}: DP parameters per round</h3>" + _table(ROUND_COLUMNS, rows))
         if s.policy is not None:
             parts.append(f"<p>{html.escape(s.name)} policy: <code>{html.escape(json.dumps(s.policy))}</code></p>")

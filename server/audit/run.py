@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from common.config import SiteConfig, load_site_config
-from common.config_parse import InputError
-from common.protocol import Event
-from server.audit.checks import (
+from fedtransfer.common.config.run import SiteConfig, load_site_config
+from fedtransfer.common.errors import InputError
+from fedtransfer.common.wire.protocol import Event
+from fedtransfer.server.audit.checks import (
     check_aggregation,
     check_completion,
     check_head_only,
@@ -24,13 +24,13 @@ from server.audit.checks import (
     check_updates,
     head_names,
 )
-from server.audit.evidence import check_chain, collect_updates, file_hashes, gather
-from server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
-from server.audit.privacy import audit_site_privacy, check_policy
-from server.audit.trust import audit_announced_trust, audit_trust
+from fedtransfer.server.audit.evidence import check_chain, collect_updates, file_hashes, gather
+from fedtransfer.server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
+from fedtransfer.server.audit.privacy import audit_site_privacy, check_policy
+from fedtransfer.server.audit.trust import audit_announced_trust, audit_trust
 
 if TYPE_CHECKING:
-    from server.audit.empirical import CanarySettings
+    from fedtransfer.server.audit.empirical import CanarySettings
 
 SiteConfigs = dict[str, tuple[SiteConfig, Path]]  # site name -> its config and where it was read
 
@@ -64,7 +64,7 @@ def audit_run(
     files = file_hashes([ev.server_log, *ev.site_logs, *site_configs], run_dir)
     report = AuditReport(str(run_dir), ev.run_id, head, files, sites, found.failures, found.notes, mode=mode)
     if empirical is not None:
-        from server.audit.empirical import run_empirical  # late import: torch, the data sources, Opacus
+        from fedtransfer.server.audit.empirical import run_empirical  # late import: torch, the data sources, Opacus
 
         run_empirical(report, ev, configs, empirical)
     return report

@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from common.config import RunConfig
-from common.protocol import DPRecord, Event
-from server.audit.findings import Evidence, Findings, SiteAudit, Update
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.wire.protocol import DPRecord, Event
+from fedtransfer.server.audit.findings import Evidence, Findings, SiteAudit, Update
 
 CHECK = "trust"
 
@@ -30,8 +30,12 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
         found.fail(CHECK, ev.privacy_path, None, f"{site.name}: no site log, so nothing shows it added its noise share")
         return
     if site.rounds_joined and not trainings:
-        found.fail(CHECK, ev.site_log_of.get(site.name, ev.privacy_path), None,
-                   f"{site.name}: its log records no training with a noise share")  # fmt: skip
+        found.fail(
+            CHECK,
+            ev.site_log_of.get(site.name, ev.privacy_path),
+            None,
+            f"{site.name}: its log records no training with a noise share",
+        )
     history = []
     for u in trainings:
         reason = _share_problem(u.dp, expected, ev.cfg, u.round == 0)
@@ -45,7 +49,7 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
 def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, release: bool) -> str | None:
     """Why a logged training (or, with `release`, round 0's statistics) does not show this site's share of the
     planned noise, or None."""
-    from common.dp_fedsgd import STATS_NORM
+    from fedtransfer.common.privacy.fedsgd import STATS_NORM
 
     if dp is None:
         return "trained without DP, so it added no noise share"
@@ -56,8 +60,10 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
     if rec.mechanism != "skellam" or rec.noise_share <= 0:
         return "the log does not record adding a Skellam noise share"
     if rec.min_survivors != survivors:
-        return (f"planned for {rec.min_survivors} surviving sites, but the run's SecAgg+ threshold lets a round "
-                f"unmask {survivors}")  # fmt: skip
+        return (
+            f"planned for {rec.min_survivors} surviving sites, but the run's SecAgg+ threshold lets a round "
+            f"unmask {survivors}"
+        )
     if not math.isclose(rec.noise_share * rec.min_survivors, rec.noise_variance, rel_tol=1e-9):
         return f"added variance {rec.noise_share:g}, not μ/K_min = {rec.noise_variance / rec.min_survivors:g}"
     bound = STATS_NORM if release else cfg.privacy.max_grad_norm  # the statistics: a unit's (sums, counts/4) norm
@@ -68,19 +74,23 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
 
 def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
     """Round 0's Skellam statistics release, recomputed: one step at rate 1, sensitivities no smaller than the
-    unrounded bound allows, and the variance the plan gives those sensitivities (common.privacy.plan_distributed)."""
-    from common.skellam import calibrate_variance
+    unrounded bound allows, and the variance the plan gives those sensitivities (plan_distributed)."""
+    from fedtransfer.common.privacy.skellam import calibrate_variance
 
     if (rec.sample_rate, rec.steps) != (1.0, 1):
         return f"the statistics release is one step at rate 1, not {rec.steps} at {rec.sample_rate:g}"
     if rec.l2_sensitivity < rec.clip_norm / rec.quantum or rec.l1_sensitivity < rec.l2_sensitivity:
-        return (f"the statistics release's sensitivities Δ1 = {rec.l1_sensitivity:g}, Δ2 = {rec.l2_sensitivity:g} "
-                f"are below the bound {rec.clip_norm / rec.quantum:g} of one unit")  # fmt: skip
+        return (
+            f"the statistics release's sensitivities Δ1 = {rec.l1_sensitivity:g}, Δ2 = {rec.l2_sensitivity:g} "
+            f"are below the bound {rec.clip_norm / rec.quantum:g} of one unit"
+        )
     p = cfg.privacy
     mu = calibrate_variance(1.0, 1, p.target_epsilon, rec.delta, rec.l1_sensitivity, rec.l2_sensitivity)
     if not p.feature_stats or not math.isclose(rec.noise_variance, mu / p.feature_stats_share, rel_tol=1e-9):
-        return (f"the statistics release's variance {rec.noise_variance:g} is not the plan's "
-                f"{mu / p.feature_stats_share:g} (privacy.feature_stats_share {p.feature_stats_share:g})")  # fmt: skip
+        return (
+            f"the statistics release's variance {rec.noise_variance:g} is not the plan's "
+            f"{mu / p.feature_stats_share:g} (privacy.feature_stats_share {p.feature_stats_share:g})"
+        )
     return None
 
 
@@ -100,26 +110,38 @@ def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings
     for entry in starts:
         said = (entry.record.get("trust"), entry.record.get("min_survivors"))
         if (distributed or said[0] is not None) and said != (trust, survivors):
-            found.fail_at(CHECK, entry, f"{entry.event} announces trust {said[0]!r} with min_survivors {said[1]!r}; "
-                          f"the run's config gives {trust!r} with {survivors!r}")  # fmt: skip
+            found.fail_at(
+                CHECK,
+                entry,
+                f"{entry.event} announces trust {said[0]!r} with min_survivors {said[1]!r}; "
+                f"the run's config gives {trust!r} with {survivors!r}",
+            )
     announced = starts[0].record.get("min_survivors") if starts and distributed else None
     for u in trainings if announced is not None else []:
         logged = (u.dp or {}).get("min_survivors")
         if logged is not None and logged != announced:
-            found.fail_at(CHECK, u.entry, f"{u.site} round {u.round}: planned its share for {logged} surviving sites, "
-                          f"the server announced {announced!r} at {starts[0].event}")  # fmt: skip
+            found.fail_at(
+                CHECK,
+                u.entry,
+                f"{u.site} round {u.round}: planned its share for {logged} surviving sites, "
+                f"the server announced {announced!r} at {starts[0].event}",
+            )
 
 
 def _individual_epsilon(site: SiteAudit, history: list[tuple], ev: Evidence, found: Findings) -> None:
     """ε against one site's own message (its share alone), recomputed, against the site's claim in privacy.json."""
-    from common.privacy import epsilon_of
+    from fedtransfer.common.privacy.calibration import epsilon_of
 
     claim = (ev.privacy.get(site.name) or {}).get("epsilon_individual")
     if not history or site.delta is None:
         return
     site.epsilon_individual_claimed = claim
     site.epsilon_individual_recomputed = epsilon_of(history, site.delta, "rdp", individual=True)
-    if not isinstance(claim, int | float) or not math.isclose(claim, site.epsilon_individual_recomputed,
-                                                              rel_tol=1e-6):  # fmt: skip
-        found.fail(CHECK, ev.privacy_path, None, f"{site.name}: claims ε {claim!r} against its own message, "
-                   f"recomputed {site.epsilon_individual_recomputed:.6f}")  # fmt: skip
+    if not isinstance(claim, int | float) or not math.isclose(claim, site.epsilon_individual_recomputed, rel_tol=1e-6):
+        found.fail(
+            CHECK,
+            ev.privacy_path,
+            None,
+            f"{site.name}: claims ε {claim!r} against its own message, "
+            f"recomputed {site.epsilon_individual_recomputed:.6f}",
+        )

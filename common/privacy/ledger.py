@@ -1,0 +1,102 @@
+"""A site's privacy ledger: the accountant history it has spent, per run, on its own disk.
+
+The ε a site reports is always its cumulative ε, across rounds and restarts: the history
+survives the process, and every release (each round, the feature statistics) is counted
+before it is sent (`check_round`, then `record_round`). Composition is `epsilon_of`'s.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of
+from fedtransfer.common.storage import atomic
+
+EPS_SLACK = 1e-9  # float noise between identical accountant calls
+
+
+class BudgetExceeded(RuntimeError):
+    """Training this round would take the site past its privacy budget."""
+
+
+class PrivacyLedger:
+    """One site's spent budget per run, kept as Opacus accountant history on the site's disk.
+
+    The file survives process restarts, so a site that crashes and rejoins keeps its ε.
+    Writes are atomic: a crash mid-write leaves the previous ledger intact.
+    """
+
+    def __init__(self, path: Path, run_key: str) -> None:
+        self.path = path
+        self.run_key = run_key
+        self._data = self._read()
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {"runs": {}}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise RuntimeError(f"privacy ledger {self.path} is unreadable ({err}); restore it from backup") from None
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+            raise RuntimeError(f"privacy ledger {self.path} is not a fedtransfer ledger; restore it from backup")
+        return data
+
+    @property
+    def entry(self) -> dict:
+        return self._data["runs"].get(self.run_key, {"history": [], "rounds": []})
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self.entry["history"]]
+
+    def spent(self, delta: float, accountant: str) -> float:
+        return epsilon_of(self.history, delta, accountant)
+
+    def spent_in_other_runs(self, delta: float, accountant: str) -> float:
+        """ε of every other run on this site's data, composed: what a site-wide cap must count."""
+        others = [tuple(h) for key, run in self._data["runs"].items() if key != self.run_key for h in run["history"]]
+        return epsilon_of(others, delta, accountant)
+
+    def spent_before(self, delta: float, accountant: str) -> float | None:
+        """ε of the runs this ledger held before this run first trained, composed; None if it never trained.
+
+        The ledger's `runs` object keeps the order in which runs first recorded a round (JSON
+        objects keep insertion order through Python's json), so an auditor looking back at an
+        old run counts what the site had spent when that run began, not runs made afterwards.
+        """
+        keys = list(self._data["runs"])
+        if self.run_key not in keys:
+            return None
+        earlier = keys[: keys.index(self.run_key)]
+        return epsilon_of([tuple(h) for key in earlier for h in self._data["runs"][key]["history"]], delta, accountant)
+
+    def check_round(self, plan: DPPlan, step: tuple[float, float, int] | None = None) -> float:
+        """ε after one more round of `plan` (or `step`: the statistics release); BudgetExceeded past the target."""
+        after = epsilon_of([*self.history, step or plan.round_step], plan.target_delta, plan.accountant)
+        if after > plan.target_epsilon + EPS_SLACK:
+            spent = self.spent(plan.target_delta, plan.accountant)
+            raise BudgetExceeded(
+                f"privacy budget: another round would bring ε from {spent:.3f} to {after:.3f}, "
+                f"past this site's target ε = {plan.target_epsilon:g} (δ = {plan.target_delta:g})"
+            )
+        return after
+
+    def record_round(
+        self, server_round: int, plan: DPPlan, history: list[tuple[float, float, int]], release: str | None = None
+    ) -> float:
+        """Store the accountant history after a round (or a named release: round 0's statistics); returns ε."""
+        epsilon = epsilon_of(history, plan.target_delta, plan.accountant)
+        entry = self.entry
+        entry["history"] = [list(h) for h in history]
+        entry["plan"] = asdict(plan)
+        steps = 1 if release else plan.steps_per_round
+        done = {"round": server_round, "steps": steps, "epsilon": epsilon} | ({"release": release} if release else {})
+        if plan.distributed:  # the second ε of distributed trust: against this site's own message
+            done["epsilon_individual"] = epsilon_of(history, plan.target_delta, plan.accountant, individual=True)
+        entry["rounds"] = entry["rounds"] + [done]
+        self._data["runs"][self.run_key] = entry
+        atomic.write_text(self.path, json.dumps(self._data, indent=1))
+        return epsilon

@@ -1,0 +1,145 @@
+"""Distributed discrete noise for fedsgd under secure aggregation: the Skellam mechanism and its accounting.
+
+Under `privacy.trust: distributed` each site quantises every unit's clipped gradient to
+integers (γ a power of two: fedtransfer.common.config.sections.SecAggConfig.quantum), sums them and adds Skellam
+noise Sk = Poisson(v/2) − Poisson(v/2) of variance v = μ/K_min. A sum of independent
+Skellams is a Skellam, so the integer sum of any K ≥ K_min sites carries variance ≥ μ:
+the accounting of the aggregate is exactly that of one Skellam mechanism.
+
+RDP of the Skellam mechanism of variance μ with integer L2 / L1 sensitivities Δ2 / Δ1
+(Agarwal, Kairouz & Liu, "The Skellam Mechanism for Differentially Private Federated
+Learning", NeurIPS 2021, Theorem 3.5; their reference code `_skellam_rdp` with scale 1):
+
+    ε(α) ≤ α·Δ2²/(2μ) + min(((2α − 1)·Δ2² + 6·Δ1)/(4μ²), 3·Δ1/(2μ))      (integer α > 1)
+
+Poisson subsampling at rate q is amplified by the general upper bound of Zhu & Wang
+(ICML 2019) for integer orders; rounds compose by adding RDP; (ε, δ) comes from Opacus'
+RDP conversion. Rounding each unit's scaled gradient to the nearest integer moves each
+coordinate by at most 1/2, so Δ2 = C/γ + √d/2 and, for an integer vector, Δ1 = min(√d·Δ2, Δ2²).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from scipy.special import gammaln, logsumexp
+
+SKELLAM = "skellam"  # first element of a Skellam entry in an accountant history
+ORDERS = (*range(2, 65), 80, 96, 128, 192, 256)  # integer RDP orders (Zhu & Wang's bound needs integers)
+
+# A history entry of a Skellam round, as the ledger and the audit keep it:
+# (SKELLAM, variance μ of the aggregate, sample rate q, steps, Δ1, Δ2, K_min)
+SkellamStep = tuple[str, float, float, int, float, float, int]
+
+
+def sensitivities(clip_norm: float, gamma: float, dim: int) -> tuple[float, float]:
+    """(Δ1, Δ2) of the sum of units' gradients clipped to C, scaled by 1/γ and rounded to the nearest integer."""
+    d2 = clip_norm / gamma + math.sqrt(dim) / 2
+    return min(math.sqrt(dim) * d2, d2 * d2), d2
+
+
+def rdp(alpha: int, mu: float, d1: float, d2: float) -> float:
+    """RDP of order α of the Skellam mechanism of variance μ (Agarwal, Kairouz & Liu 2021, Theorem 3.5)."""
+    return alpha * d2 * d2 / (2 * mu) + min(((2 * alpha - 1) * d2 * d2 + 6 * d1) / (4 * mu * mu), 3 * d1 / (2 * mu))
+
+
+def subsampled_rdp(alpha: int, q: float, mu: float, d1: float, d2: float) -> float:
+    """RDP of order α under Poisson subsampling at rate q: Zhu & Wang's general upper bound, or the plain RDP."""
+    plain = rdp(alpha, mu, d1, d2)
+    if q >= 1.0:
+        return plain
+    log1q = math.log1p(-q)
+    terms = [0.0, rdp(2, mu, d1, d2)]
+    weights = [(1 - q) ** (alpha - 1) * (alpha * q - q + 1), math.comb(alpha, 2) * q * q * (1 - q) ** (alpha - 2)]
+    ls = np.arange(3, alpha + 1)
+    if len(ls):
+        eps_l = np.array([rdp(int(j), mu, d1, d2) for j in ls])
+        log_comb = gammaln(alpha + 1) - gammaln(ls + 1) - gammaln(alpha - ls + 1)
+        terms += list((ls - 1) * eps_l + log_comb + (alpha - ls) * log1q + ls * math.log(q))
+        weights += [3.0] * len(ls)
+    return min(plain, float(logsumexp(terms, b=weights)) / (alpha - 1))
+
+
+def is_skellam(step: tuple | list) -> bool:
+    return len(step) > 0 and step[0] == SKELLAM
+
+
+@functools.lru_cache(maxsize=1024)
+def _entry_rdp(step: tuple, individual: bool) -> tuple[float, ...]:
+    """One history entry's RDP at every order: a Skellam round's (ours) or a Gaussian one's (Opacus)."""
+    if is_skellam(step):
+        _, mu, q, steps, d1, d2, k_min = step
+        variance = mu / k_min if individual else mu  # one site's message carries only its share
+        return tuple(steps * subsampled_rdp(a, q, variance, d1, d2) for a in ORDERS)
+    sigma, q, steps = step
+    return tuple(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(ORDERS)))
+
+
+def epsilon(history: tuple[tuple, ...], delta: float, individual: bool = False) -> float:
+    """(ε at δ) of a history that holds Skellam rounds (and maybe Gaussian steps), composed in RDP.
+
+    `individual`: against one site's own message (variance μ/K_min) instead of the aggregate (μ).
+    """
+    total = np.zeros(len(ORDERS))
+    for step in history:
+        total += np.array(_entry_rdp(tuple(step), individual))
+    with warnings.catch_warnings():  # "optimal order is the smallest/largest alpha": ε over-, never under-stated
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_variance(
+    sample_rate: float,
+    steps: int,
+    target_epsilon: float,
+    target_delta: float,
+    d1: float,
+    d2: float,
+    prefix: tuple[tuple, ...] = (),
+) -> float:
+    """The smallest variance μ (to 1% in √μ) whose `steps` subsampled Skellam rounds meet (ε, δ) for the aggregate.
+
+    `prefix`: releases that come first (the feature statistics' Skellam release), composed in;
+    ValueError when they alone spend the target.
+    """
+
+    def eps(std: float) -> float:
+        return epsilon((*prefix, (SKELLAM, std * std, sample_rate, steps, d1, d2, 1)), target_delta)
+
+    if prefix and eps(1e9 * d2) > target_epsilon:
+        raise ValueError(
+            f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+            f"{target_epsilon:g}; lower it"
+        )
+    low, high = 0.0, d2
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+    while high - low > 0.01 * high:
+        mid = (low + high) / 2
+        low, high = (mid, high) if eps(mid) > target_epsilon else (low, mid)
+    return high * high
+
+
+def sample(shape: torch.Size, variance: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Skellam noise of the given variance per coordinate: the difference of two Poisson(variance/2) draws (float64)."""
+    rate = torch.full(tuple(shape), variance / 2, dtype=torch.float64, device=generator.device)
+    return (torch.poisson(rate, generator=generator) - torch.poisson(rate, generator=generator)).to(device)
+
+
+def share_wrap_bound(units: int, d2: float, share_variance: float, dim: int, modulus: int) -> float:
+    """An upper bound on the chance that any coordinate of a site's noisy integer sum leaves [−Q/2, Q/2).
+
+    The clipped, rounded sum is within units·Δ2 of 0 per coordinate; the noise's tail is
+    Bernstein's (increments of ±1, variance v): P(|X| ≥ t) ≤ 2·exp(−t²/(2(v + t/3))).
+    """
+    t = modulus / 2 - units * d2
+    if t <= 0:
+        return 1.0
+    return min(1.0, 2 * dim * math.exp(-t * t / (2 * (share_variance + t / 3))))

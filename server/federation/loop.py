@@ -1,0 +1,297 @@
+"""The coordinator's round loop: ask the sites, aggregate what passed screening, evaluate, record.
+
+Flower's `Strategy.start` runs a fixed loop; ours calls the same strategy methods (through
+`ScreenedStrategy`) and adds what a privacy-preserving federation needs between them:
+naming what every site did each round, per-site ε, atomic checkpoints, resuming, and a
+verdict: a run whose rounds did not all aggregate at least `train.min_sites` sites FAILED,
+exports no model and says why.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fedtransfer.common.config.run import RunConfig, to_nested
+from fedtransfer.common.data.sources import federation_for
+from fedtransfer.common.encoders.feature_cache import cached_features
+from fedtransfer.common.encoders.registry import load_encoder, resolve_device
+from fedtransfer.common.model.finetune import cut_encoder, make_top, trains
+from fedtransfer.common.model.head import evaluate_head
+from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
+from fedtransfer.common.storage import atomic, locking
+from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
+from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg
+from fedtransfer.server.export.model_file import export_model, head_from_arrays
+from fedtransfer.server.federation import checkpoint, report, run_folder
+from fedtransfer.server.federation.console import round_summary
+from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
+from fedtransfer.server.federation.rounds import evaluate_round, plain_round, secure_train_round
+from fedtransfer.server.federation.sites import SiteBook, absent_sites
+from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy, release_strategy
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+APP_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    run_id: str
+    final_accuracy: float
+    model_path: Path | None
+    status: str  # "completed" or "failed"
+    reason: str | None = None
+
+
+@dataclass
+class Coordinator:
+    """What the loop works with: the encoder, the server's hold-out features, the head and the strategy."""
+
+    cfg: RunConfig
+    encoder: Any
+    classes: list[str]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    strategy: ScreenedStrategy
+    release: ScreenedStrategy | None = None  # round 0's feature-statistics release (privacy.feature_stats)
+
+    def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The head (or fine-tuned top, common/model/finetune.py) holding these exchanged tensors."""
+        return head_from_arrays(arrays, self.encoder, len(self.classes), self.cfg.head.hidden, self.cfg.finetune)
+
+    def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
+        """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
+        module = self.head(head)
+        sums, counts = (torch.from_numpy(stats[name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
+        start_from_statistics(module, sums, counts)
+        return _numpy(head_to_arrays(module))
+
+    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
+        """accuracy, loss, balanced_accuracy and auroc (None when the hold-out has one class) on the hold-out."""
+        return evaluate_head(self.head(arrays), self.test_x, self.test_y).as_dict()
+
+
+def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResult:
+    """Run (or resume) the configured federation in its output folder, held for the run's life."""
+    run_dir = cfg.output_path
+    with locking.hold(run_dir, f"fedtransfer run into {run_dir}"):
+        if resume and (done := run_folder.check_resume(cfg)) is not None:
+            log(INFO, "Run %s in %s already completed: nothing to resume", done.get("run_id"), run_dir)
+            return RunResult(
+                run_dir,
+                str(done.get("run_id")),
+                float(done.get("final_accuracy") or "nan"),
+                Path(done["model"]) if done.get("model") else None,
+                "completed",
+            )
+        return _run(grid, cfg, resume)
+
+
+def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
+    encoder = cut_encoder(load_encoder(cfg.backbone, resolve_device(cfg.device)), cfg.finetune)
+    fed = federation_for(cfg)
+    test_x, _ = cached_features(encoder, fed.server_test, cfg.cache_path)
+    classes = list(fed.server_test.classes)
+    with torch.random.fork_rng(devices=[]):  # the initial head is the config's seed, without seeding the process
+        torch.manual_seed(cfg.seed)
+        head = make_top(encoder, len(classes), cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune).cpu()
+    spec = head_spec(head)
+    frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
+    strategy = ScreenedStrategy(make_strategy(cfg.train, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
+    release = None
+    if cfg.privacy.feature_stats:
+        stats_spec = {
+            STATS_SUMS: ((len(classes), encoder.feature_dim), "float32"),
+            STATS_COUNTS: ((len(classes),), "float32"),
+        }
+        release = ScreenedStrategy(release_strategy(cfg.train), stats_spec, cfg.train.min_sites)
+    coordinator = Coordinator(
+        cfg, encoder, classes, test_x, torch.from_numpy(fed.server_test.labels), strategy, release
+    )
+    return coordinator, _numpy(head_to_arrays(head))
+
+
+def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
+    run_dir = cfg.output_path
+    co, head = _setup(cfg)
+    ckpt = checkpoint.latest(run_dir) if resume else None
+    if ckpt is None:
+        if resume:
+            log(WARNING, "No checkpoint in %s: starting from round 1", run_dir)
+        run_id, start, sites = uuid.uuid4().hex[:12], 1, {}
+        atomic.write_text(run_dir / run_folder.CONFIG, json.dumps(to_nested(cfg), indent=2))
+    else:
+        run_id, start, sites, head = ckpt.run_id, ckpt.server_round + 1, ckpt.sites, ckpt.head
+        co.strategy.restore(ckpt.strategy_state)
+        report.truncate_metrics(run_dir, ckpt.server_round)
+        log(INFO, "Resuming run %s from round %d checkpoint in %s", run_id, ckpt.server_round, run_dir)
+    (run_dir / run_folder.STATUS).unlink(missing_ok=True)  # this run's verdict is written when it ends
+    recorder = RunRecorder(cfg, run_id, sites)
+    recorder.started(
+        start,
+        ckpt is not None,
+        {"backbone": co.encoder.name, "fingerprint": co.encoder.fingerprint, "trains": trains(cfg.finetune)},
+        sorted(head),
+    )
+    log(
+        INFO,
+        "Run %s: %s (%s), %d classes, %d rounds, sites' DP target ε = %s, output %s",
+        run_id,
+        co.encoder.name,
+        co.encoder.fingerprint[:12],
+        len(co.classes),
+        cfg.train.rounds,
+        cfg.privacy.target_epsilon if cfg.privacy.enabled else "off (no DP)",
+        run_dir,
+    )
+    config = {Cfg.RUN_ID: run_id, Cfg.FINGERPRINT: co.encoder.fingerprint, Cfg.APP_VERSION: APP_VERSION}
+    if cfg.train.strategy == "fedprox":
+        config[Cfg.PROXIMAL_MU] = cfg.train.proximal_mu
+    book, accuracy = SiteBook(sites), float("nan")
+    if co.release is not None and start == 1 and ckpt is None:  # round 0: the statistics, before any training
+        head, accuracy = _round(grid, 0, head, ConfigRecord({**config, Cfg.RELEASE: FEATURE_STATS}), co, book, recorder)
+    for rnd in range(start, cfg.train.rounds + 1):
+        head, accuracy = _round(grid, rnd, head, ConfigRecord(config), co, book, recorder)
+    return _finish(co, recorder, head, accuracy)
+
+
+@contextmanager
+def _flower_sampling_seed(seed: str) -> Iterator[None]:
+    """Flower samples nodes with `random`: seed it for the round, then give the process its state back."""
+    state = random.getstate()
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
+def _round(
+    grid: Grid,
+    rnd: int,
+    head: dict[str, np.ndarray],
+    config: ConfigRecord,
+    co: Coordinator,
+    book: SiteBook,
+    recorder: RunRecorder,
+) -> tuple[dict[str, np.ndarray], float]:
+    cfg, t0 = co.cfg, time.monotonic()
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
+    connected = book.learn_registered(grid)
+    release = co.release if rnd == 0 else None  # round 0 is the statistics release: every site once
+    with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
+        if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
+            train = secure_train_round(grid, rnd, arrays, config, release or co.strategy, book, cfg)
+        elif release is not None:
+            train = plain_round(grid, rnd, arrays, config, release, book, cfg.train.round_timeout_s)
+        else:
+            train = plain_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
+    if train.arrays is not None:
+        head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
+        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
+    absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
+    federated = None
+    if cfg.train.evaluates(rnd):
+        with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
+            federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
+    outcome = RoundReport(
+        rnd,
+        train,
+        absent,
+        head,
+        co.strategy.state(),
+        co.evaluate(head),
+        federated,
+        time.monotonic() - t0,
+        wire_bytes(arrays),
+    )
+    line = recorder.round_done(outcome)
+    _progress(rnd, cfg, line, len(train.sites))
+    if federated and "per_site" in federated:
+        log(INFO, "round %d personal models | %s", rnd, personal_summary(federated))
+    return head, outcome.server["accuracy"]
+
+
+def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray], accuracy: float) -> RunResult:
+    """A run succeeds when every round aggregated; only then is the model exported."""
+    cfg = co.cfg
+    failed = recorder.failed_rounds()
+    failure = None
+    if failed:
+        failure = (
+            f"round(s) {failed} did not aggregate updates from at least train.min_sites = "
+            f"{cfg.train.min_sites} sites; see the per-site reasons in metrics.jsonl"
+        )
+    model = None
+    if failure is None:
+        model, failure = export_or_why(co, head)
+    summary = recorder.finish(head, accuracy, model, failure)
+    return RunResult(cfg.output_path, recorder.run_id, accuracy, model, summary["status"], failure)
+
+
+def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | None, str | None]:
+    """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
+    path = co.cfg.output_path / "model.pt"
+    try:
+        return export_model(path, co.encoder, co.head(head), co.cfg.head.hidden, co.classes, co.cfg.finetune), None
+    except OSError as err:
+        return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
+
+
+def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def personal_summary(federated: dict[str, Any]) -> str:
+    """Each site's own-test-split accuracy, global model then personal model, and their weighted means.
+
+    The personal mean is over the sites that keep a personal model only (a site may decline one),
+    beside the global model's mean over those same sites; a site without one shows its global figure.
+    """
+    sites = " ".join(_site_figures(name, s) for name, s in federated["per_site"].items())
+    return (
+        f"global {federated['accuracy']:.4f} | on the {federated['personal_sites']} of {federated['sites']} sites "
+        f"with a personal model: global {federated['global_accuracy_personal_sites']:.4f} personal "
+        f"{federated['personal_accuracy']:.4f} | {sites}"
+    )
+
+
+def _site_figures(name: str, scores: dict[str, float]) -> str:
+    """`site-0 0.690->0.880`, or `site-1 0.700 (no personal model)` for a site that keeps none."""
+    shown = f"{name} {scores.get('accuracy', float('nan')):.3f}"
+    own = scores.get("personal_accuracy")
+    return f"{shown} (no personal model)" if own is None else f"{shown}->{own:.3f}"
+
+
+def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:
+    """The one console line of a round (fedtransfer.server.federation.console shows it by default, and little else)."""
+    eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
+    fed = record["federated"]
+    log(
+        INFO,
+        "%s",
+        round_summary(
+            rnd,
+            cfg.train.rounds,
+            record["sites_trained"],
+            asked,
+            record["server"]["accuracy"],
+            fed["accuracy"] if fed else None,
+            max(eps) if eps else None,
+            cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+            record["time_s"],
+        ),
+    )

@@ -1,0 +1,164 @@
+"""Everything a run writes, in one place: audit log, metrics.jsonl, privacy.json, checkpoints, plots, status.
+
+The round loop decides; the recorder writes. Order matters for a crash at any point: the
+checkpoint is written before the round's metrics line (a resume truncates lines past the
+checkpoint), and `status.json` is written last, so a folder without it is a run that did
+not finish.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.storage import atomic
+from fedtransfer.common.storage.audit_log import AuditLog, update_digest
+from fedtransfer.common.storage.finite_json import finite
+from fedtransfer.common.wire.protocol import FEATURE_STATS, Event, SiteStatus
+from fedtransfer.server.federation import checkpoint, report, tracking
+from fedtransfer.server.federation.rounds import PERSONAL_MEANS, TrainRound
+from fedtransfer.server.federation.sites import SiteRound
+from flwr.common.logger import log
+
+STATUS = "status.json"
+_NOT_TRAINED = (SiteStatus.DECLINED, SiteStatus.REFUSED, SiteStatus.FAILED)  # logged as update-refused
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What the loop knows at the end of a round."""
+
+    rnd: int
+    train: TrainRound
+    absent: dict[str, SiteRound]  # known sites that were not asked
+    head: dict[str, np.ndarray]  # the global head after the round
+    strategy_state: dict
+    server: dict[str, float]  # accuracy and loss on the server's hold-out
+    federated: dict[str, float] | None
+    seconds: float
+    bytes_sent_per_site: int  # the global head as it travels to each site next round (wire_bytes)
+
+
+class RunRecorder:
+    """The run folder's writer for one run id; `sites` is the per-site privacy record a checkpoint carries."""
+
+    def __init__(self, cfg: RunConfig, run_id: str, sites: dict[str, Any]) -> None:
+        self.cfg, self.run_dir, self.run_id, self.sites = cfg, cfg.output_path, run_id, sites
+        self.audit = AuditLog(self.run_dir / "audit.jsonl")
+
+    def started(self, start: int, resumed: bool, encoder: dict[str, Any], head: list[str]) -> None:
+        if not resumed:
+            for stale in ("metrics.jsonl", "model.pt"):  # another run's; this folder is ours now (locked)
+                (self.run_dir / stale).unlink(missing_ok=True)
+        trust: dict[str, Any] = {"trust": self.cfg.privacy.trust}
+        if self.cfg.privacy.trust == "distributed":  # each site adds μ/K_min: the plan for the fewest survivors
+            trust["min_survivors"] = self.cfg.secagg.fewest_survivors(self.cfg.train.min_sites)
+        self.audit.append(
+            Event.RUN_RESUMED if resumed else Event.RUN_STARTED,
+            run_id=self.run_id,
+            round=start,
+            **encoder,
+            head=head,
+            **trust,
+        )
+
+    def round_done(self, r: RoundReport) -> dict[str, Any]:
+        """Audit records, checkpoint, metrics line and privacy.json for one round; returns the metrics line."""
+        masked = {"masked": True} if self.cfg.secure_aggregation else {}
+        for site, digest in r.train.received:
+            self.audit.append(
+                Event.UPDATE_RECEIVED, run_id=self.run_id, round=r.rnd, site=site, update=digest, **masked
+            )
+        everyone = r.train.sites | r.absent
+        for site, part in sorted(r.train.sites.items()):
+            if part.status in _NOT_TRAINED:
+                self.audit.append(
+                    Event.UPDATE_REFUSED,
+                    run_id=self.run_id,
+                    round=r.rnd,
+                    site=site,
+                    status=str(part.status),
+                    reason=part.reason,
+                )
+                log(WARNING, "round %d: site %s %s: %s", r.rnd, site, part.status, part.reason)
+            elif part.status == SiteStatus.NO_REPLY:
+                log(WARNING, "round %d: site %s did not reply: %s", r.rnd, site, part.reason)
+        secure = {"secure_aggregation": {"halted": r.train.halted} | asdict(self.cfg.secagg)}
+        self.audit.append(
+            Event.ROUND_AGGREGATED,
+            run_id=self.run_id,
+            round=r.rnd,
+            sites=r.train.trained,
+            aggregated=r.train.arrays is not None,
+            aggregate=update_digest(r.head),
+            **(secure if self.cfg.secure_aggregation else {}),
+        )
+        for site, part in everyone.items():
+            rec = self.sites.setdefault(site, {"rounds": []})
+            release = FEATURE_STATS if r.rnd == 0 else "training"  # round 0: the DP feature statistics
+            rec["rounds"].append(part.as_record(r.rnd) | {"release": release})
+            if part.status == SiteStatus.TRAINED:
+                rec["accountant"] = part.fields.get("accountant", "none")
+                rec["delta"] = part.fields.get("delta")
+        checkpoint.save(self.run_dir, checkpoint.Checkpoint(self.run_id, r.rnd, r.head, r.strategy_state, self.sites))
+        line = {
+            "round": r.rnd,
+            "time_s": round(r.seconds, 3),
+            "server": r.server,
+            "federated": r.federated,
+            "sites": {n: p.as_record() for n, p in sorted(everyone.items())},
+            "sites_trained": len(r.train.trained),
+            "aggregated": r.train.arrays is not None,
+            "bytes_received": r.train.bytes_received,
+            "bytes_sent_per_site": r.bytes_sent_per_site,
+        }
+        report.append_metrics(self.run_dir, line)
+        report.write_privacy(self.run_dir, self.run_id, self.sites)
+        tracking.round_done(self.cfg, self.run_id, line)
+        return line
+
+    def failed_rounds(self) -> list[int]:
+        """Rounds of this run that left the global head unchanged (too few sites, or SecAgg+ halted)."""
+        return [m["round"] for m in report.read_metrics(self.run_dir) if not m.get("aggregated", False)]
+
+    def finish(
+        self, head: dict[str, np.ndarray], accuracy: float, model_path: Path | None, failure: str | None
+    ) -> dict[str, Any]:
+        """Plots, the model-exported or run-failed record, and status.json, last."""
+        metrics = report.read_metrics(self.run_dir)
+        report.write_plots(self.run_dir, metrics, self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None)
+        rounds = self.cfg.train.rounds
+        aggregated = [m["round"] for m in metrics if m.get("aggregated")]
+        summary: dict[str, Any] = {
+            "run_id": self.run_id,
+            "final_accuracy": accuracy,
+            "rounds_aggregated": aggregated,
+            "final_metrics": metrics[-1]["server"] if metrics else None,
+        }  # the hold-out's
+        if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
+            summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
+            summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one
+        if failure is None and model_path is not None:
+            self.audit.append(
+                Event.MODEL_EXPORTED, run_id=self.run_id, round=rounds, path=str(model_path), head=update_digest(head)
+            )
+            summary = {"status": "completed", **summary, "model": str(model_path)}
+            log(
+                INFO,
+                "Run %s finished: server hold-out accuracy %.4f; model exported to %s",
+                self.run_id,
+                accuracy,
+                model_path,
+            )
+        else:
+            self.audit.append(Event.RUN_FAILED, run_id=self.run_id, round=rounds, reason=failure)
+            summary = {"status": "failed", **summary, "reason": failure}
+            log(WARNING, "Run %s FAILED: %s; no model exported", self.run_id, failure)
+        atomic.write_text(self.run_dir / STATUS, json.dumps(finite(summary), indent=2))
+        tracking.finished(self.cfg, self.run_id, self.run_dir, summary)
+        return summary

@@ -1,0 +1,271 @@
+"""One round's exchanges with the sites: training (plain or SecAgg+) and federated evaluation.
+
+Each returns what every asked site did, by name, and what the server received, so the
+round loop only decides and records. Screening and the minimum number of sites are the
+`ScreenedStrategy`'s business; attributing replies to sites is `fedtransfer.server.federation.sites`'.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from fedtransfer.common.config.run import RunConfig, SecAggConfig
+from fedtransfer.common.privacy.fedsgd import secure_sum_quanta
+from fedtransfer.common.storage.audit_log import update_digest
+from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
+from fedtransfer.common.wire.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
+from fedtransfer.common.wire.secure_sum import sum_of_mean
+from fedtransfer.server.federation.secure import SecureRound, secure_round
+from fedtransfer.server.federation.sites import SiteBook, SiteRound, answer_of, answers, send_and_receive
+from fedtransfer.server.federation.strategy import SITES_IN_REPLY, ScreenedStrategy
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+_OPTIONAL = {
+    Metric.EPSILON: "epsilon",
+    Metric.EPSILON_INDIVIDUAL: "epsilon_individual",
+    Metric.TRAIN_LOSS: "train_loss",
+    Metric.WIRE_BYTES: "bytes_sent",
+    Metric.TRAIN_SECONDS: "train_s",
+}
+_PERSONAL = (Metric.PERSONAL_ACCURACY, Metric.PERSONAL_BALANCED_ACCURACY)  # a site's own model (client/personal.py)
+# federated's summary of the personal models (personal_means): their mean, over how many sites, the global model's there
+PERSONAL_MEANS = ("personal_accuracy", "personal_sites", "global_accuracy_personal_sites")
+
+
+@dataclass
+class TrainRound:
+    """What one training exchange left: each asked site's part, the new head (None: unchanged)."""
+
+    sites: dict[str, SiteRound] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (site, digest of what arrived)
+    bytes_received: int = 0
+    halted: str | None = None  # why secure aggregation produced no mean
+
+    @property
+    def trained(self) -> list[str]:
+        return sorted(n for n, s in self.sites.items() if s.status == SiteStatus.TRAINED)
+
+
+def trained_fields(reply: Message) -> dict[str, Any]:
+    """A training reply's examples, steps, ε and DP parameters, as privacy.json records them."""
+    metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
+    fields: dict[str, Any] = {
+        "num_examples": int(metrics.get(Metric.NUM_EXAMPLES, 0)),
+        "steps": int(metrics.get(Metric.STEPS, 0)),
+    }
+    fields |= {ours: metrics[key] for key, ours in _OPTIONAL.items() if key in metrics}
+    if (dp := reply.content.config_records.get(Rec.DP)) is not None:
+        fields |= DPRecord.from_mapping(dp).as_dict()
+    return fields
+
+
+def plain_round(
+    grid: Grid,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    strategy: ScreenedStrategy,
+    book: SiteBook,
+    timeout: float,
+) -> TrainRound:
+    """Every site's head reaches the server; the strategy screens it before aggregating."""
+    messages = list(strategy.configure_train(rnd, arrays, config, grid))
+    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
+    candidates = [a for a in got if a.status is None and a.reply is not None]
+    out = TrainRound()
+    # counted before aggregation: FedMedian consumes the arrays
+    out.bytes_received = sum(wire_bytes(r) for a in candidates for r in a.reply.content.array_records.values())
+    out.arrays, _ = strategy.aggregate_train(rnd, [a.reply for a in candidates])
+    for a in got:
+        if a.status is not None:
+            out.sites[a.site] = SiteRound(a.status, a.reason)
+        elif a.node in strategy.refused:
+            out.sites[a.site] = SiteRound(SiteStatus.REFUSED, strategy.refused[a.node])
+        else:
+            out.sites[a.site] = SiteRound(SiteStatus.TRAINED, fields=trained_fields(a.reply))
+            head = next(iter(a.reply.content.array_records.values()))
+            out.received.append((a.site, update_digest(arrays_to_numpy(head))))
+    return out
+
+
+def secure_train_round(
+    grid: Grid,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    strategy: ScreenedStrategy,
+    book: SiteBook,
+    cfg: RunConfig,
+) -> TrainRound:
+    """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean.
+
+    Round 0's statistics release (`config` names it) goes the same way: the message carries zeros
+    shaped like the release (the strategy's spec), and the server reads back the exact sums.
+    """
+    release = config.get(Cfg.RELEASE) is not None
+    if release:
+        arrays = ArrayRecord({n: Array(np.zeros(shape, dtype=dtype)) for n, (shape, dtype) in strategy.spec.items()})
+    nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
+    sec = secure_round(grid, rnd, arrays, config, nodes, cfg.secagg, cfg.train.round_timeout_s)
+    out = TrainRound(bytes_received=sum(sec.payload.values()))
+    for node, reply in sorted(sec.trained.items()):
+        site = answer_of(node, reply, book).site
+        fields = trained_fields(reply) | {"bytes_sent": sec.payload[node]}
+        out.sites[site] = SiteRound(SiteStatus.TRAINED, fields=fields)
+        out.received.append(
+            (site, update_digest(sec.masked[node]) if node in sec.masked else {"sha256": "", "tensors": []})
+        )
+    for node, error in sorted(sec.errors.items()):
+        if node not in sec.trained:  # a site leaving after it sent its masked vector is in the mean
+            answer = answer_of(node, error, book)
+            out.sites[answer.site] = SiteRound(answer.status or SiteStatus.FAILED, answer.reason)
+    for node in nodes:
+        if node not in sec.trained and node not in sec.errors:
+            reason = f"no reply within {cfg.train.round_timeout_s:g}s"
+            out.sites[book.name(node)] = SiteRound(SiteStatus.NO_REPLY, reason)
+    if sec.aggregate is None:
+        out.halted = (
+            f"secure aggregation halted: {len(sec.trained)} of {len(nodes)} sites sent masked vectors, too "
+            f"few for the reconstruction threshold (secagg.reconstruction_threshold = "
+            f"{cfg.secagg.reconstruction_threshold:g})"
+        )
+        log(WARNING, "round %d: %s; global head unchanged", rnd, out.halted)
+        return out
+    examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
+    extra: dict[str, float] = {}
+    aggregate = sec.aggregate
+    quanta = secure_sum_quanta(cfg, aggregate.keys(), release)
+    if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
+        aggregate = secure_sum(sec, aggregate, quanta, cfg.secagg)
+    if not release and cfg.train.protocol == "fedsgd":  # FedSGD divides the sum by Σ q·n
+        extra[Metric.EXPECTED_BATCH] = sum(
+            float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH]) for r in sec.trained.values()
+        )
+    reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)
+    out.arrays, _ = strategy.aggregate_train(rnd, [reply])
+    return out
+
+
+def secure_sum(sec: SecureRound, mean: ArrayRecord, quanta: dict[str, float], s: SecAggConfig) -> ArrayRecord:
+    """The sum of the sites' messages (fedsgd's gradient sums, or the statistics: `quanta`, each tensor's unit γ)
+    from SecAgg+'s mean of their grid vectors (common/wire/secure_sum.py)."""
+    values = [
+        sum_of_mean(v, len(sec.trained), quanta[n], s.clipping_range, s.quantization_range)
+        for n, v in zip(mean.keys(), sec.mean64 or [], strict=True)
+    ]
+    return ArrayRecord({n: Array(v.astype(mean[n].dtype)) for n, v in zip(mean.keys(), values, strict=True)})
+
+
+def _as_one_reply(
+    grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites: int, extra: dict[str, float]
+) -> Message:
+    """The SecAgg+ aggregate as one reply standing for `sites` sites: FedAvg keeps it, FedAdam and FedSGD step."""
+    meta = Metadata(
+        run_id=grid.run.run_id,
+        message_id=f"secagg-{rnd}",
+        src_node_id=0,
+        dst_node_id=0,
+        reply_to_message_id="",
+        group_id=str(rnd),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    metrics = MetricRecord({Metric.NUM_EXAMPLES: examples, SITES_IN_REPLY: sites, **extra})
+    return Message(content=RecordDict({Rec.ARRAYS: mean, Rec.METRICS: metrics}), metadata=meta)
+
+
+def evaluate_round(
+    grid: Grid,
+    rnd: int,
+    arrays: ArrayRecord,
+    config: ConfigRecord,
+    strategy: ScreenedStrategy,
+    book: SiteBook,
+    timeout: float,
+) -> dict[str, Any] | None:
+    """Federated evaluation on the sites' own test splits: the weighted mean, or None when no site answered."""
+    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    if not messages:
+        return None
+    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
+    good = [a.reply for a in got if a.status is None and a.reply is not None]
+    for a in got:
+        if a.status is not None:
+            log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, a.site, a.reason)
+    agg = strategy.aggregate_evaluate(rnd, [global_only(r) for r in good]) if good else None
+    if agg is None:
+        return None
+    defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
+    out = {
+        "accuracy": float(agg[Metric.EVAL_ACCURACY]),
+        "loss": float(agg[Metric.EVAL_LOSS]),
+        "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
+        "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None,
+        "sites": len(good),
+    }
+    if (personal := personal_means(good)) is not None:  # each site's own model beside the global one, per site
+        out |= personal
+        out["per_site"] = per_site_scores(got)
+    return out
+
+
+def global_only(reply: Message) -> Message:
+    """`reply` without its personal-model metrics, for the strategy's mean of the global model's scores.
+
+    Flower averages only replies that carry the same keys, and a site may keep no personal model
+    (`policy.personal.keep: false`): `personal_means` averages those over the sites that sent them.
+    """
+    content = RecordDict(
+        {
+            key: MetricRecord({k: v for k, v in r.items() if k not in _PERSONAL}) if isinstance(r, MetricRecord) else r
+            for key, r in reply.content.items()
+        }
+    )
+    return Message(content=content, metadata=reply.metadata)
+
+
+def personal_means(replies: list[Message]) -> dict[str, Any] | None:
+    """Personal accuracy averaged (by test examples) over only the sites that sent one, how many they are,
+    and the global model's accuracy on those same sites (the fair comparison); None when no site sent one.
+
+    A site without a personal model sends no personal metric: counting it as 0 would understate
+    the others' models, and leaving it in the global side of the comparison would mix site sets.
+    """
+    rows = [m for r in replies if Metric.PERSONAL_ACCURACY in (m := r.content.metric_records.get(Rec.METRICS, {}))]
+    if not rows:
+        return None
+    weights = [max(float(m.get(Metric.NUM_EXAMPLES, 0)), 0.0) for m in rows]
+    if sum(weights) <= 0:  # no example counts to weigh by: every site alike
+        weights = [1.0] * len(rows)
+
+    def mean(key: str) -> float:
+        return sum(w * float(m[key]) for w, m in zip(weights, rows, strict=True)) / sum(weights)
+
+    return dict(
+        zip(PERSONAL_MEANS, (mean(Metric.PERSONAL_ACCURACY), len(rows), mean(Metric.EVAL_ACCURACY)), strict=True)
+    )
+
+
+def per_site_scores(got: list[Any]) -> dict[str, dict[str, float]]:
+    """Each evaluating site's accuracy on its own test split: the global model's and its personal model's."""
+    keys = {
+        "accuracy": Metric.EVAL_ACCURACY,
+        "personal_accuracy": Metric.PERSONAL_ACCURACY,
+        "balanced_accuracy": Metric.EVAL_BALANCED_ACCURACY,
+        "personal_balanced_accuracy": Metric.PERSONAL_BALANCED_ACCURACY,
+    }
+    out = {}
+    for a in got:
+        if a.status is None and a.reply is not None:
+            metrics = a.reply.content.metric_records.get(Rec.METRICS, MetricRecord())
+            out[a.site] = {ours: float(metrics[key]) for ours, key in keys.items() if key in metrics}
+    return dict(sorted(out.items()))

@@ -1,0 +1,30 @@
+"""The ServerApp: reads the run config, runs the federation, reports a user error in one line."""
+
+from __future__ import annotations
+
+import json
+from logging import ERROR
+
+from fedtransfer.common.config.run import ConfigError, config_from_run_config
+from fedtransfer.common.data.sources import DataError
+from fedtransfer.common.encoders.interface import EncoderError
+from fedtransfer.common.storage import atomic
+from fedtransfer.server.federation.loop import run_federation
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = None
+    try:
+        cfg = config_from_run_config(context.run_config)
+        run_federation(grid, cfg, resume=cfg.resume)
+    except (ConfigError, DataError, EncoderError) as err:
+        log(ERROR, "fedtransfer: %s", err)
+        if cfg is not None:
+            cfg.output_path.mkdir(parents=True, exist_ok=True)
+            atomic.write_text(cfg.output_path / "status.json", json.dumps({"status": "failed", "reason": str(err)}))

@@ -1,0 +1,132 @@
+"""`fedtransfer simulate`: run a config on Flower's Simulation Engine, the same way `flwr run .` does.
+
+We start a private simulation-mode SuperLink on free loopback ports with its own
+FLWR_HOME inside the run folder, submit this app through `fedtransfer.server.launch.launcher` and stop
+the SuperLink afterwards, so nothing lingers and two simulations never collide.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from fedtransfer.common.config.run import RunConfig
+from fedtransfer.server.launch.cluster import check_cluster
+from fedtransfer.server.launch.launcher import (
+    APP_DIR,
+    LaunchError,
+    RunFailed,
+    flower_bin,
+    flower_env,
+    stop_process_group,
+    submit_run,
+)
+from fedtransfer.server.launch.preflight import check_run
+
+
+class SimulationError(LaunchError):
+    """The simulation could not start or did not complete; the message says why."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A simulation-mode SuperLink on loopback; yields the connection name for `flwr run`.
+
+    `env` (default: `flower_env(flwr_home)`) is what the SuperLink, and so the simulation it starts, runs in.
+    """
+    port, control = _free_port(), _free_port()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        tomli_w.dumps({"superlink": {"default": "sim", "sim": {"address": f"127.0.0.1:{port}", "insecure": True}}})
+    )
+    argv = [
+        flower_bin("flower-superlink"),
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--control-api-address",
+        f"127.0.0.1:{control}",
+        "--disable-runtime-dependency-installation",
+    ]
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            argv, env=env or flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_listening(port, proc, log_path)
+        yield "sim"
+    finally:
+        stop_process_group(proc, grace_s=10.0)  # the SuperLink and all it spawned (SuperExec, Ray)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {proc.returncode}; see {log_path}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SimulationError(f"flower-superlink did not listen on 127.0.0.1:{port} within {timeout:.0f}s; see {log_path}")
+
+
+def simulate(
+    cfg: RunConfig,
+    num_sites: int | None = None,
+    stream: bool = True,
+    app_dir: Path = APP_DIR,
+    verbose: bool = False,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Run `cfg` with one simulated SuperNode per site; returns the run's status.json.
+
+    Folders, data and backbone are checked first (`fedtransfer.server.launch.preflight`), before any Flower process.
+    `ray_address` (host:port of a Ray head) runs the sites on that existing Ray cluster instead of
+    a Ray started for this run: `server.launch.cluster` first proves every node sees output_dir and cache_dir.
+    `stream` shows one line per round plus warnings (`verbose`: every log line); the whole log is
+    in `output_dir/run.log` either way. `app_dir` is the Flower app to submit (tests submit a copy
+    with an instrumented ServerApp).
+    """
+    sites = num_sites or cfg.data.num_sites
+    check_run(cfg, sites)
+    run_dir = cfg.output_path
+    flwr_home = run_dir / ".flwr"
+    env = flower_env(flwr_home)
+    env.pop("RAY_ADDRESS", None)  # only --ray-address joins a cluster: never one a shell happened to export
+    if ray_address:
+        check_cluster(ray_address, {"output_dir": run_dir, "cache_dir": cfg.cache_path})
+        env["RAY_ADDRESS"] = ray_address  # Flower's RayBackend calls ray.init() without an address: Ray reads it
+    with simulation_superlink(flwr_home, run_dir / "superlink.log", env) as connection:
+        try:
+            outcome = submit_run(
+                cfg,
+                connection,
+                env=env,
+                app_dir=app_dir,
+                stream=stream,
+                verbose=verbose,
+                federation_config=f"num-supernodes={sites} client-resources-num-cpus=1",
+            )
+        except RunFailed:
+            raise
+        except LaunchError as err:
+            raise SimulationError(str(err)) from None
+    return outcome.status
