@@ -117,7 +117,12 @@ def submit_run(
     log_path = run_dir / "run.log"
     started = time.time()
     returncode, flower_run_id = _follow(
-        argv, env, app_dir, log_path, ConsoleFilter(verbose) if stream else None, append=cfg.resume
+        argv,
+        env=env,
+        cwd=app_dir,
+        log_path=log_path,
+        console=ConsoleFilter(verbose) if stream else None,
+        append=cfg.resume,
     )
     if returncode != 0:
         raise LaunchError(f"flwr run exited with code {returncode}; see {log_path}")
@@ -135,6 +140,7 @@ def submit_run(
 
 def _follow(
     argv: list[str],
+    *,
     env: Mapping[str, str],
     cwd: Path,
     log_path: Path,
