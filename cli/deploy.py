@@ -31,6 +31,7 @@ from fedtransfer.client import site_worker, worker_link
 from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from fedtransfer.common.config.site import check_site_files, site_paths
 from fedtransfer.common.storage import locking
+from fedtransfer.common.storage.private import make_private
 from fedtransfer.deploy.credentials import CredentialsError, credential_paths, init_deployment
 from fedtransfer.deploy.launch import (
     DEFAULT_CONNECTION,
@@ -135,6 +136,7 @@ def _site(args: argparse.Namespace) -> int:
     print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
     with locking.hold(paths.state_dir, f"the SuperNode of site {sc.name}"):
+        make_private(paths.state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
         worker = None if sock is None else _start_worker(sc.name, sock)
         try:
             return run_supernode(argv(worker is not None), flower_env(), sc.name, args.retry_for)

@@ -7,6 +7,7 @@ on stderr and exit status 2, no traceback. Anything else is a bug: its traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 BATCH = 64  # images classified at once by `predict`
+PRIVATE_COMMANDS = ("simulate", "deploy")  # what they and their children write is the owner's alone
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -135,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtransfer.common.encoders.interface import EncoderError
     from fedtransfer.common.errors import InputError
     from fedtransfer.common.storage.locking import FolderInUse
+    from fedtransfer.common.storage.private import restrict_umask
     from fedtransfer.deploy.credentials import CredentialsError
     from fedtransfer.deploy.launch import PortError
     from fedtransfer.deploy.supernode import ActivationError
@@ -142,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # InputError covers ConfigError, DataError, ModelFileError, ExportError, AuditLogError; a bare ValueError is a bug
     user_errors = (InputError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError, FolderInUse)
+    # runs and deployments write ledgers, audit logs, databases: owner-only, also in every process they start
+    previous_umask = restrict_umask() if args.command in PRIVATE_COMMANDS else None
     try:
         return args.func(args)
     except RunFailed as failed:  # it ran, and failed: not the user's input, and never a success
@@ -153,3 +158,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedtransfer: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if previous_umask is not None:  # a caller in this process (a test, a notebook) keeps its own
+            os.umask(previous_umask)

@@ -1,9 +1,11 @@
-"""A single-machine `fedtransfer simulate` opens nothing beyond loopback (issue 24, item 2).
+"""A single-machine `fedtransfer simulate` opens nothing beyond loopback (issue 24, item 2),
+and what it writes is its user's alone (item 4).
 
 An open Ray GCS lets anyone who reaches the machine join as a driver and run code, so every
 listener of the run (Flower's SuperLink and SuperExec, Ray's GCS server, raylet, runtime-env
 agent and each ClientApp actor) must be on 127.0.0.1 or ::1. The test lists the LISTEN
-sockets of every process of a real run while it trains.
+sockets of every process of a real run while it trains, started from a shell whose umask is 022,
+then the modes of every file the run and its sites wrote.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def _listeners(leader: int) -> set[tuple[str, str, int]]:
 
 
 @pytest.mark.slow
-def test_every_listener_of_a_simulation_is_on_loopback(tmp_path: Path) -> None:
+def test_a_simulation_listens_on_loopback_only_and_writes_owner_only_files(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(RUN | {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")}))
     env = dict(os.environ) | {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
@@ -74,6 +76,7 @@ def test_every_listener_of_a_simulation_is_on_loopback(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        umask=0o022,
     )
     seen: set[tuple[str, str, int]] = set()
     try:
@@ -90,6 +93,11 @@ def test_every_listener_of_a_simulation_is_on_loopback(tmp_path: Path) -> None:
     assert any(name.startswith("flower-superlin") for name in names), sorted(seen)
     open_to_network = sorted(s for s in seen if not _is_loopback(s[1]))
     assert open_to_network == [], open_to_network
+    # the sites' ledgers, audit logs and seeds, the server's audit log, Flower's state, the features
+    written = [p for root in (tmp_path / "run", tmp_path / "cache") for p in (root, *root.rglob("*"))]
+    assert any(p.name == "audit.jsonl" and p.parent.parent.name == "sites" for p in written)
+    readable = sorted(f"{p} {oct(p.lstat().st_mode)}" for p in written if p.lstat().st_mode & 0o077)
+    assert readable == [], readable
 
 
 def test_only_a_single_machine_simulation_is_kept_on_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
