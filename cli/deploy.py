@@ -43,9 +43,9 @@ from fedtransfer.deploy.launch import (
     site_node_config,
     superlink_argv,
     supernode_argv,
-    supernode_port,
     write_flwr_config,
 )
+from fedtransfer.deploy.ports import claimed_supernode_port
 from fedtransfer.deploy.supernode import run_supernode
 from fedtransfer.server.launch.launcher import flower_bin, flower_env, submit_run
 from fedtransfer.server.launch.preflight import check_run
@@ -114,8 +114,15 @@ def _site(args: argparse.Namespace) -> int:
     _require_files(creds.ca_cert, creds.sites[sc.name].private_key)
     paths = site_paths(sc, config)
     check_site_files(sc, paths)
-    port = supernode_port(args.port)
-    sock = None if args.no_worker else _worker_socket(sc.name, paths.state_dir)
+    # held while the site runs: a site started beside this one (systemd starts them in parallel) takes another
+    with claimed_supernode_port(args.port) as port:
+        return _run_site(args, sc.name, config, paths.state_dir, port)
+
+
+def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path, port: int) -> int:
+    """The site's SuperNode (and its worker) on `port`, until it ends; `--dry-run` prints its command line."""
+    creds = credential_paths(Path(args.credentials), [name])
+    sock = None if args.no_worker else _worker_socket(name, state_dir)
 
     def argv(with_worker: bool) -> list[str]:
         node_config = site_node_config(config)
@@ -123,7 +130,7 @@ def _site(args: argparse.Namespace) -> int:
             node_config += " " + format_config({worker_link.NODE_CONFIG_KEY: str(sock)})
         return supernode_argv(
             creds,
-            sc.name,
+            name,
             superlink=args.superlink,
             node_config=node_config,
             port=port,
@@ -133,13 +140,13 @@ def _site(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(argv(sock is not None)))
         return 0
-    print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
+    print(f"fedtransfer: site {name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}", flush=True)
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
-    with locking.hold(paths.state_dir, f"the SuperNode of site {sc.name}"):
-        make_private(paths.state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
-        worker = None if sock is None else _start_worker(sc.name, sock)
+    with locking.hold(state_dir, f"the SuperNode of site {name}"):
+        make_private(state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
+        worker = None if sock is None else _start_worker(name, sock)
         try:
-            return run_supernode(argv(worker is not None), flower_env(), sc.name, args.retry_for)
+            return run_supernode(argv(worker is not None), flower_env(), name, args.retry_for)
         finally:
             if worker is not None:
                 _stop_worker(worker)
@@ -207,7 +214,16 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config) if args.config else RunConfig()
     check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
-    outcome = submit_run(cfg, args.connection, env=flower_env(), stream=not args.quiet, verbose=args.verbose)
+    outcome = submit_run(
+        cfg,
+        args.connection,
+        env=flower_env(),
+        stream=not args.quiet,
+        verbose=args.verbose,
+        resume_with=shlex.join(
+            ["fedtransfer", "deploy", "run", "--resume", str(cfg.output_path), "--connection", args.connection]
+        ),
+    )
     status, flower_id = outcome.status, outcome.flower_run_id
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
     print(

@@ -149,6 +149,7 @@ def simulate(
                 stream=stream,
                 verbose=verbose,
                 federation_config=f"num-supernodes={sites} client-resources-num-cpus=1",
+                resume_with="the same fedtransfer simulate command with --resume",
             )
         except RunFailed:
             raise
