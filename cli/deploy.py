@@ -9,7 +9,8 @@
 `superlink` replaces itself with the Flower process (exec), so a service manager supervises
 Flower directly; `site` stays the SuperNode's parent so it can retry a refused activation, and
 passes signals on; next to the SuperNode it runs the site's worker (client/site_worker.py), which
-answers the messages the SuperNode's ClientApp processes forward to it. Options a service sets
+answers the messages the SuperNode's ClientApp processes forward to it, and the SuperExec, which
+alone holds the secret the SuperNode's Runtime API asks for (fedtransfer.deploy.superexec). Options a service sets
 per host also come from FEDTRANSFER_* variables (named in each option's help), so systemd units
 and containers call these commands as they are.
 `--dry-run` prints the Flower command line instead of running it.
@@ -46,6 +47,13 @@ from fedtransfer.deploy.launch import (
     write_flwr_config,
 )
 from fedtransfer.deploy.ports import claimed_supernode_port
+from fedtransfer.deploy.superexec import (
+    SECRET_NAME,
+    start_superexec,
+    stop_superexec,
+    superexec_argv,
+    superexec_secret,
+)
 from fedtransfer.deploy.supernode import run_supernode
 from fedtransfer.server.launch.launcher import flower_bin, flower_env, submit_run
 from fedtransfer.server.launch.preflight import check_run
@@ -124,6 +132,8 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
     creds = credential_paths(Path(args.credentials), [name])
     sock = None if args.no_worker else _worker_socket(name, state_dir)
 
+    secret_path = state_dir / SECRET_NAME
+
     def argv(with_worker: bool) -> list[str]:
         node_config = site_node_config(config)
         if with_worker:  # format_config renders space-separated pairs, so two renderings join with a space
@@ -134,6 +144,7 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
             superlink=args.superlink,
             node_config=node_config,
             port=port,
+            superexec_secret=secret_path,  # only this site's SuperExec may take its tasks
             executable=flower_bin("flower-supernode"),
         )
 
@@ -142,14 +153,19 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
         return 0
     print(f"fedtransfer: site {name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}", flush=True)
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
-    with locking.hold(state_dir, f"the SuperNode of site {name}"):
+    with locking.hold(state_dir, f"the SuperNode of site {name}"), superexec_secret(state_dir) as secret:
         make_private(state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
+        superexec = start_superexec(
+            superexec_argv(port=port, secret=secret, parent_pid=os.getpid(), executable=flower_bin("flower-superexec")),
+            flower_env(),
+        )
         worker = None if sock is None else _start_worker(name, sock)
         try:
             return run_supernode(argv(worker is not None), flower_env(), name, args.retry_for)
         finally:
             if worker is not None:
                 _stop_worker(worker)
+            stop_superexec(superexec)
 
 
 def _worker_socket(site: str, state_dir: Path) -> Path | None:
@@ -168,7 +184,7 @@ def _start_worker(site: str, sock: Path) -> subprocess.Popen | None:
     manager) stops it with the SuperNode, and it ends on its own if this process is killed.
     """
     sock.unlink(missing_ok=True)  # a dead worker's socket must not pass for the new one's
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "deploy", "worker", str(sock)], env=flower_env())
+    proc = subprocess.Popen([sys.executable, "-m", "fedtransfer.cli", "deploy", "worker", str(sock)], env=flower_env())
     deadline = time.monotonic() + WORKER_START_S
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -162,15 +162,20 @@ def supernode_argv(
     superlink: str,
     node_config: str,
     port: int = DEFAULT_SUPERNODE_PORT,
+    superexec_secret: Path | None = None,
     executable: str = "flower-supernode",
 ) -> list[str]:
     """``flower-supernode`` for ``site``: verifies the SuperLink via our CA only.
 
     ``superlink`` is the Fleet endpoint as HOST:PORT (the proxy for remote sites);
-    the site's own Runtime API stays on loopback at ``port``.
+    the site's own Runtime API stays on loopback at ``port``. With ``superexec_secret`` it
+    runs in process isolation and serves its Runtime API only to a SuperExec holding that
+    secret (``fedtransfer.deploy.superexec``, which starts that SuperExec).
     """
     validate_site_name(site)
     keys = creds.sites[site]
+    isolation = [] if superexec_secret is None else ["--isolation", "process"]
+    isolation += [] if superexec_secret is None else ["--superexec-auth-secret-file", str(superexec_secret)]
     return [
         executable,
         "--root-certificates",
@@ -185,6 +190,7 @@ def supernode_argv(
         str(port),
         "--node-config",
         node_config,
+        *isolation,
     ]
 
 
