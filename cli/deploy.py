@@ -9,7 +9,8 @@
 `superlink` replaces itself with the Flower process (exec), so a service manager supervises
 Flower directly; `site` stays the SuperNode's parent so it can retry a refused activation, and
 passes signals on; next to the SuperNode it runs the site's worker (client/site_worker.py), which
-answers the messages the SuperNode's ClientApp processes forward to it. Options a service sets
+answers the messages the SuperNode's ClientApp processes forward to it, and the SuperExec, which
+alone holds the secret the SuperNode's Runtime API asks for (fedtransfer.deploy.superexec). Options a service sets
 per host also come from FEDTRANSFER_* variables (named in each option's help), so systemd units
 and containers call these commands as they are.
 `--dry-run` prints the Flower command line instead of running it.
@@ -31,6 +32,7 @@ from fedtransfer.client import site_worker, worker_link
 from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from fedtransfer.common.config.site import check_site_files, site_paths
 from fedtransfer.common.storage import locking
+from fedtransfer.common.storage.private import make_private
 from fedtransfer.deploy.credentials import CredentialsError, credential_paths, init_deployment
 from fedtransfer.deploy.launch import (
     DEFAULT_CONNECTION,
@@ -42,8 +44,15 @@ from fedtransfer.deploy.launch import (
     site_node_config,
     superlink_argv,
     supernode_argv,
-    supernode_port,
     write_flwr_config,
+)
+from fedtransfer.deploy.ports import claimed_supernode_port
+from fedtransfer.deploy.superexec import (
+    SECRET_NAME,
+    start_superexec,
+    stop_superexec,
+    superexec_argv,
+    superexec_secret,
 )
 from fedtransfer.deploy.supernode import run_supernode
 from fedtransfer.server.launch.launcher import flower_bin, flower_env, submit_run
@@ -113,8 +122,17 @@ def _site(args: argparse.Namespace) -> int:
     _require_files(creds.ca_cert, creds.sites[sc.name].private_key)
     paths = site_paths(sc, config)
     check_site_files(sc, paths)
-    port = supernode_port(args.port)
-    sock = None if args.no_worker else _worker_socket(sc.name, paths.state_dir)
+    # held while the site runs: a site started beside this one (systemd starts them in parallel) takes another
+    with claimed_supernode_port(args.port) as port:
+        return _run_site(args, sc.name, config, paths.state_dir, port)
+
+
+def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path, port: int) -> int:
+    """The site's SuperNode (and its worker) on `port`, until it ends; `--dry-run` prints its command line."""
+    creds = credential_paths(Path(args.credentials), [name])
+    sock = None if args.no_worker else _worker_socket(name, state_dir)
+
+    secret_path = state_dir / SECRET_NAME
 
     def argv(with_worker: bool) -> list[str]:
         node_config = site_node_config(config)
@@ -122,25 +140,32 @@ def _site(args: argparse.Namespace) -> int:
             node_config += " " + format_config({worker_link.NODE_CONFIG_KEY: str(sock)})
         return supernode_argv(
             creds,
-            sc.name,
+            name,
             superlink=args.superlink,
             node_config=node_config,
             port=port,
+            superexec_secret=secret_path,  # only this site's SuperExec may take its tasks
             executable=flower_bin("flower-supernode"),
         )
 
     if args.dry_run:
         print(shlex.join(argv(sock is not None)))
         return 0
-    print(f"fedtransfer: site {sc.name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}")
+    print(f"fedtransfer: site {name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}", flush=True)
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
-    with locking.hold(paths.state_dir, f"the SuperNode of site {sc.name}"):
-        worker = None if sock is None else _start_worker(sc.name, sock)
+    with locking.hold(state_dir, f"the SuperNode of site {name}"), superexec_secret(state_dir) as secret:
+        make_private(state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
+        superexec = start_superexec(
+            superexec_argv(port=port, secret=secret, parent_pid=os.getpid(), executable=flower_bin("flower-superexec")),
+            flower_env(),
+        )
+        worker = None if sock is None else _start_worker(name, sock)
         try:
-            return run_supernode(argv(worker is not None), flower_env(), sc.name, args.retry_for)
+            return run_supernode(argv(worker is not None), flower_env(), name, args.retry_for)
         finally:
             if worker is not None:
                 _stop_worker(worker)
+            stop_superexec(superexec)
 
 
 def _worker_socket(site: str, state_dir: Path) -> Path | None:
@@ -159,7 +184,7 @@ def _start_worker(site: str, sock: Path) -> subprocess.Popen | None:
     manager) stops it with the SuperNode, and it ends on its own if this process is killed.
     """
     sock.unlink(missing_ok=True)  # a dead worker's socket must not pass for the new one's
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "deploy", "worker", str(sock)], env=flower_env())
+    proc = subprocess.Popen([sys.executable, "-m", "fedtransfer.cli", "deploy", "worker", str(sock)], env=flower_env())
     deadline = time.monotonic() + WORKER_START_S
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -205,7 +230,16 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config) if args.config else RunConfig()
     check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
-    outcome = submit_run(cfg, args.connection, env=flower_env(), stream=not args.quiet, verbose=args.verbose)
+    outcome = submit_run(
+        cfg,
+        args.connection,
+        env=flower_env(),
+        stream=not args.quiet,
+        verbose=args.verbose,
+        resume_with=shlex.join(
+            ["fedtransfer", "deploy", "run", "--resume", str(cfg.output_path), "--connection", args.connection]
+        ),
+    )
     status, flower_id = outcome.status, outcome.flower_run_id
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
     print(

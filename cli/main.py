@@ -7,14 +7,17 @@ on stderr and exit status 2, no traceback. Anything else is a bug: its traceback
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 BATCH = 64  # images classified at once by `predict`
+PRIVATE_COMMANDS = ("simulate", "deploy")  # what they and their children write is the owner's alone
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -35,22 +38,72 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_tool_litter(name: str) -> bool:
+    """What tools leave beside images: hidden files and folders (.ipynb_checkpoints/, macOS's ._name.jpg
+    twins, .thumbnails/) and an archive tool's __MACOSX/. Never an image the user meant."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _folder_images(root: Path) -> list[Path]:
+    """Image files under `root`, through symlinked folders as a user who linked them means (each real
+    folder once: a link back up is no loop); a broken link with an image suffix is kept, to be named."""
+    from fedtransfer.common.data.sources import IMAGE_SUFFIXES
+
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not _is_tool_litter(d))
+        keep = (n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not _is_tool_litter(n))
+        files += [Path(folder) / n for n in keep]
+    return sorted(files)
+
+
 def _image_files(target: Path) -> list[Path]:
     from fedtransfer.common.data.sources import IMAGE_SUFFIXES, DataError
 
     if not target.exists():
         raise DataError(f"{target}: no such file or folder; give an image or a folder of images")
-    if target.is_dir():
-        files = sorted(p for p in target.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        files = [target] if target.is_file() else []
+    files = _folder_images(target) if target.is_dir() else [target]
     if not files:
         raise DataError(f"{target}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
     return files
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _predict_images(model: Any, files: list[Path], size: int, *, one_file: bool) -> int:
+    """Print each readable image's class; each unreadable one is a line on stderr naming it, and exit 1.
+
+    One corrupt file among thousands used to stop the whole folder with nothing classified.
+    A single image given by name is still a user error (exit 2) when it cannot be read.
+    """
     from fedtransfer.common.data.files import read_image  # the training loader's decoding: 16-bit scaling, same resize
+    from fedtransfer.common.data.sources import DataError
+
+    failed = 0
+    for start in range(0, len(files), BATCH):
+        names, images = [], []
+        for f in files[start : start + BATCH]:
+            try:
+                images.append(read_image(f, size))
+            except DataError as err:
+                if one_file:
+                    raise
+                print(f"fedtransfer: error: {err}", file=sys.stderr, flush=True)
+                failed += 1
+            else:
+                names.append(f)
+        if images:
+            for f, label in zip(names, model.predict(np.stack(images)), strict=True):
+                print(f"{f}\t{label}", flush=True)
+    if failed:
+        print(f"fedtransfer: {failed} of {len(files)} images could not be read (named above)", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _predict(args: argparse.Namespace) -> int:
     from fedtransfer.common.data.sources import DataError
     from fedtransfer.server.export.model_file import load_model
 
@@ -79,13 +132,7 @@ def _predict(args: argparse.Namespace) -> int:
     files = _image_files(Path(args.images))
     if description.get("kind") != "image":
         raise DataError(f"{model_path}: its encoder takes {description.get('kind')} inputs; predict classifies images")
-    size = int(description["image_size"])
-    for start in range(0, len(files), BATCH):
-        names = files[start : start + BATCH]
-        batch = np.stack([read_image(f, size) for f in names])
-        for f, label in zip(names, model.predict(batch), strict=True):
-            print(f"{f}\t{label}")
-    return 0
+    return _predict_images(model, files, int(description["image_size"]), one_file=Path(args.images).is_file())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedtransfer.common.encoders.interface import EncoderError
     from fedtransfer.common.errors import InputError
     from fedtransfer.common.storage.locking import FolderInUse
+    from fedtransfer.common.storage.private import restrict_umask
     from fedtransfer.deploy.credentials import CredentialsError
     from fedtransfer.deploy.launch import PortError
     from fedtransfer.deploy.supernode import ActivationError
@@ -142,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # InputError covers ConfigError, DataError, ModelFileError, ExportError, AuditLogError; a bare ValueError is a bug
     user_errors = (InputError, EncoderError, LaunchError, CredentialsError, PortError, ActivationError, FolderInUse)
+    # runs and deployments write ledgers, audit logs, databases: owner-only, also in every process they start
+    previous_umask = restrict_umask() if args.command in PRIVATE_COMMANDS else None
     try:
         return args.func(args)
     except RunFailed as failed:  # it ran, and failed: not the user's input, and never a success
@@ -153,3 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedtransfer: interrupted; checkpoints written so far are intact (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        if previous_umask is not None:  # a caller in this process (a test, a notebook) keeps its own
+            os.umask(previous_umask)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from fedtransfer.client import worker_link
 from fedtransfer.client.secure import Refused, is_secure, take_handoff
+from fedtransfer.common.storage.private import restrict_umask
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -64,7 +65,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _respond(msg: Message, context: Context) -> Message:
-    """The site worker's reply when it gives one, otherwise this process's: the same handler either way."""
+    """The site worker's reply when it gives one, otherwise this process's: the same handler either way.
+
+    The ledger, audit log and reply cache it writes are the site's alone, also where Flower was
+    started by hand with a umask that lets others read (`flower-supernode` without `deploy site`).
+    """
+    restrict_umask()
     if (reply := worker_link.forward(msg, context)) is not None:
         return reply
     from fedtransfer.client import handlers  # torch, Opacus: only when this process answers itself

@@ -36,7 +36,7 @@ from fedtransfer.deploy.credentials import DeploymentCredentials
 LOOPBACK = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 8000  # flwr 1.41 default; Runtime + Control + Fleet
 DEFAULT_SUPERNODE_PORT = 9094  # flwr 1.41 default SuperNode Runtime API port
-SUPERNODE_PORT_SPAN = 100  # a site started without --port takes the first free port from 9094 on
+SUPERNODE_PORT_SPAN = 100  # a site started without --port claims the first free port from 9094 on (deploy/ports.py)
 DEFAULT_CONNECTION = "fedtransfer"
 
 ConfigValue = str | bool | int | float
@@ -105,26 +105,6 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
     return True
 
 
-def supernode_port(requested: int | None) -> int:
-    """The SuperNode's Runtime API port: ``requested`` if free, else the first free one from 9094.
-
-    flwr 1.41 gives every SuperNode 9094, so a second site on one host died with a traceback.
-    The port only links the SuperNode to the ClientApps it starts itself, so any free one works.
-    """
-    if requested is not None:
-        if not port_is_free(requested):
-            raise PortError(
-                f"--port {requested}: {LOOPBACK}:{requested} is in use (another SuperNode on this host?); "
-                "give each site on a host its own --port, or leave --port out to take a free one"
-            )
-        return requested
-    for port in range(DEFAULT_SUPERNODE_PORT, DEFAULT_SUPERNODE_PORT + SUPERNODE_PORT_SPAN):
-        if port_is_free(port):
-            return port
-    last = DEFAULT_SUPERNODE_PORT + SUPERNODE_PORT_SPAN - 1
-    raise PortError(f"ports {DEFAULT_SUPERNODE_PORT}-{last} on {LOOPBACK} are all in use; pass a free --port")
-
-
 def site_node_config(site_config: Path) -> str:
     """The node config telling a site's ClientApp where its site YAML lives."""
     path = Path(site_config).expanduser()
@@ -182,15 +162,20 @@ def supernode_argv(
     superlink: str,
     node_config: str,
     port: int = DEFAULT_SUPERNODE_PORT,
+    superexec_secret: Path | None = None,
     executable: str = "flower-supernode",
 ) -> list[str]:
     """``flower-supernode`` for ``site``: verifies the SuperLink via our CA only.
 
     ``superlink`` is the Fleet endpoint as HOST:PORT (the proxy for remote sites);
-    the site's own Runtime API stays on loopback at ``port``.
+    the site's own Runtime API stays on loopback at ``port``. With ``superexec_secret`` it
+    runs in process isolation and serves its Runtime API only to a SuperExec holding that
+    secret (``fedtransfer.deploy.superexec``, which starts that SuperExec).
     """
     validate_site_name(site)
     keys = creds.sites[site]
+    isolation = [] if superexec_secret is None else ["--isolation", "process"]
+    isolation += [] if superexec_secret is None else ["--superexec-auth-secret-file", str(superexec_secret)]
     return [
         executable,
         "--root-certificates",
@@ -205,6 +190,7 @@ def supernode_argv(
         str(port),
         "--node-config",
         node_config,
+        *isolation,
     ]
 
 

@@ -136,10 +136,12 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def test_empty_file_is_the_default_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["", "  \n\t\n", "# rounds: 3\n\n"])
+def test_an_empty_file_is_a_config_error_not_the_demo(tmp_path: Path, text: str) -> None:
     path = tmp_path / "empty.yaml"
-    path.write_text("", encoding="utf-8")
-    assert load_config(path) == RunConfig()
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"empty\.yaml: holds no settings .* leave --config out to run the demo"):
+        load_config(path)
 
 
 def test_demo_yaml_is_the_default_config() -> None:

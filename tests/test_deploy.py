@@ -221,7 +221,12 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
     state_dir = site_paths(load_site_config(site_yaml), site_yaml).state_dir  # the service's site runs its worker
     node_config = f"{site_node_config(site_yaml)} site-worker='{site_worker.socket_path(state_dir)}'"
     expected = supernode_argv(
-        creds, "alpha", superlink="superlink.example.org:8443", node_config=node_config, port=port
+        creds,
+        "alpha",
+        superlink="superlink.example.org:8443",
+        node_config=node_config,
+        port=port,
+        superexec_secret=state_dir / "superexec.secret",
     )
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
 

@@ -98,8 +98,14 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         str(port),
     )
     worker = f"site-worker='{tmp_path / 'state' / 'worker' / 'site.sock'}'"  # the default state_dir: state
+    secret = tmp_path / "state" / "superexec.secret"  # only the SuperExec `deploy site` starts may take tasks
     expected = supernode_argv(
-        creds, "alpha", superlink="h:8443", node_config=f"{site_node_config(site)} {worker}", port=port
+        creds,
+        "alpha",
+        superlink="h:8443",
+        node_config=f"{site_node_config(site)} {worker}",
+        port=port,
+        superexec_secret=secret,
     )
     assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
     plain = _dry_run(
@@ -115,7 +121,9 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         str(port),
         "--no-worker",
     )
-    expected = supernode_argv(creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port)
+    expected = supernode_argv(
+        creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port, superexec_secret=secret
+    )
     assert plain[1:] == expected[1:]
 
 

@@ -67,7 +67,7 @@ FEDAVG = {
 }
 RECEIVED = "Receiving: train message"
 WORKER_ANSWERED = "site worker answered a train message (message)"  # client/site_worker.py, one per message
-KEPT = ("worker", ".lock")  # what the running `deploy site` keeps in a state folder: its worker's socket, its lock
+KEPT = ("worker", ".lock", "superexec.secret")  # what a running `deploy site` keeps there: socket, lock, secret
 
 
 @dataclass

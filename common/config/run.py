@@ -339,13 +339,29 @@ class RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML config file; any problem is a one-line ConfigError naming the file."""
+    """Read a YAML config file; any problem is a one-line ConfigError naming the file.
+
+    An empty file is one too: running the default demo (30 rounds on MNIST) in place of the
+    run the user meant to write would be a silent wrong result.
+    """
     path = Path(path)
-    raw = read_yaml(path, "config")
+    raw = None if _is_blank(path) else read_yaml(path, "config")  # a tab alone is not valid YAML, yet blank
+    if raw is None:  # empty, blank or only comments: most likely a file saved before it was written
+        raise ConfigError(
+            f"{path}: holds no settings (empty, or only blanks and comments); write the run's keys into it "
+            "(configs/demo.yaml lists them all), or leave --config out to run the demo"
+        )
     try:
-        return config_from_dict({} if raw is None else raw)
+        return config_from_dict(raw)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def _is_blank(path: Path) -> bool:
+    try:
+        return not path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return False  # read_yaml names what is wrong with it
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> RunConfig:

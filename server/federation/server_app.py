@@ -9,6 +9,7 @@ from fedtransfer.common.config.run import ConfigError, config_from_run_config
 from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.interface import EncoderError
 from fedtransfer.common.storage import atomic
+from fedtransfer.common.storage.private import restrict_umask
 from fedtransfer.server.federation.loop import run_federation
 from flwr.app import Context
 from flwr.common.logger import log
@@ -19,6 +20,12 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Run the federation; a user error is one line in the log and a failed status.json.
+
+    The run folder (audit log, privacy report, checkpoints) is the operator's alone, however the
+    SuperLink was started (`flwr run .` on a SuperLink started by hand included).
+    """
+    restrict_umask()
     cfg = None
     try:
         cfg = config_from_run_config(context.run_config)

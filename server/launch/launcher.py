@@ -97,10 +97,13 @@ def submit_run(
     federation_config: str | None = None,
     stream: bool = True,
     verbose: bool = False,
+    resume_with: str = "",
 ) -> RunOutcome:
     """`flwr run app_dir connection` with `cfg` as the run config; returns once the run ended.
 
-    Raises LaunchError when `flwr run` fails or the run did not complete, naming the log to read.
+    Raises LaunchError when `flwr run` fails or the run did not complete, naming the log to read
+    and, where the run stopped part way (a crashed SuperLink or coordinator), `resume_with`: the
+    command that continues it from its last checkpoint, which a user would not guess.
     """
     cfg = absolute_paths(cfg)
     run_dir = cfg.output_path
@@ -124,11 +127,12 @@ def submit_run(
         console=ConsoleFilter(verbose) if stream else None,
         append=cfg.resume,
     )
+    then = f"; the checkpoints it wrote are kept: continue it with `{resume_with}`" if resume_with else ""
     if returncode != 0:
-        raise LaunchError(f"flwr run exited with code {returncode}; see {log_path}")
+        raise LaunchError(f"flwr run exited with code {returncode} before the run completed; see {log_path}{then}")
     # a status.json older than this launch is an earlier run's verdict, never this one's
     if not status_path.exists() or status_path.stat().st_mtime < started - 1.0:
-        raise LaunchError(f"the run ended without writing {status_path}; see {log_path}")
+        raise LaunchError(f"the run ended without writing {status_path}; see {log_path}{then}")
     status = json.loads(status_path.read_text(encoding="utf-8"))
     if status.get("status") != "completed":
         raise RunFailed(

@@ -34,6 +34,29 @@ class SimulationError(LaunchError):
     """The simulation could not start or did not complete; the message says why."""
 
 
+# Ray's switch for "this machine only": with it off, Ray takes 127.0.0.1 as the node address and its
+# GCS server, raylet, runtime-env agent and every worker (each ClientApp actor) listen on loopback only.
+# Left on (Ray's default on Linux), they listen on every interface, and whoever reaches an open GCS
+# can join as a driver and run code (the exposure behind CVE-2023-48022).
+RAY_LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def simulation_env(flwr_home: Path, ray_address: str | None) -> dict[str, str]:
+    """The environment of the simulation's SuperLink, and so of the Ray it starts.
+
+    Without `ray_address` the Ray started for this run opens nothing beyond loopback. With it, Ray
+    joins the operator's cluster, whose nodes bind where the operator's `ray start` said; the
+    loopback switch would make this driver unreachable from the other nodes, so it is not set.
+    """
+    env = flower_env(flwr_home)
+    env.pop("RAY_ADDRESS", None)  # only --ray-address joins a cluster: never one a shell happened to export
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address  # Flower's RayBackend calls ray.init() without an address: Ray reads it
+    else:
+        env |= RAY_LOOPBACK_ONLY
+    return env
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +67,8 @@ def _free_port() -> int:
 def simulation_superlink(flwr_home: Path, log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """A simulation-mode SuperLink on loopback; yields the connection name for `flwr run`.
 
-    `env` (default: `flower_env(flwr_home)`) is what the SuperLink, and so the simulation it starts, runs in.
+    `env` (default: `simulation_env(flwr_home, None)`, everything on loopback) is what the SuperLink,
+    and so the simulation and the Ray it starts, runs in.
     """
     port, control = _free_port(), _free_port()
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -67,7 +91,11 @@ def simulation_superlink(flwr_home: Path, log_path: Path, env: dict[str, str] | 
     ]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            argv, env=env or flower_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            env=env or simulation_env(flwr_home, None),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         _wait_listening(port, proc, log_path)
@@ -108,13 +136,10 @@ def simulate(
     sites = num_sites or cfg.data.num_sites
     check_run(cfg, sites)
     run_dir = cfg.output_path
-    flwr_home = run_dir / ".flwr"
-    env = flower_env(flwr_home)
-    env.pop("RAY_ADDRESS", None)  # only --ray-address joins a cluster: never one a shell happened to export
+    env = simulation_env(run_dir / ".flwr", ray_address)
     if ray_address:
         check_cluster(ray_address, {"output_dir": run_dir, "cache_dir": cfg.cache_path})
-        env["RAY_ADDRESS"] = ray_address  # Flower's RayBackend calls ray.init() without an address: Ray reads it
-    with simulation_superlink(flwr_home, run_dir / "superlink.log", env) as connection:
+    with simulation_superlink(run_dir / ".flwr", run_dir / "superlink.log", env) as connection:
         try:
             outcome = submit_run(
                 cfg,
@@ -124,6 +149,7 @@ def simulate(
                 stream=stream,
                 verbose=verbose,
                 federation_config=f"num-supernodes={sites} client-resources-num-cpus=1",
+                resume_with="the same fedtransfer simulate command with --resume",
             )
         except RunFailed:
             raise
