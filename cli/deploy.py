@@ -46,6 +46,7 @@ from fedtransfer.deploy.launch import (
     write_flwr_config,
 )
 from fedtransfer.deploy.supernode import run_supernode
+from fedtransfer.server.federation.console import recorded_warnings
 from fedtransfer.server.launch.launcher import flower_bin, flower_env, submit_run
 from fedtransfer.server.launch.preflight import check_run
 
@@ -204,8 +205,11 @@ def _run(args: argparse.Namespace) -> int:
         cfg = resume_config(Path(args.resume).expanduser().resolve())
     else:
         cfg = load_config(args.config) if args.config else RunConfig()
-    check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
-    outcome = submit_run(cfg, args.connection, env=flower_env(), stream=not args.quiet, verbose=args.verbose)
+    with recorded_warnings() as said:  # shown once here; the ServerApp's copies are left out
+        check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
+    outcome = submit_run(
+        cfg, args.connection, env=flower_env(), stream=not args.quiet, verbose=args.verbose, shown=said
+    )
     status, flower_id = outcome.status, outcome.flower_run_id
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
     print(

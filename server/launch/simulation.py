@@ -17,6 +17,7 @@ from typing import Any
 
 import tomli_w
 from fedtransfer.common.config.run import RunConfig
+from fedtransfer.server.federation.console import recorded_warnings
 from fedtransfer.server.launch.cluster import check_cluster
 from fedtransfer.server.launch.launcher import (
     APP_DIR,
@@ -106,7 +107,8 @@ def simulate(
     with an instrumented ServerApp).
     """
     sites = num_sites or cfg.data.num_sites
-    check_run(cfg, sites)
+    with recorded_warnings() as said:  # printed here once; the ServerApp's copies are left out below
+        check_run(cfg, sites)
     run_dir = cfg.output_path
     flwr_home = run_dir / ".flwr"
     env = flower_env(flwr_home)
@@ -123,6 +125,7 @@ def simulate(
                 app_dir=app_dir,
                 stream=stream,
                 verbose=verbose,
+                shown=said,
                 federation_config=f"num-supernodes={sites} client-resources-num-cpus=1",
             )
         except RunFailed:
