@@ -12,7 +12,10 @@ missing or extra columns. A number that does not parse, a label outside the decl
 a missing cell whose rule is `error` is one DataError naming the file, line and column. Values
 outside a column's declared range are clipped, unknown categories go to "other" and missing cells
 are filled by their column's rule: these are counted, per column, and reported in one warning
-line per file, never with the values themselves.
+line per file, never with the values themselves. A categorical column whose present values are
+mostly unknown (another case, another spelling) is refused instead: "other" everywhere is no feature.
+A cell that is not a number names the schema's `missing_values`, whose default holds the common
+spellings of a missing value (NA, N/A, NaN, NULL...).
 
 Rows are coded for `fedtransfer.common.encoders.tabular.TabularEncoder.embed`: one float64 per declared column (the
 value, or the index of the category; NaN for missing). Only the schema is used, never a
