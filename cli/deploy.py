@@ -55,6 +55,7 @@ from fedtransfer.deploy.superexec import (
     superexec_secret,
 )
 from fedtransfer.deploy.supernode import run_supernode
+from fedtransfer.server.federation.console import recorded_warnings
 from fedtransfer.server.launch.launcher import flower_bin, flower_env, submit_run
 from fedtransfer.server.launch.preflight import check_run
 
@@ -229,13 +230,15 @@ def _run(args: argparse.Namespace) -> int:
         cfg = resume_config(Path(args.resume).expanduser().resolve())
     else:
         cfg = load_config(args.config) if args.config else RunConfig()
-    check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
+    with recorded_warnings() as said:  # shown once here; the ServerApp's copies are left out
+        check_run(cfg)  # the ServerApp's folders, its own hold-out (data.*) and backbone, on this host
     outcome = submit_run(
         cfg,
         args.connection,
         env=flower_env(),
         stream=not args.quiet,
         verbose=args.verbose,
+        shown=said,
         resume_with=shlex.join(
             ["fedtransfer", "deploy", "run", "--resume", str(cfg.output_path), "--connection", args.connection]
         ),

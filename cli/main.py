@@ -115,10 +115,11 @@ def _predict(args: argparse.Namespace) -> int:
     if description.get("kind") == "tabular":  # a CSV of the declared columns, coded by the schema inside the model
         from fedtransfer.common.data.tables import read_table_inputs
 
-        rows = read_table_inputs(Path(args.images), description)
+        lines, rows = read_table_inputs(Path(args.images), description)
         for start in range(0, len(rows), BATCH):
-            for k, label in enumerate(model.predict(rows[start : start + BATCH]), start=start + 1):
-                print(f"{k}\t{label}")
+            labels = model.predict(rows[start : start + BATCH])
+            for line, label in zip(lines[start : start + BATCH], labels, strict=True):
+                print(f"{line}\t{label}")
         return 0
     if description.get("kind") == "text":  # one text per line, or a CSV/JSONL column (--column)
         from fedtransfer.common.data.texts import read_text_inputs
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "images",
         help="an image file or a folder (searched recursively); for a tabular model a CSV "
-        "file of its columns (prints row number and class)",
+        "file of its columns (prints each row's file line, the header being line 1, and its class)",
     )
     pred.add_argument(
         "--column",
@@ -179,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `fedtransfer` command; returns its exit status (2: a user error, said in one line)."""
     args = build_parser().parse_args(argv)
+    from fedtransfer.server.federation.console import plain_when_redirected
+
+    plain_when_redirected()  # Flower's coloured "WARNING :" only on a terminal, never in a redirected log
     from fedtransfer.common.encoders.interface import EncoderError
     from fedtransfer.common.errors import InputError
     from fedtransfer.common.storage.locking import FolderInUse

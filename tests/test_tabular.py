@@ -289,10 +289,11 @@ def test_export_and_predict_round_trip_without_the_schema_file(
     rows = _csv(tmp_path, ["channel,region,age,amount", "web,north,30,5", "branch,south,,95"], "applicants.csv")
     model = load_model(model_path)
     assert model.encoder.fingerprint == encoder.fingerprint
-    coded = read_table_inputs(rows, model.encoder.describe())
+    lines, coded = read_table_inputs(rows, model.encoder.describe())
     expected = model.predict(coded)
+    assert lines == (2, 3)  # file lines, the header being line 1: what an editor shows, and what errors cite
     assert main(["predict", str(model_path), str(rows)]) == 0
-    assert capsys.readouterr().out.splitlines() == [f"1\t{expected[0]}", f"2\t{expected[1]}"]
+    assert capsys.readouterr().out.splitlines() == [f"2\t{expected[0]}", f"3\t{expected[1]}"]
     assert expected == ["ok", "default"]
 
     bad = _csv(tmp_path, ["channel,region,age", "web,north,30"], "bad.csv")
@@ -316,7 +317,13 @@ def test_one_csv_per_site_and_a_deployed_site(tmp_path: Path) -> None:
     cfg = config_from_dict(
         {
             "backbone": {"name": "tabular", "schema": str(schema_path)},
-            "data": {"source": "table", "path": str(sites), "split": "folders", "num_sites": 2},
+            "data": {
+                "source": "table",
+                "path": str(sites),
+                "split": "folders",
+                "num_sites": 2,
+                "min_site_records": 2,  # sites of 4 and 3 rows: below the default floor, which has its own test
+            },
             "train": {"min_sites": 1},
         }
     )

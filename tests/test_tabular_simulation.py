@@ -46,5 +46,5 @@ def test_bank_tabular_simulate_audit_and_predict(tmp_path: Path, capsys: pytest.
     capsys.readouterr()
     assert main(["predict", str(run_dir / "model.pt"), str(rows)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split("\t")[0] for line in lines] == ["1", "2"]
+    assert [line.split("\t")[0] for line in lines] == ["2", "3"]  # file lines, the header being line 1
     assert all(line.split("\t")[1] in ("No", "Yes") for line in lines)

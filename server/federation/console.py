@@ -5,15 +5,28 @@ the log stream's timestamped copy) plus DEBUG records of Ray and the Simulation 
 Python warnings from libraries. The launcher writes all of it to the run's log file and passes
 each line through `ConsoleFilter`, which by default keeps one line per round (`round_summary`),
 the run's start, and every record at WARNING or above, once. `verbose` keeps everything.
+
+The command's own process logs through Flower's logger too (the preflight loads the data, and a
+table's "values clipped" warning with it): `plain_when_redirected` drops the colour codes when
+stderr is not a terminal, and `recorded_warnings` collects what the preflight said so the
+ServerApp's copy of the same warning is not shown a second time.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TextIO
+
+from flwr.common.logger import FLOWER_LOGGER, update_console_handler
 
 _COLOURED = re.compile(r"^\x1b\[\d+m(?P<level>[A-Z]+)\s*\x1b\[0m:\s*(?P<message>.*)$")
 _STAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(?P<level>[A-Z]+):(?P<message>.*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # a terminal's colour codes: never in a log file
 _ALWAYS = frozenset({"WARNING", "ERROR", "CRITICAL"})
 # what the round loop logs at INFO that a user reads: the run's start (or resume) and each round; the
 # command itself prints the outcome
@@ -51,6 +64,10 @@ class ConsoleFilter:
     verbose: bool = False
     _shown: list[tuple[str, str]] = field(default_factory=list)
 
+    def already_shown(self, warnings: Iterable[str]) -> None:
+        """Warnings this process printed itself (`recorded_warnings`): the run's copies of them are not shown."""
+        self._shown += [("WARNING", message.strip()) for message in warnings]
+
     def show(self, line: str) -> str | None:
         """The text to print for one line of `flwr run --stream` output, or None to keep it in the log only."""
         line = line.rstrip("\n")
@@ -67,3 +84,26 @@ class ConsoleFilter:
             return None  # the log stream's copy of a line already shown
         self._shown = [*self._shown[-19:], (level, message)]
         return message if level == "INFO" else f"{level}: {message}"
+
+
+def plain_when_redirected(stream: TextIO | None = None) -> None:
+    """Flower's console handler writes colour codes only to a terminal: a redirected log stays plain text."""
+    stream = sys.stderr if stream is None else stream
+    update_console_handler(colored=bool(getattr(stream, "isatty", lambda: False)()))
+
+
+@contextmanager
+def recorded_warnings() -> Iterator[list[str]]:
+    """The messages of Flower-logger warnings (and worse) emitted inside the block, as they were printed."""
+    seen: list[str] = []
+
+    class _Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    recorder = _Recorder(logging.WARNING)
+    FLOWER_LOGGER.addHandler(recorder)
+    try:
+        yield seen
+    finally:
+        FLOWER_LOGGER.removeHandler(recorder)

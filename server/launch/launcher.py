@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ import tomli_w
 from fedtransfer.common.config.run import RunConfig, to_nested
 from fedtransfer.common.storage import atomic, locking
 from fedtransfer.server.federation import run_folder
-from fedtransfer.server.federation.console import ConsoleFilter
+from fedtransfer.server.federation.console import ANSI, ConsoleFilter
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships: the repository root
 BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink and flower-supernode of this environment
@@ -98,8 +98,11 @@ def submit_run(
     stream: bool = True,
     verbose: bool = False,
     resume_with: str = "",
+    shown: Sequence[str] = (),
 ) -> RunOutcome:
     """`flwr run app_dir connection` with `cfg` as the run config; returns once the run ended.
+
+    `shown`: warnings this process already printed (the preflight's), whose copies from the run are left out.
 
     Raises LaunchError when `flwr run` fails or the run did not complete, naming the log to read
     and, where the run stopped part way (a crashed SuperLink or coordinator), `resume_with`: the
@@ -119,13 +122,11 @@ def submit_run(
         argv += ["--federation-config", federation_config]
     log_path = run_dir / "run.log"
     started = time.time()
+    console = ConsoleFilter(verbose) if stream else None
+    if console is not None:
+        console.already_shown(shown)
     returncode, flower_run_id = _follow(
-        argv,
-        env=env,
-        cwd=app_dir,
-        log_path=log_path,
-        console=ConsoleFilter(verbose) if stream else None,
-        append=cfg.resume,
+        argv, env=env, cwd=app_dir, log_path=log_path, console=console, append=cfg.resume
     )
     then = f"; the checkpoints it wrote are kept: continue it with `{resume_with}`" if resume_with else ""
     if returncode != 0:
@@ -170,7 +171,7 @@ def _follow(
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
-                log.write(line)
+                log.write(ANSI.sub("", line))  # a log file is read with less or grep, not a terminal
                 log.flush()
                 if flower_run_id is None and (found := _FLOWER_RUN_ID.search(line)):
                     flower_run_id = int(found.group(1))

@@ -17,6 +17,7 @@ from typing import Any
 
 import tomli_w
 from fedtransfer.common.config.run import RunConfig
+from fedtransfer.server.federation.console import recorded_warnings
 from fedtransfer.server.launch.cluster import check_cluster
 from fedtransfer.server.launch.launcher import (
     APP_DIR,
@@ -134,7 +135,8 @@ def simulate(
     with an instrumented ServerApp).
     """
     sites = num_sites or cfg.data.num_sites
-    check_run(cfg, sites)
+    with recorded_warnings() as said:  # printed here once; the ServerApp's copies are left out below
+        check_run(cfg, sites)
     run_dir = cfg.output_path
     env = simulation_env(run_dir / ".flwr", ray_address)
     if ray_address:
@@ -148,6 +150,7 @@ def simulate(
                 app_dir=app_dir,
                 stream=stream,
                 verbose=verbose,
+                shown=said,
                 federation_config=f"num-supernodes={sites} client-resources-num-cpus=1",
                 resume_with="the same fedtransfer simulate command with --resume",
             )
