@@ -141,7 +141,8 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
     config = Path(str(node["site-config"])).expanduser()
     sc = load_site_config(config)
     paths = site_paths(sc, config)
-    data = deployed_site_data(sc, paths, cfg.backbone.image_size)
+    # data.classes is the run's public class order (text): every site labels its records by it, as the server does
+    data = deployed_site_data(sc, paths, cfg.backbone.image_size, classes=cfg.data.class_names)
     if paths.schema is not None:  # a table's encoder follows the site's own schema copy; fingerprints must agree
         cfg = replace(cfg, backbone=replace(cfg.backbone, schema=str(paths.schema)))
     device, secret = resolve_device(sc.device), _secret_seed(paths.state_dir)

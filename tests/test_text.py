@@ -135,6 +135,25 @@ def test_a_deployed_site_holds_text_named_by_its_own_config(tmp_path: Path) -> N
     assert all(isinstance(t, str) and t.startswith("letter ") for t in data.train.inputs)
 
 
+def test_a_deployed_text_site_orders_its_classes_as_the_run_declares(tmp_path: Path) -> None:
+    """data.classes travels in the run config: a deployed site labels by it, so AUROC scores the declared class."""
+    from fedtransfer.common.config.site import load_site_config, site_paths
+    from fedtransfer.common.data.sources import DataError, deployed_site_data
+
+    (tmp_path / "mail.csv").write_text(
+        "text,label\n" + "".join(f"note {k},{['legit', 'fraud'][k % 2]}\n" for k in range(10)), encoding="utf-8"
+    )
+    config = tmp_path / "site.yaml"
+    config.write_text("name: bank-d\ndata_source: text\ndata_path: mail.csv\n")
+    site = load_site_config(config)
+    data = deployed_site_data(site, site_paths(site, config), 64, classes=("legit", "fraud"))
+    assert data.train.classes == ("legit", "fraud")
+    codes = {t: int(y) for t, y in zip(data.train.inputs, data.train.labels, strict=True)}
+    assert all(codes[t] == (1 if int(t.split()[1]) % 2 else 0) for t in codes)
+    with pytest.raises(DataError, match="spam"):
+        deployed_site_data(site, site_paths(site, config), 64, classes=("legit", "spam"))
+
+
 def test_bbc_corpus_ships_offline() -> None:
     texts, labels, classes = load_bbc()
     assert classes == ("business", "entertainment", "politics", "sports", "tech")

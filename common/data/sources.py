@@ -337,10 +337,13 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
     )
 
 
-def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> SiteData:
+def deployed_site_data(
+    site: SiteConfig, paths: SitePaths, image_size: int, *, classes: tuple[str, ...] | None = None
+) -> SiteData:
     """The samples a deployed site has: its own source, split with a fixed seed so its test split never moves.
 
     The ClientApp, the auditor's canary test and anything else that needs a site's data call this.
+    `classes`: the run's `data.classes` (a text source's class order); None: the site's sorted labels.
     """
     schema = str(paths.schema) if paths.schema else None  # a table's schema: the site's own copy
     users = site.user_column or (str(paths.users) if paths.users else None)  # read as data.user_column / users_file
@@ -352,6 +355,7 @@ def deployed_site_data(site: SiteConfig, paths: SitePaths, image_size: int) -> S
             schema,
             (site.text_column, site.label_column),
             users,
+            classes if site.data_source == "text" else None,
         )
     except DataError as err:
         raise DataError(data_error_line(site, paths, str(err))) from None

@@ -222,7 +222,7 @@ def simulated_sites(cfg: RunConfig) -> list[SiteFeatures]:
 def deployed_site(cfg: RunConfig, site: SiteConfig, config_path: Path) -> SiteFeatures:
     """A deployed site's training split, read from its own data as client/site.py does (same split seed)."""
     paths = site_paths(site, config_path)
-    data = deployed_site_data(site, paths, cfg.backbone.image_size)
+    data = deployed_site_data(site, paths, cfg.backbone.image_size, classes=cfg.data.class_names)
     return _features(load_encoder(cfg.backbone, "cpu"), data, paths.cache_dir)
 
 
