@@ -177,6 +177,48 @@ def test_image_folder_with_empty_class_folders_is_refused(tmp_path: Path) -> Non
         load_image_folder(tmp_path, 16)
 
 
+def test_image_folder_as_users_leave_it_loads_what_they_meant(tmp_path: Path) -> None:
+    """Tools' hidden files, nested folders, upper-case suffixes, symlinks, transparency and odd modes."""
+    from PIL import Image
+
+    _write_png(tmp_path / "cat" / "a.png", 10)
+    _write_png(tmp_path / "cat" / "scans" / "b.PNG", 20)  # nested, upper case: ImageFolder finds it, so do we
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not an image
+    (tmp_path / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (tmp_path / "cat" / ".ipynb_checkpoints").mkdir()
+    _write_png(tmp_path / "cat" / ".ipynb_checkpoints" / "a-checkpoint.png", 30)
+    (tmp_path / ".Trash").mkdir()  # a hidden top-level folder is no class
+    (tmp_path / "__MACOSX" / "dog").mkdir(parents=True)
+    (tmp_path / "dog").mkdir()
+    Image.new("RGBA", (8, 8), (40, 40, 40, 0)).save(tmp_path / "dog" / "clear.png")  # alpha dropped, as ImageFolder
+    Image.new("1", (8, 8), 1).save(tmp_path / "dog" / "bits.bmp")  # 1-bit: white
+    Image.new("CMYK", (8, 8), (0, 0, 0, 255)).save(tmp_path / "dog" / "print.tif")  # CMYK black
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-linked.png"
+    _write_png(elsewhere, 50)
+    (tmp_path / "dog" / "linked.png").symlink_to(elsewhere)
+    samples = load_image_folder(tmp_path, 8)
+    assert samples.classes == ("cat", "dog")
+    assert np.bincount(samples.labels).tolist() == [2, 4]
+    dog = samples.inputs[samples.labels == 1]
+    means = sorted(round(float(x.mean())) for x in dog)
+    assert means[0] in (0, 40) and 255 in means  # black CMYK (or the alpha-dropped grey) and the white 1-bit image
+
+
+def test_a_broken_symlink_is_named(tmp_path: Path) -> None:
+    _write_png(tmp_path / "cat" / "a.png", 10)
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="gone.png"):
+        load_image_folder(tmp_path, 8)
+
+
+def test_one_empty_class_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    _write_png(tmp_path / "cat" / "a.png", 10)
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    with pytest.raises(DataError, match=r"dog: class folder holds no images"):
+        load_image_folder(tmp_path, 8)
+
+
 def test_npz_pools_splits_and_flattens_labels(tmp_path: Path) -> None:
     path = tmp_path / "med.npz"
     images = _id_images(40)[..., 0]  # (N, H, W): grayscale without a channel axis

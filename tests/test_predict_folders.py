@@ -25,7 +25,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoder = load_encoder(BackboneConfig(image_size=32), "cpu")
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    return export_model(path, encoder, make_head(encoder.feature_dim, 2, 0), 0, ["cat", "dog"])
+    return export_model(path, encoder, make_head(encoder.feature_dim, 2, 0), hidden=0, classes=["cat", "dog"])
 
 
 def _pixels(shape: tuple[int, ...], dtype: type = np.uint8, high: int = 255) -> np.ndarray:

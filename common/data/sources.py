@@ -121,7 +121,7 @@ def load_image_folder(
     CSV, the folder its `path` column is relative to: data.path)."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected <root>/<class name>/<image files>)")
-    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name)))
     if not found:
         raise DataError(f"{root}: no class folders (expected <root>/<class name>/<image files>)")
     classes = classes or found
@@ -131,8 +131,12 @@ def load_image_folder(
         raise DataError(f"{root}: class folder {unknown[0]!r} is not in the class list {list(classes)}")
     images, labels, keys = [], [], []
     for label, name in enumerate(classes):
-        folder = root / name
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        files = _class_images(root / name)
+        if not files and classes is found:  # a class no record has: the head never predicts it, every score counts it
+            raise DataError(
+                f"{root / name}: class folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                "add some or remove the folder"
+            )
         images += [read_image(file, image_size) for file in files]
         labels += [label] * len(files)
         keys += [file.relative_to(users[1]).as_posix() for file in files] if users else []
@@ -140,6 +144,25 @@ def load_image_folder(
         raise DataError(f"{root}: no images with suffix {sorted(IMAGE_SUFFIXES)} under the class folders")
     people = users_of(keys, read_user_map(users[0], "path"), users[0], "path") if users else None
     return _checked(np.stack(images), np.array(labels), classes, str(root), people)
+
+
+def _hidden(name: str) -> bool:
+    """What tools leave beside a user's images: dot-files and folders (.DS_Store, ._x.png, .ipynb_checkpoints),
+    macOS archives' __MACOSX; never the user's records, and a ._x.png is not even an image."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """A class folder's images at any depth (as torchvision's ImageFolder finds them), hidden entries left out."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(_hidden(part) for part in p.relative_to(folder).parts)
+        and (p.is_file() or p.is_symlink())
+    )
 
 
 def load_npz(path: Path, classes: tuple[str, ...] | None = None, users: Path | None = None) -> Samples:
