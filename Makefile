@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.fedtransfer-installed
 # a new .venv takes about 7 GB (torch's CUDA build is most of it): refuse at once, not half-way through pip
 VENV_MIN_GB := 8
 
-.PHONY: demo test lint bench clean browser
+.PHONY: demo test lint bench clean browser docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { mkdir -p $(dir $(VENV)); free=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -27,9 +27,15 @@ demo: $(STAMP)
 # PYTHONFAULTHANDLER: a crash after the tests (one fresh-clone run segfaulted in interpreter shutdown, every test
 # passed) prints every thread's Python stack, so the next one names its culprit. --durations: the slowest tests,
 # where the suite's time goes (most of it is end-to-end runs on real Flower processes)
-test: $(STAMP) browser
+test: $(STAMP) browser docs
 	$(VENV)/bin/ruff check .
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=15
+
+# the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link, a page left out of the
+# navigation or a reference generator that fails stops the build. PYTHONPATH: the reference pages are generated
+# from this checkout's code, as are the tests'
+docs: $(STAMP)
+	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # tests/test_report_browser.py opens the audit report in headless Chromium (Debian's package);
 # installed only when missing, so a machine that has it does nothing here
@@ -62,4 +68,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 clean:
-	rm -rf runs
+	rm -rf runs site
