@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-
 Command = tuple[tuple[str, ...], str, argparse.ArgumentParser]
 
 
