@@ -216,6 +216,19 @@ def test_every_generated_placeholder_is_known(refgen):
     assert "`update-sent`" in known["audit-events"] and "`no-reply`" in known["site-statuses"]
 
 
+def test_the_benchmarks_page_lists_every_result_file_with_its_script(refgen):
+    """A committed result with no script that writes it would be a figure nobody can reproduce."""
+    from refgen.benchmarks import results_table
+
+    table = results_table()
+    results = sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{path.name}` |"))
+        assert "`python -m benchmarks." in row, f"{path.name}: no benchmarks/*.py script writes it"
+    assert "NVIDIA H200" in next(line for line in table.splitlines() if "round_time_cuda.json" in line)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mkdocs", path=str(Path(sys.executable).parent)) is None, reason="no mkdocs")
 def test_the_site_builds_strict(tmp_path):

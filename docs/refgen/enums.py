@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from refgen.benchmarks import results_table
 from refgen.config_keys import field_comments
 
 
@@ -20,10 +21,11 @@ def enum_table(cls: type[StrEnum], heading: str) -> str:
 
 
 def placeholders() -> dict[str, str]:
-    """Placeholder name -> its generated Markdown."""
+    """Placeholder name -> its generated Markdown (the benchmarks' result files too)."""
     from fedtransfer.common.wire.protocol import Event, SiteStatus
 
     return {
+        "benchmark-results": results_table(),
         "audit-events": enum_table(Event, "event"),
         "site-statuses": enum_table(SiteStatus, "status"),
     }
