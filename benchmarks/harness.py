@@ -127,14 +127,14 @@ def federate_model(
             plan = None
             if setup.target_epsilon is not None:
                 plan = plan_dp(
-                    len(y),
-                    setup.batch_size,
-                    setup.local_epochs,
-                    setup.rounds,
-                    setup.target_epsilon,
-                    min(setup.target_delta, 0.5 / len(y)),
-                    setup.max_grad_norm,
-                    setup.accountant,
+                    num_samples=len(y),
+                    batch_size=setup.batch_size,
+                    local_epochs=setup.local_epochs,
+                    rounds=setup.rounds,
+                    target_epsilon=setup.target_epsilon,
+                    target_delta=min(setup.target_delta, 0.5 / len(y)),
+                    max_grad_norm=setup.max_grad_norm,
+                    accountant=setup.accountant,
                 )
             opts = LocalTraining(setup.local_epochs, setup.batch_size, setup.learning_rate, setup.momentum)
             out = train_head(local, x, y, opts, plan, histories[i], seed=seed * 10_000 + rnd * 100 + i)
