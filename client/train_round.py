@@ -110,6 +110,11 @@ def site_units(site: Site, cfg: RunConfig) -> Units:
     )
 
 
+def site_tensors(site: Site, cfg: RunConfig) -> SiteTensors:
+    """The site's training data as its mechanism sees it: cached features, labels, units and classes."""
+    return SiteTensors(site.train_x, site.train_y, site_units(site, cfg), len(site.data.train.classes))
+
+
 @dataclass(frozen=True)
 class Work:
     """What a site computed for a message (the mechanism's `Trained`), and the release it was, if one."""
@@ -169,7 +174,7 @@ def _work(
 ) -> Work:
     """Round 0's statistics release or a training round, as the mechanism does them, each charged before it runs."""
     seed = site.round_seed(str(conf[Cfg.RUN_ID]), server_round)
-    data = SiteTensors(site.train_x, site.train_y, site_units(site, cfg), len(site.data.train.classes))
+    data = site_tensors(site, cfg)
     if server_round == 0 or conf.get(Cfg.RELEASE) is not None:
         if conf.get(Cfg.RELEASE) != FEATURE_STATS or server_round != 0 or not cfg.privacy.feature_stats:
             raise Declined(
