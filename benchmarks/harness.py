@@ -22,6 +22,7 @@ import torch
 from fedtransfer.common.model.head import evaluate_head, make_head
 from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.events import History
 from fedtransfer.common.wire.exchange import head_to_arrays, load_head
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -117,7 +118,7 @@ def federate_model(
     torch.manual_seed(seed)
     head = make_model()
     arrays = head_to_arrays(head)
-    histories: list[list[tuple[float, float, int]]] = [[] for _ in sites]
+    histories: list[History] = [[] for _ in sites]
     eps = 0.0
     for rnd in range(setup.rounds):
         replies = []
