@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 from fedtransfer.client.prepared import PreparedState, remembered_plan
 from fedtransfer.common.config.parse import ConfigError
-from fedtransfer.common.config.run import PrivacyConfig, RunConfig, TrainConfig, config_from_dict
+from fedtransfer.common.config.run import PrivacyConfig, RunConfig, TrainConfig, config_from_dict, load_config
 from fedtransfer.common.privacy.calibration import epsilon_of, plan_distributed, plan_dp, plan_fedsgd
 from fedtransfer.common.privacy.events import from_json, gaussian_steps, skellam_steps, to_json
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import event_of, mechanism_for, mechanisms
 from fedtransfer.common.privacy.plans import GaussianPlan, SkellamPlan, plan_from_record
+from fedtransfer.common.wire.protocol import DPRecord
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "privacy_plans_622fd32.json").read_text())
 PLANNERS = {"fedavg": plan_dp, "fedsgd": plan_fedsgd, "distributed": plan_distributed}
@@ -161,3 +162,18 @@ def test_a_plan_cached_by_older_code_is_recomputed_not_misread(tmp_path: Path) -
         data["value"] = site["plan"]
         record.write_text(json.dumps(data))
     assert remembered_plan(state, plan_fedsgd, site["inputs"]) == plan
+
+
+RECORDS = json.loads((Path(__file__).parent / "fixtures" / "dp_records_622fd32.json").read_text())
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("config", sorted(RECORDS))
+def test_dp_records_logged_and_sent_before_keep_their_form_and_meaning(config: str) -> None:
+    """The audit log's `dp`, a cached reply's DP record: what the shipped config's mechanism describes now is what
+    622fd32 wrote, and what 622fd32 wrote reads back as the event its ledger held (the audit recomputes ε from it)."""
+    plan, mechanism = _plan_of(FIXTURE[config][0]), mechanism_for(load_config(CONFIGS / config))
+    for written in RECORDS[config]:
+        event = plan.stats_event if written["release"] else plan.round_event
+        assert mechanism.describe(plan, event, release=written["release"]).as_dict() == written["dp"]
+        assert to_json(event_of(DPRecord.from_mapping(written["dp"]))) == written["ledger_entry"]
