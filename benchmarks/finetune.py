@@ -127,7 +127,7 @@ def run(task: Task, ft: FinetuneConfig, sites: list[Site], setup: FedSetup, pers
         setup,
         seed=0,
         on_round=personalise if personal else None,
-        make_model=lambda: make_top(enc, task.classes, 0, False, ft),
+        make_model=lambda: make_top(enc, task.classes, hidden=0, centred=False, ft=ft),
     )
     seconds = time.perf_counter() - started
     row = {
@@ -286,7 +286,7 @@ def time_sweep(task: Task, setup: FedSetup, sites: int, samples: int, modes: lis
 def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: FedSetup) -> dict[str, float]:
     """Seconds of each part; what a site process pays once whichever way it trains is paid before either is timed."""
     enc = task.encoder(ft)
-    make_top(enc, task.classes, 0, False, ft)  # peft's import (LoRA): once per process
+    make_top(enc, task.classes, hidden=0, centred=False, ft=ft)  # peft's import (LoRA): once per process
     for (
         p
     ) in parts:  # the DP plan's calibration: once per process and site size (common/privacy/calibration.py caches it)
@@ -306,10 +306,12 @@ def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: F
         # the site's own path: the cut cache's one pass, float16 on disk, read back memory-mapped
         xs = [cached_features(enc, task.pool.subset(p), Path(folder))[0] for p in parts]
     with _clock(out, "top"):
-        _federate(lambda: make_top(enc, task.classes, 0, False, ft), xs, parts, task, setup)
+        _federate(lambda: make_top(enc, task.classes, hidden=0, centred=False, ft=ft), xs, parts, task, setup)
     images = [_preprocessed(task, p) for p in parts]
     with _clock(out, "usual"):
-        _federate(lambda: Usual(enc, make_top(enc, task.classes, 0, False, ft)), images, parts, task, setup)
+        _federate(
+            lambda: Usual(enc, make_top(enc, task.classes, hidden=0, centred=False, ft=ft)), images, parts, task, setup
+        )
     return out
 
 

@@ -57,7 +57,9 @@ def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord | None, num_class
     `arrays` None: the statistics release under SecAgg+, whose message carries the release's shape, not
     a head; the release needs only the head's size (for the plan), not its weights.
     """
-    head = make_top(site.backbone, num_classes, cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune)
+    head = make_top(
+        site.backbone, num_classes, hidden=cfg.head.hidden, centred=cfg.privacy.feature_stats, ft=cfg.finetune
+    )
     try:
         if arrays is not None:
             load_head(head, arrays)

@@ -204,7 +204,7 @@ def test_rebuilding_refuses_altered_weights_and_unknown_kinds(backbone: ImageBac
 def _exported(backbone: ImageBackbone, path: Path, classes: int = 3) -> torch.nn.Module:
     torch.manual_seed(0)
     head = make_head(backbone.feature_dim, classes, 0)
-    export_model(path, backbone, head, 0, [f"c{i}" for i in range(classes)])
+    export_model(path, backbone, head, hidden=0, classes=[f"c{i}" for i in range(classes)])
     return head
 
 

@@ -97,7 +97,7 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     encoder = load_encoder(BackboneConfig(image_size=32), "cpu")
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    return export_model(path, encoder, make_head(encoder.feature_dim, 2, 0), 0, ["cat", "dog"])
+    return export_model(path, encoder, make_head(encoder.feature_dim, 2, 0), hidden=0, classes=["cat", "dog"])
 
 
 def _png(path: Path, size: int = 40) -> Path:
@@ -136,7 +136,20 @@ def test_predict_refuses_an_image_past_the_decompression_bomb_limit(
 
 def test_console_shows_one_line_per_round_and_every_warning_once() -> None:
     """The lines `flwr run --stream` printed for a 2-round demo (shortened), in the order they came."""
-    rounds = [round_summary(r, 2, 4, 4, 0.5 + r / 10, 0.5, 1.0 * r, 3.0, 1.2) for r in (1, 2)]
+    rounds = [
+        round_summary(
+            r,
+            2,
+            trained=4,
+            asked=4,
+            server_accuracy=0.5 + r / 10,
+            sites_accuracy=0.5,
+            epsilon_max=1.0 * r,
+            target_epsilon=3.0,
+            seconds=1.2,
+        )
+        for r in (1, 2)
+    ]
     coloured, stamped = "\x1b[92mINFO \x1b[0m:      {}", "11/25/2026 17:42:50:INFO:{}"
     warn = "round 2: site site-1 did not reply (dropped out): Node Unavailable"
     stream = [

@@ -80,8 +80,8 @@ def test_top_on_cut_activations_is_the_head_on_features() -> None:
     cut = cut_encoder(base, FinetuneConfig(train="blocks", blocks=2))
     assert isinstance(cut, CutEncoder) and cut.fingerprint == base.fingerprint
     assert cut.describe()["cut"] == {"blocks": 2}
-    top = make_top(cut, 10, 0, False, FinetuneConfig(train="blocks", blocks=2))
-    head = make_top(base, 10, 0, False, FinetuneConfig())
+    top = make_top(cut, 10, hidden=0, centred=False, ft=FinetuneConfig(train="blocks", blocks=2))
+    head = make_top(base, 10, hidden=0, centred=False, ft=FinetuneConfig())
     head.load_state_dict(top.head.state_dict())
     images = _images(5)
     with torch.no_grad():
@@ -92,7 +92,7 @@ def test_top_on_cut_activations_is_the_head_on_features() -> None:
 
 def test_batch_statistics_are_never_used_in_training_mode() -> None:
     cut = cut_encoder(_encoder(), FinetuneConfig(train="blocks", blocks=3))
-    top = make_top(cut, 10, 0, False, FinetuneConfig(train="blocks", blocks=3)).train()
+    top = make_top(cut, 10, hidden=0, centred=False, ft=FinetuneConfig(train="blocks", blocks=3)).train()
     x = cut.embed(_images(6))
     with torch.no_grad():
         torch.testing.assert_close(top(x[:1]), top(x)[:1])  # one sample's output does not depend on the batch
@@ -102,7 +102,7 @@ def test_batch_statistics_are_never_used_in_training_mode() -> None:
 def test_exchanged_tensors_are_exactly_the_trainable_ones() -> None:
     cut = cut_encoder(_encoder(), FinetuneConfig(train="blocks", blocks=1))
     for ft in (FinetuneConfig(train="blocks"), FinetuneConfig(train="lora", lora_rank=2)):
-        top = make_top(cut, 10, 0, False, ft)
+        top = make_top(cut, 10, hidden=0, centred=False, ft=ft)
         trainable = {n for n, p in top.named_parameters() if p.requires_grad}
         head_state = {f"head.{k}" for k in top.head.state_dict()}
         assert set(top.state_dict()) == trainable | head_state
@@ -112,7 +112,7 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones() -> None:
                 ".lora_A." in n or ".lora_B." in n for n in trainable if n.startswith("blocks.")
             )
             assert not any("base_layer" in n for n in top.state_dict())
-        other = make_top(cut, 10, 0, False, ft)
+        other = make_top(cut, 10, hidden=0, centred=False, ft=ft)
         load_head(other, head_to_arrays(top))  # the exchange's own check and load
         assert head_spec(other) == head_spec(top)
         for k, v in top.state_dict().items():
@@ -131,7 +131,7 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones() -> None:
 )
 def test_opacus_trains_the_top_as_it_is(ft: FinetuneConfig) -> None:
     cut = cut_encoder(_encoder(), ft)
-    top = make_top(cut, 10, 0, False, ft)
+    top = make_top(cut, 10, hidden=0, centred=False, ft=ft)
     frozen = {k: v.clone() for k, v in nn.Module.state_dict(top).items() if k not in top.exchanged}
     before = {k: v.clone() for k, v in top.state_dict().items()}
     x, y = cut.embed(_images(64)), torch.arange(64) % 10
@@ -154,7 +154,7 @@ def test_opacus_trains_the_top_as_it_is(ft: FinetuneConfig) -> None:
 
 def test_backbone_tensors_get_their_own_learning_rate() -> None:
     ft = FinetuneConfig(train="blocks", backbone_lr_scale=0.1)
-    top = make_top(cut_encoder(_encoder(), ft), 10, 0, False, ft)
+    top = make_top(cut_encoder(_encoder(), ft), 10, hidden=0, centred=False, ft=ft)
     groups = parameter_groups(top, 0.5)
     assert [g["lr"] for g in groups] == [0.5, pytest.approx(0.05)]
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in top.parameters() if p.requires_grad)
@@ -163,7 +163,7 @@ def test_backbone_tensors_get_their_own_learning_rate() -> None:
 def test_head_only_is_todays_head() -> None:
     base = _encoder()
     assert cut_encoder(base, FinetuneConfig()) is base
-    assert not isinstance(make_top(base, 10, 0, False, FinetuneConfig()), Top)
+    assert not isinstance(make_top(base, 10, hidden=0, centred=False, ft=FinetuneConfig()), Top)
 
 
 def test_activations_are_cached_memory_mapped_and_keyed(tmp_path) -> None:
@@ -204,12 +204,12 @@ def test_cache_keeps_the_most_recently_used_within_its_bound(tmp_path) -> None:
 
     paths = [tmp_path / f"{i}{SUFFIX}" for i in range(3)]
     for p in paths:  # each file is 10 x 100 float16 values plus the .npy header
-        cached_activations(p, 10, 100, ones, max_bytes=1 << 20)
+        cached_activations(p, count=10, dim=100, compute=ones, max_bytes=1 << 20)
     size = paths[0].stat().st_size
-    cached_activations(paths[0], 10, 100, ones, max_bytes=1 << 20)  # read: now the most recently used
+    cached_activations(paths[0], count=10, dim=100, compute=ones, max_bytes=1 << 20)  # read: now the most recently used
     assert evict(tmp_path, 2 * size) == [paths[1]]
     with pytest.raises(EncoderError, match=r"finetune\.cache_max_gb"):
-        cached_activations(tmp_path / f"big{SUFFIX}", 10, 100, ones, max_bytes=size // 2)
+        cached_activations(tmp_path / f"big{SUFFIX}", count=10, dim=100, compute=ones, max_bytes=size // 2)
 
 
 @pytest.mark.parametrize(

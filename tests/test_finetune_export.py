@@ -30,12 +30,12 @@ def _fine_tuned_run(run_dir: Path, ft: FinetuneConfig) -> Path:
     write_run(run_dir, RunSpec())
     torch.manual_seed(0)
     cut = cut_encoder(load_encoder(BackboneConfig(name="mobilenet_v2", image_size=32), "cpu"), ft)
-    top = make_top(cut, 10, 0, False, ft)
+    top = make_top(cut, 10, hidden=0, centred=False, ft=ft)
     with torch.no_grad():
         for p in top.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    export_model(run_dir / "model.pt", cut, top, 0, [str(i) for i in range(10)], ft)
+    export_model(run_dir / "model.pt", cut, top, hidden=0, classes=[str(i) for i in range(10)], finetune=ft)
     AuditLog(run_dir / "audit.jsonl").append(
         Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt", head=update_digest(serving.head_arrays(top))
     )

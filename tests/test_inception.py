@@ -69,7 +69,7 @@ def test_its_last_block_fine_tunes(weights: tuple) -> None:
     )
     ft = FinetuneConfig(train="lora", blocks=1, lora_rank=2)
     cut = cut_encoder(encoder, ft)
-    top = make_top(cut, 3, 0, False, ft)
+    top = make_top(cut, 3, hidden=0, centred=False, ft=ft)
     images = np.random.default_rng(2).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     with torch.no_grad():
         torch.testing.assert_close(

@@ -86,7 +86,9 @@ def _evaluate(sites: dict[str, dict[str, float]]) -> dict | None:
     ]
     strategy.configure_evaluate = lambda *_: asked  # type: ignore[method-assign]  # the sampling is not under test
     arrays = ArrayRecord({"w": torch.zeros(2)})
-    return evaluate_round(_Grid(sites), 1, arrays, ConfigRecord({}), strategy, SiteBook(), TIMEOUT)  # type: ignore[arg-type]
+    return evaluate_round(
+        _Grid(sites), 1, arrays, config=ConfigRecord({}), strategy=strategy, book=SiteBook(), timeout=TIMEOUT
+    )  # type: ignore[arg-type]
 
 
 def test_a_site_without_a_personal_model_is_left_out_of_the_personal_mean_only() -> None:

@@ -39,7 +39,7 @@ def _real_model_run(run_dir: Path) -> Path:
     torch.manual_seed(0)
     encoder = load_encoder(BackboneConfig(name="mobilenet_v2", image_size=32), "cpu")
     head = make_head(encoder.feature_dim, 10)
-    export_model(run_dir / "model.pt", encoder, head, 0, [str(i) for i in range(10)])
+    export_model(run_dir / "model.pt", encoder, head, hidden=0, classes=[str(i) for i in range(10)])
     AuditLog(run_dir / "audit.jsonl").append(
         Event.MODEL_EXPORTED, run_id=RUN_ID, round=2, path="model.pt", head=update_digest(serving.head_arrays(head))
     )

@@ -283,7 +283,7 @@ def test_export_and_predict_round_trip_without_the_schema_file(
         head[1].bias.zero_()
         head[1].weight[1, 0], head[1].weight[0, 0] = 50.0, -50.0  # amount is feature 0
         head[1].weight[0, 9] = 25.0  # the constant (feature base_dim - 1): "default" when amount / 100 > 0.25
-    model_path = export_model(tmp_path / "model.pt", encoder, head, 0, ["ok", "default"])
+    model_path = export_model(tmp_path / "model.pt", encoder, head, hidden=0, classes=["ok", "default"])
     schema_path.unlink()  # the model carries its schema
 
     rows = _csv(tmp_path, ["channel,region,age,amount", "web,north,30,5", "branch,south,,95"], "applicants.csv")

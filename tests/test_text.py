@@ -259,7 +259,7 @@ def test_export_and_predict_round_trip(tmp_path: Path, encoder: TextEncoder, cap
         feats = torch.nn.functional.normalize(encoder.embed(texts), dim=1)
         head[1].weight.copy_(feats)
         head[1].bias.zero_()
-    path = export_model(tmp_path / "model.pt", encoder, head, 0, ["business", "sport"])
+    path = export_model(tmp_path / "model.pt", encoder, head, hidden=0, classes=["business", "sport"])
     model = load_model(path)
     assert model.encoder.fingerprint == encoder.fingerprint
     assert model.predict(texts) == ["business", "sport"]

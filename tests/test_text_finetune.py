@@ -75,7 +75,7 @@ def test_top_on_cut_activations_is_the_encoder(encoder: TextEncoder, ft: Finetun
     cut = cut_encoder(encoder, ft)
     assert isinstance(cut, CutEncoder) and cut.fingerprint == encoder.fingerprint
     assert cut.describe()["cut"] == {"blocks": ft.blocks} and cut.shape == (LENGTH, 385)
-    top = make_top(cut, 3, 0, False, ft).train()  # training mode: dropout is off all the same
+    top = make_top(cut, 3, hidden=0, centred=False, ft=ft).train()  # training mode: dropout is off all the same
     texts = _texts(8)
     x = cut.embed(texts)
     assert x.shape == (8, LENGTH * 385)
@@ -91,7 +91,7 @@ def test_top_on_cut_activations_is_the_encoder(encoder: TextEncoder, ft: Finetun
 def test_exchanged_tensors_are_exactly_the_trainable_ones(encoder: TextEncoder) -> None:
     for ft in (BLOCKS, LORA):
         cut = cut_encoder(encoder, ft)
-        top = make_top(cut, 3, 0, False, ft)
+        top = make_top(cut, 3, hidden=0, centred=False, ft=ft)
         trainable = {n for n, p in top.named_parameters() if p.requires_grad}
         assert set(top.state_dict()) == trainable | {f"head.{k}" for k in top.head.state_dict()}
         layers = {n.split(".")[2] for n in trainable if n.startswith("blocks.")}
@@ -107,7 +107,7 @@ def test_exchanged_tensors_are_exactly_the_trainable_ones(encoder: TextEncoder) 
                 "output.dense",
             }
             assert all(".lora_A." in n or ".lora_B." in n for n in trainable if n.startswith("blocks."))
-        other = make_top(cut, 3, 0, False, ft)
+        other = make_top(cut, 3, hidden=0, centred=False, ft=ft)
         load_head(other, head_to_arrays(_nudged(top)))  # the exchange's own check and load
         for k, v in top.state_dict().items():
             torch.testing.assert_close(other.state_dict()[k], v)
@@ -118,7 +118,7 @@ def test_opacus_per_sample_gradients_of_the_top_are_exact(encoder: TextEncoder, 
     """Opacus' hooks on the layers' Linear and LayerNorm layers (attention, mask and pooling in between) give each
     sample's own gradient: the one autograd gives for that sample alone (texts of different lengths, so padding)."""
     cut = cut_encoder(encoder, ft)
-    top = _nudged(make_top(cut, 3, 0, False, ft))
+    top = _nudged(make_top(cut, 3, hidden=0, centred=False, ft=ft))
     x, y = cut.embed(_texts(4)).clone(), torch.tensor([0, 1, 2, 1])  # clone: not an inference tensor
     trained = [p for p in top.parameters() if p.requires_grad]
     alone = [
@@ -136,7 +136,7 @@ def test_opacus_per_sample_gradients_of_the_top_are_exact(encoder: TextEncoder, 
 @pytest.mark.parametrize("ft", [BLOCKS, LORA], ids=["blocks", "lora"])
 def test_opacus_trains_the_top_as_it_is(encoder: TextEncoder, ft: FinetuneConfig) -> None:
     cut = cut_encoder(encoder, ft)
-    top = make_top(cut, 3, 0, False, ft)
+    top = make_top(cut, 3, hidden=0, centred=False, ft=ft)
     frozen = {k: v.clone() for k, v in nn.Module.state_dict(top).items() if k not in top.exchanged}
     before = {k: v.clone() for k, v in top.state_dict().items()}
     x, y = cut.embed(_texts(32)).half(), torch.arange(32) % 3
@@ -184,7 +184,7 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
 ) -> None:
     """A top trained under DP, exported: load_model and `fedtransfer predict` give the in-memory top's classes."""
     cut = cut_encoder(encoder, ft)
-    top = make_top(cut, 3, 0, False, ft)
+    top = make_top(cut, 3, hidden=0, centred=False, ft=ft)
     x, y = cut.embed(_texts(48)).half(), torch.arange(48) % 3
     train_head(
         top,
@@ -209,7 +209,7 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
     with torch.no_grad():
         expected = [CLASSES[i] for i in top.eval()(cut.embed(texts)).argmax(1).tolist()]
     assert len(set(expected)) > 1
-    path = export_model(tmp_path / "model.pt", cut, top, 0, CLASSES, ft)
+    path = export_model(tmp_path / "model.pt", cut, top, hidden=0, classes=CLASSES, finetune=ft)
     model = load_model(path)
     assert isinstance(model.encoder, CutEncoder) and model.encoder.describe()["cut"] == {"blocks": ft.blocks}
     assert set(model.head.state_dict()) == top.exchanged

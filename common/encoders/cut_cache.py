@@ -26,6 +26,7 @@ DTYPE = np.float16  # half the bytes of float32; activations of these networks s
 
 def cached_activations(
     path: Path | None,
+    *,
     count: int,
     dim: int,
     compute: Callable[[int, int], torch.Tensor],

@@ -56,7 +56,11 @@ def cached_features(encoder: Encoder, samples: Samples, cache_dir: Path | None) 
                 return out
 
             return cut_cache.cached_activations(
-                where, len(samples), encoder.feature_dim, compute, int(getattr(encoder, "cache_max_bytes", 1 << 40))
+                where,
+                count=len(samples),
+                dim=encoder.feature_dim,
+                compute=compute,
+                max_bytes=int(getattr(encoder, "cache_max_bytes", 1 << 40)),
             )
     path = cache_dir / f"{cache_key(encoder, samples)}.pt" if cache_dir is not None else None
     if path is not None and path.is_file():

@@ -176,7 +176,7 @@ class TextAbove(nn.Module):
 
 
 def text_split(
-    embeddings: nn.Module, layers: list[nn.Module], pooling: list[nn.Module], hidden: int, k: int
+    embeddings: nn.Module, layers: list[nn.Module], *, pooling: list[nn.Module], hidden: int, k: int
 ) -> tuple[TextBelow, TextAbove]:
     """(below the cut, the last k layers and the pooling) of a transformer encoder: composed, its forward."""
     if not 1 <= k <= len(layers):  # the embeddings always stay below

@@ -119,7 +119,7 @@ def _text_cut(encoder: Any, k: int, cache_max_bytes: int, batch_size: int = 32) 
 
     embeddings, layers, pooling = encoder.parts()
     hidden = int(embeddings.word_embeddings.embedding_dim)
-    below, above = text_split(embeddings, layers, pooling, hidden, k)
+    below, above = text_split(embeddings, layers, pooling=pooling, hidden=hidden, k=k)
     below = below.eval().requires_grad_(False)
 
     def run(inputs: Any) -> torch.Tensor:
@@ -173,7 +173,7 @@ class Top(nn.Module):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
-def make_top(encoder: Encoder, num_classes: int, hidden: int, centred: bool, ft: FinetuneConfig) -> nn.Module:
+def make_top(encoder: Encoder, num_classes: int, *, hidden: int, centred: bool, ft: FinetuneConfig) -> nn.Module:
     """What trains at a site for this run: the head alone (today's), or a `Top` above the encoder's cut."""
     if not isinstance(encoder, CutEncoder):
         return make_head(encoder.feature_dim, num_classes, hidden, centred=centred)

@@ -56,6 +56,7 @@ def export_model(
     path: Path,
     encoder: Encoder,
     head: nn.Module,
+    *,
     hidden: int,
     classes: list[str],
     finetune: FinetuneConfig | None = None,
@@ -92,7 +93,7 @@ def load_model(path: str | Path) -> AdaptedModel:
     try:
         finetune = build(FinetuneConfig, raw.get("finetune", {}), "finetune.")
         encoder = cut_encoder(rebuild_encoder(*_encoder_fields(raw)), finetune)
-        head = make_top(encoder, len(classes), hidden, is_centred(raw["head_state"]), finetune).cpu()
+        head = make_top(encoder, len(classes), hidden=hidden, centred=is_centred(raw["head_state"]), ft=finetune).cpu()
         head.load_state_dict(raw["head_state"])
     except (EncoderError, ConfigError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
@@ -123,9 +124,9 @@ def _encoder_fields(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torc
 
 
 def head_from_arrays(
-    arrays: dict[str, np.ndarray], encoder: Encoder, num_classes: int, hidden: int, finetune: FinetuneConfig
+    arrays: dict[str, np.ndarray], encoder: Encoder, *, num_classes: int, hidden: int, finetune: FinetuneConfig
 ) -> nn.Module:
     """The head (or fine-tuned top above `encoder`'s cut) holding these exchanged tensors (wire names)."""
-    head = make_top(encoder, num_classes, hidden, is_centred(arrays), finetune)
+    head = make_top(encoder, num_classes, hidden=hidden, centred=is_centred(arrays), ft=finetune)
     head.load_state_dict({k.removeprefix(PREFIX): torch.from_numpy(np.array(v)) for k, v in arrays.items()})
     return head

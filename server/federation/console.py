@@ -25,6 +25,7 @@ _NOT_FOR_USERS = ("default simulated SuperNodes changed",)
 def round_summary(
     rnd: int,
     rounds: int,
+    *,
     trained: int,
     asked: int,
     server_accuracy: float,

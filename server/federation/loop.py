@@ -70,7 +70,9 @@ class Coordinator:
 
     def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """The head (or fine-tuned top, common/model/finetune.py) holding these exchanged tensors."""
-        return head_from_arrays(arrays, self.encoder, len(self.classes), self.cfg.head.hidden, self.cfg.finetune)
+        return head_from_arrays(
+            arrays, self.encoder, num_classes=len(self.classes), hidden=self.cfg.head.hidden, finetune=self.cfg.finetune
+        )
 
     def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
         """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
@@ -107,7 +109,9 @@ def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
     classes = list(fed.server_test.classes)
     with torch.random.fork_rng(devices=[]):  # the initial head is the config's seed, without seeding the process
         torch.manual_seed(cfg.seed)
-        head = make_top(encoder, len(classes), cfg.head.hidden, cfg.privacy.feature_stats, cfg.finetune).cpu()
+        head = make_top(
+            encoder, len(classes), hidden=cfg.head.hidden, centred=cfg.privacy.feature_stats, ft=cfg.finetune
+        ).cpu()
     spec = head_spec(head)
     frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
     strategy = ScreenedStrategy(make_strategy(cfg, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
@@ -162,9 +166,17 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
         config[Cfg.PROXIMAL_MU] = cfg.train.proximal_mu
     book, accuracy = SiteBook(sites), float("nan")
     if co.release is not None and start == 1 and ckpt is None:  # round 0: the statistics, before any training
-        head, accuracy = _round(grid, 0, head, ConfigRecord({**config, Cfg.RELEASE: FEATURE_STATS}), co, book, recorder)
+        head, accuracy = _round(
+            grid,
+            0,
+            head,
+            config=ConfigRecord({**config, Cfg.RELEASE: FEATURE_STATS}),
+            co=co,
+            book=book,
+            recorder=recorder,
+        )
     for rnd in range(start, cfg.train.rounds + 1):
-        head, accuracy = _round(grid, rnd, head, ConfigRecord(config), co, book, recorder)
+        head, accuracy = _round(grid, rnd, head, config=ConfigRecord(config), co=co, book=book, recorder=recorder)
     return _finish(co, recorder, head, accuracy)
 
 
@@ -183,6 +195,7 @@ def _round(
     grid: Grid,
     rnd: int,
     head: dict[str, np.ndarray],
+    *,
     config: ConfigRecord,
     co: Coordinator,
     book: SiteBook,
@@ -194,11 +207,17 @@ def _round(
     release = co.release if rnd == 0 else None  # round 0 is the statistics release: every site once
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
         if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
-            train = secure_train_round(grid, rnd, arrays, config, release or co.strategy, book, cfg)
+            train = secure_train_round(
+                grid, rnd, arrays, config=config, strategy=release or co.strategy, book=book, cfg=cfg
+            )
         elif release is not None:
-            train = plain_round(grid, rnd, arrays, config, release, book, cfg.train.round_timeout_s)
+            train = plain_round(
+                grid, rnd, arrays, config=config, strategy=release, book=book, timeout=cfg.train.round_timeout_s
+            )
         else:
-            train = plain_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
+            train = plain_round(
+                grid, rnd, arrays, config=config, strategy=co.strategy, book=book, timeout=cfg.train.round_timeout_s
+            )
     if train.arrays is not None:
         head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
@@ -206,7 +225,9 @@ def _round(
     federated = None
     if cfg.train.evaluates(rnd):
         with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
-            federated = evaluate_round(grid, rnd, arrays, config, co.strategy, book, cfg.train.round_timeout_s)
+            federated = evaluate_round(
+                grid, rnd, arrays, config=config, strategy=co.strategy, book=book, timeout=cfg.train.round_timeout_s
+            )
     outcome = RoundReport(
         rnd,
         train,
@@ -246,7 +267,9 @@ def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | 
     """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
     path = co.cfg.output_path / "model.pt"
     try:
-        return export_model(path, co.encoder, co.head(head), co.cfg.head.hidden, co.classes, co.cfg.finetune), None
+        return export_model(
+            path, co.encoder, co.head(head), hidden=co.cfg.head.hidden, classes=co.classes, finetune=co.cfg.finetune
+        ), None
     except OSError as err:
         return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
 
@@ -286,12 +309,12 @@ def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> N
         round_summary(
             rnd,
             cfg.train.rounds,
-            record["sites_trained"],
-            asked,
-            record["server"]["accuracy"],
-            fed["accuracy"] if fed else None,
-            max(eps) if eps else None,
-            cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
-            record["time_s"],
+            trained=record["sites_trained"],
+            asked=asked,
+            server_accuracy=record["server"]["accuracy"],
+            sites_accuracy=fed["accuracy"] if fed else None,
+            epsilon_max=max(eps) if eps else None,
+            target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+            seconds=record["time_s"],
         ),
     )

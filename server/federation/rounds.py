@@ -71,6 +71,7 @@ def plain_round(
     grid: Grid,
     rnd: int,
     arrays: ArrayRecord,
+    *,
     config: ConfigRecord,
     strategy: ScreenedStrategy,
     book: SiteBook,
@@ -100,6 +101,7 @@ def secure_train_round(
     grid: Grid,
     rnd: int,
     arrays: ArrayRecord,
+    *,
     config: ConfigRecord,
     strategy: ScreenedStrategy,
     book: SiteBook,
@@ -114,7 +116,9 @@ def secure_train_round(
     if release:
         arrays = ArrayRecord({n: Array(np.zeros(shape, dtype=dtype)) for n, (shape, dtype) in strategy.spec.items()})
     nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
-    sec = secure_round(grid, rnd, arrays, config, nodes, cfg.secagg, cfg.train.round_timeout_s)
+    sec = secure_round(
+        grid, rnd, arrays, config=config, node_ids=nodes, settings=cfg.secagg, timeout=cfg.train.round_timeout_s
+    )
     out = TrainRound(bytes_received=sum(sec.payload.values()))
     for node, reply in sorted(sec.trained.items()):
         site = answer_of(node, reply, book).site
@@ -150,7 +154,7 @@ def secure_train_round(
         extra[Metric.EXPECTED_BATCH] = sum(
             float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH]) for r in sec.trained.values()
         )
-    reply = _as_one_reply(grid, rnd, aggregate, examples, len(sec.trained), extra)
+    reply = _as_one_reply(grid, rnd, mean=aggregate, examples=examples, sites=len(sec.trained), extra=extra)
     out.arrays, _ = strategy.aggregate_train(rnd, [reply])
     return out
 
@@ -166,7 +170,7 @@ def secure_sum(sec: SecureRound, mean: ArrayRecord, quanta: dict[str, float], s:
 
 
 def _as_one_reply(
-    grid: Grid, rnd: int, mean: ArrayRecord, examples: int, sites: int, extra: dict[str, float]
+    grid: Grid, rnd: int, *, mean: ArrayRecord, examples: int, sites: int, extra: dict[str, float]
 ) -> Message:
     """The SecAgg+ aggregate as one reply standing for `sites` sites: FedAvg keeps it, FedAdam and FedSGD step."""
     meta = Metadata(
@@ -188,6 +192,7 @@ def evaluate_round(
     grid: Grid,
     rnd: int,
     arrays: ArrayRecord,
+    *,
     config: ConfigRecord,
     strategy: ScreenedStrategy,
     book: SiteBook,

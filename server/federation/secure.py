@@ -58,6 +58,7 @@ def secure_round(
     grid: Grid,
     rnd: int,
     arrays: ArrayRecord,
+    *,
     config: ConfigRecord,
     node_ids: Iterable[int],
     settings: SecAggConfig,

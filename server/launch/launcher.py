@@ -30,7 +30,7 @@ from fedtransfer.common.storage import atomic, locking
 from fedtransfer.server.federation import run_folder
 from fedtransfer.server.federation.console import ConsoleFilter
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run` ships: the repository root
+APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships: the repository root
 BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink and flower-supernode of this environment
 # no update checks or telemetry calls to the internet; logs as they happen
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
@@ -117,7 +117,12 @@ def submit_run(
     log_path = run_dir / "run.log"
     started = time.time()
     returncode, flower_run_id = _follow(
-        argv, env, app_dir, log_path, ConsoleFilter(verbose) if stream else None, append=cfg.resume
+        argv,
+        env=env,
+        cwd=app_dir,
+        log_path=log_path,
+        console=ConsoleFilter(verbose) if stream else None,
+        append=cfg.resume,
     )
     if returncode != 0:
         raise LaunchError(f"flwr run exited with code {returncode}; see {log_path}")
@@ -135,6 +140,7 @@ def submit_run(
 
 def _follow(
     argv: list[str],
+    *,
     env: Mapping[str, str],
     cwd: Path,
     log_path: Path,
