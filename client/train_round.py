@@ -69,7 +69,7 @@ def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord | None, num_class
 
 
 def privacy_plan(
-    site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int, mechanism: Mechanism | None = None
+    site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int, *, mechanism: Mechanism | None = None
 ) -> Plan | None:
     """The run's DP plan for this site's data, within its policy and budget; None without DP.
 
@@ -147,10 +147,12 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     head = local_head(
         site, cfg, None if secure and conf.get(Cfg.RELEASE) is not None else arrays, len(site.data.train.classes)
     )
-    plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism)
+    plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
-    answer, dp = _answer(site, mechanism, work, plan, ledger, server_round, time.monotonic() - started)
+    answer, dp = _answer(
+        site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, seconds=time.monotonic() - started
+    )
     cache.save(run_id, key, answer)
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
     logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.done.loss}
@@ -202,6 +204,7 @@ def _answer(
     site: Site,
     mechanism: Mechanism,
     work: Work,
+    *,
     plan: Plan | None,
     ledger: PrivacyLedger,
     server_round: int,
