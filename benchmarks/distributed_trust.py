@@ -67,19 +67,20 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     gammas = cfg.secagg.quantum(1.0), cfg.secagg.quantum(STATS_NORM)
     plans = [
         plan_distributed(
-            len(y),
-            q,
-            s.rounds,
-            eps,
-            min(DELTA, 0.5 / len(y)),
-            1.0,
-            dim,
-            survivors,
-            *gammas,
-            "record",
-            s.stats_share,
-            x.shape[1],
-            classes,
+            num_units=len(y),
+            sample_rate=q,
+            rounds=s.rounds,
+            target_epsilon=eps,
+            target_delta=min(DELTA, 0.5 / len(y)),
+            max_grad_norm=1.0,
+            dim=dim,
+            min_survivors=survivors,
+            gamma=gammas[0],
+            stats_gamma=gammas[1],
+            unit="record",
+            stats_share=s.stats_share,
+            feature_dim=x.shape[1],
+            num_classes=classes,
         )
         for x, y in sites
     ]
@@ -104,7 +105,7 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
             weights, total, velocity, batch, s.learning_rate, cfg.train.server_momentum, frozen
         )
         head.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in weights.items()})
-    histories = [([p.stats_step] if s.stats_share is not None else []) + [p.round_step] * s.rounds for p in plans]
+    histories = [([p.stats_event] if s.stats_share is not None else []) + [p.round_event] * s.rounds for p in plans]
     spent = max(epsilon_of(h, p.target_delta, "rdp") for h, p in zip(histories, plans, strict=True))
     own = max(epsilon_of(h, p.target_delta, "rdp", individual=True) for h, p in zip(histories, plans, strict=True))
     return {

@@ -155,14 +155,14 @@ def _personal_step(
         None
         if p.target_epsilon is None
         else plan_dp(
-            len(y),
-            p.batch_size,
-            p.local_epochs,
-            p.rounds,
-            p.target_epsilon,
-            p.target_delta,
-            p.max_grad_norm,
-            p.accountant,
+            num_samples=len(y),
+            batch_size=p.batch_size,
+            local_epochs=p.local_epochs,
+            rounds=p.rounds,
+            target_epsilon=p.target_epsilon,
+            target_delta=p.target_delta,
+            max_grad_norm=p.max_grad_norm,
+            accountant=p.accountant,
         )
     )
     history = getattr(model, "_history", [])
@@ -291,14 +291,14 @@ def _time_both(task: Task, ft: FinetuneConfig, parts: list[np.ndarray], setup: F
         p
     ) in parts:  # the DP plan's calibration: once per process and site size (common/privacy/calibration.py caches it)
         plan_dp(
-            len(p),
-            setup.batch_size,
-            setup.local_epochs,
-            setup.rounds,
-            setup.target_epsilon,
-            min(setup.target_delta, 0.5 / len(p)),
-            setup.max_grad_norm,
-            setup.accountant,
+            num_samples=len(p),
+            batch_size=setup.batch_size,
+            local_epochs=setup.local_epochs,
+            rounds=setup.rounds,
+            target_epsilon=setup.target_epsilon,
+            target_delta=min(setup.target_delta, 0.5 / len(p)),
+            max_grad_norm=setup.max_grad_norm,
+            accountant=setup.accountant,
         )
     enc.embed(task.pool.inputs[parts[0][:2]])  # the frozen network's first call (its kernels chosen, memory grown)
     out: dict[str, float] = {}

@@ -22,6 +22,7 @@ import torch
 from fedtransfer.common.model.head import evaluate_head, make_head
 from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.events import History
 from fedtransfer.common.wire.exchange import head_to_arrays, load_head
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -117,7 +118,7 @@ def federate_model(
     torch.manual_seed(seed)
     head = make_model()
     arrays = head_to_arrays(head)
-    histories: list[list[tuple[float, float, int]]] = [[] for _ in sites]
+    histories: list[History] = [[] for _ in sites]
     eps = 0.0
     for rnd in range(setup.rounds):
         replies = []
@@ -127,14 +128,14 @@ def federate_model(
             plan = None
             if setup.target_epsilon is not None:
                 plan = plan_dp(
-                    len(y),
-                    setup.batch_size,
-                    setup.local_epochs,
-                    setup.rounds,
-                    setup.target_epsilon,
-                    min(setup.target_delta, 0.5 / len(y)),
-                    setup.max_grad_norm,
-                    setup.accountant,
+                    num_samples=len(y),
+                    batch_size=setup.batch_size,
+                    local_epochs=setup.local_epochs,
+                    rounds=setup.rounds,
+                    target_epsilon=setup.target_epsilon,
+                    target_delta=min(setup.target_delta, 0.5 / len(y)),
+                    max_grad_norm=setup.max_grad_norm,
+                    accountant=setup.accountant,
                 )
             opts = LocalTraining(setup.local_epochs, setup.batch_size, setup.learning_rate, setup.momentum)
             out = train_head(local, x, y, opts, plan, histories[i], seed=seed * 10_000 + rnd * 100 + i)

@@ -80,7 +80,14 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
         None
         if eps is None
         else plan_fedsgd(
-            len(y), s.sample_rate, s.rounds, eps, min(DELTA, 0.5 / len(y)), 1.0, s.accountant, s.stats_share
+            num_units=len(y),
+            sample_rate=s.sample_rate,
+            rounds=s.rounds,
+            target_epsilon=eps,
+            target_delta=min(DELTA, 0.5 / len(y)),
+            max_grad_norm=1.0,
+            accountant=s.accountant,
+            stats_share=s.stats_share,
         )
         for _, y in sites
     ]
@@ -91,7 +98,7 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
             for (x, y), p, g in zip(sites, plans, gens, strict=True)
         ]
         start_from_statistics(head, sum(r[STATS_SUMS] for r in released), sum(r[STATS_COUNTS] for r in released))
-        histories = [[p.stats_step] if p else [] for p in plans]
+        histories = [[p.stats_event] if p else [] for p in plans]
     frozen = frozenset(k for k, _ in head.named_buffers())
     velocity: dict = {}
     batch = sum(s.sample_rate * len(y) for _, y in sites)
@@ -101,7 +108,7 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
             out = clipped_gradient_sum(head, x, y, Units.records(len(y)), s.sample_rate, p and p.max_grad_norm, g)
             noisy = add_noise(out.sums, p.noise_multiplier * p.max_grad_norm if p else 0.0, g, skip=frozen)
             total = {k: total.get(k, 0.0) + v.numpy().astype(np.float64) for k, v in noisy.items()}
-            histories[i] += [p.round_step] if p else []
+            histories[i] += [p.round_event] if p else []
         weights = {k: v.detach().numpy() for k, v in head.state_dict().items()}
         weights, velocity = server_step(weights, total, velocity, batch, s.learning_rate, s.momentum, frozen)
         head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})

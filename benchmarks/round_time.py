@@ -64,7 +64,16 @@ def run(size: int, sites: int, samples: int, rounds: int, epochs: int, batch: in
     pool = load_source("mnist", None, size)
     parts = [p[:samples] for p in partition_iid(pool.labels, sites, seed=0)]
     data = [(pool.inputs[p], pool.labels[p]) for p in parts]
-    plan = plan_dp(samples, batch, epochs, rounds, 3.0, 1e-3, 1.0, "rdp")
+    plan = plan_dp(
+        num_samples=samples,
+        batch_size=batch,
+        local_epochs=epochs,
+        rounds=rounds,
+        target_epsilon=3.0,
+        target_delta=1e-3,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
     rows = []
     # fedtransfer: the backbone runs once per sample per run (round 1), then every round is head-only
     feats = []

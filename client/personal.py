@@ -36,9 +36,10 @@ from fedtransfer.client.site import Site
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import PersonalConfig, RunConfig, SitePolicy
 from fedtransfer.common.model.head import Scores, evaluate_head
-from fedtransfer.common.privacy.calibration import DPPlan, plan_dp
+from fedtransfer.common.privacy.calibration import plan_dp
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.privacy.plans import GaussianPlan
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.wire.protocol import Event
 from flwr.app import Message
@@ -156,20 +157,20 @@ def personal_round(
     return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)
 
 
-def _plan(site: Site, cfg: RunConfig, choice: PersonalChoice) -> DPPlan | None:
+def _plan(site: Site, cfg: RunConfig, choice: PersonalChoice) -> GaussianPlan | None:
     """The personal model's own DP plan over the whole run (None when no DP was chosen for it)."""
     t, priv = cfg.train, cfg.privacy
     if choice.target_epsilon is None:
         return None
     return plan_dp(
-        len(site.train_y),
-        t.batch_size,
-        cfg.personal.epochs,
-        t.rounds,
-        choice.target_epsilon,
-        priv.target_delta,
-        priv.max_grad_norm,
-        priv.accountant,
+        num_samples=len(site.train_y),
+        batch_size=t.batch_size,
+        local_epochs=cfg.personal.epochs,
+        rounds=t.rounds,
+        target_epsilon=choice.target_epsilon,
+        target_delta=priv.target_delta,
+        max_grad_norm=priv.max_grad_norm,
+        accountant=priv.accountant,
     )
 
 

@@ -45,7 +45,7 @@ import torch
 from fedtransfer.common.config.catalog import CATALOG
 from fedtransfer.common.config.run import BackboneConfig
 from fedtransfer.common.encoders.interface import Encoder, EncoderError, file_sha256
-from fedtransfer.common.privacy.calibration import DPPlan
+from fedtransfer.common.privacy.plans import Plan, plan_from_record
 from fedtransfer.common.storage import atomic
 from flwr.common.logger import log
 
@@ -260,15 +260,17 @@ def known_sha256(path: Path) -> str:
 # --- the DP plan ---------------------------------------------------------------------------------------
 
 
-def remembered_plan(state: PreparedState, planner: Callable[..., DPPlan], args: tuple[Any, ...]) -> DPPlan:
-    """`planner(*args)` (plan_dp, plan_fedsgd: pure functions of public numbers), computed once per site."""
-    key = {"planner": f"{planner.__module__}.{planner.__qualname__}", "args": list(args)} | code_identity()
+def remembered_plan(state: PreparedState, planner: Callable[..., Plan], arguments: dict[str, Any]) -> Plan:
+    """`planner(**arguments)` (plan_dp, plan_fedsgd, plan_distributed: pure functions of public numbers), computed
+    once per site. The key names the arguments (`kwargs`), so records of the positional planners before them
+    (`args`) are never read as these; a record of another plan shape is recomputed."""
+    key = {"planner": f"{planner.__module__}.{planner.__qualname__}", "kwargs": arguments} | code_identity()
     value = state.read("plan", key)
     if value is not None:
         try:
-            return DPPlan(**value)
+            return plan_from_record(value)
         except TypeError:
-            pass  # a record of another DPPlan shape: recomputed below
-    plan = planner(*args)
-    state.write("plan", key, asdict(plan))
+            pass  # a record of another plan shape: recomputed below
+    plan = planner(**arguments)
+    state.write("plan", key, plan.as_record())
     return plan

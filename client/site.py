@@ -25,7 +25,7 @@ from fedtransfer.common.encoders.devices import resolve_device
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.interface import Encoder
 from fedtransfer.common.encoders.process_cache import ProcessCache, nbytes
-from fedtransfer.common.privacy.calibration import DPPlan
+from fedtransfer.common.privacy.plans import Plan
 from fedtransfer.common.privacy.policy import DPSettings, PolicyUse, policy_violations
 from flwr.app import Context
 
@@ -50,9 +50,11 @@ class Site:
     simulated: bool = False
     prepared: PreparedState | None = None  # deployed sites: what earlier processes computed (client/prepared.py)
 
-    def plan(self, planner: Callable[..., DPPlan], *args: Any) -> DPPlan:
-        """`planner(*args)` (plan_dp or plan_fedsgd), from the site's records when it has one."""
-        return planner(*args) if self.prepared is None else remembered_plan(self.prepared, planner, args)
+    def plan(self, planner: Callable[..., Plan], **arguments: Any) -> Plan:
+        """`planner(**arguments)` (a mechanism's planner), from the site's records when it has one."""
+        if self.prepared is None:
+            return planner(**arguments)
+        return remembered_plan(self.prepared, planner, arguments)
 
     @property
     def ledger_path(self) -> Path:
@@ -214,8 +216,13 @@ def _secret_seed(state_dir: Path) -> int:
     return int(path.read_text().strip())
 
 
-def enforce_policy(policy: SitePolicy | None, cfg: RunConfig, plan: DPPlan | None, spent_other_runs: float) -> None:
-    """Refuse a plan that would exceed the site's own limits, naming the limit (common/privacy/policy.py)."""
+def enforce_policy(
+    policy: SitePolicy | None, cfg: RunConfig, plan: Plan | None, spent_other_runs: float, *, distributed: bool = False
+) -> None:
+    """Refuse a plan that would exceed the site's own limits, naming the limit (common/privacy/policy.py).
+
+    `distributed`: the run's mechanism adds only a share of the noise (a policy may refuse that).
+    """
     if policy is None:
         return
     scope = f"privacy.target_epsilon of this run plus ε {spent_other_runs:.3g} already spent in earlier runs"
@@ -228,7 +235,7 @@ def enforce_policy(policy: SitePolicy | None, cfg: RunConfig, plan: DPPlan | Non
         epsilon_earlier=0.0 if plan is None else spent_other_runs,
         epsilon_scope=scope,
         trainings=() if plan is None else (DPSettings("the plan", plan.noise_multiplier, plan.max_grad_norm),),
-        distributed_trust=cfg.privacy.trust == "distributed",
+        distributed_trust=distributed,
     )
     if violations := policy_violations(policy, use):
         raise Declined(f"site policy: {'; '.join(violations)}")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from fedtransfer.common.config.run import config_from_dict, to_nested
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
 from fedtransfer.common.wire.protocol import Event
 
@@ -65,7 +66,7 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
                 Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=DP
             )
             server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
-            history = [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
+            history = [gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
             epsilon = epsilon_of(history, DP["delta"], DP["accountant"])
             claims[name].append({"round": rnd, "status": "trained", "epsilon": epsilon} | _per_round())
             updates.append(update)
@@ -119,4 +120,6 @@ def _write_privacy(run_dir: Path, claims: dict[str, list[dict[str, Any]]]) -> No
 
 def run_epsilon(rounds: int) -> float:
     """ε a site claims after training `rounds` rounds of this run."""
-    return epsilon_of([(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * rounds, DP["delta"], "rdp")
+    return epsilon_of(
+        [gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * rounds, DP["delta"], "rdp"
+    )

@@ -22,6 +22,7 @@ from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import config_from_dict, load_site_config
 from fedtransfer.common.privacy.calibration import epsilon_of
 from fedtransfer.common.privacy.dp_sgd import TrainOutcome
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import record_hash
 from fedtransfer.common.storage.finite_json import finite
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
@@ -254,7 +255,9 @@ def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tm
 
     def broken(head, features, labels, opts, plan, history, seed, secure_mode=False) -> TrainOutcome:
         outcome = real(head, features, labels, opts, None, history, seed)
-        claimed = [*history, (plan.noise_multiplier, plan.sample_rate, outcome.steps)] if plan else history
+        claimed = (
+            [*history, gaussian_steps(plan.noise_multiplier, plan.sample_rate, outcome.steps)] if plan else history
+        )
         return TrainOutcome(outcome.loss, outcome.steps, claimed)
 
     monkeypatch.setattr(empirical_audit, "train_head", broken)
@@ -399,7 +402,7 @@ def test_policy_counts_only_runs_before_the_audited_one(tmp_path: Path, capsys, 
     this = [(DP["noise_multiplier"], DP["sample_rate"], DP["steps"] * 2)]
     runs = {"earlier": EARLIER, RUN_ID: this} | ({"later": LATER} if later_runs else {})
     _ledger(tmp_path, runs)
-    counted = run_epsilon(2) + epsilon_of(EARLIER, DP["delta"], "rdp")
+    counted = run_epsilon(2) + epsilon_of([gaussian_steps(*h) for h in EARLIER], DP["delta"], "rdp")
     config = _site_config(tmp_path, max_epsilon=round(counted * 1.02, 4))
     code, out, report = _audit(run, capsys, "--site-config", str(config))
     assert code == 0, out

@@ -31,6 +31,7 @@ import torch
 import yaml
 from fedtransfer.common.data.sources import Federation, simulate_federation
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.deploy.launch import format_config
 from fedtransfer.server.audit import audit_run
 from fedtransfer.server.export.model_file import load_model
@@ -266,7 +267,7 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     rounds = _ledger_rounds(federation, "hospital-b", privacy["run_id"])
     assert [r["round"] for r in rounds] == [1, 3]
     b = privacy["sites"]["hospital-b"]
-    per_round = (b["noise_multiplier"], b["sample_rate"], b["steps"] // 2)
+    per_round = gaussian_steps(b["noise_multiplier"], b["sample_rate"], b["steps"] // 2)
     assert rounds[0]["epsilon"] == pytest.approx(epsilon_of([per_round], 1e-5, "rdp"), rel=1e-9)
     assert rounds[1]["epsilon"] == pytest.approx(epsilon_of([per_round, per_round], 1e-5, "rdp"), rel=1e-9)
     assert rounds[1]["epsilon"] > rounds[0]["epsilon"]

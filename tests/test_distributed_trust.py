@@ -16,8 +16,10 @@ from fedtransfer.common.config.run import ConfigError, SecAggConfig, SitePolicy,
 from fedtransfer.common.data.sources import Samples, SiteData
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.events import SkellamDpEvent
 from fedtransfer.common.privacy.ledger import PrivacyLedger
-from fedtransfer.common.privacy.skellam import SKELLAM, sensitivities
+from fedtransfer.common.privacy.mechanisms import event_of, mechanism_for
+from fedtransfer.common.privacy.skellam import sensitivities
 from fedtransfer.common.storage.audit_log import RESERVED_FIELDS, AuditLog, read_records
 from fedtransfer.common.wire.protocol import DPRecord, Metric
 
@@ -78,17 +80,23 @@ def test_a_site_sends_an_integer_sum_with_its_share_and_claims_two_epsilons(tmp_
     plan = train_round.privacy_plan(site, cfg, ledger, dim)
     assert plan is not None and plan.min_survivors == 2 and plan.quantum == 2.0**-14  # 2**27 / (4 × 2048) levels
     assert (plan.l1_sensitivity, plan.l2_sensitivity) == sensitivities(1.0, plan.quantum, dim)
-    work = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=3)
+    work = mechanism_for(cfg).train_round(
+        head, train_round.site_tensors(site, cfg), plan, ledger.history, seed=3, proximal_mu=0.0
+    )
     sent = np.concatenate([v.numpy().ravel() for v in work.arrays.values()])
     assert sent.dtype == np.float64 and np.array_equal(sent / plan.quantum, np.rint(sent / plan.quantum))
-    quiet = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=3)  # the same draw: the same message
+    quiet = mechanism_for(cfg).train_round(
+        head, train_round.site_tensors(site, cfg), plan, ledger.history, seed=3, proximal_mu=0.0
+    )  # the same draw: the same message
     assert np.array_equal(sent, np.concatenate([v.numpy().ravel() for v in quiet.arrays.values()]))
-    answer, dp = train_round._answer(site, work, plan, ledger, 1, 0.1)
+    answer, dp = train_round._answer(
+        site, mechanism_for(cfg), train_round.Work(work), plan=plan, ledger=ledger, server_round=1, seconds=0.1
+    )
     assert dp is not None and dp.mechanism == "skellam"
     assert dp.noise_share == pytest.approx(plan.noise_variance / 2) and dp.min_survivors == 2
-    assert ledger.history == [dp.history_step] and dp.history_step[0] == SKELLAM
+    assert ledger.history == [event_of(dp)] and isinstance(event_of(dp).mechanism, SkellamDpEvent)
     eps, own = answer["metrics"][Metric.EPSILON], answer["metrics"][Metric.EPSILON_INDIVIDUAL]
-    assert eps == pytest.approx(epsilon_of([dp.history_step], 1e-3, "rdp")) and own > eps
+    assert eps == pytest.approx(epsilon_of([event_of(dp)], 1e-3, "rdp")) and own > eps
     assert DPRecord.from_mapping(answer["dp"]) == dp  # the reply's record parses back whole
 
 
@@ -99,7 +107,9 @@ def test_the_share_has_the_planned_variance(tmp_path: Path) -> None:
     ledger = PrivacyLedger(site.ledger_path, "r")
     plan = train_round.privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()))
     assert plan is not None
-    work = train_round._gradient_sum(site, cfg, plan, ledger, head, seed=5)
+    work = mechanism_for(cfg).train_round(
+        head, train_round.site_tensors(site, cfg), plan, ledger.history, seed=5, proximal_mu=0.0
+    )
     noise = work.arrays["head.1.weight"].numpy().ravel() / plan.quantum
     assert float(noise.var()) == pytest.approx(plan.noise_share, rel=0.15)
 
@@ -135,8 +145,19 @@ def test_more_levels_per_unit_mean_less_noise_for_the_same_epsilon() -> None:
     from fedtransfer.common.privacy.calibration import plan_distributed
 
     def noise_std(grid: SecAggConfig) -> float:
-        plan = plan_distributed(1000, 1.0, 30, 3.0, 1e-5, 1.0, 12810, 3, grid.quantum(1.0), 0.0)
-        assert epsilon_of([plan.round_step] * 30, 1e-5, "rdp") <= 3.0
+        plan = plan_distributed(
+            num_units=1000,
+            sample_rate=1.0,
+            rounds=30,
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            dim=12810,
+            min_survivors=3,
+            gamma=grid.quantum(1.0),
+            stats_gamma=0.0,
+        )
+        assert epsilon_of([plan.round_event] * 30, 1e-5, "rdp") <= 3.0
         return math.sqrt(plan.noise_variance) * plan.quantum
 
     coarse, fine = SecAggConfig(quantization_range=2**24, max_weight=4096), SecAggConfig(**GRID)
@@ -167,8 +188,8 @@ def test_site_policy_must_allow_distributed_trust(tmp_path: Path) -> None:
     cfg = config_from_dict(DISTRIBUTED)
     plan = train_round.privacy_plan(_site(tmp_path), cfg, PrivacyLedger(tmp_path / "l.json", "r"), 132)
     with pytest.raises(Declined, match=r"policy\.allow_distributed_trust"):
-        enforce_policy(SitePolicy(max_delta=1e-2), cfg, plan, 0.0)
-    enforce_policy(SitePolicy(max_delta=1e-2, allow_distributed_trust=True), cfg, plan, 0.0)
+        enforce_policy(SitePolicy(max_delta=1e-2), cfg, plan, 0.0, distributed=True)
+    enforce_policy(SitePolicy(max_delta=1e-2, allow_distributed_trust=True), cfg, plan, 0.0, distributed=True)
 
 
 def _assert_round_2_stepped_on_the_exact_sum(run_dir: Path) -> None:
@@ -306,11 +327,14 @@ def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> 
     conf = {"server-round": 0, "run-id": "r", "release": "feature-stats"}
     from flwr.app import ConfigRecord
 
-    work = train_round._work(site, cfg, ConfigRecord(conf), 0, plan, ledger, head)
-    answer, dp = train_round._answer(site, work, plan, ledger, 0, 0.1)
+    mechanism = mechanism_for(cfg)
+    work = train_round._work(
+        site, cfg, mechanism, conf=ConfigRecord(conf), server_round=0, plan=plan, ledger=ledger, head=head
+    )
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, seconds=0.1)
     assert dp is not None and dp.mechanism == "skellam" and dp.clip_norm == STATS_NORM and dp.sample_rate == 1.0
-    assert ledger.history == [plan.stats_step] == [dp.history_step]
-    whole = [plan.stats_step] + [plan.round_step] * cfg.train.rounds
+    assert ledger.history == [plan.stats_event] == [event_of(dp)]
+    whole = [plan.stats_event] + [plan.round_event] * cfg.train.rounds
     assert epsilon_of(whole, 1e-3, "rdp") <= cfg.privacy.target_epsilon + 1e-9
     assert epsilon_of(whole[1:], 1e-3, "rdp") < epsilon_of(whole, 1e-3, "rdp")
     assert answer["metrics"][Metric.EPSILON_INDIVIDUAL] > answer["metrics"][Metric.EPSILON] > 0
@@ -412,10 +436,13 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     conf = ConfigRecord(
         {"server-round": 0, "run-id": "r", "release": "feature-stats", "head-names": ",".join(STATS_NAMES)}
     )
-    work = train_round._work(site, cfg, conf, 0, plan, ledger, head)
-    answer, dp = train_round._answer(site, work, plan, ledger, 0, 0.1)
+    mechanism = mechanism_for(cfg)
+    work = train_round._work(site, cfg, mechanism, conf=conf, server_round=0, plan=plan, ledger=ledger, head=head)
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, seconds=0.1)
     assert dp is not None and dp.mechanism == "gaussian"
-    fitres = compat.recorddict_to_fitres(train_round._secure(answer, conf, cfg, replayed=False), keep_input=False)
+    fitres = compat.recorddict_to_fitres(
+        train_round._secure(answer, conf, cfg, mechanism, replayed=False), keep_input=False
+    )
     assert fitres.num_examples == int(cfg.secagg.max_weight)
     s = cfg.secagg
     quanta = stats_quanta(s.quantum(STATS_NORM))

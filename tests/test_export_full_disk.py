@@ -39,7 +39,7 @@ def test_a_full_disk_during_export_fails_the_run_and_leaves_no_torn_file(full_di
     cfg.output_path.mkdir()
     encoder = load_encoder(BackboneConfig(image_size=32), "cpu")
     head = make_head(encoder.feature_dim, 3)
-    strategy = ScreenedStrategy(make_strategy(cfg.train), head_spec(head), cfg.train.min_sites)
+    strategy = ScreenedStrategy(make_strategy(cfg), head_spec(head), cfg.train.min_sites)
     co = Coordinator(cfg, encoder, ["a", "b", "c"], torch.zeros(0), torch.zeros(0), strategy)
     arrays = {k: v.numpy() for k, v in head_to_arrays(head).items()}
     model, why = export_or_why(co, arrays)

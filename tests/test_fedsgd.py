@@ -16,6 +16,7 @@ from fedtransfer.common.config.run import ConfigError, config_from_dict
 from fedtransfer.common.data.sources import Samples, SiteData
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.calibration import epsilon_of, plan_fedsgd, stats_noise_multiplier
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
@@ -28,6 +29,7 @@ from fedtransfer.common.privacy.fedsgd import (
     whitened_sensitivity,
 )
 from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.privacy.mechanisms import event_of
 from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
 from fedtransfer.server.audit import empirical_fedsgd
@@ -143,14 +145,34 @@ def test_statistics_noise_matches_one_gaussian_step_at_the_noise_multiplier() ->
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_whole_run_with_the_statistics_release_meets_the_target(accountant: str) -> None:
-    plan = plan_fedsgd(600, 0.3, 40, 3.0, 1e-5, 1.0, accountant, 0.2, "record")
-    history = [plan.stats_step, *[plan.round_step] * plan.rounds]
+    plan = plan_fedsgd(
+        num_units=600,
+        sample_rate=0.3,
+        rounds=40,
+        target_epsilon=3.0,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        accountant=accountant,
+        stats_share=0.2,
+        unit="record",
+    )
+    history = [plan.stats_event, *[plan.round_event] * plan.rounds]
     eps = epsilon_of(history, 1e-5, accountant)
     assert 0.97 * 3.0 <= eps <= 3.0
     whole = stats_noise_multiplier(3.0, 1e-5, 1.0, accountant)  # one Gaussian release spending everything
     assert (1 / plan.stats_noise_multiplier) ** 2 == pytest.approx(0.2 / whole**2)
-    assert plan.stats_step == (plan.stats_noise_multiplier, 1.0, 1)
-    alone = plan_fedsgd(600, 0.3, 40, 3.0, 1e-5, 1.0, accountant, None, "record")
+    assert plan.stats_event == gaussian_steps(plan.stats_noise_multiplier, 1.0, 1)
+    alone = plan_fedsgd(
+        num_units=600,
+        sample_rate=0.3,
+        rounds=40,
+        target_epsilon=3.0,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        accountant=accountant,
+        stats_share=None,
+        unit="record",
+    )
     assert alone.noise_multiplier < plan.noise_multiplier  # the release's share is paid for by the rounds
 
 
@@ -253,7 +275,7 @@ def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: 
     dp1 = DPRecord.from_mapping(reply["dp"])
     assert (dp1.sample_rate, dp1.steps) == (0.5, 1)
     ledger = PrivacyLedger(site.ledger_path, "r")
-    assert ledger.history == [dp0.history_step, dp1.history_step]
+    assert ledger.history == [event_of(dp0), event_of(dp1)]
     assert reply["metrics"][Metric.EPSILON] == pytest.approx(epsilon_of(ledger.history, 1e-3, "rdp"))
 
 
@@ -370,5 +392,5 @@ def test_fedavg_trains_a_centred_head_and_keeps_its_mean(tmp_path: Path) -> None
     reply = train_round.train(site, cfg, msg)
     np.testing.assert_array_equal(reply["arrays"]["head.0.mean"].numpy(), head[0].mean.numpy())
     history = PrivacyLedger(site.ledger_path, "r").history
-    assert history[0][1:] == (1.0, 1) and len(history) == 2
+    assert (history[0].sample_rate, history[0].count) == (1.0, 1) and len(history) == 2
     assert reply["metrics"][Metric.EPSILON] <= 3.0

@@ -135,7 +135,16 @@ def test_opacus_trains_the_top_as_it_is(ft: FinetuneConfig) -> None:
     frozen = {k: v.clone() for k, v in nn.Module.state_dict(top).items() if k not in top.exchanged}
     before = {k: v.clone() for k, v in top.state_dict().items()}
     x, y = cut.embed(_images(64)), torch.arange(64) % 10
-    plan = plan_dp(64, 16, 1, 1, 8.0, 1e-5, 1.0, "rdp")
+    plan = plan_dp(
+        num_samples=64,
+        batch_size=16,
+        local_epochs=1,
+        rounds=1,
+        target_epsilon=8.0,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
     outcome = train_head(top, x.half(), y, LocalTraining(1, 16, 0.1), plan, [], seed=1)
     assert outcome.steps == 4 and outcome.history
     after = nn.Module.state_dict(top)

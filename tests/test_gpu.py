@@ -30,7 +30,16 @@ def test_auto_device_picks_the_gpu_and_the_head_trains_there_with_dp() -> None:
     after = backbone.module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "BatchNorm statistics never move"
     head = make_head(backbone.feature_dim, 10).to(device)
-    plan = plan_dp(256, 32, 2, 1, 3.0, 1e-3, 1.0, "rdp")
+    plan = plan_dp(
+        num_samples=256,
+        batch_size=32,
+        local_epochs=2,
+        rounds=1,
+        target_epsilon=3.0,
+        target_delta=1e-3,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
     out = train_head(head, feats, labels, LocalTraining(2, 32, 0.5), plan, [], seed=0)
     assert next(head.parameters()).device.type == "cuda"
     assert epsilon_of(out.history, 1e-3, "rdp") <= 3.0 + 1e-9

@@ -32,6 +32,7 @@ from fedtransfer.common.encoders.interface import EncoderError
 from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.calibration import plan_dp
+from fedtransfer.common.privacy.mechanisms import fedavg_local
 from fedtransfer.common.wire.exchange import head_to_arrays
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -65,9 +66,9 @@ class Loads:
         self.count, self.build = 0, build
         functools.update_wrapper(self, build)  # the same name: a plan's record is keyed by its planner's name
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.count += 1
-        return self.build(*args)
+        return self.build(*args, **kwargs)
 
 
 def _weights(tmp_path: Path, content: bytes = b"weights v1") -> BackboneConfig:
@@ -160,16 +161,51 @@ def test_switched_off_nothing_is_read_or_written(tmp_path: Path, monkeypatch: py
     cfg, state, loads = _weights(tmp_path), _state(tmp_path), Loads(FakeEncoder)
     assert not any(isinstance(_encoder(cfg, state, loads), PreparedEncoder) for _ in range(2))
     planner = Loads(plan_dp)
-    remembered_plan(state, planner, (400, 32, 1, 3, 3.0, 1e-5, 1.0, "rdp", None))
+    remembered_plan(
+        state,
+        planner,
+        dict(
+            num_samples=400,
+            batch_size=32,
+            local_epochs=1,
+            rounds=3,
+            target_epsilon=3.0,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+        ),
+    )
     assert loads.count == 2 and planner.count == 1 and not state.folder.exists()
 
 
 def test_a_dp_plan_is_computed_once_per_site_and_recomputed_when_in_doubt(tmp_path: Path) -> None:
     state, planner = _state(tmp_path), Loads(plan_dp)
-    args = (400, 32, 1, 3, 3.0, 1e-5, 1.0, "rdp", None)
+    args = dict(
+        num_samples=400,
+        batch_size=32,
+        local_epochs=1,
+        rounds=3,
+        target_epsilon=3.0,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        accountant="rdp",
+    )
     first = remembered_plan(state, planner, args)
-    assert remembered_plan(state, planner, args) == first == plan_dp(*args) and planner.count == 1
-    remembered_plan(state, planner, (400, 32, 1, 3, 2.0, 1e-5, 1.0, "rdp", None))  # another target ε
+    assert remembered_plan(state, planner, args) == first == plan_dp(**args) and planner.count == 1
+    remembered_plan(
+        state,
+        planner,
+        dict(
+            num_samples=400,
+            batch_size=32,
+            local_epochs=1,
+            rounds=3,
+            target_epsilon=2.0,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+        ),
+    )  # another target ε
     assert planner.count == 2
     for record in state.folder.glob("plan-*.json"):  # a smaller σ would spend more ε than the site planned
         data = json.loads(record.read_text())
@@ -250,7 +286,7 @@ def _train_message(site: Site, server_round: int) -> Message:
 def test_a_prepared_site_trains_without_building_its_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loads, planner = Loads(encoder_registry.load_encoder), Loads(plan_dp)
     monkeypatch.setattr(encoder_registry, "load_encoder", loads)
-    monkeypatch.setattr(train_round, "plan_dp", planner)
+    monkeypatch.setattr(fedavg_local, "plan_dp", planner)
     context, cfg = _deployed(tmp_path)
     first = _process(context, cfg)
     assert loads.count == 1

@@ -10,22 +10,35 @@ import torch
 from fedtransfer.client.site import Declined, enforce_policy
 from fedtransfer.common.config.run import ConfigError, PrivacyConfig, RunConfig, SitePolicy, TrainConfig
 from fedtransfer.common.model.head import make_head
-from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of, plan_dp, plan_fedsgd
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp, plan_fedsgd
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.privacy.ledger import BudgetExceeded, PrivacyLedger
+from fedtransfer.common.privacy.plans import GaussianPlan
 
 N, DIM, CLASSES, BATCH = 200, 16, 3, 50
 EPSILON, DELTA, ROUNDS, LOCAL_EPOCHS = 3.0, 1e-3, 3, 1
 
 
 @functools.cache
-def _plan(accountant: str) -> DPPlan:
+def _plan(accountant: str) -> GaussianPlan:
     """Calibrating noise runs the accountant many times (seconds for prv): once per accountant here."""
-    return plan_dp(N, BATCH, LOCAL_EPOCHS, ROUNDS, EPSILON, DELTA, 1.0, accountant)
+    return plan_dp(
+        num_samples=N,
+        batch_size=BATCH,
+        local_epochs=LOCAL_EPOCHS,
+        rounds=ROUNDS,
+        target_epsilon=EPSILON,
+        target_delta=DELTA,
+        max_grad_norm=1.0,
+        accountant=accountant,
+    )
 
 
-def _total_epsilon(plan: DPPlan, steps: int) -> float:
-    return epsilon_of([(plan.noise_multiplier, plan.sample_rate, steps)], plan.target_delta, plan.accountant)
+def _total_epsilon(plan: GaussianPlan, steps: int) -> float:
+    return epsilon_of(
+        [gaussian_steps(plan.noise_multiplier, plan.sample_rate, steps)], plan.target_delta, plan.accountant
+    )
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -47,9 +60,10 @@ def test_epsilon_equals_opacus_on_the_raw_history(accountant: str) -> None:
     self-composition instead of n: 1e-11 apart; unmerged, a 100-round fedsgd history takes PRV ~50 s)."""
     from opacus.accountants import create_accountant
 
-    history = [(3.49, 0.05, 200)] * 4 + [(2.0, 0.1, 50)] + [(3.49, 0.05, 200)] * 2
+    raw = [(3.49, 0.05, 200)] * 4 + [(2.0, 0.1, 50)] + [(3.49, 0.05, 200)] * 2
+    history = [gaussian_steps(*h) for h in raw]
     acc = create_accountant(mechanism=accountant)
-    acc.history = list(history)
+    acc.history = list(raw)
     rel = 1e-12 if accountant == "rdp" else 1e-9
     assert epsilon_of(history, 1e-5, accountant) == pytest.approx(acc.get_epsilon(delta=1e-5), rel=rel)
     assert epsilon_of(history[:3], 1e-5, accountant) < epsilon_of(history, 1e-5, accountant)
@@ -57,10 +71,19 @@ def test_epsilon_equals_opacus_on_the_raw_history(accountant: str) -> None:
 
 def test_delta_not_below_one_over_n_is_refused() -> None:
     with pytest.raises(ConfigError, match="target_delta"):
-        plan_dp(N, BATCH, 1, 1, EPSILON, 1.0 / N, 1.0, "rdp")
+        plan_dp(
+            num_samples=N,
+            batch_size=BATCH,
+            local_epochs=1,
+            rounds=1,
+            target_epsilon=EPSILON,
+            target_delta=1.0 / N,
+            max_grad_norm=1.0,
+            accountant="rdp",
+        )
 
 
-def _train_rounds(ledger_path: Path, plan: DPPlan, rounds: int, run_key: str = "run-1") -> list[float]:
+def _train_rounds(ledger_path: Path, plan: GaussianPlan, rounds: int, run_key: str = "run-1") -> list[float]:
     """What client_app._train does each round: check the budget, train from the ledger, record."""
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(N, DIM, generator=gen)
@@ -78,16 +101,16 @@ def _train_rounds(ledger_path: Path, plan: DPPlan, rounds: int, run_key: str = "
 
 
 @pytest.fixture(scope="module")
-def trained_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DPPlan, list[float]]:
+def trained_ledger(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GaussianPlan, list[float]]:
     path = tmp_path_factory.mktemp("site") / "privacy-ledger.json"
     plan = _plan("rdp")
     return path, plan, _train_rounds(path, plan, ROUNDS)
 
 
-def test_reported_epsilon_composes_every_round(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+def test_reported_epsilon_composes_every_round(trained_ledger: tuple[Path, GaussianPlan, list[float]]) -> None:
     path, plan, reported = trained_ledger
     ledger = PrivacyLedger(path, "run-1")
-    assert ledger.history == [(plan.noise_multiplier, plan.sample_rate, ROUNDS * plan.steps_per_round)]
+    assert ledger.history == [gaussian_steps(plan.noise_multiplier, plan.sample_rate, ROUNDS * plan.steps_per_round)]
     whole = _total_epsilon(plan, ROUNDS * plan.steps_per_round)
     assert reported[-1] == pytest.approx(whole, abs=1e-9)
     assert reported[0] == pytest.approx(_total_epsilon(plan, plan.steps_per_round), abs=1e-9)
@@ -95,14 +118,14 @@ def test_reported_epsilon_composes_every_round(trained_ledger: tuple[Path, DPPla
     assert [r["round"] for r in ledger.entry["rounds"]] == [1, 2, 3]
 
 
-def test_ledger_survives_reopening(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+def test_ledger_survives_reopening(trained_ledger: tuple[Path, GaussianPlan, list[float]]) -> None:
     path, plan, reported = trained_ledger
     reopened = PrivacyLedger(path, "run-1")
     assert reopened.spent(plan.target_delta, plan.accountant) == pytest.approx(reported[-1], abs=1e-12)
     assert PrivacyLedger(path, "another-run").spent(plan.target_delta, plan.accountant) == 0.0
 
 
-def test_budget_is_refused_after_the_planned_rounds(trained_ledger: tuple[Path, DPPlan, list[float]]) -> None:
+def test_budget_is_refused_after_the_planned_rounds(trained_ledger: tuple[Path, GaussianPlan, list[float]]) -> None:
     path, plan, _ = trained_ledger
     with pytest.raises(BudgetExceeded, match="budget"):
         PrivacyLedger(path, "run-1").check_round(plan)
@@ -111,7 +134,7 @@ def test_budget_is_refused_after_the_planned_rounds(trained_ledger: tuple[Path, 
 def test_other_runs_are_composed(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
     plan = _dp_plan(target_delta=DELTA)
-    a, b = [(1.0, 0.25, 10)], [(2.0, 0.1, 30)]
+    a, b = [gaussian_steps(1.0, 0.25, 10)], [gaussian_steps(2.0, 0.1, 30)]
     PrivacyLedger(path, "a").record_round(1, plan, a)
     PrivacyLedger(path, "b").record_round(1, plan, b)
     both = epsilon_of(a + b, DELTA, "rdp")
@@ -126,7 +149,7 @@ def test_prv_accountant_trains_and_composes(tmp_path: Path) -> None:
     assert reported == pytest.approx(_total_epsilon(plan, plan.steps_per_round), abs=1e-9)
     assert 0 < reported < EPSILON
     assert PrivacyLedger(tmp_path / "ledger.json", "run-1").history == [
-        (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+        gaussian_steps(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     ]
 
 
@@ -139,7 +162,7 @@ def test_empty_poisson_batches_are_noised_and_accounted() -> None:
     before = [p.detach().clone() for p in head.parameters()]
     outcome = train_head(head, features, labels, LocalTraining(1, 1, 0.1), plan, [], seed=1)
     assert outcome.steps == 20
-    assert outcome.history == [(1.0, 0.05, 20)]
+    assert outcome.history == [gaussian_steps(1.0, 0.05, 20)]
     assert all(torch.isfinite(p).all() for p in head.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, head.parameters(), strict=True))
 
@@ -151,7 +174,7 @@ def test_corrupt_ledger_is_an_error_not_a_fresh_budget(tmp_path: Path) -> None:
         PrivacyLedger(path, "run-1")
 
 
-def _dp_plan(**changes: float) -> DPPlan:
+def _dp_plan(**changes: float) -> GaussianPlan:
     values = {
         "noise_multiplier": 1.0,
         "sample_rate": 0.1,
@@ -162,7 +185,7 @@ def _dp_plan(**changes: float) -> DPPlan:
         "target_delta": 1e-5,
         "accountant": "rdp",
     } | changes
-    return DPPlan(**values)  # type: ignore[arg-type]
+    return GaussianPlan(**values)  # type: ignore[arg-type]
 
 
 CFG = RunConfig(train=TrainConfig(rounds=5), privacy=PrivacyConfig(target_epsilon=3.0))
@@ -180,7 +203,9 @@ CFG = RunConfig(train=TrainConfig(rounds=5), privacy=PrivacyConfig(target_epsilo
         (SitePolicy(require_dp=True), None, 0.0, "requires differential privacy"),
     ],
 )
-def test_site_policy_refuses_each_limit(policy: SitePolicy, plan: DPPlan | None, spent: float, named: str) -> None:
+def test_site_policy_refuses_each_limit(
+    policy: SitePolicy, plan: GaussianPlan | None, spent: float, named: str
+) -> None:
     with pytest.raises(Declined, match=named):
         enforce_policy(policy, CFG, plan, spent)
 
@@ -194,7 +219,7 @@ def test_site_policy_accepts_a_plan_within_limits() -> None:
 def test_spent_before_counts_only_runs_the_ledger_held_before_this_one(tmp_path: Path) -> None:
     path = tmp_path / "ledger.json"
     plan = _dp_plan(target_delta=DELTA)
-    a, b, c = [(1.0, 0.25, 10)], [(2.0, 0.1, 30)], [(1.5, 0.2, 20)]
+    a, b, c = [gaussian_steps(1.0, 0.25, 10)], [gaussian_steps(2.0, 0.1, 30)], [gaussian_steps(1.5, 0.2, 20)]
     for key, history in (("a", a), ("b", b), ("c", c)):
         PrivacyLedger(path, key).record_round(1, plan, history)
     PrivacyLedger(path, "a").record_round(2, plan, a + a)  # a later round keeps a's place in the order
@@ -215,4 +240,13 @@ def test_an_epsilon_no_noise_can_meet_is_one_line_naming_the_key(stats_share: fl
     with pytest.raises(
         ConfigError, match=rf"^privacy\.target_epsilon: 0\.001 is too small \(no noise meets it\) for {what}$"
     ):
-        plan_fedsgd(1000, 1.0, 30, 0.001, 1e-5, 1.0, "rdp", stats_share)
+        plan_fedsgd(
+            num_units=1000,
+            sample_rate=1.0,
+            rounds=30,
+            target_epsilon=0.001,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+            stats_share=stats_share,
+        )

@@ -166,14 +166,25 @@ def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rou
     torch.manual_seed(0)
     head = make_head(test[0].shape[1], 10)
     arrays, spec = head_to_arrays(head), head_spec(head)
-    inner = make_strategy(TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2, protocol="fedavg"))
+    inner = make_strategy(
+        RunConfig(train=TrainConfig(strategy=strategy_name, min_sites=2, trimmed_beta=0.2, protocol="fedavg"))
+    )
     strategy = ScreenedStrategy(inner, spec, min_sites=2)
     for rnd in range(1, rounds + 1):
         replies = []
         for i, (x, y) in enumerate(sites):
             local = make_head(x.shape[1], 10)
             load_head(local, arrays)
-            plan = plan_dp(len(y), 32, 5, rounds, 3.0, 1e-4, 1.0, "rdp")
+            plan = plan_dp(
+                num_samples=len(y),
+                batch_size=32,
+                local_epochs=5,
+                rounds=rounds,
+                target_epsilon=3.0,
+                target_delta=1e-4,
+                max_grad_norm=1.0,
+                accountant="rdp",
+            )
             train_head(local, x, y, LocalTraining(5, 32, 0.5), plan, [], seed=rnd * 100 + i)
             replies.append(_reply(i, head_to_arrays(local), len(y)))
         if attackers:
@@ -208,5 +219,5 @@ def test_robust_aggregator_survives_nan_and_scaled_updates(digits_task: tuple) -
 def test_run_config_exposes_the_robust_strategies() -> None:
     for name in ("fedmedian", "fedtrimmedavg"):
         cfg = config_from_dict({"train": {"strategy": name, "max_update_norm": 10.0, "protocol": "fedavg"}})
-        assert type(make_strategy(cfg.train)).__name__.lower() == name
+        assert type(make_strategy(cfg)).__name__.lower() == name
     assert RunConfig().train.max_update_norm is None

@@ -13,6 +13,7 @@ from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import RunConfig, config_from_dict
 from fedtransfer.common.data.sources import federation_for
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import read_records, verify_chain
 from fedtransfer.server.export.model_file import load_model
 from fedtransfer.server.launch.launcher import APP_DIR, flower_bin, flower_env
@@ -43,7 +44,7 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
     assert len(privacy) == sites
     for name, site in privacy.items():
         # the ε a site reports is its accountant over every round it trained, recomputed here independently
-        history = [(site["noise_multiplier"], site["sample_rate"], site["steps"])]
+        history = [gaussian_steps(site["noise_multiplier"], site["sample_rate"], site["steps"])]
         assert site["epsilon"] == pytest.approx(epsilon_of(history, site["delta"], site["accountant"]), rel=1e-9)
         assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9)
         assert 0.8 * cfg.privacy.target_epsilon < site["epsilon"] <= cfg.privacy.target_epsilon + 1e-9

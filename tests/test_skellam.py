@@ -12,6 +12,7 @@ import torch
 from fedtransfer.common.config.sections import SecAggConfig
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy import skellam
+from fedtransfer.common.privacy.events import skellam_steps
 from fedtransfer.common.privacy.fedsgd import Units, clipped_gradient_sum
 from fedtransfer.common.wire.secure_sum import sum_of_mean, to_grid
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
@@ -58,15 +59,15 @@ def test_calibrated_variance_meets_the_target_like_opacus_gaussian() -> None:
     """Full batches, 30 rounds: μ for ε = 3 gives the noise multiplier Opacus gives the Gaussian, within 2%."""
     d1, d2 = skellam.sensitivities(1.0, 2.0**-10, 1290)  # 1,024 levels per unit
     mu = skellam.calibrate_variance(1.0, 30, 3.0, 1e-5, d1, d2)
-    assert skellam.epsilon(((skellam.SKELLAM, mu, 1.0, 30, d1, d2, 1),), 1e-5) <= 3.0
+    assert skellam.epsilon((skellam_steps(mu, 1.0, 30, l1=d1, l2=d2, min_survivors=1),), 1e-5) <= 3.0
     sigma = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=1.0, steps=30, accountant="rdp")
     assert math.sqrt(mu) / d2 == pytest.approx(sigma, rel=0.02)
 
 
 def test_individual_epsilon_uses_one_share_and_exceeds_the_aggregates() -> None:
-    step = (skellam.SKELLAM, 4e8, 1.0, 30, 1e6, 1080.0, 3)
+    step = skellam_steps(4e8, 1.0, 30, l1=1e6, l2=1080.0, min_survivors=3)
     aggregate, individual = skellam.epsilon((step,), 1e-5), skellam.epsilon((step,), 1e-5, individual=True)
-    alone = skellam.epsilon(((skellam.SKELLAM, 4e8 / 3, 1.0, 30, 1e6, 1080.0, 1),), 1e-5)
+    alone = skellam.epsilon((skellam_steps(4e8 / 3, 1.0, 30, l1=1e6, l2=1080.0, min_survivors=1),), 1e-5)
     assert individual == pytest.approx(alone) and individual > 1.5 * aggregate
 
 

@@ -140,7 +140,24 @@ def test_opacus_trains_the_top_as_it_is(encoder: TextEncoder, ft: FinetuneConfig
     frozen = {k: v.clone() for k, v in nn.Module.state_dict(top).items() if k not in top.exchanged}
     before = {k: v.clone() for k, v in top.state_dict().items()}
     x, y = cut.embed(_texts(32)).half(), torch.arange(32) % 3
-    outcome = train_head(top, x, y, LocalTraining(1, 8, 0.1), plan_dp(32, 8, 1, 1, 8.0, 1e-5, 1.0, "rdp"), [], seed=1)
+    outcome = train_head(
+        top,
+        x,
+        y,
+        LocalTraining(1, 8, 0.1),
+        plan_dp(
+            num_samples=32,
+            batch_size=8,
+            local_epochs=1,
+            rounds=1,
+            target_epsilon=8.0,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+        ),
+        [],
+        seed=1,
+    )
     assert outcome.steps == 4 and outcome.history
     after = nn.Module.state_dict(top)
     assert all(torch.equal(after[k], v) for k, v in frozen.items())  # frozen layers and LoRA's base weights
@@ -169,7 +186,24 @@ def test_model_file_carries_the_fine_tuned_top_and_predicts_like_it(
     cut = cut_encoder(encoder, ft)
     top = make_top(cut, 3, hidden=0, centred=False, ft=ft)
     x, y = cut.embed(_texts(48)).half(), torch.arange(48) % 3
-    train_head(top, x, y, LocalTraining(2, 16, 0.5), plan_dp(48, 16, 2, 1, 8.0, 1e-5, 1.0, "rdp"), [], seed=0)
+    train_head(
+        top,
+        x,
+        y,
+        LocalTraining(2, 16, 0.5),
+        plan_dp(
+            num_samples=48,
+            batch_size=16,
+            local_epochs=2,
+            rounds=1,
+            target_epsilon=8.0,
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+        ),
+        [],
+        seed=0,
+    )
     _nudged(top, seed=1, scale=1.0)  # classes that differ from text to text, so that agreeing means something
     texts = _texts(16)
     with torch.no_grad():

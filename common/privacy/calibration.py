@@ -11,84 +11,21 @@ import functools
 import importlib.util
 import math
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 from fedtransfer.common.config.parse import ConfigError
 from fedtransfer.common.privacy import skellam
+from fedtransfer.common.privacy.events import (
+    SelfComposedDpEvent,
+    all_gaussian,
+    gaussian_steps,
+    skellam_steps,
+    to_opacus,
+)
 from fedtransfer.common.privacy.fedsgd import stats_sensitivities
+from fedtransfer.common.privacy.plans import GaussianPlan, SkellamPlan
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-
-
-@dataclass(frozen=True)
-class DPPlan:
-    """The DP parameters a site commits to for the whole run.
-
-    `noise_multiplier`, `sample_rate` and `steps_per_round` describe each training round
-    (fedsgd: one step at the Poisson rate q). With DP feature statistics, one more release
-    comes first: one step at sample rate 1 with `stats_noise_multiplier`; the whole run,
-    that release included, meets (target_epsilon, target_delta).
-    """
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    rounds: int
-    max_grad_norm: float
-    target_epsilon: float
-    target_delta: float
-    accountant: str
-    stats_noise_multiplier: float | None = None
-    unit: str = "record"  # what one step's sampling and clipping protect: a record, or a user's records
-    # privacy.trust: distributed (common/privacy/skellam.py): the aggregate's Skellam variance μ in units of γ², the
-    # fewest sites SecAgg+ unmasks (each adds μ/K_min), γ and the integer sensitivities; 0 under local trust
-    noise_variance: float = 0.0
-    min_survivors: int = 0
-    quantum: float = 0.0
-    l1_sensitivity: float = 0.0
-    l2_sensitivity: float = 0.0
-    # distributed trust with feature statistics: the release's Skellam variance, integer sensitivities and γ
-    stats_variance: float = 0.0
-    stats_l1: float = 0.0
-    stats_l2: float = 0.0
-    stats_quantum: float = 0.0
-
-    @property
-    def total_steps(self) -> int:
-        return self.rounds * self.steps_per_round
-
-    @property
-    def distributed(self) -> bool:
-        return self.min_survivors > 0
-
-    @property
-    def noise_share(self) -> float:
-        """The Skellam variance this site adds per coordinate: μ/K_min."""
-        return self.noise_variance / self.min_survivors
-
-    @property
-    def round_step(self) -> tuple:
-        """One training round as an entry of the accountant's history (Opacus' triple, or a Skellam round)."""
-        if self.distributed:
-            return (
-                skellam.SKELLAM,
-                self.noise_variance,
-                self.sample_rate,
-                self.steps_per_round,
-                self.l1_sensitivity,
-                self.l2_sensitivity,
-                self.min_survivors,
-            )
-        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
-
-    @property
-    def stats_step(self) -> tuple:
-        """The feature-statistics release as an accountant entry: one step at rate 1, Gaussian or Skellam."""
-        if self.stats_noise_multiplier is None:
-            raise ValueError("this plan has no feature-statistics release")
-        if self.distributed:
-            return (skellam.SKELLAM, self.stats_variance, 1.0, 1, self.stats_l1, self.stats_l2, self.min_survivors)
-        return (self.stats_noise_multiplier, 1.0, 1)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
@@ -98,6 +35,7 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
 
 @functools.lru_cache(maxsize=256)  # a pure function of its arguments, asked again every round
 def plan_dp(
+    *,
     num_samples: int,
     batch_size: int,
     local_epochs: int,
@@ -107,25 +45,26 @@ def plan_dp(
     max_grad_norm: float,
     accountant: str,
     stats_share: float | None = None,
-) -> DPPlan:
+) -> GaussianPlan:
     """fedavg: noise for the whole run, every round the site may join, every local epoch (and the statistics)."""
     per_epoch = steps_per_epoch(num_samples, batch_size)
-    return _plan(
-        num_samples,
-        1.0 / per_epoch,
-        per_epoch * local_epochs,
-        rounds,
-        target_epsilon,
-        target_delta,
-        max_grad_norm,
-        accountant,
-        stats_share,
-        "record",
+    return _gaussian_plan(
+        n=num_samples,
+        q=1.0 / per_epoch,
+        steps=per_epoch * local_epochs,
+        rounds=rounds,
+        eps=target_epsilon,
+        delta=target_delta,
+        clip=max_grad_norm,
+        accountant=accountant,
+        stats_share=stats_share,
+        unit="record",
     )
 
 
 @functools.lru_cache(maxsize=256)
 def plan_fedsgd(
+    *,
     num_units: int,
     sample_rate: float,
     rounds: int,
@@ -135,15 +74,25 @@ def plan_fedsgd(
     accountant: str,
     stats_share: float | None = None,
     unit: str = "record",
-) -> DPPlan:
+) -> GaussianPlan:
     """fedsgd: one noisy gradient sum per round at Poisson rate q over `num_units` records (or users)."""
-    return _plan(
-        num_units, sample_rate, 1, rounds, target_epsilon, target_delta, max_grad_norm, accountant, stats_share, unit
+    return _gaussian_plan(
+        n=num_units,
+        q=sample_rate,
+        steps=1,
+        rounds=rounds,
+        eps=target_epsilon,
+        delta=target_delta,
+        clip=max_grad_norm,
+        accountant=accountant,
+        stats_share=stats_share,
+        unit=unit,
     )
 
 
 @functools.lru_cache(maxsize=256)
 def plan_distributed(
+    *,
     num_units: int,
     sample_rate: float,
     rounds: int,
@@ -158,47 +107,41 @@ def plan_distributed(
     stats_share: float | None = None,
     feature_dim: int = 0,
     num_classes: int = 0,
-) -> DPPlan:
+) -> SkellamPlan:
     """fedsgd under distributed trust: the Skellam variance μ of the aggregate of `min_survivors` or more sites.
 
     μ is calibrated so that `rounds` Poisson-subsampled Skellam rounds meet the target for
     the aggregate; each site adds μ/K_min. `gamma` and `stats_gamma` are the integer units of the
     gradient sums and of the statistics (the run's SecAggConfig.quantum of their norm bounds; plain
-    floats, so that a deployed site can remember the plan). The noise multiplier recorded is √μ/Δ2. With
-    `stats_share`, the feature statistics (`feature_dim`, `num_classes`) come first as one
-    Skellam release at rate 1 (fedtransfer.common.privacy.fedsgd.stats_sensitivities): as for the Gaussian
-    release, it takes `stats_share` of the precision 1/μ of the one release that alone meets
-    the target, and the rounds are calibrated on what is left (bisection over the composed ε).
+    floats, so that a deployed site can remember the plan). With `stats_share`, the feature statistics
+    (`feature_dim`, `num_classes`) come first as one Skellam release at rate 1
+    (fedtransfer.common.privacy.fedsgd.stats_sensitivities): as for the Gaussian release, it takes
+    `stats_share` of the precision 1/μ of the one release that alone meets the target, and the rounds
+    are calibrated on what is left (bisection over the composed ε).
     """
     _check_delta(num_units, target_delta, unit)
     d1, d2 = skellam.sensitivities(max_grad_norm, gamma, dim)
-    stats_mu = s1 = s2 = 0.0
-    prefix: tuple[tuple, ...] = ()
+    release: dict[str, float] = {}
+    prefix: tuple[SelfComposedDpEvent, ...] = ()
     if stats_share is not None:
         s1, s2 = stats_sensitivities(feature_dim, num_classes, unit == "user", stats_gamma)
         stats_mu = skellam.calibrate_variance(1.0, 1, target_epsilon, target_delta, s1, s2) / stats_share
-        prefix = ((skellam.SKELLAM, stats_mu, 1.0, 1, s1, s2, min_survivors),)
+        release = {"stats_variance": stats_mu, "stats_l1": s1, "stats_l2": s2, "stats_quantum": stats_gamma}
+        prefix = (skellam_steps(stats_mu, 1.0, 1, l1=s1, l2=s2, min_survivors=min_survivors),)
     mu = skellam.calibrate_variance(sample_rate, rounds, target_epsilon, target_delta, d1, d2, prefix)
-    return DPPlan(
-        math.sqrt(mu) / d2,
-        sample_rate,
-        1,
-        rounds,
-        max_grad_norm,
-        target_epsilon,
-        target_delta,
-        "rdp",
-        math.sqrt(stats_mu) / s2 if prefix else None,
-        unit,
-        mu,
-        min_survivors,
-        gamma,
-        d1,
-        d2,
-        stats_mu,
-        s1,
-        s2,
-        stats_gamma if prefix else 0.0,
+    return SkellamPlan(
+        noise_variance=mu,
+        sample_rate=sample_rate,
+        rounds=rounds,
+        max_grad_norm=max_grad_norm,
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        min_survivors=min_survivors,
+        quantum=gamma,
+        l1_sensitivity=d1,
+        l2_sensitivity=d2,
+        unit=unit,
+        **release,
     )
 
 
@@ -211,7 +154,8 @@ def _check_delta(n: int, delta: float, unit: str) -> None:
         )
 
 
-def _plan(
+def _gaussian_plan(
+    *,
     n: int,
     q: float,
     steps: int,
@@ -222,12 +166,12 @@ def _plan(
     accountant: str,
     stats_share: float | None,
     unit: str,
-) -> DPPlan:
+) -> GaussianPlan:
     _check_delta(n, delta, unit)
     stats_sigma = None if stats_share is None else stats_noise_multiplier(eps, delta, stats_share, accountant)
-    prefix = () if stats_sigma is None else ((stats_sigma, 1.0, 1),)
+    prefix = () if stats_sigma is None else (gaussian_steps(stats_sigma, 1.0, 1),)
     sigma = calibrate(prefix, q, steps * rounds, eps, delta, accountant)
-    return DPPlan(sigma, q, steps, rounds, clip, eps, delta, accountant, stats_sigma, unit)
+    return GaussianPlan(sigma, q, steps, rounds, clip, eps, delta, accountant, stats_sigma, unit)
 
 
 def stats_noise_multiplier(target_epsilon: float, target_delta: float, share: float, accountant: str) -> float:
@@ -285,7 +229,7 @@ def _rounds(sample_rate: float, steps: int) -> str:
 
 @functools.lru_cache(maxsize=256)
 def calibrate(
-    prefix: tuple[tuple[float, float, int], ...],
+    prefix: tuple[SelfComposedDpEvent, ...],
     sample_rate: float,
     steps: int,
     target_epsilon: float,
@@ -303,7 +247,7 @@ def calibrate(
         )
 
     def eps(sigma: float) -> float:
-        return epsilon_of([*prefix, (sigma, sample_rate, steps)], target_delta, accountant)
+        return epsilon_of([*prefix, gaussian_steps(sigma, sample_rate, steps)], target_delta, accountant)
 
     if epsilon_of(list(prefix), target_delta, accountant) >= target_epsilon:
         raise ConfigError(
@@ -321,20 +265,22 @@ def calibrate(
     return high
 
 
-def epsilon_of(history: list[tuple], delta: float, accountant: str, individual: bool = False) -> float:
-    """ε of a whole history of (noise multiplier, sample rate, steps), composed by Opacus.
+def epsilon_of(
+    history: Sequence[SelfComposedDpEvent], delta: float, accountant: str, individual: bool = False
+) -> float:
+    """ε of a whole history of accountant events, composed by Opacus.
 
     A history holding Skellam rounds (distributed trust) is composed in RDP by common/privacy/skellam.py,
     Gaussian steps included; `individual` then gives ε against one site's own message.
     """
     if not history:
         return 0.0
-    if any(skellam.is_skellam(h) for h in history):
-        return skellam.epsilon(tuple(tuple(h) for h in history), delta, individual)
+    if not all_gaussian(history):
+        return skellam.epsilon(tuple(history), delta, individual)
     # n steps of one (σ, q) then m more are n + m steps of it: merging is exact for every accountant (Opacus'
     # own accountant.step merges the same way), and keeps a long fedsgd history one PRV composition
     merged: list[tuple[float, float, int]] = []
-    for sigma, q, n in ((float(sigma), float(q), int(n)) for sigma, q, n in history):
+    for sigma, q, n in to_opacus(history):
         if merged and merged[-1][:2] == (sigma, q):
             merged[-1] = (sigma, q, merged[-1][2] + n)
         else:

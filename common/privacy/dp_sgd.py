@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 from fedtransfer.common.model.finetune import parameter_groups
-from fedtransfer.common.privacy.calibration import DPPlan
+from fedtransfer.common.privacy.events import History, from_opacus, to_opacus
+from fedtransfer.common.privacy.plans import GaussianPlan
 from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -33,7 +34,7 @@ class LocalTraining:
 class TrainOutcome:
     loss: float
     steps: int
-    history: list[tuple[float, float, int]]  # the accountant's full history after this round
+    history: History  # the accountant's full history after this round
 
 
 def train_head(
@@ -41,8 +42,8 @@ def train_head(
     features: torch.Tensor,
     labels: torch.Tensor,
     opts: LocalTraining,
-    plan: DPPlan | None,
-    history: list[tuple[float, float, int]],
+    plan: GaussianPlan | None,
+    history: History,
     seed: int,
     secure_mode: bool = False,
     anchor: nn.Module | None = None,
@@ -70,7 +71,7 @@ def train_head(
         if plan is not None:
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             engine = PrivacyEngine(accountant=plan.accountant, secure_mode=secure_mode)
-            engine.accountant.history = list(history)
+            engine.accountant.history = to_opacus(history)  # Opacus steps on from what was spent
             model, optimizer, loader = engine.make_private(
                 module=head,
                 optimizer=optimizer,
@@ -81,7 +82,7 @@ def train_head(
             )
         start = [p.detach().clone() for p in (head if anchor is None else anchor).parameters()]
         loss, steps = _epochs(model, head, optimizer, loader, opts, private=engine is not None, anchor=start)
-    new_history = [tuple(h) for h in engine.accountant.history] if engine is not None else list(history)
+    new_history = from_opacus(engine.accountant.history) if engine is not None else list(history)
     if engine is not None:
         _detach_opacus(model)
     return TrainOutcome(loss, steps, new_history)

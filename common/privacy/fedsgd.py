@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.privacy import skellam
 from opacus.optimizers.optimizer import _generate_noise
 from torch import nn
@@ -271,17 +269,6 @@ def stats_quanta(gamma: float) -> dict[str, float]:
     """The unit of each released tensor on SecAgg+'s grid: γ (SecAggConfig.quantum(STATS_NORM)) for the sums,
     γ/s for the counts."""
     return {STATS_SUMS: gamma, STATS_COUNTS: gamma / STATS_COUNT_SCALE}
-
-
-def secure_sum_quanta(cfg: RunConfig, names: Iterable[str], release: bool) -> dict[str, float] | None:
-    """Each tensor's unit γ on SecAgg+'s grid for a message whose exact sum the server reads back (round 0's
-    statistics, a fedsgd gradient sum; common/wire/secure_sum.py), or None for a fedavg head (SecAgg+'s own mean).
-    The site that sends and the server that reads back both ask here, so they cannot disagree."""
-    if release:
-        return stats_quanta(cfg.secagg.quantum(STATS_NORM))
-    if cfg.train.protocol == "fedsgd":
-        return dict.fromkeys(names, cfg.secagg.quantum(cfg.privacy.max_grad_norm))
-    return None
 
 
 def stats_sensitivities(feature_dim: int, num_classes: int, per_user: bool, gamma: float) -> tuple[float, float]:

@@ -8,10 +8,11 @@ before it is sent (`check_round`, then `record_round`). Composition is `epsilon_
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
-from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of
+from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.events import History, SelfComposedDpEvent, from_json, to_json
+from fedtransfer.common.privacy.plans import Plan
 from fedtransfer.common.storage import atomic
 
 EPS_SLACK = 1e-9  # float noise between identical accountant calls
@@ -22,10 +23,12 @@ class BudgetExceeded(RuntimeError):
 
 
 class PrivacyLedger:
-    """One site's spent budget per run, kept as Opacus accountant history on the site's disk.
+    """One site's spent budget per run, kept as accountant events on the site's disk.
 
     The file survives process restarts, so a site that crashes and rejoins keeps its ε.
-    Writes are atomic: a crash mid-write leaves the previous ledger intact.
+    Writes are atomic: a crash mid-write leaves the previous ledger intact. Each event is
+    stored as the list ledgers have always held (`events.to_json`), so older ledgers load as they are;
+    `plan` is the run's plan as `Plan.as_record` gives it, for people reading the file (never read back).
     """
 
     def __init__(self, path: Path, run_key: str) -> None:
@@ -49,15 +52,21 @@ class PrivacyLedger:
         return self._data["runs"].get(self.run_key, {"history": [], "rounds": []})
 
     @property
-    def history(self) -> list[tuple[float, float, int]]:
-        return [tuple(h) for h in self.entry["history"]]
+    def history(self) -> History:
+        return self._events(self.entry)
+
+    def _events(self, run: dict) -> History:
+        try:
+            return [from_json(h) for h in run["history"]]
+        except (ValueError, TypeError) as err:
+            raise RuntimeError(f"privacy ledger {self.path}: {err}; restore it from backup") from None
 
     def spent(self, delta: float, accountant: str) -> float:
         return epsilon_of(self.history, delta, accountant)
 
     def spent_in_other_runs(self, delta: float, accountant: str) -> float:
         """ε of every other run on this site's data, composed: what a site-wide cap must count."""
-        others = [tuple(h) for key, run in self._data["runs"].items() if key != self.run_key for h in run["history"]]
+        others = [e for key, run in self._data["runs"].items() if key != self.run_key for e in self._events(run)]
         return epsilon_of(others, delta, accountant)
 
     def spent_before(self, delta: float, accountant: str) -> float | None:
@@ -71,11 +80,11 @@ class PrivacyLedger:
         if self.run_key not in keys:
             return None
         earlier = keys[: keys.index(self.run_key)]
-        return epsilon_of([tuple(h) for key in earlier for h in self._data["runs"][key]["history"]], delta, accountant)
+        return epsilon_of([e for key in earlier for e in self._events(self._data["runs"][key])], delta, accountant)
 
-    def check_round(self, plan: DPPlan, step: tuple[float, float, int] | None = None) -> float:
+    def check_round(self, plan: Plan, step: SelfComposedDpEvent | None = None) -> float:
         """ε after one more round of `plan` (or `step`: the statistics release); BudgetExceeded past the target."""
-        after = epsilon_of([*self.history, step or plan.round_step], plan.target_delta, plan.accountant)
+        after = epsilon_of([*self.history, step or plan.round_event], plan.target_delta, plan.accountant)
         if after > plan.target_epsilon + EPS_SLACK:
             spent = self.spent(plan.target_delta, plan.accountant)
             raise BudgetExceeded(
@@ -84,14 +93,12 @@ class PrivacyLedger:
             )
         return after
 
-    def record_round(
-        self, server_round: int, plan: DPPlan, history: list[tuple[float, float, int]], release: str | None = None
-    ) -> float:
+    def record_round(self, server_round: int, plan: Plan, history: History, release: str | None = None) -> float:
         """Store the accountant history after a round (or a named release: round 0's statistics); returns ε."""
         epsilon = epsilon_of(history, plan.target_delta, plan.accountant)
         entry = self.entry
-        entry["history"] = [list(h) for h in history]
-        entry["plan"] = asdict(plan)
+        entry["history"] = [to_json(e) for e in history]
+        entry["plan"] = plan.as_record()
         steps = 1 if release else plan.steps_per_round
         done = {"round": server_round, "steps": steps, "epsilon": epsilon} | ({"release": release} if release else {})
         if plan.distributed:  # the second ε of distributed trust: against this site's own message

@@ -26,15 +26,11 @@ import warnings
 
 import numpy as np
 import torch
+from fedtransfer.common.privacy.events import SelfComposedDpEvent, SkellamDpEvent, skellam_steps
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy.special import gammaln, logsumexp
 
-SKELLAM = "skellam"  # first element of a Skellam entry in an accountant history
 ORDERS = (*range(2, 65), 80, 96, 128, 192, 256)  # integer RDP orders (Zhu & Wang's bound needs integers)
-
-# A history entry of a Skellam round, as the ledger and the audit keep it:
-# (SKELLAM, variance μ of the aggregate, sample rate q, steps, Δ1, Δ2, K_min)
-SkellamStep = tuple[str, float, float, int, float, float, int]
 
 
 def sensitivities(clip_norm: float, gamma: float, dim: int) -> tuple[float, float]:
@@ -65,29 +61,24 @@ def subsampled_rdp(alpha: int, q: float, mu: float, d1: float, d2: float) -> flo
     return min(plain, float(logsumexp(terms, b=weights)) / (alpha - 1))
 
 
-def is_skellam(step: tuple | list) -> bool:
-    return len(step) > 0 and step[0] == SKELLAM
-
-
 @functools.lru_cache(maxsize=1024)
-def _entry_rdp(step: tuple, individual: bool) -> tuple[float, ...]:
+def _entry_rdp(step: SelfComposedDpEvent, individual: bool) -> tuple[float, ...]:
     """One history entry's RDP at every order: a Skellam round's (ours) or a Gaussian one's (Opacus)."""
-    if is_skellam(step):
-        _, mu, q, steps, d1, d2, k_min = step
-        variance = mu / k_min if individual else mu  # one site's message carries only its share
-        return tuple(steps * subsampled_rdp(a, q, variance, d1, d2) for a in ORDERS)
-    sigma, q, steps = step
-    return tuple(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=list(ORDERS)))
+    q, steps, m = step.sample_rate, step.count, step.mechanism
+    if isinstance(m, SkellamDpEvent):
+        variance = m.variance / m.min_survivors if individual else m.variance  # one site's message: its share
+        return tuple(steps * subsampled_rdp(a, q, variance, m.l1_sensitivity, m.l2_sensitivity) for a in ORDERS)
+    return tuple(compute_rdp(q=q, noise_multiplier=m.noise_multiplier, steps=steps, orders=list(ORDERS)))
 
 
-def epsilon(history: tuple[tuple, ...], delta: float, individual: bool = False) -> float:
+def epsilon(history: tuple[SelfComposedDpEvent, ...], delta: float, individual: bool = False) -> float:
     """(ε at δ) of a history that holds Skellam rounds (and maybe Gaussian steps), composed in RDP.
 
     `individual`: against one site's own message (variance μ/K_min) instead of the aggregate (μ).
     """
     total = np.zeros(len(ORDERS))
     for step in history:
-        total += np.array(_entry_rdp(tuple(step), individual))
+        total += np.array(_entry_rdp(step, individual))
     with warnings.catch_warnings():  # "optimal order is the smallest/largest alpha": ε over-, never under-stated
         warnings.filterwarnings("ignore", message="Optimal order is the")
         eps, _ = get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
@@ -102,7 +93,7 @@ def calibrate_variance(
     target_delta: float,
     d1: float,
     d2: float,
-    prefix: tuple[tuple, ...] = (),
+    prefix: tuple[SelfComposedDpEvent, ...] = (),
 ) -> float:
     """The smallest variance μ (to 1% in √μ) whose `steps` subsampled Skellam rounds meet (ε, δ) for the aggregate.
 
@@ -111,7 +102,9 @@ def calibrate_variance(
     """
 
     def eps(std: float) -> float:
-        return epsilon((*prefix, (SKELLAM, std * std, sample_rate, steps, d1, d2, 1)), target_delta)
+        return epsilon(
+            (*prefix, skellam_steps(std * std, sample_rate, steps, l1=d1, l2=d2, min_survivors=1)), target_delta
+        )
 
     if prefix and eps(1e9 * d2) > target_epsilon:
         raise ValueError(

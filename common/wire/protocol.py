@@ -187,21 +187,6 @@ class DPRecord:
         *SKELLAM_FIELDS,
     )
 
-    @property
-    def history_step(self) -> tuple:
-        """As an accountant history entry: Opacus' (σ, q, steps), or the Skellam round (common/privacy/skellam.py)."""
-        if self.mechanism == "skellam":
-            return (
-                "skellam",
-                self.noise_variance,
-                self.sample_rate,
-                self.steps,
-                self.l1_sensitivity,
-                self.l2_sensitivity,
-                self.min_survivors,
-            )
-        return (self.noise_multiplier, self.sample_rate, self.steps)
-
     def as_dict(self) -> dict[str, Any]:
         """All fields; a Gaussian record leaves out the mechanism and the Skellam fields (as before they existed)."""
         out = asdict(self)

@@ -73,7 +73,9 @@ def check_mode(updates: Iterable[Update], ev: Evidence, found: Findings) -> str:
         for entry in ev.server:
             if entry.event == Event.ROUND_AGGREGATED and not isinstance(entry.record.get("secure_aggregation"), dict):
                 found.fail_at("secure-aggregation", entry, "round-aggregated lacks its secure_aggregation settings")
-    fedsgd = ev.cfg.train.protocol == "fedsgd"
+    from fedtransfer.common.privacy.mechanisms import mechanism_for
+
+    fedsgd = mechanism_for(ev.cfg).sends_gradient_sums
     if secure:
         combined = "the sum of the sites' noisy gradient sums" if fedsgd else "the weighted mean of the sites' heads"
         return f"secure aggregation (SecAgg+): the server received masked vectors and reconstructed only {combined}"

@@ -37,8 +37,11 @@ from fedtransfer.common.encoders.interface import Encoder
 from fedtransfer.common.encoders.registry import load_encoder
 from fedtransfer.common.errors import InputError
 from fedtransfer.common.model.head import make_head
-from fedtransfer.common.privacy.calibration import DPPlan, epsilon_of, plan_dp
+from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+from fedtransfer.common.privacy.events import History
+from fedtransfer.common.privacy.mechanisms import mechanism_for
+from fedtransfer.common.privacy.plans import GaussianPlan
 from fedtransfer.common.progress import Progress
 from fedtransfer.server.audit.empirical_fedsgd import canary_units, fedsgd_plan, train_fedsgd
 from fedtransfer.server.audit.empirical_stats import audit_from_scores
@@ -121,7 +124,7 @@ def audit_training(
     x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
     p = cfg.privacy
-    if cfg.train.protocol == "fedsgd":  # the site's gradient sums and the server's step (empirical_fedsgd)
+    if mechanism_for(cfg).sends_gradient_sums:  # the site's gradient sums and the server's step (empirical_fedsgd)
         units = canary_units(len(labels), len(y), cfg, users)
         plan = fedsgd_plan(cfg, units) if private else None
         head, history, steps = train_fedsgd(x, y, units, num_classes, cfg, plan, settings.seed, on_round)
@@ -158,20 +161,20 @@ def audit_training(
     )
 
 
-def _plan(num_samples: int, cfg: RunConfig) -> DPPlan:
+def _plan(num_samples: int, cfg: RunConfig) -> GaussianPlan:
     """The DP plan the site would make for this many samples, over every round of the run."""
     t, p = cfg.train, cfg.privacy
     with warnings.catch_warnings():  # "optimal order is the largest alpha": conservative, as in epsilon_of
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return plan_dp(
-            num_samples,
-            t.batch_size,
-            t.local_epochs,
-            t.rounds,
-            p.target_epsilon,
-            p.target_delta,
-            p.max_grad_norm,
-            p.accountant,
+            num_samples=num_samples,
+            batch_size=t.batch_size,
+            local_epochs=t.local_epochs,
+            rounds=t.rounds,
+            target_epsilon=p.target_epsilon,
+            target_delta=p.target_delta,
+            max_grad_norm=p.max_grad_norm,
+            accountant=p.accountant,
         )
 
 
@@ -180,17 +183,17 @@ def _train_like_the_site(
     y: torch.Tensor,
     num_classes: int,
     cfg: RunConfig,
-    plan: DPPlan | None,
+    plan: GaussianPlan | None,
     seed: int,
     on_round: Callable[[], None] | None,
-) -> tuple[nn.Module, list[tuple[float, float, int]], int]:
+) -> tuple[nn.Module, History, int]:
     """A fresh head trained with the site's own procedure for every round: the head, accountant history, steps."""
     t = cfg.train
     mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
     opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, mu)
     torch.manual_seed(seed)
     head = make_head(x.shape[1], num_classes, cfg.head.hidden)
-    history: list[tuple[float, float, int]] = []
+    history: History = []
     steps = 0
     with _single_thread():
         for rnd in range(t.rounds):  # the site alone, every round of the run: the strongest position for the attack

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.head import make_head
-from fedtransfer.common.privacy.calibration import DPPlan, plan_fedsgd
+from fedtransfer.common.privacy.calibration import plan_fedsgd
+from fedtransfer.common.privacy.events import History
 from fedtransfer.common.privacy.fedsgd import (
     STATS_COUNTS,
     STATS_SUMS,
@@ -31,10 +32,9 @@ from fedtransfer.common.privacy.fedsgd import (
     synthetic_users,
     user_seed,
 )
+from fedtransfer.common.privacy.plans import GaussianPlan
 from fedtransfer.server.federation.strategy import server_step
 from torch import nn
-
-History = list[tuple[float, float, int]]
 
 
 def canary_units(num_real: int, num_total: int, cfg: RunConfig, users: np.ndarray | None = None) -> Units:
@@ -51,20 +51,20 @@ def canary_units(num_real: int, num_total: int, cfg: RunConfig, users: np.ndarra
     return Units.of_users(torch.cat([real, canaries]))
 
 
-def fedsgd_plan(cfg: RunConfig, units: Units) -> DPPlan:
+def fedsgd_plan(cfg: RunConfig, units: Units) -> GaussianPlan:
     """The plan the site makes for this many units, the statistics release included when configured."""
     t, p = cfg.train, cfg.privacy
     share = p.feature_stats_share if p.feature_stats else None
     return plan_fedsgd(
-        units.count,
-        t.sample_rate,
-        t.rounds,
-        p.target_epsilon,
-        p.target_delta,
-        p.max_grad_norm,
-        p.accountant,
-        share,
-        p.unit,
+        num_units=units.count,
+        sample_rate=t.sample_rate,
+        rounds=t.rounds,
+        target_epsilon=p.target_epsilon,
+        target_delta=p.target_delta,
+        max_grad_norm=p.max_grad_norm,
+        accountant=p.accountant,
+        stats_share=share,
+        unit=p.unit,
     )
 
 
@@ -74,7 +74,7 @@ def train_fedsgd(
     units: Units,
     num_classes: int,
     cfg: RunConfig,
-    plan: DPPlan | None,
+    plan: GaussianPlan | None,
     seed: int,
     on_round: Callable[[], None] | None = None,
 ) -> tuple[nn.Module, History, int]:
@@ -87,7 +87,7 @@ def train_fedsgd(
     if cfg.privacy.feature_stats:
         stats = release_statistics(x, y, num_classes, units, plan.stats_noise_multiplier if plan else None, generator)
         start_from_statistics(head, stats[STATS_SUMS], stats[STATS_COUNTS])
-        history += [plan.stats_step] if plan else []
+        history += [plan.stats_event] if plan else []
     frozen = frozenset(k for k, _ in head.named_buffers())
     velocity: dict[str, np.ndarray] = {}
     for _ in range(t.rounds):
@@ -103,7 +103,7 @@ def train_fedsgd(
             weights, grads, velocity, t.sample_rate * units.count, t.learning_rate, t.server_momentum, frozen
         )
         head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()})
-        history += [plan.round_step] if plan else []
+        history += [plan.round_event] if plan else []
         if on_round is not None:
             on_round()
     return head, history, t.rounds

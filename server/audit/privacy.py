@@ -155,15 +155,17 @@ def _recompute(site: SiteAudit, trainings: list[Training], path: Path, found: Fi
     from fedtransfer.common.privacy.calibration import (
         epsilon_of,  # composes (and merges) the history as the site's accountant does
     )
+    from fedtransfer.common.privacy.events import History
+    from fedtransfer.common.privacy.mechanisms import event_of
 
     if trainings and (site.delta is None or site.accountant is None):
         found.fail("privacy", path, None, f"{site.name}: trained, but no δ and accountant to recompute ε with")
         return
-    history: list[tuple[float, float, int]] = []
+    history: History = []
     last_claimed: float | None = None
     try:
         for rnd, dp, claimed in trainings:
-            history.append(dp.history_step)
+            history.append(event_of(dp))
             eps = epsilon_of(history, float(site.delta or 0.0), str(site.accountant))
             site.rounds.append(RoundDP(rnd, dp.noise_multiplier, dp.sample_rate, dp.steps, dp.clip_norm, claimed, eps))
             if claimed is not None:
@@ -201,6 +203,7 @@ def _site_declines(entries: list[Entry], known: list[dict[str, Any]]) -> list[di
 
 def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, found: Findings) -> None:
     """The site's own limits against what it did in this run and, its ledger at hand, in the runs before it."""
+    from fedtransfer.common.privacy.mechanisms import mechanism_for
     from fedtransfer.common.privacy.policy import DPSettings, PolicyUse, personal_uses, policy_violations
 
     site.policy = asdict(config.policy)
@@ -215,7 +218,7 @@ def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, 
         epsilon_earlier=earlier,
         epsilon_scope=scope,
         trainings=tuple(DPSettings(f"round {r.round}", r.noise_multiplier, r.clip_norm) for r in site.rounds),
-        distributed_trust=took_part and ev.cfg is not None and ev.cfg.privacy.trust == "distributed",
+        distributed_trust=took_part and ev.cfg is not None and mechanism_for(ev.cfg).distributed,
         personal=personal_uses(e.record for e in ev.sites.get(site.name, []) if e.event == Event.PERSONAL_TRAINED),
     )
     violations = policy_violations(config.policy, use)

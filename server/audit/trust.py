@@ -22,7 +22,9 @@ CHECK = "trust"
 
 def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findings) -> None:
     """Each training the site logged added its noise share under the run's minimum-survivor plan."""
-    if ev.cfg is None or ev.cfg.privacy.trust != "distributed":
+    from fedtransfer.common.privacy.mechanisms import event_of, mechanism_for
+
+    if ev.cfg is None or not mechanism_for(ev.cfg).distributed:
         return
     expected = ev.cfg.secagg.fewest_survivors(ev.cfg.train.min_sites)
     trainings = [u for u in sent if u.site == site.name and u.entry.event == Event.UPDATE_TRAINED]
@@ -42,7 +44,7 @@ def audit_trust(site: SiteAudit, ev: Evidence, sent: list[Update], found: Findin
         if reason is not None:
             found.fail_at(CHECK, u.entry, f"{site.name} round {u.round}: {reason}")
             continue
-        history.append(DPRecord.from_mapping(u.dp).history_step)
+        history.append(event_of(DPRecord.from_mapping(u.dp)))
     _individual_epsilon(site, history, ev, found)
 
 
@@ -103,8 +105,10 @@ def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings
     """
     if ev.cfg is None:
         return
+    from fedtransfer.common.privacy.mechanisms import mechanism_for
+
     trust = ev.cfg.privacy.trust
-    distributed = trust == "distributed"
+    distributed = mechanism_for(ev.cfg).distributed
     survivors = ev.cfg.secagg.fewest_survivors(ev.cfg.train.min_sites) if distributed else None
     starts = [e for e in ev.server if e.event in (Event.RUN_STARTED, Event.RUN_RESUMED)]
     for entry in starts:
@@ -128,7 +132,7 @@ def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings
             )
 
 
-def _individual_epsilon(site: SiteAudit, history: list[tuple], ev: Evidence, found: Findings) -> None:
+def _individual_epsilon(site: SiteAudit, history: list[Any], ev: Evidence, found: Findings) -> None:
     """ε against one site's own message (its share alone), recomputed, against the site's claim in privacy.json."""
     from fedtransfer.common.privacy.calibration import epsilon_of
 

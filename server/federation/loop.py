@@ -114,7 +114,7 @@ def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
         ).cpu()
     spec = head_spec(head)
     frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
-    strategy = ScreenedStrategy(make_strategy(cfg.train, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
+    strategy = ScreenedStrategy(make_strategy(cfg, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
     release = None
     if cfg.privacy.feature_stats:
         stats_spec = {

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
 from fedtransfer.common.storage.finite_json import finite
@@ -55,8 +56,9 @@ class RunRecorder:
         if not resumed:
             for stale in ("metrics.jsonl", "model.pt"):  # another run's; this folder is ours now (locked)
                 (self.run_dir / stale).unlink(missing_ok=True)
-        trust: dict[str, Any] = {"trust": self.cfg.privacy.trust}
-        if self.cfg.privacy.trust == "distributed":  # each site adds μ/K_min: the plan for the fewest survivors
+        mechanism = mechanism_for(self.cfg)
+        trust: dict[str, Any] = {"trust": mechanism.trust}
+        if mechanism.distributed:  # each site adds μ/K_min: the plan for the fewest survivors
             trust["min_survivors"] = self.cfg.secagg.fewest_survivors(self.cfg.train.min_sites)
         self.audit.append(
             Event.RUN_RESUMED if resumed else Event.RUN_STARTED,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.mechanisms import event_of
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.finite_json import finite
 from fedtransfer.common.wire.protocol import DPRecord
@@ -49,7 +50,7 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
         trained = [r for r in rec["rounds"] if r["status"] == "trained"]
         accountant, delta = rec.get("accountant", "none"), rec.get("delta")
         history = [
-            DPRecord.from_mapping(r | {"delta": delta, "accountant": accountant}).history_step
+            event_of(DPRecord.from_mapping(r | {"delta": delta, "accountant": accountant}))
             for r in trained
             if "noise_multiplier" in r
         ]
@@ -73,7 +74,7 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _individual(trained: list[dict[str, Any]], history: list[tuple], delta: Any, accountant: str) -> dict[str, Any]:
+def _individual(trained: list[dict[str, Any]], history: list[Any], delta: Any, accountant: str) -> dict[str, Any]:
     """Distributed trust's second ε, against one site's own message: claimed and recomputed; {} under local trust."""
     if not trained or "epsilon_individual" not in trained[-1]:
         return {}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from fedtransfer.common.config.run import RunConfig, SecAggConfig
-from fedtransfer.common.privacy.fedsgd import secure_sum_quanta
+from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
@@ -146,10 +146,11 @@ def secure_train_round(
     examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
     extra: dict[str, float] = {}
     aggregate = sec.aggregate
-    quanta = secure_sum_quanta(cfg, aggregate.keys(), release)
+    mechanism = mechanism_for(cfg)
+    quanta = mechanism.secure_sum_quanta(aggregate.keys(), release=release)
     if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
         aggregate = secure_sum(sec, aggregate, quanta, cfg.secagg)
-    if not release and cfg.train.protocol == "fedsgd":  # FedSGD divides the sum by Σ q·n
+    if not release and mechanism.sends_gradient_sums:  # FedSGD divides the sum by Σ q·n
         extra[Metric.EXPECTED_BATCH] = sum(
             float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH]) for r in sec.trained.values()
         )

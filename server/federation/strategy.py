@@ -15,7 +15,8 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from fedtransfer.common.config.run import TrainConfig
+from fedtransfer.common.config.run import RunConfig, TrainConfig
+from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.wire.exchange import Spec, check_arrays
 from fedtransfer.common.wire.protocol import Metric
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -26,8 +27,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 SITES_IN_REPLY = "num-sites"  # metric of a reply that stands for several sites (the SecAgg+ mean)
 
 
-def make_strategy(t: TrainConfig, frozen: frozenset[str] = frozenset()) -> Strategy:
-    """Flower's strategy for `train.strategy`, or FedSGD under `train.protocol: fedsgd` (`frozen`: head buffers)."""
+def make_strategy(cfg: RunConfig, frozen: frozenset[str] = frozenset()) -> Strategy:
+    """FedSGD when the run's mechanism sends gradient sums, else Flower's strategy for `train.strategy`
+    (`frozen`: the head's buffers, which FedSGD leaves as they are)."""
+    t = cfg.train
     sampling = {
         "fraction_train": t.fraction_train,
         "fraction_evaluate": t.fraction_evaluate,
@@ -35,7 +38,7 @@ def make_strategy(t: TrainConfig, frozen: frozenset[str] = frozenset()) -> Strat
         "min_evaluate_nodes": t.min_sites if t.fraction_evaluate > 0 else 0,
         "min_available_nodes": t.min_sites,
     }
-    if t.protocol == "fedsgd":
+    if mechanism_for(cfg).sends_gradient_sums:
         return FedSGD(t.learning_rate, t.server_momentum, frozen, **sampling)
     if t.strategy == "fedprox":
         return FedProx(proximal_mu=t.proximal_mu, **sampling)
