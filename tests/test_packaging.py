@@ -155,7 +155,7 @@ def test_installed_wheel_works_outside_the_checkout(installed: Path, tmp_path: P
     assert all(Path(m).resolve().is_relative_to(site) for m in report["modules"]), report["modules"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # by hand: the Flower processes start inside the installed `fedtransfer`, where conftest cannot look
 def test_installed_wheel_simulates_a_tiny_run(installed: Path, tmp_path: Path) -> None:
     """`fedtransfer simulate` from the wheel alone: Flower's app loading finds the installed package."""
     run_dir = tmp_path / "run"
