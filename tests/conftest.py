@@ -58,6 +58,15 @@ def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
             yield from _code_objects(const)
 
 
+def _strings(consts: tuple[Any, ...]) -> Iterator[str]:
+    """The string constants of code, also those inside the tuples a literal list of constants is folded into."""
+    for const in consts:
+        if isinstance(const, str):
+            yield const
+        elif isinstance(const, tuple | frozenset):
+            yield from _strings(tuple(const))
+
+
 def _callables_of(obj: Any) -> list[Any]:
     """The functions to read for `obj`: itself, or a class's methods; wrapped ones (contextmanager) unwrapped."""
     if inspect.isclass(obj):
@@ -102,7 +111,7 @@ def _reaches_a_starter(func: Any, seen: set[int]) -> bool:
         return False
     seen.add(id(func))
     for code in _code_objects(func.__code__):
-        consts = {c for c in code.co_consts if isinstance(c, str)}
+        consts = set(_strings(code.co_consts))
         if any(_benchmark_starts_processes(name, seen) for name in consts if name.startswith("benchmarks.")):
             return True
         for target in _named(getattr(func, "__globals__", {}), set(code.co_names)):
