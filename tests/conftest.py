@@ -5,7 +5,8 @@ most of half an hour because about forty tests start real SuperLinks, SuperNodes
 Ray clusters or deployments. A hand-written marker is forgotten on the next such test, and the fast
 lane silently grows; so at collection every test's code is read: the test function, its fixtures,
 and (transitively) the helpers of tests/ and benchmarks/ they name. A test that reaches one of
-STARTERS (or `fedtransfer.cli.main.main` with a process-starting command) is marked slow.
+STARTERS (or `fedtransfer.cli.main.main` with a process-starting command), or that runs a benchmark
+as a process (`python -m benchmarks.<name>`, minutes even at smoke size), is marked slow.
 
 The check is of names in code, so it over-marks rather than misses; the runtime guard below
 catches what it cannot see: in a run that leaves slow tests out, a test that still starts a
@@ -14,7 +15,6 @@ Flower or Ray executable fails at once, naming what it started and this file.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import inspect
 import os
@@ -95,14 +95,13 @@ def _named(namespace: dict[str, Any], names: set[str]) -> Iterator[Any]:
             yield obj
 
 
-def _benchmark_starts_processes(name: str, seen: set[int]) -> bool:
-    """A benchmark a test runs as `python -m benchmarks.<name>`: whether its own functions reach a starter."""
+def _is_benchmark(name: str) -> bool:
+    """A benchmark a test runs whole, `python -m benchmarks.<name>`: its own process, minutes even at smoke size."""
     try:
-        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
+        spec = importlib.util.find_spec(name)
     except ImportError:
         return False
-    functions = [f for f in vars(module).values() if inspect.isfunction(f) and f.__module__ == name] if module else []
-    return any(_reaches_a_starter(f, seen) for f in functions)
+    return spec is not None and str(spec.origin).endswith(".py")  # a module, not a folder such as benchmarks.results
 
 
 def _reaches_a_starter(func: Any, seen: set[int]) -> bool:
@@ -112,7 +111,7 @@ def _reaches_a_starter(func: Any, seen: set[int]) -> bool:
     seen.add(id(func))
     for code in _code_objects(func.__code__):
         consts = set(_strings(code.co_consts))
-        if any(_benchmark_starts_processes(name, seen) for name in consts if name.startswith("benchmarks.")):
+        if any(_is_benchmark(name) for name in consts if name.startswith("benchmarks.")):
             return True
         for target in _named(getattr(func, "__globals__", {}), set(code.co_names)):
             if _is_starter(target) or (target is cli_main.main and _starting_command(consts)):

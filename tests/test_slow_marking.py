@@ -59,6 +59,10 @@ def _test_in_process_benchmark() -> None:
     assert run
 
 
+def _test_a_string_that_names_no_benchmark() -> None:
+    assert "benchmarks.results".startswith("benchmarks.")
+
+
 def _marked(func: object) -> bool:
     return conftest._reaches_a_starter(func, set())
 
@@ -69,12 +73,13 @@ def test_what_starts_flower_is_found_through_helpers_imports_and_commands() -> N
 
 
 def test_what_starts_nothing_stays_in_the_fast_lane() -> None:
-    for func in (_test_dry_run, _test_audit_command, _test_harness_file_helper, _test_in_process_benchmark):
+    for func in (_test_dry_run, _test_audit_command, _test_harness_file_helper, _test_a_string_that_names_no_benchmark):
         assert not _marked(func), func.__name__
 
 
-def test_a_benchmark_run_as_a_module_is_read_for_what_it_starts() -> None:
-    assert _marked(_test_flower_benchmark)
+def test_a_benchmark_run_whole_as_a_process_is_slow() -> None:
+    """Flower inside (scale) or minutes of training (accuracy): either way its own process, not the fast lane."""
+    assert _marked(_test_flower_benchmark) and _marked(_test_in_process_benchmark)
 
 
 def test_the_guard_knows_this_environments_flower_from_a_stand_in(tmp_path: Path) -> None:
