@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from fedtransfer.cli.main import main
 from fedtransfer.server.launch import simulation
 
@@ -63,23 +64,34 @@ def _test_a_string_that_names_no_benchmark() -> None:
     assert "benchmarks.results".startswith("benchmarks.")
 
 
+# named through tuples, which the marking does not follow: these tests themselves stay in the fast lane
+STARTING = (_test_through_a_helper, _test_in_a_deployment, _test_simulate_command, _test_deploy_site_command)
+NOT_STARTING = (_test_dry_run, _test_audit_command, _test_harness_file_helper, _test_a_string_that_names_no_benchmark)
+BENCHMARK_RUNS = (_test_flower_benchmark, _test_in_process_benchmark)
+
+
 def _marked(func: object) -> bool:
     return conftest._reaches_a_starter(func, set())
 
 
 def test_what_starts_flower_is_found_through_helpers_imports_and_commands() -> None:
-    for func in (_test_through_a_helper, _test_in_a_deployment, _test_simulate_command, _test_deploy_site_command):
+    for func in STARTING:
         assert _marked(func), func.__name__
 
 
 def test_what_starts_nothing_stays_in_the_fast_lane() -> None:
-    for func in (_test_dry_run, _test_audit_command, _test_harness_file_helper, _test_a_string_that_names_no_benchmark):
+    for func in NOT_STARTING:
         assert not _marked(func), func.__name__
 
 
 def test_a_benchmark_run_whole_as_a_process_is_slow() -> None:
     """Flower inside (scale) or minutes of training (accuracy): either way its own process, not the fast lane."""
-    assert _marked(_test_flower_benchmark) and _marked(_test_in_process_benchmark)
+    for func in BENCHMARK_RUNS:
+        assert _marked(func), func.__name__
+
+
+def test_these_tests_stay_in_the_fast_lane(request: pytest.FixtureRequest) -> None:
+    assert not conftest.starts_processes(request.node)
 
 
 def test_the_guard_knows_this_environments_flower_from_a_stand_in(tmp_path: Path) -> None:
