@@ -78,9 +78,21 @@ def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # checkout's editable install) are not read from a directory named in a .pth file, so they stay out
     (purelib / "shared-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n", encoding="utf-8")
     bin_dir = venv / "bin"
+    _flower_scripts(Path(sys.executable).parent, bin_dir)
     done = _run([str(bin_dir / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)], venv)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return bin_dir
+
+
+def _flower_scripts(shared: Path, bin_dir: Path) -> None:
+    """Flower's and Ray's commands, run by the fresh environment's interpreter, as pip would have installed them:
+    `simulate` starts flower-superlink, which starts the ServerApp, from the environment's bin folder."""
+    for script in shared.iterdir():
+        text = script.read_bytes()
+        if script.name.startswith(("flwr", "flower-", "ray")) and text.startswith(b"#!"):
+            body = text.split(b"\n", 1)[1]
+            (bin_dir / script.name).write_bytes(b"#!" + str(bin_dir / "python").encode() + b"\n" + body)
+            (bin_dir / script.name).chmod(0o755)
 
 
 def _outside_env() -> dict[str, str]:
