@@ -1,4 +1,5 @@
-# make demo: run the default federation. make test: the test suite. Both create .venv when missing.
+# make demo: run the default federation. make test: the test suite; make check: its fast lane (no Flower, Ray or
+# deployment processes). They create .venv when missing.
 # make bench: every benchmark at its short size, results into benchmarks/results/ (the committed
 # figures) unless FEDTRANSFER_BENCH_RESULTS names another folder.
 VENV   := .venv
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.fedtransfer-installed
 # a new .venv takes about 7 GB (torch's CUDA build is most of it): refuse at once, not half-way through pip
 VENV_MIN_GB := 8
 
-.PHONY: demo test lint bench clean browser docs
+.PHONY: demo test check lint bench clean browser docs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { mkdir -p $(dir $(VENV)); free=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -24,11 +25,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fedtransfer simulate --config configs/demo.yaml
 
+# The whole suite, serial: the slow tests start Ray and Flower processes that would compete for the CPUs and for
+# Ray's shared temp folder if run side by side. tests.lint_imports: the import contracts in pyproject.toml.
 # PYTHONFAULTHANDLER: a crash after the tests (one fresh-clone run segfaulted in interpreter shutdown, every test
 # passed) prints every thread's Python stack, so the next one names its culprit. --durations: the slowest tests,
 # where the suite's time goes (most of it is end-to-end runs on real Flower processes)
 test: $(STAMP) browser docs
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m tests.lint_imports
 	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=15
 
 # the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link, a page left out of the
@@ -36,6 +41,13 @@ test: $(STAMP) browser docs
 # from this checkout's code, as are the tests'
 docs: $(STAMP)
 	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# The fast lane (minutes): every test that starts no Flower, Ray or deployment process, on two workers. Tests
+# that start one are marked slow by tests/conftest.py from what they use, not by hand
+check: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m tests.lint_imports
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -p no:cacheprovider -m "not slow" -n 2 --durations=10
 
 # tests/test_report_browser.py opens the audit report in headless Chromium (Debian's package);
 # installed only when missing, so a machine that has it does nothing here
@@ -66,6 +78,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m tests.lint_imports
 
 clean:
 	rm -rf runs site

@@ -5,14 +5,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from fedtransfer.server.launch.simulation import APP_DIR
-
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run .` ships: the repository root
+# what the FAB needs: the package's __init__ (it puts the copied folders first on its __path__) and the apps' code
+PACKAGE_FOLDERS = ("fedtransfer", "server", "client", "common")
 SERVERAPP, CLIENTAPP = "fedtransfer.server.federation.server_app:app", "fedtransfer.client.client_app:app"
 
 
 def app_variant(dest: Path, module: Path, *, serverapp: str | None = None, clientapp: str | None = None) -> Path:
     """Copy the app to `dest` with `module` beside it and the named components replaced."""
-    for package in ("server", "client", "common"):
+    for package in PACKAGE_FOLDERS:
         shutil.copytree(APP_DIR / package, dest / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(module, dest / module.name)
     shutil.copy(APP_DIR / "README.md", dest / "README.md")

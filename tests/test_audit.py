@@ -92,7 +92,6 @@ def _first(records: list[dict[str, Any]], event: str) -> dict[str, Any]:
     return next(r for r in records if r["event"] == event and r["site"] == "site-0")
 
 
-@pytest.mark.slow
 def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: Path, capsys) -> None:
     code = main(["audit", str(honest_run), "--report-dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -136,7 +135,6 @@ def _swap(lines: list[str], index: int) -> None:
     lines[index], lines[index + 1] = lines[index + 1], lines[index]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("log", [SITE_LOG, SERVER_LOG])
 @pytest.mark.parametrize("tamper", [_edit, _delete, _swap], ids=["edit", "delete", "reorder"])
 def test_tampered_line_fails_naming_file_and_line(run: Path, capsys, log: str, tamper) -> None:
@@ -154,7 +152,6 @@ def test_tampered_line_fails_naming_file_and_line(run: Path, capsys, log: str, t
     assert report["verdict"] == "failed"
 
 
-@pytest.mark.slow
 def test_missing_newest_record_is_caught_by_cross_logging(run: Path, capsys) -> None:
     """Dropping a site log's newest lines leaves a valid chain; the server's log still names the update."""
     path = run / "sites/site-1/audit.jsonl"
@@ -168,7 +165,6 @@ def test_missing_newest_record_is_caught_by_cross_logging(run: Path, capsys) -> 
     )
 
 
-@pytest.mark.slow
 def test_forged_update_hash_is_detected(run: Path, capsys) -> None:
     """The site log is rewritten with a valid chain but another update hash: only matching can tell."""
     site_log = run / SITE_LOG
@@ -181,7 +177,6 @@ def test_forged_update_hash_is_detected(run: Path, capsys) -> None:
     assert f"but site-0 logged sending ffffffffffffffff… ({site_log}:{_line_of(site_log, 'update-sent')})" in out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("log", "event"), [(SITE_LOG, "update-sent"), (SERVER_LOG, "update-received")])
 def test_tensor_outside_the_head_is_detected(run: Path, capsys, log: str, event: str) -> None:
     extra = {"name": "backbone.features.0.0.weight", "dtype": "<f4", "shape": [32, 3, 3, 3]}
@@ -193,7 +188,6 @@ def test_tensor_outside_the_head_is_detected(run: Path, capsys, log: str, event:
     assert "['backbone.features.0.0.weight'] that are not part of the head" in out
 
 
-@pytest.mark.slow
 def test_understated_epsilon_and_swapped_model_are_detected(run: Path, capsys) -> None:
     privacy = json.loads((run / "privacy.json").read_text())
     privacy["sites"]["site-0"]["epsilon"] = 1.0
@@ -214,7 +208,6 @@ def _site_config(tmp_path: Path, **policy: Any) -> Path:
     return path
 
 
-@pytest.mark.slow
 def test_site_policy_respected_and_violated(honest_run: Path, tmp_path: Path, capsys) -> None:
     permissive = _site_config(tmp_path, max_delta=1e-3, max_epsilon=3.0)
     code, out, report = _audit_config(honest_run, tmp_path, permissive, capsys)
@@ -233,7 +226,6 @@ def _audit_config(run_dir: Path, out_dir: Path, config: Path, capsys) -> tuple[i
     return code, capsys.readouterr().out, json.loads((out_dir / "audit-report.json").read_text())
 
 
-@pytest.mark.slow
 def test_empirical_bound_of_the_honest_run_is_below_the_claim(honest_run: Path, tmp_path: Path, capsys) -> None:
     code = main(["audit", str(honest_run), "--empirical", "--canaries", "400", "--report-dir", str(tmp_path)])
     out = capsys.readouterr().out
@@ -248,7 +240,6 @@ def test_empirical_bound_of_the_honest_run_is_below_the_claim(honest_run: Path, 
     assert (tmp_path / "audit-report.html").read_text().count("data:image/png;base64,") == 4  # ε, bars, 2 × scores
 
 
-@pytest.mark.slow
 def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tmp_path: Path, capsys, monkeypatch):
     """A broken site: it accounts for DP-SGD but trains without noise or clipping."""
     real = empirical_audit.train_head

@@ -10,12 +10,11 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
-
 from benchmarks.harness import RESULTS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "benchmarks" / "results"
+# Each smoke run below runs its benchmark as a process: tests/conftest.py marks those slow
 
 
 def _run(module: str, *args: str, timeout: int = 600) -> dict:
@@ -54,7 +53,6 @@ def test_round_time_smoke() -> None:
     assert all(r["fedtransfer_s"] > 0 and r["usual_s"] > 0 for r in rows)
 
 
-@pytest.mark.slow
 def test_accuracy_smoke() -> None:
     args = (
         "--question",
@@ -77,7 +75,6 @@ def test_accuracy_smoke() -> None:
     assert all(0 <= r["transfer"] <= 1 and 0 <= r["ceiling"] <= 1 for r in rows)
 
 
-@pytest.mark.slow
 def test_accuracy_target_smoke() -> None:
     args = ("--question", "target", "--accountants", "rdp", "--image-size", "32", "--limit", "300")
     rows = _run("benchmarks.accuracy", *args)["rows"]
@@ -86,7 +83,6 @@ def test_accuracy_target_smoke() -> None:
     assert {r["split"] for r in tested} == {"iid", "dirichlet"} and all("target_met" in r for r in tested)
 
 
-@pytest.mark.slow
 def test_accuracy_ablation_smoke() -> None:
     args = ("--question", "ablation", "--image-size", "32", "--limit", "300")
     rows = _run("benchmarks.accuracy", *args)["rows"]
@@ -94,7 +90,6 @@ def test_accuracy_ablation_smoke() -> None:
     assert all(0 <= r["accuracy"] <= 1 and r["epsilon"] <= 3.0 + 1e-6 for r in rows)
 
 
-@pytest.mark.slow
 def test_privacy_utility_smoke() -> None:
     """The 16-site split: fedsgd's grid tuned on validation, then fedavg and fedsgd once on the test set."""
     args = (
@@ -121,7 +116,6 @@ def test_privacy_utility_smoke() -> None:
     assert all(0 <= r["accuracy"] <= 1 and r["epsilon_spent"] <= 3.0 + 1e-6 for r in tested.values())
 
 
-@pytest.mark.slow
 def test_distributed_trust_smoke() -> None:
     """Distributed trust with the statistics release on the Dirichlet split: tuned, tested, both ε within reach."""
     args = (
@@ -145,14 +139,12 @@ def test_distributed_trust_smoke() -> None:
     assert tested["epsilon_aggregate"] <= 3.0 + 1e-6 < tested["epsilon_individual"]
 
 
-@pytest.mark.slow
 def test_scale_smoke() -> None:
     rows = _run("benchmarks.scale", "--sites", "3", "--rounds", "2")["rows"]
     assert rows[0]["sites"] == 3 and rows[0]["sites_trained_last_round"] == 3
     assert 0 <= rows[0]["overhead_share"] <= 1 and rows[0]["clientapp_share"] is not None
 
 
-@pytest.mark.slow
 def test_secure_aggregation_smoke_with_fewer_neighbours_than_sites() -> None:
     """The benchmark's plain and SecAgg+ rows; each site shares its keys with 3 of the 5 (every site is the
     default, which the simulation and deployment tests run)."""

@@ -19,8 +19,6 @@ from fedtransfer.server.launch.simulation import simulate
 
 from tests.ray_cluster import RAY_ENV, can_hide_folders, two_node_cluster
 
-pytestmark = pytest.mark.slow
-
 TINY = {
     "run_name": "cluster",
     "backbone": {"image_size": 32},

@@ -39,8 +39,6 @@ from fedtransfer.server.federation import checkpoint
 
 from tests.deploy_harness import BIN_DIR, LocalDeployment, local_deployment, write_npz_site
 
-pytestmark = pytest.mark.slow
-
 APP_DIR = Path(__file__).resolve().parent.parent
 SITES = ("hospital-a", "hospital-b", "bank-c")
 STRICT = "bank-c"

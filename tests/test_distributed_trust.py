@@ -223,7 +223,6 @@ def _drop_share(log: Path) -> None:
         rewritten.append(r["event"], **fields)
 
 
-@pytest.mark.slow
 def test_distributed_run_reports_two_epsilons_and_its_audit_checks_every_share(tmp_path: Path, capsys) -> None:
     import yaml
     from fedtransfer.cli.main import main

@@ -337,7 +337,6 @@ def test_canary_audit_on_fedsgd_passes_the_honest_site_and_catches_one_without_n
     assert broken.exceeds_claim, broken.eps_lower_bound
 
 
-@pytest.mark.slow
 def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tmp_path: Path, capsys) -> None:
     """A small fedsgd run with the statistics release, in simulation: ε per site counts round 0, the audit
     recomputes it from the sites' logs and passes, and the exported model carries the centring mean."""

@@ -12,8 +12,6 @@ from fedtransfer.cli.main import main
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.server.export.model_file import load_model
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

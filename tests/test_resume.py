@@ -27,8 +27,6 @@ from fedtransfer.server.launch.simulation import SimulationError, simulate
 
 from tests.deploy_harness import _descendants
 
-pytestmark = pytest.mark.slow
-
 SMALL = {
     "run_name": "resume",
     "seed": 7,

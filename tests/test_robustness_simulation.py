@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from fedtransfer.common.config.run import RunConfig, config_from_dict
 from fedtransfer.server.launch.simulation import simulate
 
 from tests.app_variants import app_variant
-
-pytestmark = pytest.mark.slow
 
 
 def _config(run: Path, cache: Path) -> RunConfig:

@@ -15,8 +15,6 @@ import yaml
 from fedtransfer.cli.main import main
 from fedtransfer.server.audit import audit_run
 
-pytestmark = pytest.mark.slow
-
 EVERY_SITE_DECLINES = {
     "run_name": "nobody-trained",
     "device": "cpu",

@@ -30,7 +30,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from tests.app_variants import app_variant
 
-pytestmark = pytest.mark.slow
 SITES = 4
 
 

@@ -19,8 +19,6 @@ from fedtransfer.server.export.model_file import load_model
 from fedtransfer.server.launch.launcher import APP_DIR, flower_bin, flower_env
 from fedtransfer.server.launch.simulation import simulation_superlink
 
-pytestmark = pytest.mark.slow
-
 SMALL = {
     "run_name": "e2e",
     "backbone": {"image_size": 32},

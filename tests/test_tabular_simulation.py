@@ -10,8 +10,6 @@ import yaml
 from fedtransfer.cli.main import main
 from fedtransfer.common.storage.audit_log import read_records
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 
 

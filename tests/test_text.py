@@ -374,7 +374,6 @@ def test_modalities_benchmark_smoke(tmp_path: Path) -> None:
 # --- end to end -------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_bbc_slice_end_to_end_on_the_simulation_engine(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`fedtransfer simulate` on 160 BBC articles, DP on: completes, records balanced accuracy and AUROC per
     round and at the end, the audit passes (only head tensors left a site), and model.pt classifies text."""

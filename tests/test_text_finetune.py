@@ -279,7 +279,6 @@ def test_benchmark_text_demo_smoke(tmp_path) -> None:
     assert all(0 <= r["accuracy"] <= 1 and r["train_s"] > 0 for r in rows)
 
 
-@pytest.mark.slow
 def test_lora_text_run_on_the_simulation_engine(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     """`fedtransfer simulate` on 120 BBC articles with LoRA on MiniLM's last layer under DP: every update sent is
     exactly the adapters and the head, the audit passes, and model.pt scores what the server's final top scored."""

@@ -233,7 +233,6 @@ def test_canary_audit_groups_the_real_records_by_their_people() -> None:
     assert units.count == 3 + 3  # three people, then each canary a person of its own
 
 
-@pytest.mark.slow
 def test_per_person_table_run_on_the_simulation_engine(tmp_path: Path, capsys) -> None:
     """unit: user end to end: privacy.json counts each site's people (not rows) in every round, round 0 included,
     and the audit recomputes every site's ε from its log and passes."""
