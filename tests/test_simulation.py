@@ -16,7 +16,8 @@ from fedtransfer.common.privacy.calibration import epsilon_of
 from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import read_records, verify_chain
 from fedtransfer.server.export.model_file import load_model
-from fedtransfer.server.launch.launcher import APP_DIR, flower_bin, flower_env
+from fedtransfer.server.launch.app_folder import CHECKOUT as APP_DIR
+from fedtransfer.server.launch.launcher import flower_bin, flower_env
 from fedtransfer.server.launch.simulation import simulation_superlink
 
 SMALL = {

@@ -29,8 +29,8 @@ from fedtransfer.common.config.run import RunConfig, to_nested
 from fedtransfer.common.storage import atomic, locking
 from fedtransfer.server.federation import run_folder
 from fedtransfer.server.federation.console import ANSI, ConsoleFilter
+from fedtransfer.server.launch.app_folder import app_folder
 
-APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships: the repository root
 BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink and flower-supernode of this environment
 # no update checks or telemetry calls to the internet; logs as they happen
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
@@ -93,7 +93,7 @@ def submit_run(
     connection: str,
     *,
     env: Mapping[str, str],
-    app_dir: Path = APP_DIR,
+    app_dir: Path | None = None,
     federation_config: str | None = None,
     stream: bool = True,
     verbose: bool = False,
@@ -102,6 +102,8 @@ def submit_run(
 ) -> RunOutcome:
     """`flwr run app_dir connection` with `cfg` as the run config; returns once the run ended.
 
+    `app_dir`: the Flower app to submit; None: this checkout, or the installed package's app (app_folder.py).
+
     `shown`: warnings this process already printed (the preflight's), whose copies from the run are left out.
 
     Raises LaunchError when `flwr run` fails or the run did not complete, naming the log to read
@@ -109,6 +111,7 @@ def submit_run(
     command that continues it from its last checkpoint, which a user would not guess.
     """
     cfg = absolute_paths(cfg)
+    app_dir = app_dir or app_folder(cfg.cache_path)
     run_dir = cfg.output_path
     if cfg.resume and (done := run_folder.completed(run_dir)) is not None:
         return RunOutcome(done, None)  # resuming a completed run does nothing, and writes nothing

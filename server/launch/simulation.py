@@ -20,7 +20,6 @@ from fedtransfer.common.config.run import RunConfig
 from fedtransfer.server.federation.console import recorded_warnings
 from fedtransfer.server.launch.cluster import check_cluster
 from fedtransfer.server.launch.launcher import (
-    APP_DIR,
     LaunchError,
     RunFailed,
     flower_bin,
@@ -121,7 +120,7 @@ def simulate(
     cfg: RunConfig,
     num_sites: int | None = None,
     stream: bool = True,
-    app_dir: Path = APP_DIR,
+    app_dir: Path | None = None,
     verbose: bool = False,
     ray_address: str | None = None,
 ) -> dict[str, Any]:
