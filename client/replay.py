@@ -26,7 +26,7 @@ from fedtransfer.common.wire.exchange import arrays_to_numpy
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 FORMAT = "fedtransfer-reply/1"
-_RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a run id names a file here: no path, no empty name
 
 
 def request_key(arrays: ArrayRecord, config: ConfigRecord) -> str:
@@ -44,7 +44,7 @@ class ReplyCache:
         self.folder = folder
 
     def _path(self, run_id: str) -> Path:
-        if not _RUN_ID.fullmatch(run_id):
+        if not RUN_ID.fullmatch(run_id):
             raise ValueError(f"run-id {run_id!r} is not 1-64 letters, digits, '-', '_' or '.'")
         return self.folder / f"{run_id}.pt"
 

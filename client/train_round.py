@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from fedtransfer.client.replay import ReplyCache, request_key
+from fedtransfer.client.replay import RUN_ID, ReplyCache, request_key
 from fedtransfer.client.secure import head_names, instructions, is_secure, secure_reply
 from fedtransfer.client.site import Declined, Site, enforce_policy
 from fedtransfer.client.site_log import record
@@ -41,6 +41,8 @@ def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRec
         if type(conf.get(key)) is not kind:
             got = type(conf.get(key)).__name__
             raise Declined(f"malformed message: config {str(key)!r} must be {kind.__name__}, got {got}")
+    if not RUN_ID.fullmatch(str(conf[Cfg.RUN_ID])):  # it names the site's reply-cache file
+        raise Declined(f"malformed message: config {str(Cfg.RUN_ID)!r} must be 1-64 letters, digits, '-', '_' or '.'")
     announced = str(conf[Cfg.FINGERPRINT])
     if announced != site.backbone.fingerprint:
         raise Declined(

@@ -20,7 +20,7 @@ from fedtransfer.common.wire.exchange import check_arrays, head_spec, head_to_ar
 from fedtransfer.common.wire.protocol import Refusal
 from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -130,6 +130,16 @@ def _server_message(content: RecordDict) -> Message:
     arrays=arrays_st,
     with_arrays=st.booleans(),
     true_fingerprint=st.booleans(),
+)
+# a run id that cannot name the site's reply-cache file: once a ValueError, now a refusal naming the key
+@example(
+    config={"server-round": 1, "run-id": "", "train-head": True}, arrays={}, with_arrays=False, true_fingerprint=True
+)
+@example(
+    config={"server-round": 1, "run-id": "../x", "train-head": True},
+    arrays={},
+    with_arrays=False,
+    true_fingerprint=True,
 )
 def test_client_answers_malformed_messages_with_a_named_error(
     site_context: tuple[Context, str], config: dict, arrays: dict, with_arrays: bool, true_fingerprint: bool
