@@ -128,3 +128,25 @@ def render_html(report: dict[str, Any]) -> str:
         "<table><tr><th>candidate</th><th>loss</th><th>accuracy</th><th>records</th></tr>"
         f"{val}</table><p>{e(report['sent'])}.</p></body></html>\n"
     )
+
+
+def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
+    """One line per site of a simulated run: its own-test accuracy alone, global and final, from its report.
+
+    Simulation only, where every site's folder is on this machine (`output_dir/sites/`); a deployed site's
+    report stays in its own folder. A site without a report of this run (it kept no final model) is left out.
+    """
+    lines = []
+    for folder in sorted(p for p in sites_dir.glob("*") if p.is_dir()):
+        report = read_report(folder)
+        if report is None or report.get("run_id") != run_id:
+            continue
+        s = report["scores"]
+        shown = ", ".join(
+            f"{name} {s[name]['accuracy']['value']:.3f}" for name in ("alone", "global", "final") if s.get(name)
+        )
+        lines.append(
+            f"{report['site']}: own test split ({report['test_records']} records) accuracy {shown} "
+            f"(final: {report['chosen']}; {folder / REPORT_HTML})"
+        )
+    return lines

@@ -95,35 +95,40 @@ def validation_split(labels: torch.Tensor, seed: int) -> tuple[np.ndarray, np.nd
 
 
 def fit_alone(x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float) -> nn.Module:
-    """A plain logistic regression on the site's unit-length features, as a head of the global model's shape.
+    """A plain multinomial logistic regression on the site's unit-length features, as a head of the global shape.
 
-    The head scales unit-length features by FEATURE_SCALE before its linear layer, so the weights are the
-    regression's divided by that scale; a class the site never saw gets a logit of ABSENT_LOGIT.
+    The objective is scikit-learn's (0.5 |W|^2 + C times the summed cross-entropy), minimised by full-batch
+    L-BFGS in torch: scikit-learn's solver took seconds per fit on a site's 1,280-dim features, and a site
+    fits one per candidate C. The head scales unit-length features by FEATURE_SCALE before its linear layer,
+    so its weights are the regression's divided by that scale; a class the site never saw gets ABSENT_LOGIT.
     """
-    from sklearn.linear_model import LogisticRegression
-
-    unit = nn.functional.normalize(x.float().cpu(), dim=1).numpy()
-    labels = y.cpu().numpy()
+    unit = nn.functional.normalize(x.float().cpu(), dim=1)
+    labels = y.long().cpu()
+    present = torch.unique(labels)
     head = make_head(x.shape[1], num_classes)
     linear = head[-1]
     with torch.no_grad():
         linear.weight.zero_()
         linear.bias.fill_(ABSENT_LOGIT)
-        present = np.unique(labels)
-        if len(present) == 1:  # one class only: always that class
-            linear.bias[int(present[0])] = 0.0
-            return head
-        model = LogisticRegression(C=c, max_iter=500).fit(unit, labels)
-        coef = torch.as_tensor(model.coef_, dtype=torch.float32) / FEATURE_SCALE
-        bias = torch.as_tensor(model.intercept_, dtype=torch.float32)
-        if len(present) == 2:  # sklearn's one logit for the second class against the first
-            linear.bias[int(present[0])] = 0.0
-            linear.weight[int(present[1])] = coef[0]
-            linear.bias[int(present[1])] = bias[0]
-        else:
-            for row, cls in enumerate(present):
-                linear.weight[int(cls)] = coef[row]
-                linear.bias[int(cls)] = bias[row]
+        linear.bias[present] = 0.0
+    if len(present) == 1:  # one class only: always that class
+        return head
+    target = torch.searchsorted(present, labels)
+    weight = torch.zeros(len(present), x.shape[1], requires_grad=True)
+    bias = torch.zeros(len(present), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+    decay = 1.0 / (2.0 * c * len(labels))  # scikit-learn's objective divided by C times the record count
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(unit @ weight.T + bias, target) + decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        linear.weight[present] = weight.detach() / FEATURE_SCALE
+        linear.bias[present] = bias.detach()
     return head
 
 

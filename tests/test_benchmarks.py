@@ -228,3 +228,18 @@ def test_deployed_protocols_run_each_protocol_as_shipped() -> None:
         assert settings(built[protocol]) == settings(load_config(ROOT / "configs" / config)), protocol
     assert len({(c.output_dir, c.cache_dir) for c in built.values()}) == len(PROTOCOLS)  # each its own folders
     assert built["fedsgd-evaluate5"].train == replace(built["fedsgd"].train, evaluate_every=5)
+
+
+def test_collaboration_quick_scores_every_site_alone_global_final_and_pooled() -> None:
+    """The demo's 4 sites at ε = 3: each model on the site's own test split and on the others' data."""
+    result = _run("benchmarks.collaboration", "--quick", "--name", "collaboration_smoke")
+    rows = result["rows"]
+    assert [r["site"] for r in rows] == [0, 1, 2, 3] and all(r["epsilon"] == 3.0 for r in rows)
+    for r in rows:
+        scores = [r[f"{m}_{w}"] for m in ("alone", "global", "final", "pooled") for w in ("own", "others")]
+        assert all(0 <= s <= 1 for s in scores)
+        assert r["gain_own"] == pytest.approx(r["final_own"] - r["alone_own"])
+        if r["chosen"] == "alone":  # the site kept going alone: the same model, the same scores
+            assert r["final_own"] == pytest.approx(r["alone_own"])
+    candidates = {"global", "alone", "pull 1", "pull 0.1", "pull 0.01", "pull 0"}
+    assert {r["chosen"] for r in result["params"]["raw"]} <= candidates

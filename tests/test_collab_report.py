@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedtransfer.client.collab_report import read_report, scored
+from fedtransfer.client.collab_report import read_report, scored, summary_lines
 from fedtransfer.client.handlers import _evaluate
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.model.head import evaluate_head
@@ -56,3 +56,19 @@ def test_an_interval_narrows_with_more_records() -> None:
 
 def test_a_folder_without_a_report_has_none(tmp_path: Path) -> None:
     assert read_report(tmp_path) is None
+
+
+def test_a_simulation_prints_each_sites_own_test_alone_global_and_final_of_this_run_only(tmp_path: Path) -> None:
+    def report(site: str, run_id: str) -> dict:
+        score = {"records": 40, "accuracy": {"value": 0.5, "interval95": [0.4, 0.6]}}
+        scores = {"alone": score, "global": {**score, "accuracy": {"value": 0.75, "interval95": [0.6, 0.9]}}}
+        scores["final"] = {**score, "accuracy": {"value": 0.8, "interval95": [0.7, 0.9]}}
+        return {"site": site, "run_id": run_id, "test_records": 40, "scores": scores, "chosen": "pull 0.1"}
+
+    for name, run_id in (("site-1", "r1"), ("site-0", "r1"), ("site-2", "older")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "collaboration.json").write_text(json.dumps(report(name, run_id)))
+    (tmp_path / "site-3").mkdir()  # kept no final model: no report
+    lines = summary_lines(tmp_path, "r1")
+    assert [line.split(":")[0] for line in lines] == ["site-0", "site-1"]
+    assert "alone 0.500, global 0.750, final 0.800" in lines[0] and "40 records" in lines[0]
