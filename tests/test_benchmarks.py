@@ -243,3 +243,19 @@ def test_collaboration_quick_scores_every_site_alone_global_final_and_pooled() -
             assert r["final_own"] == pytest.approx(r["alone_own"])
     candidates = {"global", "alone", "pull 1", "pull 0.1", "pull 0.01", "pull 0"}
     assert {r["chosen"] for r in result["params"]["raw"]} <= candidates
+
+
+def test_collaboration_targets_name_each_site_that_misses_issue_29s_bar() -> None:
+    from benchmarks.collaboration_targets import verdicts
+
+    def row(fed: str, site: int, train: int, own: float, others: float) -> dict:
+        gains = {"gain_own": own, "gain_own_se": 0.01, "gain_others": others, "gain_others_se": 0.01}
+        return {"federation": fed, "epsilon": 3.0, "site": site, "train": train, "chosen": "pull 0.1", **gains}
+
+    rows = [row("dirichlet", 0, 900, -0.005, 0.2), row("dirichlet", 1, 900, -0.05, 0.2), row("small", 0, 100, 0.03, 0)]
+    rows += [row("bank", i, 1800, g, 0) for i, g in enumerate((-0.01, 0.002, 0.01))]
+    lines = verdicts([*rows, row("small", 1, 100, 0.3, 0) | {"epsilon": 1.0}])  # another ε: left out
+    assert "dirichlet: 3 of 4 site targets met" in lines  # site 1 misses its own test split; site 0 meets both
+    assert any(line.startswith("dirichlet site 1 (900 records) own >= alone - SE: NOT met") for line in lines)
+    assert "small: 0 of 1 site targets met" in lines
+    assert "bank: median site final - alone AUROC +0.0020: met" in lines
