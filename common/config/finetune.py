@@ -64,9 +64,11 @@ class PersonalConfig:
     stay in the site's collaboration report (client/collab_report.py). With `dp: true` the site trains a
     Ditto copy every round instead (`epochs` local epochs, pull `lam`) under DP-SGD with its own budget
     (`target_epsilon`, the run's δ) and reports its accuracy beside the global model's.
+    The final model is chosen at the last round's evaluation: a site the server does not ask to evaluate
+    then (`train.fraction_evaluate` below 1, or 0) keeps none and writes no report.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     epochs: int = 2
     lam: float = 0.1
     learning_rate: float = 0.5
@@ -119,7 +121,7 @@ def check_run(cfg: Any) -> None:
             "the frozen encoder's features, which fine-tuned blocks change; set false",
             True,
         )
-    if cfg.personal.enabled:
+    if cfg.personal.enabled and cfg.personal.dp:  # the DP Ditto copy trains at every round's evaluation
         _require(
             cfg.train.fraction_evaluate > 0,
             "train.fraction_evaluate",
