@@ -30,7 +30,7 @@ from fedtransfer.common.storage import atomic, locking
 from fedtransfer.server.federation import run_folder
 from fedtransfer.server.federation.console import ConsoleFilter
 
-APP_DIR = Path(__file__).resolve().parent.parent  # the Flower app `flwr run` ships: the repository root
+APP_DIR = Path(__file__).resolve().parents[2]  # the Flower app `flwr run` ships: the repository root
 BIN_DIR = Path(sys.executable).parent  # flwr, flower-superlink and flower-supernode of this environment
 # no update checks or telemetry calls to the internet; logs as they happen
 QUIET_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
