@@ -72,6 +72,14 @@ def candidates(rounds: list[int]) -> list[SGDSetup]:
 
 def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: float | None, seed: int) -> dict:
     """DP-FedSGD over the sites (each its own plan and noise), the server's step; accuracy and the largest ε."""
+    head, spent = federate_sgd_model(sites, classes, s, eps, seed)
+    return {"accuracy": evaluate_head(head, *test).accuracy, "epsilon": spent}
+
+
+def federate_sgd_model(
+    sites: list[Data], classes: int, s: SGDSetup, eps: float | None, seed: int
+) -> tuple[torch.nn.Module, float]:
+    """The federation of `federate_sgd`: the final global head and the largest whole-run ε of a site."""
     torch.manual_seed(seed)
     stats = s.stats_share is not None
     head = make_head(sites[0][0].shape[1], classes, centred=stats)
@@ -116,7 +124,7 @@ def federate_sgd(sites: list[Data], test: Data, classes: int, s: SGDSetup, eps: 
         (epsilon_of(h, p.target_delta, s.accountant) for h, p in zip(histories, plans, strict=True) if p),
         default=float("inf"),
     )
-    return {"accuracy": evaluate_head(head, *test).accuracy, "epsilon": spent}
+    return head, spent
 
 
 def demo_split(cache: Path) -> tuple[list[Data], Data, Data]:

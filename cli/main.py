@@ -21,6 +21,7 @@ PRIVATE_COMMANDS = ("simulate", "deploy")  # what they and their children write 
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from fedtransfer.client.collab_report import summary_lines as collaboration_lines
     from fedtransfer.common.config.run import RunConfig, load_config
     from fedtransfer.server.launch.simulation import simulate
 
@@ -31,6 +32,8 @@ def _simulate(args: argparse.Namespace) -> int:
         cfg = replace(cfg, resume=True)
     status = simulate(cfg, stream=not args.quiet, verbose=args.verbose, ray_address=args.ray_address)
     print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
+    for line in collaboration_lines(cfg.output_path / "sites", str(status["run_id"])):
+        print(f"fedtransfer: {line}")
     print(
         f"fedtransfer: outputs in {cfg.output_path} (run.log, metrics.jsonl, privacy.json, model.pt, accuracy.png, "
         "epsilon.png)"

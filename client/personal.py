@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from fedtransfer.client.collab_report import build_report, write_report
+from fedtransfer.client.final_model import Tuning, choose_final
 from fedtransfer.client.site import Site
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import PersonalConfig, RunConfig, SitePolicy
@@ -83,6 +85,9 @@ def personal_scores(
     the sites that sent one) and records its choice once per run.
     """
     keep, chosen_by = kept_by(site.policy, cfg.personal)
+    if keep and not personal_choice(site.policy, cfg.personal).dp:
+        final_round(site, cfg, global_top, msg, run_id, server_round)
+        return None  # the final model's scores stay in the site's report
     if keep:
         return personal_round(site, cfg, global_top, msg, run_id, server_round)
     if chosen_by == "site":
@@ -155,6 +160,51 @@ def personal_round(
             kept=str(path),
         )
     return evaluate_head(personal.to(site.backbone.device), site.test_x, site.test_y)
+
+
+def final_round(
+    site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str, server_round: int
+) -> Path | None:
+    """After the run's last round: the site's final model (client/final_model.py), kept, and its report.
+
+    Earlier rounds train nothing: the choice is made once, from the global model the site will be left
+    with. Returns the report's path, or None before the last round.
+    """
+    if server_round < cfg.train.rounds:
+        return None
+    tuning = Tuning(
+        learning_rate=cfg.personal.learning_rate,
+        seed=site.round_seed(f"{run_id}|final", server_round),
+        alone=not cfg.finetune.active,
+    )
+    classes = len(site.data.test.classes)
+    final = choose_final(global_top, site.train_x, site.train_y, classes, tuning)
+    path = site.state_dir / "personal" / f"{run_id}.pt"
+    atomic.torch_save({"round": server_round, "chosen": final.chosen, "state": final.model.state_dict()}, path)
+    report = build_report(
+        site=site.name,
+        run_id=run_id,
+        server_round=server_round,
+        final=final,
+        global_model=global_top.cpu(),
+        test=(site.test_x, site.test_y),
+    )
+    choice = personal_choice(site.policy, cfg.personal)
+    record(
+        site,
+        msg,
+        Event.PERSONAL_TRAINED,
+        keep_chosen_by=kept_by(site.policy, cfg.personal)[1],
+        dp_chosen=False,
+        dp_chosen_by=choice.dp_chosen_by,
+        target_epsilon_chosen_by=None,
+        dp=None,
+        epsilon=None,
+        chosen=final.chosen,
+        steps=tuning.steps,
+        kept=str(path),
+    )
+    return write_report(site.state_dir, report)
 
 
 def _plan(site: Site, cfg: RunConfig, choice: PersonalChoice) -> GaussianPlan | None:

@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from benchmarks.harness import RESULTS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,3 +222,34 @@ def test_deployed_protocols_run_each_protocol_as_shipped() -> None:
         assert settings(built[protocol]) == settings(load_config(ROOT / "configs" / config)), protocol
     assert len({(c.output_dir, c.cache_dir) for c in built.values()}) == len(PROTOCOLS)  # each its own folders
     assert built["fedsgd-evaluate5"].train == replace(built["fedsgd"].train, evaluate_every=5)
+
+
+def test_collaboration_quick_scores_every_site_alone_global_final_and_pooled() -> None:
+    """The demo's 4 sites at ε = 3: each model on the site's own test split and on the others' data."""
+    result = _run("benchmarks.collaboration", "--quick", "--name", "collaboration_smoke")
+    rows = result["rows"]
+    assert [r["site"] for r in rows] == [0, 1, 2, 3] and all(r["epsilon"] == 3.0 for r in rows)
+    for r in rows:
+        scores = [r[f"{m}_{w}"] for m in ("alone", "global", "final", "pooled") for w in ("own", "others")]
+        assert all(0 <= s <= 1 for s in scores)
+        assert r["gain_own"] == pytest.approx(r["final_own"] - r["alone_own"])
+        if r["chosen"] == "alone":  # the site kept going alone: the same model, the same scores
+            assert r["final_own"] == pytest.approx(r["alone_own"])
+    candidates = {"global", "alone", "pull 1", "pull 0.1", "pull 0.01", "pull 0"}
+    assert {r["chosen"] for r in result["params"]["raw"]} <= candidates
+
+
+def test_collaboration_targets_name_each_site_that_misses_issue_29s_bar() -> None:
+    from benchmarks.collaboration_targets import verdicts
+
+    def row(fed: str, site: int, train: int, own: float, others: float) -> dict:
+        gains = {"gain_own": own, "gain_own_se": 0.01, "gain_others": others, "gain_others_se": 0.01}
+        return {"federation": fed, "epsilon": 3.0, "site": site, "train": train, "chosen": "pull 0.1", **gains}
+
+    rows = [row("dirichlet", 0, 900, -0.005, 0.2), row("dirichlet", 1, 900, -0.05, 0.2), row("small", 0, 100, 0.03, 0)]
+    rows += [row("bank", i, 1800, g, 0) for i, g in enumerate((-0.01, 0.002, 0.01))]
+    lines = verdicts([*rows, row("small", 1, 100, 0.3, 0) | {"epsilon": 1.0}])  # another ε: left out
+    assert "dirichlet: 3 of 4 site targets met" in lines  # site 1 misses its own test split; site 0 meets both
+    assert any(line.startswith("dirichlet site 1 (900 records) own >= alone - SE: NOT met") for line in lines)
+    assert "small: 0 of 1 site targets met" in lines
+    assert "bank: median site final - alone AUROC +0.0020: met" in lines

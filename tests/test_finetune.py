@@ -230,8 +230,8 @@ def test_cache_keeps_the_most_recently_used_within_its_bound(tmp_path) -> None:
             },
             "finetune.train",
         ),
-        ({"personal": {"enabled": True}, "train": {"fraction_evaluate": 0.0}}, "train.fraction_evaluate"),
-        ({"personal": {"enabled": True}, "train": {"evaluate_every": 5}}, "train.evaluate_every"),
+        ({"personal": {"enabled": True, "dp": True}, "train": {"fraction_evaluate": 0.0}}, "train.fraction_evaluate"),
+        ({"personal": {"enabled": True, "dp": True}, "train": {"evaluate_every": 5}}, "train.evaluate_every"),
     ],
 )
 def test_config_refuses_what_cannot_work(raw: dict, key: str) -> None:

@@ -224,20 +224,34 @@ def test_whether_a_personal_model_is_kept_is_the_sites_choice_where_its_file_say
 def test_a_site_that_keeps_no_personal_model_trains_stores_and_sends_none(
     tmp_path: Path, keep: bool | None, run_enabled: bool
 ) -> None:
-    """Two evaluation messages answered by the handler itself: personal metrics, model file and records follow keep."""
+    """Three evaluation messages answered by the handler itself: the final model, its record and report follow keep.
+
+    Without DP the site's final model is chosen once, after the last round (3), and none of its scores is sent.
+    """
     site, cfg = _site(tmp_path, SitePolicy(personal=SitePersonal(keep=keep))), _cfg(run_enabled, dp=False)
     kept = keep if keep is not None else run_enabled
     global_head = head_to_arrays(local_head(site, cfg, None, CLASSES))
-    for rnd in (1, 2):
+    for rnd in (1, 2, 3):
         metrics = _evaluate(site, cfg, _message(rnd, global_head))[Rec.METRICS]
         assert Metric.EVAL_ACCURACY in metrics  # the global model's scores always
-        assert (Metric.PERSONAL_ACCURACY in metrics) is kept and (Metric.PERSONAL_BALANCED_ACCURACY in metrics) is kept
+        assert Metric.PERSONAL_ACCURACY not in metrics and Metric.PERSONAL_BALANCED_ACCURACY not in metrics
     assert (tmp_path / "personal" / "r1.pt").is_file() is kept
+    assert (tmp_path / "collaboration.json").is_file() is kept and (tmp_path / "collaboration.html").is_file() is kept
     records = read_records(site.audit_path)
     trained = [r for r in records if r["event"] == "personal-trained"]
-    assert [r["round"] for r in trained] == ([1, 2] if kept else [])
-    assert all(r["keep_chosen_by"] == ("run" if keep is None else "site") for r in trained)
+    assert [r["round"] for r in trained] == ([3] if kept else [])
+    assert all(r["keep_chosen_by"] == ("run" if keep is None else "site") and r["dp"] is None for r in trained)
     not_kept = [
         (r["round"], r["keep_chosen_by"], r["run_proposed"]) for r in records if r["event"] == "personal-not-kept"
     ]
     assert not_kept == ([(1, "site", run_enabled)] if keep is False else [])  # once per run, when the site declines
+
+
+def test_with_dp_the_personal_model_is_scored_and_sent_every_round(tmp_path: Path) -> None:
+    """A site that chose DP for its personal model keeps today's Ditto rounds: trained and scored every round."""
+    site, cfg = _site(tmp_path), _cfg(dp=True, target_epsilon=8.0)
+    global_head = head_to_arrays(local_head(site, cfg, None, CLASSES))
+    for rnd in (1, 2):
+        metrics = _evaluate(site, cfg, _message(rnd, global_head))[Rec.METRICS]
+        assert Metric.PERSONAL_ACCURACY in metrics
+    assert not (tmp_path / "collaboration.json").exists()

@@ -55,20 +55,24 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class PersonalConfig:
-    """Each site's own model, Ditto-style: a copy of the global model that the site trains and keeps.
+    """Each site's own model: never sent, and never worse on the site's own validation split than alone or global.
 
-    Every round, after the server's aggregate arrives for evaluation, the site trains its
-    personal copy for `epochs` local epochs on its own training split with a pull of strength
-    `lam` towards the global model (lam 0: plain local fine-tuning), and reports the test
-    accuracy of both. The personal model never leaves the site. `dp`: train it under DP-SGD
-    with its own budget (`target_epsilon`, the run's δ), recorded in the site's audit log.
+    Without DP (`dp: false`, the default: the site's records and this model never leave it), the site
+    chooses its final model once, after the last round (client/final_model.py): going alone, the global
+    model, or the global model fine-tuned on its records with a pull towards it, whichever does best on
+    a validation split carved from its training split; `learning_rate` is that fine-tuning's. Its scores
+    stay in the site's collaboration report (client/collab_report.py). With `dp: true` the site trains a
+    Ditto copy every round instead (`epochs` local epochs, pull `lam`) under DP-SGD with its own budget
+    (`target_epsilon`, the run's δ) and reports its accuracy beside the global model's.
+    The final model is chosen at the last round's evaluation: a site the server does not ask to evaluate
+    then (`train.fraction_evaluate` below 1, or 0) keeps none and writes no report.
     """
 
-    enabled: bool = False
+    enabled: bool = True
     epochs: int = 2
     lam: float = 0.1
     learning_rate: float = 0.5
-    dp: bool = True
+    dp: bool = False
     target_epsilon: float = 3.0
 
     def __post_init__(self) -> None:
@@ -117,7 +121,7 @@ def check_run(cfg: Any) -> None:
             "the frozen encoder's features, which fine-tuned blocks change; set false",
             True,
         )
-    if cfg.personal.enabled:
+    if cfg.personal.enabled and cfg.personal.dp:  # the DP Ditto copy trains at every round's evaluation
         _require(
             cfg.train.fraction_evaluate > 0,
             "train.fraction_evaluate",

@@ -1,0 +1,96 @@
+"""A site's final model (client/final_model.py): never worse on its own validation split than alone or global."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from fedtransfer.client.final_model import Tuning, choose_final, fit_alone, paired_se, validation_split
+from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
+
+DIM, CLASSES = 16, 4
+CENTRES = torch.randn(CLASSES, DIM, generator=torch.Generator().manual_seed(0))
+
+
+def _records(n: int, skew: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` records; a share `skew` of them of class 0, the rest spread over the other classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.where(torch.rand(n, generator=g) < skew, 0, torch.randint(1, CLASSES, (n,), generator=g))
+    return CENTRES[y] + 1.2 * torch.randn(n, DIM, generator=g), y
+
+
+def _trained_global(seed: int = 5) -> torch.nn.Module:
+    """A global model trained on many balanced records: what a federation of many sites would know."""
+    x, y = _records(3000, 0.25, seed)
+    torch.manual_seed(seed)
+    head = make_head(DIM, CLASSES)
+    train_head(head, x, y, LocalTraining(10, 64, 0.5), None, [], seed=seed)
+    return head.eval()
+
+
+def test_the_alone_head_is_the_logistic_regression_it_was_fitted_as() -> None:
+    """The same objective as scikit-learn's multinomial regression, and nothing for a class the site never saw."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = _records(300, 0.4, 1)
+    keep = y != 2  # class 2: never seen at this site
+    x, y = x[keep], y[keep]
+    head = fit_alone(x, y, CLASSES, 10.0).eval()
+    unit = torch.nn.functional.normalize(x, dim=1).numpy()
+    expected = LogisticRegression(C=10.0, max_iter=2000, tol=1e-8).fit(unit, y.numpy()).predict_proba(unit)
+    with torch.no_grad():
+        got = head(x).softmax(1).numpy()
+    np.testing.assert_allclose(got[:, [0, 1, 3]], expected, atol=2e-3)
+    assert got[:, 2].max() < 1e-6
+    one = fit_alone(x[y == 1], y[y == 1], CLASSES, 10.0)  # one class only: always that class
+    assert (one(x).argmax(1) == 1).all()
+
+
+def test_validation_is_carved_from_the_training_split_stratified() -> None:
+    _, y = _records(200, 0.7, 2)
+    fit, val = validation_split(y, seed=0)
+    assert len(np.intersect1d(fit, val)) == 0 and len(fit) + len(val) == 200 and len(val) == 40
+    shares = np.bincount(y.numpy()[val], minlength=CLASSES) / len(val)
+    assert abs(shares[0] - (y == 0).float().mean().item()) < 0.03
+    assert len(validation_split(y[:9], seed=0)[1]) == 0  # too few to hold any out
+
+
+def test_a_site_with_its_own_skew_and_a_poor_global_model_does_not_keep_the_global_model() -> None:
+    x, y = _records(500, 0.8, 3)
+    tx, ty = _records(400, 0.8, 4)
+    torch.manual_seed(0)
+    poor = make_head(DIM, CLASSES)  # untrained: knows nothing of this site
+    final = choose_final(poor, x, y, CLASSES, Tuning(seed=0))
+    assert final.chosen != "global"
+    names = [c.name for c in final.candidates]
+    assert names[0] == "global" and names[-1] == "alone"  # candidates from most to least collaborative
+    chosen = next(c for c in final.candidates if c.name == final.chosen)
+    assert chosen.loss <= min(c.loss for c in final.candidates) + 0.2
+    own = evaluate_head(final.model, tx, ty).accuracy
+    assert own >= evaluate_head(final.alone, tx, ty).accuracy - 0.03
+    assert own > evaluate_head(poor, tx, ty).accuracy + 0.3
+
+
+def test_a_small_site_keeps_what_a_good_global_model_knows() -> None:
+    """40 records of a site's own: going alone generalises poorly; the final model stays near the global one."""
+    x, y = _records(40, 0.25, 6)
+    tx, ty = _records(1000, 0.25, 7)
+    good = _trained_global()
+    final = choose_final(good, x, y, CLASSES, Tuning(seed=0))
+    assert final.chosen != "alone"
+    assert evaluate_head(final.model, tx, ty).accuracy >= evaluate_head(final.alone, tx, ty).accuracy
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_below_ten_records_the_global_model_is_kept_with_its_reason(n: int) -> None:
+    x, y = _records(n, 0.5, 8)
+    good = _trained_global()
+    final = choose_final(good, x, y, CLASSES, Tuning(seed=0))
+    assert final.chosen == "global" and "too few" in final.reason and final.candidates == ()
+
+
+def test_the_paired_standard_error_is_that_of_the_mean_difference() -> None:
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 1.0, 1.0, 1.0])
+    assert paired_se(a, b) == pytest.approx(np.std(a - b, ddof=1) / 2)
+    assert paired_se(a[:1], b[:1]) == 0.0
