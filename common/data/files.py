@@ -44,6 +44,12 @@ _NPZ_ERRORS = (
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, struct.error, zlib.error)
 
 
+def is_tool_litter(name: str) -> bool:
+    """What tools leave beside a user's images, never a record: dot-files and folders (.DS_Store, macOS's
+    ._x.png twins, .ipynb_checkpoints/, .thumbnails/) and an archive tool's __MACOSX/."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 class DataError(InputError):
     """Data cannot be used as configured: names the file or site and what to do."""
 

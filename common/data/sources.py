@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.config.site import SiteConfig, SitePaths, data_error_line
-from fedtransfer.common.data.files import IMAGE_SUFFIXES, DataError, read_image, read_npz, read_user_map, users_of
+from fedtransfer.common.data.files import (
+    IMAGE_SUFFIXES,
+    DataError,
+    is_tool_litter,
+    read_image,
+    read_npz,
+    read_user_map,
+    users_of,
+)
 from fedtransfer.common.data.table_schema import load_schema
 from fedtransfer.common.data.tables import read_rdataset, read_table_csv
 from fedtransfer.common.data.texts import TEXT_SUFFIXES, load_bbc, load_text_file, load_text_files
@@ -121,7 +129,7 @@ def load_image_folder(
     CSV, the folder its `path` column is relative to: data.path)."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder (expected <root>/<class name>/<image files>)")
-    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not _hidden(p.name)))
+    found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not is_tool_litter(p.name)))
     if not found:
         raise DataError(f"{root}: no class folders (expected <root>/<class name>/<image files>)")
     classes = classes or found
@@ -146,12 +154,6 @@ def load_image_folder(
     return _checked(np.stack(images), np.array(labels), classes, str(root), people)
 
 
-def _hidden(name: str) -> bool:
-    """What tools leave beside a user's images: dot-files and folders (.DS_Store, ._x.png, .ipynb_checkpoints),
-    macOS archives' __MACOSX; never the user's records, and a ._x.png is not even an image."""
-    return name.startswith(".") or name == "__MACOSX"
-
-
 def _class_images(folder: Path) -> list[Path]:
     """A class folder's images at any depth (as torchvision's ImageFolder finds them), hidden entries left out."""
     if not folder.is_dir():
@@ -160,7 +162,7 @@ def _class_images(folder: Path) -> list[Path]:
         p
         for p in folder.rglob("*")
         if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(_hidden(part) for part in p.relative_to(folder).parts)
+        and not any(is_tool_litter(part) for part in p.relative_to(folder).parts)
         and (p.is_file() or p.is_symlink())
     )
 
