@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedtransfer.common.config.run import BackboneConfig
-from fedtransfer.common.data.sources import load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.federation import partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.sources import load_source
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.image import load_backbone
 from fedtransfer.common.model.head import FEATURE_SCALE

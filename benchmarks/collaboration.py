@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from fedtransfer.client.final_model import ALONE_C, Tuning, choose_final, fit_alone, record_losses, validation_split
 from fedtransfer.common.config.run import RunConfig, load_config
-from fedtransfer.common.data.sources import federation_for
+from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.registry import load_encoder
 from fedtransfer.common.model.head import evaluate_head

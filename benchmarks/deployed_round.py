@@ -46,7 +46,7 @@ from typing import Any
 
 from fedtransfer.client.prepared import SWITCH_ENV
 from fedtransfer.common.config.run import RunConfig, config_from_dict
-from fedtransfer.common.data.sources import federation_for, simulate_federation
+from fedtransfer.common.data.federation import federation_for, simulate_federation
 from fedtransfer.server.federation.report import read_metrics
 from fedtransfer.server.launch.launcher import submit_run
 from fedtransfer.server.launch.simulation import simulate

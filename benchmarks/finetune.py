@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from fedtransfer.common.config.finetune import FinetuneConfig
 from fedtransfer.common.config.run import BackboneConfig
-from fedtransfer.common.data.sources import load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.federation import partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.sources import load_source
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.image import FrozenModule
 from fedtransfer.common.encoders.interface import Encoder

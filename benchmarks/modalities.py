@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedtransfer.common.config.run import RunConfig, load_config
-from fedtransfer.common.data.sources import Samples, load_source, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.federation import partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.sources import Samples, load_source
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.model.head import FEATURE_SCALE, macro_auroc

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from fedtransfer.common.config.run import load_config
-from fedtransfer.common.data.sources import federation_for, partition_dirichlet, partition_iid, split_holdout
+from fedtransfer.common.data.federation import federation_for, partition_dirichlet, partition_iid, split_holdout
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.registry import load_encoder
 from fedtransfer.common.model.head import evaluate_head, make_head

@@ -19,7 +19,8 @@ import warnings
 import numpy as np
 import torch
 from fedtransfer.common.config.run import BackboneConfig
-from fedtransfer.common.data.sources import load_source, partition_iid
+from fedtransfer.common.data.federation import partition_iid
+from fedtransfer.common.data.sources import load_source
 from fedtransfer.common.encoders.feature_cache import extract
 from fedtransfer.common.encoders.image import load_backbone
 from fedtransfer.common.encoders.registry import resolve_device

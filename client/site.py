@@ -20,7 +20,8 @@ import torch
 from fedtransfer.client.prepared import PreparedState, remembered_plan, site_encoder
 from fedtransfer.common.config.run import RunConfig, SitePolicy, load_site_config
 from fedtransfer.common.config.site import site_paths
-from fedtransfer.common.data.sources import SiteData, deployed_site_data, federation_for
+from fedtransfer.common.data.federation import deployed_site_data, federation_for
+from fedtransfer.common.data.sources import SiteData
 from fedtransfer.common.encoders.devices import resolve_device
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.interface import Encoder

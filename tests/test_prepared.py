@@ -25,7 +25,7 @@ from fedtransfer.client import prepared, train_round
 from fedtransfer.client.prepared import PreparedEncoder, PreparedState, remembered_plan, site_encoder
 from fedtransfer.client.site import Site, get_site
 from fedtransfer.common.config.run import BackboneConfig, RunConfig, config_from_dict, to_run_config
-from fedtransfer.common.data.sources import simulate_federation
+from fedtransfer.common.data.federation import simulate_federation
 from fedtransfer.common.encoders import registry as encoder_registry
 from fedtransfer.common.encoders.feature_cache import extract
 from fedtransfer.common.encoders.interface import EncoderError

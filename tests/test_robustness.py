@@ -10,7 +10,8 @@ import pytest
 import torch
 from fedtransfer.client import client_app
 from fedtransfer.common.config.run import BackboneConfig, RunConfig, TrainConfig, config_from_dict, to_run_config
-from fedtransfer.common.data.sources import load_source, partition_iid, split_holdout
+from fedtransfer.common.data.federation import partition_iid, split_holdout
+from fedtransfer.common.data.sources import load_source
 from fedtransfer.common.encoders.feature_cache import extract
 from fedtransfer.common.encoders.image import load_backbone
 from fedtransfer.common.model.head import evaluate_head, make_head

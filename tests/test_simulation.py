@@ -11,7 +11,7 @@ import pytest
 import yaml
 from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import RunConfig, config_from_dict
-from fedtransfer.common.data.sources import federation_for
+from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.privacy.calibration import epsilon_of
 from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import read_records, verify_chain

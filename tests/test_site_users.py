@@ -16,7 +16,8 @@ from fedtransfer.client import train_round
 from fedtransfer.client.site import Declined, Site, get_site
 from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_site_config, to_run_config
 from fedtransfer.common.config.site import site_paths
-from fedtransfer.common.data.sources import DataError, deployed_site_data
+from fedtransfer.common.data.federation import deployed_site_data
+from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import head_to_arrays

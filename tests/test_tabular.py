@@ -14,7 +14,8 @@ import yaml
 from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import ConfigError, config_from_dict, config_from_run_config, load_config
 from fedtransfer.common.config.site import load_site_config, site_paths
-from fedtransfer.common.data.sources import DataError, Samples, deployed_site_data, federation_for
+from fedtransfer.common.data.federation import deployed_site_data, federation_for
+from fedtransfer.common.data.sources import DataError, Samples
 from fedtransfer.common.data.table_schema import load_schema, schema_from_dict
 from fedtransfer.common.data.tables import read_rdataset, read_table_csv, read_table_inputs
 from fedtransfer.common.encoders.feature_cache import cache_key

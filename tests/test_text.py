@@ -15,7 +15,8 @@ import pytest
 import torch
 from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import BackboneConfig, ConfigError, config_from_dict
-from fedtransfer.common.data.sources import DataError, Samples, federation_for, load_source
+from fedtransfer.common.data.federation import federation_for
+from fedtransfer.common.data.sources import DataError, Samples, load_source
 from fedtransfer.common.data.texts import MAX_TEXT_CHARS, load_bbc, read_text_inputs
 from fedtransfer.common.encoders.feature_cache import cache_key
 from fedtransfer.common.encoders.interface import EncoderError, file_sha256
@@ -121,7 +122,7 @@ def test_folders_split_gives_every_site_file_one_class_list(tmp_path: Path) -> N
 
 def test_a_deployed_site_holds_text_named_by_its_own_config(tmp_path: Path) -> None:
     from fedtransfer.common.config.site import load_site_config, site_paths
-    from fedtransfer.common.data.sources import deployed_site_data
+    from fedtransfer.common.data.federation import deployed_site_data
 
     (tmp_path / "mail.jsonl").write_text(
         "".join(json.dumps({"body": f"letter {k}", "desk": ["loans", "cards"][k % 2]}) + "\n" for k in range(10)),
@@ -138,7 +139,8 @@ def test_a_deployed_site_holds_text_named_by_its_own_config(tmp_path: Path) -> N
 def test_a_deployed_text_site_orders_its_classes_as_the_run_declares(tmp_path: Path) -> None:
     """data.classes travels in the run config: a deployed site labels by it, so AUROC scores the declared class."""
     from fedtransfer.common.config.site import load_site_config, site_paths
-    from fedtransfer.common.data.sources import DataError, deployed_site_data
+    from fedtransfer.common.data.federation import deployed_site_data
+    from fedtransfer.common.data.sources import DataError
 
     (tmp_path / "mail.csv").write_text(
         "text,label\n" + "".join(f"note {k},{['legit', 'fraud'][k % 2]}\n" for k in range(10)), encoding="utf-8"

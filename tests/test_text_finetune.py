@@ -285,7 +285,7 @@ def test_lora_text_run_on_the_simulation_engine(tmp_path, capsys: pytest.Capture
     import json
 
     import yaml
-    from fedtransfer.common.data.sources import federation_for
+    from fedtransfer.common.data.federation import federation_for
     from fedtransfer.common.storage.audit_log import read_records
 
     run_dir = tmp_path / "run"

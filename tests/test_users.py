@@ -15,7 +15,8 @@ from fedtransfer.cli.main import main
 from fedtransfer.client import train_round
 from fedtransfer.client.site import Declined, Site
 from fedtransfer.common.config.run import config_from_dict
-from fedtransfer.common.data.sources import DataError, SiteData, federation_for, load_source, simulate_federation
+from fedtransfer.common.data.federation import federation_for, simulate_federation
+from fedtransfer.common.data.sources import DataError, SiteData, load_source
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric

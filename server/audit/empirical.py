@@ -31,7 +31,8 @@ import torch
 from fedtransfer.common.config.parse import ConfigError
 from fedtransfer.common.config.run import RunConfig, SiteConfig
 from fedtransfer.common.config.site import site_paths
-from fedtransfer.common.data.sources import SiteData, deployed_site_data, federation_for
+from fedtransfer.common.data.federation import deployed_site_data, federation_for
+from fedtransfer.common.data.sources import SiteData
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.interface import Encoder
 from fedtransfer.common.encoders.registry import load_encoder

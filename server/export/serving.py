@@ -177,7 +177,7 @@ def compare(path: Path, fmt: str, model: AdaptedModel, images: np.ndarray) -> Ch
 
 def holdout_images(run_dir: Path, limit: int) -> np.ndarray:
     """The first `limit` server hold-out images of the run (config.json), as uint8 RGB (N, H, W, 3)."""
-    from fedtransfer.common.data.sources import federation_for  # late: the data sources are only needed here
+    from fedtransfer.common.data.federation import federation_for
 
     config_path = run_dir / "config.json"
     try:

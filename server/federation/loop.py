@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from fedtransfer.common.config.run import RunConfig, to_nested
-from fedtransfer.common.data.sources import federation_for
+from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.model.finetune import cut_encoder, make_top, trains

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 
 from fedtransfer.common.config.run import ConfigError, RunConfig
-from fedtransfer.common.data.sources import DataError, Federation, federation_for
+from fedtransfer.common.data.federation import Federation, federation_for
+from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.storage import locking
 from fedtransfer.server.federation import run_folder
