@@ -5,7 +5,8 @@ most of half an hour because about forty tests start real SuperLinks, SuperNodes
 Ray clusters or deployments. A hand-written marker is forgotten on the next such test, and the fast
 lane silently grows; so at collection every test's code is read: the test function, its fixtures,
 and (transitively) the helpers of tests/ and benchmarks/ they name. A test that reaches one of
-STARTERS (or `fedtransfer.cli.main.main` with a process-starting command), or that runs a benchmark
+STARTERS (or `fedtransfer.cli.main.main`, or `python -m fedtransfer.cli`, with a process-starting
+command), or that runs a benchmark
 as a process (`python -m benchmarks.<name>`, minutes even at smoke size), is marked slow.
 
 The check is of names in code, so it over-marks rather than misses; the runtime guard below
@@ -45,6 +46,9 @@ STARTERS: tuple[Any, ...] = (
 )
 # `fedtransfer simulate` and `fedtransfer deploy superlink|site|run` start Flower processes (`main([...])` in a test)
 DEPLOY_COMMANDS = frozenset({"superlink", "site", "run"})
+# the same command run as a process of its own (`python -m fedtransfer.cli deploy superlink ...`): what
+# it starts (flower-superlink, flower-supernode) is a grandchild, out of the runtime guard's sight
+PROCESS_COMMAND = "fedtransfer.cli"
 # executables the runtime guard refuses in the fast lane
 FLOWER_OR_RAY = ("flwr", "flower-", "ray", "raylet", "gcs_server")
 _WALKED_MODULES = ("tests.", "benchmarks.", "conftest")
@@ -113,6 +117,8 @@ def _reaches_a_starter(func: Any, seen: set[int]) -> bool:
         consts = set(_strings(code.co_consts))
         if any(_is_benchmark(name) for name in consts if name.startswith("benchmarks.")):
             return True
+        if PROCESS_COMMAND in consts and _starting_command(consts):  # `python -m fedtransfer.cli deploy ...`
+            return True
         for target in _named(getattr(func, "__globals__", {}), set(code.co_names)):
             if _is_starter(target) or (target is cli_main.main and _starting_command(consts)):
                 return True
@@ -170,3 +176,40 @@ def _no_flower_in_the_fast_lane(request: pytest.FixtureRequest, monkeypatch: pyt
         original(self, args, *rest, **kwargs)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.fixture(autouse=True)
+def _umask_left_as_it_was(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves the process umask changed, after restoring it for the tests after it.
+
+    The ClientApp and ServerApp tighten the umask for the rest of their process (their files are
+    the operator's alone); a test that calls them in its own process and keeps that umask makes
+    every later test in the worker write owner-only files, and tests that read modes fail far away.
+    """
+    before = _current_umask()
+    yield
+    after = _current_umask()
+    if after != before:
+        os.umask(before)
+        pytest.fail(
+            f"{request.node.nodeid} left the process umask at {after:03o} (it was {before:03o}): restore it "
+            "(the `app_process_umask` fixture of tests/conftest.py, for a test that calls an app in-process)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def app_process_umask() -> Iterator[None]:
+    """This test stands in for a ClientApp or ServerApp process, whose umask stays owner-only once it answers.
+
+    Flower's app process ends there; the test's worker process goes on, so its umask is given back.
+    """
+    previous = _current_umask()
+    yield
+    os.umask(previous)

@@ -196,6 +196,7 @@ def _context(tmp_path: Path, **overrides: object) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_malformed_message_becomes_an_error_reply(backbone: ImageBackbone, tmp_path: Path) -> None:
     msg = _message(head_to_arrays(make_head(backbone.feature_dim, CLASSES)), **{"server-round": 1, "run-id": "r"})
     answer = client_app.train(msg, _context(tmp_path))
@@ -207,6 +208,7 @@ def test_malformed_message_becomes_an_error_reply(backbone: ImageBackbone, tmp_p
     assert answer.metadata.reply_to_message_id == msg.metadata.message_id
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_bad_run_config_becomes_an_error_reply(backbone: ImageBackbone, tmp_path: Path) -> None:
     answer = client_app.train(_train_message(backbone), _context(tmp_path, **{"train.rounds": 0}))
     assert answer.has_error()

@@ -77,6 +77,7 @@ def _bytes(reply: Message) -> dict[str, bytes]:
     return {k: a.data for k, a in reply.content["arrays"].items()}
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_repeated_request_is_replayed_without_training_or_new_epsilon(context: Context, tmp_path: Path) -> None:
     site_dir = tmp_path / "run" / "sites" / "site-0"
     first = client_app.train(_request(1), context)

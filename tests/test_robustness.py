@@ -125,6 +125,7 @@ def _server_message(content: RecordDict) -> Message:
     return _message(content, "m", src=0, dst=1)
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     config=st.dictionaries(config_keys | st.text(max_size=8), config_values, max_size=6),

@@ -147,6 +147,7 @@ def test_secure_aggregation_refuses_what_it_cannot_do() -> None:
         config_from_dict({"secagg": {"num_shares": 10, "reconstruction_threshold": 6}})
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: Path) -> None:
     site_yaml = tmp_path / "site.yaml"
     site = {

@@ -107,6 +107,7 @@ def _arrays(reply: Message) -> dict[str, bytes]:
     return {k: a.data for k, a in reply.content["arrays"].items()}
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_a_forwarded_round_is_the_round_the_clientapp_would_train(
     worker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -122,6 +123,7 @@ def test_a_forwarded_round_is_the_round_the_clientapp_would_train(
     assert stat.S_IMODE(worker.stat().st_mode) == 0o600 and stat.S_IMODE(worker.parent.stat().st_mode) == 0o700
 
 
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_a_refusal_comes_back_as_the_same_flower_error(
     worker: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -157,6 +159,7 @@ def _hang_up_after_the_request(path: Path) -> threading.Thread:
 
 
 @pytest.mark.parametrize("worker_state", ["missing", "dies mid-message"])
+@pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_without_an_answer_the_clientapp_answers_itself_and_says_so(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, worker_state: str
 ) -> None:
