@@ -9,15 +9,12 @@ regression on its own features, no global start, regularisation chosen on the sa
 (`pull λ`, the proximal pull of client/personal.py). Being chosen on validation, the final model is at least
 as good there as alone and as global.
 
-Between alone and global also stand `gated` (the global model says whether a record is of a class the site
-has seen, alone says which: see Gated) and mixes of the two models' class probabilities (`mix w`, w the alone
-model's share). The candidate of best validation accuracy wins; a tie goes to the one closer to the global
-model (the order of the candidates), so `gated` wins wherever it ranks the site's records as well as alone
-does, and keeps the other sites' classes. An earlier rule (the candidate closest to global within one paired
-standard error of the lowest loss) cost 1-3 points at home on IID and skewed sites in
-benchmarks/collaboration.py; the strictly lowest loss never picks `gated` (it can only add loss at home) and
-lost the other sites' classes. The winner is refitted on the whole training split (every candidate but the
-global model, which stays as it came).
+Between alone and global also stand mixes of the two models' class probabilities (`mix w`, w the alone
+model's share): at home they are as sharp as alone, and on classes the site never saw they keep the global
+model's answer. The candidate of lowest validation loss wins; a tie goes to the one closer to the global model.
+An earlier rule (the candidate closest to global within one paired standard error of the best) cost 1-3 points
+at home on IID and skewed sites in benchmarks/collaboration.py: it is no longer used. The winner is then
+refitted on the whole training split (alone, mixed and pulled candidates; the global model stays as it came).
 
 No DP: these records never leave the site, and neither does the model. This module trains and chooses;
 client/personal.py decides when, and client/collab_report.py writes what the site sees.
@@ -96,27 +93,6 @@ class Mix(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.weight * self.alone(x).softmax(-1) + (1.0 - self.weight) * self.global_model(x).softmax(-1)
-        return p.clamp_min(1e-30).log()
-
-
-class Gated(nn.Module):
-    """The global model decides whether a record is of a class the site has seen; alone decides which one.
-
-    Why: under label skew no validation record of the site shows a class it never saw, so a plain mix tuned at
-    home drifts to alone and forgets the other sites' classes. Here the global model's probability of the
-    site's classes is shared among them as the alone model ranks them; every other class keeps its global
-    probability. At home it ranks as alone does wherever the global model routes the record right.
-    """
-
-    def __init__(self, alone: nn.Module, global_model: nn.Module, present: torch.Tensor) -> None:
-        super().__init__()
-        self.alone, self.global_model = alone, global_model
-        self.register_buffer("present", present.long())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pa, pg = self.alone(x).softmax(-1)[:, self.present], self.global_model(x).softmax(-1)
-        p = pg.clone()
-        p[:, self.present] = pg[:, self.present].sum(1, keepdim=True) * pa / pa.sum(1, keepdim=True)
         return p.clamp_min(1e-30).log()
 
 
@@ -215,7 +191,7 @@ def candidate_name(pull: float | None) -> str:
 def choose_final(
     global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, tuning: Tuning
 ) -> FinalModel:
-    """The site's final model: the candidate of best validation accuracy (a tie goes to the one closer to global)."""
+    """The site's final model: the candidate of lowest validation loss (a tie goes to the one closer to global)."""
     global_model = global_model.cpu().eval()
     x, y = x.float().cpu(), y.long().cpu()
     fit, val = validation_split(y, tuning.seed)
@@ -225,23 +201,21 @@ def choose_final(
         return FinalModel(copy.deepcopy(global_model), "global", reason, (), alone)
     fx, fy, vx, vy = x[fit], y[fit], x[val], y[val]
     builders = {"global": lambda ax, ay: copy.deepcopy(global_model)}
-    if tuning.alone:
-        best_c = min(ALONE_C, key=lambda c: record_losses(fit_alone(fx, fy, num_classes, c), vx, vy)[0].mean())
-        builders["gated"] = lambda ax, ay: Gated(fit_alone(ax, ay, num_classes, best_c), global_model, ay.unique())
     for pull in PULLS:
         builders[candidate_name(pull)] = lambda ax, ay, p=pull: pulled(global_model, ax, ay, p, tuning)
     if tuning.alone:
+        best_c = min(ALONE_C, key=lambda c: record_losses(fit_alone(fx, fy, num_classes, c), vx, vy)[0].mean())
         for w in MIX_WEIGHTS:
             builders[f"mix {w:g}"] = lambda ax, ay, w=w: Mix(fit_alone(ax, ay, num_classes, best_c), global_model, w)
         builders["alone"] = lambda ax, ay: fit_alone(ax, ay, num_classes, best_c)
     losses = {name: record_losses(build(fx, fy), vx, vy) for name, build in builders.items()}
     candidates = tuple(Candidate(n, float(lo.mean()), float(ok.mean()), len(val)) for n, (lo, ok) in losses.items())
-    chosen = max(candidates, key=lambda c: c.accuracy)  # max keeps the first of equals: the one closer to global
+    chosen = min(candidates, key=lambda c: c.loss)  # min keeps the first of equals: the one closer to global
     reason = _reason(chosen, losses, len(val))
     model = builders[chosen.name](x, y)
     alone = None
     if tuning.alone:
-        alone = model if chosen.name == "alone" else getattr(model, "alone", None) or builders["alone"](x, y)
+        alone = model if chosen.name == "alone" else model.alone if isinstance(model, Mix) else builders["alone"](x, y)
     return FinalModel(model.eval(), chosen.name, reason, candidates, alone)
 
 
@@ -252,10 +226,10 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _reason(chosen: Candidate, losses: dict[str, tuple[np.ndarray, np.ndarray]], records: int) -> str:
-    """Why this candidate: its validation accuracy, and by how much it beats the global model's."""
-    text = f"best validation accuracy ({chosen.accuracy:.3f}) on {records} held-out training records"
+    """Why this candidate: its validation loss, and by how much (in paired standard errors) it beats global."""
+    text = f"lowest validation loss ({chosen.loss:.3f}) on {records} held-out training records"
     if chosen.name == "global":
-        return text + ", the global model's own"
-    gap = chosen.accuracy - float(losses["global"][1].mean())
-    se = paired_se(losses[chosen.name][1], losses["global"][1])
-    return f"{text}; {gap:+.3f} over the global model's (paired standard error {se:.3f}); ties go to global"
+        return text
+    gap = float(losses["global"][0].mean()) - chosen.loss
+    se = paired_se(losses["global"][0], losses[chosen.name][0])
+    return f"{text}; {gap:.3f} below the global model's ({gap / se:.1f} standard errors)" if se > 0 else text
