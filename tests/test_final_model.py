@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fedtransfer.client.final_model import Tuning, choose_final, fit_alone, paired_se, validation_split
+from fedtransfer.client.final_model import Mix, Tuning, choose_final, fit_alone, paired_se, validation_split
 from fedtransfer.common.model.head import evaluate_head, make_head
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 
@@ -65,8 +65,9 @@ def test_a_site_with_its_own_skew_and_a_poor_global_model_does_not_keep_the_glob
     assert final.chosen != "global"
     names = [c.name for c in final.candidates]
     assert names[0] == "global" and names[-1] == "alone"  # candidates from most to least collaborative
+    assert any(n.startswith("mix ") for n in names)
     chosen = next(c for c in final.candidates if c.name == final.chosen)
-    assert chosen.loss <= min(c.loss for c in final.candidates) + 0.2
+    assert chosen.loss == min(c.loss for c in final.candidates)  # strictly the lowest validation loss
     own = evaluate_head(final.model, tx, ty).accuracy
     assert own >= evaluate_head(final.alone, tx, ty).accuracy - 0.03
     assert own > evaluate_head(poor, tx, ty).accuracy + 0.3
@@ -80,6 +81,22 @@ def test_a_small_site_keeps_what_a_good_global_model_knows() -> None:
     final = choose_final(good, x, y, CLASSES, Tuning(seed=0))
     assert final.chosen != "alone"
     assert evaluate_head(final.model, tx, ty).accuracy >= evaluate_head(final.alone, tx, ty).accuracy
+
+
+def test_a_mix_keeps_the_global_model_on_classes_the_site_never_saw() -> None:
+    """A site of classes 0 and 1 only: its alone model is blind to 2 and 3, the mix with global is not."""
+    x, y = _records(600, 0.5, 9)
+    keep = y <= 1
+    alone = fit_alone(x[keep], y[keep], CLASSES, 10.0).eval()
+    good = _trained_global()
+    mix = Mix(alone, good, 0.5).eval()
+    tx, ty = _records(2000, 0.25, 10)
+    home, away = ty <= 1, ty >= 2
+    with torch.no_grad():
+        assert torch.allclose(mix(tx).exp().sum(1), torch.ones(len(ty)), atol=1e-5)
+    assert evaluate_head(alone, tx[away], ty[away]).accuracy == 0.0
+    assert evaluate_head(mix, tx[away], ty[away]).accuracy > 0.5
+    assert evaluate_head(mix, tx[home], ty[home]).accuracy >= evaluate_head(alone, tx[home], ty[home]).accuracy - 0.03
 
 
 @pytest.mark.parametrize("n", [1, 5])
