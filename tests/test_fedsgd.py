@@ -280,7 +280,8 @@ def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: 
 
 
 def test_user_level_site_samples_users(tmp_path: Path) -> None:
-    raw = FEDSGD | {"privacy": {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4, "feature_stats": False}}
+    privacy = {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4, "feature_stats": False, "accountant": "rdp"}
+    raw = FEDSGD | {"privacy": privacy}  # rdp as in FEDSGD: this test counts units, PRV's calibration took most of it
     cfg, site = config_from_dict(raw), _site(tmp_path)
     reply = train_round.train(site, cfg, _message(1, centred=False))
     assert reply["metrics"][Metric.NUM_EXAMPLES] == 20  # 80 records, 4 per user
@@ -379,7 +380,7 @@ def test_fedsgd_run_with_statistics_on_the_simulation_engine_passes_its_audit(tm
 def test_fedavg_trains_a_centred_head_and_keeps_its_mean(tmp_path: Path) -> None:
     raw = {
         "train": {"protocol": "fedavg", "rounds": 2, "local_epochs": 1, "batch_size": 20},
-        "privacy": {"target_delta": 1e-3, "feature_stats": True},
+        "privacy": {"target_delta": 1e-3, "feature_stats": True, "accountant": "rdp"},  # the mean, not the accountant
     }
     cfg, site = config_from_dict(raw), _site(tmp_path)
     stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))
