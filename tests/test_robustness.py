@@ -166,7 +166,7 @@ def digits_task() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], tuple[torch.
     return sites, (feats[test], labels[test])
 
 
-def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rounds: int = 4) -> float:
+def _federate(sites: list, test: tuple, strategy_name: str, attackers: bool, rounds: int = 3) -> float:
     """Real strategy objects and our screening on real Messages; sites train with DP as in the ClientApp."""
     torch.manual_seed(0)
     head = make_head(test[0].shape[1], 10)
