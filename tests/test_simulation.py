@@ -92,7 +92,10 @@ def test_fedtransfer_simulate_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
 
     cfg = config_from_dict(raw)
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "completed" and f"run {status['run_id']} completed" in console[-2]
+    assert status["status"] == "completed" and f"run {status['run_id']} completed" in console[-4]
+    # then each site's own-test scores alone, global and final (simulation only), then where the outputs are
+    assert [line.split(":")[1].strip() for line in console[-3:-1]] == ["site-0", "site-1"]
+    assert all("alone" in line and "global" in line and "final" in line for line in console[-3:-1])
     assert 0.3 < status["final_accuracy"] <= 1  # chance is 0.1
     _check_outputs(run_dir, cfg, sites=2)
     assert main(["audit", str(run_dir)]) == 0, capsys.readouterr()
