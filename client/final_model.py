@@ -204,10 +204,16 @@ def choose_final(
     for pull in PULLS:
         builders[candidate_name(pull)] = lambda ax, ay, p=pull: pulled(global_model, ax, ay, p, tuning)
     if tuning.alone:
-        best_c = min(ALONE_C, key=lambda c: record_losses(fit_alone(fx, fy, num_classes, c), vx, vy)[0].mean())
+        on_fit = {c: fit_alone(fx, fy, num_classes, c) for c in ALONE_C}  # deterministic: each C fitted once
+        best_c = min(ALONE_C, key=lambda c: record_losses(on_fit[c], vx, vy)[0].mean())
+
+        def alone_on(ax: torch.Tensor, ay: torch.Tensor) -> nn.Module:
+            """The alone model at best_c on (ax, ay): the search's own fit on the fit split, else fitted here."""
+            return on_fit[best_c] if ax is fx and ay is fy else fit_alone(ax, ay, num_classes, best_c)
+
         for w in MIX_WEIGHTS:
-            builders[f"mix {w:g}"] = lambda ax, ay, w=w: Mix(fit_alone(ax, ay, num_classes, best_c), global_model, w)
-        builders["alone"] = lambda ax, ay: fit_alone(ax, ay, num_classes, best_c)
+            builders[f"mix {w:g}"] = lambda ax, ay, w=w: Mix(alone_on(ax, ay), global_model, w)
+        builders["alone"] = alone_on
     losses = {name: record_losses(build(fx, fy), vx, vy) for name, build in builders.items()}
     candidates = tuple(Candidate(n, float(lo.mean()), float(ok.mean()), len(val)) for n, (lo, ok) in losses.items())
     chosen = min(candidates, key=lambda c: c.loss)  # min keeps the first of equals: the one closer to global
