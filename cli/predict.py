@@ -7,13 +7,12 @@ status is 1. A table prints each row's file line (the header is line 1), a text 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fedtransfer.common.data.files import is_tool_litter
+from fedtransfer.common.data.files import folder_images
 
 BATCH = 64  # inputs classified at once
 
@@ -35,30 +34,12 @@ def add_predict_parser(sub: Any) -> None:
     pred.set_defaults(func=predict_command)
 
 
-def _folder_images(root: Path) -> list[Path]:
-    """Image files under `root`, through symlinked folders as a user who linked them means (each real
-    folder once: a link back up is no loop); a broken link with an image suffix is kept, to be named."""
-    from fedtransfer.common.data.sources import IMAGE_SUFFIXES
-
-    files, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders[:] = []
-            continue
-        seen.add(real)
-        subfolders[:] = sorted(d for d in subfolders if not is_tool_litter(d))
-        keep = (n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not is_tool_litter(n))
-        files += [Path(folder) / n for n in keep]
-    return sorted(files)
-
-
 def _image_files(target: Path) -> list[Path]:
     from fedtransfer.common.data.sources import IMAGE_SUFFIXES, DataError
 
     if not target.exists():
         raise DataError(f"{target}: no such file or folder; give an image or a folder of images")
-    files = _folder_images(target) if target.is_dir() else [target]
+    files = folder_images(target) if target.is_dir() else [target]
     if not files:
         raise DataError(f"{target}: no images found (suffixes {sorted(IMAGE_SUFFIXES)})")
     return files

@@ -8,6 +8,7 @@ malformed file is one DataError naming the file, and the member or pixel range a
 from __future__ import annotations
 
 import csv
+import os
 import struct
 import warnings
 import zipfile
@@ -48,6 +49,22 @@ def is_tool_litter(name: str) -> bool:
     """What tools leave beside a user's images, never a record: dot-files and folders (.DS_Store, macOS's
     ._x.png twins, .ipynb_checkpoints/, .thumbnails/) and an archive tool's __MACOSX/."""
     return name.startswith(".") or name == "__MACOSX"
+
+
+def folder_images(root: Path) -> list[Path]:
+    """Image files under `root`, through symlinked folders as a user who linked them means (each real
+    folder once: a link back up is no loop); a broken link with an image suffix is kept, to be named."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(d for d in subfolders if not is_tool_litter(d))
+        keep = (n for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES and not is_tool_litter(n))
+        files += [Path(folder) / n for n in keep]
+    return sorted(files)
 
 
 class DataError(InputError):

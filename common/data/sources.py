@@ -15,6 +15,7 @@ import numpy as np
 from fedtransfer.common.data.files import (
     IMAGE_SUFFIXES,
     DataError,
+    folder_images,
     is_tool_litter,
     read_image,
     read_npz,
@@ -152,15 +153,7 @@ def load_image_folder(
 
 def _class_images(folder: Path) -> list[Path]:
     """A class folder's images at any depth (as torchvision's ImageFolder finds them), hidden entries left out."""
-    if not folder.is_dir():
-        return []
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(is_tool_litter(part) for part in p.relative_to(folder).parts)
-        and (p.is_file() or p.is_symlink())
-    )
+    return folder_images(folder) if folder.is_dir() else []
 
 
 def load_npz(path: Path, classes: tuple[str, ...] | None = None, users: Path | None = None) -> Samples:
