@@ -43,7 +43,7 @@ docs: $(STAMP)
 	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 # the demo's pictures in docs/ (accuracy and ε plots, the audit report's screenshot) and docs/demo-run.json, from a
-# fresh run of configs/demo.yaml (about 8 min here, with the --empirical audit), or from a finished one:
+# fresh run of configs/demo.yaml (17 min here under load, the --empirical audit included), or from a finished one:
 # make docs-images RUN=runs/demo
 docs-images: $(STAMP) browser
 	PYTHONPATH=$(CURDIR) $(PY) docs/refgen/images.py $(if $(RUN),--run $(RUN))

@@ -70,7 +70,7 @@ def _bin(name: str) -> str:
 
 def simulate(run: Path) -> Path:
     """`make demo` into `run`: the shipped demo config, only the output folder elsewhere."""
-    print(f"docs-images: running the demo into {run} (about 4 min on 2 cores)", file=sys.stderr)
+    print(f"docs-images: running the demo into {run} (minutes: 4 on an idle 2-core machine)", file=sys.stderr)
     command = [_bin("fedtransfer"), "simulate", "--config", str(DEMO), "--output", str(run), "--quiet"]
     if subprocess.run(command, check=False).returncode != 0:
         raise InputError(f"the demo run failed: see {run / 'run.log'}")
