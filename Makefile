@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fedtransfer-installed
 # a new .venv takes about 7 GB (torch's CUDA build is most of it): refuse at once, not half-way through pip
 VENV_MIN_GB := 8
 
-.PHONY: demo test check lint bench clean browser docs
+.PHONY: demo test check lint bench clean browser docs docs-images
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { mkdir -p $(dir $(VENV)); free=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -41,6 +41,12 @@ test: $(STAMP) browser docs
 # from this checkout's code, as are the tests'
 docs: $(STAMP)
 	PYTHONPATH=$(CURDIR) NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# the demo's pictures in docs/ (accuracy and ε plots, the audit report's screenshot) and docs/demo-run.json, from a
+# fresh run of configs/demo.yaml (17 min here under load, the --empirical audit included), or from a finished one:
+# make docs-images RUN=runs/demo
+docs-images: $(STAMP) browser
+	PYTHONPATH=$(CURDIR) $(PY) docs/refgen/images.py $(if $(RUN),--run $(RUN))
 
 # The fast lane (minutes): every test that starts no Flower, Ray or deployment process, on two workers. Tests
 # that start one are marked slow by tests/conftest.py from what they use, not by hand

@@ -7,7 +7,7 @@ same sites, data, image size, rounds and ε; the ratio is what to read, not the 
 
     .venv/bin/python -m benchmarks.round_time [--sizes 64 224] [--sites 2] [--samples 128] [--rounds 3]
 
-(default: 64 px only, so that `make bench` stays short; the README figures use --sizes 64 224)
+(default: 64 px only, so that `make bench` stays short; the docs/benchmarks.md figures use --sizes 64 224)
 """
 
 from __future__ import annotations

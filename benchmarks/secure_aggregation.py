@@ -11,7 +11,7 @@ With the default `secagg.num_shares: 1.0` every site is every site's neighbour (
 quadratic in the sites); `--num-shares K` gives each site K neighbours (SecAgg+'s point) with
 `--threshold` of them needed to reconstruct.
 
-    .venv/bin/python -m benchmarks.secure_aggregation [--sites 3 10] [--rounds 3]    # README: --sites 3 10 50
+    .venv/bin/python -m benchmarks.secure_aggregation [--sites 3 10] [--rounds 3]    # the docs: --sites 3 10 50
     .venv/bin/python -m benchmarks.secure_aggregation --sites 50 --num-shares 11 --threshold 6
 """
 
@@ -70,7 +70,7 @@ def run(sites: int, secure: bool, rounds: int, workdir: Path, secagg: dict[str, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10], help="README: 3 10 50 (about 3 min)")
+    parser.add_argument("--sites", type=int, nargs="+", default=[3, 10], help="docs: 3 10 50 (about 3 min)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--num-shares", type=float, default=None, help="secagg.num_shares (default: the config's)")
     parser.add_argument("--threshold", type=float, default=None, help="secagg.reconstruction_threshold")

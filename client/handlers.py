@@ -42,7 +42,7 @@ REFUSALS = (Declined, BudgetExceeded, ConfigError, DataError, EncoderError, lock
 STATE_LOCK_WAIT_S = 120.0  # another process of this site (an earlier message) may still be writing its ledger
 # Training or scoring a head on cached features is many tiny ops (a 1280 x 10 layer on batches of tens): torch's
 # intra-op thread pool only adds waiting, and on a busy or shared machine a 0.2 s message took 2-4 s with 2 threads
-# (README, "What a site keeps between messages"). One thread also makes the result independent of the core count.
+# (docs/explanation/architecture.md, prepared state). One thread also makes the result independent of the core count.
 HEAD_THREADS = 1
 Handler = Callable[[Site, RunConfig, Message], RecordDict]
 

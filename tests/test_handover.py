@@ -85,8 +85,8 @@ def test_a_decimal_comma_is_named(tmp_path: Path) -> None:
     assert "line 2 column balance" in message and "decimals with a point" in message
 
 
-def test_the_readme_semicolon_example_loads_with_the_demo_schema(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+def test_the_manuals_semicolon_example_loads_with_the_demo_schema(tmp_path: Path) -> None:
+    readme = (ROOT / "docs" / "how-to" / "tables.md").read_text(encoding="utf-8")
     block = readme[readme.index("```\nrownames;default") + 4 :]
     path = tmp_path / "export.csv"
     path.write_text(block[: block.index("```")], encoding="utf-8")

@@ -62,7 +62,7 @@ def test_every_shipped_configs_plan_and_epsilon_are_unchanged(config: str, site:
 
 
 def test_the_demo_still_spends_what_the_readme_says() -> None:
-    """README: demo per-site ε 2.993 (δ = 1e-5, PRV, round 0's statistics release included)."""
+    """README.md, docs/demo-run.json: demo per-site ε 2.993 (δ = 1e-5, PRV, round 0's statistics release included)."""
     spent = {round(s["epsilon"], 3) for s in FIXTURE["demo.yaml"]}
     assert spent == {2.993}
     assert max(epsilon_of(_history(s), 1e-5, "prv") for s in FIXTURE["demo.yaml"]) == max(

