@@ -66,7 +66,7 @@ def _entry_rdp(step: SelfComposedDpEvent, individual: bool) -> tuple[float, ...]
     """One history entry's RDP at every order: a Skellam round's (ours) or a Gaussian one's (Opacus)."""
     q, steps, m = step.sample_rate, step.count, step.mechanism
     if isinstance(m, SkellamDpEvent):
-        variance = m.variance / m.min_survivors if individual else m.variance  # one site's message: its share
+        variance = m.share if individual else m.variance  # one site's message: its share μ/(K_min − t)
         return tuple(steps * subsampled_rdp(a, q, variance, m.l1_sensitivity, m.l2_sensitivity) for a in ORDERS)
     return tuple(compute_rdp(q=q, noise_multiplier=m.noise_multiplier, steps=steps, orders=list(ORDERS)))
 
@@ -74,7 +74,7 @@ def _entry_rdp(step: SelfComposedDpEvent, individual: bool) -> tuple[float, ...]
 def epsilon(history: tuple[SelfComposedDpEvent, ...], delta: float, individual: bool = False) -> float:
     """(ε at δ) of a history that holds Skellam rounds (and maybe Gaussian steps), composed in RDP.
 
-    `individual`: against one site's own message (variance μ/K_min) instead of the aggregate (μ).
+    `individual`: against one site's own message (variance μ/(K_min − t)) instead of the aggregate (μ).
     """
     total = np.zeros(len(ORDERS))
     for step in history:

@@ -96,8 +96,8 @@ def replay_epsilon(cfg: RunConfig, history: History, message: Message) -> float:
 
 
 def honest_others(plan: SkellamPlan) -> int:
-    """The other survivors whose shares the coordinator cannot subtract: K_min − 1."""
-    return plan.min_survivors - 1
+    """The other survivors whose shares the coordinator cannot subtract: K_min − 1 − t."""
+    return plan.honest_survivors - 1
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def _coordinator_view(
         variance, quanta = plan.stats_variance, stats_quanta(plan.stats_quantum)
     else:
         variance, quanta = plan.noise_variance, dict.fromkeys(values, plan.quantum)
-    others = honest_others(plan) * variance / plan.min_survivors
+    others = honest_others(plan) * variance / plan.honest_survivors
     return {
         k: v if k in frozen else v + sample(v.shape, others, generator, v.device) * quanta[k] for k, v in values.items()
     }

@@ -2,8 +2,9 @@
 
 Under distributed trust a site's ε against the coordinator holds only if the masked sum of
 the fewest sites SecAgg+ unmasks carries the planned Skellam variance μ: so each site's own
-log must show, for every training, the Skellam mechanism with a share μ/K_min where K_min
-is what the run's SecAgg+ threshold allows (`SecAggConfig.fewest_survivors`), the unit γ the
+log must show, for every training, the Skellam mechanism with a share μ/(K_min − t) where K_min
+is what the run's SecAgg+ threshold allows (`SecAggConfig.fewest_survivors`) and t the sites that may
+reveal their shares (privacy.colluding_sites, logged with each training), the unit γ the
 clip norm gives, and the same plan at every site. The second ε, against one site's own
 message, is recomputed from the same logs and compared with the site's claim in privacy.json.
 """
@@ -66,8 +67,12 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
             f"planned for {rec.min_survivors} surviving sites, but the run's SecAgg+ threshold lets a round "
             f"unmask {survivors}"
         )
-    if not math.isclose(rec.noise_share * rec.min_survivors, rec.noise_variance, rel_tol=1e-9):
-        return f"added variance {rec.noise_share:g}, not μ/K_min = {rec.noise_variance / rec.min_survivors:g}"
+    t = cfg.privacy.colluding_sites
+    if rec.colluding_sites != t:
+        return f"planned its share for {rec.colluding_sites} colluding sites, the run's privacy.colluding_sites is {t}"
+    if not math.isclose(rec.noise_share * (rec.min_survivors - t), rec.noise_variance, rel_tol=1e-9):
+        wanted = rec.noise_variance / (rec.min_survivors - t)
+        return f"added variance {rec.noise_share:g}, not μ/(K_min − t) = {wanted:g}"
     bound = STATS_NORM if release else cfg.privacy.max_grad_norm  # the statistics: a unit's (sums, counts/4) norm
     if rec.quantum != cfg.secagg.quantum(bound) or rec.clip_norm != bound:
         return f"quantum {rec.quantum:g} and clip norm {rec.clip_norm:g} are not the run's"
