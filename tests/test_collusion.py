@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from fedtransfer.client.site import Declined, enforce_policy
 from fedtransfer.common.config.run import ConfigError, SitePolicy, config_from_dict
 from fedtransfer.common.privacy import skellam
@@ -14,6 +15,7 @@ from fedtransfer.common.privacy.events import from_json, skellam_steps, to_json
 from fedtransfer.common.privacy.mechanisms import event_of, mechanism_for
 from fedtransfer.common.privacy.plans import SkellamPlan
 from fedtransfer.common.wire.protocol import DPRecord
+from fedtransfer.server.audit.empirical_replay import _coordinator_view, honest_others
 from fedtransfer.server.audit.trust import _share_problem
 
 TARGET, DELTA, ROUNDS = 3.0, 1e-5, 30
@@ -115,3 +117,14 @@ def test_a_site_policy_can_require_a_minimum_of_colluding_sites() -> None:
     enforce_policy(policy, planned, plan, 0.0, distributed=True, policy_file=Path("sites/a.yaml"))
     with pytest.raises(ConfigError, match=r"^policy\.min_colluding_sites: must be >= 0"):
         SitePolicy(min_colluding_sites=-1)
+
+
+def test_the_canary_replay_adds_only_the_honest_others_shares_under_t() -> None:
+    """The coordinator's view in the canary test: the site's share plus K_min − 1 − t others' carry exactly μ."""
+    plan = _plan(1)
+    assert honest_others(plan) == 1
+    zeros = {"w": torch.zeros(200_000, dtype=torch.float64)}
+    seen = _coordinator_view(zeros, plan, "aggregate", torch.Generator().manual_seed(0))["w"] / plan.quantum
+    assert float(seen.var()) == pytest.approx(plan.noise_share, rel=0.02)  # one other honest share
+    assert plan.noise_share * (1 + honest_others(plan)) == pytest.approx(plan.noise_variance)
+    assert _coordinator_view(zeros, plan, "own", torch.Generator().manual_seed(0)) is zeros  # bypassed: alone
