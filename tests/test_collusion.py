@@ -128,3 +128,20 @@ def test_the_canary_replay_adds_only_the_honest_others_shares_under_t() -> None:
     assert float(seen.var()) == pytest.approx(plan.noise_share, rel=0.02)  # one other honest share
     assert plan.noise_share * (1 + honest_others(plan)) == pytest.approx(plan.noise_variance)
     assert _coordinator_view(zeros, plan, "own", torch.Generator().manual_seed(0)) is zeros  # bypassed: alone
+
+
+def test_the_audit_fails_a_run_that_announces_another_t_than_its_config(tmp_path: Path) -> None:
+    from fedtransfer.server.audit.findings import Entry, Evidence, Findings
+    from fedtransfer.server.audit.trust import audit_announced_trust
+
+    cfg = config_from_dict(RUN | {"privacy": RUN["privacy"] | {"colluding_sites": 1}})
+    log = tmp_path / "audit.jsonl"
+
+    def failures(started: dict) -> list[str]:
+        record = {"event": "run-started", "trust": "distributed", "min_survivors": 3, **started}
+        found = Findings()
+        audit_announced_trust(Evidence(tmp_path, log, [], True, "r", cfg, server=[Entry(log, 1, record)]), [], found)
+        return [f.reason for f in found.failures]
+
+    assert failures({"colluding_sites": 1}) == []
+    assert failures({}) == ["run-started announces privacy.colluding_sites 0; the run's config gives 1"]

@@ -102,8 +102,8 @@ def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
 
 
 def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings) -> None:
-    """The trust (and, distributed, the fewest survivors) the server announced at run-started and every resume:
-    the config's, and what each site's log shows it planned its noise share for.
+    """The trust (and, distributed, the fewest survivors and colluding sites) the server announced at run-started
+    and every resume: the config's, and what each site's log shows it planned its noise share for.
 
     A run-started record of a local-trust run may name no trust (runs recorded before the field existed):
     local trust promises no shares.
@@ -124,6 +124,14 @@ def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings
                 entry,
                 f"{entry.event} announces trust {said[0]!r} with min_survivors {said[1]!r}; "
                 f"the run's config gives {trust!r} with {survivors!r}",
+            )
+        colluding = entry.record.get("colluding_sites", 0)  # runs recorded before the key: t = 0
+        if distributed and colluding != ev.cfg.privacy.colluding_sites:
+            found.fail_at(
+                CHECK,
+                entry,
+                f"{entry.event} announces privacy.colluding_sites {colluding!r}; "
+                f"the run's config gives {ev.cfg.privacy.colluding_sites}",
             )
     announced = starts[0].record.get("min_survivors") if starts and distributed else None
     for u in trainings if announced is not None else []:
