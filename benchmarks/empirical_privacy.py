@@ -6,6 +6,10 @@ with canaries, attacked, bounded with the one-run method. Prints a table and wri
 empirical_privacy.json into benchmarks/results/ (or $FEDTRANSFER_BENCH_RESULTS).
 
     .venv/bin/python -m benchmarks.empirical_privacy [--config configs/demo.yaml] [--canaries 1000]
+
+Under distributed trust (configs/distributed.yaml) `--message own` attacks the site's message alone against
+its own-message ε; the default attacks what the SecAgg+ sum shows against the aggregate's ε. Those write
+empirical_privacy_distributed_{aggregate,own}.json.
 """
 
 from __future__ import annotations
@@ -47,6 +51,27 @@ def _row(target: float | None, result: Any, seconds: float) -> dict[str, Any]:
     }
 
 
+def _params(args: argparse.Namespace, cfg: Any, site: Any, settings: CanarySettings) -> dict[str, Any]:
+    """What the run measured: the config's training and privacy settings, the site's size, the canaries."""
+    return {
+        "config": args.config,
+        "site": args.site,
+        "training_samples": len(site.labels),
+        "feature_dim": int(site.features.shape[1]),
+        "rounds": cfg.train.rounds,
+        "local_epochs": cfg.train.local_epochs,
+        "batch_size": cfg.train.batch_size,
+        "delta": cfg.privacy.target_delta,
+        "accountant": cfg.privacy.accountant,
+        "trust": cfg.privacy.trust,
+        "message": args.message,
+        "num_canaries": settings.num_canaries,
+        "confidence": settings.confidence,
+        "guess_counts": settings.guess_counts,
+        "seed": settings.seed,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/demo.yaml", help="run config (default: configs/demo.yaml)")
@@ -55,6 +80,12 @@ def main() -> None:
     parser.add_argument("--canaries", type=int, default=1000)
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--message",
+        choices=("aggregate", "own"),
+        default="aggregate",
+        help="distributed trust: attack the SecAgg+ sum (default) or the site's own message, each against its claim",
+    )
     args = parser.parse_args()
     cfg = load_config(args.config)
     settings = CanarySettings(args.canaries, args.confidence, args.seed)
@@ -66,31 +97,22 @@ def main() -> None:
     for epsilon in [*args.epsilons, None]:
         start = time.perf_counter()
         if epsilon is None:  # noise off, clipping off: what a broken DP implementation would release
-            result = audit_training(site.features, site.labels, site.num_classes, cfg, settings, private=False)
+            result = audit_training(
+                site.features, site.labels, site.num_classes, cfg, settings, private=False, message=args.message
+            )
         else:
-            result = audit_training(site.features, site.labels, site.num_classes, with_target(cfg, epsilon), settings)
+            result = audit_training(
+                site.features, site.labels, site.num_classes, with_target(cfg, epsilon), settings, message=args.message
+            )
         rows.append(_row(epsilon, result, time.perf_counter() - start))
     widths = [max(len(c), *(len(r[c]) for r in rows)) for c in COLUMNS]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths, strict=True)))
     for r in rows:
         print("  ".join(r[c].ljust(w) for c, w in zip(COLUMNS, widths, strict=True)))
-    params = {
-        "config": args.config,
-        "site": args.site,
-        "training_samples": len(site.labels),
-        "feature_dim": int(site.features.shape[1]),
-        "rounds": cfg.train.rounds,
-        "local_epochs": cfg.train.local_epochs,
-        "batch_size": cfg.train.batch_size,
-        "delta": cfg.privacy.target_delta,
-        "accountant": cfg.privacy.accountant,
-        "num_canaries": settings.num_canaries,
-        "confidence": settings.confidence,
-        "guess_counts": settings.guess_counts,
-        "seed": settings.seed,
-    }
+    params = _params(args, cfg, site, settings)
     machine = {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    result = results_dir() / "empirical_privacy.json"
+    name = "empirical_privacy" if cfg.privacy.trust == "local" else f"empirical_privacy_distributed_{args.message}"
+    result = results_dir() / f"{name}.json"  # a distributed run's two claims keep files of their own
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps({"params": params, "machine": machine, "rows": rows}, indent=2, ensure_ascii=False))
     print(f"written: {result}")

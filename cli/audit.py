@@ -107,6 +107,9 @@ def _print_summary(run_dir: Path, report: AuditReport) -> None:
             bound, control = s.empirical.eps_lower_bound, s.control.eps_lower_bound
             claimed = fmt(s.empirical.claimed_epsilon)
             line += f"; empirical ε ≥ {bound:.3f} vs claimed {claimed} (no DP: ≥ {control:.3f})"
+        if s.own_message is not None:
+            own = s.own_message
+            line += f"; own message: empirical ε ≥ {own.eps_lower_bound:.3f} vs claimed {fmt(own.claimed_epsilon)}"
         print(line)
     for note in report.notes:
         print(f"  note: {note}")

@@ -50,6 +50,7 @@ class Site:
     test_y: torch.Tensor
     simulated: bool = False
     prepared: PreparedState | None = None  # deployed sites: what earlier processes computed (client/prepared.py)
+    policy_file: Path | None = None  # the site's own config file its policy came from (named when it refuses)
 
     def plan(self, planner: Callable[..., Plan], **arguments: Any) -> Plan:
         """`planner(**arguments)` (a mechanism's planner), from the site's records when it has one."""
@@ -167,6 +168,7 @@ def _deployed_site(node: dict, cfg: RunConfig, cache: ProcessCache) -> Site:
         policy=sc.policy,
         accept_app_version=sc.accept_app_version,
         prepared=prepared,
+        policy_file=config,
     )
 
 
@@ -181,6 +183,7 @@ def _make_site(
     accept_app_version: str | None = None,
     simulated: bool = False,
     prepared: PreparedState | None = None,
+    policy_file: Path | None = None,
 ) -> Site:
     train_x, _ = cached_features(encoder, data.train, cache_dir)
     test_x, _ = cached_features(encoder, data.test, cache_dir)
@@ -199,6 +202,7 @@ def _make_site(
         torch.from_numpy(data.test.labels),
         simulated,
         prepared,
+        policy_file,
     )
 
 
@@ -218,11 +222,19 @@ def _secret_seed(state_dir: Path) -> int:
 
 
 def enforce_policy(
-    policy: SitePolicy | None, cfg: RunConfig, plan: Plan | None, spent_other_runs: float, *, distributed: bool = False
+    policy: SitePolicy | None,
+    cfg: RunConfig,
+    plan: Plan | None,
+    spent_other_runs: float,
+    *,
+    distributed: bool = False,
+    policy_file: Path | None = None,
 ) -> None:
-    """Refuse a plan that would exceed the site's own limits, naming the limit (common/privacy/policy.py).
+    """Refuse a plan that would exceed the site's own limits, naming the limit (common/privacy/policy.py) and
+    the site's config file it is set in (`policy_file`, when known).
 
-    `distributed`: the run's mechanism adds only a share of the noise (a policy may refuse that).
+    `distributed`: the run's mechanism adds only a share of the noise (a policy may refuse that, or require that
+    it hold against some sites revealing their shares: policy.min_colluding_sites).
     """
     if policy is None:
         return
@@ -237,6 +249,8 @@ def enforce_policy(
         epsilon_scope=scope,
         trainings=() if plan is None else (DPSettings("the plan", plan.noise_multiplier, plan.max_grad_norm),),
         distributed_trust=distributed,
+        colluding_sites=cfg.privacy.colluding_sites,
     )
     if violations := policy_violations(policy, use):
-        raise Declined(f"site policy: {'; '.join(violations)}")
+        where = "" if policy_file is None else f" ({policy_file})"
+        raise Declined(f"site policy{where}: {'; '.join(violations)}")

@@ -93,7 +93,7 @@ def privacy_plan(
     except ValueError as err:  # δ ≥ 1/n for this site, secure_mode without torchcsprng, a share that could wrap
         raise Declined(str(err)) from None
     spent = 0.0 if plan is None else ledger.spent_in_other_runs(cfg.privacy.target_delta, cfg.privacy.accountant)
-    enforce_policy(site.policy, cfg, plan, spent, distributed=mechanism.distributed)
+    enforce_policy(site.policy, cfg, plan, spent, distributed=mechanism.distributed, policy_file=site.policy_file)
     return plan
 
 

@@ -23,6 +23,7 @@ from fedtransfer.common.config.run import config_from_dict, load_site_config
 from fedtransfer.common.privacy.calibration import epsilon_of
 from fedtransfer.common.privacy.dp_sgd import TrainOutcome
 from fedtransfer.common.privacy.events import gaussian_steps
+from fedtransfer.common.privacy.mechanisms import fedavg_local
 from fedtransfer.common.storage.audit_log import record_hash
 from fedtransfer.common.storage.finite_json import finite
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
@@ -242,7 +243,7 @@ def test_empirical_bound_of_the_honest_run_is_below_the_claim(honest_run: Path, 
 
 def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tmp_path: Path, capsys, monkeypatch):
     """A broken site: it accounts for DP-SGD but trains without noise or clipping."""
-    real = empirical_audit.train_head
+    real = fedavg_local.train_head
 
     def broken(head, features, labels, opts, plan, history, seed, secure_mode=False) -> TrainOutcome:
         outcome = real(head, features, labels, opts, None, history, seed)
@@ -251,7 +252,7 @@ def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tm
         )
         return TrainOutcome(outcome.loss, outcome.steps, claimed)
 
-    monkeypatch.setattr(empirical_audit, "train_head", broken)
+    monkeypatch.setattr(fedavg_local, "train_head", broken)  # the mechanism the audit replays
     code = main(["audit", str(honest_run), "--empirical", "--canaries", "400", "--report-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 1

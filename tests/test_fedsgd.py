@@ -29,10 +29,9 @@ from fedtransfer.common.privacy.fedsgd import (
     whitened_sensitivity,
 )
 from fedtransfer.common.privacy.ledger import PrivacyLedger
-from fedtransfer.common.privacy.mechanisms import event_of
+from fedtransfer.common.privacy.mechanisms import event_of, fedsgd_local
 from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
-from fedtransfer.server.audit import empirical_fedsgd
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
 from fedtransfer.server.federation.strategy import FedSGD, ScreenedStrategy, server_step
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
@@ -332,7 +331,7 @@ def test_canary_audit_on_fedsgd_passes_the_honest_site_and_catches_one_without_n
     honest = audit_training(x, y, 10, cfg, CanarySettings(num_canaries=400))
     assert honest.claimed_epsilon == pytest.approx(1.0, abs=0.03)
     assert not honest.exceeds_claim
-    monkeypatch.setattr(empirical_fedsgd, "add_noise", lambda sums, std, gen, secure=False, skip=(): dict(sums))
+    monkeypatch.setattr(fedsgd_local, "add_noise", lambda sums, std, gen, secure=False, skip=(): dict(sums))
     broken = audit_training(x, y, 10, cfg, CanarySettings(num_canaries=400))
     assert broken.claimed_epsilon == pytest.approx(honest.claimed_epsilon)  # it still claims the DP it lacks
     assert broken.exceeds_claim, broken.eps_lower_bound

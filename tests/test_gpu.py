@@ -45,3 +45,17 @@ def test_auto_device_picks_the_gpu_and_the_head_trains_there_with_dp() -> None:
     assert epsilon_of(out.history, 1e-3, "rdp") <= 3.0 + 1e-9
     scores = evaluate_head(head, feats, labels)
     assert np.isfinite(scores.loss) and 0.0 <= scores.accuracy <= 1.0
+
+
+def test_skellam_shares_are_exact_with_a_gpu_generator() -> None:
+    """A GPU site's generator lives on CUDA; its Skellam share is still drawn in int64 on the CPU (CUDA's
+    torch.poisson counts in 32 bits and would wrap at this variance), then moved to the GPU exactly."""
+    from fedtransfer.common.privacy import skellam
+
+    mu, n = 2.0**40, 200_000
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    integers = skellam.sample_integers(torch.Size([n]), mu, generator)
+    assert integers.dtype == torch.int64 and integers.device.type == "cpu"
+    assert float(integers.double().var()) == pytest.approx(mu, rel=0.02)
+    moved = skellam.sample(torch.Size([n]), mu, torch.Generator(device="cuda").manual_seed(3), torch.device("cuda"))
+    assert moved.device.type == "cuda" and torch.equal(moved.cpu(), integers.double())

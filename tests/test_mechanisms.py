@@ -45,6 +45,7 @@ def _as_old_fields(plan: GaussianPlan | SkellamPlan) -> dict[str, Any]:
         "steps_per_round": plan.steps_per_round,
         "mechanism": None,
     }
+    assert out.pop("colluding_sites") == 0  # shipped configs plan for t = 0: 622fd32's shares, to the digit
     return out | {k: out[k] or 0.0 for k in ("stats_variance", "stats_l1", "stats_l2", "stats_quantum")}
 
 

@@ -80,6 +80,29 @@ def test_sampler_has_the_variance_and_sums_to_a_skellam() -> None:
     assert abs(float(total.mean())) < 0.1
 
 
+def test_sampler_is_exact_past_32_bits() -> None:
+    """CUDA's torch.poisson counts in 32 bits: at μ = 2^40 (each Poisson draw ~2^39) it would wrap."""
+    mu, n = 2.0**40, 200_000
+    noise = skellam.sample_integers(torch.Size([n]), mu, torch.Generator().manual_seed(1))
+    assert noise.dtype == torch.int64 and noise.device.type == "cpu"
+    assert float(noise.double().var()) == pytest.approx(mu, rel=0.02)
+    assert abs(float(noise.double().mean())) < 5 * math.sqrt(mu / n)
+
+
+def test_the_sampler_draws_on_the_cpu_whatever_device_it_is_asked_for(monkeypatch) -> None:
+    def device_poisson(*_: object, **__: object) -> torch.Tensor:
+        raise AssertionError("the Skellam share must not come from torch.poisson on the model's device")
+
+    monkeypatch.setattr(torch, "poisson", device_poisson)
+    integers = skellam.sample_integers(torch.Size([4, 5]), 1e6, torch.Generator().manual_seed(7))
+    moved = skellam.sample(torch.Size([4, 5]), 1e6, torch.Generator().manual_seed(7), torch.device("meta"))
+    assert (moved.device.type, moved.dtype, moved.shape) == ("meta", torch.float64, integers.shape)
+    on_cpu = skellam.sample(torch.Size([4, 5]), 1e6, torch.Generator().manual_seed(7), torch.device("cpu"))
+    assert torch.equal(on_cpu, integers.double())  # the same integers, only moved: the path has no device
+    other = skellam.sample_integers(torch.Size([4, 5]), 1e6, torch.Generator().manual_seed(8))
+    assert not torch.equal(other, integers)  # keyed by the site's generator: seeds differ, noise differs
+
+
 def test_quantised_sum_is_integer_and_one_unit_moves_it_within_the_sensitivity() -> None:
     torch.manual_seed(0)
     x, y = torch.randn(40, 16), torch.randint(0, 3, (40,))

@@ -20,7 +20,7 @@ from fedtransfer.common.data.sources import DataError, SiteData, load_source
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
-from fedtransfer.server.audit.empirical_fedsgd import canary_units
+from fedtransfer.server.audit.empirical_replay import canary_units
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 from PIL import Image
 

@@ -180,6 +180,14 @@ class RunConfig:
                 ),
             ):
                 _require(ok, key, f"{why} under privacy.trust: distributed", value)
+            fewest = self.secagg.fewest_survivors(self.train.min_sites)
+            _require(
+                self.privacy.colluding_sites < fewest,
+                "privacy.colluding_sites",
+                f"must be below K_min = {fewest}, the fewest sites SecAgg+ unmasks (train.min_sites and "
+                "secagg.reconstruction_threshold): at least one honest share must carry the noise",
+                self.privacy.colluding_sites,
+            )
         if self.secure_aggregation and self.train.protocol == "fedsgd":
             s = self.secagg
             for key, value in (("clipping_range", s.clipping_range), ("quantization_range", s.quantization_range)):

@@ -64,6 +64,9 @@ class SitePolicy:
     # privacy.trust: distributed: the site adds only its share of the noise, so its ε against the coordinator rests
     # on SecAgg+ and on the other surviving sites adding theirs; a site opts in to that
     allow_distributed_trust: bool = False
+    # ... and on fewer than this many sites revealing their own shares to the coordinator: a site may require that
+    # the run plan for at least this many (privacy.colluding_sites)
+    min_colluding_sites: int = 0
     personal: SitePersonal = field(default_factory=SitePersonal)  # its own model: its choices win over the run's
 
     def __post_init__(self) -> None:
@@ -74,6 +77,7 @@ class SitePolicy:
             self.min_noise_multiplier >= 0, "policy.min_noise_multiplier", "must be >= 0", self.min_noise_multiplier
         )
         require(self.max_clip_norm > 0, "policy.max_clip_norm", "must be > 0", self.max_clip_norm)
+        require(self.min_colluding_sites >= 0, "policy.min_colluding_sites", "must be >= 0", self.min_colluding_sites)
 
 
 @dataclass(frozen=True)

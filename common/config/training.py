@@ -99,6 +99,9 @@ class PrivacyConfig:
     # local: a site's own noise gives its ε against everyone. distributed (fedsgd under secure_aggregation): each
     # site adds its share of discrete (Skellam) noise; the sum of the fewest sites SecAgg+ unmasks carries it all
     trust: Literal["local", "distributed"] = "local"
+    # distributed trust: the sites that may reveal their own noise share to the coordinator (who subtracts it);
+    # the shares are planned so the K_min − t honest ones carry the whole variance (docs/explanation/privacy.md)
+    colluding_sites: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -115,3 +118,4 @@ class PrivacyConfig:
             0 < self.target_delta < 1, "privacy.target_delta", "must be in (0, 1) and below 1/n", self.target_delta
         )
         _require(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
+        _require(self.colluding_sites >= 0, "privacy.colluding_sites", "must be >= 0", self.colluding_sites)

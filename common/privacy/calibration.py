@@ -104,20 +104,22 @@ def plan_distributed(
     gamma: float,
     stats_gamma: float,
     unit: str = "record",
+    colluding_sites: int = 0,
     stats_share: float | None = None,
     feature_dim: int = 0,
     num_classes: int = 0,
 ) -> SkellamPlan:
     """fedsgd under distributed trust: the Skellam variance μ of the aggregate of `min_survivors` or more sites.
 
-    μ is calibrated so that `rounds` Poisson-subsampled Skellam rounds meet the target for
-    the aggregate; each site adds μ/K_min. `gamma` and `stats_gamma` are the integer units of the
-    gradient sums and of the statistics (the run's SecAggConfig.quantum of their norm bounds; plain
-    floats, so that a deployed site can remember the plan). With `stats_share`, the feature statistics
-    (`feature_dim`, `num_classes`) come first as one Skellam release at rate 1
-    (fedtransfer.common.privacy.fedsgd.stats_sensitivities): as for the Gaussian release, it takes
-    `stats_share` of the precision 1/μ of the one release that alone meets the target, and the rounds
-    are calibrated on what is left (bisection over the composed ε).
+    μ is calibrated so that `rounds` Poisson-subsampled Skellam rounds meet the target for the aggregate; each
+    site adds μ/(K_min − t), t = `colluding_sites` that may reveal their shares, so that the K_min − t honest
+    shares carry μ (the accounting of μ is unchanged; only the share grows). `gamma` and `stats_gamma` are the
+    integer units of the gradient sums and of the statistics (the run's SecAggConfig.quantum of their norm
+    bounds; plain floats, so that a deployed site can remember the plan). With `stats_share`, the feature
+    statistics (`feature_dim`, `num_classes`) come first as one Skellam release at rate 1
+    (fedtransfer.common.privacy.fedsgd.stats_sensitivities): as for the Gaussian release, it takes `stats_share`
+    of the precision 1/μ of the one release that alone meets the target, and the rounds are calibrated on what
+    is left (bisection over the composed ε).
     """
     _check_delta(num_units, target_delta, unit)
     d1, d2 = skellam.sensitivities(max_grad_norm, gamma, dim)
@@ -127,7 +129,9 @@ def plan_distributed(
         s1, s2 = stats_sensitivities(feature_dim, num_classes, unit == "user", stats_gamma)
         stats_mu = skellam.calibrate_variance(1.0, 1, target_epsilon, target_delta, s1, s2) / stats_share
         release = {"stats_variance": stats_mu, "stats_l1": s1, "stats_l2": s2, "stats_quantum": stats_gamma}
-        prefix = (skellam_steps(stats_mu, 1.0, 1, l1=s1, l2=s2, min_survivors=min_survivors),)
+        prefix = (
+            skellam_steps(stats_mu, 1.0, 1, l1=s1, l2=s2, min_survivors=min_survivors, colluding_sites=colluding_sites),
+        )
     mu = skellam.calibrate_variance(sample_rate, rounds, target_epsilon, target_delta, d1, d2, prefix)
     return SkellamPlan(
         noise_variance=mu,
@@ -142,6 +146,7 @@ def plan_distributed(
         l2_sensitivity=d2,
         unit=unit,
         **release,
+        colluding_sites=colluding_sites,
     )
 
 

@@ -1,10 +1,11 @@
 """What a site spent, as typed events: the accountant's history (as dp-accounting's DpEvents, without its dependency).
 
-A history is a list of `SelfComposedDpEvent(PoissonSampledDpEvent(q, mechanism), count)`: `count`
-steps, each one Poisson-subsampled at rate q, of a Gaussian or a Skellam mechanism. The accounting
-(`fedtransfer.common.privacy.calibration.epsilon_of`) reads the mechanism's type, not a tag inside a
-tuple. On disk (the ledger) each event keeps the list it had before events existed, `[σ, q, n]` or
-`["skellam", μ, q, n, Δ1, Δ2, K_min]` (`to_json`, `from_json`), so ledgers already on sites' disks load.
+A history is a list of `SelfComposedDpEvent(PoissonSampledDpEvent(q, mechanism), count)`: `count` steps, each one
+Poisson-subsampled at rate q, of a Gaussian or a Skellam mechanism. The accounting
+(`fedtransfer.common.privacy.calibration.epsilon_of`) reads the mechanism's type, not a tag inside a tuple. On disk
+(the ledger) each event keeps the list it had before events existed, `[σ, q, n]` or `["skellam", μ, q, n, Δ1, Δ2,
+K_min]` (then t, privacy.colluding_sites, when it is not 0) (`to_json`, `from_json`), so ledgers already on sites'
+disks load.
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ class GaussianDpEvent:
 class SkellamDpEvent:
     """Skellam noise of variance `variance` μ on the aggregate of at least `min_survivors` sites' integer sums.
 
-    The sensitivities are the integer ones (common/privacy/skellam.py); one site's own message carries μ/K_min.
+    The sensitivities are the integer ones (common/privacy/skellam.py). `colluding_sites` t of the survivors may
+    reveal their shares, so each site adds μ/(K_min − t): one site's own message carries that (`share`).
     """
 
     variance: float
     l1_sensitivity: float
     l2_sensitivity: float
     min_survivors: int
+    colluding_sites: int = 0
+
+    @property
+    def share(self) -> float:
+        """The variance one site adds: μ/(K_min − t)."""
+        return self.variance / (self.min_survivors - self.colluding_sites)
 
 
 @dataclass(frozen=True)
@@ -69,11 +77,18 @@ def gaussian_steps(noise_multiplier: float, sample_rate: float, steps: int) -> S
 
 
 def skellam_steps(
-    variance: float, sample_rate: float, steps: int, *, l1: float, l2: float, min_survivors: int
+    variance: float,
+    sample_rate: float,
+    steps: int,
+    *,
+    l1: float,
+    l2: float,
+    min_survivors: int,
+    colluding_sites: int = 0,
 ) -> SelfComposedDpEvent:
     """`steps` Poisson-subsampled Skellam rounds of the aggregate's variance μ."""
     return SelfComposedDpEvent(
-        PoissonSampledDpEvent(sample_rate, SkellamDpEvent(variance, l1, l2, min_survivors)), steps
+        PoissonSampledDpEvent(sample_rate, SkellamDpEvent(variance, l1, l2, min_survivors, colluding_sites)), steps
     )
 
 
@@ -100,15 +115,24 @@ def to_json(e: SelfComposedDpEvent) -> list[Any]:
     """The ledger's list for one event, as ledgers were written before events existed."""
     m = e.mechanism
     if isinstance(m, SkellamDpEvent):
-        return [SKELLAM_TAG, m.variance, e.sample_rate, e.count, m.l1_sensitivity, m.l2_sensitivity, m.min_survivors]
+        out = [SKELLAM_TAG, m.variance, e.sample_rate, e.count, m.l1_sensitivity, m.l2_sensitivity, m.min_survivors]
+        return [*out, m.colluding_sites] if m.colluding_sites else out  # t = 0: the list ledgers always had
     return [m.noise_multiplier, e.sample_rate, e.count]
 
 
 def from_json(raw: Sequence[Any]) -> SelfComposedDpEvent:
     """One ledger list back as an event; ValueError for a list of neither shape."""
-    if len(raw) == 7 and raw[0] == SKELLAM_TAG:
-        _, mu, q, n, d1, d2, k_min = raw
-        return skellam_steps(float(mu), float(q), int(n), l1=float(d1), l2=float(d2), min_survivors=int(k_min))
+    if len(raw) in (7, 8) and raw[0] == SKELLAM_TAG:
+        _, mu, q, n, d1, d2, k_min, *t = raw
+        return skellam_steps(
+            float(mu),
+            float(q),
+            int(n),
+            l1=float(d1),
+            l2=float(d2),
+            min_survivors=int(k_min),
+            colluding_sites=int(t[0]) if t else 0,
+        )
     if len(raw) == 3 and not isinstance(raw[0], str):
         sigma, q, n = raw
         return gaussian_steps(float(sigma), float(q), int(n))

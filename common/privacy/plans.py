@@ -63,8 +63,10 @@ class GaussianPlan:
 class SkellamPlan:
     """Skellam noise of variance μ (in units of γ²) on the aggregate of the fewest sites SecAgg+ unmasks.
 
-    Each site adds μ/K_min (`noise_share`). The statistics release, when the run has one, is its own
-    Skellam release with its variance, integer sensitivities and quantum (`stats_*`, None without it).
+    Each site adds μ/(K_min − t) (`noise_share`), t the sites that may reveal their own shares
+    (privacy.colluding_sites): any K_min − t honest shares then carry μ. The statistics release, when the run
+    has one, is its own Skellam release with its variance, integer sensitivities and quantum (`stats_*`, None
+    without it).
     """
 
     noise_variance: float
@@ -82,6 +84,7 @@ class SkellamPlan:
     stats_l1: float | None = None
     stats_l2: float | None = None
     stats_quantum: float | None = None
+    colluding_sites: int = 0  # t: sites that may reveal their shares; the K_min − t honest shares carry μ
 
     distributed = True  # ε holds for the aggregate; a second ε against the site's own message
     accountant = "rdp"  # the Skellam mechanism is accounted in RDP (common/privacy/skellam.py)
@@ -107,9 +110,19 @@ class SkellamPlan:
         return math.sqrt(self.stats_variance) / self.stats_l2
 
     @property
+    def honest_survivors(self) -> int:
+        """K_min − t: the fewest shares the coordinator cannot subtract, which together carry the planned variance."""
+        return self.min_survivors - self.colluding_sites
+
+    @property
     def noise_share(self) -> float:
-        """The Skellam variance this site adds per coordinate: μ/K_min."""
-        return self.noise_variance / self.min_survivors
+        """The Skellam variance this site adds per coordinate: μ/(K_min − t)."""
+        return self.noise_variance / self.honest_survivors
+
+    @property
+    def stats_share(self) -> float | None:
+        """The Skellam variance this site adds to each statistics coordinate: μ_stats/(K_min − t)."""
+        return None if self.stats_variance is None else self.stats_variance / self.honest_survivors
 
     @property
     def round_event(self) -> SelfComposedDpEvent:
@@ -120,6 +133,7 @@ class SkellamPlan:
             l1=self.l1_sensitivity,
             l2=self.l2_sensitivity,
             min_survivors=self.min_survivors,
+            colluding_sites=self.colluding_sites,
         )
 
     @property
@@ -128,7 +142,13 @@ class SkellamPlan:
         if self.stats_variance is None or self.stats_l1 is None or self.stats_l2 is None:
             raise ValueError("this plan has no feature-statistics release")
         return skellam_steps(
-            self.stats_variance, 1.0, 1, l1=self.stats_l1, l2=self.stats_l2, min_survivors=self.min_survivors
+            self.stats_variance,
+            1.0,
+            1,
+            l1=self.stats_l1,
+            l2=self.stats_l2,
+            min_survivors=self.min_survivors,
+            colluding_sites=self.colluding_sites,
         )
 
     def as_record(self) -> dict[str, Any]:

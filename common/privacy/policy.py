@@ -99,6 +99,7 @@ class PolicyUse:
     epsilon_scope: str
     trainings: tuple[DPSettings, ...] = ()
     distributed_trust: bool = False  # privacy.trust: distributed (the site adds only its share of the noise)
+    colluding_sites: int = 0  # distributed trust: revealed shares the plan survives (privacy.colluding_sites)
     personal: tuple[PersonalUse, ...] = ()  # the site's own model, trained in the run (audit: its log's records)
 
 
@@ -116,6 +117,11 @@ def policy_violations(policy: SitePolicy, use: PolicyUse) -> list[str]:
         found.append(
             "policy.allow_distributed_trust: under privacy.trust: distributed the site adds only a share of "
             "the noise, and its policy does not allow that (set it true, or run with trust: local)"
+        )
+    if use.distributed_trust and use.colluding_sites < policy.min_colluding_sites:
+        found.append(
+            f"policy.min_colluding_sites: the site requires the noise to hold against {policy.min_colluding_sites} "
+            f"site(s) revealing their shares, but the run plans for privacy.colluding_sites = {use.colluding_sites}"
         )
     if use.rounds is not None and use.rounds > policy.max_rounds:
         found.append(f"train.rounds {use.rounds} > policy.max_rounds {policy.max_rounds}")

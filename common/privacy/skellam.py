@@ -2,9 +2,10 @@
 
 Under `privacy.trust: distributed` each site quantises every unit's clipped gradient to
 integers (γ a power of two: fedtransfer.common.config.sections.SecAggConfig.quantum), sums them and adds Skellam
-noise Sk = Poisson(v/2) − Poisson(v/2) of variance v = μ/K_min. A sum of independent
-Skellams is a Skellam, so the integer sum of any K ≥ K_min sites carries variance ≥ μ:
-the accounting of the aggregate is exactly that of one Skellam mechanism.
+noise Sk = Poisson(v/2) − Poisson(v/2) of variance v = μ/(K_min − t), t = privacy.colluding_sites (0: μ/K_min).
+A sum of independent Skellams is a Skellam, so the integer sum of any K ≥ K_min sites, less any t shares the
+coordinator learns, carries variance ≥ μ: the accounting of the aggregate is exactly that of one Skellam
+mechanism. The noise is drawn exactly, in int64 on the CPU, on every device (`sample_integers`).
 
 RDP of the Skellam mechanism of variance μ with integer L2 / L1 sensitivities Δ2 / Δ1
 (Agarwal, Kairouz & Liu, "The Skellam Mechanism for Differentially Private Federated
@@ -66,7 +67,7 @@ def _entry_rdp(step: SelfComposedDpEvent, individual: bool) -> tuple[float, ...]
     """One history entry's RDP at every order: a Skellam round's (ours) or a Gaussian one's (Opacus)."""
     q, steps, m = step.sample_rate, step.count, step.mechanism
     if isinstance(m, SkellamDpEvent):
-        variance = m.variance / m.min_survivors if individual else m.variance  # one site's message: its share
+        variance = m.share if individual else m.variance  # one site's message: its share μ/(K_min − t)
         return tuple(steps * subsampled_rdp(a, q, variance, m.l1_sensitivity, m.l2_sensitivity) for a in ORDERS)
     return tuple(compute_rdp(q=q, noise_multiplier=m.noise_multiplier, steps=steps, orders=list(ORDERS)))
 
@@ -74,7 +75,7 @@ def _entry_rdp(step: SelfComposedDpEvent, individual: bool) -> tuple[float, ...]
 def epsilon(history: tuple[SelfComposedDpEvent, ...], delta: float, individual: bool = False) -> float:
     """(ε at δ) of a history that holds Skellam rounds (and maybe Gaussian steps), composed in RDP.
 
-    `individual`: against one site's own message (variance μ/K_min) instead of the aggregate (μ).
+    `individual`: against one site's own message (variance μ/(K_min − t)) instead of the aggregate (μ).
     """
     total = np.zeros(len(ORDERS))
     for step in history:
@@ -120,10 +121,32 @@ def calibrate_variance(
     return high * high
 
 
+EXACT_FLOAT = 2**53  # float64 holds every integer below this: the noisy sums stay far below (share_wrap_bound)
+
+
+def sample_integers(shape: torch.Size, variance: float, generator: torch.Generator) -> torch.Tensor:
+    """Skellam noise of the given variance per coordinate, as exact int64 on the CPU whatever the model's device.
+
+    Poisson(v/2) − Poisson(v/2), drawn by numpy's Generator.poisson (Hörmann's PTRS, int64, exact for rates up
+    to ~9·10^18) on a Philox stream keyed by 128 bits taken from `generator`. Why not torch.poisson on the
+    model's device: CUDA's sampler returns 32-bit counts (curand_poisson), which wrap past 2^32 and would send
+    noise of the wrong distribution without an error; the share must be the planned Skellam on every device.
+    Keying from `generator` keeps a seeded simulation reproducible and a secure-mode CSPRNG the source of
+    the randomness, on whatever device the generator lives.
+    """
+    words = torch.randint(0, 2**63 - 1, (2,), generator=generator, device=generator.device, dtype=torch.int64)
+    high, low = (int(w) for w in words.cpu())
+    rng = np.random.Generator(np.random.Philox(key=high << 64 | low))
+    draws = rng.poisson(variance / 2, size=(2, *shape))  # int64 (numpy raises past its largest exact rate)
+    return torch.from_numpy(draws[0] - draws[1])
+
+
 def sample(shape: torch.Size, variance: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Skellam noise of the given variance per coordinate: the difference of two Poisson(variance/2) draws (float64)."""
-    rate = torch.full(tuple(shape), variance / 2, dtype=torch.float64, device=generator.device)
-    return (torch.poisson(rate, generator=generator) - torch.poisson(rate, generator=generator)).to(device)
+    """`sample_integers`, moved to `device` as float64 (every integer below 2^53 exactly, checked)."""
+    noise = sample_integers(shape, variance, generator)
+    if noise.numel() and int(noise.abs().max()) >= EXACT_FLOAT:
+        raise ValueError(f"Skellam noise of variance {variance:g} does not fit float64 exactly")
+    return noise.to(device=device, dtype=torch.float64)
 
 
 def share_wrap_bound(units: int, d2: float, share_variance: float, dim: int, modulus: int) -> float:

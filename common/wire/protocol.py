@@ -158,7 +158,7 @@ class DPRecord:
     One spelling everywhere: the audit log's `dp` field, the reply's DP record and each
     round of `privacy.json` use these field names. Under `privacy.trust: distributed` the
     mechanism is "skellam": `noise_variance` μ is the aggregate's per-coordinate variance in
-    units of `quantum` γ, `noise_share` the variance this site added (μ/`min_survivors`),
+    units of `quantum` γ, `noise_share` the variance this site added (μ/(`min_survivors` − `colluding_sites`)),
     the sensitivities are integer ones, and `noise_multiplier` is √μ/Δ2 (for policies).
     """
 
@@ -175,6 +175,7 @@ class DPRecord:
     quantum: float = 0.0
     l1_sensitivity: float = 0.0
     l2_sensitivity: float = 0.0
+    colluding_sites: int = 0  # t: sites that may reveal their shares (each adds μ/(K_min − t))
 
     FIELDS = (
         "noise_multiplier",
@@ -185,14 +186,18 @@ class DPRecord:
         "accountant",
         "mechanism",
         *SKELLAM_FIELDS,
+        "colluding_sites",
     )
 
     def as_dict(self) -> dict[str, Any]:
-        """All fields; a Gaussian record leaves out the mechanism and the Skellam fields (as before they existed)."""
+        """All fields; a Gaussian record leaves out the mechanism and the Skellam fields, a Skellam one t when it is
+        0 (records keep the form they had before those existed, and read back the same)."""
         out = asdict(self)
         if self.mechanism == "gaussian":
             for name in ("mechanism", *SKELLAM_FIELDS):
                 del out[name]
+        if not self.colluding_sites:
+            del out["colluding_sites"]
         return out
 
     def to_record(self) -> ConfigRecord:
@@ -219,6 +224,8 @@ class DPRecord:
         values: dict[str, Any] = {"mechanism": mechanism}
         for name, kind in fields:
             values[name] = _typed(name, kind, raw.get(name))
+        if mechanism == "skellam" and raw.get("colluding_sites") is not None:  # records before it existed: t = 0
+            values["colluding_sites"] = _typed("colluding_sites", int, raw.get("colluding_sites"))
         return DPRecord(**values)
 
 

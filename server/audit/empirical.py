@@ -1,9 +1,9 @@
 """Empirical privacy test: train a site's head with canaries, attack it, bound ε from below.
 
 The accountant's ε is a proof about the *algorithm*; this test checks the *code*. It
-runs the site's own training procedure (`fedtransfer.common.privacy.dp_sgd.train_head` with the DP plan
-from `fedtransfer.common.privacy.calibration.plan_dp`, every round and local epoch of the run) on the site's
-features plus m canaries, each included independently with probability 1/2, then
+replays the run's own mechanism (`mechanism_for(cfg)`: its plan, its statistics release, every round and
+local epoch of the run; server/audit/empirical_replay.py) on the site's features plus m canaries, each
+included independently with probability 1/2, then
 scores every canary with a membership-inference attack on the trained head and turns
 the attack's success into a lower bound on ε that holds with the stated confidence
 (one-run method, `server/audit/empirical_stats.py`). If the bound exceeds the ε the
@@ -19,9 +19,7 @@ without noise or clipping, showing the attack is strong enough to catch a broken
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -37,14 +35,16 @@ from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.interface import Encoder
 from fedtransfer.common.encoders.registry import load_encoder
 from fedtransfer.common.errors import InputError
-from fedtransfer.common.model.head import make_head
-from fedtransfer.common.privacy.calibration import epsilon_of, plan_dp
-from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
-from fedtransfer.common.privacy.events import History
 from fedtransfer.common.privacy.mechanisms import mechanism_for
-from fedtransfer.common.privacy.plans import GaussianPlan
+from fedtransfer.common.privacy.plans import Plan, SkellamPlan
 from fedtransfer.common.progress import Progress
-from fedtransfer.server.audit.empirical_fedsgd import canary_units, fedsgd_plan, train_fedsgd
+from fedtransfer.server.audit.empirical_replay import (
+    Message,
+    canary_units,
+    replay_epsilon,
+    replay_plan,
+    replay_run,
+)
 from fedtransfer.server.audit.empirical_stats import audit_from_scores
 from fedtransfer.server.audit.findings import AuditReport, EmpiricalResult, Evidence, Failure, SiteAudit
 from torch import nn
@@ -108,12 +108,15 @@ def audit_training(
     claimed_epsilon: float | None = None,
     on_round: Callable[[], None] | None = None,
     users: np.ndarray | None = None,
+    message: Message = "aggregate",
 ) -> EmpiricalResult:
-    """Train as the site would, with canaries mixed in, and bound ε from the attack's success.
+    """Train as the site would (the run's own mechanism and plan, empirical_replay.py), with canaries mixed in,
+    and bound ε from the attack's success.
 
-    With `private`, the site's DP plan is used and the claim defaults to the ε the accountant
-    gives for this very training. Without it (the positive control, or a deliberately broken
-    configuration) the head trains with plain SGD and `claimed_epsilon` is what a run would
+    With `private`, the run's DP plan is used and the claim defaults to the ε the accountant gives
+    for this very training (against the aggregate, or under distributed trust against the site's
+    own `message`). Without it (the positive control, or a deliberately broken configuration) the
+    head trains the same protocol with no noise or clipping and `claimed_epsilon` is what a run would
     have claimed. `on_round` is called after each round's training (progress); `users`: the real records'
     person codes under privacy.unit: user, when the data names them.
     """
@@ -124,21 +127,16 @@ def audit_training(
     included = rng.random(settings.num_canaries) < 0.5
     x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
     y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
-    p = cfg.privacy
-    if mechanism_for(cfg).sends_gradient_sums:  # the site's gradient sums and the server's step (empirical_fedsgd)
-        units = canary_units(len(labels), len(y), cfg, users)
-        plan = fedsgd_plan(cfg, units) if private else None
-        head, history, steps = train_fedsgd(x, y, units, num_classes, cfg, plan, settings.seed, on_round)
-    else:
-        plan = _plan(len(y), cfg) if private else None
-        head, history, steps = _train_like_the_site(x, y, num_classes, cfg, plan, settings.seed, on_round)
+    units = canary_units(len(labels), len(y), cfg, users)
+    plan = replay_plan(cfg, units, feature_dim=x.shape[1], num_classes=num_classes) if private else None
+    run = replay_run(x, y, units, num_classes, cfg, plan, seed=settings.seed, message=message, on_round=on_round)
     if plan is not None and claimed_epsilon is None:
-        claimed_epsilon = epsilon_of(history, p.target_delta, p.accountant)
-    scores = canary_scores(head, canaries, canary_labels)
+        claimed_epsilon = replay_epsilon(cfg, run.history, message)
+    scores = canary_scores(run.head, canaries, canary_labels)
     audit = partial(
         audit_from_scores,
         included=included,
-        delta=p.target_delta,
+        delta=cfg.privacy.target_delta,
         confidence=settings.confidence,
         guess_counts=settings.guess_counts,
     )
@@ -146,7 +144,7 @@ def audit_training(
     return EmpiricalResult(
         private=private,
         claimed_epsilon=claimed_epsilon,
-        delta=p.target_delta,
+        delta=cfg.privacy.target_delta,
         eps_lower_bound=result.eps_lower_bound,
         eps_ceiling=perfect.eps_lower_bound,
         confidence=settings.confidence,
@@ -156,53 +154,21 @@ def audit_training(
         num_guesses=result.num_guesses,
         num_correct=result.num_correct,
         noise_multiplier=plan.noise_multiplier if plan else None,
-        steps=steps,
+        steps=run.steps,
         scores_in=scores[included].tolist(),
         scores_out=scores[~included].tolist(),
+        mechanism=_mechanism_name(cfg, plan, message),
     )
 
 
-def _plan(num_samples: int, cfg: RunConfig) -> GaussianPlan:
-    """The DP plan the site would make for this many samples, over every round of the run."""
-    t, p = cfg.train, cfg.privacy
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": conservative, as in epsilon_of
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return plan_dp(
-            num_samples=num_samples,
-            batch_size=t.batch_size,
-            local_epochs=t.local_epochs,
-            rounds=t.rounds,
-            target_epsilon=p.target_epsilon,
-            target_delta=p.target_delta,
-            max_grad_norm=p.max_grad_norm,
-            accountant=p.accountant,
-        )
-
-
-def _train_like_the_site(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    num_classes: int,
-    cfg: RunConfig,
-    plan: GaussianPlan | None,
-    seed: int,
-    on_round: Callable[[], None] | None,
-) -> tuple[nn.Module, History, int]:
-    """A fresh head trained with the site's own procedure for every round: the head, accountant history, steps."""
-    t = cfg.train
-    mu = t.proximal_mu if t.strategy == "fedprox" else 0.0
-    opts = LocalTraining(t.local_epochs, t.batch_size, t.learning_rate, t.momentum, mu)
-    torch.manual_seed(seed)
-    head = make_head(x.shape[1], num_classes, cfg.head.hidden)
-    history: History = []
-    steps = 0
-    with _single_thread():
-        for rnd in range(t.rounds):  # the site alone, every round of the run: the strongest position for the attack
-            outcome = train_head(head, x, y, opts, plan, history, seed=seed * 100_003 + rnd)
-            history, steps = outcome.history, steps + outcome.steps
-            if on_round is not None:
-                on_round()
-    return head, history, steps
+def _mechanism_name(cfg: RunConfig, plan: Plan | None, message: Message) -> str:
+    """What the replay ran, for the report: protocol, trust and noise, and what the coordinator saw."""
+    if plan is None:
+        return f"{cfg.train.protocol}, no noise, no clipping (control)"
+    if isinstance(plan, SkellamPlan):
+        seen = "the site's own message" if message == "own" else "the SecAgg+ aggregate"
+        return f"{cfg.train.protocol}, distributed trust, integers + Skellam: {seen}"
+    return f"{cfg.train.protocol}, local trust, Gaussian"
 
 
 @dataclass(frozen=True)
@@ -237,18 +203,6 @@ def _features(encoder: Encoder, data: SiteData, cache_dir: Path) -> SiteFeatures
     return SiteFeatures(data.name, features, labels, len(data.train.classes), users)
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run torch on one thread: a head's per-step tensors are tiny, and on a busy 2-core machine
-    intra-op threads only add synchronisation (measured 10x slower training)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def with_target(cfg: RunConfig, target_epsilon: float) -> RunConfig:
     """The same run, planned for another ε (the benchmark sweeps it)."""
     return replace(cfg, privacy=replace(cfg.privacy, target_epsilon=target_epsilon))
@@ -275,48 +229,44 @@ def run_empirical(
         if site.name not in data:
             report.notes.append(f"empirical test skipped for {site.name}: its data is not here (--site-config)")
     tested = [site for site in report.sites if site.name in data]
-    # each site trains twice (with DP, and the control without), every round of the run
-    with Progress("empirical test", 2 * len(tested) * cfg.train.rounds, "rounds") as progress:
+    # each site trains twice (with DP, and the control without; thrice under distributed trust: its own message
+    # too), every round of the run
+    trainings = 3 if mechanism_for(cfg).distributed else 2
+    with Progress("empirical test", trainings * len(tested) * cfg.train.rounds, "rounds") as progress:
         for site in tested:
             _test_site(site, data[site.name], cfg, settings, progress)
             _judge(site, report, str(ev.config_path))
 
 
 def _test_site(site: SiteAudit, d: SiteFeatures, cfg: RunConfig, settings: CanarySettings, progress: Progress) -> None:
-    """The canary training with the site's DP plan, then the same without DP (the positive control)."""
-    site.empirical = result = audit_training(
-        d.features, d.labels, d.num_classes, cfg, settings, on_round=progress.step, users=d.users
-    )
+    """The canary training with the run's mechanism and plan, the same without DP (the positive control), and
+    under distributed trust the site's own message against its own-message ε."""
+    run = partial(audit_training, d.features, d.labels, d.num_classes, cfg, settings, users=d.users)
+    site.empirical = result = run(on_round=progress.step)
     progress.stage_done(f"{site.name} with DP")
-    site.control = audit_training(
-        d.features,
-        d.labels,
-        d.num_classes,
-        cfg,
-        settings,
-        private=False,
-        claimed_epsilon=result.claimed_epsilon,
-        on_round=progress.step,
-        users=d.users,
-    )
+    site.control = run(private=False, claimed_epsilon=result.claimed_epsilon, on_round=progress.step)
     progress.stage_done(f"{site.name} control without DP")
+    if mechanism_for(cfg).distributed:
+        site.own_message = run(message="own", on_round=progress.step)
+        progress.stage_done(f"{site.name} own message")
 
 
 def _judge(site: SiteAudit, report: AuditReport, config_path: str) -> None:
     """A bound above the claim fails the audit; a control too weak to catch a broken run is a note."""
     result, control = site.empirical, site.control
     assert result is not None and control is not None
-    if result.exceeds_claim:
-        reason = f"{site.name}: empirical ε lower bound {result.eps_lower_bound:.3f} > claimed ε"
-        report.failures.append(
-            Failure(
-                "empirical",
-                config_path,
-                None,
-                f"{reason} {result.claimed_epsilon:.3f} at {result.confidence:.0%} "
-                "confidence: the DP implementation is broken",
+    for tested, what in ((result, "claimed ε"), (site.own_message, "claimed ε against its own message")):
+        if tested is not None and tested.exceeds_claim:
+            reason = f"{site.name}: empirical ε lower bound {tested.eps_lower_bound:.3f} > {what}"
+            report.failures.append(
+                Failure(
+                    "empirical",
+                    config_path,
+                    None,
+                    f"{reason} {tested.claimed_epsilon:.3f} at {tested.confidence:.0%} "
+                    f"confidence ({tested.mechanism}): the DP implementation is broken",
+                )
             )
-        )
     if not control.exceeds_claim:
         weak = f"without DP the attack only proved ε ≥ {control.eps_lower_bound:.3f}"
         ceiling = f"at most {result.eps_ceiling:.3f} is provable with {result.num_canaries} canaries"

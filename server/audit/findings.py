@@ -25,7 +25,8 @@ CHECKS = {
     "trust": "under privacy.trust: distributed, every site logged adding its noise share, planned for the fewest "
     "sites SecAgg+ unmasks, and its ε against its own message is recomputed",
     "policy": "each site's own policy was respected",
-    "empirical": "empirical ε lower bound does not exceed the claimed ε",
+    "empirical": "empirical ε lower bound, from a replay of the run's own mechanism and plan, does not exceed the "
+    "claimed ε (under distributed trust: against the aggregate and against a site's own message)",
 }
 
 
@@ -111,6 +112,7 @@ class EmpiricalResult:
     steps: int
     scores_in: list[float]
     scores_out: list[float]
+    mechanism: str = ""  # what the replay ran (protocol, trust, noise) and what the coordinator saw
 
     @property
     def exceeds_claim(self) -> bool:
@@ -138,6 +140,7 @@ class SiteAudit:
     policy_status: str = ""
     empirical: EmpiricalResult | None = None
     control: EmpiricalResult | None = None  # the positive control: the same training without DP
+    own_message: EmpiricalResult | None = None  # distributed trust: the site's message alone, against that ε
 
 
 @dataclass

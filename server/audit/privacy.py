@@ -219,6 +219,7 @@ def check_policy(site: SiteAudit, config: SiteConfig, path: Path, ev: Evidence, 
         epsilon_scope=scope,
         trainings=tuple(DPSettings(f"round {r.round}", r.noise_multiplier, r.clip_norm) for r in site.rounds),
         distributed_trust=took_part and ev.cfg is not None and mechanism_for(ev.cfg).distributed,
+        colluding_sites=ev.cfg.privacy.colluding_sites if ev.cfg is not None else 0,  # as logged: the trust check
         personal=personal_uses(e.record for e in ev.sites.get(site.name, []) if e.event == Event.PERSONAL_TRAINED),
     )
     violations = policy_violations(config.policy, use)

@@ -2,8 +2,9 @@
 
 Under distributed trust a site's ε against the coordinator holds only if the masked sum of
 the fewest sites SecAgg+ unmasks carries the planned Skellam variance μ: so each site's own
-log must show, for every training, the Skellam mechanism with a share μ/K_min where K_min
-is what the run's SecAgg+ threshold allows (`SecAggConfig.fewest_survivors`), the unit γ the
+log must show, for every training, the Skellam mechanism with a share μ/(K_min − t) where K_min
+is what the run's SecAgg+ threshold allows (`SecAggConfig.fewest_survivors`) and t the sites that may
+reveal their shares (privacy.colluding_sites, logged with each training), the unit γ the
 clip norm gives, and the same plan at every site. The second ε, against one site's own
 message, is recomputed from the same logs and compared with the site's claim in privacy.json.
 """
@@ -66,8 +67,12 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
             f"planned for {rec.min_survivors} surviving sites, but the run's SecAgg+ threshold lets a round "
             f"unmask {survivors}"
         )
-    if not math.isclose(rec.noise_share * rec.min_survivors, rec.noise_variance, rel_tol=1e-9):
-        return f"added variance {rec.noise_share:g}, not μ/K_min = {rec.noise_variance / rec.min_survivors:g}"
+    t = cfg.privacy.colluding_sites
+    if rec.colluding_sites != t:
+        return f"planned its share for {rec.colluding_sites} colluding sites, the run's privacy.colluding_sites is {t}"
+    if not math.isclose(rec.noise_share * (rec.min_survivors - t), rec.noise_variance, rel_tol=1e-9):
+        wanted = rec.noise_variance / (rec.min_survivors - t)
+        return f"added variance {rec.noise_share:g}, not μ/(K_min − t) = {wanted:g}"
     bound = STATS_NORM if release else cfg.privacy.max_grad_norm  # the statistics: a unit's (sums, counts/4) norm
     if rec.quantum != cfg.secagg.quantum(bound) or rec.clip_norm != bound:
         return f"quantum {rec.quantum:g} and clip norm {rec.clip_norm:g} are not the run's"
@@ -97,8 +102,8 @@ def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
 
 
 def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings) -> None:
-    """The trust (and, distributed, the fewest survivors) the server announced at run-started and every resume:
-    the config's, and what each site's log shows it planned its noise share for.
+    """The trust (and, distributed, the fewest survivors and colluding sites) the server announced at run-started
+    and every resume: the config's, and what each site's log shows it planned its noise share for.
 
     A run-started record of a local-trust run may name no trust (runs recorded before the field existed):
     local trust promises no shares.
@@ -119,6 +124,14 @@ def audit_announced_trust(ev: Evidence, trainings: list[Update], found: Findings
                 entry,
                 f"{entry.event} announces trust {said[0]!r} with min_survivors {said[1]!r}; "
                 f"the run's config gives {trust!r} with {survivors!r}",
+            )
+        colluding = entry.record.get("colluding_sites", 0)  # runs recorded before the key: t = 0
+        if distributed and colluding != ev.cfg.privacy.colluding_sites:
+            found.fail_at(
+                CHECK,
+                entry,
+                f"{entry.event} announces privacy.colluding_sites {colluding!r}; "
+                f"the run's config gives {ev.cfg.privacy.colluding_sites}",
             )
     announced = starts[0].record.get("min_survivors") if starts and distributed else None
     for u in trainings if announced is not None else []:

@@ -58,8 +58,9 @@ class RunRecorder:
                 (self.run_dir / stale).unlink(missing_ok=True)
         mechanism = mechanism_for(self.cfg)
         trust: dict[str, Any] = {"trust": mechanism.trust}
-        if mechanism.distributed:  # each site adds μ/K_min: the plan for the fewest survivors
+        if mechanism.distributed:  # each site adds μ/(K_min − t): the plan for the fewest survivors, t colluding
             trust["min_survivors"] = self.cfg.secagg.fewest_survivors(self.cfg.train.min_sites)
+            trust["colluding_sites"] = self.cfg.privacy.colluding_sites
         self.audit.append(
             Event.RUN_RESUMED if resumed else Event.RUN_STARTED,
             run_id=self.run_id,

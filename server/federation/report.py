@@ -75,12 +75,14 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
 
 
 def _individual(trained: list[dict[str, Any]], history: list[Any], delta: Any, accountant: str) -> dict[str, Any]:
-    """Distributed trust's second ε, against one site's own message: claimed and recomputed; {} under local trust."""
+    """Distributed trust's second ε, against one site's own message (claimed and recomputed), and the t colluding
+    sites its aggregate ε was planned for; {} under local trust."""
     if not trained or "epsilon_individual" not in trained[-1]:
         return {}
     return {
         "epsilon_individual": trained[-1]["epsilon_individual"],
         "epsilon_individual_recomputed": epsilon_of(history, delta, accountant, individual=True),
+        "colluding_sites": int(trained[-1].get("colluding_sites", 0)),  # t the aggregate's ε holds against
     }
 
 

@@ -55,5 +55,6 @@ def event_of(dp: DPRecord) -> SelfComposedDpEvent:
             l1=dp.l1_sensitivity,
             l2=dp.l2_sensitivity,
             min_survivors=dp.min_survivors,
+            colluding_sites=dp.colluding_sites,
         )
     return gaussian_steps(dp.noise_multiplier, dp.sample_rate, dp.steps)

@@ -1,7 +1,8 @@
 """fedsgd under distributed trust: integer gradient sums with a Skellam share of the noise, masked by SecAgg+.
 
 Each site rounds every unit's clipped gradient to integers in units of γ, sums them and adds Skellam
-noise of variance μ/K_min; the aggregate of any K ≥ K_min sites carries μ (common/privacy/skellam.py).
+noise of variance μ/(K_min − t); the aggregate of any K ≥ K_min sites carries μ even when t of them reveal their
+shares to the coordinator (privacy.colluding_sites; common/privacy/skellam.py).
 ε holds for the aggregate; the site also reports ε against its own message, were SecAgg+ bypassed.
 A plain (unmasked) message is declined: the site's share alone is not enough noise.
 """
@@ -50,6 +51,7 @@ class FedSGDDistributed(FedSGDLocal):
             max_grad_norm=p.max_grad_norm,
             dim=dim,
             min_survivors=s.fewest_survivors(t.min_sites),
+            colluding_sites=p.colluding_sites,
             gamma=s.quantum(p.max_grad_norm),
             stats_gamma=s.quantum(STATS_NORM),
             unit=p.unit,
@@ -66,7 +68,7 @@ class FedSGDDistributed(FedSGDLocal):
         q_range = self.cfg.secagg.quantization_range
         wrap = plan.rounds * share_wrap_bound(units, plan.l2_sensitivity, plan.noise_share, dim, q_range)
         if plan.stats_variance is not None and plan.stats_l2 is not None:  # each unit moves a sum by ≤ Δ2
-            wrap += share_wrap_bound(units, plan.stats_l2, plan.stats_variance / plan.min_survivors, shape, q_range)
+            wrap += share_wrap_bound(units, plan.stats_l2, plan.stats_variance / plan.honest_survivors, shape, q_range)
         if wrap > 1e-6 * plan.target_delta:
             raise ValueError(
                 f"secagg.quantization_range {q_range} is too small for this site's {units} "
@@ -84,7 +86,7 @@ class FedSGDDistributed(FedSGDLocal):
             data.labels,
             data.num_classes,
             data.units,
-            plan.stats_variance / plan.min_survivors,
+            plan.stats_variance / plan.honest_survivors,
             generator,
             plan.stats_quantum,
         )
@@ -101,7 +103,7 @@ class FedSGDDistributed(FedSGDLocal):
         generator: torch.Generator,
         frozen: frozenset[str],
     ) -> ArrayRecord:
-        """Integers plus this site's Skellam share μ/K_min, times γ (a power of two: exact) in float64."""
+        """Integers plus this site's Skellam share μ/(K_min − t), times γ (a power of two: exact) in float64."""
         assert isinstance(plan, SkellamPlan)
         noisy = {
             k: v if k in frozen else v + sample(v.shape, plan.noise_share, generator, v.device) for k, v in sums.items()
@@ -130,9 +132,10 @@ class FedSGDDistributed(FedSGDLocal):
             plan.accountant,
             "skellam",
             m.variance,
-            m.variance / m.min_survivors,
+            m.share,
             m.min_survivors,
             (plan.stats_quantum or 0.0) if release else plan.quantum,
             m.l1_sensitivity,
             m.l2_sensitivity,
+            m.colluding_sites,
         )
