@@ -46,6 +46,7 @@ from fedtransfer.deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
+from fedtransfer.deploy.pacing import check_flower
 from fedtransfer.deploy.ports import claimed_supernode_port
 from fedtransfer.deploy.superexec import (
     SECRET_NAME,
@@ -147,11 +148,13 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
             port=port,
             superexec_secret=secret_path,  # only this site's SuperExec may take its tasks
             executable=flower_bin("flower-supernode"),
+            paced=True,  # without Flower's fixed 3 s idle and 0.5 s reply waits (fedtransfer.deploy.pacing)
         )
 
     if args.dry_run:
         print(shlex.join(argv(sock is not None)))
         return 0
+    check_flower()  # the pacing rewrites flwr 1.41.0's SuperNode only: any other is refused here, in one line
     print(f"fedtransfer: site {name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}", flush=True)
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
     with locking.hold(state_dir, f"the SuperNode of site {name}"), superexec_secret(state_dir) as secret:
