@@ -46,6 +46,7 @@ from fedtransfer.deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
+from fedtransfer.deploy.link_sessions import check_flower as check_sessions_pin
 from fedtransfer.deploy.pacing import check_flower
 from fedtransfer.deploy.ports import claimed_supernode_port
 from fedtransfer.deploy.superexec import (
@@ -95,7 +96,12 @@ def _superlink(args: argparse.Namespace) -> int:
     creds = credential_paths(Path(args.credentials), [])
     _require_files(creds.ca_cert, creds.server_cert, creds.server_key)
     database = Path(args.database).expanduser().resolve() if args.database else None
-    argv = superlink_argv(creds, port=args.port, database=database, executable=flower_bin("flower-superlink"))
+    # bounded: a site killed while sending its reply stalls a round ~60 s, not 199 s (deploy/link_sessions.py)
+    argv = superlink_argv(
+        creds, port=args.port, database=database, executable=flower_bin("flower-superlink"), bounded=True
+    )
+    if not args.dry_run:
+        check_sessions_pin()  # any Flower but 1.41.0 is refused here, in one line
     return _exec(argv, args.dry_run)
 
 

@@ -32,6 +32,7 @@ import tomli_w
 from fedtransfer.common.config.names import validate_site_name
 from fedtransfer.common.errors import InputError
 from fedtransfer.deploy.credentials import DeploymentCredentials
+from fedtransfer.deploy.link_sessions import bounded_argv
 from fedtransfer.deploy.pacing import paced_argv
 
 LOOPBACK = "127.0.0.1"
@@ -122,13 +123,16 @@ def superlink_argv(
     database: Path | None = None,
     expose_control_api: bool = False,
     executable: str = "flower-superlink",
+    bounded: bool = False,
 ) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode auth, on loopback by default.
 
     A non-loopback ``host`` also publishes the Control and Runtime APIs (same
     port in 1.41), so it must be asked for with ``expose_control_api=True``.
     Runtime dependency installation is disabled: the SuperLink's environment is
-    provisioned up front and must not ``uv sync`` from the internet per run.
+    provisioned up front and must not ``uv sync`` from the internet per run. With ``bounded`` it
+    runs through ``fedtransfer.deploy.link_sessions``: a half-pushed reply is dropped after 60 s,
+    not Flower's 180 s.
     """
     if not is_loopback(host) and not expose_control_api:
         raise ValueError(
@@ -153,7 +157,7 @@ def superlink_argv(
     ]
     if database is not None:
         argv += ["--database", str(database)]
-    return argv
+    return bounded_argv(argv) if bounded else argv
 
 
 def supernode_argv(
