@@ -22,10 +22,13 @@ by phase in a fresh interpreter (benchmarks/clientapp_process.py) on a copy of a
 run of the demo's federation (4 sites) per protocol, with the settings it ships with (PROTOCOLS), in the
 order given, each on a new deployment whose sites run as shipped (`fedtransfer deploy site`, with their
 workers) from empty state folders, timed from the start of `flwr run` to its final result; then the same
-runs on the Simulation Engine, timed the same way (results: deployed_protocols.json).
+runs on the Simulation Engine, timed the same way (results: deployed_protocols.json). `--floor-rounds N` first
+times N exchanges of the answer-at-once `floor` app on each of those deployments: the per-message floor of the
+sites as shipped (the `floor` row; its later_round_s is the median after the first).
 
     .venv/bin/python -m benchmarks.deployed_round [--sites 3] [--rounds 3] [--repeat 1]
     .venv/bin/python -m benchmarks.deployed_round --protocols fedavg fedsgd
+    .venv/bin/python -m benchmarks.deployed_round --protocols fedsgd --protocol-rounds 10 --floor-rounds 6
 """
 
 from __future__ import annotations
@@ -303,12 +306,28 @@ def whole_run(setting: str, protocol: str, cfg: RunConfig, seconds: float) -> di
     }
 
 
+def floor_row(dep: LocalDeployment, workdir: Path, rounds: int) -> dict[str, Any]:
+    """The per-message floor on the sites as shipped: `rounds` exchanges of the answer-at-once app (`_FLOOR_APPS`)."""
+    seconds = floor_rounds(dep, workdir, rounds)
+    return {
+        "setting": "deployed",
+        "protocol": "floor",
+        "rounds": rounds,
+        "whole_run_s": sum(seconds),
+        "per_round_s": statistics.mean(seconds),
+        "first_round_s": seconds[0],
+        "later_round_s": statistics.median(seconds[1:] or seconds),
+        "load_1m": os.getloadavg()[0],
+    }
+
+
 def measure_protocols(
-    workdir: Path, demo: Mapping[str, Any], protocols: Mapping[str, Mapping[str, Any]]
+    workdir: Path, demo: Mapping[str, Any], protocols: Mapping[str, Mapping[str, Any]], floor: int = 0
 ) -> list[dict[str, Any]]:
     """One whole run per protocol, in order, each on a new deployment of `demo`'s federation whose sites start
     with `fedtransfer deploy site` (and their workers) and empty state folders; then the same runs simulated,
-    each with an empty cache. Both are timed around the run: `flwr run` to its final result, `simulate`."""
+    each with an empty cache. Both are timed around the run: `flwr run` to its final result, `simulate`.
+    With `floor`, each deployment first times that many exchanges of the answer-at-once app (`floor_row`)."""
     federation = federation_for(config_from_dict(demo))
     rows = []
     for protocol, settings in protocols.items():
@@ -320,6 +339,8 @@ def measure_protocols(
         with local_deployment(
             workdir / f"{protocol}-deployment", configs, deploy_site=sites, connect_timeout=300.0
         ) as dep:  # each site's worker imports torch first
+            if floor:
+                rows.append(floor_row(dep, workdir, floor))
             t0 = time.perf_counter()
             submit_run(cfg, dep.connection, env=dep.env, stream=False)
             rows.append(whole_run("deployed", protocol, cfg, time.perf_counter() - t0))
@@ -335,7 +356,7 @@ def measure_protocols(
 def protocol_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Deployed over simulated for each protocol, and each protocol over the first one in each setting."""
     by = {(r["setting"], r["protocol"]): r for r in rows}
-    protocols = list(dict.fromkeys(r["protocol"] for r in rows))
+    protocols = list(dict.fromkeys(r["protocol"] for r in rows if r["protocol"] != "floor"))
     keys = ("whole_run_s", "per_round_s", "later_round_s")
     out = [
         {"setting": "deployed/simulated", "protocol": p}
@@ -351,11 +372,11 @@ def protocol_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def report_protocols(workdir: Path, protocols: list[str], rounds: int | None, name: str) -> None:
+def report_protocols(workdir: Path, protocols: list[str], rounds: int | None, name: str, floor: int = 0) -> None:
     chosen = {
         p: PROTOCOLS[p] | {"train": PROTOCOLS[p]["train"] | ({"rounds": rounds} if rounds else {})} for p in protocols
     }
-    rows = measure_protocols(workdir, DEMO, chosen)
+    rows = measure_protocols(workdir, DEMO, chosen, floor)
     print_table(
         rows,
         [
@@ -372,7 +393,7 @@ def report_protocols(workdir: Path, protocols: list[str], rounds: int | None, na
             "load_1m",
         ],
     )
-    write_results(name, rows, {"protocols": protocols, "demo": DEMO, "settings": chosen})
+    write_results(name, rows, {"protocols": protocols, "demo": DEMO, "settings": chosen, "floor_rounds": floor})
 
 
 def report_rounds(workdir: Path, sites: int, rounds: int, repeat: int) -> None:
@@ -413,13 +434,16 @@ def main() -> None:
         "(--sites, --rounds and --repeat do not apply)",
     )
     parser.add_argument("--protocol-rounds", type=int, help="with --protocols: this many rounds (default: as shipped)")
+    parser.add_argument(
+        "--floor-rounds", type=int, default=0, help="with --protocols: first time this many answer-at-once exchanges"
+    )
     parser.add_argument("--name", default="deployed_protocols", help="with --protocols: the results file's name")
     parser.add_argument("--workdir", help="keep the deployment's files here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="deployed-round-") as tmp:
         workdir = Path(args.workdir).expanduser().resolve() if args.workdir else Path(tmp)
         if args.protocols:
-            report_protocols(workdir, args.protocols, args.protocol_rounds, args.name)
+            report_protocols(workdir, args.protocols, args.protocol_rounds, args.name, args.floor_rounds)
         else:
             report_rounds(workdir, args.sites, args.rounds, args.repeat)
     print(f"load average while measuring: {os.getloadavg()}")

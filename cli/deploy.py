@@ -46,6 +46,8 @@ from fedtransfer.deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
+from fedtransfer.deploy.link_sessions import check_flower as check_sessions_pin
+from fedtransfer.deploy.pacing import check_flower
 from fedtransfer.deploy.ports import claimed_supernode_port
 from fedtransfer.deploy.superexec import (
     SECRET_NAME,
@@ -94,7 +96,12 @@ def _superlink(args: argparse.Namespace) -> int:
     creds = credential_paths(Path(args.credentials), [])
     _require_files(creds.ca_cert, creds.server_cert, creds.server_key)
     database = Path(args.database).expanduser().resolve() if args.database else None
-    argv = superlink_argv(creds, port=args.port, database=database, executable=flower_bin("flower-superlink"))
+    # bounded: a site killed while sending its reply stalls a round ~60 s, not 199 s (deploy/link_sessions.py)
+    argv = superlink_argv(
+        creds, port=args.port, database=database, executable=flower_bin("flower-superlink"), bounded=True
+    )
+    if not args.dry_run:
+        check_sessions_pin()  # any Flower but 1.41.0 is refused here, in one line
     return _exec(argv, args.dry_run)
 
 
@@ -147,11 +154,13 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
             port=port,
             superexec_secret=secret_path,  # only this site's SuperExec may take its tasks
             executable=flower_bin("flower-supernode"),
+            paced=True,  # without Flower's fixed 3 s idle and 0.5 s reply waits (fedtransfer.deploy.pacing)
         )
 
     if args.dry_run:
         print(shlex.join(argv(sock is not None)))
         return 0
+    check_flower()  # the pacing rewrites flwr 1.41.0's SuperNode only: any other is refused here, in one line
     print(f"fedtransfer: site {name}: SuperNode to {args.superlink}, its Runtime API on {LOOPBACK}:{port}", flush=True)
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
     with locking.hold(state_dir, f"the SuperNode of site {name}"), superexec_secret(state_dir) as secret:

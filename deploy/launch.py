@@ -32,6 +32,8 @@ import tomli_w
 from fedtransfer.common.config.names import validate_site_name
 from fedtransfer.common.errors import InputError
 from fedtransfer.deploy.credentials import DeploymentCredentials
+from fedtransfer.deploy.link_sessions import bounded_argv
+from fedtransfer.deploy.pacing import paced_argv
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_SUPERLINK_PORT = 8000  # flwr 1.41 default; Runtime + Control + Fleet
@@ -121,13 +123,16 @@ def superlink_argv(
     database: Path | None = None,
     expose_control_api: bool = False,
     executable: str = "flower-superlink",
+    bounded: bool = False,
 ) -> list[str]:
     """``flower-superlink`` with TLS and SuperNode auth, on loopback by default.
 
     A non-loopback ``host`` also publishes the Control and Runtime APIs (same
     port in 1.41), so it must be asked for with ``expose_control_api=True``.
     Runtime dependency installation is disabled: the SuperLink's environment is
-    provisioned up front and must not ``uv sync`` from the internet per run.
+    provisioned up front and must not ``uv sync`` from the internet per run. With ``bounded`` it
+    runs through ``fedtransfer.deploy.link_sessions``: a half-pushed reply is dropped after 60 s,
+    not Flower's 180 s.
     """
     if not is_loopback(host) and not expose_control_api:
         raise ValueError(
@@ -152,7 +157,7 @@ def superlink_argv(
     ]
     if database is not None:
         argv += ["--database", str(database)]
-    return argv
+    return bounded_argv(argv) if bounded else argv
 
 
 def supernode_argv(
@@ -164,19 +169,21 @@ def supernode_argv(
     port: int = DEFAULT_SUPERNODE_PORT,
     superexec_secret: Path | None = None,
     executable: str = "flower-supernode",
+    paced: bool = False,
 ) -> list[str]:
     """``flower-supernode`` for ``site``: verifies the SuperLink via our CA only.
 
     ``superlink`` is the Fleet endpoint as HOST:PORT (the proxy for remote sites);
     the site's own Runtime API stays on loopback at ``port``. With ``superexec_secret`` it
     runs in process isolation and serves its Runtime API only to a SuperExec holding that
-    secret (``fedtransfer.deploy.superexec``, which starts that SuperExec).
+    secret (``fedtransfer.deploy.superexec``, which starts that SuperExec). With ``paced`` it runs
+    through ``fedtransfer.deploy.pacing``, without Flower's fixed 3 s and 0.5 s waits.
     """
     validate_site_name(site)
     keys = creds.sites[site]
     isolation = [] if superexec_secret is None else ["--isolation", "process"]
     isolation += [] if superexec_secret is None else ["--superexec-auth-secret-file", str(superexec_secret)]
-    return [
+    argv = [
         executable,
         "--root-certificates",
         str(creds.ca_cert),
@@ -192,6 +199,7 @@ def supernode_argv(
         node_config,
         *isolation,
     ]
+    return paced_argv(argv) if paced else argv
 
 
 def register_argv(public_key: Path, connection: str, *, name: str, executable: str = "flwr") -> list[str]:

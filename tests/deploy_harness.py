@@ -240,6 +240,7 @@ class LocalDeployment:
             self.creds,
             port=self.superlink_port,
             executable=str(BIN_DIR / "flower-superlink"),
+            bounded=True,  # as `fedtransfer deploy superlink` runs it
         )
         env = self._env(self.workdir / "superlink" / "flwr-home")
         self.superlink = self.spawn("superlink", argv, env)

@@ -30,6 +30,7 @@ from fedtransfer.deploy.launch import (
     supernode_argv,
     write_flwr_config,
 )
+from fedtransfer.server.launch.launcher import PACING_ENV
 
 from tests.deploy_harness import LocalDeployment, free_ports, local_deployment
 
@@ -203,12 +204,17 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
 
     creds = init_deployment(tmp_path / "c", ["alpha"], [])
     env = _service_env(link_unit)
-    assert set(env) == {"FEDTRANSFER_CREDENTIALS", "FEDTRANSFER_DATABASE", "FLWR_HOME"}
+    assert set(env) == {"FEDTRANSFER_CREDENTIALS", "FEDTRANSFER_DATABASE", "FLWR_HOME", *PACING_ENV}
+    # every SuperExec fedtransfer starts polls for tasks as often as `flower_env` sets, in every way it is started
+    services = (compose["superlink"]["environment"], compose["supernode"]["environment"])
+    for service_env in (env, _service_env(site_unit), *services):
+        assert {k: str(service_env[k]) for k in PACING_ENV} == PACING_ENV
     monkeypatch.setenv("FEDTRANSFER_CREDENTIALS", str(creds.root))
     monkeypatch.setenv("FEDTRANSFER_DATABASE", env["FEDTRANSFER_DATABASE"])
     assert main(["deploy", "superlink", "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
-    assert argv[1:] == superlink_argv(creds, database=Path(env["FEDTRANSFER_DATABASE"]))[1:]
+    expected = superlink_argv(creds, database=Path(env["FEDTRANSFER_DATABASE"]), bounded=True)
+    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-superlink")
 
     site_yaml = tmp_path / "alpha.yaml"
     site_yaml.write_text(yaml.safe_dump({"name": "alpha", "data_source": "digits"}))
@@ -227,8 +233,10 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
         node_config=node_config,
         port=port,
         superexec_secret=state_dir / "superexec.secret",
+        paced=True,
     )
-    assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
+    # Flower's SuperNode, run through the pacing module: the same arguments after its own executable
+    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-supernode")
 
 
 def test_flwr_config_preserves_other_connections(tmp_path: Path) -> None:

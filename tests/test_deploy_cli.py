@@ -82,7 +82,8 @@ def _dry_run(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
 def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     argv = _dry_run(capsys, "superlink", "--credentials", str(creds.root))
-    assert argv[1:] == superlink_argv(creds)[1:] and argv[0].endswith("flower-superlink")
+    expected = superlink_argv(creds, bounded=True)  # Flower's SuperLink through link_sessions, same arguments
+    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-superlink")
     site = _site_yaml(tmp_path, state_dir="state")
     (port,) = free_ports(1)
     argv = _dry_run(
@@ -106,8 +107,9 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         node_config=f"{site_node_config(site)} {worker}",
         port=port,
         superexec_secret=secret,
+        paced=True,
     )
-    assert argv[1:] == expected[1:] and argv[0].endswith("flower-supernode")
+    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-supernode")
     plain = _dry_run(
         capsys,
         "site",
@@ -122,9 +124,15 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         "--no-worker",
     )
     expected = supernode_argv(
-        creds, "alpha", superlink="h:8443", node_config=site_node_config(site), port=port, superexec_secret=secret
+        creds,
+        "alpha",
+        superlink="h:8443",
+        node_config=site_node_config(site),
+        port=port,
+        superexec_secret=secret,
+        paced=True,
     )
-    assert plain[1:] == expected[1:]
+    assert plain[:3] + plain[4:] == expected[:3] + expected[4:]
 
 
 def test_a_state_folder_too_deep_for_a_socket_runs_the_site_without_its_worker(

@@ -21,7 +21,7 @@ from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
 from fedtransfer.common.storage.finite_json import finite
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Event, SiteStatus
-from fedtransfer.server.federation import checkpoint, report, tracking
+from fedtransfer.server.federation import checkpoint, report, timing, tracking
 from fedtransfer.server.federation.rounds import PERSONAL_MEANS, TrainRound
 from fedtransfer.server.federation.sites import SiteRound
 from flwr.common.logger import log
@@ -120,6 +120,9 @@ class RunRecorder:
             "bytes_received": r.train.bytes_received,
             "bytes_sent_per_site": r.bytes_sent_per_site,
         }
+        work = {n: p.fields["train_s"] for n, p in r.train.sites.items() if "train_s" in p.fields}
+        if exchanges := timing.take(work):  # push, pickup, work and reply of each exchange (timing.py)
+            line["timing"] = exchanges
         report.append_metrics(self.run_dir, line)
         report.write_privacy(self.run_dir, self.run_id, self.sites)
         tracking.round_done(self.cfg, self.run_id, line)
@@ -143,6 +146,8 @@ class RunRecorder:
             "rounds_aggregated": aggregated,
             "final_metrics": metrics[-1]["server"] if metrics else None,
         }  # the hold-out's
+        if (where := timing.summary(metrics)) is not None:  # per site, the median push/pickup/work/reply
+            summary["timing"] = where
         if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
             summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
             summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtransfer.common.wire.protocol import Refusal, SiteStatus, site_of
+from fedtransfer.server.federation import timing
 from flwr.app import Message
 from flwr.serverapp import Grid
 
@@ -117,7 +118,8 @@ def absent_sites(book: SiteBook, asked: Iterable[str], connected: Iterable[str])
     }
 
 
-FIRST_PULL_S, MAX_PULL_S = 0.05, 1.0  # polling for replies: quick at first, then at most once a second
+# polling for replies: quick at first, then every 0.25 s (a reply waited up to 1 s for the pull at 1.0 s)
+FIRST_PULL_S, MAX_PULL_S = 0.05, 0.25
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
@@ -128,11 +130,16 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], timeout: float) ->
     less and less often returns as soon as the last reply is in, for the price of a few small
     requests to the SuperLink.
     """
-    pending = set(grid.push_messages(list(messages)))
+    messages = list(messages)
+    kind = messages[0].metadata.message_type if messages else ""
+    ids, exchange = timing.pushed(grid.push_messages, messages, kind)  # when each reply came: timing.py
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    pending = set(ids)
     replies: list[Message] = []
     deadline, pause = time.monotonic() + timeout, FIRST_PULL_S
     while pending:
         got = list(grid.pull_messages(pending))
+        exchange.arrived(got, sent_to)
         replies += got
         pending -= {m.metadata.reply_to_message_id for m in got}
         if not pending or time.monotonic() >= deadline:
