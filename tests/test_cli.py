@@ -53,7 +53,6 @@ def _config(tmp_path: Path, **keys: object) -> str:
     return str(path)
 
 
-@pytest.mark.refused_before_flower
 @pytest.mark.parametrize("command", [["simulate"], ["deploy", "run"]])
 @pytest.mark.parametrize(
     ("case", "expected"),

@@ -112,7 +112,6 @@ def test_one_unreadable_image_given_by_name_is_one_line(
     assert err.count("\n") == 1 and err.startswith(f"fedtransfer: error: {bad}: cannot read image"), err
 
 
-@pytest.mark.refused_before_flower
 @pytest.mark.parametrize("text", ["", "\n   \n", "\t\n", "# settings to come\n"])
 @pytest.mark.parametrize("command", [["simulate"], ["deploy", "run"]])
 def test_an_empty_config_file_is_one_line_and_exit_2(

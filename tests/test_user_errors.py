@@ -46,7 +46,6 @@ def _patched(
     return [a.format(tmp=tmp_path) for a in argv]
 
 
-@pytest.mark.refused_before_flower  # simulate itself is replaced by one that raises
 @pytest.mark.parametrize(("argv", "module", "name"), COMMANDS)
 @pytest.mark.parametrize("user_error", [False, True])
 def test_only_an_input_error_inside_a_command_is_the_users_one_line_error(
