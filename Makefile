@@ -25,16 +25,21 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/fedtransfer simulate --config configs/demo.yaml
 
-# The whole suite, serial: the slow tests start Ray and Flower processes that would compete for the CPUs and for
-# Ray's shared temp folder if run side by side. tests.lint_imports: the import contracts in pyproject.toml.
-# PYTHONFAULTHANDLER: a crash after the tests (one fresh-clone run segfaulted in interpreter shutdown, every test
-# passed) prints every thread's Python stack, so the next one names its culprit. --durations: the slowest tests,
-# where the suite's time goes (most of it is end-to-end runs on real Flower processes)
+# The whole suite in two passes, both always run (the target fails if either failed): first the fast lane on two
+# xdist workers (as `make check`), then the slow tests serially: they start Ray and Flower processes that would
+# compete for the CPUs and for Ray's shared temp folder if run side by side. The passes never overlap, and every
+# fast-lane test keeps to its own tmp_path (its worker's basetemp), so neither pass sees the other's files.
+# tests.lint_imports: the import contracts in pyproject.toml. PYTHONFAULTHANDLER: a crash after the tests (one
+# fresh-clone run segfaulted in interpreter shutdown, every test passed) prints every thread's Python stack, so the
+# next one names its culprit. --durations: the slowest tests of each pass, where the suite's time goes (most of it
+# is end-to-end runs on real Flower processes)
 test: $(STAMP) browser docs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m tests.lint_imports
-	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q --durations=15
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m "not slow" -n 2 --durations=15; fast=$$?; \
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -m slow --durations=15; slow=$$?; \
+	echo "make test: fast lane exit $$fast, slow tests exit $$slow"; [ $$fast -eq 0 ] && [ $$slow -eq 0 ]
 
 # the documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link, a page left out of the
 # navigation or a reference generator that fails stops the build. PYTHONPATH: the reference pages are generated

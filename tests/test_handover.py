@@ -216,6 +216,7 @@ def _three_banks(tmp_path: Path, sizes: tuple[int, int, int]) -> Path:
     return sites
 
 
+@pytest.mark.refused_before_flower
 def test_a_five_row_site_is_refused_in_one_line_before_anything_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,19 +1,19 @@
 """A coordinator killed mid-run resumes from its last checkpoint and ends with the uninterrupted run's model.
 
-Real processes on Flower's Simulation Engine: the SuperLink's whole process tree is SIGKILLed
-after the sites sent their round-2 updates but before the coordinator checkpointed round 2.
-The resumed run sends round 2 again; the sites answer it from their reply caches, so their
-ledgers charge round 2 once, and the final head equals the one an uninterrupted run produces.
+The coordinator dies after the sites sent their round-2 updates but before it checkpointed round 2:
+the ServerApp and each site's real ClientApp answer in this process (tests/inprocess_grid.py), and
+the Grid raises, as a SIGKILLed SuperLink ends the ServerApp, when the round-2 updates come back.
+The resumed run (a new Grid, new site processes: an empty site cache) sends round 2 again; the
+sites answer it from their reply caches on disk, so their ledgers charge round 2 once, and the
+final head equals the one an uninterrupted run produces. What is under test is the checkpoint,
+the reply cache and the ledgers, not Flower's processes; a whole run on them is
+tests/test_simulation.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import threading
-import time
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,10 @@ import pytest
 from fedtransfer.common.config.run import RunConfig, config_from_dict
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.server.federation import checkpoint
-from fedtransfer.server.launch.simulation import SimulationError, simulate
+from flwr.app import Message
+from flwr.app.message_type import MessageType
 
-from tests.deploy_harness import _descendants
+from tests.inprocess_grid import InProcessGrid, run_in_process
 
 SMALL = {
     "run_name": "resume",
@@ -39,6 +40,21 @@ SMALL = {
 SITES = ("site-0", "site-1")
 
 
+class CoordinatorKilled(BaseException):
+    """The ServerApp's end when its SuperLink is killed: nothing in it may catch this."""
+
+
+class KilledAfterRound2Updates(InProcessGrid):
+    """Sites answer as usual; the coordinator dies when their round-2 updates are pulled, before its checkpoint."""
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = super().pull_messages(message_ids)
+        trains = sum(m.metadata.message_type == MessageType.TRAIN for m in self.pushed)
+        if trains == 2 * len(SITES) and self.pushed[-1].metadata.message_type == MessageType.TRAIN:
+            raise CoordinatorKilled
+        return replies
+
+
 def _config(tmp_path: Path, name: str) -> RunConfig:
     return config_from_dict(SMALL | {"output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache")})
 
@@ -48,64 +64,26 @@ def _events(run_dir: Path, site: str, event: str) -> list[dict[str, Any]]:
     return [r for r in read_records(log) if r["event"] == event] if log.exists() else []
 
 
-def _superlink_pid(flwr_home: Path) -> int | None:
-    """The simulation SuperLink that `simulate` started for this run folder (FLWR_HOME is per run)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if any(arg.endswith(b"flower-superlink") for arg in cmdline) and marker in environ:
-            return int(entry.name)
-    return None
-
-
-def _crash(pid: int) -> None:
-    """SIGKILL the SuperLink's process group and every descendant (SuperExec, ServerApp, Ray)."""
-    strays = _descendants(pid)
-    os.killpg(pid, signal.SIGKILL)
-    for child in strays:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child, signal.SIGKILL)
-
-
 def _final_head(run_dir: Path) -> dict[str, np.ndarray]:
     ckpt = checkpoint.latest(run_dir)
     assert ckpt is not None
     return ckpt.head
 
 
+@pytest.mark.usefixtures("app_process_umask")
 def test_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -> None:
-    reference = simulate(_config(tmp_path, "reference"), stream=False)
+    reference = run_in_process(_config(tmp_path, "reference"))
     assert reference["status"] == "completed"
 
     cfg = _config(tmp_path, "crashed")
     run_dir = cfg.output_path
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            simulate(cfg, stream=False)
-        except SimulationError as err:  # the crash we cause below
-            failure.append(err)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    deadline = time.monotonic() + 400
-    while not all(any(e["round"] == 2 for e in _events(run_dir, s, "update-sent")) for s in SITES):
-        assert thread.is_alive() and time.monotonic() < deadline, "the run ended before both sites sent round 2"
-        time.sleep(0.05)
-    pid = _superlink_pid(run_dir / ".flwr")
-    assert pid is not None
-    _crash(pid)
-    thread.join(timeout=120)
-    assert not thread.is_alive() and failure, "simulate() should report the killed run"
+    with pytest.raises(CoordinatorKilled):
+        run_in_process(cfg, KilledAfterRound2Updates.for_simulation(cfg))
+    assert all(any(e["round"] == 2 for e in _events(run_dir, s, "update-sent")) for s in SITES)
     assert checkpoint.latest(run_dir).server_round == 1, "the kill came after the round-2 checkpoint"
     assert not (run_dir / "status.json").exists()
 
-    status = simulate(replace(cfg, resume=True), stream=False)
+    status = run_in_process(replace(cfg, resume=True))
     assert status["status"] == "completed"
 
     # resumed from round 1, not from round 0: the run id is kept and round 1 is not sent again

@@ -1,8 +1,10 @@
-"""Robust aggregation end to end on the Simulation Engine: one site sends NaNs, one a 100× head.
+"""Robust aggregation over a whole run: one site sends NaNs, one a 100× head.
 
 The same 8-site federation runs twice with `fedtrimmedavg`: all sites honest, then with
 partitions 0 and 1 hostile (`tests/hostile_client.py`). The NaN update is refused and named;
-the scaled one is trimmed; accuracy ends within 2 points of the honest run.
+the scaled one is trimmed; accuracy ends within 2 points of the honest run. What is under test
+is what the server does with the replies, so the ServerApp and every site's ClientApp answer in
+this process (tests/inprocess_grid.py); the Simulation Engine itself is tests/test_simulation.py's.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from fedtransfer.common.config.run import RunConfig, config_from_dict
-from fedtransfer.server.launch.simulation import simulate
 
-from tests.app_variants import app_variant
+from tests import hostile_client
+from tests.inprocess_grid import InProcessGrid, run_in_process
 
 
 def _config(run: Path, cache: Path) -> RunConfig:
@@ -42,12 +45,14 @@ def _rounds(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.usefixtures("app_process_umask")
 def test_trimmed_mean_survives_a_nan_site_and_a_scaled_site(tmp_path: Path) -> None:
-    honest = simulate(_config(tmp_path / "honest", tmp_path / "cache"), stream=False)
-    hostile_app = app_variant(
-        tmp_path / "app", Path(__file__).with_name("hostile_client.py"), clientapp="hostile_client:app"
-    )
-    attacked = simulate(_config(tmp_path / "attacked", tmp_path / "cache"), stream=False, app_dir=hostile_app)
+    honest = run_in_process(_config(tmp_path / "honest", tmp_path / "cache"))
+    cfg = _config(tmp_path / "attacked", tmp_path / "cache")
+    grid = InProcessGrid.for_simulation(cfg)
+    for partition in (hostile_client.NAN_SITE, hostile_client.SCALED_SITE):
+        grid.answers[grid.node(partition)] = hostile_client.app
+    attacked = run_in_process(cfg, grid)
     for record in _rounds(tmp_path / "attacked"):
         assert record["sites_trained"] == 7  # the scaled head passes the checks; the trimmed mean cuts it
         assert record["sites"]["site-0"]["status"] == "refused"  # it sent an update; the server's screening refused it

@@ -1,8 +1,11 @@
 """A run nobody trained in is a failed run: its status, exit code, model and audit verdict all say so.
 
-Real processes on Flower's Simulation Engine. Every site declines every round (its δ is not
-below 1/n), so the coordinator never aggregates an update; before the fix this run ended
-`completed`, exited 0, exported the random initial head and passed its audit.
+The ServerApp and each site's real ClientApp in this process (tests/inprocess_grid.py): what is
+under test is what the server does with the replies, not the transport. Every site declines every
+round (its δ is not below 1/n), so the coordinator never aggregates an update; before the fix this
+run ended `completed`, exited 0, exported the random initial head and passed its audit. The exit
+code and console line `fedtransfer simulate` makes of a failed status.json are
+tests/test_cli.py's `test_launcher_keeps_the_whole_log_and_reads_the_verdict`.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from fedtransfer.cli.main import main
+from fedtransfer.common.config.run import config_from_dict
 from fedtransfer.server.audit import audit_run
+
+from tests.inprocess_grid import run_in_process
 
 EVERY_SITE_DECLINES = {
     "run_name": "nobody-trained",
@@ -25,17 +30,11 @@ EVERY_SITE_DECLINES = {
 }
 
 
-def test_a_run_in_which_every_site_declines_fails_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.usefixtures("app_process_umask")
+def test_a_run_in_which_every_site_declines_fails_everywhere(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    config = tmp_path / "run.yaml"
-    config.write_text(
-        yaml.safe_dump(EVERY_SITE_DECLINES | {"output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache")})
-    )
-    assert main(["simulate", "--config", str(config)]) == 1
-    err = capsys.readouterr().err
-    assert "FAILED" in err and "no model exported" in err
-
-    status = json.loads((run_dir / "status.json").read_text())
+    cfg = config_from_dict(EVERY_SITE_DECLINES | {"output_dir": str(run_dir), "cache_dir": str(tmp_path / "cache")})
+    status = run_in_process(cfg)
     assert status["status"] == "failed" and "train.min_sites" in status["reason"]
     assert status["rounds_aggregated"] == []
     assert not (run_dir / "model.pt").exists(), "a failed run exports no model"

@@ -9,6 +9,8 @@ with a second model-exported record as a re-export would be. The hold-out images
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -47,20 +49,30 @@ def _real_model_run(run_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The run folder after `fedtransfer export` in both formats (each checked against model.pt)."""
+def export_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The run folder after `fedtransfer export` in both formats (each checked against model.pt), and what each printed.
+
+    One export per format for the whole module: every test reads it, or copies the folder to change it.
+    """
     run_dir = _real_model_run(tmp_path_factory.mktemp("serving") / "run")
+    printed = {}
     for fmt in ("onnx", "torchscript"):
-        assert main(["export", str(run_dir), "--format", fmt, "--samples", SAMPLES]) == 0
-    return run_dir
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert main(["export", str(run_dir), "--format", fmt, "--samples", SAMPLES]) == 0
+        printed[fmt] = out.getvalue()
+    return run_dir, printed
 
 
-def test_export_prints_its_check(exported: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    run_dir = shutil.copytree(exported, tmp_path / "run")
-    assert main(["export", str(run_dir), "--format", "torchscript", "--samples", "16"]) == 0
-    out = capsys.readouterr().out
-    assert "16/16 hold-out images get model.pt's class" in out
-    assert "checked with torch.jit.load" in out and f"(tolerance {serving.TOLERANCE:g})" in out
+@pytest.fixture
+def exported(export_run: tuple[Path, dict[str, str]]) -> Path:
+    return export_run[0]
+
+
+def test_export_prints_its_check(export_run: tuple[Path, dict[str, str]]) -> None:
+    for fmt, runner in (("onnx", "onnxruntime"), ("torchscript", "torch.jit.load")):
+        out = export_run[1][fmt]
+        assert f"{SAMPLES}/{SAMPLES} hold-out images get model.pt's class" in out, out
+        assert f"checked with {runner}" in out and f"(tolerance {serving.TOLERANCE:g})" in out, out
 
 
 @pytest.mark.parametrize("size", [(32, 32), (50, 41), (200, 120)])

@@ -90,6 +90,30 @@ def test_a_benchmark_run_whole_as_a_process_is_slow() -> None:
         assert _marked(func), func.__name__
 
 
+def _flowers_run_simulation() -> None:
+    """Stands in for `flwr.simulation.run_simulation`: the marking knows Flower's starters by name, unimported."""
+
+
+_flowers_run_simulation.__module__, _flowers_run_simulation.__qualname__ = (
+    "flwr.simulation.run_simulation",
+    "run_simulation",
+)
+
+
+def _test_flowers_simulation_engine() -> None:
+    _flowers_run_simulation()
+
+
+FLOWER_STARTING = (_test_flowers_simulation_engine,)  # a tuple, as above: this test itself stays fast
+
+
+def test_flowers_own_simulation_is_slow_without_importing_ray() -> None:
+    """conftest names Flower's starters rather than importing `flwr.simulation` (Ray) into every worker."""
+    for func in FLOWER_STARTING:
+        assert _marked(func), func.__name__
+    assert "flwr" not in vars(conftest), "conftest imports Flower (and with flwr.simulation, Ray) again"
+
+
 def test_these_tests_stay_in_the_fast_lane(request: pytest.FixtureRequest) -> None:
     assert not conftest.starts_processes(request.node)
 

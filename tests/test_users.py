@@ -124,6 +124,7 @@ def test_delta_is_checked_against_the_number_of_people_not_rows(tmp_path: Path) 
         train_round.train(site, records, _message(0, release=FEATURE_STATS, **{"run-id": "r2"}))
 
 
+@pytest.mark.refused_before_flower
 def test_a_row_without_its_user_is_one_line_naming_file_and_line(tmp_path: Path, capsys) -> None:
     schema, table = _table(tmp_path, ["a", "a", "b", "", "c"])
     config = tmp_path / "run.yaml"
@@ -145,6 +146,7 @@ def test_user_column_is_never_a_feature(tmp_path: Path) -> None:
         load_source("table", str(table), 32, str(plain_schema))
 
 
+@pytest.mark.refused_before_flower
 def test_a_table_schema_without_a_user_column_is_refused_before_flower(tmp_path: Path, capsys) -> None:
     without = {k: v for k, v in SCHEMA.items() if k != "user"}
     schema, _ = _table(tmp_path, [], without)

@@ -106,10 +106,21 @@ def evaluate_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor)
 
 
 def macro_auroc(truth: np.ndarray, probs: np.ndarray) -> float | None:
-    """Mean over the classes present of the AUROC of "this class" against the rest; None below 2 classes."""
-    from sklearn.metrics import roc_auc_score
+    """Mean over the classes present of the AUROC of "this class" against the rest; None below 2 classes.
+
+    Each AUROC is the Mann-Whitney statistic on average ranks (ties count one half), the value
+    scikit-learn's `roc_auc_score` gives, for all classes in one ranking: a site's collaboration
+    report scores 200 bootstrap resamples of three models, and scikit-learn's per-call input
+    checks made that minutes of CPU per site on a 10-class test split.
+    """
+    from scipy.stats import rankdata
 
     present = np.unique(truth)
     if len(present) < 2:
         return None
-    return float(np.mean([roc_auc_score(truth == c, probs[:, c]) for c in present]))
+    ranks = rankdata(np.asarray(probs)[:, present], axis=0)  # average ranks within each class's column
+    positive = np.asarray(truth)[:, None] == present[None, :]
+    n_pos = positive.sum(0)
+    n_neg = len(truth) - n_pos
+    rank_sums = np.where(positive, ranks, 0.0).sum(0)
+    return float(np.mean((rank_sums - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
