@@ -54,7 +54,8 @@ class RunRecorder:
 
     def started(self, start: int, resumed: bool, encoder: dict[str, Any], head: list[str]) -> None:
         if not resumed:
-            for stale in ("metrics.jsonl", "model.pt"):  # another run's; this folder is ours now (locked)
+            # another run's; this folder is ours now (locked)
+            for stale in ("metrics.jsonl", "model.pt", "class-counts.json"):
                 (self.run_dir / stale).unlink(missing_ok=True)
         mechanism = mechanism_for(self.cfg)
         trust: dict[str, Any] = {"trust": mechanism.trust}
