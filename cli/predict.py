@@ -32,7 +32,8 @@ def add_predict_parser(sub: Any) -> None:
     pred.add_argument(
         "images",
         help="an image file or a folder (searched recursively); for a tabular model a CSV "
-        "file of its columns (prints each row's file line, the header being line 1, and its class)",
+        "file of its columns (prints each row's file line, the header being line 1, and its class); "
+        "for a text model a text file, or a .csv/.tsv/.jsonl file with --column",
     )
     pred.add_argument(
         "--column",
@@ -43,7 +44,8 @@ def add_predict_parser(sub: Any) -> None:
         "--format",
         choices=("text", "csv", "json"),
         default=None,
-        help="text (default): input and class, tab-separated; csv or json: each class's probability too",
+        help="text (default): input and class, tab-separated; csv or json: each class's probability too "
+        "(json also names a binary model's decision threshold and why it was chosen)",
     )
     pred.add_argument("--scores", action="store_true", help="each class's probability as CSV (--format csv)")
     pred.add_argument("--out", help="write the predictions to this file (atomically) instead of stdout")

@@ -172,7 +172,8 @@ def _threshold_html(report: dict[str, Any]) -> str:
 
 
 def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
-    """One line per site of a simulated run: its own-test accuracy alone, global and final, from its report.
+    """One line per site of a simulated run: its own-test accuracy alone, global and final, from its report,
+    each with its 95% bootstrap interval and the test split's record count.
 
     Simulation only, where every site's folder is on this machine (`output_dir/sites/`); a deployed site's
     report stays in its own folder. A site without a report of this run (it kept no final model) is left out.
@@ -184,13 +185,13 @@ def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
             continue
         s = report["scores"]
         shown = ", ".join(
-            f"{name} {s[name]['accuracy']['value']:.3f}" for name in ("alone", "global", "final") if s.get(name)
+            f"{name} {_text(s[name]['accuracy'])}" for name in ("alone", "global", "final") if s.get(name)
         )
         t, final = report.get("threshold"), s.get("final") or {}
         at = ""
         if t and "predicted_positive" in final:
             at = (
-                f"; final at threshold {t['value']:.3f}: balanced accuracy {final['balanced_accuracy']['value']:.3f}, "
+                f"; final at threshold {t['value']:.3f}: balanced accuracy {_text(final['balanced_accuracy'])}, "
                 f"{final['predicted_positive']} predicted positive ({report.get('positives')} are)"
             )
         lines.append(
@@ -198,3 +199,11 @@ def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
             f"(final: {report['chosen']}; {folder / REPORT_HTML})"
         )
     return lines
+
+
+def _text(score: dict[str, Any]) -> str:
+    """`0.800 [0.700, 0.900]`: a report's score with its bootstrap interval (`-` where it has no value)."""
+    if score.get("value") is None:
+        return "-"
+    interval = score.get("interval95")
+    return f"{score['value']:.3f}" + ("" if not interval else f" [{interval[0]:.3f}, {interval[1]:.3f}]")

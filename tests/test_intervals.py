@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fedtransfer.common.model.intervals import (
+    accuracy_interval,
     auroc_interval,
     described,
+    described_accuracy,
     hanley_mcneil_se,
     wilson,
     with_intervals,
 )
+from fedtransfer.server.federation.console import round_summary
 
 
 @pytest.mark.parametrize(
@@ -58,3 +61,31 @@ def test_with_intervals_adds_the_record_count_and_both_intervals() -> None:
     assert out["auroc_interval95"] == pytest.approx([0.9 - 1.96 * se, min(1.0, 0.9 + 1.96 * se)], abs=1e-3)
     assert described(out["accuracy"], out["accuracy_interval95"], 43) == "0.907 [0.784, 0.963] on 43 records"
     assert described(None, None, 43) == "-"
+
+
+def test_accuracy_interval_rounds_to_whole_records_and_knows_when_nothing_was_measured() -> None:
+    assert accuracy_interval(39 / 43, 43) == pytest.approx([0.7840, 0.9632], abs=5e-4)
+    assert accuracy_interval(0.5, 0) is None and accuracy_interval(None, 10) is None
+    assert accuracy_interval(float("nan"), 10) is None
+
+
+def test_the_round_line_and_the_final_line_say_on_how_many_records_with_the_interval() -> None:
+    line = round_summary(
+        3,
+        5,
+        trained=4,
+        asked=4,
+        server_accuracy=39 / 43,
+        sites_accuracy=0.755,
+        epsilon_max=2.0,
+        target_epsilon=3.0,
+        seconds=1.0,
+        server_measured=(accuracy_interval(39 / 43, 43), 43),
+        sites_measured=(accuracy_interval(0.755, 106), 106),
+    )
+    assert "server acc 0.9070 [0.784, 0.963] on 43 |" in line
+    low, high = accuracy_interval(0.755, 106)
+    assert f"sites' acc 0.7550 [{low:.3f}, {high:.3f}] on 106 |" in line
+    status = {"final_accuracy": 39 / 43, "final_metrics": with_intervals({"accuracy": 39 / 43}, np.zeros(43))}
+    assert described_accuracy(status["final_accuracy"], status["final_metrics"]) == "0.907 [0.784, 0.963] on 43 records"
+    assert described_accuracy(0.9, None) == "0.900"  # a status.json written before intervals

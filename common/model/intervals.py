@@ -37,6 +37,15 @@ def wilson(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def accuracy_interval(accuracy: float | None, records: int) -> list[float] | None:
+    """The Wilson interval of an accuracy measured on `records` records (the count of correct ones is
+    accuracy·records, rounded); None where there is no accuracy or no record."""
+    if accuracy is None or records <= 0 or math.isnan(accuracy):
+        return None
+    low, high = wilson(min(max(round(accuracy * records), 0), records), records)
+    return [low, high]
+
+
 def hanley_mcneil_se(auc: float, positives: int, negatives: int) -> float:
     """Hanley & McNeil's (1982) standard error of an AUROC measured on `positives` and `negatives` records."""
     if positives <= 0 or negatives <= 0:
@@ -70,16 +79,12 @@ def with_intervals(scores: dict[str, float | None], labels: np.ndarray) -> dict[
     """
     labels = np.asarray(labels).astype(np.int64).ravel()
     n = len(labels)
-    accuracy = scores.get("accuracy")
-    acc_ci = None
-    if accuracy is not None and n and not math.isnan(accuracy):
-        acc_ci = wilson(round(accuracy * n), n)
     counts = np.bincount(labels) if n else np.zeros(0, dtype=np.int64)
     auc_ci = auroc_interval(scores.get("auroc"), counts.tolist())
     return {
         **scores,
         "records": n,
-        "accuracy_interval95": None if acc_ci is None else [acc_ci[0], acc_ci[1]],
+        "accuracy_interval95": accuracy_interval(scores.get("accuracy"), n),
         "auroc_interval95": None if auc_ci is None else [auc_ci[0], auc_ci[1]],
     }
 
@@ -92,3 +97,10 @@ def described(value: float | None, interval: Sequence[float] | None, records: in
     if interval is not None:
         text += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
     return text if records is None else f"{text} on {records} records"
+
+
+def described_accuracy(accuracy: float | None, scores: dict | None) -> str:
+    """An accuracy as `described`, with the interval and record count of the `scores` it came from (a metrics
+    line's `server`, status.json's `final_metrics`) where they have them."""
+    scores = scores or {}
+    return described(accuracy, scores.get("accuracy_interval95"), scores.get("records"))

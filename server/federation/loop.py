@@ -29,6 +29,7 @@ from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.model.finetune import cut_encoder, make_top, trains
 from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.model.intervals import with_intervals
+from fedtransfer.common.model.threshold import Threshold
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from fedtransfer.common.storage import atomic, locking
 from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
@@ -261,13 +262,16 @@ def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray],
             f"{cfg.train.min_sites} sites; see the per-site reasons in metrics.jsonl"
         )
     model = None
+    threshold = class_counts.threshold_for(cfg, len(co.classes))  # binary runs: stored in model.pt, named in status
     if failure is None:
-        model, failure = export_or_why(co, head)
-    summary = recorder.finish(head, accuracy, model, failure)
+        model, failure = export_or_why(co, head, threshold)
+    summary = recorder.finish(head, accuracy, model, failure, threshold=threshold)
     return RunResult(cfg.output_path, recorder.run_id, accuracy, model, summary["status"], failure)
 
 
-def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | None, str | None]:
+def export_or_why(
+    co: Coordinator, head: dict[str, np.ndarray], threshold: Threshold | None = None
+) -> tuple[Path | None, str | None]:
     """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
     path = co.cfg.output_path / "model.pt"
     try:
@@ -278,7 +282,7 @@ def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | 
             hidden=co.cfg.head.hidden,
             classes=co.classes,
             finetune=co.cfg.finetune,
-            threshold=class_counts.threshold_for(co.cfg, len(co.classes)),
+            threshold=threshold,
         ), None
     except OSError as err:
         return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
@@ -322,9 +326,9 @@ def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> N
             trained=record["sites_trained"],
             asked=asked,
             server_accuracy=record["server"]["accuracy"],
-            server_interval=record["server"].get("accuracy_interval95"),
-            server_records=record["server"].get("records"),
+            server_measured=(record["server"].get("accuracy_interval95"), record["server"].get("records")),
             sites_accuracy=fed["accuracy"] if fed else None,
+            sites_measured=(fed.get("accuracy_interval95"), fed.get("records")) if fed else (None, None),
             epsilon_max=max(eps) if eps else None,
             target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
             seconds=record["time_s"],
