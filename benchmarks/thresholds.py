@@ -56,6 +56,7 @@ def _row(seed: int, where: str, model: str, truth: np.ndarray, probs: np.ndarray
 def seed_rows(fed, holdout: tuple[torch.Tensor, torch.Tensor], eps: float, seed: int, rule: str) -> list[dict]:
     """The server hold-out's row (global model) and each bank's rows: global and final, argmax and threshold."""
     glob = global_model(fed, eps, seed)
+    print(f"seed {seed}: global model trained", flush=True)
     stored = global_threshold(threshold_rule(rule), None).value  # no DP class counts in this config
     hx, hy = holdout
     rows = [_row(seed, "server hold-out", "global (model.pt)", hy.numpy(), probabilities(glob, hx), stored)]
@@ -67,6 +68,7 @@ def seed_rows(fed, holdout: tuple[torch.Tensor, torch.Tensor], eps: float, seed:
         rows.append(_row(seed, where, "global, argmax", truth, probabilities(glob, tx), None))
         rows.append(_row(seed, where, f"final ({final.chosen}), argmax", truth, probabilities(final.model, tx), None))
         rows.append(_row(seed, where, "final, site threshold", truth, probabilities(final.model, tx), t.value))
+        print(f"seed {seed}: bank {i} scored ({final.chosen}, threshold {t.value:.4f})", flush=True)
     return rows
 
 
