@@ -90,8 +90,7 @@ def main() -> None:
     rows = [r for seed in args.seeds for r in seed_rows(fed, holdout, args.epsilon, seed, args.rule)]
     print_table(rows, COLUMNS)
     params = {"config": "configs/bank-tabular.yaml", "epsilon": args.epsilon, "seeds": args.seeds, "rule": args.rule}
-    path = write_results(args.name, rows, params | {"seconds": round(time.monotonic() - t0, 1)})
-    print(f"wrote {path}")
+    write_results(args.name, rows, params | {"seconds": round(time.monotonic() - t0, 1)})
 
 
 if __name__ == "__main__":
