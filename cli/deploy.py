@@ -31,6 +31,7 @@ from pathlib import Path
 from fedtransfer.client import site_worker, worker_link
 from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from fedtransfer.common.config.site import check_site_files, site_paths
+from fedtransfer.common.model.intervals import described_accuracy
 from fedtransfer.common.storage import locking
 from fedtransfer.common.storage.private import make_private
 from fedtransfer.deploy.credentials import CredentialsError, credential_paths, init_deployment
@@ -253,7 +254,8 @@ def _run(args: argparse.Namespace) -> int:
         ),
     )
     status, flower_id = outcome.status, outcome.flower_run_id
-    print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
+    held_out = described_accuracy(status["final_accuracy"], status.get("final_metrics"))  # with interval, records
+    print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {held_out}")
     print(
         f"fedtransfer: run id {status['run_id']} names it in outputs, ledgers and audit logs (and stays on resume); "
         f"Flower's id of this submission is {flower_id}: `flwr log {flower_id} {args.connection}`, "

@@ -29,6 +29,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     """Run the config; print the outcome, then each site's alone, global and final score on its own test split."""
     from fedtransfer.client.collab_report import summary_lines as collaboration_lines
     from fedtransfer.common.config.run import RunConfig, load_config
+    from fedtransfer.common.model.intervals import described_accuracy
     from fedtransfer.server.launch.simulation import simulate
 
     cfg = load_config(args.config) if args.config else RunConfig()
@@ -37,7 +38,8 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.resume:
         cfg = replace(cfg, resume=True)
     status = simulate(cfg, stream=not args.quiet, verbose=args.verbose, ray_address=args.ray_address)
-    print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {status['final_accuracy']:.4f}")
+    held_out = described_accuracy(status["final_accuracy"], status.get("final_metrics"))  # with interval, records
+    print(f"fedtransfer: run {status['run_id']} completed; server hold-out accuracy {held_out}")
     for line in collaboration_lines(cfg.output_path / "sites", str(status["run_id"])):
         print(f"fedtransfer: {line}")
     print(

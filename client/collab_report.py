@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from fedtransfer.client.final_model import FinalModel
 from fedtransfer.common.model.head import macro_auroc
+from fedtransfer.common.model.threshold import POSITIVE, Threshold, decide
 from fedtransfer.common.storage import atomic
 from torch import nn
 
@@ -33,8 +34,8 @@ def probabilities(model: nn.Module, x: torch.Tensor) -> np.ndarray:
         return model(x.float().cpu()).softmax(1).double().numpy()
 
 
-def _metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
-    predicted = probs.argmax(1)
+def _metrics(truth: np.ndarray, probs: np.ndarray, threshold: float | None = None) -> dict[str, float | None]:
+    predicted = decide(probs, threshold)
     recall = [float((predicted[truth == c] == c).mean()) for c in np.unique(truth)]
     return {
         "accuracy": float((predicted == truth).mean()),
@@ -43,13 +44,20 @@ def _metrics(truth: np.ndarray, probs: np.ndarray) -> dict[str, float | None]:
     }
 
 
-def scored(truth: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and AUROC on `truth`, each with its 95% bootstrap interval and the record count."""
-    point = _metrics(truth, probs)
+def scored(truth: np.ndarray, probs: np.ndarray, seed: int = 0, threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and AUROC on `truth`, each with its 95% bootstrap interval and the record count.
+
+    `threshold`: a binary model's decision threshold (None: argmax). A binary score also counts the records
+    predicted positive: 8 of 476 says at once that a model never flags anyone.
+    """
+    point = _metrics(truth, probs, threshold)
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(truth), len(truth)) for _ in range(RESAMPLES)]
-    samples = [_metrics(truth[d], probs[d]) for d in draws]
+    samples = [_metrics(truth[d], probs[d], threshold) for d in draws]
     out: dict[str, Any] = {"records": len(truth)}
+    if probs.shape[1] == 2:
+        out["predicted_positive"] = int((decide(probs, threshold) == POSITIVE).sum())
+        out["threshold"] = 0.5 if threshold is None else threshold
     for key, value in point.items():
         values = [s[key] for s in samples if s[key] is not None]
         interval = [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if values else None
@@ -58,19 +66,36 @@ def scored(truth: np.ndarray, probs: np.ndarray, seed: int = 0) -> dict[str, Any
 
 
 def build_report(
-    *, site: str, run_id: str, server_round: int, final: FinalModel, global_model: nn.Module, test: tuple
+    *,
+    site: str,
+    run_id: str,
+    server_round: int,
+    final: FinalModel,
+    global_model: nn.Module,
+    test: tuple,
+    threshold: Threshold | None = None,
 ) -> dict[str, Any]:
-    """The report's content: own-test scores of alone, global and final, and the choice with its reason."""
+    """The report's content: own-test scores of alone, global and final, and the choice with its reason.
+
+    A binary final model is scored at its own threshold (client/threshold.py) and, beside it, at argmax
+    (`final_argmax`), so the site sees what the threshold changed; alone and global stay at argmax.
+    """
     x, y = test
     truth = y.cpu().numpy()
     models = {"alone": final.alone, "global": global_model, "final": final.model}
-    scores = {name: None if m is None else scored(truth, probabilities(m, x)) for name, m in models.items()}
+    probs = {name: None if m is None else probabilities(m, x) for name, m in models.items()}
+    scores = {name: None if p is None else scored(truth, p) for name, p in probs.items()}
+    if threshold is not None:
+        scores["final_argmax"] = scores["final"]
+        scores["final"] = scored(truth, probs["final"], threshold=threshold.value)
     return {
         "site": site,
         "run_id": run_id,
         "round": server_round,
         "test_records": len(truth),
         "scores": scores,
+        "positives": int((truth == POSITIVE).sum()) if threshold is not None else None,
+        "threshold": None if threshold is None else threshold.as_dict(),
         "chosen": final.chosen,
         "reason": final.reason,
         "validation": [asdict(c) for c in final.candidates],
@@ -126,12 +151,29 @@ def render_html(report: dict[str, Any]) -> str:
         f"{rows}</table><h2>Chosen: {e(report['chosen'])}</h2><p>{e(report['reason'])}.</p>"
         "<h2>Candidates on the validation split (held out of the training split)</h2>"
         "<table><tr><th>candidate</th><th>loss</th><th>accuracy</th><th>records</th></tr>"
-        f"{val}</table><p>{e(report['sent'])}.</p></body></html>\n"
+        f"{val}</table>{_threshold_html(report)}<p>{e(report['sent'])}.</p></body></html>\n"
+    )
+
+
+def _threshold_html(report: dict[str, Any]) -> str:
+    """The final model's decision threshold, its rule and what it was chosen on, and what it changed on test."""
+    t = report.get("threshold")
+    if not t:
+        return ""
+    s = report["scores"]
+    flagged = ", ".join(
+        f"{name} {s[name]['predicted_positive']}" for name in ("global", "final_argmax", "final") if s.get(name)
+    )
+    return (
+        f"<h2>Decision threshold: {t['value']:.4f}</h2><p>Rule {html.escape(t['rule'])}, chosen on "
+        f"{html.escape(t['chosen_on'])}. On the test split ({report['positives']} positive of "
+        f"{report['test_records']}), records predicted positive: {html.escape(flagged)}.</p>"
     )
 
 
 def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
-    """One line per site of a simulated run: its own-test accuracy alone, global and final, from its report.
+    """One line per site of a simulated run: its own-test accuracy alone, global and final, from its report,
+    each with its 95% bootstrap interval and the test split's record count.
 
     Simulation only, where every site's folder is on this machine (`output_dir/sites/`); a deployed site's
     report stays in its own folder. A site without a report of this run (it kept no final model) is left out.
@@ -143,10 +185,25 @@ def summary_lines(sites_dir: Path, run_id: str) -> list[str]:
             continue
         s = report["scores"]
         shown = ", ".join(
-            f"{name} {s[name]['accuracy']['value']:.3f}" for name in ("alone", "global", "final") if s.get(name)
+            f"{name} {_text(s[name]['accuracy'])}" for name in ("alone", "global", "final") if s.get(name)
         )
+        t, final = report.get("threshold"), s.get("final") or {}
+        at = ""
+        if t and "predicted_positive" in final:
+            at = (
+                f"; final at threshold {t['value']:.3f}: balanced accuracy {_text(final['balanced_accuracy'])}, "
+                f"{final['predicted_positive']} predicted positive ({report.get('positives')} are)"
+            )
         lines.append(
-            f"{report['site']}: own test split ({report['test_records']} records) accuracy {shown} "
+            f"{report['site']}: own test split ({report['test_records']} records) accuracy {shown}{at} "
             f"(final: {report['chosen']}; {folder / REPORT_HTML})"
         )
     return lines
+
+
+def _text(score: dict[str, Any]) -> str:
+    """`0.800 [0.700, 0.900]`: a report's score with its bootstrap interval (`-` where it has no value)."""
+    if score.get("value") is None:
+        return "-"
+    interval = score.get("interval95")
+    return f"{score['value']:.3f}" + ("" if not interval else f" [{interval[0]:.3f}, {interval[1]:.3f}]")

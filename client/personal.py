@@ -36,6 +36,7 @@ from fedtransfer.client.collab_report import build_report, write_report
 from fedtransfer.client.final_model import Tuning, choose_final
 from fedtransfer.client.site import Site
 from fedtransfer.client.site_log import record
+from fedtransfer.client.threshold import site_threshold
 from fedtransfer.common.config.run import PersonalConfig, RunConfig, SitePolicy
 from fedtransfer.common.model.head import Scores, evaluate_head
 from fedtransfer.common.privacy.calibration import plan_dp
@@ -179,8 +180,14 @@ def final_round(
     )
     classes = len(site.data.test.classes)
     final = choose_final(global_top, site.train_x, site.train_y, classes, tuning)
+    threshold = site_threshold(
+        final.model, site.train_x, site.train_y, rule_text=cfg.personal.threshold, seed=tuning.seed, num_classes=classes
+    )
     path = site.state_dir / "personal" / f"{run_id}.pt"
-    atomic.torch_save({"round": server_round, "chosen": final.chosen, "state": final.model.state_dict()}, path)
+    kept = {"round": server_round, "chosen": final.chosen, "state": final.model.state_dict()}
+    if threshold is not None:  # the site's own scores and any later use of this model apply it
+        kept["threshold"] = threshold.as_dict()
+    atomic.torch_save(kept, path)
     report = build_report(
         site=site.name,
         run_id=run_id,
@@ -188,6 +195,7 @@ def final_round(
         final=final,
         global_model=global_top.cpu(),
         test=(site.test_x, site.test_y),
+        threshold=threshold,
     )
     choice = personal_choice(site.policy, cfg.personal)
     record(

@@ -71,4 +71,5 @@ def test_a_simulation_prints_each_sites_own_test_alone_global_and_final_of_this_
     (tmp_path / "site-3").mkdir()  # kept no final model: no report
     lines = summary_lines(tmp_path, "r1")
     assert [line.split(":")[0] for line in lines] == ["site-0", "site-1"]
-    assert "alone 0.500, global 0.750, final 0.800" in lines[0] and "40 records" in lines[0]
+    assert "alone 0.500 [0.400, 0.600], global 0.750 [0.600, 0.900], final 0.800 [0.700, 0.900]" in lines[0]
+    assert "(40 records)" in lines[0]

@@ -74,12 +74,47 @@ class PersonalConfig:
     learning_rate: float = 0.5
     dp: bool = False
     target_epsilon: float = 3.0
+    threshold: str = "balanced_accuracy"  # a binary model's decision rule: balanced_accuracy or cost:R
 
     def __post_init__(self) -> None:
+        threshold_rule(self.threshold)  # ConfigError naming personal.threshold
         _require(1 <= self.epochs <= 1000, "personal.epochs", "must be 1..1000", self.epochs)
         _require(0 <= self.lam <= 100, "personal.lam", "must be in [0, 100]", self.lam)
         _require(0 < self.learning_rate <= 100, "personal.learning_rate", "must be in (0, 100]", self.learning_rate)
         _require(0 < self.target_epsilon <= 100, "personal.target_epsilon", "must be in (0, 100]", self.target_epsilon)
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How a binary model's decision threshold is chosen: the positive class is predicted when its probability
+    is at least the threshold.
+
+    `balanced_accuracy`: the threshold of highest balanced accuracy (mean of the two recalls); on a table with
+    a few percent positives, argmax (0.5) of a DP model predicts almost no positive at all. `cost:R`: a missed
+    positive costs R times a false alarm (a missed default against a refused good customer); the threshold of
+    lowest total cost, whose Bayes value for calibrated probabilities is 1 / (1 + R).
+    """
+
+    kind: Literal["balanced_accuracy", "cost"]
+    cost_ratio: float | None = None  # R of cost:R
+
+    def __str__(self) -> str:
+        return self.kind if self.cost_ratio is None else f"cost:{self.cost_ratio:g}"
+
+
+def threshold_rule(text: object, key: str = "personal.threshold") -> ThresholdRule:
+    """`balanced_accuracy` or `cost:R` (R > 0, a missed positive's cost over a false alarm's) as a ThresholdRule."""
+    allowed = "balanced_accuracy, or cost:R with R > 0 the cost of a missed positive over a false alarm's (cost:5)"
+    if text == "balanced_accuracy":
+        return ThresholdRule("balanced_accuracy")
+    ratio = None
+    if isinstance(text, str) and text.startswith("cost:"):
+        try:
+            ratio = float(text.removeprefix("cost:"))
+        except ValueError:
+            ratio = None
+    _require(ratio is not None and 0 < ratio <= 1e6, key, allowed, text)
+    return ThresholdRule("cost", ratio)
 
 
 def check_run(cfg: Any) -> None:

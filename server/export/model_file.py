@@ -23,6 +23,7 @@ from fedtransfer.common.encoders.registry import rebuild_encoder
 from fedtransfer.common.errors import InputError
 from fedtransfer.common.model.finetune import CutEncoder, cut_encoder, make_top
 from fedtransfer.common.model.head import is_centred
+from fedtransfer.common.model.threshold import Threshold, decide
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.wire.exchange import PREFIX
 from torch import nn
@@ -36,20 +37,35 @@ class ModelFileError(InputError):
 
 
 class AdaptedModel(nn.Module):
-    """The encoder's raw inputs (uint8 images (N, H, W, C) for an image encoder) -> class logits."""
+    """The encoder's raw inputs (uint8 images (N, H, W, C) for an image encoder) -> class logits.
 
-    def __init__(self, encoder: Encoder, head: nn.Module, classes: list[str]) -> None:
+    `threshold`: a binary model's decision threshold on the second class's probability (common/model/threshold.py),
+    stored in the file; None (a file written before thresholds, or more than two classes) means argmax.
+    """
+
+    def __init__(
+        self, encoder: Encoder, head: nn.Module, classes: list[str], threshold: Threshold | None = None
+    ) -> None:
         super().__init__()
-        self.encoder, self.head, self.classes = encoder, head, classes
+        self.encoder, self.head, self.classes, self.threshold = encoder, head, classes, threshold
 
     def forward(self, inputs: Any) -> torch.Tensor:
         return self.head(self.encoder.embed(inputs))
 
     @torch.inference_mode()
-    def predict(self, inputs: Any) -> list[str]:
-        """Raw inputs -> class names."""
+    def probabilities(self, inputs: Any) -> np.ndarray:
+        """Raw inputs -> each class's probability, (N, classes) in the order of `classes`."""
         self.eval()
-        return [self.classes[i] for i in self(inputs).argmax(1).tolist()]
+        return self(inputs).softmax(1).double().numpy()
+
+    def decide(self, probs: np.ndarray) -> list[str]:
+        """Class names from probabilities: the stored threshold for a binary model, else argmax."""
+        value = None if self.threshold is None else self.threshold.value
+        return [self.classes[i] for i in decide(probs, value).tolist()]
+
+    def predict(self, inputs: Any) -> list[str]:
+        """Raw inputs -> class names (a binary model's stored threshold applied)."""
+        return self.decide(self.probabilities(inputs))
 
 
 def export_model(
@@ -60,8 +76,12 @@ def export_model(
     hidden: int,
     classes: list[str],
     finetune: FinetuneConfig | None = None,
+    threshold: Threshold | None = None,
 ) -> Path:
     """model.pt: the encoder (describe() and weights) and the head; a fine-tuned run adds what trained above the cut.
+
+    A binary model also carries its decision `threshold` (value, rule and what it was chosen on), which
+    `fedtransfer predict` applies: the threshold is part of the model a user deploys, not a flag to remember.
 
     `head_state` is the head's (or fine-tuned top's) exchanged tensors, the ones the run's audit
     log names; `finetune` (how the encoder was cut and what trained) rebuilds the rest from the encoder.
@@ -78,6 +98,8 @@ def export_model(
     }
     if finetune is not None and finetune.active:
         payload["finetune"] = dataclasses.asdict(finetune)
+    if threshold is not None and len(classes) == 2:
+        payload["threshold"] = threshold.as_dict()
     atomic.torch_save(payload, path)
     return path
 
@@ -98,7 +120,10 @@ def load_model(path: str | Path) -> AdaptedModel:
     except (EncoderError, ConfigError, RuntimeError, KeyError, TypeError, ValueError, AttributeError) as err:
         first = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise ModelFileError(f"{path}: {first}") from None
-    return AdaptedModel(encoder, head.eval(), [str(c) for c in classes]).eval()
+    threshold = Threshold.from_dict(raw.get("threshold")) if len(classes) == 2 else None
+    if "threshold" in raw and len(classes) == 2 and threshold is None:
+        raise ModelFileError(f"{path}: its threshold must be a value in [0, 1]; export the model again")
+    return AdaptedModel(encoder, head.eval(), [str(c) for c in classes], threshold).eval()
 
 
 def _read(path: Path) -> dict[str, Any]:

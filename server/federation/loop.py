@@ -28,12 +28,14 @@ from fedtransfer.common.encoders.feature_cache import cached_features
 from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.model.finetune import cut_encoder, make_top, trains
 from fedtransfer.common.model.head import evaluate_head
+from fedtransfer.common.model.intervals import with_intervals
+from fedtransfer.common.model.threshold import Threshold
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from fedtransfer.common.storage import atomic, locking
 from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg
 from fedtransfer.server.export.model_file import export_model, head_from_arrays
-from fedtransfer.server.federation import checkpoint, report, run_folder
+from fedtransfer.server.federation import checkpoint, class_counts, report, run_folder
 from fedtransfer.server.federation.console import round_summary
 from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
 from fedtransfer.server.federation.rounds import evaluate_round, plain_round, secure_train_round
@@ -79,11 +81,14 @@ class Coordinator:
         module = self.head(head)
         sums, counts = (torch.from_numpy(stats[name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
         start_from_statistics(module, sums, counts)
+        class_counts.save_counts(self.cfg.output_path, counts.tolist())  # the global model's threshold (binary)
         return _numpy(head_to_arrays(module))
 
     def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
-        """accuracy, loss, balanced_accuracy and auroc (None when the hold-out has one class) on the hold-out."""
-        return evaluate_head(self.head(arrays), self.test_x, self.test_y).as_dict()
+        """accuracy, loss, balanced_accuracy and auroc (None when the hold-out has one class) on the hold-out,
+        with the record count and the 95% intervals of accuracy (Wilson) and AUROC (Hanley-McNeil)."""
+        scores = evaluate_head(self.head(arrays), self.test_x, self.test_y).as_dict()
+        return with_intervals(scores, self.test_y.cpu().numpy())
 
 
 def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResult:
@@ -257,18 +262,27 @@ def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray],
             f"{cfg.train.min_sites} sites; see the per-site reasons in metrics.jsonl"
         )
     model = None
+    threshold = class_counts.threshold_for(cfg, len(co.classes))  # binary runs: stored in model.pt, named in status
     if failure is None:
-        model, failure = export_or_why(co, head)
-    summary = recorder.finish(head, accuracy, model, failure)
+        model, failure = export_or_why(co, head, threshold)
+    summary = recorder.finish(head, accuracy, model, failure, threshold=threshold)
     return RunResult(cfg.output_path, recorder.run_id, accuracy, model, summary["status"], failure)
 
 
-def export_or_why(co: Coordinator, head: dict[str, np.ndarray]) -> tuple[Path | None, str | None]:
+def export_or_why(
+    co: Coordinator, head: dict[str, np.ndarray], threshold: Threshold | None = None
+) -> tuple[Path | None, str | None]:
     """model.pt, written atomically; a full or read-only disk is the run's failure, never a torn file."""
     path = co.cfg.output_path / "model.pt"
     try:
         return export_model(
-            path, co.encoder, co.head(head), hidden=co.cfg.head.hidden, classes=co.classes, finetune=co.cfg.finetune
+            path,
+            co.encoder,
+            co.head(head),
+            hidden=co.cfg.head.hidden,
+            classes=co.classes,
+            finetune=co.cfg.finetune,
+            threshold=threshold,
         ), None
     except OSError as err:
         return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
@@ -312,7 +326,9 @@ def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> N
             trained=record["sites_trained"],
             asked=asked,
             server_accuracy=record["server"]["accuracy"],
+            server_measured=(record["server"].get("accuracy_interval95"), record["server"].get("records")),
             sites_accuracy=fed["accuracy"] if fed else None,
+            sites_measured=(fed.get("accuracy_interval95"), fed.get("records")) if fed else (None, None),
             epsilon_max=max(eps) if eps else None,
             target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
             seconds=record["time_s"],

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.model.intervals import described_accuracy
+from fedtransfer.common.model.threshold import Threshold
 from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
@@ -54,7 +56,8 @@ class RunRecorder:
 
     def started(self, start: int, resumed: bool, encoder: dict[str, Any], head: list[str]) -> None:
         if not resumed:
-            for stale in ("metrics.jsonl", "model.pt"):  # another run's; this folder is ours now (locked)
+            # another run's; this folder is ours now (locked)
+            for stale in ("metrics.jsonl", "model.pt", "class-counts.json"):
                 (self.run_dir / stale).unlink(missing_ok=True)
         mechanism = mechanism_for(self.cfg)
         trust: dict[str, Any] = {"trust": mechanism.trust}
@@ -133,9 +136,18 @@ class RunRecorder:
         return [m["round"] for m in report.read_metrics(self.run_dir) if not m.get("aggregated", False)]
 
     def finish(
-        self, head: dict[str, np.ndarray], accuracy: float, model_path: Path | None, failure: str | None
+        self,
+        head: dict[str, np.ndarray],
+        accuracy: float,
+        model_path: Path | None,
+        failure: str | None,
+        *,
+        threshold: Threshold | None = None,
     ) -> dict[str, Any]:
-        """Plots, the model-exported or run-failed record, and status.json, last."""
+        """Plots, the model-exported or run-failed record, and status.json, last.
+
+        `threshold`: a binary global model's decision threshold, which status.json names with its reason.
+        """
         metrics = report.read_metrics(self.run_dir)
         report.write_plots(self.run_dir, metrics, self.cfg.privacy.target_epsilon if self.cfg.privacy.enabled else None)
         rounds = self.cfg.train.rounds
@@ -148,6 +160,8 @@ class RunRecorder:
         }  # the hold-out's
         if (where := timing.summary(metrics)) is not None:  # per site, the median push/pickup/work/reply
             summary["timing"] = where
+        if threshold is not None:
+            summary["threshold"] = threshold.as_dict()
         if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
             summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
             summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one
@@ -158,9 +172,9 @@ class RunRecorder:
             summary = {"status": "completed", **summary, "model": str(model_path)}
             log(
                 INFO,
-                "Run %s finished: server hold-out accuracy %.4f; model exported to %s",
+                "Run %s finished: server hold-out accuracy %s; model exported to %s",
                 self.run_id,
-                accuracy,
+                described_accuracy(accuracy, summary["final_metrics"]),
                 model_path,
             )
         else:

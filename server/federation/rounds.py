@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from fedtransfer.common.config.run import RunConfig, SecAggConfig
+from fedtransfer.common.model.intervals import accuracy_interval
 from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
@@ -211,8 +212,13 @@ def evaluate_round(
     if agg is None:
         return None
     defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
+    # the mean is weighted by test records, so it is the pooled proportion over all of them: Wilson on the
+    # total (it ignores how much sites differ, so it reads as the interval of these records' accuracy)
+    records = sum(int(r.content.metric_records.get(Rec.METRICS, {}).get(Metric.NUM_EXAMPLES, 0)) for r in good)
     out = {
         "accuracy": float(agg[Metric.EVAL_ACCURACY]),
+        "records": records,
+        "accuracy_interval95": accuracy_interval(float(agg[Metric.EVAL_ACCURACY]), records),
         "loss": float(agg[Metric.EVAL_LOSS]),
         "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
         "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None,
