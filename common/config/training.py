@@ -99,8 +99,22 @@ class PrivacyConfig:
     # local: a site's own noise gives its ε against everyone. distributed (fedsgd under secure_aggregation): each
     # site adds its share of discrete (Skellam) noise; the sum of the fewest sites SecAgg+ unmasks carries it all
     trust: Literal["local", "distributed"] = "local"
+    # the evaluation release's budget over the run's federated evaluations (null: target_epsilon). Test and
+    # training records are disjoint: by parallel composition it does not add to the training ε
+    evaluation_epsilon: float | None = None
+
+    @property
+    def evaluation_budget(self) -> float:
+        """ε of all of a site's evaluation releases in a run, together."""
+        return self.target_epsilon if self.evaluation_epsilon is None else self.evaluation_epsilon
 
     def __post_init__(self) -> None:
+        _require(
+            self.evaluation_epsilon is None or 0 < self.evaluation_epsilon <= 100,
+            "privacy.evaluation_epsilon",
+            "must be in (0, 100] (or null: target_epsilon)",
+            self.evaluation_epsilon,
+        )
         _require(
             0 < self.feature_stats_share < 1,
             "privacy.feature_stats_share",

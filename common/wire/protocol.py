@@ -31,6 +31,8 @@ class Rec(StrEnum):
     METRICS = "metrics"
     SITE = "site"  # SiteIdentity
     DP = "dp"  # DPRecord, in a training reply under DP
+    EVALUATION = "evaluation"  # an evaluation reply's released statistics (common/privacy/evaluation.py)
+    EVALUATION_DP = "evaluation-dp"  # DPRecord of that release, with its composition with training
 
 
 class Cfg(StrEnum):
@@ -60,6 +62,7 @@ class Metric(StrEnum):
     # privacy.trust: distributed: ε against one site's own message (its noise share alone); EPSILON is the aggregate's
     EPSILON_INDIVIDUAL = "epsilon-individual"
     EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
+    EVAL_EPSILON = "eval-epsilon"  # the site's cumulative ε of its evaluation releases in this run
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
     EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"
@@ -88,8 +91,10 @@ class Event(StrEnum):
     UPDATE_SENT = "update-sent"
     REPLY_REPLAYED = "reply-replayed"
     DECLINED = "declined"
+    EVALUATION_SENT = "evaluation-sent"  # an evaluation's released statistics (by hash), its DP record and ε
     PERSONAL_TRAINED = "personal-trained"  # the site's own model trained (never sent): its DP choice and ε
     PERSONAL_NOT_KEPT = "personal-not-kept"  # the site's file declines a personal model (once per run)
+    PERSONAL_SCORED = "personal-scored"  # its own model's and the global one's test scores: kept, never sent
 
 
 class SiteStatus(StrEnum):
