@@ -33,7 +33,6 @@ _OPTIONAL = {
     Metric.EPSILON_INDIVIDUAL: "epsilon_individual",
     Metric.TRAIN_LOSS: "train_loss",
     Metric.WIRE_BYTES: "bytes_sent",
-    Metric.TRAIN_SECONDS: "train_s",
 }
 
 
@@ -56,7 +55,7 @@ def trained_fields(reply: Message) -> dict[str, Any]:
     """A training reply's examples, steps, ε and DP parameters, as privacy.json records them."""
     metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
     fields: dict[str, Any] = {
-        "num_examples": int(metrics.get(Metric.NUM_EXAMPLES, 0)),
+        "num_examples": float(metrics.get(Metric.NUM_EXAMPLES, 0)),  # under DP the site's released count
         "steps": int(metrics.get(Metric.STEPS, 0)),
     }
     fields |= {ours: metrics[key] for key, ours in _OPTIONAL.items() if key in metrics}
