@@ -22,8 +22,6 @@ from fedtransfer.common.privacy.fedsgd import STATS_COUNTS
 from fedtransfer.common.privacy.mechanisms import Mechanism
 from fedtransfer.common.storage import atomic
 
-UNWEIGHTED = 1.0  # every site's weight under DP when the run released no statistics
-
 
 def remember_release(site: Site, mechanism: Mechanism, run_id: str, released: dict) -> float:
     """Keep this site's released (noisy) record count of round 0 for the run's later replies; returns it."""

@@ -18,6 +18,7 @@ from fedtransfer.client.site import Declined, Site
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.head import evaluate_head
+from fedtransfer.common.privacy.coverage import sent_values
 from fedtransfer.common.privacy.evaluation import (
     EVALUATION,
     EvaluationPlan,
@@ -55,6 +56,7 @@ def evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         answer[Rec.EVALUATION_DP] = ConfigRecord(dp.as_dict() | {"composition": PARALLEL})
         answer[Rec.METRICS] = MetricRecord({Metric.EVAL_EPSILON: epsilon})
         logged |= {"dp": dp.as_dict(), "composition": PARALLEL, "epsilon": epsilon}
+    logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
     record(site, msg, Event.EVALUATION_SENT, **logged)
     return answer
 

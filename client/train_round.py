@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from fedtransfer.client.dp_count import UNWEIGHTED, released_count, remember_release
+from fedtransfer.client.dp_count import released_count, remember_release
 from fedtransfer.client.replay import RUN_ID, ReplyCache, request_key
 from fedtransfer.client.secure import head_names, instructions, is_secure, secure_reply
 from fedtransfer.client.site import Declined, Site, enforce_policy
@@ -21,6 +21,7 @@ from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.finetune import make_top
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
+from fedtransfer.common.privacy.coverage import UNWEIGHTED, sent_values
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Trained, mechanism_for
@@ -160,6 +161,7 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
     logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.done.loss}
     logged |= {"train_s": seconds, "examples": work.done.metrics.get(Metric.NUM_EXAMPLES)}  # exact: kept here
+    logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
     if work.release is not None:
         logged["release"] = work.release
     if secure:  # the plain head stays here; client_app._secure_mod logs the masked vectors that leave

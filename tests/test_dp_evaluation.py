@@ -17,10 +17,12 @@ import pytest
 import torch
 from fedtransfer.client.evaluate_round import evaluate
 from fedtransfer.client.site import Declined, Site
+from fedtransfer.client.site_log import record
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.head import evaluate_head, make_head
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.coverage import sent_values
 from fedtransfer.common.privacy.evaluation import (
     CLASSES,
     NAMES,
@@ -38,7 +40,9 @@ from fedtransfer.common.privacy.fedsgd import Units
 from fedtransfer.common.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
-from fedtransfer.common.wire.protocol import Metric, Rec, site_record
+from fedtransfer.common.wire.protocol import Event, Metric, Rec, site_record
+from fedtransfer.server.audit.coverage import check_coverage
+from fedtransfer.server.audit.findings import Entry, Evidence, Findings, SiteAudit
 from fedtransfer.server.federation.rounds import evaluate_round
 from fedtransfer.server.federation.sites import SiteBook
 from fedtransfer.server.federation.strategy import ScreenedStrategy
@@ -236,3 +240,32 @@ def test_the_server_computes_the_metrics_from_the_sum_and_refuses_malformed_stat
     assert metrics_from_statistics(sum_statistics([a, b]))["accuracy"] == pytest.approx(both.accuracy)
     assert check_statistics(bad, NUM_CLASSES) is not None and check_statistics(a, NUM_CLASSES) is None
     assert check_statistics(dict(a) | {CLASSES: np.full((2, NUM_CLASSES), np.nan)}, NUM_CLASSES) is not None
+
+
+def _coverage(site: Site, cfg: RunConfig) -> tuple[SiteAudit, Findings]:
+    """The audit's coverage check over the site's own log, as `fedtransfer audit` runs it."""
+    entries = [Entry(site.audit_path, i, r) for i, r in enumerate(read_records(site.audit_path), start=1)]
+    ev = Evidence(site.state_dir, site.state_dir / "audit.jsonl", [site.audit_path], True, "r1", cfg)
+    ev.sites[site.name] = entries
+    audit, found = SiteAudit(site.name, str(site.audit_path)), Findings()
+    check_coverage(audit, ev, found)
+    return audit, found
+
+
+def test_every_value_sent_is_covered_and_one_extra_plain_metric_fails_the_audit(tmp_path: Path) -> None:
+    site, cfg = _site(tmp_path), _cfg()
+    arrays = head_to_arrays(local_head(site, cfg, None, NUM_CLASSES))
+    reply = evaluate(site, cfg, _message(1, arrays))
+    audit, found = _coverage(site, cfg)
+    assert found.failures == []
+    covered = {(c["kind"], c["name"]): c["covered_by"] for c in audit.coverage}
+    assert covered[("tensors", Rec.EVALUATION)] == "evaluation"
+    assert covered[("metrics", Metric.EVAL_EPSILON)] == "accounting"
+    # a site that also sends its plain accuracy: the value is logged as sent, and nothing covers it
+    reply[Rec.METRICS][Metric.EVAL_ACCURACY] = 0.9
+    record(site, _message(2, arrays), Event.EVALUATION_SENT, release="evaluation", sent=sent_values(reply))
+    audit, found = _coverage(site, cfg)
+    [failure] = found.failures
+    assert failure.check == "coverage" and repr(str(Metric.EVAL_ACCURACY)) in failure.reason
+    [row] = [c for c in audit.coverage if c["name"] == Metric.EVAL_ACCURACY]
+    assert (row["round"], row["value"], row["covered_by"]) == (2, 0.9, "NOT COVERED")  # the report's table row

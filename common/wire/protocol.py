@@ -53,7 +53,7 @@ FEATURE_STATS = "feature-stats"  # the release of per-class feature sums and cou
 class Metric(StrEnum):
     """Keys of a reply's metric record."""
 
-    NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights by this key
+    NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights by this key; under DP a released count (dp_count.py)
     STEPS = "steps"
     WIRE_BYTES = "wire-bytes"
     TRAIN_SECONDS = "train-seconds"
@@ -61,7 +61,7 @@ class Metric(StrEnum):
     EPSILON = "epsilon"  # the site's cumulative ε in this run, after this training
     # privacy.trust: distributed: ε against one site's own message (its noise share alone); EPSILON is the aggregate's
     EPSILON_INDIVIDUAL = "epsilon-individual"
-    EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
+    EXPECTED_BATCH = "expected-batch"  # fedsgd: q·(the released count); the server divides the gradient sum by Σ
     EVAL_EPSILON = "eval-epsilon"  # the site's cumulative ε of its evaluation releases in this run
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"

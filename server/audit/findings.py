@@ -26,6 +26,7 @@ CHECKS = {
     "sites SecAgg+ unmasks, and its ε against its own message is recomputed",
     "policy": "each site's own policy was respected",
     "empirical": "empirical ε lower bound does not exceed the claimed ε",
+    "coverage": "every value a site sent is covered by a named DP release, its DP record, or public configuration",
 }
 
 
@@ -138,6 +139,7 @@ class SiteAudit:
     policy_status: str = ""
     empirical: EmpiricalResult | None = None
     control: EmpiricalResult | None = None  # the positive control: the same training without DP
+    coverage: list[dict[str, Any]] = field(default_factory=list)  # each value sent and what covers it
 
 
 @dataclass
