@@ -19,17 +19,14 @@ from pathlib import Path
 
 from fedtransfer.client.site import Site
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS
-from fedtransfer.common.privacy.mechanisms import Mechanism
 from fedtransfer.common.storage import atomic
 
 
-def remember_release(site: Site, mechanism: Mechanism, run_id: str, released: dict) -> float:
+def remember_release(site: Site, run_id: str, released: dict) -> float:
     """Keep this site's released (noisy) record count of round 0 for the run's later replies; returns it."""
-    count = float(released[STATS_COUNTS].double().sum().item())
-    if mechanism.distributed:  # integers in units of the counts' quantum on SecAgg+'s grid
-        quanta = mechanism.secure_sum_quanta([STATS_COUNTS], release=True) or {STATS_COUNTS: 1.0}
-        count *= quanta[STATS_COUNTS]
-    count = max(count, 1.0)  # a weight and a divisor: positive (clamping is post-processing)
+    # in real units under distributed trust too (integers times each tensor's quantum); a weight and a
+    # divisor, so positive (clamping is post-processing)
+    count = max(float(released[STATS_COUNTS].double().sum().item()), 1.0)
     atomic.write_text(_path(site, run_id), json.dumps({"run_id": run_id, "count": count}))
     return count
 

@@ -199,7 +199,7 @@ def _work(
         released, event = mechanism.release(data, plan, generator)
         history = ledger.history if event is None else [*ledger.history, event]
         if plan is not None:  # its noisy counts weigh this site from now on (client/dp_count.py)
-            remember_release(site, mechanism, str(conf[Cfg.RUN_ID]), released)
+            remember_release(site, str(conf[Cfg.RUN_ID]), released)
         metrics: dict[str, float | int] = {Metric.NUM_EXAMPLES: data.units.count}
         return Work(Trained(ArrayRecord(released), None, 1, history, event, metrics), FEATURE_STATS)
     if plan is not None:
