@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from fedtransfer.client import train_round
-from fedtransfer.client.personal import personal_scores
+from fedtransfer.client import evaluate_round, train_round
 from fedtransfer.client.secure import config_of, head_names
 from fedtransfer.client.site import PROCESS_CACHE, Declined, Site, get_site
 from fedtransfer.client.site_log import record
@@ -27,13 +26,12 @@ from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_ru
 from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.interface import EncoderError
 from fedtransfer.common.encoders.process_cache import ProcessCache
-from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.privacy.ledger import BudgetExceeded
 from fedtransfer.common.storage import locking
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import masked_arrays
-from fedtransfer.common.wire.protocol import Cfg, Event, Metric, Rec, Refusal, site_record
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from fedtransfer.common.wire.protocol import Event, Refusal
+from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
@@ -49,7 +47,7 @@ Handler = Callable[[Site, RunConfig, Message], RecordDict]
 
 def handle(msg: Message, context: Context, cache: ProcessCache = PROCESS_CACHE) -> Message:
     """The reply to a train or evaluate message; `cache` is where the site is kept (see get_site)."""
-    handlers: dict[str, Handler] = {MessageType.TRAIN: train_round.train, MessageType.EVALUATE: _evaluate}
+    handlers: dict[str, Handler] = {MessageType.TRAIN: train_round.train, MessageType.EVALUATE: evaluate_round.evaluate}
     kind = msg.metadata.message_type
     if kind not in handlers:
         raise ValueError(f"a fedtransfer site answers train and evaluate messages, not {kind!r}")
@@ -108,25 +106,3 @@ def _threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
-    """The global model's scores on this site's test split; its own model's too where it keeps one (trained first)."""
-    server_round, arrays, conf = train_round.received_head(site, msg)
-    head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
-    s = evaluate_head(head, site.test_x, site.test_y)
-    metrics = MetricRecord(
-        {
-            Metric.NUM_EXAMPLES: len(site.test_y),
-            Metric.EVAL_LOSS: s.loss,
-            Metric.EVAL_ACCURACY: s.accuracy,
-            Metric.EVAL_BALANCED_ACCURACY: s.balanced_accuracy,
-            Metric.EVAL_AUROC: s.auroc or 0.0,
-            Metric.EVAL_AUROC_DEFINED: float(s.auroc is not None),
-        }
-    )
-    own = None if server_round <= 0 else personal_scores(site, cfg, head, msg, str(conf[Cfg.RUN_ID]), server_round)
-    if own is not None:
-        metrics[Metric.PERSONAL_ACCURACY] = own.accuracy
-        metrics[Metric.PERSONAL_BALANCED_ACCURACY] = own.balanced_accuracy
-    return RecordDict({Rec.METRICS: metrics, Rec.SITE: site_record(site.name)})

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from fedtransfer.client.dp_count import released_count, remember_release
 from fedtransfer.client.replay import RUN_ID, ReplyCache, request_key
 from fedtransfer.client.secure import head_names, instructions, is_secure, secure_reply
 from fedtransfer.client.site import Declined, Site, enforce_policy
@@ -20,6 +21,7 @@ from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.finetune import make_top
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
+from fedtransfer.common.privacy.coverage import UNWEIGHTED, sent_values
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Trained, mechanism_for
@@ -152,12 +154,14 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
-    answer, dp = _answer(
-        site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, seconds=time.monotonic() - started
-    )
+    seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n
+    count = None if plan is None else released_count(site, run_id)
+    answer, dp = _answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count)
     cache.save(run_id, key, answer)
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
     logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.done.loss}
+    logged |= {"train_s": seconds, "examples": work.done.metrics.get(Metric.NUM_EXAMPLES)}  # exact: kept here
+    logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
     if work.release is not None:
         logged["release"] = work.release
     if secure:  # the plain head stays here; client_app._secure_mod logs the masked vectors that leave
@@ -194,6 +198,8 @@ def _work(
         generator = make_generator(seed, cfg.privacy.secure_mode, site.train_x.device)
         released, event = mechanism.release(data, plan, generator)
         history = ledger.history if event is None else [*ledger.history, event]
+        if plan is not None:  # its noisy counts weigh this site from now on (client/dp_count.py)
+            remember_release(site, str(conf[Cfg.RUN_ID]), released)
         metrics: dict[str, float | int] = {Metric.NUM_EXAMPLES: data.units.count}
         return Work(Trained(ArrayRecord(released), None, 1, history, event, metrics), FEATURE_STATS)
     if plan is not None:
@@ -210,16 +216,21 @@ def _answer(
     plan: Plan | None,
     ledger: PrivacyLedger,
     server_round: int,
-    seconds: float,
+    count: float | None,
 ) -> tuple[RecordDict, DPRecord | None]:
-    """The reply: the arrays, metrics, site identity and, under DP, this work's DP parameters (ledger first)."""
+    """The reply: the arrays, metrics, site identity and, under DP, this work's DP parameters (ledger first).
+
+    Under DP the released `count` (client/dp_count.py) stands for the exact record count everywhere the reply
+    had one: the weight, and fedsgd's expected batch q·n, which becomes q·count; with none released every
+    site weighs UNWEIGHTED. Without DP nothing is promised.
+    """
     done = work.done
-    metrics = {
-        **done.metrics,
-        Metric.STEPS: done.steps,
-        Metric.WIRE_BYTES: wire_bytes(done.arrays),
-        Metric.TRAIN_SECONDS: round(seconds, 4),
-    }
+    metrics = {**done.metrics, Metric.STEPS: done.steps, Metric.WIRE_BYTES: wire_bytes(done.arrays)}
+    exact = float(metrics[Metric.NUM_EXAMPLES])
+    if plan is not None:  # under DP: the released count, or every site alike (client/dp_count.py)
+        metrics[Metric.NUM_EXAMPLES] = UNWEIGHTED if count is None else count
+        if Metric.EXPECTED_BATCH in metrics and count is not None and exact > 0:
+            metrics[Metric.EXPECTED_BATCH] = float(metrics[Metric.EXPECTED_BATCH]) * count / exact
     answer = RecordDict({Rec.ARRAYS: done.arrays, Rec.SITE: site_record(site.name)})
     if plan is None or done.event is None:
         # without DP nothing is promised, and the loss helps; under DP it would be an unaccounted release

@@ -62,12 +62,17 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
         for name in spec.trained_in(rnd):
             update = _head(rng)
             digest = update_digest(update)
-            _site_log(run_dir, name).append(
-                Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=DP
-            )
-            server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
             history = [gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
             epsilon = epsilon_of(history, DP["delta"], DP["accountant"])
+            sent = {  # every value of the reply, as a site logs it (common/privacy/coverage.py)
+                "tensors": {"arrays": digest["sha256"]},
+                "metrics": {"num-examples": 1.0, "steps": DP["steps"], "epsilon": epsilon},
+                "configs": {"site": ["name"], "dp": sorted(DP)},
+            }
+            _site_log(run_dir, name).append(
+                Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=DP, sent=sent
+            )
+            server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
             claims[name].append({"round": rnd, "status": "trained", "epsilon": epsilon} | _per_round())
             updates.append(update)
         if len(updates) >= spec.min_sites:

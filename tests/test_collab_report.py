@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedtransfer.client.collab_report import read_report, scored, summary_lines
-from fedtransfer.client.handlers import _evaluate
+from fedtransfer.client.evaluate_round import evaluate
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.storage.audit_log import read_records
@@ -24,7 +24,7 @@ def test_the_report_holds_alone_global_and_final_on_the_own_test_split_with_coun
     global_model = local_head(site, cfg, None, CLASSES)
     arrays = head_to_arrays(global_model)
     for rnd in (1, 2, 3):  # the final model is chosen after the last round (cfg.train.rounds = 3)
-        _evaluate(site, cfg, _message(rnd, arrays))
+        evaluate(site, cfg, _message(rnd, arrays))
     report = read_report(tmp_path)
     assert report is not None and report["round"] == 3 and report["test_records"] == len(site.test_y)
     assert set(report["scores"]) == {"alone", "global", "final"}

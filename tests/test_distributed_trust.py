@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from fedtransfer.client import train_round
+from fedtransfer.client.dp_count import released_count
 from fedtransfer.client.site import Declined, Site, enforce_policy
 from fedtransfer.common.config.run import ConfigError, SecAggConfig, SitePolicy, config_from_dict
 from fedtransfer.common.data.sources import Samples, SiteData
@@ -90,7 +91,7 @@ def test_a_site_sends_an_integer_sum_with_its_share_and_claims_two_epsilons(tmp_
     )  # the same draw: the same message
     assert np.array_equal(sent, np.concatenate([v.numpy().ravel() for v in quiet.arrays.values()]))
     answer, dp = train_round._answer(
-        site, mechanism_for(cfg), train_round.Work(work), plan=plan, ledger=ledger, server_round=1, seconds=0.1
+        site, mechanism_for(cfg), train_round.Work(work), plan=plan, ledger=ledger, server_round=1, count=None
     )
     assert dp is not None and dp.mechanism == "skellam"
     assert dp.noise_share == pytest.approx(plan.noise_variance / 2) and dp.min_survivors == 2
@@ -330,7 +331,10 @@ def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> 
     work = train_round._work(
         site, cfg, mechanism, conf=ConfigRecord(conf), server_round=0, plan=plan, ledger=ledger, head=head
     )
-    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, seconds=0.1)
+    count = released_count(site, "r")  # the site's weight from now on: its released count, in records
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count)
+    assert count is not None and count != len(site.train_y) and abs(count - len(site.train_y)) < len(site.train_y) / 2
+    assert answer["metrics"][Metric.NUM_EXAMPLES] == count
     assert dp is not None and dp.mechanism == "skellam" and dp.clip_norm == STATS_NORM and dp.sample_rate == 1.0
     assert ledger.history == [plan.stats_event] == [event_of(dp)]
     whole = [plan.stats_event] + [plan.round_event] * cfg.train.rounds
@@ -437,7 +441,8 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     )
     mechanism = mechanism_for(cfg)
     work = train_round._work(site, cfg, mechanism, conf=conf, server_round=0, plan=plan, ledger=ledger, head=head)
-    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, seconds=0.1)
+    count = released_count(site, "r")
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count)
     assert dp is not None and dp.mechanism == "gaussian"
     fitres = compat.recorddict_to_fitres(
         train_round._secure(answer, conf, cfg, mechanism, replayed=False), keep_input=False

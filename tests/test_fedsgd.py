@@ -30,6 +30,7 @@ from fedtransfer.common.privacy.fedsgd import (
 )
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import event_of, fedsgd_local
+from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
@@ -269,8 +270,15 @@ def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: 
     reply = train_round.train(site, cfg, _message(1))
     assert list(reply["arrays"].keys()) == list(head_spec(make_head(DIM, CLASSES, centred=True)))
     assert not reply["arrays"]["head.0.mean"].numpy().any()  # a buffer has no gradient: zeros, nothing private
-    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * 80)
+    # no exact count or timing leaves: the weight and q·n come from the count released in round 0
+    released = float(stats["arrays"][STATS_COUNTS].numpy().sum())
+    for sent in (stats, reply):
+        assert sent["metrics"][Metric.NUM_EXAMPLES] == pytest.approx(released) != 80
+        assert Metric.TRAIN_SECONDS not in sent["metrics"]
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * released)
     assert Metric.TRAIN_LOSS not in reply["metrics"]
+    [logged] = [r for r in read_records(site.audit_path) if r["event"] == "update-sent" and r["round"] == 1]
+    assert logged["examples"] == 80 and logged["train_s"] >= 0  # the exact figures stay in the site's own log
     dp1 = DPRecord.from_mapping(reply["dp"])
     assert (dp1.sample_rate, dp1.steps) == (0.5, 1)
     ledger = PrivacyLedger(site.ledger_path, "r")
@@ -283,8 +291,8 @@ def test_user_level_site_samples_users(tmp_path: Path) -> None:
     raw = FEDSGD | {"privacy": privacy}  # rdp as in FEDSGD: this test counts units, PRV's calibration took most of it
     cfg, site = config_from_dict(raw), _site(tmp_path)
     reply = train_round.train(site, cfg, _message(1, centred=False))
-    assert reply["metrics"][Metric.NUM_EXAMPLES] == 20  # 80 records, 4 per user
-    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(10.0)
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == 1.0  # no count released in this run: every site alike
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(10.0)  # 80 records, 4 per user, q = 0.5
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fedtransfer.client.handlers import _evaluate
+from fedtransfer.client.evaluate_round import evaluate
 from fedtransfer.client.personal import PersonalChoice, kept_by, personal_choice, personal_round
 from fedtransfer.client.site import Site
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.config.run import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
 from fedtransfer.common.config.site import SitePersonal
 from fedtransfer.common.model.head import evaluate_head, make_head
+from fedtransfer.common.privacy.evaluation import NAMES
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import Metric, Rec
@@ -232,9 +233,9 @@ def test_a_site_that_keeps_no_personal_model_trains_stores_and_sends_none(
     kept = keep if keep is not None else run_enabled
     global_head = head_to_arrays(local_head(site, cfg, None, CLASSES))
     for rnd in (1, 2, 3):
-        metrics = _evaluate(site, cfg, _message(rnd, global_head))[Rec.METRICS]
-        assert Metric.EVAL_ACCURACY in metrics  # the global model's scores always
-        assert Metric.PERSONAL_ACCURACY not in metrics and Metric.PERSONAL_BALANCED_ACCURACY not in metrics
+        reply = evaluate(site, cfg, _message(rnd, global_head))
+        assert set(reply[Rec.EVALUATION]) == set(NAMES)  # the global model's statistics always
+        assert Metric.PERSONAL_ACCURACY not in reply.metric_records.get(Rec.METRICS, {})
     assert (tmp_path / "personal" / "r1.pt").is_file() is kept
     assert (tmp_path / "collaboration.json").is_file() is kept and (tmp_path / "collaboration.html").is_file() is kept
     records = read_records(site.audit_path)
@@ -247,11 +248,19 @@ def test_a_site_that_keeps_no_personal_model_trains_stores_and_sends_none(
     assert not_kept == ([(1, "site", run_enabled)] if keep is False else [])  # once per run, when the site declines
 
 
-def test_with_dp_the_personal_model_is_scored_and_sent_every_round(tmp_path: Path) -> None:
-    """A site that chose DP for its personal model keeps today's Ditto rounds: trained and scored every round."""
+def test_with_dp_the_personal_model_is_trained_every_round_and_its_scores_stay_home(tmp_path: Path) -> None:
+    """A site that chose DP for its personal model keeps its Ditto rounds, trained every round; no score leaves.
+
+    Its scores on the test split would be a release of the test records no budget covers (issue 23).
+    """
     site, cfg = _site(tmp_path), _cfg(dp=True, target_epsilon=8.0)
     global_head = head_to_arrays(local_head(site, cfg, None, CLASSES))
     for rnd in (1, 2):
-        metrics = _evaluate(site, cfg, _message(rnd, global_head))[Rec.METRICS]
-        assert Metric.PERSONAL_ACCURACY in metrics
+        reply = evaluate(site, cfg, _message(rnd, global_head))
+        sent = {k for r in reply.metric_records.values() for k in r}
+        assert not {Metric.PERSONAL_ACCURACY, Metric.PERSONAL_BALANCED_ACCURACY} & sent
+    trained = [r["round"] for r in read_records(site.audit_path) if r["event"] == "personal-trained"]
+    assert trained == [1, 2]
+    scored = [r for r in read_records(site.audit_path) if r["event"] == "personal-scored"]
+    assert [r["round"] for r in scored] == [1, 2] and all(0 <= r["personal"] <= 1 for r in scored)
     assert not (tmp_path / "collaboration.json").exists()

@@ -102,8 +102,22 @@ class PrivacyConfig:
     # distributed trust: the sites that may reveal their own noise share to the coordinator (who subtracts it);
     # the shares are planned so the K_min − t honest ones carry the whole variance (docs/explanation/privacy.md)
     colluding_sites: int = 0
+    # the evaluation release's budget over the run's federated evaluations (null: target_epsilon). Test and
+    # training records are disjoint: by parallel composition it does not add to the training ε
+    evaluation_epsilon: float | None = None
+
+    @property
+    def evaluation_budget(self) -> float:
+        """ε of all of a site's evaluation releases in a run, together."""
+        return self.target_epsilon if self.evaluation_epsilon is None else self.evaluation_epsilon
 
     def __post_init__(self) -> None:
+        _require(
+            self.evaluation_epsilon is None or 0 < self.evaluation_epsilon <= 100,
+            "privacy.evaluation_epsilon",
+            "must be in (0, 100] (or null: target_epsilon)",
+            self.evaluation_epsilon,
+        )
         _require(
             0 < self.feature_stats_share < 1,
             "privacy.feature_stats_share",

@@ -61,6 +61,45 @@ class PrivacyLedger:
         except (ValueError, TypeError) as err:
             raise RuntimeError(f"privacy ledger {self.path}: {err}; restore it from backup") from None
 
+    @property
+    def evaluation(self) -> dict:
+        """The run's evaluation releases: their own history and rounds (parallel to training's, see below)."""
+        return self.entry.get("evaluation", {"history": [], "rounds": []})
+
+    @property
+    def evaluation_history(self) -> History:
+        return self._events(self.evaluation)
+
+    def check_evaluation(
+        self, event: SelfComposedDpEvent, *, target_epsilon: float, delta: float, accountant: str
+    ) -> float:
+        """ε of the evaluation releases after one more (`event`); BudgetExceeded past the evaluation budget.
+
+        The evaluation's history is kept apart from training's: its records (the test split) are not the
+        training records, so the two budgets compose in parallel (each record is protected by one of them).
+        """
+        after = epsilon_of([*self.evaluation_history, event], delta, accountant)
+        if after > target_epsilon + EPS_SLACK:
+            spent = epsilon_of(self.evaluation_history, delta, accountant)
+            raise BudgetExceeded(
+                f"evaluation budget: another evaluation would bring its ε from {spent:.3f} to {after:.3f}, "
+                f"past privacy.evaluation_epsilon = {target_epsilon:g} (δ = {delta:g})"
+            )
+        return after
+
+    def record_evaluation(
+        self, server_round: int, event: SelfComposedDpEvent, *, delta: float, accountant: str, plan: dict
+    ) -> float:
+        """Store one evaluation release (before it is sent); returns the evaluation ε so far."""
+        history = [*self.evaluation_history, event]
+        epsilon = epsilon_of(history, delta, accountant)
+        entry = self.entry
+        rounds = [*self.evaluation["rounds"], {"round": server_round, "epsilon": epsilon}]
+        entry["evaluation"] = {"history": [to_json(e) for e in history], "rounds": rounds, "plan": plan}
+        self._data["runs"][self.run_key] = entry
+        atomic.write_text(self.path, json.dumps(self._data, indent=1))
+        return epsilon
+
     def spent(self, delta: float, accountant: str) -> float:
         return epsilon_of(self.history, delta, accountant)
 

@@ -31,6 +31,8 @@ class Rec(StrEnum):
     METRICS = "metrics"
     SITE = "site"  # SiteIdentity
     DP = "dp"  # DPRecord, in a training reply under DP
+    EVALUATION = "evaluation"  # an evaluation reply's released statistics (common/privacy/evaluation.py)
+    EVALUATION_DP = "evaluation-dp"  # DPRecord of that release, with its composition with training
 
 
 class Cfg(StrEnum):
@@ -51,7 +53,7 @@ FEATURE_STATS = "feature-stats"  # the release of per-class feature sums and cou
 class Metric(StrEnum):
     """Keys of a reply's metric record."""
 
-    NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights by this key
+    NUM_EXAMPLES = "num-examples"  # Flower's FedAvg weights by this key; under DP a released count (dp_count.py)
     STEPS = "steps"
     WIRE_BYTES = "wire-bytes"
     TRAIN_SECONDS = "train-seconds"
@@ -59,7 +61,8 @@ class Metric(StrEnum):
     EPSILON = "epsilon"  # the site's cumulative ε in this run, after this training
     # privacy.trust: distributed: ε against one site's own message (its noise share alone); EPSILON is the aggregate's
     EPSILON_INDIVIDUAL = "epsilon-individual"
-    EXPECTED_BATCH = "expected-batch"  # fedsgd: q·n, public; the server divides the summed gradients by its total
+    EXPECTED_BATCH = "expected-batch"  # fedsgd: q·(the released count); the server divides the gradient sum by Σ
+    EVAL_EPSILON = "eval-epsilon"  # the site's cumulative ε of its evaluation releases in this run
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
     EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"
@@ -88,8 +91,10 @@ class Event(StrEnum):
     UPDATE_SENT = "update-sent"
     REPLY_REPLAYED = "reply-replayed"
     DECLINED = "declined"
+    EVALUATION_SENT = "evaluation-sent"  # an evaluation's released statistics (by hash), its DP record and ε
     PERSONAL_TRAINED = "personal-trained"  # the site's own model trained (never sent): its DP choice and ε
     PERSONAL_NOT_KEPT = "personal-not-kept"  # the site's file declines a personal model (once per run)
+    PERSONAL_SCORED = "personal-scored"  # its own model's and the global one's test scores: kept, never sent
 
 
 class SiteStatus(StrEnum):

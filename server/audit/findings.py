@@ -27,6 +27,7 @@ CHECKS = {
     "policy": "each site's own policy was respected",
     "empirical": "empirical ε lower bound, from a replay of the run's own mechanism and plan, does not exceed the "
     "claimed ε (under distributed trust: against the aggregate and against a site's own message)",
+    "coverage": "every value a site sent is covered by a named DP release, its DP record, or public configuration",
 }
 
 
@@ -141,6 +142,7 @@ class SiteAudit:
     empirical: EmpiricalResult | None = None
     control: EmpiricalResult | None = None  # the positive control: the same training without DP
     own_message: EmpiricalResult | None = None  # distributed trust: the site's message alone, against that ε
+    coverage: list[dict[str, Any]] = field(default_factory=list)  # each value sent and what covers it
 
 
 @dataclass

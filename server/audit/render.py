@@ -202,6 +202,9 @@ def _empirical_rows(s: SiteAudit) -> list[tuple[Any, ...]]:
     ]
 
 
+COVERAGE_COLUMNS = ("round", "event", "kind", "name", "value", "covered_by")
+
+
 def render_html(report: AuditReport) -> str:
     """One self-contained page: verdict, failures, checks, per-site privacy, rounds, empirical test, files."""
     run = html.escape(str(report.run_id))
@@ -242,6 +245,10 @@ def render_html(report: AuditReport) -> str:
                 for r in s.rounds
             ]
             parts.append(f"<h3>{html.escape(s.name)}: DP parameters per round</h3>" + _table(ROUND_COLUMNS, rows))
+        if s.coverage:
+            rows = [tuple(c[k] for k in COVERAGE_COLUMNS) for c in s.coverage]
+            parts.append(f"<h3>{html.escape(s.name)}: every value sent, and what covers it</h3>")
+            parts.append(_table(COVERAGE_COLUMNS, rows))
         if s.policy is not None:
             parts.append(f"<p>{html.escape(s.name)} policy: <code>{html.escape(json.dumps(s.policy))}</code></p>")
     if report.empirical_settings is not None:

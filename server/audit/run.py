@@ -24,6 +24,7 @@ from fedtransfer.server.audit.checks import (
     check_updates,
     head_names,
 )
+from fedtransfer.server.audit.coverage import check_coverage
 from fedtransfer.server.audit.evidence import check_chain, collect_updates, file_hashes, gather
 from fedtransfer.server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
 from fedtransfer.server.audit.privacy import audit_site_privacy, check_policy
@@ -101,6 +102,7 @@ def _audit_sites(
         site.updates_matched = sum(key[0] == site.name for key in matched)
         audit_site_privacy(site, ev, received, trainings, found)
         audit_trust(site, ev, trainings, found)
+        check_coverage(site, ev, found)
         if site.name in configs:
             check_policy(site, *configs[site.name], ev, found)
         else:

@@ -38,7 +38,7 @@ from fedtransfer.server.export.model_file import export_model, head_from_arrays
 from fedtransfer.server.federation import checkpoint, class_counts, report, run_folder
 from fedtransfer.server.federation.console import round_summary
 from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
-from fedtransfer.server.federation.rounds import evaluate_round, plain_round, secure_train_round
+from fedtransfer.server.federation.rounds import EvaluateRound, evaluate_round, plain_round, secure_train_round
 from fedtransfer.server.federation.sites import SiteBook, absent_sites
 from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy, release_strategy
 from flwr.app import ArrayRecord, ConfigRecord
@@ -227,11 +227,18 @@ def _round(
         head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
-    federated = None
+    evaluated = EvaluateRound()
     if cfg.train.evaluates(rnd):
         with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
-            federated = evaluate_round(
-                grid, rnd, arrays, config=config, strategy=co.strategy, book=book, timeout=cfg.train.round_timeout_s
+            evaluated = evaluate_round(
+                grid,
+                rnd,
+                arrays,
+                config=config,
+                strategy=co.strategy,
+                book=book,
+                timeout=cfg.train.round_timeout_s,
+                num_classes=len(co.classes),
             )
     outcome = RoundReport(
         rnd,
@@ -240,14 +247,13 @@ def _round(
         head,
         co.strategy.state(),
         co.evaluate(head),
-        federated,
+        evaluated.metrics,
         time.monotonic() - t0,
         wire_bytes(arrays),
+        evaluated.sites,
     )
     line = recorder.round_done(outcome)
     _progress(rnd, cfg, line, len(train.sites))
-    if federated and "per_site" in federated:
-        log(INFO, "round %d personal models | %s", rnd, personal_summary(federated))
     return head, outcome.server["accuracy"]
 
 
@@ -290,27 +296,6 @@ def export_or_why(
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
-
-
-def personal_summary(federated: dict[str, Any]) -> str:
-    """Each site's own-test-split accuracy, global model then personal model, and their weighted means.
-
-    The personal mean is over the sites that keep a personal model only (a site may decline one),
-    beside the global model's mean over those same sites; a site without one shows its global figure.
-    """
-    sites = " ".join(_site_figures(name, s) for name, s in federated["per_site"].items())
-    return (
-        f"global {federated['accuracy']:.4f} | on the {federated['personal_sites']} of {federated['sites']} sites "
-        f"with a personal model: global {federated['global_accuracy_personal_sites']:.4f} personal "
-        f"{federated['personal_accuracy']:.4f} | {sites}"
-    )
-
-
-def _site_figures(name: str, scores: dict[str, float]) -> str:
-    """`site-0 0.690->0.880`, or `site-1 0.700 (no personal model)` for a site that keeps none."""
-    shown = f"{name} {scores.get('accuracy', float('nan')):.3f}"
-    own = scores.get("personal_accuracy")
-    return f"{shown} (no personal model)" if own is None else f"{shown}->{own:.3f}"
 
 
 def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:

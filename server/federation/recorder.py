@@ -9,7 +9,7 @@ not finish.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from fedtransfer.common.storage.audit_log import AuditLog, update_digest
 from fedtransfer.common.storage.finite_json import finite
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Event, SiteStatus
 from fedtransfer.server.federation import checkpoint, report, timing, tracking
-from fedtransfer.server.federation.rounds import PERSONAL_MEANS, TrainRound
+from fedtransfer.server.federation.rounds import TrainRound
 from fedtransfer.server.federation.sites import SiteRound
 from flwr.common.logger import log
 
@@ -45,6 +45,7 @@ class RoundReport:
     federated: dict[str, float] | None
     seconds: float
     bytes_sent_per_site: int  # the global head as it travels to each site next round (wire_bytes)
+    evaluated: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its evaluation release's DP record
 
 
 class RunRecorder:
@@ -111,6 +112,8 @@ class RunRecorder:
             if part.status == SiteStatus.TRAINED:
                 rec["accountant"] = part.fields.get("accountant", "none")
                 rec["delta"] = part.fields.get("delta")
+        for site, fields in sorted(r.evaluated.items()):  # the evaluation releases, accounted apart (report.py)
+            self.sites.setdefault(site, {"rounds": []}).setdefault("evaluation", []).append({"round": r.rnd, **fields})
         checkpoint.save(self.run_dir, checkpoint.Checkpoint(self.run_id, r.rnd, r.head, r.strategy_state, self.sites))
         line = {
             "round": r.rnd,
@@ -162,9 +165,6 @@ class RunRecorder:
             summary["timing"] = where
         if threshold is not None:
             summary["threshold"] = threshold.as_dict()
-        if metrics and (fed := metrics[-1].get("federated") or {}).get("per_site"):  # personal: global vs own, per site
-            summary["final_sites"] = fed["per_site"]  # a site that keeps no personal model: its global figures only
-            summary["final_personal"] = {key: fed.get(key) for key in PERSONAL_MEANS}  # over the sites that keep one
         if failure is None and model_path is not None:
             self.audit.append(
                 Event.MODEL_EXPORTED, run_id=self.run_id, round=rounds, path=str(model_path), head=update_digest(head)

@@ -71,7 +71,36 @@ def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
             ],
             "per_round": rec["rounds"],
         }
+        if rec.get("evaluation"):
+            out[name]["evaluation"] = evaluation_report(rec["evaluation"])
     return out
+
+
+COMPOSITION = (
+    "Each site's training ε (epsilon) covers its training records; its evaluation ε (evaluation.epsilon) "
+    "covers its test records. The two splits are disjoint (under privacy.unit: user, a site whose persons "
+    "are on both sides declines to evaluate), so by parallel composition a record is protected by the one "
+    "ε of its split: the two do not add, and the site's ε over the whole run is the larger of them."
+)
+
+
+def evaluation_report(releases: list[dict[str, Any]]) -> dict[str, Any]:
+    """A site's evaluation releases: the ε it reported and the ε recomputed here from their DP records."""
+    noised = [r for r in releases if "noise_multiplier" in r]
+    if not noised:
+        return {"releases": len(releases), "epsilon": 0.0, "epsilon_recomputed": None, "rounds": releases}
+    delta, accountant = noised[-1]["delta"], noised[-1]["accountant"]
+    history = [event_of(DPRecord.from_mapping(r)) for r in noised]
+    return {
+        "releases": len(releases),
+        "epsilon": noised[-1].get("epsilon"),
+        "epsilon_recomputed": epsilon_of(history, delta, accountant),
+        "delta": delta,
+        "accountant": accountant,
+        "noise_multiplier": noised[-1]["noise_multiplier"],
+        "composition": noised[-1].get("composition"),
+        "rounds": releases,
+    }
 
 
 def _individual(trained: list[dict[str, Any]], history: list[Any], delta: Any, accountant: str) -> dict[str, Any]:
@@ -87,7 +116,7 @@ def _individual(trained: list[dict[str, Any]], history: list[Any], delta: Any, a
 
 
 def write_privacy(run_dir: Path, run_id: str, sites: dict[str, Any]) -> dict[str, Any]:
-    report = {"run_id": run_id, "sites": privacy_report(sites)}
+    report = {"run_id": run_id, "composition": COMPOSITION, "sites": privacy_report(sites)}
     atomic.write_text(run_dir / "privacy.json", json.dumps(finite(report), indent=2, sort_keys=True))
     return report
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from fedtransfer.common.config.run import RunConfig, SecAggConfig
 from fedtransfer.common.model.intervals import accuracy_interval
+from fedtransfer.common.privacy.evaluation import OVERALL, check_statistics, metrics_from_statistics, sum_statistics
 from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
@@ -33,11 +34,7 @@ _OPTIONAL = {
     Metric.EPSILON_INDIVIDUAL: "epsilon_individual",
     Metric.TRAIN_LOSS: "train_loss",
     Metric.WIRE_BYTES: "bytes_sent",
-    Metric.TRAIN_SECONDS: "train_s",
 }
-_PERSONAL = (Metric.PERSONAL_ACCURACY, Metric.PERSONAL_BALANCED_ACCURACY)  # a site's own model (client/personal.py)
-# federated's summary of the personal models (personal_means): their mean, over how many sites, the global model's there
-PERSONAL_MEANS = ("personal_accuracy", "personal_sites", "global_accuracy_personal_sites")
 
 
 @dataclass
@@ -59,7 +56,7 @@ def trained_fields(reply: Message) -> dict[str, Any]:
     """A training reply's examples, steps, ε and DP parameters, as privacy.json records them."""
     metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
     fields: dict[str, Any] = {
-        "num_examples": int(metrics.get(Metric.NUM_EXAMPLES, 0)),
+        "num_examples": float(metrics.get(Metric.NUM_EXAMPLES, 0)),  # under DP the site's released count
         "steps": int(metrics.get(Metric.STEPS, 0)),
     }
     fields |= {ours: metrics[key] for key, ours in _OPTIONAL.items() if key in metrics}
@@ -189,6 +186,14 @@ def _as_one_reply(
     return Message(content=RecordDict({Rec.ARRAYS: mean, Rec.METRICS: metrics}), metadata=meta)
 
 
+@dataclass
+class EvaluateRound:
+    """What one evaluation exchange left: the federated metrics (None: no site answered), each site's release."""
+
+    metrics: dict[str, Any] | None = None
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its release's DP record and ε
+
+
 def evaluate_round(
     grid: Grid,
     rnd: int,
@@ -198,86 +203,46 @@ def evaluate_round(
     strategy: ScreenedStrategy,
     book: SiteBook,
     timeout: float,
-) -> dict[str, Any] | None:
-    """Federated evaluation on the sites' own test splits: the weighted mean, or None when no site answered."""
+    num_classes: int,
+) -> EvaluateRound:
+    """Federated evaluation: the metrics computed from the sum of the sites' released (noisy) test statistics.
+
+    No site sends a metric: each sends its statistics (common/privacy/evaluation.py), noised under DP, and
+    the server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing).
+    """
     messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
+    out = EvaluateRound()
     if not messages:
-        return None
+        return out
     got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
-    good = [a.reply for a in got if a.status is None and a.reply is not None]
+    released = []
     for a in got:
-        if a.status is not None:
+        if a.status is not None or a.reply is None:
             log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, a.site, a.reason)
-    agg = strategy.aggregate_evaluate(rnd, [global_only(r) for r in good]) if good else None
-    if agg is None:
-        return None
-    defined = float(agg[Metric.EVAL_AUROC_DEFINED])  # share (by examples) of sites whose AUROC exists
-    # the mean is weighted by test records, so it is the pooled proportion over all of them: Wilson on the
-    # total (it ignores how much sites differ, so it reads as the interval of these records' accuracy)
-    records = sum(int(r.content.metric_records.get(Rec.METRICS, {}).get(Metric.NUM_EXAMPLES, 0)) for r in good)
-    out = {
-        "accuracy": float(agg[Metric.EVAL_ACCURACY]),
-        "records": records,
-        "accuracy_interval95": accuracy_interval(float(agg[Metric.EVAL_ACCURACY]), records),
-        "loss": float(agg[Metric.EVAL_LOSS]),
-        "balanced_accuracy": float(agg[Metric.EVAL_BALANCED_ACCURACY]),
-        "auroc": float(agg[Metric.EVAL_AUROC]) / defined if defined > 0 else None,
-        "sites": len(good),
-    }
-    if (personal := personal_means(good)) is not None:  # each site's own model beside the global one, per site
-        out |= personal
-        out["per_site"] = per_site_scores(got)
+            continue
+        stats = {k: v.numpy() for k, v in a.reply.content.array_records.get(Rec.EVALUATION, {}).items()}
+        if (reason := check_statistics(stats, num_classes)) is not None:
+            log(WARNING, "round %d: evaluation at site %s refused: %s", rnd, a.site, reason)
+            continue
+        released.append(stats)
+        out.sites[a.site] = evaluation_fields(a.reply)
+    if released:
+        summed = sum_statistics(released)
+        out.metrics = metrics_from_statistics(summed) | {"sites": len(released)}
+        # the released (noisy) record total, and Wilson on it: the sampling interval of these records'
+        # accuracy; it leaves out the DP noise on the counts (its σ is in privacy.json's evaluation plan)
+        records = max(round(float(summed[OVERALL][1])), 0)
+        out.metrics |= {"records": records, "accuracy_interval95": accuracy_interval(out.metrics["accuracy"], records)}
     return out
 
 
-def global_only(reply: Message) -> Message:
-    """`reply` without its personal-model metrics, for the strategy's mean of the global model's scores.
-
-    Flower averages only replies that carry the same keys, and a site may keep no personal model
-    (`policy.personal.keep: false`): `personal_means` averages those over the sites that sent them.
-    """
-    content = RecordDict(
-        {
-            key: MetricRecord({k: v for k, v in r.items() if k not in _PERSONAL}) if isinstance(r, MetricRecord) else r
-            for key, r in reply.content.items()
-        }
-    )
-    return Message(content=content, metadata=reply.metadata)
-
-
-def personal_means(replies: list[Message]) -> dict[str, Any] | None:
-    """Personal accuracy averaged (by test examples) over only the sites that sent one, how many they are,
-    and the global model's accuracy on those same sites (the fair comparison); None when no site sent one.
-
-    A site without a personal model sends no personal metric: counting it as 0 would understate
-    the others' models, and leaving it in the global side of the comparison would mix site sets.
-    """
-    rows = [m for r in replies if Metric.PERSONAL_ACCURACY in (m := r.content.metric_records.get(Rec.METRICS, {}))]
-    if not rows:
-        return None
-    weights = [max(float(m.get(Metric.NUM_EXAMPLES, 0)), 0.0) for m in rows]
-    if sum(weights) <= 0:  # no example counts to weigh by: every site alike
-        weights = [1.0] * len(rows)
-
-    def mean(key: str) -> float:
-        return sum(w * float(m[key]) for w, m in zip(weights, rows, strict=True)) / sum(weights)
-
-    return dict(
-        zip(PERSONAL_MEANS, (mean(Metric.PERSONAL_ACCURACY), len(rows), mean(Metric.EVAL_ACCURACY)), strict=True)
-    )
-
-
-def per_site_scores(got: list[Any]) -> dict[str, dict[str, float]]:
-    """Each evaluating site's accuracy on its own test split: the global model's and its personal model's."""
-    keys = {
-        "accuracy": Metric.EVAL_ACCURACY,
-        "personal_accuracy": Metric.PERSONAL_ACCURACY,
-        "balanced_accuracy": Metric.EVAL_BALANCED_ACCURACY,
-        "personal_balanced_accuracy": Metric.PERSONAL_BALANCED_ACCURACY,
-    }
-    out = {}
-    for a in got:
-        if a.status is None and a.reply is not None:
-            metrics = a.reply.content.metric_records.get(Rec.METRICS, MetricRecord())
-            out[a.site] = {ours: float(metrics[key]) for ours, key in keys.items() if key in metrics}
-    return dict(sorted(out.items()))
+def evaluation_fields(reply: Message) -> dict[str, Any]:
+    """An evaluation reply's DP record, composition and ε, as privacy.json records them ({} without DP)."""
+    dp = reply.content.config_records.get(Rec.EVALUATION_DP)
+    if dp is None:
+        return {}
+    metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
+    fields = DPRecord.from_mapping(dp).as_dict() | {"composition": str(dp.get("composition", ""))}
+    if Metric.EVAL_EPSILON in metrics:
+        fields["epsilon"] = float(metrics[Metric.EVAL_EPSILON])
+    return fields

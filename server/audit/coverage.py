@@ -1,0 +1,70 @@
+"""The coverage check: every value a site logged as sent is covered by a named release or public setting.
+
+A site logs each reply's values (`sent`: tensors by hash, metrics by name, config records by key;
+common/privacy/coverage.py). Here each is marked with what covers it: a release whose ε the privacy
+check recomputes (training, feature-stats, evaluation), the DP record itself (accounting), or public
+configuration. A value nothing covers fails the audit: a plain metric, an exact count, a timing. A sending
+record that lists no values fails too, since what it sent cannot be shown covered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedtransfer.common.privacy.coverage import TRAINING, cover
+from fedtransfer.common.wire.protocol import FEATURE_STATS, Event
+from fedtransfer.server.audit.findings import Evidence, Findings, SiteAudit
+
+SENDING = (Event.UPDATE_SENT, Event.UPDATE_TRAINED, Event.EVALUATION_SENT)
+KINDS = ("tensors", "metrics", "configs")
+
+
+def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
+    """Fill `site.coverage` (one row per value sent) and fail every value no release or setting covers."""
+    entries = [e for e in ev.sites.get(site.name, []) if e.event in SENDING]
+    private = ev.cfg is None or ev.cfg.privacy.enabled
+    counted = any(e.record.get("release") == FEATURE_STATS for e in entries)  # its count released in round 0
+    for entry in entries:
+        if entry.record.get("masked"):  # SecAgg+'s masking of the values the update-trained record lists
+            site.coverage.append(_row(entry, "tensors", "masked vectors", "", "secure aggregation of update-trained"))
+            continue
+        sent = entry.record.get("sent")
+        if not isinstance(sent, dict):
+            found.fail_at("coverage", entry, f"{entry.event} of round {entry.record.get('round')} lists no values sent")
+            continue
+        release = entry.record.get("release") or TRAINING
+        for kind in KINDS:
+            for name, value in _items(sent.get(kind)):
+                covered = cover(kind, name, value, release=release, private=private, counted=counted)
+                site.coverage.append(_row(entry, kind, name, _shown(value), covered or "NOT COVERED"))
+                if covered is None:
+                    found.fail_at(
+                        "coverage",
+                        entry,
+                        f"{site.name} sent {kind[:-1]} {name!r} in round {entry.record.get('round')}, covered by no "
+                        "release and not public configuration",
+                    )
+
+
+def _row(entry: Any, kind: str, name: str, value: Any, covered_by: str) -> dict[str, Any]:
+    return {
+        "round": entry.record.get("round"),
+        "event": entry.event,
+        "kind": kind,
+        "name": name,
+        "value": value,
+        "covered_by": covered_by,
+    }
+
+
+def _items(values: Any) -> list[tuple[str, Any]]:
+    return sorted(values.items()) if isinstance(values, dict) else []
+
+
+def _shown(value: Any) -> Any:
+    """A hash shortened, a config record's keys joined, a number as it was."""
+    if isinstance(value, str):
+        return value[:16]
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return value
