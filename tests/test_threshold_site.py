@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import torch
 from fedtransfer.client.collab_report import read_report, summary_lines
-from fedtransfer.client.handlers import _evaluate
+from fedtransfer.client.evaluate_round import evaluate
 from fedtransfer.client.site import Site
 from fedtransfer.common.config.run import config_from_dict
 from fedtransfer.common.model.head import make_head
@@ -50,7 +50,7 @@ def test_a_binary_sites_final_model_keeps_its_threshold_and_flags_the_rare_class
     site = _rare_positive_site(folder)
     cfg = _cfg()
     arrays = head_to_arrays(_majority_head())
-    _evaluate(site, cfg, _message(cfg.train.rounds, arrays))  # the final model is chosen after the last round
+    evaluate(site, cfg, _message(cfg.train.rounds, arrays))  # the final model is chosen after the last round
     report = read_report(folder)
     assert report is not None
     kept = torch.load(folder / "personal" / "r1.pt", weights_only=True)
