@@ -117,7 +117,8 @@ def simulate_federation(
             source, Path(path or ""), image_size, num_sites, schema, columns, users, classes=classes
         )
     else:
-        pool = pool if pool is not None else load_source(source, path, image_size, schema, columns, users, classes, dicom)
+        if pool is None:
+            pool = load_source(source, path, image_size, schema, columns, users, classes, dicom)
         owners, names = None, [f"site-{i}" for i in range(num_sites)]
     if max_samples is not None and max_samples < len(pool):
         keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_samples])
