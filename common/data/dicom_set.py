@@ -24,6 +24,8 @@ from fedtransfer.common.data.dicom import DicomImage, read_dicom, read_header
 from fedtransfer.common.data.files import DataError, csv_file, is_tool_litter, numbered
 
 LABEL_HEADERS = (["image", "label"], ["image", "label", "person"])
+# what stands beside DICOM files and is never one (DICOM files often have no suffix, so suffixes are not required)
+SIDECAR_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".yaml", ".yml", ".md", ".html", ".pdf")
 SALT_FILE = "person-salt"
 
 
@@ -125,11 +127,11 @@ def read_labels(path: Path) -> list[LabelRow]:
 
 
 def dicom_files(root: Path, labels: Path) -> list[Path]:
-    """Every file under `root` at any depth (DICOM files often have no suffix), tool litter and the CSV left out."""
+    """Every file under `root` at any depth (DICOM files often have no suffix), tool litter and sidecars left out."""
     found = []
     for folder, subfolders, names in os.walk(root, followlinks=True):
         subfolders[:] = sorted(d for d in subfolders if not is_tool_litter(d))
-        found += [Path(folder) / n for n in names if not is_tool_litter(n)]
+        found += [Path(folder) / n for n in names if not is_tool_litter(n) and not n.lower().endswith(SIDECAR_SUFFIXES)]
     skip = labels.resolve()
     return sorted(f for f in found if f.resolve() != skip)
 
