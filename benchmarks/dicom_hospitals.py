@@ -148,8 +148,10 @@ def compare(out: Path, rounds: int, max_samples: int | None) -> list[dict[str, o
     from fedtransfer.server.launch.simulation import simulate
 
     images, labels = digits()
-    write_hospitals(out / "dicom", images, labels)
-    write_pngs(out / "png", images, labels)
+    if not (out / "dicom" / "labels.csv").is_file():  # written last: a whole set (a rerun reuses it)
+        write_hospitals(out / "dicom", images, labels)
+    if not (out / "png" / "9").is_dir():
+        write_pngs(out / "png", images, labels)
     base = yaml.safe_load(Path("configs/hospital-dicom.yaml").read_text(encoding="utf-8"))
     base.setdefault("train", {})["rounds"] = rounds  # the config leaves the demo's 30 to the defaults
     base["data"]["max_samples"] = max_samples
@@ -162,8 +164,10 @@ def compare(out: Path, rounds: int, max_samples: int | None) -> list[dict[str, o
             raw["data"]["labels_file"] = str(out / "dicom" / "labels.csv")
         else:
             raw["data"] |= {"source": "imagefolder", "labels_file": None, "window": "file"}
-        start = time.monotonic()
-        status = simulate(config_from_dict(raw), stream=False)
+        start, finished = time.monotonic(), out / f"run-{kind}" / "status.json"
+        reused = finished.is_file() and json.loads(finished.read_text())["status"] == "completed"
+        # a rerun after a crash (Ray's startup timing out on a loaded machine) keeps a finished run's result
+        status = json.loads(finished.read_text()) if reused else simulate(config_from_dict(raw), stream=False)
         metrics = [json.loads(line) for line in (out / f"run-{kind}" / "metrics.jsonl").read_text().splitlines()]
         sites = metrics[-1]["sites"]
         rows.append(
@@ -171,7 +175,7 @@ def compare(out: Path, rounds: int, max_samples: int | None) -> list[dict[str, o
                 "source": kind,
                 "accuracy": float(status["final_accuracy"]),
                 "epsilon": max(s.get("epsilon", 0.0) for s in sites.values()),
-                "seconds": round(time.monotonic() - start, 1),
+                "seconds": None if reused else round(time.monotonic() - start, 1),
             }
         )
     return rows
