@@ -1,4 +1,4 @@
-"""The `fedtransfer` command: simulate, predict, export, audit, deploy (one module each in cli/).
+"""The `fedtransfer` command: simulate, predict, export, audit, data, deploy (one module each in cli/).
 
 User errors (fedtransfer.common.errors.InputError, and the deployment's refusals) end with one line
 on stderr and exit status 2, no traceback. Anything else is a bug: its traceback, exit status 1.
@@ -17,6 +17,7 @@ PRIVATE_COMMANDS = ("simulate", "deploy")  # what they and their children write 
 def build_parser() -> argparse.ArgumentParser:
     """Every `fedtransfer` subcommand: this is the only command-line entry point of the project."""
     from fedtransfer.cli.audit import add_audit_parser
+    from fedtransfer.cli.data import add_data_parser
     from fedtransfer.cli.deploy import add_deploy_parser
     from fedtransfer.cli.export import add_export_parser
     from fedtransfer.cli.predict import add_predict_parser
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_predict_parser(sub)
     add_audit_parser(sub)
     add_export_parser(sub)  # model.onnx / model.torchscript.pt for serving
+    add_data_parser(sub)  # data check: a site's data looked over locally before it joins
     add_deploy_parser(sub)  # init, superlink, register, site, run
     return parser
 

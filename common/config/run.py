@@ -78,6 +78,7 @@ SOURCE_KINDS = {
     "digits": "image",
     "imagefolder": "image",
     "npz": "image",
+    "dicom": "image",
     "text": "text",
     "bbc": "text",
     "table": "tabular",

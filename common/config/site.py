@@ -13,6 +13,7 @@ from typing import Literal
 
 from fedtransfer.common.config.names import SITE_NAME_RULE, is_site_name
 from fedtransfer.common.config.parse import ConfigError, build, read_yaml, require, require_people_keys
+from fedtransfer.common.config.windows import WINDOW_RULE, is_window
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,16 @@ class SiteConfig:
     """A site's own file, never sent by the server: its data, its disk, its privacy policy."""
 
     name: str
-    data_source: Literal["imagefolder", "npz", "mnist", "digits", "table", "text"]
+    data_source: Literal["imagefolder", "npz", "dicom", "mnist", "digits", "table", "text"]
     data_path: str | None = None
     text_column: str = "text"  # data_source text: the CSV column / JSONL key of each document ...
     label_column: str = "label"  # ... and of its class name
     user_column: str | None = None  # data_source text: the column / key naming each record's person (unit: user)
     data_schema: str | None = None  # data_source table: the site's own copy of the run's schema file (same fingerprint)
     users_file: str | None = None  # imagefolder, npz: a CSV naming each record's person (path,user / index,user)
+    labels_file: str | None = None  # data_source dicom: a CSV image,label[,person] (relative to this file)
+    window: str = "file"  # data_source dicom: file | lung | mediastinum | bone | brain | W/L (e.g. 400/40)
+    frames: Literal["refuse", "each"] = "refuse"  # data_source dicom: a multi-frame file refused, or one record a frame
     test_fraction: float = 0.2
     device: Literal["auto", "cpu", "cuda"] = "auto"
     state_dir: str = "~/.fedtransfer/site"
@@ -101,7 +105,7 @@ class SiteConfig:
 
     def __post_init__(self) -> None:
         require(is_site_name(self.name), "name", f"not a site name: {SITE_NAME_RULE}", self.name)
-        needs_path = self.data_source in ("imagefolder", "npz", "table", "text")
+        needs_path = self.data_source in ("imagefolder", "npz", "dicom", "table", "text")
         require(not needs_path or self.data_path, "data_path", f"data_source {self.data_source} needs it", None)
         is_table = self.data_source == "table"
         require(
@@ -110,6 +114,13 @@ class SiteConfig:
             "data_source table needs it (only it takes one)",
             self.data_schema,
         )
+        require(
+            (self.data_source == "dicom") == bool(self.labels_file and self.labels_file.strip()),
+            "labels_file",
+            "a CSV image,label[,person] is needed with data_source dicom, and only there",
+            self.labels_file,
+        )
+        require(is_window(self.window), "window", WINDOW_RULE, self.window)
         require_people_keys(self.data_source, self.user_column, self.users_file, "", "site's file", "data_source")
         require(0 < self.test_fraction < 1, "test_fraction", "must be in (0, 1)", self.test_fraction)
 
@@ -134,6 +145,7 @@ class SitePaths:
     cache_dir: Path  # cached features (default: state_dir/features)
     schema: Path | None = None  # a table's schema file (data_schema)
     users: Path | None = None  # an image folder's or .npz's users file (users_file)
+    labels: Path | None = None  # a DICOM folder's labels CSV (labels_file)
 
 
 def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
@@ -146,9 +158,9 @@ def site_paths(site: SiteConfig, config_path: Path) -> SitePaths:
     cache_dir = local(site.cache_dir) if site.cache_dir else state_dir / "features"
     schema = local(site.data_schema) if site.data_schema else None
     users = local(site.users_file) if site.users_file else None
-    return SitePaths(
-        config_path, local(site.data_path) if site.data_path else None, state_dir, cache_dir, schema, users
-    )
+    labels = local(site.labels_file) if site.labels_file else None
+    data = local(site.data_path) if site.data_path else None
+    return SitePaths(config_path, data, state_dir, cache_dir, schema, users, labels)
 
 
 def check_site_files(site: SiteConfig, paths: SitePaths) -> None:
@@ -160,6 +172,11 @@ def check_site_files(site: SiteConfig, paths: SitePaths) -> None:
             f"{paths.config}: users_file: {site.users_file} is not a file (a CSV path,user or "
             "index,user; relative paths are relative to this file)"
         )
+    if paths.labels is not None and not paths.labels.is_file():
+        raise ConfigError(
+            f"{paths.config}: labels_file: {site.labels_file} is not a file (a CSV image,label[,person]; "
+            "relative paths are relative to this file)"
+        )
 
 
 def data_error_line(site: SiteConfig, paths: SitePaths, error: str) -> str:
@@ -169,7 +186,7 @@ def data_error_line(site: SiteConfig, paths: SitePaths, error: str) -> str:
     (the schema file: data_schema); one that names the site's person column (empty, missing, of the wrong
     type) names user_column; any other is about the data itself (data_path, with its columns).
     """
-    files = {"users_file": paths.users, "data_schema": paths.schema}
+    files = {"users_file": paths.users, "data_schema": paths.schema, "labels_file": paths.labels}
     key = next((k for k, file in files.items() if file is not None and error.startswith(f"{file}:")), "data_path")
     if key == "data_path" and site.user_column is not None and repr(site.user_column) in error:
         key = "user_column"

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.config.site import SiteConfig, SitePaths, data_error_line
+from fedtransfer.common.config.windows import parse_window
+from fedtransfer.common.data.dicom_set import DicomOptions
 from fedtransfer.common.data.files import (
     DataError,
 )
@@ -101,18 +103,22 @@ def simulate_federation(
     classes: tuple[str, ...] | None = None,
     min_records: int = 2,
     small_sites: str = "refuse",
+    dicom: DicomOptions | None = None,
+    pool: Samples | None = None,
 ) -> Federation:
     """Split one source between a server hold-out and `num_sites` sites, deterministically.
 
     `classes` orders a text source's classes (data.classes); a site of fewer than `min_records` records
-    (data.min_site_records) is refused, or warned about when `small_sites` is "warn".
+    (data.min_site_records) is refused, or warned about when `small_sites` is "warn". `dicom`: a DICOM
+    source's options; `pool`: the records already read (the data check reads them, listing every problem).
     """
     if split == "folders":
         pool, owners, names = _load_site_folders(
             source, Path(path or ""), image_size, num_sites, schema, columns, users, classes=classes
         )
     else:
-        pool = load_source(source, path, image_size, schema, columns, users, classes)
+        if pool is None:
+            pool = load_source(source, path, image_size, schema, columns, users, classes, dicom)
         owners, names = None, [f"site-{i}" for i in range(num_sites)]
     if max_samples is not None and max_samples < len(pool):
         keep = np.sort(np.random.default_rng(seed).permutation(len(pool))[:max_samples])
@@ -166,7 +172,24 @@ def federation_for(cfg: RunConfig, num_sites: int | None = None) -> Federation:
         classes=d.class_names,
         min_records=d.min_site_records,
         small_sites=d.small_sites,
+        dicom=dicom_options(cfg),
     )
+
+
+def dicom_options(cfg: RunConfig) -> DicomOptions | None:
+    """A simulation's DICOM options; person hashes are salted by a file in its cache_dir."""
+    d = cfg.data
+    if d.source != "dicom" or d.path is None or d.labels_file is None:
+        return None
+    root, labels = Path(d.path).expanduser(), Path(d.labels_file).expanduser()
+    return DicomOptions(root, labels, parse_window(d.window), d.frames, cfg.cache_path)
+
+
+def site_dicom_options(site: SiteConfig, paths: SitePaths) -> DicomOptions | None:
+    """A deployed site's DICOM options; person hashes are salted by a file in its state_dir, beside its secrets."""
+    if site.data_source != "dicom" or paths.data is None or paths.labels is None:
+        return None
+    return DicomOptions(paths.data, paths.labels, parse_window(site.window), site.frames, paths.state_dir)
 
 
 def deployed_site_data(
@@ -188,6 +211,7 @@ def deployed_site_data(
             (site.text_column, site.label_column),
             users,
             classes if site.data_source == "text" else None,
+            site_dicom_options(site, paths),
         )
     except DataError as err:
         raise DataError(data_error_line(site, paths, str(err))) from None

@@ -8,10 +8,11 @@ agree on who holds which sample without exchanging anything.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from fedtransfer.common.data.dicom_set import DicomOptions, DicomScan, scan_dicom
 from fedtransfer.common.data.files import (
     IMAGE_SUFFIXES,
     DataError,
@@ -43,14 +44,16 @@ class Samples:
     labels: np.ndarray  # int64 (N,)
     classes: tuple[str, ...]
     users: np.ndarray | None = None  # object (N,): each record's person (privacy.unit: user); None: not named
+    # how stored pixels became `inputs` where a choice was made (DICOM: window, LUTs, frames); "" for other sources.
+    # Part of the fingerprint, so features cached under one window are never reused under another.
+    pixels: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> Samples:
-        return Samples(
-            self.inputs[index], self.labels[index], self.classes, None if self.users is None else self.users[index]
-        )
+        users = None if self.users is None else self.users[index]
+        return Samples(self.inputs[index], self.labels[index], self.classes, users, self.pixels)
 
     def user_codes(self) -> np.ndarray:
         """Each record's person as 0..persons-1 (one code per person), for per-user sampling; needs `users`."""
@@ -62,6 +65,8 @@ class Samples:
         h = hashlib.sha256()
         inputs = np.asarray(self.inputs)
         h.update(f"{inputs.shape}|{inputs.dtype}|{self.classes}|".encode())
+        if self.pixels:  # absent for the sources that make no pixel choice: their cached features stay valid
+            h.update(f"pixels={self.pixels}|".encode())
         if inputs.dtype == object:  # e.g. mixed table cells: their repr, length-prefixed, is their content
             for item in inputs.reshape(-1):
                 text = repr(item).encode()
@@ -87,11 +92,13 @@ def load_source(
     columns: tuple[str, str] = TEXT_COLUMNS,
     users: str | None = None,
     classes: tuple[str, ...] | None = None,
+    dicom: DicomOptions | None = None,
 ) -> Samples:
     """Load a whole source. Folder images are resized to `image_size` so they stack; tables follow `schema`;
     a text file's (text, label) `columns` are named by the config. `users` names each record's person: a text
     column (data.user_column) or a CSV for an image folder or .npz (data.users_file); a table's is in its schema.
-    `classes` orders a text file's classes (data.classes); None: its sorted labels."""
+    `classes` orders a text file's classes (data.classes); None: its sorted labels. `dicom`: where a DICOM
+    source's labels are and how its pixels are shown (data.labels_file, window, frames)."""
     if source == "bbc":
         return checked_samples(*load_bbc(), "bbc")
     if source == "mnist":
@@ -116,6 +123,10 @@ def load_source(
         return checked_samples(texts, labels, found, path, people)
     if source == "npz":
         return load_npz(Path(path), users=Path(users) if users else None)
+    if source == "dicom":
+        if dicom is None:
+            raise DataError("data.source dicom: needs data.labels_file, the CSV image,label naming each image")
+        return dicom_samples(scan_dicom(dicom, image_size), dicom)
     raise DataError(f"data.source: unknown source {source!r}")
 
 
@@ -163,6 +174,15 @@ def load_npz(path: Path, classes: tuple[str, ...] | None = None, users: Path | N
     keys = [str(k) for k in range(len(labels))]
     people = users_of(keys, read_user_map(users, "index"), users, "index") if users else None
     return checked_samples(images, labels, classes, str(path), people)
+
+
+def dicom_samples(scan: DicomScan, options: DicomOptions) -> Samples:
+    """A DICOM scan's records; persons (hashed) only when every record names one, as unit: user needs."""
+    if not scan.inputs:
+        raise DataError(f"{options.labels}: none of the images it lists could be read")
+    people = None if any(p is None for p in scan.persons) else np.array(scan.persons, dtype=object)
+    samples = checked_samples(np.stack(scan.inputs), np.array(scan.labels), scan.classes, str(options.root), people)
+    return replace(samples, pixels=options.pixels)
 
 
 def load_table(source: str, path: str, schema: str | None) -> Samples:
