@@ -232,6 +232,7 @@ def main() -> None:
                 for seed in args.seeds:
                     raw += site_rows(fed, eps, seed, pooled, tuning, trust)
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        write_results(args.name, summarise(raw), {**vars(args), "raw": raw, "steps": tuning.steps})  # kept if cut
     summary = summarise(raw)
     columns = ["federation", "trust", "epsilon", "site", "train", "score"]
     columns += [f"{m}_{w}" for w in ("own", "others") for m in MODELS] + ["gain_own", "gain_own_se", "chosen"]
