@@ -37,6 +37,7 @@ from fedtransfer.common.encoders.registry import load_encoder
 from fedtransfer.common.model.head import evaluate_head
 from torch import nn
 
+from benchmarks.distributed_trust import Setting, federate_distributed_model
 from benchmarks.harness import FedSetup, federate_model, print_table, results_dir, write_results
 from benchmarks.privacy_utility import SGDSetup, federate_sgd_model
 
@@ -87,9 +88,17 @@ def load_federation(name: str, cache: Path) -> Federation:
     return Federation(name, cfg, train, test, classes, "auroc" if classes == 2 else "accuracy")
 
 
-def global_model(fed: Federation, eps: float, seed: int) -> nn.Module:
-    """The federation's DP model at ε, trained as its config says (fedsgd with statistics, or fedavg)."""
+def global_model(fed: Federation, eps: float, seed: int, trust: str = "local") -> nn.Module:
+    """The federation's DP model at ε, trained as its config says (fedsgd with statistics, or fedavg).
+
+    `trust: distributed` trains it as configs/distributed.yaml does (Skellam noise shares summed under SecAgg+,
+    benchmarks/distributed_trust.py), with the config's rounds, learning rate and statistics share: fedsgd only.
+    """
     t, p = fed.cfg.train, fed.cfg.privacy
+    if trust == "distributed":
+        share = p.feature_stats_share if p.feature_stats else None
+        setting = Setting(t.rounds, t.learning_rate, share)
+        return federate_distributed_model(fed.train, fed.classes, eps, seed, setting)[0]
     if t.protocol == "fedsgd":
         share = p.feature_stats_share if p.feature_stats else None
         setup = SGDSetup(t.rounds, t.sample_rate, t.learning_rate, t.server_momentum, share, p.accountant)
@@ -117,16 +126,18 @@ def _score(model: nn.Module, data: Data, score: str) -> float:
     return float(s.auroc if score == "auroc" and s.auroc is not None else s.accuracy)
 
 
-def site_rows(fed: Federation, eps: float, seed: int, pooled: nn.Module, tuning: Tuning) -> list[dict]:
+def site_rows(
+    fed: Federation, eps: float, seed: int, pooled: nn.Module, tuning: Tuning, trust: str = "local"
+) -> list[dict]:
     """One row per site: each model's score on its own test split and on the other sites' test splits."""
-    glob = global_model(fed, eps, seed)
+    glob = global_model(fed, eps, seed, trust)
     rows = []
     for i, (x, y) in enumerate(fed.train):
         final = choose_final(glob, x, y, fed.classes, replace(tuning, seed=seed * 1000 + i))
         others = [t for j, t in enumerate(fed.test) if j != i]
         rest = (torch.cat([t[0] for t in others]), torch.cat([t[1] for t in others]))
         models = {"alone": final.alone, "global": glob, "final": final.model, "pooled": pooled}
-        row = {"federation": fed.name, "epsilon": eps, "seed": seed, "site": i, "train": len(y)}
+        row = {"federation": fed.name, "trust": trust, "epsilon": eps, "seed": seed, "site": i, "train": len(y)}
         row |= {"test": len(fed.test[i][1]), "chosen": final.chosen, "score": fed.score}
         for name, model in models.items():
             row[f"{name}_own"] = _score(model, fed.test[i], fed.score)
@@ -136,12 +147,17 @@ def site_rows(fed: Federation, eps: float, seed: int, pooled: nn.Module, tuning:
 
 
 def summarise(raw: list[dict]) -> list[dict]:
-    """Mean and standard error over the seeds of each (federation, ε, site), with the gains of final over alone."""
-    keys = sorted({(r["federation"], r["epsilon"], r["site"]) for r in raw}, key=lambda k: (k[0], k[1], k[2]))
+    """Mean and standard error over the seeds of each (federation, trust, ε, site), with the gains of final over
+    alone."""
+
+    def key(r: dict) -> tuple:
+        return r["federation"], r.get("trust", "local"), r["epsilon"], r["site"]
+
     out = []
-    for fed, eps, site in keys:
-        rs = [r for r in raw if (r["federation"], r["epsilon"], r["site"]) == (fed, eps, site)]
-        row = {"federation": fed, "epsilon": eps, "site": site, "train": rs[0]["train"], "test": rs[0]["test"]}
+    for fed, trust, eps, site in sorted({key(r) for r in raw}):
+        rs = [r for r in raw if key(r) == (fed, trust, eps, site)]
+        row = {"federation": fed, "trust": trust, "epsilon": eps, "site": site}
+        row |= {"train": rs[0]["train"], "test": rs[0]["test"]}
         row |= {"score": rs[0]["score"], "seeds": len(rs)}
         cols = [f"{m}_{w}" for w in ("own", "others") for m in MODELS]
         for col in [*cols, "gain_own", "gain_others"]:
@@ -166,16 +182,15 @@ def plot(summary: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=False)
     for ax, where in zip(axes, ("own", "others"), strict=True):
-        for fed in sorted({r["federation"] for r in summary}):
-            rs = [r for r in summary if r["federation"] == fed and r["epsilon"] == 3.0] or [
-                r for r in summary if r["federation"] == fed
-            ]
+        for fed, trust in sorted({(r["federation"], r.get("trust", "local")) for r in summary}):
+            group = [r for r in summary if (r["federation"], r.get("trust", "local")) == (fed, trust)]
+            rs = [r for r in group if r["epsilon"] == 3.0] or group
             ax.errorbar(
                 [r["train"] for r in rs],
                 [r[f"gain_{where}"] for r in rs],
                 yerr=[r[f"gain_{where}_se"] for r in rs],
                 fmt="o",
-                label=fed,
+                label=f"{fed} ({trust})",
             )
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xscale("log")
@@ -193,6 +208,8 @@ def main() -> None:
     parser.add_argument("--federations", nargs="+", default=["demo", "iid4", "dirichlet", "small", "iid16", "bank"])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    trusts = "local: each site its own noise; distributed: noise shares under SecAgg+ (fedsgd federations only)"
+    parser.add_argument("--trusts", nargs="+", default=["local"], choices=["local", "distributed"], help=trusts)
     parser.add_argument("--quick", action="store_true", help="smoke test: demo, ε = 3, one seed, 5 rounds, 30 steps")
     parser.add_argument("--name", default="collaboration", help="the results file: benchmarks/results/NAME.json")
     parser.add_argument("--cache", default="~/.cache/fedtransfer")
@@ -209,12 +226,15 @@ def main() -> None:
         if args.quick:  # a smoke test: a global model of 5 rounds
             fed = replace(fed, cfg=replace(fed.cfg, train=replace(fed.cfg.train, rounds=5)))
         pooled = pooled_model(fed, 0)
-        for eps in args.epsilons:
-            for seed in args.seeds:
-                raw += site_rows(fed, eps, seed, pooled, tuning)
+        fedsgd = fed.cfg.train.protocol == "fedsgd"
+        for trust in [t for t in args.trusts if fedsgd or t == "local"]:
+            for eps in args.epsilons:
+                for seed in args.seeds:
+                    raw += site_rows(fed, eps, seed, pooled, tuning, trust)
         print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        write_results(args.name, summarise(raw), {**vars(args), "raw": raw, "steps": tuning.steps})  # kept if cut
     summary = summarise(raw)
-    columns = ["federation", "epsilon", "site", "train", "score"]
+    columns = ["federation", "trust", "epsilon", "site", "train", "score"]
     columns += [f"{m}_{w}" for w in ("own", "others") for m in MODELS] + ["gain_own", "gain_own_se", "chosen"]
     print_table(summary, columns)
     write_results(args.name, summary, {**vars(args), "raw": raw, "steps": tuning.steps})

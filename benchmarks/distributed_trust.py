@@ -21,6 +21,7 @@ message. The results file is rewritten after every split, so an interrupted run 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from benchmarks.harness import print_table, write_results
 from benchmarks.privacy_utility import DELTA, SPLITS, Data
 
 CONFIG = "configs/distributed.yaml"
+_plan = functools.lru_cache(maxsize=None)(plan_distributed)  # a pure function of its arguments; seeds share plans
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,15 @@ class Setting:
 def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float, seed: int, s: Setting) -> dict:
     """One run: (the statistics release, then) every round each site's quantised sum plus its Skellam share,
     summed, the server's step; accuracy on `test` and both ε (the largest over the sites)."""
+    head, info = federate_distributed_model(sites, classes, eps, seed, s)
+    return {"accuracy": evaluate_head(head, *test).accuracy, **info}
+
+
+def federate_distributed_model(
+    sites: list[Data], classes: int, eps: float, seed: int, s: Setting
+) -> tuple[torch.nn.Module, dict]:
+    """The run of `federate_distributed`: the final global head and its ε figures (benchmarks/collaboration.py
+    scores the head at every site)."""
     cfg = load_config(CONFIG)
     q, survivors = cfg.train.sample_rate, cfg.secagg.fewest_survivors(len(sites))
     torch.manual_seed(seed)
@@ -66,7 +77,7 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     gens = [torch.Generator().manual_seed(seed * 1000 + i) for i in range(len(sites))]
     gammas = cfg.secagg.quantum(1.0), cfg.secagg.quantum(STATS_NORM)
     plans = [
-        plan_distributed(
+        _plan(
             num_units=len(y),
             sample_rate=q,
             rounds=s.rounds,
@@ -108,8 +119,7 @@ def federate_distributed(sites: list[Data], test: Data, classes: int, eps: float
     histories = [([p.stats_event] if s.stats_share is not None else []) + [p.round_event] * s.rounds for p in plans]
     spent = max(epsilon_of(h, p.target_delta, "rdp") for h, p in zip(histories, plans, strict=True))
     own = max(epsilon_of(h, p.target_delta, "rdp", individual=True) for h, p in zip(histories, plans, strict=True))
-    return {
-        "accuracy": evaluate_head(head, *test).accuracy,
+    return head, {
         "epsilon": spent,
         "epsilon_individual": own,
         "noise_multiplier": plans[0].noise_multiplier,

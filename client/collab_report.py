@@ -137,7 +137,8 @@ def render_html(report: dict[str, Any]) -> str:
         for name, s in report["scores"].items()
     )
     val = "".join(
-        f"<tr><th>{e(c['name'])}</th><td>{c['loss']:.4f}</td><td>{c['accuracy']:.3f}</td><td>{c['records']}</td></tr>"
+        f"<tr><th>{e(c['name'])}</th><td>{c['loss']:.4f}</td><td>{c['accuracy']:.3f}</td><td>{c['records']}</td>"
+        f"<td>{c.get('kept', 1.0):.0%}</td></tr>"
         for c in report["validation"]
     )
     return (
@@ -150,7 +151,8 @@ def render_html(report: dict[str, Any]) -> str:
         "<table><tr><th>model</th><th>accuracy</th><th>balanced accuracy</th><th>AUROC</th></tr>"
         f"{rows}</table><h2>Chosen: {e(report['chosen'])}</h2><p>{e(report['reason'])}.</p>"
         "<h2>Candidates on the validation split (held out of the training split)</h2>"
-        "<table><tr><th>candidate</th><th>loss</th><th>accuracy</th><th>records</th></tr>"
+        "<table><tr><th>candidate</th><th>loss</th><th>accuracy</th><th>records</th>"
+        "<th>keeps global on rare classes</th></tr>"
         f"{val}</table>{_threshold_html(report)}<p>{e(report['sent'])}.</p></body></html>\n"
     )
 

@@ -10,11 +10,14 @@ regression on its own features, no global start, regularisation chosen on the sa
 as good there as alone and as global.
 
 Between alone and global also stand mixes of the two models' class probabilities (`mix w`, w the alone
-model's share): at home they are as sharp as alone, and on classes the site never saw they keep the global
-model's answer. The candidate of lowest validation loss wins; a tie goes to the one closer to the global model.
-An earlier rule (the candidate closest to global within one paired standard error of the best) cost 1-3 points
-at home on IID and skewed sites in benchmarks/collaboration.py: it is no longer used. The winner is then
-refitted on the whole training split (alone, mixed and pulled candidates; the global model stays as it came).
+model's share) and, where the site has rare classes, gates (`gate b`: the global model decides whether a record
+is of the site's own classes, alone decides which). The rule: among the candidates within one paired standard
+error of the lowest validation loss, the lowest-loss one that keeps the global model's answer on pseudo-records
+of the site's rare classes (client/final_guard.py); where none does, the lowest-loss one. Why: the site's
+validation holds only its own classes, so lowest loss alone picked alone-like models that forgot every class
+the site had not seen (1 point better than alone at home, 10-40 points worse than global on the others' data,
+benchmarks/collaboration.py). The winner is then refitted on the whole training split (alone, gated, mixed and
+pulled candidates; the global model stays as it came).
 
 No DP: these records never leave the site, and neither does the model. This module trains and chooses;
 client/personal.py decides when, and client/collab_report.py writes what the site sees.
@@ -28,12 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from fedtransfer.client.final_guard import GUARD_MARGIN, keeps, pseudo_records, rare_classes
 from fedtransfer.common.model.head import FEATURE_SCALE, make_head
 from torch import nn
 
 PULLS = (1.0, 0.1, 0.01, 0.0)  # the fine-tuned candidates, closest to the global model first
 MIX_WEIGHTS = (0.25, 0.5, 0.75)  # the alone model's share of a mixed candidate, closest to the global model first
 ALONE_C = (1.0, 10.0, 100.0, 1000.0)  # inverse regularisation of the alone model, on unit-length features
+GATE_BIASES = (0.0, 1.0, 2.0, 3.0)  # the log-odds a Gate adds to the site's own classes, closest to global first
 ABSENT_LOGIT = -30.0  # an alone model's logit for a class its site never saw
 VALIDATION_SHARE = 0.2
 
@@ -55,12 +60,14 @@ class Tuning:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One candidate's validation figures: mean cross-entropy, accuracy, on how many records."""
+    """One candidate's validation figures: mean cross-entropy, accuracy, on how many records, and what it keeps
+    of the global model (client/final_guard.py)."""
 
     name: str
     loss: float
     accuracy: float
     records: int
+    kept: float = 1.0  # share of pseudo-records of the site's rare classes on which it answers as global does
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,32 @@ class Mix(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.weight * self.alone(x).softmax(-1) + (1.0 - self.weight) * self.global_model(x).softmax(-1)
         return p.clamp_min(1e-30).log()
+
+
+class Gate(nn.Module):
+    """The global model says whether a record is of the site's own classes; among them, the site's own model says
+    which. Its output is a log-probability per class.
+
+    Why: under label skew a site's records cover a few classes. Its alone model is sharp among them and blind
+    to the rest (ABSENT_LOGIT); the global model knows every class, less sharply. Here the group "one of the
+    site's classes" gets the global model's probability, shared out among those classes as the site's model
+    says, and every other class keeps the global model's own. `bias` (a log-odds, chosen on the site's
+    validation split) raises the site's group: the site's own prior, as much of it as its validation asks for.
+    """
+
+    def __init__(self, alone: nn.Module, global_model: nn.Module, present: torch.Tensor, bias: float) -> None:
+        super().__init__()
+        self.alone, self.global_model = alone, global_model
+        self.register_buffer("present", present.bool().clone())
+        self.register_buffer("bias", torch.tensor(float(bias)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.global_model(x).log_softmax(-1)
+        own = self.alone(x)[:, self.present].log_softmax(-1)
+        group = shared[:, self.present].logsumexp(-1, keepdim=True)
+        out = shared.clone()
+        out[:, self.present] = group + own + self.bias
+        return out.log_softmax(-1)
 
 
 def validation_split(labels: torch.Tensor, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -191,7 +224,9 @@ def candidate_name(pull: float | None) -> str:
 def choose_final(
     global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, tuning: Tuning
 ) -> FinalModel:
-    """The site's final model: the candidate of lowest validation loss (a tie goes to the one closer to global)."""
+    """The site's final model: among the candidates within one paired standard error of the lowest validation
+    loss, the lowest-loss one that keeps what the global model knows of the site's rare classes
+    (client/final_guard.py); the lowest-loss candidate where none does."""
     global_model = global_model.cpu().eval()
     x, y = x.float().cpu(), y.long().cpu()
     fit, val = validation_split(y, tuning.seed)
@@ -200,9 +235,8 @@ def choose_final(
         alone = fit_alone(x, y, num_classes, ALONE_C[0]) if tuning.alone and len(y) else None
         return FinalModel(copy.deepcopy(global_model), "global", reason, (), alone)
     fx, fy, vx, vy = x[fit], y[fit], x[val], y[val]
+    rare = rare_classes(y, num_classes)
     builders = {"global": lambda ax, ay: copy.deepcopy(global_model)}
-    for pull in PULLS:
-        builders[candidate_name(pull)] = lambda ax, ay, p=pull: pulled(global_model, ax, ay, p, tuning)
     if tuning.alone:
         on_fit = {c: fit_alone(fx, fy, num_classes, c) for c in ALONE_C}  # deterministic: each C fitted once
         best_c = min(ALONE_C, key=lambda c: record_losses(on_fit[c], vx, vy)[0].mean())
@@ -211,18 +245,44 @@ def choose_final(
             """The alone model at best_c on (ax, ay): the search's own fit on the fit split, else fitted here."""
             return on_fit[best_c] if ax is fx and ay is fy else fit_alone(ax, ay, num_classes, best_c)
 
+        if rare.any() and not rare.all():
+            for b in GATE_BIASES:
+                builders[f"gate {b:g}"] = lambda ax, ay, b=b: Gate(alone_on(ax, ay), global_model, ~rare, b)
+    for pull in PULLS:
+        builders[candidate_name(pull)] = lambda ax, ay, p=pull: pulled(global_model, ax, ay, p, tuning)
+    if tuning.alone:
         for w in MIX_WEIGHTS:
             builders[f"mix {w:g}"] = lambda ax, ay, w=w: Mix(alone_on(ax, ay), global_model, w)
         builders["alone"] = alone_on
-    losses = {name: record_losses(build(fx, fy), vx, vy) for name, build in builders.items()}
-    candidates = tuple(Candidate(n, float(lo.mean()), float(ok.mean()), len(val)) for n, (lo, ok) in losses.items())
-    chosen = min(candidates, key=lambda c: c.loss)  # min keeps the first of equals: the one closer to global
-    reason = _reason(chosen, losses, len(val))
+    on_fit_models = {name: build(fx, fy) for name, build in builders.items()}
+    losses = {name: record_losses(m, vx, vy) for name, m in on_fit_models.items()}
+    px, py = pseudo_records(global_model, fx, rare, tuning.seed)
+    kept = {name: keeps(m, px, py) for name, m in on_fit_models.items()}
+    candidates = tuple(
+        Candidate(n, float(lo.mean()), float(ok.mean()), len(val), kept[n]) for n, (lo, ok) in losses.items()
+    )
+    chosen = _select(candidates, losses)
+    reason = _reason(chosen, losses, len(val), len(py))
     model = builders[chosen.name](x, y)
     alone = None
     if tuning.alone:
-        alone = model if chosen.name == "alone" else model.alone if isinstance(model, Mix) else builders["alone"](x, y)
+        alone = model if chosen.name == "alone" else model.alone if isinstance(model, Mix | Gate) else None
+        alone = alone if alone is not None else builders["alone"](x, y)
     return FinalModel(model.eval(), chosen.name, reason, candidates, alone)
+
+
+def _select(candidates: tuple[Candidate, ...], losses: dict[str, tuple[np.ndarray, np.ndarray]]) -> Candidate:
+    """The rule of choose_final. Why the standard error: at home the site gives up no more than noise can
+    explain; why the guard: within that, what the federation knows of classes the site has not seen is kept.
+    `min` keeps the first of equals: the candidate closer to the global model."""
+    best = min(candidates, key=lambda c: c.loss)
+    floor = next(c for c in candidates if c.name == "global").kept - GUARD_MARGIN
+    near = [
+        c
+        for c in candidates
+        if c.kept >= floor and c.loss <= best.loss + paired_se(losses[c.name][0], losses[best.name][0])
+    ]
+    return min(near, key=lambda c: c.loss) if near else best
 
 
 def paired_se(a: np.ndarray, b: np.ndarray) -> float:
@@ -231,9 +291,12 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     return float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
-def _reason(chosen: Candidate, losses: dict[str, tuple[np.ndarray, np.ndarray]], records: int) -> str:
-    """Why this candidate: its validation loss, and by how much (in paired standard errors) it beats global."""
-    text = f"lowest validation loss ({chosen.loss:.3f}) on {records} held-out training records"
+def _reason(chosen: Candidate, losses: dict[str, tuple[np.ndarray, np.ndarray]], records: int, pseudo: int) -> str:
+    """Why this candidate: its validation loss, what it keeps of the global model, and by how much (in paired
+    standard errors) it beats global."""
+    text = f"validation loss {chosen.loss:.3f} on {records} held-out training records"
+    if pseudo:
+        text += f", keeps the global model's answer on {chosen.kept:.0%} of {pseudo} records of rare classes"
     if chosen.name == "global":
         return text
     gap = float(losses["global"][0].mean()) - chosen.loss

@@ -235,7 +235,10 @@ def test_collaboration_quick_scores_every_site_alone_global_final_and_pooled() -
         assert r["gain_own"] == pytest.approx(r["final_own"] - r["alone_own"])
         if r["chosen"] == "alone":  # the site kept going alone: the same model, the same scores
             assert r["final_own"] == pytest.approx(r["alone_own"])
-    candidates = {"global", "alone", "pull 1", "pull 0.1", "pull 0.01", "pull 0"}
+    from fedtransfer.client.final_model import GATE_BIASES, MIX_WEIGHTS, PULLS
+
+    candidates = {"global", "alone"} | {f"pull {p:g}" for p in PULLS} | {f"mix {w:g}" for w in MIX_WEIGHTS}
+    candidates |= {f"gate {b:g}" for b in GATE_BIASES}
     assert {r["chosen"] for r in result["params"]["raw"]} <= candidates
 
 
