@@ -34,6 +34,7 @@ from fedtransfer.common.config.site import check_site_files, site_paths
 from fedtransfer.common.model.intervals import described_accuracy
 from fedtransfer.common.storage import locking
 from fedtransfer.common.storage.private import make_private
+from fedtransfer.deploy import link_sessions, pacing
 from fedtransfer.deploy.credentials import CredentialsError, credential_paths, init_deployment
 from fedtransfer.deploy.launch import (
     DEFAULT_CONNECTION,
@@ -347,6 +348,17 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     )
     worker.add_argument("socket", type=Path, help="the Unix socket to listen on (STATE_DIR/worker/site.sock)")
     worker.set_defaults(func=lambda args: site_worker.run(args.socket))
+    for name, module, flower in (
+        ("paced-supernode", pacing, "flower-supernode"),
+        ("bounded-superlink", link_sessions, "flower-superlink"),
+    ):
+        wrapped = dep_sub.add_parser(
+            name, help=f"{flower} ARGS..., Flower 1.41.0's waits bounded ({module.__name__}; deploy starts it)"
+        )
+        wrapped.add_argument(
+            "flower_argv", nargs=argparse.REMAINDER, metavar=f"{flower} ARGS", help=f"the {flower} command line"
+        )
+        wrapped.set_defaults(func=lambda args, module=module: module.main(args.flower_argv))
 
     run = dep_sub.add_parser("run", help="submit a run to the SuperLink and wait for it (or resume one)")
     which = run.add_mutually_exclusive_group()

@@ -252,5 +252,6 @@ def enforce_policy(
         colluding_sites=cfg.privacy.colluding_sites,
     )
     if violations := policy_violations(policy, use):
-        where = "" if policy_file is None else f" ({policy_file})"
+        # the file's name only: the refusal goes to the coordinator, the site's paths stay home
+        where = "" if policy_file is None else f" ({policy_file.name})"
         raise Declined(f"site policy{where}: {'; '.join(violations)}")

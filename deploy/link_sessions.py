@@ -9,7 +9,7 @@ SuperLink counts a silent site as gone (heartbeat 30 s × patience 2, `flwr/comm
 (`flwr/supercore/corestate/in_memory_corestate.py:342`, `:429`; `sql_corestate.py:348`, `:494`).
 
 `fedtransfer deploy superlink` (and the test harness) therefore run the SuperLink as
-`python -m fedtransfer.deploy.link_sessions flower-superlink ARGS...`: this sets that name in the
+`fedtransfer deploy bounded-superlink flower-superlink ARGS...`: this sets that name in the
 two modules to `SESSION_TTL_S` and runs Flower's own entry point in this process. The TTL is
 refreshed by every object stored, so it bounds the pause between two objects of one reply, not
 a reply's whole upload: 60 s still lets a site on a slow link send one object of a few MB.
@@ -45,6 +45,11 @@ PINNED_SOURCES = {
 }
 
 
+COMMAND = (
+    "bounded-superlink"  # the internal `fedtransfer deploy` command that runs Flower's program through this module
+)
+
+
 def source_digest(module: ModuleType, qualname: str) -> str:
     return hashlib.sha256(inspect.getsource(operator.attrgetter(qualname)(module)).encode()).hexdigest()
 
@@ -78,11 +83,11 @@ def install(modules: list[ModuleType], ttl_s: int = SESSION_TTL_S) -> None:
 
 def bounded_argv(flower_argv: list[str], python: str = sys.executable) -> list[str]:
     """The command line running `flower_argv` (a flower-superlink command) through this module."""
-    return [python, "-m", __name__, *flower_argv]
+    return [python, "-m", "fedtransfer.cli", "deploy", COMMAND, *flower_argv]
 
 
-def main() -> int:
-    """`python -m fedtransfer.deploy.link_sessions flower-superlink ARGS...`: Flower's SuperLink, bounded."""
+def main(flower_argv: list[str]) -> int:
+    """`fedtransfer deploy bounded-superlink flower-superlink ARGS...`: Flower's SuperLink, bounded."""
     try:
         modules = check_flower()
     except FlowerPinError as err:
@@ -92,10 +97,6 @@ def main() -> int:
     print(f"fedtransfer: SuperLink push sessions expire after {SESSION_TTL_S} s without an object", flush=True)
     from flwr.superlink.cli import flower_superlink
 
-    sys.argv = sys.argv[1:]
+    sys.argv = list(flower_argv)
     flower_superlink()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ Flower 1.41.0's SuperNode (`flwr/supernode/start_client_internal.py`) sleeps a f
 every pull that found no message (line 263), so a message waits 1.5 s on average before its site
 sees it, and it polls every 0.5 s for its ClientApp's reply (line 470) and for each of the reply's
 objects (line 506). None of these can be set. `deploy site` therefore runs the SuperNode as
-`python -m fedtransfer.deploy.pacing flower-supernode ARGS...`: this module replaces the `time`
+`fedtransfer deploy paced-supernode flower-supernode ARGS...`: this module replaces the `time`
 that module sees with one whose `sleep(3)` is paced (`Pacer`) and whose `sleep(0.5)` is short, then
 runs Flower's own `flower-supernode` entry point in this process. Everything else is Flower's.
 
@@ -101,6 +101,9 @@ class _PacedTime:
         return getattr(time, name)
 
 
+COMMAND = "paced-supernode"  # the internal `fedtransfer deploy` command that runs the SuperNode through here
+
+
 def flower_version() -> str:
     return version("flwr")
 
@@ -145,11 +148,11 @@ def install(module: ModuleType, pacer: Pacer, sleep: Callable[[float], None] = t
 
 def paced_argv(flower_argv: list[str], python: str = sys.executable) -> list[str]:
     """The command line running `flower_argv` (a flower-supernode command) through this module."""
-    return [python, "-m", __name__, *flower_argv]
+    return [python, "-m", "fedtransfer.cli", "deploy", COMMAND, *flower_argv]
 
 
-def main() -> int:
-    """`python -m fedtransfer.deploy.pacing flower-supernode ARGS...`: Flower's SuperNode, paced."""
+def main(flower_argv: list[str]) -> int:
+    """`fedtransfer deploy paced-supernode flower-supernode ARGS...`: Flower's SuperNode, paced."""
     try:
         module = check_flower()
     except FlowerPinError as err:
@@ -164,10 +167,6 @@ def main() -> int:
     )
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = sys.argv[1:]
+    sys.argv = list(flower_argv)
     flower_supernode()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -111,7 +111,7 @@ def test_a_site_policy_can_require_a_minimum_of_colluding_sites() -> None:
         num_samples=300, units=300, dim=1290, feature_dim=128, num_classes=10, remember=lambda f, **k: f(**k)
     )
     policy = SitePolicy(max_delta=1e-2, allow_distributed_trust=True, min_colluding_sites=1)
-    with pytest.raises(Declined, match=r"^site policy \(sites/a\.yaml\): policy\.min_colluding_sites: [^\n]*$"):
+    with pytest.raises(Declined, match=r"^site policy \(a\.yaml\): policy\.min_colluding_sites: [^\n]*$"):
         enforce_policy(policy, cfg, plan, 0.0, distributed=True, policy_file=Path("sites/a.yaml"))
     planned = config_from_dict(RUN | {"privacy": RUN["privacy"] | {"colluding_sites": 1}})
     enforce_policy(policy, planned, plan, 0.0, distributed=True, policy_file=Path("sites/a.yaml"))

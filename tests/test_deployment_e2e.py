@@ -191,7 +191,7 @@ def test_run_with_a_declining_site_and_a_refused_intruder(fresh: Federation3) ->
 
     # the strict site declined every round, naming its limit; the two others carried the run
     declined = (
-        "site policy: ε 3 (privacy.target_epsilon of this run plus ε 0 already spent in earlier runs) > "
+        "site policy (site.yaml): ε 3 (privacy.target_epsilon of this run plus ε 0 already spent in earlier runs) > "
         "policy.max_epsilon 2"
     )
     for record in _metrics(run_dir):

@@ -70,4 +70,4 @@ def test_the_bounded_superlink_is_flowers_own_command() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert f"push sessions expire after {SESSION_TTL_S} s" in done.stdout and "--enable-supernode-auth" in done.stdout
-    assert argv[:3] == [sys.executable, "-m", "fedtransfer.deploy.link_sessions"]
+    assert argv[:5] == [sys.executable, "-m", "fedtransfer.cli", "deploy", "bounded-superlink"]

@@ -67,9 +67,9 @@ def test_installed_pacing_replaces_only_flowers_two_fixed_waits(monkeypatch: pyt
 
 
 def test_the_paced_supernode_is_flowers_own_command() -> None:
-    """`python -m fedtransfer.deploy.pacing flower-supernode --help` runs Flower's entry point after the pins hold."""
+    """`fedtransfer deploy paced-supernode flower-supernode --help` runs Flower's entry point after the pins hold."""
     argv = pacing.paced_argv(["flower-supernode", "--help"])
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert "SuperNode pacing: a pull every 0.2 s" in done.stdout and "--superlink" in done.stdout
-    assert argv[:3] == [sys.executable, "-m", "fedtransfer.deploy.pacing"]
+    assert argv[:5] == [sys.executable, "-m", "fedtransfer.cli", "deploy", "paced-supernode"]

@@ -187,4 +187,4 @@ def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: 
     assert answer.has_error()
     refusal = Refusal.from_error(answer.error)
     assert refusal is not None and refusal.site == "hospital-z"
-    assert refusal.reason.startswith("site policy: policy.require_secure_aggregation: the site requires secure")
+    assert refusal.reason.startswith("site policy (site.yaml): policy.require_secure_aggregation: the site requires")

@@ -20,6 +20,7 @@ from fedtransfer.common.data.federation import deployed_site_data
 from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
+from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import Metric
 from fedtransfer.deploy.credentials import init_deployment
@@ -118,8 +119,9 @@ def test_a_npz_site_takes_an_absolute_users_file_and_trains_per_person(tmp_path:
     site, cfg = _site(config), _run(tmp_path)
     persons = _grouped_by_person(site, cfg)
     reply = train_round.train(site, cfg, _message(1))
-    assert reply["metrics"][Metric.NUM_EXAMPLES] == persons  # the plan's n and the gradient sum count people
-    assert reply["metrics"][Metric.EXPECTED_BATCH] == persons  # sample_rate 1: every person
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == 1  # no statistics release: no count leaves, every site weighs 1
+    [sent] = [r for r in read_records(site.audit_path) if r["event"] == "update-sent"]
+    assert sent["examples"] == persons  # the plan's n and the gradient sum count people, kept at the site
 
 
 def test_a_text_site_names_its_people_in_a_user_column(tmp_path: Path) -> None:

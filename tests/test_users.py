@@ -18,6 +18,7 @@ from fedtransfer.common.config.run import config_from_dict
 from fedtransfer.common.data.federation import federation_for, simulate_federation
 from fedtransfer.common.data.sources import DataError, SiteData, load_source
 from fedtransfer.common.model.head import make_head
+from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
 from fedtransfer.server.audit.empirical_replay import canary_units
@@ -105,11 +106,14 @@ def test_table_with_repeated_users_trains_per_user(tmp_path: Path) -> None:
     assert persons < len(data.train)  # repeated users: fewer persons than records
     site = _site(data, tmp_path)
     stats = train_round.train(site, cfg, _message(0, release=FEATURE_STATS))
-    assert stats["metrics"][Metric.NUM_EXAMPLES] == persons
+    released = stats["metrics"][Metric.NUM_EXAMPLES]  # the noisy count of people round 0 released, not rows
+    assert released != persons and abs(released - persons) < abs(released - len(data.train))
     reply = train_round.train(site, cfg, _message(1))
-    assert reply["metrics"][Metric.NUM_EXAMPLES] == persons  # the plan's n counts people, not rows
-    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * persons)
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == released  # the released count stands in for the exact one
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * released)
     assert DPRecord.from_mapping(reply["dp"]).sample_rate == 0.5
+    sent = [r for r in read_records(site.audit_path) if r["event"] == "update-sent"]
+    assert [r["examples"] for r in sent] == [persons, persons]  # the plan's n counts people, kept at the site
 
 
 def test_delta_is_checked_against_the_number_of_people_not_rows(tmp_path: Path) -> None:
