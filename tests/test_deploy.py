@@ -214,7 +214,7 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
     assert main(["deploy", "superlink", "--dry-run"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     expected = superlink_argv(creds, database=Path(env["FEDTRANSFER_DATABASE"]), bounded=True)
-    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-superlink")
+    assert argv[:5] + argv[6:] == expected[:5] + expected[6:] and argv[5].endswith("flower-superlink")
 
     site_yaml = tmp_path / "alpha.yaml"
     site_yaml.write_text(yaml.safe_dump({"name": "alpha", "data_source": "digits"}))
@@ -236,7 +236,7 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
         paced=True,
     )
     # Flower's SuperNode, run through the pacing module: the same arguments after its own executable
-    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-supernode")
+    assert argv[:5] + argv[6:] == expected[:5] + expected[6:] and argv[5].endswith("flower-supernode")
 
 
 def test_flwr_config_preserves_other_connections(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     argv = _dry_run(capsys, "superlink", "--credentials", str(creds.root))
     expected = superlink_argv(creds, bounded=True)  # Flower's SuperLink through link_sessions, same arguments
-    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-superlink")
+    assert argv[:5] + argv[6:] == expected[:5] + expected[6:] and argv[5].endswith("flower-superlink")
     site = _site_yaml(tmp_path, state_dir="state")
     (port,) = free_ports(1)
     argv = _dry_run(
@@ -109,7 +109,7 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         superexec_secret=secret,
         paced=True,
     )
-    assert argv[:3] + argv[4:] == expected[:3] + expected[4:] and argv[3].endswith("flower-supernode")
+    assert argv[:5] + argv[6:] == expected[:5] + expected[6:] and argv[5].endswith("flower-supernode")
     plain = _dry_run(
         capsys,
         "site",
@@ -132,7 +132,7 @@ def test_superlink_and_site_commands_match_launch(tmp_path: Path, capsys: pytest
         superexec_secret=secret,
         paced=True,
     )
-    assert plain[:3] + plain[4:] == expected[:3] + expected[4:]
+    assert plain[:5] + plain[6:] == expected[:5] + expected[6:]
 
 
 def test_a_state_folder_too_deep_for_a_socket_runs_the_site_without_its_worker(
