@@ -151,68 +151,75 @@ class RunConfig:
     def _check_trust(self) -> None:
         """Distributed noise needs fedsgd's sums under SecAgg+; an exact integer sum needs Flower's grid exact."""
         if self.privacy.trust == "distributed":
-            for ok, key, why, value in (
-                (
-                    self.train.protocol == "fedsgd",
-                    "train.protocol",
-                    "must be fedsgd (sites add up noisy sums)",
-                    self.train.protocol,
-                ),
-                (
-                    self.secure_aggregation,
-                    "secure_aggregation",
-                    "must be true (the server may see only the sum)",
-                    self.secure_aggregation,
-                ),
-                (self.privacy.enabled, "privacy.enabled", "must be true", self.privacy.enabled),
-                (
-                    self.privacy.accountant == "rdp",
-                    "privacy.accountant",
-                    "must be rdp (the Skellam mechanism is accounted in RDP; Opacus' PRV knows only the Gaussian)",
-                    self.privacy.accountant,
-                ),
-                (
-                    self.secagg.quantization_range >= 4096 * self.secagg.max_weight,
-                    "secagg.quantization_range",
-                    f"must be at least 4096 × secagg.max_weight = {4096 * self.secagg.max_weight:.0f} (each unit's "
-                    "clipped gradient then spans 1,024 integer levels or more: rounding adds √d/2 to the sensitivity, "
-                    "and so to the noise)",
-                    self.secagg.quantization_range,
-                ),
-            ):
-                _require(ok, key, f"{why} under privacy.trust: distributed", value)
-            fewest = self.secagg.fewest_survivors(self.train.min_sites)
-            _require(
-                self.privacy.colluding_sites < fewest,
-                "privacy.colluding_sites",
-                f"must be below K_min = {fewest}, the fewest sites SecAgg+ unmasks (train.min_sites and "
-                "secagg.reconstruction_threshold): at least one honest share must carry the noise",
-                self.privacy.colluding_sites,
-            )
+            self._check_distributed()
         if self.secure_aggregation and self.train.protocol == "fedsgd":
-            s = self.secagg
-            for key, value in (("clipping_range", s.clipping_range), ("quantization_range", s.quantization_range)):
-                _require(
-                    math.frexp(value)[0] == 0.5,
-                    f"secagg.{key}",
-                    "must be a power of two under fedsgd (the integer sum is read back exactly from SecAgg+'s mean)",
-                    value,
-                )
-            _require(
-                s.max_weight == int(s.max_weight),
-                "secagg.max_weight",
-                "must be a whole number under fedsgd "
-                "(every site sends weight max_weight, so SecAgg+ scales by exactly 1)",
-                s.max_weight,
-            )
-            _require(
-                s.quantization_range >= 64 * s.max_weight,
+            self._check_exact_secure_sum()
+
+    def _check_distributed(self) -> None:
+        """fedsgd under SecAgg+, RDP, fine enough integers, and at least one honest share beyond the colluders."""
+        for ok, key, why, value in (
+            (
+                self.train.protocol == "fedsgd",
+                "train.protocol",
+                "must be fedsgd (sites add up noisy sums)",
+                self.train.protocol,
+            ),
+            (
+                self.secure_aggregation,
+                "secure_aggregation",
+                "must be true (the server may see only the sum)",
+                self.secure_aggregation,
+            ),
+            (self.privacy.enabled, "privacy.enabled", "must be true", self.privacy.enabled),
+            (
+                self.privacy.accountant == "rdp",
+                "privacy.accountant",
+                "must be rdp (the Skellam mechanism is accounted in RDP; Opacus' PRV knows only the Gaussian)",
+                self.privacy.accountant,
+            ),
+            (
+                self.secagg.quantization_range >= 4096 * self.secagg.max_weight,
                 "secagg.quantization_range",
-                f"must be at least 64 × "
-                f"secagg.max_weight = {64 * s.max_weight:.0f} under fedsgd (each unit's clipped gradient spans "
-                "16 integer levels or more)",
-                s.quantization_range,
+                f"must be at least 4096 × secagg.max_weight = {4096 * self.secagg.max_weight:.0f} (each unit's "
+                "clipped gradient then spans 1,024 integer levels or more: rounding adds √d/2 to the sensitivity, "
+                "and so to the noise)",
+                self.secagg.quantization_range,
+            ),
+        ):
+            _require(ok, key, f"{why} under privacy.trust: distributed", value)
+        fewest = self.secagg.fewest_survivors(self.train.min_sites)
+        _require(
+            self.privacy.colluding_sites < fewest,
+            "privacy.colluding_sites",
+            f"must be below K_min = {fewest}, the fewest sites SecAgg+ unmasks (train.min_sites and "
+            "secagg.reconstruction_threshold): at least one honest share must carry the noise",
+            self.privacy.colluding_sites,
+        )
+
+    def _check_exact_secure_sum(self) -> None:
+        """SecAgg+'s mean read back as the exact integer sum: powers of two and a whole max_weight."""
+        s = self.secagg
+        for key, value in (("clipping_range", s.clipping_range), ("quantization_range", s.quantization_range)):
+            _require(
+                math.frexp(value)[0] == 0.5,
+                f"secagg.{key}",
+                "must be a power of two under fedsgd (the integer sum is read back exactly from SecAgg+'s mean)",
+                value,
             )
+        _require(
+            s.max_weight == int(s.max_weight),
+            "secagg.max_weight",
+            "must be a whole number under fedsgd (every site sends weight max_weight, so SecAgg+ scales by exactly 1)",
+            s.max_weight,
+        )
+        _require(
+            s.quantization_range >= 64 * s.max_weight,
+            "secagg.quantization_range",
+            f"must be at least 64 × "
+            f"secagg.max_weight = {64 * s.max_weight:.0f} under fedsgd (each unit's clipped gradient spans "
+            "16 integer levels or more)",
+            s.quantization_range,
+        )
 
     def _check_privacy_unit(self) -> None:
         """Per-user privacy needs fedsgd (per-user sampling and clipping) and a user for every record."""

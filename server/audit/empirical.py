@@ -122,11 +122,7 @@ def audit_training(
     """
     if private and not cfg.privacy.enabled:
         raise ConfigError("privacy.enabled is false: the run claims no differential privacy to audit")
-    rng = np.random.default_rng(settings.seed)
-    canaries, canary_labels = make_canaries(features.shape[1], num_classes, settings.num_canaries, rng)
-    included = rng.random(settings.num_canaries) < 0.5
-    x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
-    y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
+    canaries, canary_labels, included, x, y = _with_canaries(features, labels, num_classes, settings)
     units = canary_units(len(labels), len(y), cfg, users)
     plan = replay_plan(cfg, units, feature_dim=x.shape[1], num_classes=num_classes) if private else None
     run = replay_run(x, y, units, num_classes, cfg, plan, seed=settings.seed, message=message, on_round=on_round)
@@ -159,6 +155,18 @@ def audit_training(
         scores_out=scores[~included].tolist(),
         mechanism=_mechanism_name(cfg, plan, message),
     )
+
+
+def _with_canaries(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, settings: CanarySettings
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, torch.Tensor, torch.Tensor]:
+    """The canaries, which of them are trained on (each by a fair coin), and the real records with those mixed in."""
+    rng = np.random.default_rng(settings.seed)
+    canaries, canary_labels = make_canaries(features.shape[1], num_classes, settings.num_canaries, rng)
+    included = rng.random(settings.num_canaries) < 0.5
+    x = torch.cat([features.float().cpu(), canaries[torch.from_numpy(included)]])
+    y = torch.cat([labels.long().cpu(), canary_labels[torch.from_numpy(included)]])
+    return canaries, canary_labels, included, x, y
 
 
 def _mechanism_name(cfg: RunConfig, plan: Plan | None, message: Message) -> str:
