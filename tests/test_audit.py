@@ -109,6 +109,7 @@ def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: 
         "privacy",
         "policy",
         "trust",
+        "coverage",
     }
     assert report["head"] == ["head.1.bias", "head.1.weight"]
     privacy = json.loads((honest_run / "privacy.json").read_text())["sites"]
@@ -257,7 +258,7 @@ def test_dp_implementation_that_skips_noise_fails_the_audit(honest_run: Path, tm
     out = capsys.readouterr().out
     assert code == 1
     assert f"FAIL [empirical] {honest_run / 'config.json'}: site-0: empirical ε lower bound " in out
-    assert "at 95% confidence: the DP implementation is broken" in out
+    assert "at 95% confidence (fedavg, local trust, Gaussian): the DP implementation is broken" in out
 
 
 # ---------------------------------------------------------------------------- no simulation needed
