@@ -21,7 +21,7 @@ from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.finetune import make_top
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
-from fedtransfer.common.privacy.coverage import UNWEIGHTED, sent_values
+from fedtransfer.common.privacy.coverage import sent_values, unweighted
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Trained, mechanism_for
@@ -156,7 +156,9 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n
     count = None if plan is None else released_count(site, run_id)
-    answer, dp = _answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count)
+    answer, dp = _answer(
+        site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count, alike=unweighted(cfg)
+    )
     cache.save(run_id, key, answer)
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
     logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.done.loss}
@@ -217,18 +219,19 @@ def _answer(
     ledger: PrivacyLedger,
     server_round: int,
     count: float | None,
+    alike: float,
 ) -> tuple[RecordDict, DPRecord | None]:
     """The reply: the arrays, metrics, site identity and, under DP, this work's DP parameters (ledger first).
 
     Under DP the released `count` (client/dp_count.py) stands for the exact record count everywhere the reply
     had one: the weight, and fedsgd's expected batch q·n, which becomes q·count; with none released every
-    site weighs UNWEIGHTED. Without DP nothing is promised.
+    site weighs `alike` (common/privacy/coverage.py `unweighted`). Without DP nothing is promised.
     """
     done = work.done
     metrics = {**done.metrics, Metric.STEPS: done.steps, Metric.WIRE_BYTES: wire_bytes(done.arrays)}
     exact = float(metrics[Metric.NUM_EXAMPLES])
     if plan is not None:  # under DP: the released count, or every site alike (client/dp_count.py)
-        metrics[Metric.NUM_EXAMPLES] = UNWEIGHTED if count is None else count
+        metrics[Metric.NUM_EXAMPLES] = alike if count is None else count
         if Metric.EXPECTED_BATCH in metrics and count is not None and exact > 0:
             metrics[Metric.EXPECTED_BATCH] = float(metrics[Metric.EXPECTED_BATCH]) * count / exact
     answer = RecordDict({Rec.ARRAYS: done.arrays, Rec.SITE: site_record(site.name)})

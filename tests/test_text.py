@@ -397,7 +397,8 @@ def test_bbc_slice_end_to_end_on_the_simulation_engine(tmp_path: Path, capsys: p
     assert main(["simulate", "--config", str(config), "--quiet"]) == 0
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed"
-    assert set(status["final_metrics"]) == {"accuracy", "loss", "balanced_accuracy", "auroc"}
+    scores = {"accuracy", "loss", "balanced_accuracy", "auroc"}  # each with its record count and intervals
+    assert set(status["final_metrics"]) == scores | {"records", "accuracy_interval95", "auroc_interval95"}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         assert record["sites_trained"] == 2

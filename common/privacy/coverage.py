@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.privacy.evaluation import EVALUATION
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Metric, Rec
@@ -34,6 +35,15 @@ _FIXED = {
 _RECORDS = {Rec.SITE: PUBLIC, Rec.DP: ACCOUNTING, Rec.EVALUATION_DP: ACCOUNTING}
 
 
+def unweighted(cfg: RunConfig) -> float:
+    """The weight every site sends under DP when the run released no count: public, the same at every site.
+
+    1, or under SecAgg+ `secagg.max_weight`: SecAgg+ scales each reply by weight / max_weight before it
+    quantises, so a weight of 1 would shrink the head below the quantisation step and lose it.
+    """
+    return float(cfg.secagg.max_weight) if cfg.secure_aggregation else UNWEIGHTED
+
+
 def sent_values(answer: Any) -> dict[str, Any]:
     """Every value of a reply (a RecordDict): tensors by hash, metrics by name and value, config keys."""
     tensors = {
@@ -45,9 +55,19 @@ def sent_values(answer: Any) -> dict[str, Any]:
     return {"tensors": tensors, "metrics": metrics, "configs": configs}
 
 
-def cover(kind: str, name: str, value: Any, *, release: str | None, private: bool, counted: bool) -> str | None:
+def cover(
+    kind: str,
+    name: str,
+    value: Any,
+    *,
+    release: str | None,
+    private: bool,
+    counted: bool,
+    public_weight: float = UNWEIGHTED,
+) -> str | None:
     """The release or setting covering one sent value, or None: `kind` tensors/metrics/configs, `release` the
-    reply's release (TRAINING, FEATURE_STATS, EVALUATION), `counted` whether the site released a count this run."""
+    reply's release (TRAINING, FEATURE_STATS, EVALUATION), `counted` whether the site released a count this run,
+    `public_weight` the run's `unweighted` weight."""
     if not private:
         return NOT_PRIVATE
     if kind == "tensors":
@@ -60,6 +80,6 @@ def cover(kind: str, name: str, value: Any, *, release: str | None, private: boo
         return _FIXED[name]
     if name in (Metric.NUM_EXAMPLES, Metric.EXPECTED_BATCH) and counted:
         return FEATURE_STATS  # the count released in round 0, post-processed (client/dp_count.py)
-    if name == Metric.NUM_EXAMPLES and value == UNWEIGHTED:
+    if name == Metric.NUM_EXAMPLES and value == public_weight:
         return PUBLIC  # every site alike
     return None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedtransfer.common.privacy.coverage import TRAINING, cover
+from fedtransfer.common.privacy.coverage import TRAINING, UNWEIGHTED, cover, unweighted
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Event
 from fedtransfer.server.audit.findings import Evidence, Findings, SiteAudit
 
@@ -24,6 +24,7 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
     entries = [e for e in ev.sites.get(site.name, []) if e.event in SENDING]
     private = ev.cfg is None or ev.cfg.privacy.enabled
     counted = any(e.record.get("release") == FEATURE_STATS for e in entries)  # its count released in round 0
+    weight = UNWEIGHTED if ev.cfg is None else unweighted(ev.cfg)
     for entry in entries:
         if entry.record.get("masked"):  # SecAgg+'s masking of the values the update-trained record lists
             site.coverage.append(_row(entry, "tensors", "masked vectors", "", "secure aggregation of update-trained"))
@@ -35,7 +36,9 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
         release = entry.record.get("release") or TRAINING
         for kind in KINDS:
             for name, value in _items(sent.get(kind)):
-                covered = cover(kind, name, value, release=release, private=private, counted=counted)
+                covered = cover(
+                    kind, name, value, release=release, private=private, counted=counted, public_weight=weight
+                )
                 site.coverage.append(_row(entry, kind, name, _shown(value), covered or "NOT COVERED"))
                 if covered is None:
                     found.fail_at(
