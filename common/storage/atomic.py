@@ -7,8 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 
 def write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`."""
@@ -37,6 +35,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def torch_save(obj: object, path: Path) -> None:
+    import torch  # here: the many modules that write files atomically need no torch (seconds to import)
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     write_bytes(path, buf.getvalue())

@@ -12,7 +12,6 @@ from pathlib import Path
 from fedtransfer.common.config.run import ConfigError, RunConfig
 from fedtransfer.common.data.federation import Federation, federation_for
 from fedtransfer.common.data.sources import DataError
-from fedtransfer.common.encoders.registry import load_encoder, resolve_device
 from fedtransfer.common.storage import locking
 from fedtransfer.server.federation import run_folder
 
@@ -43,6 +42,10 @@ def check_run(cfg: RunConfig, num_sites: int | None = None) -> None:
     if cfg.resume:
         run_folder.check_resume(cfg)  # a changed config is refused here, before anything is written
     writable_folder(cfg.cache_path, "cache_dir")
+    # imported here: torch and torchvision take seconds, and the commands that import this module (`deploy
+    # site`, `paced-supernode`, `--help`) need them only when they check a run
+    from fedtransfer.common.encoders.registry import load_encoder, resolve_device
+
     resolve_device(cfg.device)  # device: cuda on a machine without a GPU
     fed = federation_for(cfg, num_sites)
     if num_sites is not None:  # a simulation: its sites train on this split (a deployment's on their own data)
