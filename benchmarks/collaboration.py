@@ -3,7 +3,7 @@
 For every site of a federation, side by side, on the site's own test split and on the other sites' test splits
 pooled: `alone` (a logistic regression on its own cached features, non-private, regularisation chosen on a
 validation split of its training split), `global` (the federation's DP model, the config's protocol), `final`
-(what the site keeps: client/final_model.py's choice among alone, global and the global model fine-tuned on its
+(what the site keeps: client/site_model/final.py's choice among alone, global and the global model fine-tuned on its
 records) and `pooled` (the same logistic regression on all sites' training splits, non-private: the ceiling).
 
 Federations (the app's own split, `federation_for`, of each config):
@@ -29,7 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtransfer.client.final_model import ALONE_C, Tuning, choose_final, fit_alone, record_losses, validation_split
+from fedtransfer.client.site_model.final import (
+    ALONE_C,
+    Tuning,
+    choose_final,
+    fit_alone,
+    record_losses,
+    validation_split,
+)
 from fedtransfer.common.config.run import RunConfig, load_config
 from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.encoders.feature_cache import cached_features

@@ -151,7 +151,8 @@ def run(task: Task, ft: FinetuneConfig, sites: list[Site], setup: FedSetup, pers
 def _personal_step(
     model: nn.Module, global_model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: FedSetup, rnd: int
 ) -> nn.Module:
-    """What client/personal.py does each round: local epochs pulled towards the global model, its own DP plan."""
+    """What client/site_model/personal.py does each round: local epochs pulled towards the global model, its own
+    DP plan."""
     plan = (
         None
         if p.target_epsilon is None

@@ -3,10 +3,10 @@
 On configs/bank-tabular.yaml (4 banks, ISLR Default, 3.3% defaults) the DP global model's probability of a
 default stays low, and argmax (threshold 0.5) predicts a default for almost no held-out customer. This runs
 the federation in-process on cached features with the sites' own code (as benchmarks/collaboration.py does),
-then, per bank, what the run itself does after the last round: the final model (client/final_model.py) and
-its threshold chosen on the same validation split (client/threshold.py, `personal.threshold`). Each model is
+then, per bank, what the run itself does after the last round: the final model (client/site_model/final.py) and
+its threshold chosen on the same validation split (client/site_model/threshold.py, `personal.threshold`). Each model is
 scored on the bank's own test split, which nothing chose on: records, positives, records predicted positive,
-balanced accuracy with its 95% bootstrap interval (client/collab_report.py), at argmax and at the threshold.
+balanced accuracy with its 95% bootstrap interval (client/site_model/report.py), at argmax and at the threshold.
 The server's hold-out row scores the global model at the threshold the run stores in model.pt: this config
 releases no DP class counts (`privacy.feature_stats: false`), so it keeps 0.5 under balanced_accuracy.
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fedtransfer.client.collab_report import probabilities, scored
-from fedtransfer.client.final_model import Tuning, choose_final
-from fedtransfer.client.threshold import site_threshold
+from fedtransfer.client.site_model.final import Tuning, choose_final
+from fedtransfer.client.site_model.report import probabilities, scored
+from fedtransfer.client.site_model.threshold import site_threshold
 from fedtransfer.common.config.finetune import threshold_rule
 from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.encoders.feature_cache import cached_features

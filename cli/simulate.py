@@ -27,7 +27,7 @@ def add_simulate_parser(sub: Any) -> None:
 
 def simulate_command(args: argparse.Namespace) -> int:
     """Run the config; print the outcome, then each site's alone, global and final score on its own test split."""
-    from fedtransfer.client.collab_report import summary_lines as collaboration_lines
+    from fedtransfer.client.site_model.report import summary_lines as collaboration_lines
     from fedtransfer.common.config.run import RunConfig, load_config
     from fedtransfer.common.model.intervals import described_accuracy
     from fedtransfer.server.launch.simulation import simulate

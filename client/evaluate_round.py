@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from fedtransfer.client import train_round
-from fedtransfer.client.personal import personal_scores
 from fedtransfer.client.site import Declined, Site
 from fedtransfer.client.site_log import record
+from fedtransfer.client.site_model.personal import personal_scores
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.privacy.coverage import sent_values

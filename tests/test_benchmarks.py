@@ -235,7 +235,7 @@ def test_collaboration_quick_scores_every_site_alone_global_final_and_pooled() -
         assert r["gain_own"] == pytest.approx(r["final_own"] - r["alone_own"])
         if r["chosen"] == "alone":  # the site kept going alone: the same model, the same scores
             assert r["final_own"] == pytest.approx(r["alone_own"])
-    from fedtransfer.client.final_model import GATE_BIASES, MIX_WEIGHTS, PULLS
+    from fedtransfer.client.site_model.final import GATE_BIASES, MIX_WEIGHTS, PULLS
 
     candidates = {"global", "alone"} | {f"pull {p:g}" for p in PULLS} | {f"mix {w:g}" for w in MIX_WEIGHTS}
     candidates |= {f"gate {b:g}" for b in GATE_BIASES}

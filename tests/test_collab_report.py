@@ -1,4 +1,5 @@
-"""A site's collaboration report (client/collab_report.py): its own-test scores alone, global and final, kept home."""
+"""A site's collaboration report (client/site_model/report.py): its own-test scores alone, global and final,
+kept home."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedtransfer.client.collab_report import read_report, scored, summary_lines
 from fedtransfer.client.evaluate_round import evaluate
+from fedtransfer.client.site_model.report import read_report, scored, summary_lines
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.storage.audit_log import read_records

@@ -1,12 +1,12 @@
-"""A site's final model (client/final_model.py): never worse on its own validation split than alone or global."""
+"""A site's final model (client/site_model/final.py): never worse on its own validation split than alone or global."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from fedtransfer.client.final_guard import CONFIDENCE, keeps, pseudo_records, rare_classes
-from fedtransfer.client.final_model import Gate, Mix, Tuning, choose_final, fit_alone, paired_se, validation_split
+from fedtransfer.client.site_model.final import Gate, Mix, Tuning, choose_final, fit_alone, paired_se, validation_split
+from fedtransfer.client.site_model.guard import CONFIDENCE, keeps, pseudo_records, rare_classes
 from fedtransfer.common.model.head import evaluate_head, make_head
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 

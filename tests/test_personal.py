@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fedtransfer.client.evaluate_round import evaluate
-from fedtransfer.client.personal import PersonalChoice, kept_by, personal_choice, personal_round
 from fedtransfer.client.site import Site
+from fedtransfer.client.site_model.personal import PersonalChoice, kept_by, personal_choice, personal_round
 from fedtransfer.client.train_round import local_head
 from fedtransfer.common.config.run import ConfigError, PersonalConfig, RunConfig, SitePolicy, load_site_config
 from fedtransfer.common.config.site import SitePersonal

@@ -1,6 +1,6 @@
 """The site's own choice for its personal model (policy.personal), checked against what its audit log records.
 
-The site follows its file when it trains (client/personal.py); the auditor checks the site's
+The site follows its file when it trains (client/site_model/personal.py); the auditor checks the site's
 `personal-trained` records against the same file with the same function the site's policy uses.
 """
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 from fedtransfer.cli.main import main
-from fedtransfer.client.threshold import site_threshold
+from fedtransfer.client.site_model.threshold import site_threshold
 from fedtransfer.common.config.finetune import ThresholdRule, threshold_rule
 from fedtransfer.common.config.run import ConfigError, config_from_dict
 from fedtransfer.common.encoders.registry import load_encoder

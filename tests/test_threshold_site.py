@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from fedtransfer.client.collab_report import read_report, summary_lines
 from fedtransfer.client.evaluate_round import evaluate
 from fedtransfer.client.site import Site
+from fedtransfer.client.site_model.report import read_report, summary_lines
 from fedtransfer.common.config.run import config_from_dict
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import head_to_arrays

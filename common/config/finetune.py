@@ -58,10 +58,10 @@ class PersonalConfig:
     """Each site's own model: never sent, and never worse on the site's own validation split than alone or global.
 
     Without DP (`dp: false`, the default: the site's records and this model never leave it), the site
-    chooses its final model once, after the last round (client/final_model.py): going alone, the global
+    chooses its final model once, after the last round (client/site_model/final.py): going alone, the global
     model, or the global model fine-tuned on its records with a pull towards it, whichever does best on
     a validation split carved from its training split; `learning_rate` is that fine-tuning's. Its scores
-    stay in the site's collaboration report (client/collab_report.py). With `dp: true` the site trains a
+    stay in the site's collaboration report (client/site_model/report.py). With `dp: true` the site trains a
     Ditto copy every round instead (`epochs` local epochs, pull `lam`) under DP-SGD with its own budget
     (`target_epsilon`, the run's δ) and reports its accuracy beside the global model's.
     The final model is chosen at the last round's evaluation: a site the server does not ask to evaluate

@@ -3,7 +3,7 @@
 Why: a score without its record count and interval misleads. A 43-record hold-out reported 0.907 where 106
 outside records gave 0.755; the Wilson interval of 39/43 is [0.78, 0.96], which says at once that 0.907 was
 a rough figure. Closed forms, not a bootstrap, because these run on every round's console line and in
-status.json; the site's collaboration report keeps its bootstrap (client/collab_report.py), which also
+status.json; the site's collaboration report keeps its bootstrap (client/site_model/report.py), which also
 covers balanced accuracy.
 
 - Wilson (1927): the score interval of a binomial proportion. Unlike the normal ("Wald") interval it stays

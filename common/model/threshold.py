@@ -6,7 +6,7 @@ and argmax answers "negative" for nearly every record: a bank learns nothing abo
 catch. Where the threshold may be chosen, and on what, is the privacy question:
 
 - A site chooses its own final model's threshold on the validation split it carved from its training split
-  (client/threshold.py), by the run's rule (`personal.threshold`). Those records never leave the site, and
+  (client/site_model/threshold.py), by the run's rule (`personal.threshold`). Those records never leave the site, and
   neither does the threshold.
 - The global model's threshold is chosen at the server, which holds no validation data: its hold-out is for
   final scoring only, and tuning on it would make the reported hold-out scores optimistic. A site's threshold

@@ -70,7 +70,8 @@ class Metric(StrEnum):
     # (1 or 0), so the weighted means' ratio is the mean over the sites where it exists (server/federation/rounds.py).
     EVAL_AUROC = "eval-auroc"
     EVAL_AUROC_DEFINED = "eval-auroc-defined"
-    # personal: the site's own model (client/personal.py) on its own test split, beside the global model's scores
+    # personal: the site's own model (client/site_model/personal.py) on its own test split, beside the global
+    # model's scores
     PERSONAL_ACCURACY = "personal-accuracy"
     PERSONAL_BALANCED_ACCURACY = "personal-balanced-accuracy"
 

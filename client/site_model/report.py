@@ -1,7 +1,7 @@
 """What joining gave this site: its collaboration report (collaboration.json and collaboration.html in its folder).
 
 Why: the first question a site's data-protection officer asks is whether joining pays. The answer is on the
-site's own test split: going alone, the global model, and the final model the site chose (client/final_model.py),
+site's own test split: going alone, the global model, and the final model the site chose (client/site_model/final.py),
 each with the number of records it was measured on and a 95% bootstrap interval, then which candidate was
 chosen and why. It is written in the site's own folder and nothing of it is sent: the scores of a site's
 own records are the site's business (a server that wants, say, the mean gain may only learn it through a DP
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from fedtransfer.client.final_model import FinalModel
+from fedtransfer.client.site_model.final import FinalModel
 from fedtransfer.common.model.head import macro_auroc
 from fedtransfer.common.model.threshold import POSITIVE, Threshold, decide
 from fedtransfer.common.storage import atomic
@@ -77,7 +77,7 @@ def build_report(
 ) -> dict[str, Any]:
     """The report's content: own-test scores of alone, global and final, and the choice with its reason.
 
-    A binary final model is scored at its own threshold (client/threshold.py) and, beside it, at argmax
+    A binary final model is scored at its own threshold (client/site_model/threshold.py) and, beside it, at argmax
     (`final_argmax`), so the site sees what the threshold changed; alone and global stay at argmax.
     """
     x, y = test

@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from fedtransfer.client.collab_report import build_report, write_report
-from fedtransfer.client.final_model import Tuning, choose_final
 from fedtransfer.client.site import Site
 from fedtransfer.client.site_log import record
-from fedtransfer.client.threshold import site_threshold
+from fedtransfer.client.site_model.final import Tuning, choose_final
+from fedtransfer.client.site_model.report import build_report, write_report
+from fedtransfer.client.site_model.threshold import site_threshold
 from fedtransfer.common.config.run import PersonalConfig, RunConfig, SitePolicy
 from fedtransfer.common.model.head import Scores, evaluate_head
 from fedtransfer.common.privacy.calibration import plan_dp
@@ -166,7 +166,7 @@ def personal_round(
 def final_round(
     site: Site, cfg: RunConfig, global_top: nn.Module, msg: Message, run_id: str, server_round: int
 ) -> Path | None:
-    """After the run's last round: the site's final model (client/final_model.py), kept, and its report.
+    """After the run's last round: the site's final model (client/site_model/final.py), kept, and its report.
 
     Earlier rounds train nothing: the choice is made once, from the global model the site will be left
     with. Returns the report's path, or None before the last round.

@@ -2,7 +2,7 @@
 
 Why here and not at the server: the threshold is a statistic of the site's records (where its scores of
 positives and negatives fall), which no DP covers; it stays with the final model in the site's folder, like
-the model itself. It is chosen once the final model is (client/final_model.py chooses; this module only reads
+the model itself. It is chosen once the final model is (client/site_model/final.py chooses; this module only reads
 its choice and the validation split it used), by the run's rule `personal.threshold`
 (common/model/threshold.py): highest balanced accuracy, or lowest cost for a stated cost ratio.
 
@@ -15,7 +15,7 @@ move it little; the site's test split, which nothing here touches, is where the 
 from __future__ import annotations
 
 import torch
-from fedtransfer.client.final_model import validation_split
+from fedtransfer.client.site_model.final import validation_split
 from fedtransfer.common.config.finetune import threshold_rule
 from fedtransfer.common.model.threshold import ARGMAX, POSITIVE, Threshold, best_threshold
 from torch import nn

@@ -1,6 +1,6 @@
 """What the federation knows that a site does not: pseudo-records of the classes a site has (almost) never seen.
 
-Why: a site chooses its final model (client/final_model.py) on a validation split of its own records. Under
+Why: a site chooses its final model (client/site_model/final.py) on a validation split of its own records. Under
 label skew those records hold only the site's own classes, so validation alone always prefers a model as sharp
 as going alone, which forgets every class the site has too few records of (issue 29: the final model was 1-4
 points better than alone at home but 20-40 points worse than the global model on the other sites' data). The

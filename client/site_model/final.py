@@ -6,21 +6,21 @@ everyone's records; a site with enough of its own may beat it at home. So the si
 held out of its own training split (never its test split), every candidate from "alone" (a logistic
 regression on its own features, no global start, regularisation chosen on the same validation split) to
 "global" (no local training), with fine-tuned copies of the global model pulled towards it in between
-(`pull λ`, the proximal pull of client/personal.py). Being chosen on validation, the final model is at least
+(`pull λ`, the proximal pull of client/site_model/personal.py). Being chosen on validation, the final model is at least
 as good there as alone and as global.
 
 Between alone and global also stand mixes of the two models' class probabilities (`mix w`, w the alone
 model's share) and, where the site has rare classes, gates (`gate b`: the global model decides whether a record
 is of the site's own classes, alone decides which). The rule: among the candidates within one paired standard
 error of the lowest validation loss, the lowest-loss one that keeps the global model's answer on pseudo-records
-of the site's rare classes (client/final_guard.py); where none does, the lowest-loss one. Why: the site's
+of the site's rare classes (client/site_model/guard.py); where none does, the lowest-loss one. Why: the site's
 validation holds only its own classes, so lowest loss alone picked alone-like models that forgot every class
 the site had not seen (1 point better than alone at home, 10-40 points worse than global on the others' data,
 benchmarks/collaboration.py). The winner is then refitted on the whole training split (alone, gated, mixed and
 pulled candidates; the global model stays as it came).
 
 No DP: these records never leave the site, and neither does the model. This module trains and chooses;
-client/personal.py decides when, and client/collab_report.py writes what the site sees.
+client/site_model/personal.py decides when, and client/site_model/report.py writes what the site sees.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fedtransfer.client.final_guard import GUARD_MARGIN, keeps, pseudo_records, rare_classes
+from fedtransfer.client.site_model.guard import GUARD_MARGIN, keeps, pseudo_records, rare_classes
 from fedtransfer.common.model.head import FEATURE_SCALE, make_head
 from torch import nn
 
@@ -61,7 +61,7 @@ class Tuning:
 @dataclass(frozen=True)
 class Candidate:
     """One candidate's validation figures: mean cross-entropy, accuracy, on how many records, and what it keeps
-    of the global model (client/final_guard.py)."""
+    of the global model (client/site_model/guard.py)."""
 
     name: str
     loss: float
@@ -226,7 +226,7 @@ def choose_final(
 ) -> FinalModel:
     """The site's final model: among the candidates within one paired standard error of the lowest validation
     loss, the lowest-loss one that keeps what the global model knows of the site's rare classes
-    (client/final_guard.py); the lowest-loss candidate where none does."""
+    (client/site_model/guard.py); the lowest-loss candidate where none does."""
     global_model = global_model.cpu().eval()
     x, y = x.float().cpu(), y.long().cpu()
     fit, val = validation_split(y, tuning.seed)
