@@ -6,7 +6,8 @@ from the count it already released in round 0's feature statistics (per-class no
 post-processing of an accounted release, free. Under distributed trust that count carries only the
 site's own Skellam share, so it is covered at the release's individual ε (privacy.json
 `epsilon_individual`), the one that also covers the masked message. A run without the statistics
-release weighs every site alike (weight 1): no count is sent, so nothing is released. One exception is
+release weighs every site alike (weight 1, under SecAgg+ `secagg.max_weight`: common/privacy/coverage.py
+`unweighted`): no count is sent, so nothing is released. One exception is
 left: fedsgd under DP without the statistics release (no shipped config) still sends its exact expected
 batch q·n, which its server step divides by; releasing an accounted count there would change the
 training plans. Without DP nothing is promised, and the exact count is sent as before.

@@ -22,7 +22,7 @@ TRAINING = "training"  # a training round's update (its DP record names its nois
 ACCOUNTING = "accounting"  # the DP parameters and ε the auditor recomputes: needed to check the claim
 PUBLIC = "public"  # a function of the run's public configuration alone (the head's shape, the site's name)
 NOT_PRIVATE = "no DP (privacy.enabled: false)"  # nothing is promised, so nothing is uncovered
-UNWEIGHTED = 1.0  # the weight every site sends under DP when the run released no count (client/dp_count.py)
+UNWEIGHTED = 1.0  # the weight every site sends under DP when the run released no count, outside SecAgg+ (`unweighted`)
 
 # metrics that are public configuration or DP accounting, whatever the release
 _FIXED = {
@@ -63,7 +63,7 @@ def cover(
     release: str | None,
     private: bool,
     counted: bool,
-    public_weight: float = UNWEIGHTED,
+    public_weight: float,
 ) -> str | None:
     """The release or setting covering one sent value, or None: `kind` tensors/metrics/configs, `release` the
     reply's release (TRAINING, FEATURE_STATS, EVALUATION), `counted` whether the site released a count this run,
