@@ -2,6 +2,7 @@
 
     init       the CA, the SuperLink's certificate and one key pair per site
     superlink  start the SuperLink: TLS, SuperNode authentication, Control API on loopback
+    firewall   let only the listed local accounts reach that loopback port (cli/deploy_firewall.py)
     register   write the operator's flwr connection and register sites' public keys
     site       check a site's own YAML, credentials and port, then run its SuperNode
     run        submit a run (a YAML config, or --resume RUN_DIR) and wait for its outcome
@@ -28,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from fedtransfer.cli.deploy_firewall import PORT_ENV, add_firewall_parser
 from fedtransfer.client import site_worker, worker_link
 from fedtransfer.common.config.run import ConfigError, RunConfig, config_from_dict, load_config, load_site_config
 from fedtransfer.common.config.site import check_site_files, site_paths
@@ -291,7 +293,12 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     creds_help += "$FEDTRANSFER_CREDENTIALS"
     link = dep_sub.add_parser("superlink", help="start the SuperLink (TLS, SuperNode auth, APIs on 127.0.0.1)")
     link.add_argument("--credentials", help=creds_help, **_from_env("FEDTRANSFER_CREDENTIALS"))
-    link.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="loopback port of all its APIs")
+    link.add_argument(
+        "--port",
+        type=int,
+        default=os.environ.get(PORT_ENV, DEFAULT_SUPERLINK_PORT),
+        help=f"loopback port of all its APIs (default {DEFAULT_SUPERLINK_PORT}); ${PORT_ENV}",
+    )
     link.add_argument(
         "--database",
         default=os.environ.get("FEDTRANSFER_DATABASE"),
@@ -299,6 +306,8 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     )
     link.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     link.set_defaults(func=_superlink)
+
+    add_firewall_parser(dep_sub)  # the port above, for the listed local accounts only
 
     reg = dep_sub.add_parser("register", help="write the operator's flwr connection and register sites' keys")
     reg.add_argument("--credentials", help=creds_help, **_from_env("FEDTRANSFER_CREDENTIALS"))
