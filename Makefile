@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fedtransfer-installed
 # a new .venv takes about 7 GB (torch's CUDA build is most of it): refuse at once, not half-way through pip
 VENV_MIN_GB := 8
 
-.PHONY: demo test check lint bench clean browser docs docs-images
+.PHONY: demo test check lint bench clean browser nftables docs docs-images
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { mkdir -p $(dir $(VENV)); free=$$(df -Pk $(dir $(VENV)) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -33,7 +33,7 @@ demo: $(STAMP)
 # fresh-clone run segfaulted in interpreter shutdown, every test passed) prints every thread's Python stack, so the
 # next one names its culprit. --durations: the slowest tests of each pass, where the suite's time goes (most of it
 # is end-to-end runs on real Flower processes)
-test: $(STAMP) browser docs
+test: $(STAMP) browser nftables docs
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m tests.lint_imports
@@ -65,6 +65,12 @@ check: $(STAMP)
 browser:
 	command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+# tests/test_firewall.py loads a real nft rule (`fedtransfer deploy firewall`) around a real SuperLink: Debian's
+# nftables, installed only when nft is missing (it lives in /usr/sbin, off a non-root PATH)
+nftables:
+	command -v nft >/dev/null || test -x /usr/sbin/nft || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nftables; }
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.communication

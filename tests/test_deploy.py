@@ -204,7 +204,18 @@ def test_services_run_fedtransfer_deploy_with_their_environment(
 
     creds = init_deployment(tmp_path / "c", ["alpha"], [])
     env = _service_env(link_unit)
-    assert set(env) == {"FEDTRANSFER_CREDENTIALS", "FEDTRANSFER_DATABASE", "FLWR_HOME", *PACING_ENV}
+    assert set(env) == {
+        "FEDTRANSFER_CREDENTIALS",
+        "FEDTRANSFER_DATABASE",
+        "FLWR_HOME",
+        "FEDTRANSFER_FIREWALL_ALLOW",
+        *PACING_ENV,
+    }
+    # the port is closed to every local account but root and these before the SuperLink starts (as root: "+")
+    assert env["FEDTRANSFER_FIREWALL_ALLOW"] == "fedtransfer,www-data"  # the unit's User= and nginx's worker
+    firewall = "+/opt/fedtransfer/.venv/bin/fedtransfer deploy firewall"
+    assert f"ExecStartPre={firewall} apply\n" in link_unit.read_text()
+    assert f"ExecStopPost={firewall} remove\n" in link_unit.read_text()
     # every SuperExec fedtransfer starts polls for tasks as often as `flower_env` sets, in every way it is started
     services = (compose["superlink"]["environment"], compose["supernode"]["environment"])
     for service_env in (env, _service_env(site_unit), *services):
