@@ -65,7 +65,14 @@ def evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
 
 
 def carried_evaluation(
-    site: Site, cfg: RunConfig, msg: Message, *, head: torch.nn.Module, conf: ConfigRecord, server_round: int
+    site: Site,
+    cfg: RunConfig,
+    msg: Message,
+    *,
+    head: torch.nn.Module,
+    conf: ConfigRecord,
+    server_round: int,
+    ledger: PrivacyLedger,
 ) -> RecordDict | None:
     """The evaluation a training message asks for (Cfg.EVALUATE_ROUND), of the head it carries, before training.
 
@@ -73,6 +80,7 @@ def carried_evaluation(
     seed (the same statistics the standalone exchange would give that model) and its log record. A site
     that declines it (evaluation budget, a person on both sides of its split) logs why and still trains:
     the two releases have separate budgets. None when the message asks for none or the site declines.
+    `ledger`: the training's own ledger object, so that its later write keeps this charge.
     """
     if (asked := conf.get(Cfg.EVALUATE_ROUND)) is None:
         return None
@@ -82,7 +90,9 @@ def carried_evaluation(
             f"head it carries, got {asked!r:.40}"
         )
     try:
-        answer, logged = scored(site, cfg, msg, copy.deepcopy(head), run_id=str(conf[Cfg.RUN_ID]), model_round=asked)
+        answer, logged = scored(
+            site, cfg, msg, copy.deepcopy(head), run_id=str(conf[Cfg.RUN_ID]), model_round=asked, ledger=ledger
+        )
     except (Declined, BudgetExceeded) as err:
         record(site, msg, Event.EVALUATION_DECLINED, as_round=asked, reason=str(err))
         return None
@@ -92,13 +102,20 @@ def carried_evaluation(
 
 
 def scored(
-    site: Site, cfg: RunConfig, msg: Message, head: torch.nn.Module, *, run_id: str, model_round: int
+    site: Site,
+    cfg: RunConfig,
+    msg: Message,
+    head: torch.nn.Module,
+    *,
+    run_id: str,
+    model_round: int,
+    ledger: PrivacyLedger | None = None,
 ) -> tuple[RecordDict, dict[str, object]]:
     """The evaluation release of `head` (the model of `model_round`) as reply records, and its log fields.
 
     Personal models are trained and scored here too (once per round, kept in the site's own log).
     """
-    released, dp, epsilon = evaluation_release(site, cfg, head, run_id=run_id, server_round=model_round)
+    released, dp, epsilon = evaluation_release(site, cfg, head, run_id=run_id, server_round=model_round, ledger=ledger)
     if model_round > 0 and (own := personal_scores(site, cfg, head, msg, run_id, model_round)) is not None:
         theirs = evaluate_head(head, site.test_x, site.test_y)  # the site's own comparison, in its own log only
         record(
@@ -151,16 +168,23 @@ def test_units(site: Site, cfg: RunConfig) -> Units:
 
 
 def evaluation_release(
-    site: Site, cfg: RunConfig, head: torch.nn.Module, *, run_id: str, server_round: int
+    site: Site,
+    cfg: RunConfig,
+    head: torch.nn.Module,
+    *,
+    run_id: str,
+    server_round: int,
+    ledger: PrivacyLedger | None = None,
 ) -> tuple[dict[str, np.ndarray], DPRecord | None, float]:
     """The released statistics, their DP record and the evaluation ε so far, charged before they are returned.
 
-    A function of (model, test split, plan) alone, so that a training reply could carry it too.
+    A function of (model, test split, plan) alone, so that a training reply carries it too; `ledger`: the
+    site's ledger object already open for this message (one object, one write order), else read here.
     """
     plan = evaluation_plan(site, cfg)
     units = test_units(site, cfg)
     stats = evaluation_statistics(head, site.test_x, site.test_y, len(site.data.test.classes), units)
-    ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
+    ledger = ledger or PrivacyLedger(site.ledger_path, run_key=run_id)
     epsilon = 0.0
     if plan is not None:
         p = cfg.privacy

@@ -116,7 +116,7 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
     if plan is not None and conf.get(Cfg.EVALUATE_ROUND) is not None:
         ledger.check_round(plan)  # a training its budget declines carries no evaluation: none is charged for it
-    evaluation = carried_evaluation(site, cfg, msg, head=head, conf=conf, server_round=server_round)
+    evaluation = carried_evaluation(site, cfg, msg, head=head, conf=conf, server_round=server_round, ledger=ledger)
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n

@@ -183,6 +183,8 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
         )
     for rnd in range(start, cfg.train.rounds + 1):
         head, accuracy = _round(grid, rnd, head, config=ConfigRecord(config), co=co, book=book, recorder=recorder)
+    if start > cfg.train.rounds:  # resumed after the last round's checkpoint (in the final evaluation)
+        accuracy = float(co.evaluate(head)["accuracy"] or "nan")
     _final_evaluation(grid, head, config=ConfigRecord(config), co=co, book=book, recorder=recorder)
     return _finish(co, recorder, head, accuracy)
 
