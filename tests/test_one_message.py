@@ -123,6 +123,29 @@ def test_training_does_not_depend_on_the_evaluation_it_carries(tmp_path: Path) -
         assert np.array_equal(a.head[name], b.head[name]), name
 
 
+@pytest.mark.usefixtures("app_process_umask")
+def test_under_secure_aggregation_the_evaluation_rides_in_the_stage_2_reply(tmp_path: Path) -> None:
+    """SecAgg+: the request is in the per-site FitIns config, the release beside the masked vector, never in it."""
+    cfg = config_from_dict(
+        SMALL
+        | {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "secure_aggregation": True}
+        | {"train": SMALL["train"] | {"rounds": 2}}
+    )
+    grid = InProcessGrid.for_simulation(cfg)
+    assert run_in_process(cfg, grid)["status"] == "completed"
+    evaluations = [m for m in grid.pushed if m.metadata.message_type == MessageType.EVALUATE]
+    assert len(evaluations) == len(grid.get_node_ids())  # the final model's, once per site
+    metrics = _metrics(cfg.output_path)
+    assert [m["round"] for m in metrics] == [0, 1, 2]
+    assert all(m["federated"] and m["federated"]["sites"] == 2 for m in metrics)
+    for site in ("site-0", "site-1"):
+        log = read_records(cfg.output_path / "sites" / site / "audit.jsonl")
+        carried = [r["round"] for r in log if r["event"] == "evaluation-sent" and r.get("carried_by") == "training"]
+        assert carried == [0, 1]
+    report = tmp_path / "report"
+    assert main(["audit", str(cfg.output_path), "--report-dir", str(report)]) == 0
+
+
 def _train_message(node: int) -> Message:
     config = ConfigRecord({Cfg.SERVER_ROUND: 4})
     return Message(RecordDict({Rec.ARRAYS: ArrayRecord(), Rec.CONFIG: config}), node, MessageType.TRAIN)
