@@ -1,4 +1,9 @@
-"""A site's answer to an evaluation message: the global model's statistics on its test split, as a DP release.
+"""A site's evaluation of a global model: its statistics on the site's test split, as a DP release.
+
+It is asked for in the next round's training message (`carried_evaluation`: the head received is scored
+before training, and the training reply carries the release), or, for the final model, in an evaluation
+message of its own (`evaluate`). Either way the release is the model round's: charged, seeded and logged
+as that round's, so the same model gives the same statistics whichever message carried it.
 
 What leaves is `common/privacy/evaluation.py`'s release: noisy counts, a clipped loss sum and score
 histograms, never a plain metric. Under DP it is charged to the site's ledger (the evaluation's own

@@ -3,7 +3,9 @@
 The order is the promise. The server's message is checked before any data is touched.
 The budget is checked against the site's ledger before training, and the ledger records
 the round before the reply is cached and logged: a crash in between can only over-count
-ε, never send an update that was not charged. What leaves the site is built from the
+ε, never send an update that was not charged. An evaluation the message asks for (of the head it carries,
+client/evaluate_round.py) is charged before training starts, and only once the training's own budget check
+has passed. What leaves the site is built from the
 head alone (`fedtransfer.common.wire.exchange.head_to_arrays`), with the DP parameters in a `DPRecord`.
 """
 

@@ -144,19 +144,22 @@ class RunRecorder:
         privacy.json's evaluation releases. No checkpoint: a resumed run asks again, and the sites answer from
         their reply cache, so the releases are recorded once from round `rnd`'s checkpoint."""
         self._evaluated(rnd, evaluated)
-        self._federated(rnd, federated)
+        self._federated(rnd, federated, timing.take({}))  # the exchange's timing joins round `rnd`'s
         report.write_privacy(self.run_dir, self.run_id, self.sites)
 
     def _evaluated(self, rnd: int, evaluated: dict[str, dict[str, Any]]) -> None:
         for site, fields in sorted(evaluated.items()):  # the evaluation releases, accounted apart (report.py)
             self.sites.setdefault(site, {"rounds": []}).setdefault("evaluation", []).append({"round": rnd, **fields})
 
-    def _federated(self, rnd: int, federated: dict[str, Any] | None) -> None:
+    def _federated(
+        self, rnd: int, federated: dict[str, Any] | None, exchanges: list[dict[str, Any]] | None = None
+    ) -> None:
         """The federated metrics of model `rnd`, into its metrics.jsonl line (and the tracking store)."""
-        if federated is None:
+        if federated is None and not exchanges:
             return
-        report.set_federated(self.run_dir, rnd, federated)
-        tracking.round_done(self.cfg, self.run_id, {"round": rnd, "server": {}, "federated": federated})
+        report.set_federated(self.run_dir, rnd, federated, exchanges)
+        if federated is not None:
+            tracking.round_done(self.cfg, self.run_id, {"round": rnd, "server": {}, "federated": federated})
 
     def failed_rounds(self) -> list[int]:
         """Rounds of this run that left the global head unchanged (too few sites, or SecAgg+ halted)."""
