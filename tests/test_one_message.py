@@ -22,6 +22,7 @@ from fedtransfer.common.privacy.evaluation import metrics_from_statistics, sum_s
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.protocol import Cfg, Rec
 from fedtransfer.server.federation import checkpoint
+from fedtransfer.server.federation.console import ConsoleFilter, final_evaluation_summary
 from fedtransfer.server.federation.evaluation import Sampled, asked_of, asking
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
@@ -167,3 +168,10 @@ def _split_sample() -> None:
     assert [m.content[Rec.CONFIG].get(Cfg.EVALUATE_ROUND) for m in out] == [3, 3, None]
     assert Cfg.EVALUATE_ROUND not in training[0].content[Rec.CONFIG]  # the strategy's shared record is untouched
     assert asked_of(None, [1, 2]) is None and asking(training, None) == training
+
+
+def test_the_final_models_evaluation_has_its_console_line() -> None:
+    line = final_evaluation_summary(3, 3, sites_accuracy=0.8, sites_measured=([0.7, 0.9], 40))
+    assert line.startswith("final model (round 3) | sites' acc 0.8000 [0.700, 0.900] on 40 |")
+    assert ConsoleFilter().show(f"\x1b[92mINFO \x1b[0m:      {line}") == line  # shown by default, like a round's
+    assert final_evaluation_summary(3, 3, sites_accuracy=None).startswith("final model (round 3) | sites' acc - |")

@@ -30,9 +30,9 @@ _COLOURED = re.compile(r"^\x1b\[\d+m(?P<level>[A-Z]+)\s*\x1b\[0m:\s*(?P<message>
 _STAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(?P<level>[A-Z]+):(?P<message>.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # a terminal's colour codes: never in a log file
 _ALWAYS = frozenset({"WARNING", "ERROR", "CRITICAL"})
-# what the round loop logs at INFO that a user reads: the run's start (or resume) and each round; the
-# command itself prints the outcome
-_SUMMARY = re.compile(r"^(round \d+/\d+ \| |Run \w+: |Resuming run \w+ )")
+# what the round loop logs at INFO that a user reads: the run's start (or resume), each round and the final
+# model's evaluation; the command itself prints the outcome
+_SUMMARY = re.compile(r"^(round \d+/\d+ \| |final model \(round \d+\) \| |Run \w+: |Resuming run \w+ )")
 # Flower's hint about its default federation size: fedtransfer always sets num-supernodes itself
 _NOT_FOR_USERS = ("default simulated SuperNodes changed",)
 
@@ -79,7 +79,7 @@ def final_evaluation_summary(
 ) -> str:
     """The console line of the final model's evaluation, the run's one exchange of evaluation alone."""
     sites = "-" if sites_accuracy is None else _measured(sites_accuracy, *sites_measured)
-    return f"round {rnd}/{rounds} | final model evaluated | sites' acc {sites}"
+    return f"final model (round {rnd}) | sites' acc {sites} | its evaluation exchange, after round {rnd}/{rounds}"
 
 
 def log_round(
