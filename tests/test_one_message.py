@@ -10,6 +10,7 @@ process (tests/inprocess_grid.py); the audit of the run passes, its coverage che
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,22 @@ import numpy as np
 import pytest
 import torch
 from fedtransfer.cli.main import main
+from fedtransfer.client import train_round
+from fedtransfer.client.site import Declined, Site
 from fedtransfer.common.config.run import RunConfig, config_from_dict
-from fedtransfer.common.privacy.evaluation import metrics_from_statistics, sum_statistics
+from fedtransfer.common.data.sources import Samples, SiteData
+from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.evaluation import NAMES, metrics_from_statistics, sum_statistics
+from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.protocol import Cfg, Rec
+from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import Cfg, Metric, Rec
+from fedtransfer.server.audit.coverage import check_coverage
+from fedtransfer.server.audit.findings import Entry, Evidence, Findings, SiteAudit
 from fedtransfer.server.federation import checkpoint
 from fedtransfer.server.federation.console import ConsoleFilter, final_evaluation_summary
-from fedtransfer.server.federation.evaluation import Sampled, asked_of, asking
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from fedtransfer.server.federation.evaluation import Sampled, asked_of, asking, taken
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 from flwr.app.message_type import MessageType
 
 from tests.inprocess_grid import InProcessGrid, _serverapp_identity, fresh_site_cache, run_in_process
@@ -175,3 +184,100 @@ def test_the_final_models_evaluation_has_its_console_line() -> None:
     assert line.startswith("final model (round 3) | sites' acc 0.8000 [0.700, 0.900] on 40 |")
     assert ConsoleFilter().show(f"\x1b[92mINFO \x1b[0m:      {line}") == line  # shown by default, like a round's
     assert final_evaluation_summary(3, 3, sites_accuracy=None).startswith("final model (round 3) | sites' acc - |")
+
+
+DIM, CLASSES = 16, 3
+SITE_RUN = {
+    "train": {"protocol": "fedavg", "rounds": 3, "local_epochs": 1},
+    "privacy": {"target_delta": 1e-3, "feature_stats": False, "accountant": "rdp"},
+    "personal": {"enabled": False},
+}
+
+
+def _site(tmp_path: Path, n_test: int = 60) -> Site:
+    """A site on random features: 80 training records, `n_test` test records."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(80 + n_test, DIM, generator=gen), torch.randint(0, CLASSES, (80 + n_test,), generator=gen)
+    classes = tuple(str(c) for c in range(CLASSES))
+    train = Samples(np.zeros((80, 1, 1, 1), np.uint8), y[:80].numpy(), classes)
+    test = Samples(np.zeros((n_test, 1, 1, 1), np.uint8), y[80:].numpy(), classes)
+
+    class Backbone:
+        name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
+
+    data = SiteData("site-x", train, test)
+    return Site("site-x", data, Backbone(), tmp_path, 7, None, None, x[:80], y[:80], x[80:], y[80:])
+
+
+def _at_site(server_round: int, **extra: int) -> Message:
+    meta = Metadata(
+        run_id=1,
+        message_id=f"m{server_round}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id=str(server_round),
+        created_at=time.time(),
+        ttl=60.0,
+        message_type=MessageType.TRAIN,
+    )
+    conf = {Cfg.SERVER_ROUND: server_round, Cfg.RUN_ID: "r", Cfg.FINGERPRINT: "f" * 64} | extra
+    head = head_to_arrays(make_head(DIM, CLASSES, centred=False))
+    return Message(content=RecordDict({Rec.ARRAYS: head, Rec.CONFIG: ConfigRecord(conf)}), metadata=meta)
+
+
+def test_a_site_scores_the_head_it_receives_then_trains_and_the_server_splits_the_reply(tmp_path: Path) -> None:
+    site, cfg = _site(tmp_path), config_from_dict(SITE_RUN)
+    reply = train_round.train(site, cfg, _at_site(2, **{Cfg.EVALUATE_ROUND: 1}))
+    assert {Rec.ARRAYS, Rec.EVALUATION, Rec.EVALUATION_DP, Rec.METRICS} <= set(reply.keys())
+    assert Metric.EVAL_EPSILON in reply[Rec.METRICS] and Metric.EPSILON in reply[Rec.METRICS]
+    ledger = PrivacyLedger(site.ledger_path, run_key="r")
+    assert [r["round"] for r in ledger.entry["rounds"]] == [2]  # training: the message's round
+    assert [r["round"] for r in ledger.evaluation["rounds"]] == [1]  # evaluation: the model's round
+    log = read_records(site.audit_path)
+    (sent,) = [r for r in log if r["event"] == "evaluation-sent"]
+    (update,) = [r for r in log if r["event"] == "update-sent"]
+    assert (sent["round"], sent["carried_by"], update["round"]) == (1, "training", 2)
+    assert update["sent"]["tensors"][Rec.EVALUATION] == sent["statistics"]["sha256"]  # what the audit matches
+
+    taken_out = taken(reply)  # the server's side: the evaluation out, a training reply as screened before
+    assert taken_out is not None and set(taken_out[Rec.EVALUATION].keys()) == set(NAMES)
+    assert list(reply.array_records) == [Rec.ARRAYS] and Metric.EVAL_EPSILON not in reply[Rec.METRICS]
+    with pytest.raises(Declined, match="must be 2, the round of the head"):  # only the head it carries
+        train_round.train(site, cfg, _at_site(3, **{Cfg.EVALUATE_ROUND: 0}))
+
+
+def test_a_site_that_cannot_release_the_evaluation_still_trains(tmp_path: Path) -> None:
+    """δ = 1e-3 is not below 1/n for 2,000 test records: the evaluation is declined and logged, training goes on."""
+    site, cfg = _site(tmp_path, n_test=2000), config_from_dict(SITE_RUN)
+    reply = train_round.train(site, cfg, _at_site(2, **{Cfg.EVALUATE_ROUND: 1}))
+    assert Rec.ARRAYS in reply and Rec.EVALUATION not in reply and Metric.EVAL_EPSILON not in reply[Rec.METRICS]
+    log = read_records(site.audit_path)
+    (declined,) = [r for r in log if r["event"] == "evaluation-declined"]
+    assert declined["round"] == 1 and "target_delta" in declined["reason"]
+    assert [r["event"] for r in log if r["event"] in ("update-sent", "evaluation-sent")] == ["update-sent"]
+    assert PrivacyLedger(site.ledger_path, run_key="r").evaluation["rounds"] == []
+
+
+def _coverage(site: Site, cfg: RunConfig, *, leave_out: str = "") -> tuple[SiteAudit, Findings]:
+    """The audit's coverage check over the site's own log (less the records of event `leave_out`)."""
+    records = [r for r in read_records(site.audit_path) if r["event"] != leave_out]
+    ev = Evidence(site.state_dir, site.state_dir / "audit.jsonl", [site.audit_path], True, "r", cfg)
+    ev.sites[site.name] = [Entry(site.audit_path, i, r) for i, r in enumerate(records, start=1)]
+    audit, found = SiteAudit(site.name, str(site.audit_path)), Findings()
+    check_coverage(audit, ev, found)
+    return audit, found
+
+
+def test_the_audit_covers_carried_statistics_only_with_the_release_that_made_them(tmp_path: Path) -> None:
+    site, cfg = _site(tmp_path), config_from_dict(SITE_RUN)
+    train_round.train(site, cfg, _at_site(2, **{Cfg.EVALUATE_ROUND: 1}))
+    audit, found = _coverage(site, cfg)
+    assert found.failures == []
+    rows = {(c["event"], c["name"]): c["covered_by"] for c in audit.coverage}
+    assert rows[("update-sent", Rec.EVALUATION)] == rows[("evaluation-sent", Rec.EVALUATION)] == "evaluation"
+    assert rows[("update-sent", Rec.ARRAYS)] == "training"
+    # statistics a training reply sent with no evaluation release of theirs in the log: covered by nothing
+    audit, found = _coverage(site, cfg, leave_out="evaluation-sent")
+    [failure] = found.failures
+    assert failure.check == "coverage" and repr(str(Rec.EVALUATION)) in failure.reason
