@@ -1,4 +1,9 @@
-"""A site's answer to an evaluation message: the global model's statistics on its test split, as a DP release.
+"""A site's evaluation of a global model: its statistics on the site's test split, as a DP release.
+
+It is asked for in the next round's training message (`carried_evaluation`: the head received is scored
+before training, and the training reply carries the release), or, for the final model, in an evaluation
+message of its own (`evaluate`). Either way the release is the model round's: charged, seeded and logged
+as that round's, so the same model gives the same statistics whichever message carried it.
 
 What leaves is `common/privacy/evaluation.py`'s release: noisy counts, a clipped loss sum and score
 histograms, never a plain metric. Under DP it is charged to the site's ledger (the evaluation's own
@@ -10,9 +15,12 @@ the site's own audit log (`personal-scored`) and report.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
-from fedtransfer.client import train_round
+from fedtransfer.client.received import local_head, received_head
+from fedtransfer.client.replay import ReplyCache, request_key
 from fedtransfer.client.site import Declined, Site
 from fedtransfer.client.site_log import record
 from fedtransfer.client.site_model.personal import personal_scores
@@ -27,38 +35,104 @@ from fedtransfer.common.privacy.evaluation import (
     release_evaluation,
 )
 from fedtransfer.common.privacy.fedsgd import Units, make_generator
-from fedtransfer.common.privacy.ledger import PrivacyLedger
+from fedtransfer.common.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedtransfer.common.storage.audit_log import update_digest
+from fedtransfer.common.wire.exchange import arrays_to_numpy
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Event, Metric, Rec, site_record
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 EVAL_SEED_SALT = 0x6576616C  # "eval": the evaluation's noise is never a training round's noise
 PARALLEL = "parallel"  # test and training records disjoint: the evaluation's ε does not add to training's
+EVALUATIONS = "evaluations"  # the standalone evaluation's reply cache: a folder of its own beside training's
 
 
 def evaluate(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
-    """Score the received head on this site's test split and reply with the (noisy) statistics only."""
-    server_round, arrays, conf = train_round.received_head(site, msg)
-    run_id = str(conf[Cfg.RUN_ID])
-    head = train_round.local_head(site, cfg, arrays, len(site.data.test.classes))
-    released, dp, epsilon = evaluation_release(site, cfg, head, run_id=run_id, server_round=server_round)
-    if server_round > 0 and (own := personal_scores(site, cfg, head, msg, run_id, server_round)) is not None:
+    """Score the received head on this site's test split and reply with the (noisy) statistics only.
+
+    The standalone exchange: the final model's, after the last round (each round's other models are scored in
+    the next round's training message, `carried_evaluation`). Its reply is cached like a training reply
+    (client/replay.py): a resumed coordinator repeating it gets the same bytes, charged once.
+    """
+    server_round, arrays, conf = received_head(site, msg)
+    run_id, key = str(conf[Cfg.RUN_ID]), request_key(arrays, conf)
+    cache = ReplyCache(site.replies_dir / EVALUATIONS)
+    if (cached := cache.load(run_id, key)) is not None:
+        digest = update_digest(arrays_to_numpy(cached[Rec.EVALUATION]))
+        record(site, msg, Event.REPLY_REPLAYED, request=key, statistics=digest, release=EVALUATION)
+        return cached
+    head = local_head(site, cfg, arrays, len(site.data.test.classes))
+    answer, logged = scored(site, cfg, msg, head, run_id=run_id, model_round=server_round)
+    answer[Rec.SITE] = site_record(site.name)
+    cache.save(run_id, key, answer)
+    logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
+    record(site, msg, Event.EVALUATION_SENT, **logged)
+    return answer
+
+
+def carried_evaluation(
+    site: Site,
+    cfg: RunConfig,
+    msg: Message,
+    *,
+    head: torch.nn.Module,
+    conf: ConfigRecord,
+    server_round: int,
+    ledger: PrivacyLedger,
+) -> RecordDict | None:
+    """The evaluation a training message asks for (Cfg.EVALUATE_ROUND), of the head it carries, before training.
+
+    The head is the model of round server_round − 1, so the release is that round's: its ledger entry, its
+    seed (the same statistics the standalone exchange would give that model) and its log record. A site
+    that declines it (evaluation budget, a person on both sides of its split) logs why and still trains:
+    the two releases have separate budgets. None when the message asks for none or the site declines.
+    `ledger`: the training's own ledger object, so that its later write keeps this charge.
+    """
+    if (asked := conf.get(Cfg.EVALUATE_ROUND)) is None:
+        return None
+    if type(asked) is not int or asked != server_round - 1:
+        raise Declined(
+            f"malformed message: config {str(Cfg.EVALUATE_ROUND)!r} must be {server_round - 1}, the round of the "
+            f"head it carries, got {asked!r:.40}"
+        )
+    try:
+        answer, logged = scored(
+            site, cfg, msg, copy.deepcopy(head), run_id=str(conf[Cfg.RUN_ID]), model_round=asked, ledger=ledger
+        )
+    except (Declined, BudgetExceeded) as err:
+        record(site, msg, Event.EVALUATION_DECLINED, as_round=asked, reason=str(err))
+        return None
+    logged["sent"] = sent_values(answer)  # this release's values; the training record lists the whole reply
+    record(site, msg, Event.EVALUATION_SENT, as_round=asked, carried_by="training", **logged)
+    return answer
+
+
+def scored(
+    site: Site,
+    cfg: RunConfig,
+    msg: Message,
+    head: torch.nn.Module,
+    *,
+    run_id: str,
+    model_round: int,
+    ledger: PrivacyLedger | None = None,
+) -> tuple[RecordDict, dict[str, object]]:
+    """The evaluation release of `head` (the model of `model_round`) as reply records, and its log fields.
+
+    Personal models are trained and scored here too (once per round, kept in the site's own log).
+    """
+    released, dp, epsilon = evaluation_release(site, cfg, head, run_id=run_id, server_round=model_round, ledger=ledger)
+    if model_round > 0 and (own := personal_scores(site, cfg, head, msg, run_id, model_round)) is not None:
         theirs = evaluate_head(head, site.test_x, site.test_y)  # the site's own comparison, in its own log only
-        record(site, msg, Event.PERSONAL_SCORED, personal=own.accuracy, global_model=theirs.accuracy)
-    answer = RecordDict(
-        {
-            Rec.EVALUATION: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in released.items()}),
-            Rec.SITE: site_record(site.name),
-        }
-    )
+        record(
+            site, msg, Event.PERSONAL_SCORED, as_round=model_round, personal=own.accuracy, global_model=theirs.accuracy
+        )
+    answer = RecordDict({Rec.EVALUATION: ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in released.items()})})
     logged: dict[str, object] = {"statistics": update_digest(released), "release": EVALUATION, "dp": None}
     if dp is not None:
         answer[Rec.EVALUATION_DP] = ConfigRecord(dp.as_dict() | {"composition": PARALLEL})
         answer[Rec.METRICS] = MetricRecord({Metric.EVAL_EPSILON: epsilon})
         logged |= {"dp": dp.as_dict(), "composition": PARALLEL, "epsilon": epsilon}
-    logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
-    record(site, msg, Event.EVALUATION_SENT, **logged)
-    return answer
+    return answer, logged
 
 
 def evaluation_plan(site: Site, cfg: RunConfig) -> EvaluationPlan | None:
@@ -99,16 +173,23 @@ def test_units(site: Site, cfg: RunConfig) -> Units:
 
 
 def evaluation_release(
-    site: Site, cfg: RunConfig, head: torch.nn.Module, *, run_id: str, server_round: int
+    site: Site,
+    cfg: RunConfig,
+    head: torch.nn.Module,
+    *,
+    run_id: str,
+    server_round: int,
+    ledger: PrivacyLedger | None = None,
 ) -> tuple[dict[str, np.ndarray], DPRecord | None, float]:
     """The released statistics, their DP record and the evaluation ε so far, charged before they are returned.
 
-    A function of (model, test split, plan) alone, so that a training reply could carry it too.
+    A function of (model, test split, plan) alone, so that a training reply carries it too; `ledger`: the
+    site's ledger object already open for this message (one object, one write order), else read here.
     """
     plan = evaluation_plan(site, cfg)
     units = test_units(site, cfg)
     stats = evaluation_statistics(head, site.test_x, site.test_y, len(site.data.test.classes), units)
-    ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
+    ledger = ledger or PrivacyLedger(site.ledger_path, run_key=run_id)
     epsilon = 0.0
     if plan is not None:
         p = cfg.privacy

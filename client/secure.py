@@ -13,7 +13,7 @@ from fedtransfer.common.config.run import SecAggConfig
 from fedtransfer.common.wire.protocol import Cfg, Metric, Rec
 from fedtransfer.common.wire.secure_sum import to_grid
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitRes, Status, ndarray_to_bytes, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
@@ -97,6 +97,10 @@ def secure_reply(
     out = compat.fitres_to_recorddict(fitres, keep_input=True)
     for key, record in [*answer.metric_records.items(), *answer.config_records.items()]:
         out[key] = record
+    if Rec.EVALUATION in answer.array_records:  # a carried evaluation: beside the masked vector, not in it
+        out[Rec.EVALUATION_BYTES] = ConfigRecord(
+            {k: ndarray_to_bytes(v.numpy()) for k, v in answer[Rec.EVALUATION].items()}
+        )
     out[HANDOFF] = ConfigRecord({"replayed": replayed})
     return out
 

@@ -9,10 +9,14 @@ from fedtransfer.common.wire.protocol import Cfg, Event
 from flwr.app import Message
 
 
-def record(site: Site, msg: Message, event: Event, **fields: object) -> None:
-    """Append `event` about `msg` to the site's log (never sent anywhere)."""
+def record(site: Site, msg: Message, event: Event, *, as_round: int | None = None, **fields: object) -> None:
+    """Append `event` about `msg` to the site's log (never sent anywhere).
+
+    `as_round`: the round the record is about when it is not the message's own: an evaluation carried by
+    round r's training message scores the model of round r − 1, and is logged (and charged) as that round's.
+    """
     conf = config_of(msg)
-    rnd = conf.get(Cfg.SERVER_ROUND)
+    rnd = conf.get(Cfg.SERVER_ROUND) if as_round is None else as_round
     AuditLog(site.audit_path).append(
         event,
         site=site.name,

@@ -3,7 +3,9 @@
 The order is the promise. The server's message is checked before any data is touched.
 The budget is checked against the site's ledger before training, and the ledger records
 the round before the reply is cached and logged: a crash in between can only over-count
-ε, never send an update that was not charged. What leaves the site is built from the
+ε, never send an update that was not charged. An evaluation the message asks for (of the head it carries,
+client/evaluate_round.py) is charged before training starts, and only once the training's own budget check
+has passed. What leaves the site is built from the
 head alone (`fedtransfer.common.wire.exchange.head_to_arrays`), with the DP parameters in a `DPRecord`.
 """
 
@@ -14,12 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from fedtransfer.client.dp_count import released_count, remember_release
-from fedtransfer.client.replay import RUN_ID, ReplyCache, request_key
-from fedtransfer.client.secure import head_names, instructions, is_secure, secure_reply
+from fedtransfer.client.evaluate_round import carried_evaluation
+from fedtransfer.client.received import local_head, received_head
+from fedtransfer.client.replay import ReplyCache, request_key
+from fedtransfer.client.secure import head_names, is_secure, secure_reply
 from fedtransfer.client.site import Declined, Site, enforce_policy
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
-from fedtransfer.common.model.finetune import make_top
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
 from fedtransfer.common.privacy.coverage import sent_values, unweighted
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
@@ -27,49 +30,10 @@ from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Trained, mechanism_for
 from fedtransfer.common.privacy.plans import Plan
 from fedtransfer.common.storage.audit_log import update_digest
-from fedtransfer.common.wire.exchange import arrays_to_numpy, load_head, wire_bytes
+from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
-
-
-def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRecord]:
-    """The round, head and config of a server message, checked before touching data: types, fingerprint."""
-    try:
-        arrays, conf = instructions(msg)
-    except (KeyError, ValueError, TypeError) as err:
-        raise Declined(f"malformed message: {str(err)[:200]}") from None
-    for key, kind in ((Cfg.SERVER_ROUND, int), (Cfg.RUN_ID, str), (Cfg.FINGERPRINT, str)):
-        if type(conf.get(key)) is not kind:
-            got = type(conf.get(key)).__name__
-            raise Declined(f"malformed message: config {str(key)!r} must be {kind.__name__}, got {got}")
-    if not RUN_ID.fullmatch(str(conf[Cfg.RUN_ID])):  # it names the site's reply-cache file
-        raise Declined(f"malformed message: config {str(Cfg.RUN_ID)!r} must be 1-64 letters, digits, '-', '_' or '.'")
-    announced = str(conf[Cfg.FINGERPRINT])
-    if announced != site.backbone.fingerprint:
-        raise Declined(
-            f"backbone fingerprint mismatch: the server announced {announced[:16]}…, this site's "
-            f"{site.backbone.name} has {site.backbone.fingerprint[:16]}…; load the same weights as the server"
-        )
-    record(site, msg, Event.BACKBONE_CHECKED, fingerprint=site.backbone.fingerprint)
-    return int(conf[Cfg.SERVER_ROUND]), arrays, conf
-
-
-def local_head(site: Site, cfg: RunConfig, arrays: ArrayRecord | None, num_classes: int) -> nn.Module:
-    """A head of this run's shape with the server's weights; a head of another shape is declined.
-
-    `arrays` None: the statistics release under SecAgg+, whose message carries the release's shape, not
-    a head; the release needs only the head's size (for the plan), not its weights.
-    """
-    head = make_top(
-        site.backbone, num_classes, hidden=cfg.head.hidden, centred=cfg.privacy.feature_stats, ft=cfg.finetune
-    )
-    try:
-        if arrays is not None:
-            load_head(head, arrays)
-    except ValueError as err:
-        raise Declined(str(err)) from None
-    return head.to(site.backbone.device)
 
 
 def privacy_plan(
@@ -152,6 +116,9 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         site, cfg, None if secure and conf.get(Cfg.RELEASE) is not None else arrays, len(site.data.train.classes)
     )
     plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
+    if plan is not None and conf.get(Cfg.EVALUATE_ROUND) is not None:
+        ledger.check_round(plan)  # a training its budget declines carries no evaluation: none is charged for it
+    evaluation = carried_evaluation(site, cfg, msg, head=head, conf=conf, server_round=server_round, ledger=ledger)
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n
@@ -159,6 +126,8 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     answer, dp = _answer(
         site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count, alike=unweighted(cfg)
     )
+    if evaluation is not None:
+        carry(answer, evaluation)
     cache.save(run_id, key, answer)
     digest = update_digest(arrays_to_numpy(answer[Rec.ARRAYS]))
     logged = {"update": digest, "dp": None if dp is None else dp.as_dict(), "train_loss": work.done.loss}
@@ -171,6 +140,16 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         return _secure(answer, conf, cfg, mechanism, replayed=False)
     record(site, msg, Event.UPDATE_SENT, **logged)
     return answer
+
+
+def carry(answer: RecordDict, evaluation: RecordDict) -> None:
+    """Put the evaluation's records into the training reply: its statistics and DP record as they are, its
+    ε beside the training metrics (the server takes them out again before it screens the update)."""
+    for name, rec in evaluation.items():
+        if name == Rec.METRICS:
+            answer[Rec.METRICS] = MetricRecord({**answer[Rec.METRICS], **rec})
+        else:
+            answer[name] = rec
 
 
 def _work(

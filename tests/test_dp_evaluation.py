@@ -43,7 +43,7 @@ from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import Event, Metric, Rec, site_record
 from fedtransfer.server.audit.coverage import check_coverage
 from fedtransfer.server.audit.findings import Entry, Evidence, Findings, SiteAudit
-from fedtransfer.server.federation.rounds import evaluate_round
+from fedtransfer.server.federation.evaluation import evaluate_round
 from fedtransfer.server.federation.sites import SiteBook
 from fedtransfer.server.federation.strategy import ScreenedStrategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
@@ -150,8 +150,11 @@ def test_the_reply_is_noisy_statistics_charged_to_the_evaluation_budget_only(tmp
     assert 1.5 < spent <= 2.0 + 1e-6  # the two planned releases use the evaluation budget, not more
     sent = [r for r in read_records(site.audit_path) if r["event"] == "evaluation-sent"]
     assert [r["composition"] for r in sent] == ["parallel", "parallel"] and all(r["dp"] for r in sent)
+    again = evaluate(site, cfg, _message(2, arrays))  # a resumed server repeating round 2: the same bytes, no charge
+    assert again[Rec.EVALUATION][OVERALL].numpy().tolist() == replies[-1][Rec.EVALUATION][OVERALL].numpy().tolist()
+    assert len(PrivacyLedger(site.ledger_path, run_key="r1").evaluation_history) == 2
     with pytest.raises(BudgetExceeded):  # a third evaluation the plan did not count is refused
-        evaluate(site, cfg, _message(2, arrays))
+        evaluate(site, cfg, _message(3, arrays))
 
 
 def test_a_person_on_both_sides_of_the_split_stops_the_evaluation(tmp_path: Path) -> None:

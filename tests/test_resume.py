@@ -101,6 +101,14 @@ def test_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -
         ledger = json.loads((run_dir / "sites" / site / "privacy-ledger.json").read_text())
         (entry,) = ledger["runs"].values()
         assert [r["round"] for r in entry["rounds"]] == [1, 2]
+        # model 1 was scored in round 2's (replayed) training reply, model 2 in the final exchange: each once
+        assert [r["round"] for r in entry["evaluation"]["rounds"]] == [1, 2]
+    # the one-behind metrics survive the resume: the same federated figures as the uninterrupted run's
+    reference_metrics = [
+        json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert all(m["federated"] for m in metrics)
+    assert [m["federated"] for m in metrics] == [m["federated"] for m in reference_metrics]
 
     expected, got = _final_head(tmp_path / "reference"), _final_head(run_dir)
     assert expected.keys() == got.keys()
@@ -109,3 +117,34 @@ def test_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -
     ours = json.loads((run_dir / "privacy.json").read_text())["sites"]
     theirs = json.loads((tmp_path / "reference" / "privacy.json").read_text())["sites"]
     assert {s: ours[s]["epsilon"] for s in SITES} == pytest.approx({s: theirs[s]["epsilon"] for s in SITES})
+
+
+class KilledInFinalEvaluation(InProcessGrid):
+    """The coordinator dies when the final evaluation's replies are pulled: after every round's checkpoint."""
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        replies = super().pull_messages(message_ids)
+        if self.pushed and self.pushed[-1].metadata.message_type == MessageType.EVALUATE:
+            raise CoordinatorKilled
+        return replies
+
+
+@pytest.mark.usefixtures("app_process_umask")
+def test_a_run_killed_in_its_final_evaluation_resumes_without_charging_it_twice(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "crashed")
+    run_dir = cfg.output_path
+    with pytest.raises(CoordinatorKilled):
+        run_in_process(cfg, KilledInFinalEvaluation.for_simulation(cfg))
+    assert checkpoint.latest(run_dir).server_round == 2 and not (run_dir / "status.json").exists()
+    status = run_in_process(replace(cfg, resume=True))
+    assert status["status"] == "completed" and 0 < status["final_accuracy"] <= 1
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2] and metrics[-1]["federated"]["sites"] == len(SITES)
+    privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
+    for site in SITES:
+        (replayed,) = _events(run_dir, site, "reply-replayed")  # the final evaluation, answered from its cache
+        assert replayed["round"] == 2 and replayed["release"] == "evaluation"
+        ledger = json.loads((run_dir / "sites" / site / "privacy-ledger.json").read_text())
+        (entry,) = ledger["runs"].values()
+        assert [r["round"] for r in entry["evaluation"]["rounds"]] == [1, 2]
+        assert [r["round"] for r in privacy[site]["evaluation"]["rounds"]] == [1, 2]

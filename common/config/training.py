@@ -27,8 +27,9 @@ class TrainConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     fraction_evaluate: float = 1.0
-    # federated evaluation in every evaluate_every-th round and the last: deployed, each evaluation is one more
-    # Flower exchange per round (its per-message floor), which fedsgd's many short rounds pay most
+    # federated evaluation of the model of every evaluate_every-th round and the last. Each model is scored in
+    # the next round's training message (one round behind, no exchange of its own); only the final model's
+    # evaluation is an exchange of its own. Every evaluation spends part of privacy.evaluation_epsilon
     evaluate_every: int = 1
     round_timeout_s: float = 600.0
     # fedavg: local epochs of DP-SGD, heads averaged. fedsgd: one clipped, noised gradient sum per site and round,
@@ -77,7 +78,7 @@ class TrainConfig:
         _require(1 <= self.evaluate_every <= 10_000, "train.evaluate_every", "must be 1..10000", self.evaluate_every)
 
     def evaluates(self, rnd: int) -> bool:
-        """Whether round `rnd` asks the sites for federated evaluation: every evaluate_every-th, and the last."""
+        """Whether the model of round `rnd` is scored by the sites: every evaluate_every-th, and the last."""
         return self.fraction_evaluate > 0 and (rnd % self.evaluate_every == 0 or rnd == self.rounds)
 
 

@@ -33,6 +33,9 @@ class Rec(StrEnum):
     DP = "dp"  # DPRecord, in a training reply under DP
     EVALUATION = "evaluation"  # an evaluation reply's released statistics (common/privacy/evaluation.py)
     EVALUATION_DP = "evaluation-dp"  # DPRecord of that release, with its composition with training
+    # the same statistics as tensor bytes (numpy's .npy form), in a SecAgg+ training reply: secaggplus_mod empties
+    # every ArrayRecord of the reply it masks, and the evaluation is not part of the masked sum
+    EVALUATION_BYTES = "evaluation-bytes"
 
 
 class Cfg(StrEnum):
@@ -45,6 +48,9 @@ class Cfg(StrEnum):
     PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
     HEAD_NAMES = "head-names"  # SecAgg+ carries tensors in order, without their names
     RELEASE = "release"  # round 0: which one-shot DP release the server asks for (FEATURE_STATS)
+    # a training message's request to score the head it carries first (the model of the round before,
+    # server-round − 1, the round named here): its evaluation rides in the training reply (one message a round)
+    EVALUATE_ROUND = "evaluate-round"
 
 
 FEATURE_STATS = "feature-stats"  # the release of per-class feature sums and counts (DP), before round 1
@@ -93,6 +99,8 @@ class Event(StrEnum):
     REPLY_REPLAYED = "reply-replayed"
     DECLINED = "declined"
     EVALUATION_SENT = "evaluation-sent"  # an evaluation's released statistics (by hash), its DP record and ε
+    # a training message asked for an evaluation the site declined (budget, split): it trains and sends none
+    EVALUATION_DECLINED = "evaluation-declined"
     PERSONAL_TRAINED = "personal-trained"  # the site's own model trained (never sent): its DP choice and ε
     PERSONAL_NOT_KEPT = "personal-not-kept"  # the site's file declines a personal model (once per run)
     PERSONAL_SCORED = "personal-scored"  # its own model's and the global one's test scores: kept, never sent

@@ -4,7 +4,9 @@ A site logs each reply's values (`sent`: tensors by hash, metrics by name, confi
 common/privacy/coverage.py). Here each is marked with what covers it: a release whose ε the privacy
 check recomputes (training, feature-stats, evaluation), the DP record itself (accounting), or public
 configuration. A value nothing covers fails the audit: a plain metric, an exact count, a timing. A sending
-record that lists no values fails too, since what it sent cannot be shown covered.
+record that lists no values fails too, since what it sent cannot be shown covered. A training reply that
+carries an evaluation (one message a round) lists its statistics too: they are covered by the evaluation
+release only where the site's log holds that release, with the same statistics hash.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from fedtransfer.common.privacy.coverage import TRAINING, UNWEIGHTED, cover, unweighted
-from fedtransfer.common.wire.protocol import FEATURE_STATS, Event
+from fedtransfer.common.privacy.evaluation import EVALUATION
+from fedtransfer.common.wire.protocol import FEATURE_STATS, Event, Rec
 from fedtransfer.server.audit.findings import Evidence, Findings, SiteAudit
 
 SENDING = (Event.UPDATE_SENT, Event.UPDATE_TRAINED, Event.EVALUATION_SENT)
@@ -25,6 +28,9 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
     private = ev.cfg is None or ev.cfg.privacy.enabled
     counted = any(e.record.get("release") == FEATURE_STATS for e in entries)  # its count released in round 0
     weight = UNWEIGHTED if ev.cfg is None else unweighted(ev.cfg)
+    # the statistics of every evaluation release the site logged: a training reply carrying one (the model it
+    # received, scored first) lists them by the same hash, covered by that release
+    evaluations = {_sha(e.record.get("statistics")) for e in entries if e.event == Event.EVALUATION_SENT} - {None}
     for entry in entries:
         if entry.record.get("masked"):  # SecAgg+'s masking of the values the update-trained record lists
             site.coverage.append(_row(entry, "tensors", "masked vectors", "", "secure aggregation of update-trained"))
@@ -36,8 +42,15 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
         release = entry.record.get("release") or TRAINING
         for kind in KINDS:
             for name, value in _items(sent.get(kind)):
+                carried = kind == "tensors" and name == Rec.EVALUATION and value in evaluations
                 covered = cover(
-                    kind, name, value, release=release, private=private, counted=counted, public_weight=weight
+                    kind,
+                    name,
+                    value,
+                    release=EVALUATION if carried else release,
+                    private=private,
+                    counted=counted,
+                    public_weight=weight,
                 )
                 site.coverage.append(_row(entry, kind, name, _shown(value), covered or "NOT COVERED"))
                 if covered is None:
@@ -47,6 +60,10 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
                         f"{site.name} sent {kind[:-1]} {name!r} in round {entry.record.get('round')}, covered by no "
                         "release and not public configuration",
                     )
+
+
+def _sha(digest: Any) -> str | None:
+    return digest.get("sha256") if isinstance(digest, dict) else None
 
 
 def _row(entry: Any, kind: str, name: str, value: Any, covered_by: str) -> dict[str, Any]:

@@ -20,17 +20,19 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TextIO
+from logging import INFO
+from typing import Any, TextIO
 
-from flwr.common.logger import FLOWER_LOGGER, update_console_handler
+from fedtransfer.common.config.run import RunConfig
+from flwr.common.logger import FLOWER_LOGGER, log, update_console_handler
 
 _COLOURED = re.compile(r"^\x1b\[\d+m(?P<level>[A-Z]+)\s*\x1b\[0m:\s*(?P<message>.*)$")
 _STAMPED = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:(?P<level>[A-Z]+):(?P<message>.*)$")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # a terminal's colour codes: never in a log file
 _ALWAYS = frozenset({"WARNING", "ERROR", "CRITICAL"})
-# what the round loop logs at INFO that a user reads: the run's start (or resume) and each round; the
-# command itself prints the outcome
-_SUMMARY = re.compile(r"^(round \d+/\d+ \| |Run \w+: |Resuming run \w+ )")
+# what the round loop logs at INFO that a user reads: the run's start (or resume), each round and the final
+# model's evaluation; the command itself prints the outcome
+_SUMMARY = re.compile(r"^(round \d+/\d+ \| |final model \(round \d+\) \| |Run \w+: |Resuming run \w+ )")
 # Flower's hint about its default federation size: fedtransfer always sets num-supernodes itself
 _NOT_FOR_USERS = ("default simulated SuperNodes changed",)
 
@@ -48,19 +50,64 @@ def round_summary(
     seconds: float,
     server_measured: tuple[list[float] | None, int | None] = (None, None),
     sites_measured: tuple[list[float] | None, int | None] = (None, None),
+    sites_round: int | None = None,
 ) -> str:
     """The one console line of a round; `target_epsilon` None means the run has no DP.
 
     `server_measured`, `sites_measured`: each accuracy's 95% Wilson interval and the records it was measured
-    on, shown where known: a 0.907 on 43 records and one on 4,300 must not read alike.
+    on, shown where known: a 0.907 on 43 records and one on 4,300 must not read alike. `sites_round`: the
+    model the sites scored when it is not this round's (their scores ride in the next round's replies).
     """
     sites = "-" if sites_accuracy is None else _measured(sites_accuracy, *sites_measured)
+    if sites_accuracy is not None and sites_round is not None and sites_round != rnd:
+        sites += f" (round {sites_round}'s model)"
     spent = "-" if epsilon_max is None else f"{epsilon_max:.3f}"
     target = "no DP" if target_epsilon is None else f"{target_epsilon:g}"
     return (
         f"round {rnd}/{rounds} | sites trained {trained}/{asked} | "
         f"server acc {_measured(server_accuracy, *server_measured)} | "
         f"sites' acc {sites} | ε spent max {spent} (target {target}) | {seconds:.1f}s"
+    )
+
+
+def final_evaluation_summary(
+    rnd: int,
+    rounds: int,
+    *,
+    sites_accuracy: float | None,
+    sites_measured: tuple[list[float] | None, int | None] = (None, None),
+) -> str:
+    """The console line of the final model's evaluation, the run's one exchange of evaluation alone."""
+    sites = "-" if sites_accuracy is None else _measured(sites_accuracy, *sites_measured)
+    return f"final model (round {rnd}) | sites' acc {sites} | its evaluation exchange, after round {rnd}/{rounds}"
+
+
+def log_round(
+    rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int, *, scored: tuple[int | None, dict | None]
+) -> None:
+    """The one console line of a round (fedtransfer.server.federation.console shows it by default, and little else).
+
+    `scored`: the model round whose federated metrics this round's replies carried, and the metrics.
+    """
+    eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
+    sites_round, fed = scored
+    log(
+        INFO,
+        "%s",
+        round_summary(
+            rnd,
+            cfg.train.rounds,
+            trained=record["sites_trained"],
+            asked=asked,
+            server_accuracy=record["server"]["accuracy"],
+            server_measured=(record["server"].get("accuracy_interval95"), record["server"].get("records")),
+            sites_accuracy=fed["accuracy"] if fed else None,
+            sites_measured=(fed.get("accuracy_interval95"), fed.get("records")) if fed else (None, None),
+            sites_round=sites_round,
+            epsilon_max=max(eps) if eps else None,
+            target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
+            seconds=record["time_s"],
+        ),
     )
 
 

@@ -36,9 +36,10 @@ from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, 
 from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg
 from fedtransfer.server.export.model_file import export_model, head_from_arrays
 from fedtransfer.server.federation import checkpoint, class_counts, report, run_folder
-from fedtransfer.server.federation.console import round_summary
+from fedtransfer.server.federation.console import final_evaluation_summary, log_round
+from fedtransfer.server.federation.evaluation import EvaluateRound, carried_model, evaluate_round, read, sample
 from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
-from fedtransfer.server.federation.rounds import EvaluateRound, evaluate_round, plain_round, secure_train_round
+from fedtransfer.server.federation.rounds import plain_round, secure_train_round
 from fedtransfer.server.federation.sites import SiteBook, absent_sites
 from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy, release_strategy
 from flwr.app import ArrayRecord, ConfigRecord
@@ -182,6 +183,9 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
         )
     for rnd in range(start, cfg.train.rounds + 1):
         head, accuracy = _round(grid, rnd, head, config=ConfigRecord(config), co=co, book=book, recorder=recorder)
+    if start > cfg.train.rounds:  # resumed after the last round's checkpoint (in the final evaluation)
+        accuracy = float(co.evaluate(head)["accuracy"] or "nan")
+    _final_evaluation(grid, head, config=ConfigRecord(config), co=co, book=book, recorder=recorder)
     return _finish(co, recorder, head, accuracy)
 
 
@@ -210,36 +214,31 @@ def _round(
     arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     connected = book.learn_registered(grid)
     release = co.release if rnd == 0 else None  # round 0 is the statistics release: every site once
+    sampled = None
+    if (model := carried_model(cfg, rnd)) is not None:  # the head sent is model `model`: its sites score it first
+        with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{model}|evaluate"):
+            sampled = sample(co.strategy, model, arrays, config=config, grid=grid)
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
         if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
             train = secure_train_round(
-                grid, rnd, arrays, config=config, strategy=release or co.strategy, book=book, cfg=cfg
-            )
-        elif release is not None:
-            train = plain_round(
-                grid, rnd, arrays, config=config, strategy=release, book=book, timeout=cfg.train.round_timeout_s
+                grid, rnd, arrays, config=config, strategy=release or co.strategy, book=book, cfg=cfg, sampled=sampled
             )
         else:
             train = plain_round(
-                grid, rnd, arrays, config=config, strategy=co.strategy, book=book, timeout=cfg.train.round_timeout_s
+                grid,
+                rnd,
+                arrays,
+                config=config,
+                strategy=release or co.strategy,
+                book=book,
+                timeout=cfg.train.round_timeout_s,
+                sampled=sampled,
             )
     if train.arrays is not None:
         head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
-    evaluated = EvaluateRound()
-    if cfg.train.evaluates(rnd):
-        with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
-            evaluated = evaluate_round(
-                grid,
-                rnd,
-                arrays,
-                config=config,
-                strategy=co.strategy,
-                book=book,
-                timeout=cfg.train.round_timeout_s,
-                num_classes=len(co.classes),
-            )
+    evaluated = EvaluateRound() if sampled is None else read(sampled.model_round, train.evaluations, len(co.classes))
     outcome = RoundReport(
         rnd,
         train,
@@ -251,10 +250,52 @@ def _round(
         time.monotonic() - t0,
         wire_bytes(arrays),
         evaluated.sites,
+        scored_round=None if sampled is None else sampled.model_round,
     )
     line = recorder.round_done(outcome)
-    _progress(rnd, cfg, line, len(train.sites))
+    log_round(rnd, cfg, line, len(train.sites), scored=(outcome.scored_round, evaluated.metrics))
     return head, outcome.server["accuracy"]
+
+
+def _final_evaluation(
+    grid: Grid,
+    head: dict[str, np.ndarray],
+    *,
+    config: ConfigRecord,
+    co: Coordinator,
+    book: SiteBook,
+    recorder: RunRecorder,
+) -> None:
+    """The final model's evaluation: the run's one exchange of evaluation alone (each earlier model was scored
+    in the next round's training message). A resumed run repeats it; the sites answer from their reply cache."""
+    cfg, rnd = co.cfg, co.cfg.train.rounds
+    if not cfg.train.evaluates(rnd):
+        return
+    arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
+    book.learn_registered(grid)
+    with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}|evaluate"):
+        evaluated = evaluate_round(
+            grid,
+            rnd,
+            arrays,
+            config=config,
+            strategy=co.strategy,
+            book=book,
+            timeout=cfg.train.round_timeout_s,
+            num_classes=len(co.classes),
+        )
+    recorder.scored(rnd, evaluated.metrics, evaluated.sites)
+    fed = evaluated.metrics
+    log(
+        INFO,
+        "%s",
+        final_evaluation_summary(
+            rnd,
+            cfg.train.rounds,
+            sites_accuracy=fed["accuracy"] if fed else None,
+            sites_measured=(fed.get("accuracy_interval95"), fed.get("records")) if fed else (None, None),
+        ),
+    )
 
 
 def _finish(co: Coordinator, recorder: RunRecorder, head: dict[str, np.ndarray], accuracy: float) -> RunResult:
@@ -296,26 +337,3 @@ def export_or_why(
 
 def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in arrays.items()}
-
-
-def _progress(rnd: int, cfg: RunConfig, record: dict[str, Any], asked: int) -> None:
-    """The one console line of a round (fedtransfer.server.federation.console shows it by default, and little else)."""
-    eps = [s["epsilon"] for s in record["sites"].values() if s.get("epsilon") is not None]
-    fed = record["federated"]
-    log(
-        INFO,
-        "%s",
-        round_summary(
-            rnd,
-            cfg.train.rounds,
-            trained=record["sites_trained"],
-            asked=asked,
-            server_accuracy=record["server"]["accuracy"],
-            server_measured=(record["server"].get("accuracy_interval95"), record["server"].get("records")),
-            sites_accuracy=fed["accuracy"] if fed else None,
-            sites_measured=(fed.get("accuracy_interval95"), fed.get("records")) if fed else (None, None),
-            epsilon_max=max(eps) if eps else None,
-            target_epsilon=cfg.privacy.target_epsilon if cfg.privacy.enabled else None,
-            seconds=record["time_s"],
-        ),
-    )

@@ -46,6 +46,9 @@ class RoundReport:
     seconds: float
     bytes_sent_per_site: int  # the global head as it travels to each site next round (wire_bytes)
     evaluated: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its evaluation release's DP record
+    # the model round `federated` and `evaluated` are of: None, this round's; the round before, when this
+    # round's training replies carried its evaluation (server/federation/evaluation.py)
+    scored_round: int | None = None
 
 
 class RunRecorder:
@@ -112,14 +115,16 @@ class RunRecorder:
             if part.status == SiteStatus.TRAINED:
                 rec["accountant"] = part.fields.get("accountant", "none")
                 rec["delta"] = part.fields.get("delta")
-        for site, fields in sorted(r.evaluated.items()):  # the evaluation releases, accounted apart (report.py)
-            self.sites.setdefault(site, {"rounds": []}).setdefault("evaluation", []).append({"round": r.rnd, **fields})
+        scored = r.rnd if r.scored_round is None else r.scored_round
+        self._evaluated(scored, r.evaluated)
+        if scored != r.rnd:  # the line of the model scored is amended before the checkpoint moves past it
+            self._federated(scored, r.federated)
         checkpoint.save(self.run_dir, checkpoint.Checkpoint(self.run_id, r.rnd, r.head, r.strategy_state, self.sites))
         line = {
             "round": r.rnd,
             "time_s": round(r.seconds, 3),
             "server": r.server,
-            "federated": r.federated,
+            "federated": r.federated if scored == r.rnd else None,  # else: with the next round's replies
             "sites": {n: p.as_record() for n, p in sorted(everyone.items())},
             "sites_trained": len(r.train.trained),
             "aggregated": r.train.arrays is not None,
@@ -133,6 +138,28 @@ class RunRecorder:
         report.write_privacy(self.run_dir, self.run_id, self.sites)
         tracking.round_done(self.cfg, self.run_id, line)
         return line
+
+    def scored(self, rnd: int, federated: dict[str, Any] | None, evaluated: dict[str, dict[str, Any]]) -> None:
+        """The final model's evaluation (its exchange of its own, after round `rnd`): its metrics line amended,
+        privacy.json's evaluation releases. No checkpoint: a resumed run asks again, and the sites answer from
+        their reply cache, so the releases are recorded once from round `rnd`'s checkpoint."""
+        self._evaluated(rnd, evaluated)
+        self._federated(rnd, federated, timing.take({}))  # the exchange's timing joins round `rnd`'s
+        report.write_privacy(self.run_dir, self.run_id, self.sites)
+
+    def _evaluated(self, rnd: int, evaluated: dict[str, dict[str, Any]]) -> None:
+        for site, fields in sorted(evaluated.items()):  # the evaluation releases, accounted apart (report.py)
+            self.sites.setdefault(site, {"rounds": []}).setdefault("evaluation", []).append({"round": rnd, **fields})
+
+    def _federated(
+        self, rnd: int, federated: dict[str, Any] | None, exchanges: list[dict[str, Any]] | None = None
+    ) -> None:
+        """The federated metrics of model `rnd`, into its metrics.jsonl line (and the tracking store)."""
+        if federated is None and not exchanges:
+            return
+        report.set_federated(self.run_dir, rnd, federated, exchanges)
+        if federated is not None:
+            tracking.round_done(self.cfg, self.run_id, {"round": rnd, "server": {}, "federated": federated})
 
     def failed_rounds(self) -> list[int]:
         """Rounds of this run that left the global head unchanged (too few sites, or SecAgg+ halted)."""

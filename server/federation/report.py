@@ -39,6 +39,22 @@ def truncate_metrics(run_dir: Path, last_round: int) -> None:
     atomic.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
+def set_federated(
+    run_dir: Path, rnd: int, federated: dict[str, Any] | None, timing: list[dict[str, Any]] | None = None
+) -> None:
+    """Round `rnd`'s federated metrics, which arrive a round later (server/federation/evaluation.py): its line
+    rewritten with them (and `timing`, the final evaluation's exchange), the file replaced atomically (a crash
+    leaves the line as it was, or as it is now)."""
+    lines = read_metrics(run_dir)
+    for line in lines:
+        if line["round"] == rnd:
+            line["federated"] = federated if federated is not None else line.get("federated")
+            if timing:
+                line["timing"] = [*(line.get("timing") or []), *timing]
+    text = "".join(json.dumps(finite(r), sort_keys=True) + "\n" for r in lines)
+    atomic.write_text(run_dir / "metrics.jsonl", text)
+
+
 def privacy_report(sites: dict[str, Any]) -> dict[str, Any]:
     """Per site: the ε the site reported, and the ε recomputed here from its per-round DP parameters.
 

@@ -1,8 +1,9 @@
-"""One round's exchanges with the sites: training (plain or SecAgg+) and federated evaluation.
+"""One round's exchange with the sites: training, plain or SecAgg+, with the evaluation of the model it sends.
 
-Each returns what every asked site did, by name, and what the server received, so the
-round loop only decides and records. Screening and the minimum number of sites are the
-`ScreenedStrategy`'s business; attributing replies to sites is `fedtransfer.server.federation.sites`'.
+Each returns what every asked site did, by name, and what the server received (the evaluation releases
+apart, server/federation/evaluation.py), so the round loop only decides and records. Screening and the
+minimum number of sites are the `ScreenedStrategy`'s business; attributing replies to sites is
+`fedtransfer.server.federation.sites`'.
 """
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from typing import Any
 
 import numpy as np
 from fedtransfer.common.config.run import RunConfig, SecAggConfig
-from fedtransfer.common.model.intervals import accuracy_interval
-from fedtransfer.common.privacy.evaluation import OVERALL, check_statistics, metrics_from_statistics, sum_statistics
 from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from fedtransfer.common.wire.secure_sum import sum_of_mean
+from fedtransfer.server.federation.evaluation import Sampled, alone, asked_of, asking, carried, releases, taken
 from fedtransfer.server.federation.secure import SecureRound, secure_round
-from fedtransfer.server.federation.sites import SiteBook, SiteRound, answer_of, answers, send_and_receive
+from fedtransfer.server.federation.sites import Answer, SiteBook, SiteRound, answer_of, answers, send_and_receive
 from fedtransfer.server.federation.strategy import SITES_IN_REPLY, ScreenedStrategy
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
@@ -46,6 +46,8 @@ class TrainRound:
     received: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (site, digest of what arrived)
     bytes_received: int = 0
     halted: str | None = None  # why secure aggregation produced no mean
+    # the evaluation of the model sent this round (the round before's), by the sites asked: (site, its release)
+    evaluations: list[tuple[str, RecordDict]] = field(default_factory=list)
 
     @property
     def trained(self) -> list[str]:
@@ -74,12 +76,24 @@ def plain_round(
     strategy: ScreenedStrategy,
     book: SiteBook,
     timeout: float,
+    sampled: Sampled | None = None,
 ) -> TrainRound:
-    """Every site's head reaches the server; the strategy screens it before aggregating."""
+    """Every site's head reaches the server; the strategy screens it before aggregating.
+
+    `sampled`: the sites that score the model sent first; those the round does not train get the evaluation
+    message of their own in the same exchange.
+    """
     messages = list(strategy.configure_train(rnd, arrays, config, grid))
-    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
-    candidates = [a for a in got if a.status is None and a.reply is not None]
+    asked = asked_of(sampled, (m.metadata.dst_node_id for m in messages))
+    messages = asking(messages, asked)
+    alone = asked.alone if asked is not None else []
+    replies = send_and_receive(grid, messages + alone, timeout)
+    got = answers(messages, replies, book, timeout)
     out = TrainRound()
+    parts = [(a, taken(a.reply.content) if a.reply is not None and a.status is None else None) for a in got]
+    if asked is not None:
+        out.evaluations = carried(rnd, parts, asked) + releases(rnd, alone, replies, book=book, timeout=timeout)
+    candidates = [a for a in got if a.status is None and a.reply is not None]
     # counted before aggregation: FedMedian consumes the arrays
     out.bytes_received = sum(wire_bytes(r) for a in candidates for r in a.reply.content.array_records.values())
     out.arrays, _ = strategy.aggregate_train(rnd, [a.reply for a in candidates])
@@ -104,20 +118,34 @@ def secure_train_round(
     strategy: ScreenedStrategy,
     book: SiteBook,
     cfg: RunConfig,
+    sampled: Sampled | None = None,
 ) -> TrainRound:
     """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean.
 
     Round 0's statistics release (`config` names it) goes the same way: the message carries zeros
-    shaped like the release (the strategy's spec), and the server reads back the exact sums.
+    shaped like the release (the strategy's spec), and the server reads back the exact sums. The
+    evaluation of the model sent (`sampled`) rides in the stage-2 reply, beside the masked vector; a
+    sampled site the round does not train gets the evaluation message of its own after the round.
     """
     release = config.get(Cfg.RELEASE) is not None
     if release:
         arrays = ArrayRecord({n: Array(np.zeros(shape, dtype=dtype)) for n, (shape, dtype) in strategy.spec.items()})
     nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
+    asked = asked_of(sampled, nodes)
+    extra = {n: {Cfg.EVALUATE_ROUND: asked.model_round} for n in asked.nodes} if asked is not None else {}
+    timeout = cfg.train.round_timeout_s
     sec = secure_round(
-        grid, rnd, arrays, config=config, node_ids=nodes, settings=cfg.secagg, timeout=cfg.train.round_timeout_s
+        grid, rnd, arrays, config=config, node_ids=nodes, settings=cfg.secagg, timeout=timeout, per_node=extra
     )
     out = TrainRound(bytes_received=sum(sec.payload.values()))
+    if asked is not None:
+        parts = [(answer_of(n, r, book), taken(r.content)) for n, r in sorted(sec.trained.items())]
+        parts += [(answer_of(n, e, book), None) for n, e in sorted(sec.errors.items()) if n not in sec.trained]
+        lost = [(Answer(n, book.name(n), SiteStatus.NO_REPLY, f"no reply within {timeout:g}s"), None) for n in nodes]
+        parts += [p for p in lost if p[0].node not in sec.trained and p[0].node not in sec.errors]
+        out.evaluations = carried(rnd, parts, asked)
+        if asked.alone:
+            out.evaluations += alone(grid, rnd, asked.alone, book=book, timeout=timeout)
     for node, reply in sorted(sec.trained.items()):
         site = answer_of(node, reply, book).site
         fields = trained_fields(reply) | {"bytes_sent": sec.payload[node]}
@@ -184,65 +212,3 @@ def _as_one_reply(
     )
     metrics = MetricRecord({Metric.NUM_EXAMPLES: examples, SITES_IN_REPLY: sites, **extra})
     return Message(content=RecordDict({Rec.ARRAYS: mean, Rec.METRICS: metrics}), metadata=meta)
-
-
-@dataclass
-class EvaluateRound:
-    """What one evaluation exchange left: the federated metrics (None: no site answered), each site's release."""
-
-    metrics: dict[str, Any] | None = None
-    sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> its release's DP record and ε
-
-
-def evaluate_round(
-    grid: Grid,
-    rnd: int,
-    arrays: ArrayRecord,
-    *,
-    config: ConfigRecord,
-    strategy: ScreenedStrategy,
-    book: SiteBook,
-    timeout: float,
-    num_classes: int,
-) -> EvaluateRound:
-    """Federated evaluation: the metrics computed from the sum of the sites' released (noisy) test statistics.
-
-    No site sends a metric: each sends its statistics (common/privacy/evaluation.py), noised under DP, and
-    the server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing).
-    """
-    messages = list(strategy.configure_evaluate(rnd, arrays, config, grid))
-    out = EvaluateRound()
-    if not messages:
-        return out
-    got = answers(messages, send_and_receive(grid, messages, timeout), book, timeout)
-    released = []
-    for a in got:
-        if a.status is not None or a.reply is None:
-            log(WARNING, "round %d: evaluation at site %s failed: %s", rnd, a.site, a.reason)
-            continue
-        stats = {k: v.numpy() for k, v in a.reply.content.array_records.get(Rec.EVALUATION, {}).items()}
-        if (reason := check_statistics(stats, num_classes)) is not None:
-            log(WARNING, "round %d: evaluation at site %s refused: %s", rnd, a.site, reason)
-            continue
-        released.append(stats)
-        out.sites[a.site] = evaluation_fields(a.reply)
-    if released:
-        summed = sum_statistics(released)
-        out.metrics = metrics_from_statistics(summed) | {"sites": len(released)}
-        # the released (noisy) record total, and Wilson on it: the sampling interval of these records'
-        # accuracy; it leaves out the DP noise on the counts (its σ is in privacy.json's evaluation plan)
-        records = max(round(float(summed[OVERALL][1])), 0)
-        out.metrics |= {"records": records, "accuracy_interval95": accuracy_interval(out.metrics["accuracy"], records)}
-    return out
-
-
-def evaluation_fields(reply: Message) -> dict[str, Any]:
-    """An evaluation reply's DP record, composition and ε, as privacy.json records them ({} without DP)."""
-    dp = reply.content.config_records.get(Rec.EVALUATION_DP)
-    if dp is None:
-        return {}
-    metrics = reply.content.metric_records.get(Rec.METRICS, MetricRecord())
-    fields = DPRecord.from_mapping(dp).as_dict() | {"composition": str(dp.get("composition", ""))}
-    if Metric.EVAL_EPSILON in metrics:
-        fields["epsilon"] = float(metrics[Metric.EVAL_EPSILON])
-    return fields

@@ -63,8 +63,12 @@ def secure_round(
     node_ids: Iterable[int],
     settings: SecAggConfig,
     timeout: float,
+    per_node: dict[int, dict[str, int]] | None = None,
 ) -> SecureRound:
-    """Run SecAgg+ for one round among `node_ids`; the server learns only the weighted mean."""
+    """Run SecAgg+ for one round among `node_ids`; the server learns only the weighted mean.
+
+    `per_node`: config entries for some nodes only (the evaluation a training message asks for).
+    """
     nodes = sorted(node_ids)
     if len(nodes) * settings.quantization_range >= MODULUS:
         raise ConfigError(
@@ -85,7 +89,7 @@ def secure_round(
     )
     # legacy FitIns configs hold scalars only: the head's tensor names travel as one comma-separated string
     fit_config = ConfigRecord({**dict(config), Cfg.SERVER_ROUND: rnd, Cfg.HEAD_NAMES: ",".join(names)})
-    strategy = _KeepMean(tap, nodes, fit_config)
+    strategy = _KeepMean(tap, nodes, fit_config, per_node or {})
     context = LegacyContext(
         Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=rnd),
@@ -156,8 +160,8 @@ class _KeepMean(LegacyStrategy):
     strategy, which gets the mean as if one site had sent it.
     """
 
-    def __init__(self, grid: Grid, nodes: list[int], config: ConfigRecord) -> None:
-        self._grid, self._nodes, self._config = grid, nodes, config
+    def __init__(self, grid: Grid, nodes: list[int], config: ConfigRecord, per_node: dict[int, dict[str, int]]) -> None:
+        self._grid, self._nodes, self._config, self._per_node = grid, nodes, config, per_node
         self.mean: Parameters | None = None
 
     def initialize_parameters(self, client_manager: Any) -> None:
@@ -165,8 +169,13 @@ class _KeepMean(LegacyStrategy):
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list:
         run_id = self._grid.run.run_id
-        ins = FitIns(parameters, dict(self._config))
-        return [(GridClientProxy(node, self._grid, run_id), ins) for node in self._nodes]
+        return [
+            (
+                GridClientProxy(node, self._grid, run_id),
+                FitIns(parameters, {**self._config, **self._per_node.get(node, {})}),
+            )
+            for node in self._nodes
+        ]
 
     def aggregate_fit(
         self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list
