@@ -69,6 +69,7 @@ class Metric(StrEnum):
     EPSILON_INDIVIDUAL = "epsilon-individual"
     EXPECTED_BATCH = "expected-batch"  # fedsgd: q·(the released count); the server divides the gradient sum by Σ
     EVAL_EPSILON = "eval-epsilon"  # the site's cumulative ε of its evaluation releases in this run
+    EVAL_EPSILON_INDIVIDUAL = "eval-epsilon-individual"  # under distributed trust: against its own messages
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
     EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"
