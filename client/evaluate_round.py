@@ -37,9 +37,9 @@ from fedtransfer.common.privacy.evaluation import (
     release_evaluation,
 )
 from fedtransfer.common.privacy.evaluation_skellam import check_wrap, integer_statistics, share_values
-from fedtransfer.common.privacy.events import all_gaussian
 from fedtransfer.common.privacy.fedsgd import Units, make_generator
 from fedtransfer.common.privacy.ledger import BudgetExceeded, PrivacyLedger
+from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Event, Metric, Rec, site_record
@@ -205,8 +205,8 @@ def evaluation_release(
     ledger: PrivacyLedger | None = None,
     masked: bool = False,
 ) -> tuple[dict[str, np.ndarray], DPRecord | None, float, float | None]:
-    """The released statistics, their DP record, the evaluation ε so far and (once the history holds a Skellam
-    release) ε against the site's own messages, charged before they are returned.
+    """The released statistics, their DP record, the evaluation ε so far and (under distributed trust) ε against
+    the site's own messages, charged before they are returned.
 
     A function of (model, test split, plan) alone, so that a training reply carries it too; `ledger`: the
     site's ledger object already open for this message (one object, one write order), else read here.
@@ -230,8 +230,9 @@ def evaluation_release(
     if plan is None:
         return released, None, epsilon, None
     dp = DPRecord(plan.noise_multiplier, 1.0, 1, 1.0, plan.target_delta, plan.accountant)
-    history = ledger.evaluation_history
-    individual = None if all_gaussian(history) else epsilon_of(history, plan.target_delta, plan.accountant, True)
+    individual = None  # distributed trust: ε against the site's own messages too (the same for Gaussian ones)
+    if mechanism_for(cfg).distributed:
+        individual = epsilon_of(ledger.evaluation_history, plan.target_delta, plan.accountant, True)
     return released, dp, epsilon, individual
 
 
