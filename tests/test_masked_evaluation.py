@@ -33,7 +33,7 @@ from fedtransfer.common.privacy.fedsgd import Units
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.skellam import sensitivities
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.protocol import Cfg, Rec
+from fedtransfer.common.wire.protocol import Cfg, DPRecord, Rec
 from flwr.app import ConfigRecord, Message
 from flwr.app.message_type import MessageType
 
@@ -188,3 +188,30 @@ def test_a_distributed_run_sums_the_evaluation_only_masked_and_its_audit_passes(
     (run_dir / "privacy.json").write_text(json.dumps(whole))
     assert main(["audit", str(run_dir), "--report-dir", str(tmp_path / "understated")]) == 1
     assert "FAIL [evaluation]" in capsys.readouterr().out
+
+
+def test_the_server_adds_a_plain_gaussian_release_to_the_masked_sum_and_refuses_an_unmasked_share() -> None:
+    """A sampled site the round did not train answers alone (Gaussian); a Skellam share sent plain is refused."""
+    from fedtransfer.server.federation.evaluation import read
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    shapes = {NAMES[0]: (3,), NAMES[1]: (2, 3), NAMES[2]: (3, 2, 16)}
+    summed = {name: np.full(shape, 10.0) for name, shape in shapes.items()}
+    plain = {name: np.full(shape, 5.0) for name, shape in shapes.items()}
+
+    args = {"target_epsilon": 1.0, "target_delta": 1e-4, "accountant": "rdp", "num_classes": 3}
+    masked = plan_skellam_evaluation(releases=3, quantum=2.0**-14, min_survivors=2, colluding_sites=0, **args)
+    records = {"skellam": masked.record(), "gaussian": DPRecord(1.0, 1.0, 1, 1.0, 1e-4, "rdp")}
+
+    def release(mechanism: str, values: dict[str, np.ndarray] | None) -> RecordDict:
+        content = RecordDict({Rec.EVALUATION_DP: ConfigRecord(records[mechanism].as_dict())})
+        content[Rec.METRICS] = MetricRecord({"eval-epsilon": 0.5})
+        if values is not None:
+            content[Rec.EVALUATION] = ArrayRecord({k: Array(v) for k, v in values.items()})
+        return content
+
+    got = read(1, [("a", release("skellam", None)), ("b", release("gaussian", plain))], 3, summed=summed)
+    assert set(got.sites) == {"a", "b"} and got.metrics is not None and got.metrics["sites"] == 2
+    assert got.metrics["records"] == 15  # 10 from the masked sum, 5 from the plain release
+    leaked = read(1, [("a", release("skellam", plain))], 3, summed=summed)
+    assert leaked.sites == {} and leaked.metrics is None

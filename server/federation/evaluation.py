@@ -164,12 +164,17 @@ def _read_summed(
     """The metrics of the masked sum, if any site's release is in it; each such site's DP record and ε.
 
     A site whose reply names no masked release added its noise share alone: it is in the sum, not in `sites`.
+    A sampled site the round did not train answered an evaluation message of its own: its Gaussian release
+    (fully noised at the site) is added to the sum.
     """
-    out = EvaluateRound()
+    out, summed = EvaluateRound(), dict(summed)
     for site, content in released:
         dp = content.config_records.get(Rec.EVALUATION_DP)
-        if dp is None or dp.get("mechanism") != "skellam":
-            log(WARNING, "round %d: evaluation at site %s refused: not a masked (Skellam) release", rnd, site)
+        plain = {k: v.numpy() for k, v in content.array_records.get(Rec.EVALUATION, {}).items()}
+        if dp is not None and dp.get("mechanism") != "skellam" and check_statistics(plain, num_classes) is None:
+            summed = sum_statistics([summed, plain])
+        elif dp is None or dp.get("mechanism") != "skellam" or plain:
+            log(WARNING, "round %d: evaluation at site %s refused: neither masked nor a DP release", rnd, site)
             continue
         out.sites[site] = evaluation_fields(content)
     if (reason := check_statistics(summed, num_classes)) is not None:
