@@ -6,8 +6,11 @@ message of its own (`evaluate`). Either way the release is the model round's: ch
 as that round's, so the same model gives the same statistics whichever message carried it.
 
 What leaves is `common/privacy/evaluation.py`'s release: noisy counts, a clipped loss sum and score
-histograms, never a plain metric. Under DP it is charged to the site's ledger (the evaluation's own
-history, apart from training's: test and training records are disjoint) before it is logged and sent.
+histograms, never a plain metric. Under distributed trust a release a training message carries is instead
+the integer statistics plus a Skellam share, which leave only masked by SecAgg+ (client/evaluate_masked.py);
+the final model's, in its own message, stays the Gaussian release. Under DP it is charged to the site's
+ledger (the evaluation's own history, apart from training's: test and training records are disjoint) before
+it is logged and sent.
 The personal model's scores are not sent: with `personal.dp: false` that model is a non-private function of
 the training records, so its score on test records would be covered by neither budget; they stay in
 the site's own audit log (`personal-scored`) and report.

@@ -13,7 +13,9 @@ seeded per round. A sampled site the round's training does not ask (`train.fract
 evaluation message of its own, in the same exchange where the protocol allows it.
 
 No site sends a metric: each sends its statistics (common/privacy/evaluation.py), noised under DP, and the
-server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing).
+server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing). Under distributed
+trust the statistics a training message carries arrive already summed, from SecAgg+'s masked slots
+(server/federation/masked_evaluation.py): the server never holds one site's.
 """
 
 from __future__ import annotations
