@@ -124,10 +124,14 @@ def test_a_distributed_run_sums_the_evaluation_only_masked_and_its_audit_passes(
     raw |= {"data": RUN["data"] | {"num_sites": 4}, "train": RUN["train"] | {"fraction_evaluate": 0.5}}
     cfg = config_from_dict(raw)  # 3 of 4 sites score (min_sites), the fourth adds its share alone
     shares: list[tuple[bool, dict[str, np.ndarray]]] = []  # (with statistics, what went into the slots)
+    exact: list[dict[str, np.ndarray]] = []  # each scoring site's integers before its share (units of γ_e)
+    planned: list[Any] = []
 
     def spy(integers: Any, plan: Any, num_classes: int, generator: torch.Generator) -> dict[str, np.ndarray]:
         values = real(integers, plan, num_classes, generator)
         shares.append((integers is not None, values))
+        exact.append({k: v.numpy() for k, v in (integers or {}).items()})
+        planned.append(plan)
         return values
 
     real = evaluate_masked.share_values
@@ -153,6 +157,12 @@ def test_a_distributed_run_sums_the_evaluation_only_masked_and_its_audit_passes(
         assert federated["sites"] == 3
         for key, value in expected.items():
             assert federated[key] == pytest.approx(value, rel=1e-12, abs=1e-12), (model, key)
+        # and the sites' statistics before noise, within 6 σ of the 4 shares' sum (σ² = 4 · μ_e/(K_min − t))
+        first, plan = model * 4, planned[model * 4]
+        for name in NAMES:
+            before = np.sum([e[name] for e in exact[first : first + 4] if e], axis=0) * plan.quantum
+            assert np.all(np.abs(summed[name] - before) <= 6 * math.sqrt(4 * plan.share) * plan.quantum), name
+            assert not np.array_equal(summed[name], before)  # the noise is there
 
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     scored = {name: site for name, site in privacy.items() if "evaluation" in site}  # sampled at least once
