@@ -13,6 +13,7 @@ from fedtransfer.client.site import Declined, Site
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.finetune import make_top
+from fedtransfer.common.privacy.evaluation import NAMES
 from fedtransfer.common.wire.exchange import load_head
 from fedtransfer.common.wire.protocol import Cfg, Event
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -25,6 +26,8 @@ def received_head(site: Site, msg: Message) -> tuple[int, ArrayRecord, ConfigRec
         arrays, conf = instructions(msg)
     except (KeyError, ValueError, TypeError) as err:
         raise Declined(f"malformed message: {str(err)[:200]}") from None
+    if any(name in NAMES for name in arrays):  # the evaluation's masked slots: the reply's to fill, not the head
+        arrays = ArrayRecord({k: v for k, v in arrays.items() if k not in NAMES})
     for key, kind in ((Cfg.SERVER_ROUND, int), (Cfg.RUN_ID, str), (Cfg.FINGERPRINT, str)):
         if type(conf.get(key)) is not kind:
             got = type(conf.get(key)).__name__

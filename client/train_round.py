@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from fedtransfer.client.dp_count import released_count, remember_release
+from fedtransfer.client.evaluate_masked import masked_evaluation, with_slots
 from fedtransfer.client.evaluate_round import carried_evaluation
 from fedtransfer.client.received import local_head, received_head
 from fedtransfer.client.replay import ReplyCache, request_key
@@ -25,6 +26,7 @@ from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
 from fedtransfer.common.privacy.coverage import sent_values, unweighted
+from fedtransfer.common.privacy.evaluation_skellam import evaluation_quantum, slots
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Trained, mechanism_for
@@ -110,7 +112,9 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         # a resumed coordinator repeating the round in flight: the same bytes again, no training, no new ε
         digest = update_digest(arrays_to_numpy(cached[Rec.ARRAYS]))
         record(site, msg, Event.REPLY_REPLAYED, request=key, update=digest)
-        return _secure(cached, conf, cfg, mechanism, replayed=True) if secure else cached
+        if not secure:
+            return cached
+        return _secure(with_slots(site, cfg, cached, conf, server_round), conf, cfg, mechanism, replayed=True)
     ledger = PrivacyLedger(site.ledger_path, run_key=run_id)
     head = local_head(
         site, cfg, None if secure and conf.get(Cfg.RELEASE) is not None else arrays, len(site.data.train.classes)
@@ -118,7 +122,10 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
     if plan is not None and conf.get(Cfg.EVALUATE_ROUND) is not None:
         ledger.check_round(plan)  # a training its budget declines carries no evaluation: none is charged for it
-    evaluation = carried_evaluation(site, cfg, msg, head=head, conf=conf, server_round=server_round, ledger=ledger)
+    masked = masked_evaluation(cfg, conf, secure=secure)
+    evaluation = carried_evaluation(
+        site, cfg, msg, head=head, conf=conf, server_round=server_round, ledger=ledger, masked=masked
+    )
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n
@@ -137,7 +144,7 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
         logged["release"] = work.release
     if secure:  # the plain head stays here; client_app._secure_mod logs the masked vectors that leave
         record(site, msg, Event.UPDATE_TRAINED, **logged)
-        return _secure(answer, conf, cfg, mechanism, replayed=False)
+        return _secure(with_slots(site, cfg, answer, conf, server_round), conf, cfg, mechanism, replayed=False)
     record(site, msg, Event.UPDATE_SENT, **logged)
     return answer
 
@@ -236,6 +243,8 @@ def _secure(
     try:
         names = head_names(conf)
         quanta = mechanism.secure_sum_quanta(names, release=conf.get(Cfg.RELEASE) is not None)
+        if quanta is not None and (masked := slots(names)):  # the evaluation's slots, in units of γ_e
+            quanta |= dict.fromkeys(masked, evaluation_quantum(cfg.secagg))
         return secure_reply(answer, names, cfg.secagg, replayed, quanta)
     except ValueError as err:
         raise Declined(str(err)) from None

@@ -89,12 +89,7 @@ def evaluation_statistics(
     head: nn.Module, features: torch.Tensor, labels: torch.Tensor, num_classes: int, units: Units
 ) -> dict[str, torch.Tensor]:
     """The exact statistics of `head` on (features, labels), each record weighted 1/(its unit's records)."""
-    device = next(head.parameters()).device
-    head.eval()
-    with torch.no_grad():
-        logits = torch.cat(
-            [head(features[i : i + EVAL_BATCH].to(device)) for i in range(0, max(len(features), 1), EVAL_BATCH)]
-        ).cpu()
+    logits = head_logits(head, features)
     labels = labels.cpu().long()
     w = units.weights().double() if len(labels) else torch.zeros(0, dtype=torch.float64)
     loss = nn.functional.cross_entropy(logits.float(), labels, reduction="none").double().clamp(0, LOSS_CAP)
@@ -111,6 +106,16 @@ def evaluation_statistics(
         for side, rows in ((0, positive[:, c]), (1, ~positive[:, c])):
             scores[c, side].index_add_(0, bins[rows, c], w[rows])
     return {OVERALL: overall, CLASSES: classes, SCORES: scores}
+
+
+def head_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The head's logits on the features, in batches, on the CPU."""
+    device = next(head.parameters()).device
+    head.eval()
+    with torch.no_grad():
+        return torch.cat(
+            [head(features[i : i + EVAL_BATCH].to(device)) for i in range(0, max(len(features), 1), EVAL_BATCH)]
+        ).cpu()
 
 
 def release_evaluation(

@@ -33,8 +33,9 @@ class Rec(StrEnum):
     DP = "dp"  # DPRecord, in a training reply under DP
     EVALUATION = "evaluation"  # an evaluation reply's released statistics (common/privacy/evaluation.py)
     EVALUATION_DP = "evaluation-dp"  # DPRecord of that release, with its composition with training
-    # the same statistics as tensor bytes (numpy's .npy form), in a SecAgg+ training reply: secaggplus_mod empties
-    # every ArrayRecord of the reply it masks, and the evaluation is not part of the masked sum
+    # the same statistics as tensor bytes (numpy's .npy form), in a SecAgg+ training reply under local trust:
+    # secaggplus_mod empties every ArrayRecord of the reply it masks, and the Gaussian release is not part of the
+    # masked sum (under distributed trust the statistics go in the masked slots instead, never here)
     EVALUATION_BYTES = "evaluation-bytes"
 
 
@@ -69,6 +70,7 @@ class Metric(StrEnum):
     EPSILON_INDIVIDUAL = "epsilon-individual"
     EXPECTED_BATCH = "expected-batch"  # fedsgd: q·(the released count); the server divides the gradient sum by Σ
     EVAL_EPSILON = "eval-epsilon"  # the site's cumulative ε of its evaluation releases in this run
+    EVAL_EPSILON_INDIVIDUAL = "eval-epsilon-individual"  # under distributed trust: against its own messages
     EVAL_LOSS = "eval-loss"
     EVAL_ACCURACY = "eval-accuracy"
     EVAL_BALANCED_ACCURACY = "eval-balanced-accuracy"

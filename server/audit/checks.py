@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 
+from fedtransfer.common.privacy.evaluation import NAMES as EVALUATION_SLOTS
 from fedtransfer.common.privacy.fedsgd import STATS_NAMES
 from fedtransfer.common.wire.exchange import MASKED_WEIGHT
 from fedtransfer.common.wire.protocol import Event
@@ -43,10 +44,14 @@ def head_names(ev: Evidence, found: Findings) -> list[str]:
 def check_head_only(updates: Iterable[Update], head: list[str], found: Findings) -> None:
     """Every update holds exactly the head's tensors: nothing else ever left a site.
 
-    A SecAgg+ update is the masked head plus one masked number, the site's example weight.
+    A SecAgg+ update is the masked head plus one masked number, the site's example weight; under distributed
+    trust a round that carries an evaluation masks its slots too (the statistics' Skellam shares, summed: the
+    coverage and evaluation checks account for them), all three or none.
     """
     for u in updates:
         allowed = {*head, MASKED_WEIGHT} if u.masked else set(head)
+        if u.masked and u.round != 0 and set(EVALUATION_SLOTS) <= set(u.tensors):
+            allowed |= set(EVALUATION_SLOTS)
         if u.round == 0:  # round 0 is the DP feature-statistics release (privacy.feature_stats), not a head
             allowed = {*STATS_NAMES, MASKED_WEIGHT} if u.masked else set(STATS_NAMES)
         extra, missing = sorted(set(u.tensors) - allowed), sorted(allowed - set(u.tensors))

@@ -31,9 +31,12 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
     # the statistics of every evaluation release the site logged: a training reply carrying one (the model it
     # received, scored first) lists them by the same hash, covered by that release
     evaluations = {_sha(e.record.get("statistics")) for e in entries if e.event == Event.EVALUATION_SENT} - {None}
+    slotted = _masked_evaluations(entries, evaluations)
     for entry in entries:
         if entry.record.get("masked"):  # SecAgg+'s masking of the values the update-trained record lists
             site.coverage.append(_row(entry, "tensors", "masked vectors", "", "secure aggregation of update-trained"))
+            if entry.record.get("round") in slotted:  # distributed trust: the evaluation's share, in the mask
+                site.coverage.append(_row(entry, "tensors", "masked evaluation slots", "", EVALUATION))
             continue
         sent = entry.record.get("sent")
         if not isinstance(sent, dict):
@@ -60,6 +63,24 @@ def check_coverage(site: SiteAudit, ev: Evidence, found: Findings) -> None:
                         f"{site.name} sent {kind[:-1]} {name!r} in round {entry.record.get('round')}, covered by no "
                         "release and not public configuration",
                     )
+
+
+def _masked_evaluations(entries: list[Any], evaluations: set[str | None]) -> set[Any]:
+    """Rounds whose masked vectors hold an evaluation release's values (distributed trust: the slots): the
+    update-trained record lists them under the hash of an evaluation-sent record, a Skellam share."""
+    shares = {
+        _sha(e.record.get("statistics"))
+        for e in entries
+        if e.event == Event.EVALUATION_SENT and (e.record.get("dp") or {}).get("mechanism") == "skellam"
+    }
+    return {
+        e.record.get("round")
+        for e in entries
+        if e.event == Event.UPDATE_TRAINED
+        and isinstance(e.record.get("sent"), dict)
+        and (sha := (e.record["sent"].get("tensors") or {}).get(Rec.EVALUATION)) in evaluations
+        and sha in shares
+    }
 
 
 def _sha(digest: Any) -> str | None:

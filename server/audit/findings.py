@@ -143,6 +143,9 @@ class SiteAudit:
     control: EmpiricalResult | None = None  # the positive control: the same training without DP
     own_message: EmpiricalResult | None = None  # distributed trust: the site's message alone, against that ε
     coverage: list[dict[str, Any]] = field(default_factory=list)  # each value sent and what covers it
+    evaluation_epsilon_claimed: float | None = None  # privacy.json's (server/audit/evaluation.py)
+    evaluation_epsilon_recomputed: float | None = None  # from the site's evaluation-sent records
+    evaluation_epsilon_individual_recomputed: float | None = None  # distributed trust: against its own messages
 
 
 @dataclass

@@ -25,6 +25,7 @@ from fedtransfer.server.audit.checks import (
     head_names,
 )
 from fedtransfer.server.audit.coverage import check_coverage
+from fedtransfer.server.audit.evaluation import audit_evaluation
 from fedtransfer.server.audit.evidence import check_chain, collect_updates, file_hashes, gather
 from fedtransfer.server.audit.findings import AuditReport, Evidence, Findings, SiteAudit, Update
 from fedtransfer.server.audit.privacy import audit_site_privacy, check_policy
@@ -103,6 +104,7 @@ def _audit_sites(
         audit_site_privacy(site, ev, received, trainings, found)
         audit_trust(site, ev, trainings, found)
         check_coverage(site, ev, found)
+        audit_evaluation(site, ev, found)
         if site.name in configs:
             check_policy(site, *configs[site.name], ev, found)
         else:

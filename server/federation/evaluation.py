@@ -13,7 +13,9 @@ seeded per round. A sampled site the round's training does not ask (`train.fract
 evaluation message of its own, in the same exchange where the protocol allows it.
 
 No site sends a metric: each sends its statistics (common/privacy/evaluation.py), noised under DP, and the
-server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing).
+server computes loss, accuracy, balanced accuracy and AUROC from their sum (post-processing). Under distributed
+trust the statistics a training message carries arrive already summed, from SecAgg+'s masked slots
+(server/federation/masked_evaluation.py): the server never holds one site's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from logging import WARNING
 from typing import Any
 
+import numpy as np
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.intervals import accuracy_interval
 from fedtransfer.common.privacy.evaluation import OVERALL, check_statistics, metrics_from_statistics, sum_statistics
@@ -126,13 +129,24 @@ def taken(content: RecordDict) -> RecordDict | None:
     if Rec.EVALUATION_DP in content.config_records:
         out[Rec.EVALUATION_DP] = content.pop(Rec.EVALUATION_DP)
     metrics = content.metric_records.get(Rec.METRICS)
-    if metrics is not None and Metric.EVAL_EPSILON in metrics:
-        out[Rec.METRICS] = MetricRecord({Metric.EVAL_EPSILON: metrics.pop(Metric.EVAL_EPSILON)})
-    return out if Rec.EVALUATION in out else None
+    if metrics is not None:
+        epsilons = {k: metrics.pop(k) for k in (Metric.EVAL_EPSILON, Metric.EVAL_EPSILON_INDIVIDUAL) if k in metrics}
+        if epsilons:
+            out[Rec.METRICS] = MetricRecord(epsilons)
+    # under distributed trust the statistics are in the masked sum: the reply holds the release's DP record only
+    return out if Rec.EVALUATION in out or Rec.EVALUATION_DP in out else None
 
 
-def read(rnd: int, released: list[tuple[str, RecordDict]], num_classes: int) -> EvaluateRound:
-    """The federated metrics of model `rnd` from the sites' releases, each checked before it is summed."""
+def read(
+    rnd: int, released: list[tuple[str, RecordDict]], num_classes: int, summed: dict[str, np.ndarray] | None = None
+) -> EvaluateRound:
+    """The federated metrics of model `rnd` from the sites' releases, each checked before it is summed.
+
+    `summed`: under distributed trust, the statistics SecAgg+ summed in the masked slots (the releases then carry
+    their DP records only, server/federation/masked_evaluation.py).
+    """
+    if summed is not None:
+        return _read_summed(rnd, released, num_classes, summed)
     out, stats = EvaluateRound(), []
     for site, content in released:
         values = {k: v.numpy() for k, v in content.array_records.get(Rec.EVALUATION, {}).items()}
@@ -142,13 +156,42 @@ def read(rnd: int, released: list[tuple[str, RecordDict]], num_classes: int) -> 
         stats.append(values)
         out.sites[site] = evaluation_fields(content)
     if stats:
-        summed = sum_statistics(stats)
-        out.metrics = metrics_from_statistics(summed) | {"sites": len(stats)}
-        # the released (noisy) record total, and Wilson on it: the sampling interval of these records'
-        # accuracy; it leaves out the DP noise on the counts (its σ is in privacy.json's evaluation plan)
-        records = max(round(float(summed[OVERALL][1])), 0)
-        out.metrics |= {"records": records, "accuracy_interval95": accuracy_interval(out.metrics["accuracy"], records)}
+        out.metrics = _metrics(sum_statistics(stats), len(stats))
     return out
+
+
+def _read_summed(
+    rnd: int, released: list[tuple[str, RecordDict]], num_classes: int, summed: dict[str, np.ndarray]
+) -> EvaluateRound:
+    """The metrics of the masked sum, if any site's release is in it; each such site's DP record and ε.
+
+    A site whose reply names no masked release added its noise share alone: it is in the sum, not in `sites`.
+    A sampled site the round did not train answered an evaluation message of its own: its Gaussian release
+    (fully noised at the site) is added to the sum.
+    """
+    out, summed = EvaluateRound(), dict(summed)
+    for site, content in released:
+        dp = content.config_records.get(Rec.EVALUATION_DP)
+        plain = {k: v.numpy() for k, v in content.array_records.get(Rec.EVALUATION, {}).items()}
+        if dp is not None and dp.get("mechanism") != "skellam" and check_statistics(plain, num_classes) is None:
+            summed = sum_statistics([summed, plain])
+        elif dp is None or dp.get("mechanism") != "skellam" or plain:
+            log(WARNING, "round %d: evaluation at site %s refused: neither masked nor a DP release", rnd, site)
+            continue
+        out.sites[site] = evaluation_fields(content)
+    if (reason := check_statistics(summed, num_classes)) is not None:
+        log(WARNING, "round %d: the masked evaluation sum is unfit: %s", rnd, reason)
+    elif out.sites:
+        out.metrics = _metrics(summed, len(out.sites))
+    return out
+
+
+def _metrics(summed: dict[str, np.ndarray], sites: int) -> dict[str, Any]:
+    metrics = metrics_from_statistics(summed) | {"sites": sites}
+    # the released (noisy) record total, and Wilson on it: the sampling interval of these records'
+    # accuracy; it leaves out the DP noise on the counts (its σ is in privacy.json's evaluation plan)
+    records = max(round(float(summed[OVERALL][1])), 0)
+    return metrics | {"records": records, "accuracy_interval95": accuracy_interval(metrics["accuracy"], records)}
 
 
 def carried(rnd: int, got: list[tuple[Answer, RecordDict | None]], asked: Asked) -> list[tuple[str, RecordDict]]:
@@ -212,4 +255,6 @@ def evaluation_fields(content: RecordDict) -> dict[str, Any]:
     fields = DPRecord.from_mapping(dp).as_dict() | {"composition": str(dp.get("composition", ""))}
     if Metric.EVAL_EPSILON in metrics:
         fields["epsilon"] = float(metrics[Metric.EVAL_EPSILON])
+    if Metric.EVAL_EPSILON_INDIVIDUAL in metrics:  # distributed trust: against the site's own messages
+        fields["epsilon_individual"] = float(metrics[Metric.EVAL_EPSILON_INDIVIDUAL])
     return fields

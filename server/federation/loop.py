@@ -221,7 +221,15 @@ def _round(
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
         if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
             train = secure_train_round(
-                grid, rnd, arrays, config=config, strategy=release or co.strategy, book=book, cfg=cfg, sampled=sampled
+                grid,
+                rnd,
+                arrays,
+                config=config,
+                strategy=release or co.strategy,
+                book=book,
+                cfg=cfg,
+                sampled=sampled,
+                num_classes=len(co.classes),
             )
         else:
             train = plain_round(
@@ -238,7 +246,11 @@ def _round(
         head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
-    evaluated = EvaluateRound() if sampled is None else read(sampled.model_round, train.evaluations, len(co.classes))
+    evaluated = (
+        EvaluateRound()
+        if sampled is None
+        else read(sampled.model_round, train.evaluations, len(co.classes), summed=train.summed_evaluation)
+    )
     outcome = RoundReport(
         rnd,
         train,

@@ -107,7 +107,13 @@ def evaluation_report(releases: list[dict[str, Any]]) -> dict[str, Any]:
         return {"releases": len(releases), "epsilon": 0.0, "epsilon_recomputed": None, "rounds": releases}
     delta, accountant = noised[-1]["delta"], noised[-1]["accountant"]
     history = [event_of(DPRecord.from_mapping(r)) for r in noised]
-    return {
+    individual = {}  # distributed trust: the masked releases' ε against the site's own messages too
+    if "epsilon_individual" in noised[-1]:
+        individual = {
+            "epsilon_individual": noised[-1]["epsilon_individual"],
+            "epsilon_individual_recomputed": epsilon_of(history, delta, accountant, individual=True),
+        }
+    return individual | {
         "releases": len(releases),
         "epsilon": noised[-1].get("epsilon"),
         "epsilon_recomputed": epsilon_of(history, delta, accountant),

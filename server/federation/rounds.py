@@ -21,6 +21,7 @@ from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from fedtransfer.common.wire.secure_sum import sum_of_mean
 from fedtransfer.server.federation.evaluation import Sampled, alone, asked_of, asking, carried, releases, taken
+from fedtransfer.server.federation.masked_evaluation import split_slots, with_slot_placeholders
 from fedtransfer.server.federation.secure import SecureRound, secure_round
 from fedtransfer.server.federation.sites import Answer, SiteBook, SiteRound, answer_of, answers, send_and_receive
 from fedtransfer.server.federation.strategy import SITES_IN_REPLY, ScreenedStrategy
@@ -48,6 +49,8 @@ class TrainRound:
     halted: str | None = None  # why secure aggregation produced no mean
     # the evaluation of the model sent this round (the round before's), by the sites asked: (site, its release)
     evaluations: list[tuple[str, RecordDict]] = field(default_factory=list)
+    # under distributed trust: the sum of their statistics, read back from the masked slots (None: not masked)
+    summed_evaluation: dict[str, np.ndarray] | None = None
 
     @property
     def trained(self) -> list[str]:
@@ -119,19 +122,27 @@ def secure_train_round(
     book: SiteBook,
     cfg: RunConfig,
     sampled: Sampled | None = None,
+    num_classes: int = 0,
 ) -> TrainRound:
     """SecAgg+: the server receives masked vectors and reconstructs only their weighted mean.
 
     Round 0's statistics release (`config` names it) goes the same way: the message carries zeros
     shaped like the release (the strategy's spec), and the server reads back the exact sums. The
     evaluation of the model sent (`sampled`) rides in the stage-2 reply, beside the masked vector; a
-    sampled site the round does not train gets the evaluation message of its own after the round.
+    sampled site the round does not train gets the evaluation message of its own after the round. Under
+    distributed trust the statistics are masked too: the head sent has the evaluation's slots (zeros shaped like
+    the statistics of `num_classes` classes, server/federation/masked_evaluation.py), and the server reads back
+    only their sum over the round's sites.
     """
     release = config.get(Cfg.RELEASE) is not None
     if release:
         arrays = ArrayRecord({n: Array(np.zeros(shape, dtype=dtype)) for n, (shape, dtype) in strategy.spec.items()})
     nodes = [m.metadata.dst_node_id for m in strategy.configure_train(rnd, arrays, config, grid)]
     asked = asked_of(sampled, nodes)
+    head_names = list(arrays.keys())
+    slotted = asked is not None and not release and mechanism_for(cfg).distributed
+    if slotted:
+        arrays = with_slot_placeholders(arrays, num_classes)
     extra = {n: {Cfg.EVALUATE_ROUND: asked.model_round} for n in asked.nodes} if asked is not None else {}
     timeout = cfg.train.round_timeout_s
     sec = secure_round(
@@ -172,6 +183,8 @@ def secure_train_round(
     examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
     extra: dict[str, float] = {}
     aggregate = sec.aggregate
+    if slotted:
+        sec, aggregate, out.summed_evaluation = split_slots(sec, aggregate, head_names, cfg.secagg, num_classes)
     mechanism = mechanism_for(cfg)
     quanta = mechanism.secure_sum_quanta(aggregate.keys(), release=release)
     if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
