@@ -80,8 +80,9 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
 
 
 def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
-    """Round 0's Skellam release (the statistics, or the record counts alone), recomputed: one step at rate 1, sensitivities no smaller than the
-    unrounded bound allows, and the variance the plan gives those sensitivities (plan_distributed)."""
+    """Round 0's Skellam release (the statistics, or the record counts alone), recomputed: one step at rate 1,
+    sensitivities no smaller than the unrounded bound allows, and the variance the plan gives those
+    sensitivities (plan_distributed)."""
     from fedtransfer.common.privacy.skellam import calibrate_variance
 
     if (rec.sample_rate, rec.steps) != (1.0, 1):
