@@ -345,8 +345,62 @@ def test_a_written_honest_run_passes(tmp_path: Path, capsys) -> None:
     """The builder writes what an honest run writes: the tests below break exactly one thing each."""
     code, out, report = _audit(_written(tmp_path), capsys)
     assert code == 0, out
-    assert [s["updates_matched"] for s in report["sites"]] == [2, 2]
+    assert [s["updates_matched"] for s in report["sites"]] == [3, 3]  # round 0's record-count release, rounds 1-2
     assert report["sites"][0]["epsilon_recomputed"] == pytest.approx(run_epsilon(2), rel=1e-12)
+
+
+def _edit_site_log(run: Path, edit: Callable[[dict[str, Any]], None], rnd: int = 1) -> None:
+    """Change site-0's update-sent record of round `rnd` (the chain rewritten: what its holder can do)."""
+
+    def change(records: list[dict[str, Any]]) -> None:
+        edit(next(r for r in records if r["event"] == "update-sent" and r["round"] == rnd))
+
+    _rechain(run / SITE_LOG, change)
+
+
+@pytest.mark.parametrize(
+    ("name", "exact"),
+    [("num-examples", 597.0), ("steps", 22.0), ("dp.sample_rate", 1 / 11)],
+    ids=["exact-weight", "steps-of-exact-n", "rate-of-exact-n"],
+)
+def test_a_size_that_does_not_follow_from_the_released_count_fails(
+    tmp_path: Path, capsys, name: str, exact: float
+) -> None:
+    """Issue 23: under DP a weight, or fedavg's DP sample rate and steps, computed from an exact count rather than
+    the one released in round 0 (600.4: rate 1/10, 2 × 10 steps) is covered by no release."""
+    run = _written(tmp_path)
+
+    def send_exact(record: dict[str, Any]) -> None:
+        if name == "dp.sample_rate":
+            record["dp"] = record["dp"] | {"sample_rate": exact}
+        else:
+            record["sent"]["metrics"][name] = exact
+
+    _edit_site_log(run, send_exact)
+    code, out, report = _audit(run, capsys)
+    assert code == 1
+    assert f"site-0 sent metric {name!r} = {exact} in round 1, covered by no release" in out
+    rows = [r for r in report["sites"][0]["coverage"] if r["name"] == name and r["round"] == 1]
+    assert [r["covered_by"] for r in rows] == ["NOT COVERED"]
+
+
+def test_without_a_released_count_the_old_weight_of_one_fails(tmp_path: Path, capsys) -> None:
+    """Before issue 23 a DP run without the statistics sent weight 1 and fedavg's rate batch/n; with no count
+    released in round 0 nothing a site sends about its size is covered."""
+    run = _written(tmp_path)
+
+    def drop_release(records: list[dict[str, Any]]) -> None:
+        for r in records:
+            if r["event"] == "update-sent" and r["round"] == 0:
+                r.pop("released_count")
+            if r["event"] == "update-sent" and r["round"] == 1:
+                r["sent"]["metrics"]["num-examples"] = 1.0
+
+    _rechain(run / SITE_LOG, drop_release)
+    code, out, _ = _audit(run, capsys)
+    assert code == 1
+    for what in ("'num-examples' = 1.0 in round 1", "'dp.sample_rate' = 0.1 in round 1", "'steps' = 20 in round 1"):
+        assert f"site-0 sent metric {what}, covered by no release" in out
 
 
 def test_a_run_that_never_aggregated_an_update_fails(tmp_path: Path, capsys) -> None:

@@ -8,8 +8,8 @@ divisor); under distributed trust the scaling by 1/γ, the rounding of each unit
 integers and the site's Skellam share. When the run has a statistics release it comes first, centres the
 head and starts it at the class means, as the server does; under DP without it the record-count release
 comes first and is accounted, the head left as it was. The plan's rate is the one the site would plan from
-its exact count (the replay's stand-in for the released one: post-processing, whatever its value). The site is alone for every round of the
-run: the strongest position for the attack.
+its exact count (the replay's stand-in for the released one: post-processing, whatever its value). The
+site is alone for every round of the run: the strongest position for the attack.
 
 Under distributed trust the coordinator sees one of two things, and each has its own claim:
 - `aggregate`: what the SecAgg+ sum reveals about this site: its message plus the noise shares of the
