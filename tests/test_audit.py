@@ -89,8 +89,8 @@ def _rechain(path: Path, edit: Callable[[list[dict[str, Any]]], None]) -> None:
 
 
 def _first(records: list[dict[str, Any]], event: str) -> dict[str, Any]:
-    """site-0's first record of this event."""
-    return next(r for r in records if r["event"] == event and r["site"] == "site-0")
+    """site-0's first record of this event in a training round (round 0 is its record-count release)."""
+    return next(r for r in records if r["event"] == event and r["site"] == "site-0" and r.get("round") != 0)
 
 
 def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: Path, capsys) -> None:
@@ -115,7 +115,7 @@ def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: 
     privacy = json.loads((honest_run / "privacy.json").read_text())["sites"]
     assert [s["name"] for s in report["sites"]] == sorted(privacy) == ["site-0", "site-1"]
     for site in report["sites"]:
-        assert site["updates_matched"] == 2 and site["rounds_joined"] == [1, 2] and site["rounds_declined"] == []
+        assert site["updates_matched"] == 3 and site["rounds_joined"] == [0, 1, 2] and site["rounds_declined"] == []
         assert site["epsilon_recomputed"] == pytest.approx(privacy[site["name"]]["epsilon"], rel=1e-9)
         assert site["epsilon_recomputed"] <= site["target_epsilon"] == 3.0
         assert [r["steps"] for r in site["rounds"]] == [r["steps"] for r in privacy[site["name"]]["per_round"]]
@@ -141,7 +141,7 @@ def _swap(lines: list[str], index: int) -> None:
 @pytest.mark.parametrize("tamper", [_edit, _delete, _swap], ids=["edit", "delete", "reorder"])
 def test_tampered_line_fails_naming_file_and_line(run: Path, capsys, log: str, tamper) -> None:
     path = run / log
-    line = _line_of(path, "update-sent" if log == SITE_LOG else "update-received")
+    line = _line_of(path, "update-sent" if log == SITE_LOG else "update-received", round=1)
     lines = _lines(path)
     tamper(lines, line - 1)
     path.write_text("".join(lines), encoding="utf-8")
@@ -176,7 +176,9 @@ def test_forged_update_hash_is_detected(run: Path, capsys) -> None:
     received = _line_of(run / SERVER_LOG, "update-received", site="site-0", round=1)
     (failure,) = report["failures"]
     assert (failure["check"], failure["file"], failure["line"]) == ("updates", str(run / SERVER_LOG), received)
-    assert f"but site-0 logged sending ffffffffffffffff… ({site_log}:{_line_of(site_log, 'update-sent')})" in out
+    assert (
+        f"but site-0 logged sending ffffffffffffffff… ({site_log}:{_line_of(site_log, 'update-sent', round=1)})" in out
+    )
 
 
 @pytest.mark.parametrize(("log", "event"), [(SITE_LOG, "update-sent"), (SERVER_LOG, "update-received")])
@@ -185,7 +187,7 @@ def test_tensor_outside_the_head_is_detected(run: Path, capsys, log: str, event:
     _rechain(run / log, lambda records: _first(records, event)["update"]["tensors"].append(extra))
     code, out, _ = _audit(run, capsys)
     assert code == 1
-    where = f"{run / log}:{_line_of(run / log, event, site='site-0')}"
+    where = f"{run / log}:{_line_of(run / log, event, site='site-0', round=1)}"
     assert f"FAIL [head-only] {where}: {event} from site-0 in round 1 carries tensor(s) " in out
     assert "['backbone.features.0.0.weight'] that are not part of the head" in out
 
