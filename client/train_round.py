@@ -162,13 +162,13 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     )
     release = conf.get(Cfg.RELEASE) is not None or server_round == 0
     released = released_count(site, run_id) if cfg.privacy.enabled else None
-    if cfg.privacy.enabled and not release and released is None:
+    dim = sum(p.numel() for p in head.parameters())
+    plan = privacy_plan(site, cfg, ledger, dim, mechanism=mechanism, released=released)  # its policy first
+    if plan is not None and not release and released is None:
         raise Declined(
             "this site released no record count in round 0 of this run; under DP it sends no weight or sample "
             "rate that would reveal its exact count, so it sits this run out"
         )
-    dim = sum(p.numel() for p in head.parameters())
-    plan = privacy_plan(site, cfg, ledger, dim, mechanism=mechanism, released=released)
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n

@@ -50,7 +50,8 @@ class KilledAfterRound2Updates(InProcessGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         replies = super().pull_messages(message_ids)
         trains = sum(m.metadata.message_type == MessageType.TRAIN for m in self.pushed)
-        if trains == 2 * len(SITES) and self.pushed[-1].metadata.message_type == MessageType.TRAIN:
+        # round 0's record-count release, then rounds 1 and 2: the third train message per site
+        if trains == 3 * len(SITES) and self.pushed[-1].metadata.message_type == MessageType.TRAIN:
             raise CoordinatorKilled
         return replies
 
@@ -91,16 +92,16 @@ def test_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -
     server_log = read_records(run_dir / "audit.jsonl")
     assert [r["round"] for r in server_log if r["event"] == "run-resumed"] == [2]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
     for site in SITES:
         # round 2 was answered from the site's cache: trained once, charged once, replayed once
-        assert [e["round"] for e in _events(run_dir, site, "update-sent")] == [1, 2]
+        assert [e["round"] for e in _events(run_dir, site, "update-sent")] == [0, 1, 2]
         (replayed,) = _events(run_dir, site, "reply-replayed")
         assert replayed["round"] == 2
-        assert replayed["update"] == _events(run_dir, site, "update-sent")[1]["update"]
+        assert replayed["update"] == _events(run_dir, site, "update-sent")[2]["update"]
         ledger = json.loads((run_dir / "sites" / site / "privacy-ledger.json").read_text())
         (entry,) = ledger["runs"].values()
-        assert [r["round"] for r in entry["rounds"]] == [1, 2]
+        assert [r["round"] for r in entry["rounds"]] == [0, 1, 2]
 
     expected, got = _final_head(tmp_path / "reference"), _final_head(run_dir)
     assert expected.keys() == got.keys()
