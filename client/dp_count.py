@@ -1,16 +1,19 @@
-"""The only record count a site sends: a DP one (issue 23, item 2).
+"""The only record count a site sends under DP: the one it released in round 0 (issue 23, item 2).
 
 An exact record count breaks add/remove-one differential privacy on its own, so under DP a site never
-sends one. Its weight in the server's mean (`num-examples`) and fedsgd's expected batch q·n are computed
-from the count it already released in round 0's feature statistics (per-class noisy counts, summed):
-post-processing of an accounted release, free. Under distributed trust that count carries only the
-site's own Skellam share, so it is covered at the release's individual ε (privacy.json
-`epsilon_individual`), the one that also covers the masked message. A run without the statistics
-release weighs every site alike (weight 1, under SecAgg+ `secagg.max_weight`: common/privacy/coverage.py
-`unweighted`): no count is sent, so nothing is released. One exception is
-left: fedsgd under DP without the statistics release (no shipped config) still sends its exact expected
-batch q·n, which its server step divides by; releasing an accounted count there would change the
-training plans. Without DP nothing is promised, and the exact count is sent as before.
+sends one, nor anything computed from one. Round 0 releases the site's per-class noisy counts: inside the
+feature statistics (privacy.feature_stats: true), or alone (the record-counts release at privacy.count_share,
+common/privacy/counts.py). Their sum, kept here, is then the site's count everywhere a reply needs one:
+its weight in the server's mean (`num-examples`), fedsgd's expected batch q·n, and fedavg's Poisson rate
+1/⌈ñ/batch⌉ with its steps, which every DP record carries (plan_dp); the site still trains on all its
+records. All of it is post-processing of an accounted release, free. Under distributed trust the count
+carries only the site's own Skellam share, so it is covered at the release's individual ε (privacy.json
+`epsilon_individual`), the one that also covers the masked message.
+
+A site that released no count in round 0 of a DP run (it joined late, or failed then) sits the run out: it
+could send no weight or rate without revealing its exact count. The audit fails any size-dependent value
+that is not what the released count gives (server/audit/coverage.py). Without DP nothing is promised, and
+the exact count is sent as before. The site's own log keeps its exact count and timings; none leaves.
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from fedtransfer.client.site import Declined, Site, enforce_policy
 from fedtransfer.client.site_log import record
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.privacy.calibration import epsilon_of, require_secure_rng
-from fedtransfer.common.privacy.coverage import sent_values, unweighted
+from fedtransfer.common.privacy.counts import round_zero_release
+from fedtransfer.common.privacy.coverage import sent_values
 from fedtransfer.common.privacy.evaluation_skellam import evaluation_quantum, slots
 from fedtransfer.common.privacy.fedsgd import Units, make_generator, synthetic_users, user_seed
 from fedtransfer.common.privacy.ledger import PrivacyLedger
@@ -33,18 +34,25 @@ from fedtransfer.common.privacy.mechanisms import Mechanism, SiteTensors, Traine
 from fedtransfer.common.privacy.plans import Plan
 from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
-from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg, DPRecord, Event, Metric, Rec, site_record
+from fedtransfer.common.wire.protocol import Cfg, DPRecord, Event, Metric, Rec, site_record
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from torch import nn
 
 
 def privacy_plan(
-    site: Site, cfg: RunConfig, ledger: PrivacyLedger, dim: int, *, mechanism: Mechanism | None = None
+    site: Site,
+    cfg: RunConfig,
+    ledger: PrivacyLedger,
+    dim: int,
+    *,
+    mechanism: Mechanism | None = None,
+    released: float | None = None,
 ) -> Plan | None:
     """The run's DP plan for this site's data, within its policy and budget; None without DP.
 
     The run's mechanism (common/privacy/mechanisms/) makes it: `dim` is the head's trainable coordinates
-    (the rounding's sensitivity under distributed trust); site.plan remembers it on a deployed site.
+    (the rounding's sensitivity under distributed trust), `released` the count this site released in round 0
+    (None before it has: client/dp_count.py); site.plan remembers it on a deployed site.
     """
     mechanism = mechanism or mechanism_for(cfg)
     try:
@@ -57,6 +65,7 @@ def privacy_plan(
             feature_dim=int(site.train_x.shape[1]),
             num_classes=len(site.data.train.classes),
             remember=site.plan,
+            released=released,
         )
     except ValueError as err:  # δ ≥ 1/n for this site, secure_mode without torchcsprng, a share that could wrap
         raise Declined(str(err)) from None
@@ -119,7 +128,15 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     head = local_head(
         site, cfg, None if secure and conf.get(Cfg.RELEASE) is not None else arrays, len(site.data.train.classes)
     )
-    plan = privacy_plan(site, cfg, ledger, sum(p.numel() for p in head.parameters()), mechanism=mechanism)
+    release = conf.get(Cfg.RELEASE) is not None or server_round == 0
+    released = released_count(site, run_id) if cfg.privacy.enabled else None
+    dim = sum(p.numel() for p in head.parameters())
+    plan = privacy_plan(site, cfg, ledger, dim, mechanism=mechanism, released=released)  # its policy first
+    if plan is not None and not release and released is None:
+        raise Declined(
+            "this site released no record count in round 0 of this run; under DP it sends no weight or sample "
+            "rate that would reveal its exact count, so it sits this run out"
+        )
     if plan is not None and conf.get(Cfg.EVALUATE_ROUND) is not None:
         ledger.check_round(plan)  # a training its budget declines carries no evaluation: none is charged for it
     masked = masked_evaluation(cfg, conf, secure=secure)
@@ -129,10 +146,8 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     started = time.monotonic()
     work = _work(site, cfg, mechanism, conf=conf, server_round=server_round, plan=plan, ledger=ledger, head=head)
     seconds = round(time.monotonic() - started, 4)  # stays in the site's own log: a timing tracks n
-    count = None if plan is None else released_count(site, run_id)
-    answer, dp = _answer(
-        site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count, alike=unweighted(cfg)
-    )
+    count = None if plan is None else released_count(site, run_id)  # round 0's, just released there
+    answer, dp = _answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=server_round, count=count)
     if evaluation is not None:
         carry(answer, evaluation)
     cache.save(run_id, key, answer)
@@ -142,6 +157,8 @@ def train(site: Site, cfg: RunConfig, msg: Message) -> RecordDict:
     logged["sent"] = sent_values(answer)  # every value that leaves, for the audit's coverage check
     if work.release is not None:
         logged["release"] = work.release
+        if count is not None:  # the count this release gave away: what every later weight and rate follows from
+            logged["released_count"] = count
     if secure:  # the plain head stays here; client_app._secure_mod logs the masked vectors that leave
         record(site, msg, Event.UPDATE_TRAINED, **logged)
         return _secure(with_slots(site, cfg, answer, conf, server_round), conf, cfg, mechanism, replayed=False)
@@ -174,13 +191,14 @@ def _work(
     seed = site.round_seed(str(conf[Cfg.RUN_ID]), server_round)
     data = site_tensors(site, cfg)
     if server_round == 0 or conf.get(Cfg.RELEASE) is not None:
-        if conf.get(Cfg.RELEASE) != FEATURE_STATS or server_round != 0 or not cfg.privacy.feature_stats:
+        kind = round_zero_release(cfg.privacy)
+        if kind is None or conf.get(Cfg.RELEASE) != kind or server_round != 0:
             raise Declined(
-                f"round {server_round}: this run (privacy.feature_stats = {cfg.privacy.feature_stats}) "
-                f"has no release {conf.get(Cfg.RELEASE)!r}"
+                f"round {server_round}: this run (privacy.feature_stats = {cfg.privacy.feature_stats}, "
+                f"privacy.enabled = {cfg.privacy.enabled}) has no release {conf.get(Cfg.RELEASE)!r}"
             )
-        if any(r.get("release") == FEATURE_STATS for r in ledger.entry["rounds"]):
-            raise Declined("feature statistics were already released in this run; a second release is refused")
+        if any(r.get("release") == kind for r in ledger.entry["rounds"]):
+            raise Declined(f"{kind} were already released in this run; a second release is refused")
         if plan is not None:
             ledger.check_round(plan, plan.stats_event)
         generator = make_generator(seed, cfg.privacy.secure_mode, site.train_x.device)
@@ -189,7 +207,7 @@ def _work(
         if plan is not None:  # its noisy counts weigh this site from now on (client/dp_count.py)
             remember_release(site, str(conf[Cfg.RUN_ID]), released)
         metrics: dict[str, float | int] = {Metric.NUM_EXAMPLES: data.units.count}
-        return Work(Trained(ArrayRecord(released), None, 1, history, event, metrics), FEATURE_STATS)
+        return Work(Trained(ArrayRecord(released), None, 1, history, event, metrics), kind)
     if plan is not None:
         ledger.check_round(plan)
     proximal_mu = float(conf.get(Cfg.PROXIMAL_MU, 0.0))
@@ -205,21 +223,22 @@ def _answer(
     ledger: PrivacyLedger,
     server_round: int,
     count: float | None,
-    alike: float,
 ) -> tuple[RecordDict, DPRecord | None]:
     """The reply: the arrays, metrics, site identity and, under DP, this work's DP parameters (ledger first).
 
     Under DP the released `count` (client/dp_count.py) stands for the exact record count everywhere the reply
-    had one: the weight, and fedsgd's expected batch q·n, which becomes q·count; with none released every
-    site weighs `alike` (common/privacy/coverage.py `unweighted`). Without DP nothing is promised.
+    had one: the weight, and fedsgd's expected batch q·n, which becomes q·count; a site with no released count
+    sends nothing under DP (ValueError: `train` declines first). Without DP nothing is promised.
     """
     done = work.done
     metrics = {**done.metrics, Metric.STEPS: done.steps, Metric.WIRE_BYTES: wire_bytes(done.arrays)}
     exact = float(metrics[Metric.NUM_EXAMPLES])
-    if plan is not None:  # under DP: the released count, or every site alike (client/dp_count.py)
-        metrics[Metric.NUM_EXAMPLES] = alike if count is None else count
-        if Metric.EXPECTED_BATCH in metrics and count is not None and exact > 0:
-            metrics[Metric.EXPECTED_BATCH] = float(metrics[Metric.EXPECTED_BATCH]) * count / exact
+    if plan is not None:  # under DP: the released count (client/dp_count.py)
+        if count is None:
+            raise ValueError("under DP a reply needs the count released in round 0; none was")
+        metrics[Metric.NUM_EXAMPLES] = count
+        if Metric.EXPECTED_BATCH in metrics:
+            metrics[Metric.EXPECTED_BATCH] = float(metrics[Metric.EXPECTED_BATCH]) * count / max(exact, 1.0)
     answer = RecordDict({Rec.ARRAYS: done.arrays, Rec.SITE: site_record(site.name)})
     if plan is None or done.event is None:
         # without DP nothing is promised, and the loss helps; under DP it would be an unaccounted release

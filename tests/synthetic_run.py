@@ -17,13 +17,19 @@ from typing import Any
 import numpy as np
 import torch
 from fedtransfer.common.config.run import config_from_dict, to_nested
-from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.calibration import epsilon_of, stats_noise_multiplier
 from fedtransfer.common.privacy.events import gaussian_steps
+from fedtransfer.common.privacy.fedsgd import STATS_COUNTS
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
-from fedtransfer.common.wire.protocol import Event
+from fedtransfer.common.wire.protocol import RECORD_COUNTS, Event
 
 HEAD = ("head.1.bias", "head.1.weight")
+# fedavg, 2 local epochs at batch 64: a site that released COUNT records samples at 1/⌈600/64⌉ = 0.1, 10 steps an
+# epoch (plan_dp), so every size it sends follows from its round-0 release (common/privacy/coverage.py `follows`)
 DP = {"noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 20, "clip_norm": 1.0, "delta": 1e-5, "accountant": "rdp"}
+COUNT = 600.4  # each site's released (noisy) record count
+RELEASE_DP = DP | {"noise_multiplier": stats_noise_multiplier(3.0, DP["delta"], 0.02, "rdp"), "sample_rate": 1.0}
+RELEASE_DP |= {"steps": 1}
 RUN_ID = "synthetic-run"
 
 
@@ -38,6 +44,9 @@ class RunSpec:
     status: dict[str, Any] = field(default_factory=lambda: {"status": "completed"})
 
     def trained_in(self, rnd: int) -> list[str]:
+        """Round 0 (the record-count release): every site, unless `trained` is empty (nothing reached the server)."""
+        if rnd == 0 and self.trained is not None:
+            return self.trained.get(0, list(self.sites) if self.trained else [])
         return list(self.sites) if self.trained is None else self.trained.get(rnd, [])
 
 
@@ -46,9 +55,15 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
     run_dir.mkdir(parents=True)
     cfg = config_from_dict(
         {
-            "train": {"rounds": spec.rounds, "min_sites": spec.min_sites},
+            "train": {
+                "rounds": spec.rounds,
+                "min_sites": spec.min_sites,
+                "protocol": "fedavg",
+                "local_epochs": 2,
+                "batch_size": 64,
+            },
             "data": {"num_sites": len(spec.sites)},
-            "privacy": {"target_epsilon": 3.0, "target_delta": DP["delta"]},
+            "privacy": {"target_epsilon": 3.0, "target_delta": DP["delta"], "feature_stats": False},
         }
     )
     (run_dir / "config.json").write_text(json.dumps(to_nested(cfg)), encoding="utf-8")
@@ -57,25 +72,28 @@ def write_run(run_dir: Path, spec: RunSpec) -> Path:
     rng = np.random.default_rng(0)
     head = _head(rng)
     claims: dict[str, list[dict[str, Any]]] = {name: [] for name in spec.sites}
-    for rnd in range(1, spec.rounds + 1):
+    released = set(spec.trained_in(0))
+    for rnd in range(0 if released else 1, spec.rounds + 1):
         updates = []
         for name in spec.trained_in(rnd):
-            update = _head(rng)
+            update = _head(rng) if rnd else {STATS_COUNTS: rng.standard_normal(3).astype(np.float32)}
             digest = update_digest(update)
-            history = [gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (len(claims[name]) + 1)
-            epsilon = epsilon_of(history, DP["delta"], DP["accountant"])
+            dp = DP if rnd else RELEASE_DP
+            epsilon = epsilon_of(_history(len(claims[name]) + 1), DP["delta"], DP["accountant"])
             sent = {  # every value of the reply, as a site logs it (common/privacy/coverage.py)
                 "tensors": {"arrays": digest["sha256"]},
-                "metrics": {"num-examples": 1.0, "steps": DP["steps"], "epsilon": epsilon},
-                "configs": {"site": ["name"], "dp": sorted(DP)},
+                "metrics": {"num-examples": COUNT, "steps": dp["steps"], "epsilon": epsilon},
+                "configs": {"site": ["name"], "dp": sorted(dp)},
             }
+            release = {} if rnd else {"release": RECORD_COUNTS, "released_count": COUNT}
             _site_log(run_dir, name).append(
-                Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=DP, sent=sent
+                Event.UPDATE_SENT, run_id=RUN_ID, site=name, round=rnd, update=digest, dp=dp, sent=sent, **release
             )
             server.append(Event.UPDATE_RECEIVED, run_id=RUN_ID, site=name, round=rnd, update=digest)
-            claims[name].append({"round": rnd, "status": "trained", "epsilon": epsilon} | _per_round())
-            updates.append(update)
-        if len(updates) >= spec.min_sites:
+            claims[name].append({"round": rnd, "status": "trained", "epsilon": epsilon} | _per_round(dp))
+            if rnd:
+                updates.append(update)
+        if rnd and len(updates) >= spec.min_sites:
             head = {k: np.mean([u[k] for u in updates], axis=0).astype(np.float32) for k in HEAD}
         server.append(
             Event.ROUND_AGGREGATED,
@@ -100,8 +118,14 @@ def _head(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def _per_round() -> dict[str, Any]:
-    return {k: DP[k] for k in ("noise_multiplier", "sample_rate", "steps", "clip_norm")} | {"num_examples": 100}
+def _per_round(dp: dict[str, Any]) -> dict[str, Any]:
+    return {k: dp[k] for k in ("noise_multiplier", "sample_rate", "steps", "clip_norm")} | {"num_examples": COUNT}
+
+
+def _history(entries: int) -> list:
+    """The accountant history after a site's first `entries` claims: round 0's release, then training rounds."""
+    release = gaussian_steps(RELEASE_DP["noise_multiplier"], 1.0, 1)
+    return [release, *[gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * (entries - 1)]
 
 
 def _site_log(run_dir: Path, name: str) -> AuditLog:
@@ -124,7 +148,5 @@ def _write_privacy(run_dir: Path, claims: dict[str, list[dict[str, Any]]]) -> No
 
 
 def run_epsilon(rounds: int) -> float:
-    """ε a site claims after training `rounds` rounds of this run."""
-    return epsilon_of(
-        [gaussian_steps(DP["noise_multiplier"], DP["sample_rate"], DP["steps"])] * rounds, DP["delta"], "rdp"
-    )
+    """ε a site claims after its round-0 release and `rounds` training rounds of this run."""
+    return epsilon_of(_history(rounds + 1), DP["delta"], "rdp")

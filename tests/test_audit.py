@@ -89,8 +89,8 @@ def _rechain(path: Path, edit: Callable[[list[dict[str, Any]]], None]) -> None:
 
 
 def _first(records: list[dict[str, Any]], event: str) -> dict[str, Any]:
-    """site-0's first record of this event."""
-    return next(r for r in records if r["event"] == event and r["site"] == "site-0")
+    """site-0's first record of this event in a training round (round 0 is its record-count release)."""
+    return next(r for r in records if r["event"] == event and r["site"] == "site-0" and r.get("round") != 0)
 
 
 def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: Path, capsys) -> None:
@@ -115,7 +115,7 @@ def test_honest_run_passes_and_writes_html_and_json(honest_run: Path, tmp_path: 
     privacy = json.loads((honest_run / "privacy.json").read_text())["sites"]
     assert [s["name"] for s in report["sites"]] == sorted(privacy) == ["site-0", "site-1"]
     for site in report["sites"]:
-        assert site["updates_matched"] == 2 and site["rounds_joined"] == [1, 2] and site["rounds_declined"] == []
+        assert site["updates_matched"] == 3 and site["rounds_joined"] == [0, 1, 2] and site["rounds_declined"] == []
         assert site["epsilon_recomputed"] == pytest.approx(privacy[site["name"]]["epsilon"], rel=1e-9)
         assert site["epsilon_recomputed"] <= site["target_epsilon"] == 3.0
         assert [r["steps"] for r in site["rounds"]] == [r["steps"] for r in privacy[site["name"]]["per_round"]]
@@ -141,7 +141,7 @@ def _swap(lines: list[str], index: int) -> None:
 @pytest.mark.parametrize("tamper", [_edit, _delete, _swap], ids=["edit", "delete", "reorder"])
 def test_tampered_line_fails_naming_file_and_line(run: Path, capsys, log: str, tamper) -> None:
     path = run / log
-    line = _line_of(path, "update-sent" if log == SITE_LOG else "update-received")
+    line = _line_of(path, "update-sent" if log == SITE_LOG else "update-received", round=1)
     lines = _lines(path)
     tamper(lines, line - 1)
     path.write_text("".join(lines), encoding="utf-8")
@@ -176,7 +176,9 @@ def test_forged_update_hash_is_detected(run: Path, capsys) -> None:
     received = _line_of(run / SERVER_LOG, "update-received", site="site-0", round=1)
     (failure,) = report["failures"]
     assert (failure["check"], failure["file"], failure["line"]) == ("updates", str(run / SERVER_LOG), received)
-    assert f"but site-0 logged sending ffffffffffffffff… ({site_log}:{_line_of(site_log, 'update-sent')})" in out
+    assert (
+        f"but site-0 logged sending ffffffffffffffff… ({site_log}:{_line_of(site_log, 'update-sent', round=1)})" in out
+    )
 
 
 @pytest.mark.parametrize(("log", "event"), [(SITE_LOG, "update-sent"), (SERVER_LOG, "update-received")])
@@ -185,7 +187,7 @@ def test_tensor_outside_the_head_is_detected(run: Path, capsys, log: str, event:
     _rechain(run / log, lambda records: _first(records, event)["update"]["tensors"].append(extra))
     code, out, _ = _audit(run, capsys)
     assert code == 1
-    where = f"{run / log}:{_line_of(run / log, event, site='site-0')}"
+    where = f"{run / log}:{_line_of(run / log, event, site='site-0', round=1)}"
     assert f"FAIL [head-only] {where}: {event} from site-0 in round 1 carries tensor(s) " in out
     assert "['backbone.features.0.0.weight'] that are not part of the head" in out
 
@@ -345,8 +347,62 @@ def test_a_written_honest_run_passes(tmp_path: Path, capsys) -> None:
     """The builder writes what an honest run writes: the tests below break exactly one thing each."""
     code, out, report = _audit(_written(tmp_path), capsys)
     assert code == 0, out
-    assert [s["updates_matched"] for s in report["sites"]] == [2, 2]
+    assert [s["updates_matched"] for s in report["sites"]] == [3, 3]  # round 0's record-count release, rounds 1-2
     assert report["sites"][0]["epsilon_recomputed"] == pytest.approx(run_epsilon(2), rel=1e-12)
+
+
+def _edit_site_log(run: Path, edit: Callable[[dict[str, Any]], None], rnd: int = 1) -> None:
+    """Change site-0's update-sent record of round `rnd` (the chain rewritten: what its holder can do)."""
+
+    def change(records: list[dict[str, Any]]) -> None:
+        edit(next(r for r in records if r["event"] == "update-sent" and r["round"] == rnd))
+
+    _rechain(run / SITE_LOG, change)
+
+
+@pytest.mark.parametrize(
+    ("name", "exact"),
+    [("num-examples", 597.0), ("steps", 22.0), ("dp.sample_rate", 1 / 11)],
+    ids=["exact-weight", "steps-of-exact-n", "rate-of-exact-n"],
+)
+def test_a_size_that_does_not_follow_from_the_released_count_fails(
+    tmp_path: Path, capsys, name: str, exact: float
+) -> None:
+    """Issue 23: under DP a weight, or fedavg's DP sample rate and steps, computed from an exact count rather than
+    the one released in round 0 (600.4: rate 1/10, 2 × 10 steps) is covered by no release."""
+    run = _written(tmp_path)
+
+    def send_exact(record: dict[str, Any]) -> None:
+        if name == "dp.sample_rate":
+            record["dp"] = record["dp"] | {"sample_rate": exact}
+        else:
+            record["sent"]["metrics"][name] = exact
+
+    _edit_site_log(run, send_exact)
+    code, out, report = _audit(run, capsys)
+    assert code == 1
+    assert f"site-0 sent metric {name!r} = {exact} in round 1, covered by no release" in out
+    rows = [r for r in report["sites"][0]["coverage"] if r["name"] == name and r["round"] == 1]
+    assert [r["covered_by"] for r in rows] == ["NOT COVERED"]
+
+
+def test_without_a_released_count_the_old_weight_of_one_fails(tmp_path: Path, capsys) -> None:
+    """Before issue 23 a DP run without the statistics sent weight 1 and fedavg's rate batch/n; with no count
+    released in round 0 nothing a site sends about its size is covered."""
+    run = _written(tmp_path)
+
+    def drop_release(records: list[dict[str, Any]]) -> None:
+        for r in records:
+            if r["event"] == "update-sent" and r["round"] == 0:
+                r.pop("released_count")
+            if r["event"] == "update-sent" and r["round"] == 1:
+                r["sent"]["metrics"]["num-examples"] = 1.0
+
+    _rechain(run / SITE_LOG, drop_release)
+    code, out, _ = _audit(run, capsys)
+    assert code == 1
+    for what in ("'num-examples' = 1.0 in round 1", "'dp.sample_rate' = 0.1 in round 1", "'steps' = 20 in round 1"):
+        assert f"site-0 sent metric {what}, covered by no release" in out
 
 
 def test_a_run_that_never_aggregated_an_update_fails(tmp_path: Path, capsys) -> None:

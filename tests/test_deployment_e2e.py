@@ -237,12 +237,13 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     before = {site: _received(federation, site) for site in SITES}
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(dep.run_app, APP_DIR, overrides, timeout=400)
-        # hospital-b leaves while it trains round 2 (a clean stop: Flower marks it offline at once) ...
-        _wait_for(lambda: _received(federation, "hospital-b") == before["hospital-b"] + 2, "round 2 at hospital-b")
+        # round 0 is the record-count release (privacy.feature_stats: false under DP), so round r is the (r + 1)-th
+        # message: hospital-b leaves while it trains round 2 (a clean stop: Flower marks it offline at once) ...
+        _wait_for(lambda: _received(federation, "hospital-b") == before["hospital-b"] + 3, "round 2 at hospital-b")
         dep.kill_site("hospital-b", graceful=True)
         dep.start_site("hospital-b", node_config=bare["hospital-b"])  # ... and is back before round 3
         # bank-c crashes while it trains round 3: no goodbye, the server waits round_timeout_s for it
-        _wait_for(lambda: _received(federation, STRICT) == before[STRICT] + 3, "round 3 at bank-c")
+        _wait_for(lambda: _received(federation, STRICT) == before[STRICT] + 4, "round 3 at bank-c")
         dep.kill_site(STRICT)
         result = running.result()
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
@@ -250,25 +251,31 @@ def test_sites_drop_out_and_one_comes_back_with_its_ledger(fresh: Federation3) -
     metrics = _metrics(run_dir)
     status = [{site: record["sites"][site]["status"] for site in SITES} for record in metrics]
     assert status == [
+        {"hospital-a": "trained", "hospital-b": "trained", "bank-c": "trained"},  # round 0: the record counts
         {"hospital-a": "trained", "hospital-b": "trained", "bank-c": "trained"},
         {"hospital-a": "trained", "hospital-b": "no-reply", "bank-c": "trained"},
         {"hospital-a": "trained", "hospital-b": "trained", "bank-c": "no-reply"},
     ]
-    assert [record["sites_trained"] for record in metrics] == [3, 2, 2]
-    assert "Node Unavailable" in metrics[1]["sites"]["hospital-b"]["reason"]  # the SuperLink answered for it
-    assert metrics[2]["sites"][STRICT]["reason"].startswith("dropped out: ")
+    assert [record["sites_trained"] for record in metrics] == [3, 3, 2, 2]
+    assert "Node Unavailable" in metrics[2]["sites"]["hospital-b"]["reason"]  # the SuperLink answered for it
+    assert metrics[3]["sites"][STRICT]["reason"].startswith("dropped out: ")
     assert re.search(r"round 2: site hospital-b did not reply: dropped out: ", result.output)
     assert re.search(r"round 3: site bank-c did not reply: dropped out: ", result.output)
 
     privacy = _check_ledgers_match_server(federation, run_dir)
-    # hospital-b's round 3 is composed with its round 1 from the ledger it kept on disk while it was away
+    # hospital-b's round 3 is composed with its round 0 release and round 1 from the ledger it kept on disk while it
+    # was away
     rounds = _ledger_rounds(federation, "hospital-b", privacy["run_id"])
-    assert [r["round"] for r in rounds] == [1, 3]
-    b = privacy["sites"]["hospital-b"]
-    per_round = gaussian_steps(b["noise_multiplier"], b["sample_rate"], b["steps"] // 2)
-    assert rounds[0]["epsilon"] == pytest.approx(epsilon_of([per_round], 1e-5, "rdp"), rel=1e-9)
-    assert rounds[1]["epsilon"] == pytest.approx(epsilon_of([per_round, per_round], 1e-5, "rdp"), rel=1e-9)
-    assert rounds[1]["epsilon"] > rounds[0]["epsilon"]
+    assert [r["round"] for r in rounds] == [0, 1, 3]
+    spent = [
+        gaussian_steps(r["noise_multiplier"], r["sample_rate"], r["steps"])
+        for r in privacy["sites"]["hospital-b"]["per_round"]
+        if r.get("status", "trained") == "trained"
+    ]
+    assert len(spent) == 3
+    for k, done in enumerate(rounds, start=1):
+        assert done["epsilon"] == pytest.approx(epsilon_of(spent[:k], 1e-5, "rdp"), rel=1e-9)
+    assert rounds[2]["epsilon"] > rounds[1]["epsilon"] > rounds[0]["epsilon"]
     assert (run_dir / "model.pt").is_file()
     dep.kill_site("hospital-b", graceful=True)  # back to `deploy site` with its worker, as the other tests expect
     dep.start_site("hospital-b")
@@ -293,11 +300,11 @@ def test_secure_aggregation_over_tls_survives_a_site_leaving_mid_protocol(fresh:
     before = {site: _worker_answered(federation, site) for site in SITES}
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
-    for site in SITES:  # each site's worker trained (or declined) the round; no ClientApp answered itself
-        assert _worker_answered(federation, site) == before[site] + 1, dep.sites[site].log_text()[-3000:]
+    for site in SITES:  # each site's worker released (or declined) round 0 and trained (or declined) round 1
+        assert _worker_answered(federation, site) == before[site] + 2, dep.sites[site].log_text()[-3000:]
         assert "gave no answer" not in dep.sites[site].log_text()
 
-    (record,) = _metrics(run_dir)
+    (record,) = [r for r in _metrics(run_dir) if r["round"] == 1]  # after round 0's record counts
     assert record["sites_trained"] == 2
     assert record["sites"][STRICT]["status"] == "declined"
     assert "policy.max_epsilon 2" in record["sites"][STRICT]["reason"]
@@ -341,7 +348,7 @@ def test_distributed_trust_over_tls_sums_the_shares_of_the_sites_it_planned_for(
     }
     result = dep.run_app(APP_DIR, overrides, timeout=400)
     assert result.ok, (result.status, result.status_details, result.output[-4000:])
-    (record,) = _metrics(run_dir)
+    (record,) = [r for r in _metrics(run_dir) if r["round"] == 1]  # round 0: the record counts' Skellam release
     assert record["sites_trained"] == 2, record["sites"]
     assert record["sites"][STRICT]["status"] == "declined" and "policy." in record["sites"][STRICT]["reason"]
     privacy = json.loads((run_dir / "privacy.json").read_text())
@@ -350,7 +357,7 @@ def test_distributed_trust_over_tls_sums_the_shares_of_the_sites_it_planned_for(
     for site in SITES[:2]:
         report = privacy["sites"][site]
         assert report["epsilon"] <= 3.0 < report["epsilon_individual"]  # against the sum; against its own message
-        (trained,) = report["per_round"]
+        (trained,) = [r for r in report["per_round"] if r["round"] == 1]
         assert trained["mechanism"] == "skellam" and trained["min_survivors"] == 2
         assert trained["noise_share"] == pytest.approx(trained["noise_variance"] / 2, rel=1e-12)
         assert trained["quantum"] == 2.0**-14  # 2**27 / (4 × 2048) levels per record
@@ -368,8 +375,8 @@ def test_distributed_trust_over_tls_sums_the_shares_of_the_sites_it_planned_for(
         assert np.allclose(np.asarray(velocity[name]), summed / batch, rtol=1e-6, atol=1e-12)
     logs = [_state(federation, site) / "audit.jsonl" for site in SITES]
     audit = audit_run(run_dir, logs)
-    # without round 0's count release (privacy.feature_stats: false) fedsgd still sends its exact q·n, an
-    # open gap of issue 23: the audit's coverage check catches exactly that value, and nothing else fails
+    # privacy.feature_stats: false: round 0 released the record counts (Skellam shares), and every weight and
+    # q·n the sites sent follows from them (issue 23): nothing fails, the coverage check included
     failures = [str(f) for f in audit.failures]
-    assert failures and all("sent metric 'expected-batch'" in f for f in failures), failures
+    assert not failures, failures
     assert audit.mode.startswith("secure aggregation")

@@ -17,7 +17,6 @@ from fedtransfer.common.config.run import ConfigError, SecAggConfig, SitePolicy,
 from fedtransfer.common.data.sources import Samples, SiteData
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.calibration import epsilon_of
-from fedtransfer.common.privacy.coverage import unweighted
 from fedtransfer.common.privacy.events import SkellamDpEvent
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import event_of, mechanism_for
@@ -98,8 +97,7 @@ def test_a_site_sends_an_integer_sum_with_its_share_and_claims_two_epsilons(tmp_
         plan=plan,
         ledger=ledger,
         server_round=1,
-        count=None,
-        alike=unweighted(cfg),
+        count=79.3,  # what the site released in round 0 (client/dp_count.py)
     )
     assert dp is not None and dp.mechanism == "skellam"
     assert dp.noise_share == pytest.approx(plan.noise_variance / 2) and dp.min_survivors == 2
@@ -340,9 +338,7 @@ def test_the_statistics_release_is_accounted_with_the_rounds(tmp_path: Path) -> 
         site, cfg, mechanism, conf=ConfigRecord(conf), server_round=0, plan=plan, ledger=ledger, head=head
     )
     count = released_count(site, "r")  # the site's weight from now on: its released count, in records
-    answer, dp = train_round._answer(
-        site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count, alike=unweighted(cfg)
-    )
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count)
     assert count is not None and count != len(site.train_y) and abs(count - len(site.train_y)) < len(site.train_y) / 2
     assert answer["metrics"][Metric.NUM_EXAMPLES] == count
     assert dp is not None and dp.mechanism == "skellam" and dp.clip_norm == STATS_NORM and dp.sample_rate == 1.0
@@ -452,9 +448,7 @@ def test_local_trust_statistics_under_secagg_go_as_the_gaussian_release_rounded_
     mechanism = mechanism_for(cfg)
     work = train_round._work(site, cfg, mechanism, conf=conf, server_round=0, plan=plan, ledger=ledger, head=head)
     count = released_count(site, "r")
-    answer, dp = train_round._answer(
-        site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count, alike=unweighted(cfg)
-    )
+    answer, dp = train_round._answer(site, mechanism, work, plan=plan, ledger=ledger, server_round=0, count=count)
     assert dp is not None and dp.mechanism == "gaussian"
     fitres = compat.recorddict_to_fitres(
         train_round._secure(answer, conf, cfg, mechanism, replayed=False), keep_input=False

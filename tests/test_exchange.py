@@ -25,7 +25,7 @@ from fedtransfer.common.data.sources import Samples, SiteData
 from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import check_arrays, head_spec, head_to_arrays, load_head, wire_bytes
-from fedtransfer.common.wire.protocol import REFUSAL_CODE, DPRecord, Refusal, site_of
+from fedtransfer.common.wire.protocol import RECORD_COUNTS, REFUSAL_CODE, DPRecord, Refusal, site_of
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import message_to_proto
 
@@ -88,8 +88,9 @@ def _train_message(backbone: ImageBackbone, **changes: str | int) -> Message:
 
 @pytest.fixture(scope="module")
 def reply(backbone: ImageBackbone, tmp_path_factory: pytest.TempPathFactory) -> tuple[Message, RecordDict]:
-    msg = _train_message(backbone)
-    return msg, train_round.train(_site(backbone, tmp_path_factory.mktemp("site")), CFG, msg)
+    site, msg = _site(backbone, tmp_path_factory.mktemp("site")), _train_message(backbone)
+    train_round.train(site, CFG, _train_message(backbone, **{"server-round": 0, "release": RECORD_COUNTS}))
+    return msg, train_round.train(site, CFG, msg)  # round 1, after round 0's record counts (client/dp_count.py)
 
 
 def test_reply_carries_only_the_head(backbone: ImageBackbone, reply: tuple[Message, RecordDict]) -> None:

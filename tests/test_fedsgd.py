@@ -32,7 +32,7 @@ from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.privacy.mechanisms import event_of, fedsgd_local
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
-from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
+from fedtransfer.common.wire.protocol import FEATURE_STATS, RECORD_COUNTS, DPRecord, Metric
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
 from fedtransfer.server.federation.strategy import FedSGD, ScreenedStrategy, server_step
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
@@ -290,9 +290,19 @@ def test_user_level_site_samples_users(tmp_path: Path) -> None:
     privacy = {"target_delta": 1e-2, "unit": "user", "synthetic_users": 4, "feature_stats": False, "accountant": "rdp"}
     raw = FEDSGD | {"privacy": privacy}  # rdp as in FEDSGD: this test counts units, PRV's calibration took most of it
     cfg, site = config_from_dict(raw), _site(tmp_path)
+    with pytest.raises(Declined, match="released no record count in round 0"):  # nothing sent about its size
+        train_round.train(site, cfg, _message(1, centred=False))
+    counts = train_round.train(site, cfg, _message(0, centred=False, release=RECORD_COUNTS))
+    assert list(counts["arrays"].keys()) == [STATS_COUNTS]  # per-class counts of users (each record 1/m), noised
+    dp0 = DPRecord.from_mapping(counts["dp"])
+    want = stats_noise_multiplier(cfg.privacy.target_epsilon, 1e-2, cfg.privacy.count_share, "rdp")
+    assert (dp0.noise_multiplier, dp0.sample_rate, dp0.steps, dp0.clip_norm) == (want, 1.0, 1, 1.0)
+    released = max(float(counts["arrays"][STATS_COUNTS].numpy().astype(np.float64).sum()), 1.0)
     reply = train_round.train(site, cfg, _message(1, centred=False))
-    assert reply["metrics"][Metric.NUM_EXAMPLES] == 1.0  # no count released in this run: every site alike
-    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(10.0)  # 80 records, 4 per user, q = 0.5
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == pytest.approx(released, rel=1e-6) != 20  # 80 records, 4 per user
+    assert reply["metrics"][Metric.EXPECTED_BATCH] == pytest.approx(0.5 * released, rel=1e-6)  # q·ñ, never q·20
+    ledger = PrivacyLedger(site.ledger_path, "r")
+    assert ledger.entry["rounds"][0]["release"] == RECORD_COUNTS and ledger.history[0] == event_of(dp0)
 
 
 @pytest.mark.parametrize(

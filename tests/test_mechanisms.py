@@ -178,3 +178,53 @@ def test_dp_records_logged_and_sent_before_keep_their_form_and_meaning(config: s
         event = plan.stats_event if written["release"] else plan.round_event
         assert mechanism.describe(plan, event, release=written["release"]).as_dict() == written["dp"]
         assert to_json(event_of(DPRecord.from_mapping(written["dp"]))) == written["ledger_entry"]
+
+
+COUNTED = json.loads((Path(__file__).parent / "fixtures" / "privacy_plans_record_counts.json").read_text())
+COUNTED_SITES = [(config, site) for config, sites in sorted(COUNTED.items()) for site in sites]
+
+
+@pytest.mark.parametrize(("config", "site"), COUNTED_SITES, ids=[f"{c}-{s['site']}" for c, s in COUNTED_SITES])
+def test_shipped_fedavg_configs_plan_from_their_released_count(config: str, site: dict[str, Any]) -> None:
+    """Issue 23 changed these plans on purpose (tests/fixtures/privacy_plans_record_counts.json, written by the
+    planner then; 622fd32's figures beside them): round 0 now releases the record counts at privacy.count_share
+    and the Poisson rate comes from the released count (here the site's size, as if released without noise).
+    Every figure must come out identical; the configs with the statistics (demo.yaml, distributed.yaml) keep
+    622fd32's (test_every_shipped_configs_plan_and_epsilon_are_unchanged)."""
+    cfg = load_config(CONFIGS / config)
+    n, seen = site["inputs"]["num_samples"], {}
+
+    def remember(planner: Any, **arguments: Any) -> GaussianPlan | SkellamPlan:
+        seen.update(arguments)
+        return planner(**arguments)
+
+    plan = mechanism_for(cfg).plan(
+        num_samples=n, units=n, dim=0, feature_dim=0, num_classes=0, remember=remember, released=float(n)
+    )
+    assert plan is not None and seen == site["inputs"] and plan.as_record() == site["plan"]
+    assert seen["stats_share"] == cfg.privacy.count_share and seen["released_count"] == n
+    history = [plan.stats_event] + [plan.round_event] * plan.rounds
+    assert epsilon_of(history, plan.target_delta, plan.accountant) == site["epsilon"] <= cfg.privacy.target_epsilon
+    assert epsilon_of([plan.stats_event], plan.target_delta, plan.accountant) == site["epsilon_release"]
+
+
+def test_the_sample_rate_follows_the_released_count_not_the_exact_one() -> None:
+    """Issue 23, item 1: fedavg's DP record carries the plan's rate; from an exact n it gave n away."""
+    cfg = load_config(CONFIGS / "demo-fedavg.yaml")
+
+    def plan(released: float | None) -> GaussianPlan:
+        made = mechanism_for(cfg).plan(
+            num_samples=597,
+            units=597,
+            dim=0,
+            feature_dim=0,
+            num_classes=0,
+            remember=lambda planner, **arguments: planner(**arguments),
+            released=released,
+        )
+        assert isinstance(made, GaussianPlan)
+        return made
+
+    assert plan(700.2).sample_rate == 1 / 11 != plan(None).sample_rate == 1 / 10  # ⌈700/64⌉ = 11, ⌈597/64⌉ = 10
+    assert plan(700.2).steps_per_round == 10 * 11
+    assert plan(700.2).stats_noise_multiplier == plan(None).stats_noise_multiplier  # round 0 needs no count

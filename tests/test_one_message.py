@@ -27,7 +27,7 @@ from fedtransfer.common.privacy.evaluation import NAMES, metrics_from_statistics
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
-from fedtransfer.common.wire.protocol import Cfg, Metric, Rec
+from fedtransfer.common.wire.protocol import RECORD_COUNTS, Cfg, Metric, Rec
 from fedtransfer.server.audit.coverage import check_coverage
 from fedtransfer.server.audit.findings import Entry, Evidence, Findings, SiteAudit
 from fedtransfer.server.federation import checkpoint
@@ -195,7 +195,9 @@ SITE_RUN = {
 
 
 def _site(tmp_path: Path, n_test: int = 60) -> Site:
-    """A site on random features: 80 training records, `n_test` test records."""
+    """A site on random features: 80 training records, `n_test` test records, that has sent round 0's record
+    counts (SITE_RUN has no feature statistics), as a coordinator asks first: a DP site with no released count
+    declines to train (client/dp_count.py)."""
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(80 + n_test, DIM, generator=gen), torch.randint(0, CLASSES, (80 + n_test,), generator=gen)
     classes = tuple(str(c) for c in range(CLASSES))
@@ -206,10 +208,12 @@ def _site(tmp_path: Path, n_test: int = 60) -> Site:
         name, fingerprint, feature_dim, device = "b", "f" * 64, DIM, torch.device("cpu")
 
     data = SiteData("site-x", train, test)
-    return Site("site-x", data, Backbone(), tmp_path, 7, None, None, x[:80], y[:80], x[80:], y[80:])
+    site = Site("site-x", data, Backbone(), tmp_path, 7, None, None, x[:80], y[:80], x[80:], y[80:])
+    train_round.train(site, config_from_dict(SITE_RUN), _at_site(0, **{Cfg.RELEASE: RECORD_COUNTS}))
+    return site
 
 
-def _at_site(server_round: int, **extra: int) -> Message:
+def _at_site(server_round: int, **extra: int | str) -> Message:
     meta = Metadata(
         run_id=1,
         message_id=f"m{server_round}",
@@ -232,11 +236,11 @@ def test_a_site_scores_the_head_it_receives_then_trains_and_the_server_splits_th
     assert {Rec.ARRAYS, Rec.EVALUATION, Rec.EVALUATION_DP, Rec.METRICS} <= set(reply.keys())
     assert Metric.EVAL_EPSILON in reply[Rec.METRICS] and Metric.EPSILON in reply[Rec.METRICS]
     ledger = PrivacyLedger(site.ledger_path, run_key="r")
-    assert [r["round"] for r in ledger.entry["rounds"]] == [2]  # training: the message's round
+    assert [r["round"] for r in ledger.entry["rounds"]] == [0, 2]  # training: the message's round
     assert [r["round"] for r in ledger.evaluation["rounds"]] == [1]  # evaluation: the model's round
     log = read_records(site.audit_path)
     (sent,) = [r for r in log if r["event"] == "evaluation-sent"]
-    (update,) = [r for r in log if r["event"] == "update-sent"]
+    (_, update) = [r for r in log if r["event"] == "update-sent"]  # round 0's counts, then round 2
     assert (sent["round"], sent["carried_by"], update["round"]) == (1, "training", 2)
     assert update["sent"]["tensors"][Rec.EVALUATION] == sent["statistics"]["sha256"]  # what the audit matches
 
@@ -255,7 +259,7 @@ def test_a_site_that_cannot_release_the_evaluation_still_trains(tmp_path: Path) 
     log = read_records(site.audit_path)
     (declined,) = [r for r in log if r["event"] == "evaluation-declined"]
     assert declined["round"] == 1 and "target_delta" in declined["reason"]
-    assert [r["event"] for r in log if r["event"] in ("update-sent", "evaluation-sent")] == ["update-sent"]
+    assert [r["event"] for r in log if r["event"] in ("update-sent", "evaluation-sent")] == ["update-sent"] * 2
     assert PrivacyLedger(site.ledger_path, run_key="r").evaluation["rounds"] == []
 
 

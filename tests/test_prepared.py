@@ -34,6 +34,7 @@ from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.calibration import plan_dp
 from fedtransfer.common.privacy.mechanisms import fedavg_local
 from fedtransfer.common.wire.exchange import head_to_arrays
+from fedtransfer.common.wire.protocol import RECORD_COUNTS
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -258,7 +259,7 @@ def _process(context: Context, cfg: RunConfig) -> Site:
     return get_site(context, cfg, ProcessCache(max_entries=16, max_bytes=1 << 30))
 
 
-def _train_message(site: Site, server_round: int) -> Message:
+def _train_message(site: Site, server_round: int, **extra: str) -> Message:
     torch.manual_seed(0)
     head = make_head(site.backbone.feature_dim, len(site.data.train.classes), 0)
     config = ConfigRecord(
@@ -268,6 +269,7 @@ def _train_message(site: Site, server_round: int) -> Message:
             "app-version": "0.1.0",
             "server-round": server_round,
         }
+        | extra
     )
     meta = Metadata(
         run_id=1,
@@ -290,15 +292,16 @@ def test_a_prepared_site_trains_without_building_its_backbone(tmp_path: Path, mo
     context, cfg = _deployed(tmp_path)
     first = _process(context, cfg)
     assert loads.count == 1
+    train_round.train(first, cfg, _train_message(first, 0, release=RECORD_COUNTS))  # round 0: its counts
     train_round.train(first, cfg, _train_message(first, 1))
-    assert planner.count == 1
+    assert planner.count == 2  # round 0's plan needs no count; the rounds' rate follows the released one
 
     second = _process(context, cfg)  # the next round's process: features cached, identity recorded
     assert loads.count == 1 and isinstance(second.backbone, PreparedEncoder) and not second.backbone.loaded
     assert second.backbone.fingerprint == first.backbone.fingerprint
     assert torch.equal(second.train_x, first.train_x) and torch.equal(second.test_x, first.test_x)
     reply = train_round.train(second, cfg, _train_message(second, 2))
-    assert planner.count == 1 and loads.count == 1
+    assert planner.count == 2 and loads.count == 1
     assert reply["metrics"]["epsilon"] > 0 and "dp" in reply
 
     data = np.load(tmp_path / "site" / "digits.npz")  # the site's data changes: new features, same weights

@@ -16,6 +16,7 @@ from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.storage.audit_log import read_records, verify_chain
 from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
+from fedtransfer.common.wire.protocol import RECORD_COUNTS
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 
@@ -46,7 +47,7 @@ def _backbone() -> ImageBackbone:
     return load_backbone(BackboneConfig(image_size=32), "cpu")
 
 
-def _request(server_round: int, scale: float = 1.0) -> Message:
+def _request(server_round: int, scale: float = 1.0, **extra: str) -> Message:
     backbone = _backbone()
     torch.manual_seed(0)  # the same global head each time it is asked for
     head = make_head(backbone.feature_dim, 10, 0)
@@ -58,6 +59,7 @@ def _request(server_round: int, scale: float = 1.0) -> Message:
             "app-version": "0.1.0",
             "server-round": server_round,
         }
+        | extra
     )
     metadata = Metadata(
         run_id=1,
@@ -80,6 +82,8 @@ def _bytes(reply: Message) -> dict[str, bytes]:
 @pytest.mark.usefixtures("app_process_umask")  # it calls the ClientApp in this process
 def test_repeated_request_is_replayed_without_training_or_new_epsilon(context: Context, tmp_path: Path) -> None:
     site_dir = tmp_path / "run" / "sites" / "site-0"
+    released = client_app.train(_request(0, release=RECORD_COUNTS), context)  # under DP a site trains after it
+    assert not released.has_error(), released.error
     first = client_app.train(_request(1), context)
     assert not first.has_error(), first.error
     ledger_after_first = (site_dir / "privacy-ledger.json").read_bytes()
@@ -93,15 +97,15 @@ def test_repeated_request_is_replayed_without_training_or_new_epsilon(context: C
     log = site_dir / "audit.jsonl"
     assert verify_chain(log) == []
     events = [r for r in read_records(log) if r["event"] in ("update-sent", "reply-replayed")]
-    assert [e["event"] for e in events] == ["update-sent", "reply-replayed"]
-    assert events[0]["update"] == events[1]["update"]
+    assert [e["event"] for e in events] == ["update-sent", "update-sent", "reply-replayed"]  # round 0, then 1
+    assert events[1]["update"] == events[2]["update"]
 
     # a different head in the same round is a new request: trained, and charged to the ledger
     other = client_app.train(_request(1, scale=0.5), context)
     assert not other.has_error()
     assert _bytes(other) != _bytes(first)
     (run,) = json.loads((site_dir / "privacy-ledger.json").read_text())["runs"].values()
-    assert [r["round"] for r in run["rounds"]] == [1, 1]
+    assert [r["round"] for r in run["rounds"]] == [0, 1, 1]
 
 
 def test_cache_ignores_other_requests_and_refuses_odd_run_ids(tmp_path: Path) -> None:

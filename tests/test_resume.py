@@ -50,7 +50,8 @@ class KilledAfterRound2Updates(InProcessGrid):
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
         replies = super().pull_messages(message_ids)
         trains = sum(m.metadata.message_type == MessageType.TRAIN for m in self.pushed)
-        if trains == 2 * len(SITES) and self.pushed[-1].metadata.message_type == MessageType.TRAIN:
+        # round 0's record-count release, then rounds 1 and 2: the third train message per site
+        if trains == 3 * len(SITES) and self.pushed[-1].metadata.message_type == MessageType.TRAIN:
             raise CoordinatorKilled
         return replies
 
@@ -91,23 +92,23 @@ def test_killed_coordinator_resumes_to_the_uninterrupted_model(tmp_path: Path) -
     server_log = read_records(run_dir / "audit.jsonl")
     assert [r["round"] for r in server_log if r["event"] == "run-resumed"] == [2]
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2]
+    assert [m["round"] for m in metrics] == [0, 1, 2]
     for site in SITES:
         # round 2 was answered from the site's cache: trained once, charged once, replayed once
-        assert [e["round"] for e in _events(run_dir, site, "update-sent")] == [1, 2]
+        assert [e["round"] for e in _events(run_dir, site, "update-sent")] == [0, 1, 2]
         (replayed,) = _events(run_dir, site, "reply-replayed")
         assert replayed["round"] == 2
-        assert replayed["update"] == _events(run_dir, site, "update-sent")[1]["update"]
+        assert replayed["update"] == _events(run_dir, site, "update-sent")[2]["update"]
         ledger = json.loads((run_dir / "sites" / site / "privacy-ledger.json").read_text())
         (entry,) = ledger["runs"].values()
-        assert [r["round"] for r in entry["rounds"]] == [1, 2]
+        assert [r["round"] for r in entry["rounds"]] == [0, 1, 2]
         # model 1 was scored in round 2's (replayed) training reply, model 2 in the final exchange: each once
         assert [r["round"] for r in entry["evaluation"]["rounds"]] == [1, 2]
     # the one-behind metrics survive the resume: the same federated figures as the uninterrupted run's
     reference_metrics = [
         json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert all(m["federated"] for m in metrics)
+    assert all(m["federated"] for m in metrics if m["round"] > 0)  # round 0 released counts: no model to score
     assert [m["federated"] for m in metrics] == [m["federated"] for m in reference_metrics]
 
     expected, got = _final_head(tmp_path / "reference"), _final_head(run_dir)
@@ -139,7 +140,7 @@ def test_a_run_killed_in_its_final_evaluation_resumes_without_charging_it_twice(
     status = run_in_process(replace(cfg, resume=True))
     assert status["status"] == "completed" and 0 < status["final_accuracy"] <= 1
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == [1, 2] and metrics[-1]["federated"]["sites"] == len(SITES)
+    assert [m["round"] for m in metrics] == [0, 1, 2] and metrics[-1]["federated"]["sites"] == len(SITES)
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     for site in SITES:
         (replayed,) = _events(run_dir, site, "reply-replayed")  # the final evaluation, answered from its cache

@@ -40,7 +40,7 @@ def test_a_run_in_which_every_site_declines_fails_everywhere(tmp_path: Path) -> 
     assert not (run_dir / "model.pt").exists(), "a failed run exports no model"
 
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in lines] == [1, 2]
+    assert [m["round"] for m in lines] == [0, 1, 2]  # round 0: the record-count release a DP run starts with
     for m in lines:  # every registered site appears in every round, with what it did and why
         assert m["aggregated"] is False and m["sites_trained"] == 0
         assert {n: s["status"] for n, s in m["sites"].items()} == {"site-0": "declined", "site-1": "declined"}

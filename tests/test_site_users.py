@@ -20,9 +20,10 @@ from fedtransfer.common.data.federation import deployed_site_data
 from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
+from fedtransfer.common.privacy.fedsgd import STATS_COUNTS
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
-from fedtransfer.common.wire.protocol import Metric
+from fedtransfer.common.wire.protocol import RECORD_COUNTS, Metric
 from fedtransfer.deploy.credentials import init_deployment
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
@@ -118,9 +119,11 @@ def test_a_npz_site_takes_an_absolute_users_file_and_trains_per_person(tmp_path:
     )
     site, cfg = _site(config), _run(tmp_path)
     persons = _grouped_by_person(site, cfg)
+    counts = train_round.train(site, cfg, _message(0, release=RECORD_COUNTS))  # per-person counts, noised
+    released = max(float(counts["arrays"][STATS_COUNTS].numpy().astype(np.float64).sum()), 1.0)
     reply = train_round.train(site, cfg, _message(1))
-    assert reply["metrics"][Metric.NUM_EXAMPLES] == 1  # no statistics release: no count leaves, every site weighs 1
-    [sent] = [r for r in read_records(site.audit_path) if r["event"] == "update-sent"]
+    assert reply["metrics"][Metric.NUM_EXAMPLES] == pytest.approx(released, rel=1e-6)  # never the exact count
+    [sent] = [r for r in read_records(site.audit_path) if r["event"] == "update-sent" and r["round"] == 1]
     assert sent["examples"] == persons  # the plan's n and the gradient sum count people, kept at the site
 
 

@@ -31,7 +31,7 @@ from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
 from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
-from fedtransfer.common.wire.protocol import Refusal
+from fedtransfer.common.wire.protocol import RECORD_COUNTS, Refusal
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
 
@@ -85,7 +85,10 @@ def _request(fingerprint: str | None = None, kind: str = "train") -> Message:
             "run-id": "0123abcd",
             "backbone-fingerprint": fingerprint or backbone.fingerprint,
             "app-version": "0.1.0",
-            "server-round": 1,
+            # round 0's record-count release: under DP a site trains only after it (client/dp_count.py), and the
+            # release goes through the worker as any round does
+            "server-round": 0,
+            "release": RECORD_COUNTS,
         }
     )
     metadata = Metadata(
@@ -119,7 +122,8 @@ def test_a_forwarded_round_is_the_round_the_clientapp_would_train(
     assert timed == {k: v for k, v in in_process.content["metrics"].items() if k != "train-seconds"}
     assert via_worker.metadata.reply_to_message_id == "m-1"  # a reply to the message it was sent
     ledger = tmp_path / "a" / "run" / "sites" / "site-0" / "privacy-ledger.json"
-    assert json.loads(ledger.read_text())["runs"]["0123abcd"]["rounds"][0]["round"] == 1  # the worker charged it
+    charged = json.loads(ledger.read_text())["runs"]["0123abcd"]["rounds"][0]
+    assert (charged["round"], charged["release"]) == (0, RECORD_COUNTS)  # the worker charged it
     assert stat.S_IMODE(worker.stat().st_mode) == 0o600 and stat.S_IMODE(worker.parent.stat().st_mode) == 0o700
 
 

@@ -97,6 +97,10 @@ class PrivacyConfig:
     # and a class-mean start for the head, taking feature_stats_share of the budget (in the Gaussian's μ²)
     feature_stats: bool = True
     feature_stats_share: float = 0.2
+    # without the statistics (feature_stats: false) round 0 under DP releases only per-class record counts, the
+    # count behind a site's weight, fedavg's sample rate and fedsgd's q·n: its own share, since a count needs far
+    # less precision than class means (client/dp_count.py)
+    count_share: float = 0.02
     # local: a site's own noise gives its ε against everyone. distributed (fedsgd under secure_aggregation): each
     # site adds its share of discrete (Skellam) noise; the sum of the fewest sites SecAgg+ unmasks carries it all
     trust: Literal["local", "distributed"] = "local"
@@ -106,6 +110,14 @@ class PrivacyConfig:
     # the evaluation release's budget over the run's federated evaluations (null: target_epsilon). Test and
     # training records are disjoint: by parallel composition it does not add to the training ε
     evaluation_epsilon: float | None = None
+
+    @property
+    def release_share(self) -> float | None:
+        """The budget share (in the Gaussian's μ²) of round 0's release: the statistics, else the counts; None
+        without DP (no release)."""
+        if not self.enabled:
+            return None
+        return self.feature_stats_share if self.feature_stats else self.count_share
 
     @property
     def evaluation_budget(self) -> float:
@@ -125,6 +137,7 @@ class PrivacyConfig:
             "must be in (0, 1)",
             self.feature_stats_share,
         )
+        _require(0 < self.count_share < 1, "privacy.count_share", "must be in (0, 1)", self.count_share)
         _require(
             0 <= self.synthetic_users <= 10_000, "privacy.synthetic_users", "must be 0..10000", self.synthetic_users
         )

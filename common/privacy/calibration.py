@@ -45,9 +45,17 @@ def plan_dp(
     max_grad_norm: float,
     accountant: str,
     stats_share: float | None = None,
+    released_count: int | None = None,
 ) -> GaussianPlan:
-    """fedavg: noise for the whole run, every round the site may join, every local epoch (and the statistics)."""
-    per_epoch = steps_per_epoch(num_samples, batch_size)
+    """fedavg: noise for the whole run, every round the site may join, every local epoch (and round 0's release).
+
+    The Poisson rate is 1/⌈n/batch⌉ (about batch/n, at most 1) with n the site's `released_count` when it has
+    one: the rate goes out in every DP record, and from an exact n it would give n away; from the released
+    count it is post-processing of an accounted release, and Poisson sampling at any rate is accounted at that
+    rate, so the accounting stays exact (client/dp_count.py). `num_samples`, the exact count, only checks δ and
+    plans round 0 itself, before any count is released (its release's noise does not depend on n).
+    """
+    per_epoch = steps_per_epoch(num_samples if released_count is None else released_count, batch_size)
     return _gaussian_plan(
         n=num_samples,
         q=1.0 / per_epoch,
@@ -115,8 +123,9 @@ def plan_distributed(
     site adds μ/(K_min − t), t = `colluding_sites` that may reveal their shares, so that the K_min − t honest
     shares carry μ (the accounting of μ is unchanged; only the share grows). `gamma` and `stats_gamma` are the
     integer units of the gradient sums and of the statistics (the run's SecAggConfig.quantum of their norm
-    bounds; plain floats, so that a deployed site can remember the plan). With `stats_share`, the feature
-    statistics (`feature_dim`, `num_classes`) come first as one Skellam release at rate 1
+    bounds; plain floats, so that a deployed site can remember the plan). With `stats_share`, round 0's
+    release comes first (the feature statistics of `feature_dim` columns, or with `feature_dim` 0 the record
+    counts alone; `num_classes`) as one Skellam release at rate 1
     (fedtransfer.common.privacy.fedsgd.stats_sensitivities): as for the Gaussian release, it takes `stats_share`
     of the precision 1/μ of the one release that alone meets the target, and the rounds are calibrated on what
     is left (bisection over the composed ε).
@@ -256,7 +265,8 @@ def calibrate(
 
     if epsilon_of(list(prefix), target_delta, accountant) >= target_epsilon:
         raise ConfigError(
-            f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+            f"privacy.feature_stats_share (privacy.count_share without the statistics): round 0's release alone "
+            f"spends more than ε = "
             f"{target_epsilon:g}; lower it"
         )
     if eps(1e6) > target_epsilon:

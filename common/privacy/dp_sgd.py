@@ -50,6 +50,10 @@ def train_head(
 ) -> TrainOutcome:
     """Train `head` in place. With a plan, DP-SGD under Opacus; without, plain SGD.
 
+    Under DP each epoch is 1/q Poisson-sampled steps at the plan's rate q (Opacus' DPDataLoader over all the
+    records): the plan chooses q, from the site's released count under a run's DP plan (plan_dp), so nothing
+    Opacus accounts or the site reports follows from the exact count.
+
     `seed` fixes batch sampling and noise for reproducible simulations; it is a site-side
     secret in deployments (see client/site.py), and ignored in secure_mode, where noise
     comes from a cryptographically secure generator. The proximal pull (`opts.proximal_mu`)
@@ -58,6 +62,8 @@ def train_head(
     device = next(head.parameters()).device
     data = TensorDataset(features.to(device), labels.to(device))
     loader = DataLoader(data, batch_size=opts.batch_size, shuffle=plan is None)
+    if plan is not None:  # Opacus samples at 1/len(loader): the plan's rate, not one of the exact count
+        loader = DataLoader(data, batch_size=1, sampler=range(round(1 / plan.sample_rate)))
     # a fine-tuned top trains the encoder's tensors at their own rate (finetune.backbone_lr_scale)
     optimizer = torch.optim.SGD(
         parameter_groups(head, opts.learning_rate), lr=opts.learning_rate, momentum=opts.momentum

@@ -19,8 +19,9 @@ from fedtransfer.common.privacy.events import SelfComposedDpEvent, gaussian_step
 class GaussianPlan:
     """Gaussian noise σ·C per step; `steps_per_round` steps at Poisson rate q each round.
 
-    With DP feature statistics one release comes first, one step at rate 1 with
-    `stats_noise_multiplier`; the whole run, that release included, meets (target_epsilon, target_delta).
+    Round 0's release comes first, one step at rate 1 with `stats_noise_multiplier`: the feature statistics,
+    or without them the record counts (common/privacy/counts.py; the config says which); the whole run, that
+    release included, meets (target_epsilon, target_delta).
     """
 
     noise_multiplier: float
@@ -50,9 +51,9 @@ class GaussianPlan:
 
     @property
     def stats_event(self) -> SelfComposedDpEvent:
-        """The feature-statistics release: one Gaussian step at rate 1."""
+        """Round 0's release (the feature statistics or the record counts): one Gaussian step at rate 1."""
         if self.stats_noise_multiplier is None:
-            raise ValueError("this plan has no feature-statistics release")
+            raise ValueError("this plan has no round-0 release")
         return gaussian_steps(self.stats_noise_multiplier, 1.0, 1)
 
     def as_record(self) -> dict[str, Any]:
@@ -64,9 +65,9 @@ class SkellamPlan:
     """Skellam noise of variance μ (in units of γ²) on the aggregate of the fewest sites SecAgg+ unmasks.
 
     Each site adds μ/(K_min − t) (`noise_share`), t the sites that may reveal their own shares
-    (privacy.colluding_sites): any K_min − t honest shares then carry μ. The statistics release, when the run
-    has one, is its own Skellam release with its variance, integer sensitivities and quantum (`stats_*`, None
-    without it).
+    (privacy.colluding_sites): any K_min − t honest shares then carry μ. Round 0's release (the statistics, or
+    the record counts alone) is its own Skellam release with its variance, integer sensitivities and quantum
+    (`stats_*`, None without it).
     """
 
     noise_variance: float
@@ -138,9 +139,9 @@ class SkellamPlan:
 
     @property
     def stats_event(self) -> SelfComposedDpEvent:
-        """The feature-statistics release: one Skellam release at rate 1."""
+        """Round 0's release (the feature statistics or the record counts): one Skellam release at rate 1."""
         if self.stats_variance is None or self.stats_l1 is None or self.stats_l2 is None:
-            raise ValueError("this plan has no feature-statistics release")
+            raise ValueError("this plan has no round-0 release")
         return skellam_steps(
             self.stats_variance,
             1.0,

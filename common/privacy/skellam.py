@@ -109,7 +109,8 @@ def calibrate_variance(
 
     if prefix and eps(1e9 * d2) > target_epsilon:
         raise ValueError(
-            f"privacy.feature_stats_share: the statistics release alone spends more than ε = "
+            f"privacy.feature_stats_share (privacy.count_share without the statistics): round 0's release alone "
+            f"spends more than ε = "
             f"{target_epsilon:g}; lower it"
         )
     low, high = 0.0, d2

@@ -48,13 +48,15 @@ class Cfg(StrEnum):
     APP_VERSION = "app-version"
     PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
     HEAD_NAMES = "head-names"  # SecAgg+ carries tensors in order, without their names
-    RELEASE = "release"  # round 0: which one-shot DP release the server asks for (FEATURE_STATS)
+    RELEASE = "release"  # round 0: which one-shot DP release the server asks for (FEATURE_STATS, RECORD_COUNTS)
     # a training message's request to score the head it carries first (the model of the round before,
     # server-round − 1, the round named here): its evaluation rides in the training reply (one message a round)
     EVALUATE_ROUND = "evaluate-round"
 
 
 FEATURE_STATS = "feature-stats"  # the release of per-class feature sums and counts (DP), before round 1
+# under DP without the statistics (privacy.feature_stats: false): the release of per-class record counts alone
+RECORD_COUNTS = "record-counts"
 
 
 class Metric(StrEnum):

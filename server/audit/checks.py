@@ -41,19 +41,22 @@ def head_names(ev: Evidence, found: Findings) -> list[str]:
     return sorted(head)
 
 
-def check_head_only(updates: Iterable[Update], head: list[str], found: Findings) -> None:
+def check_head_only(
+    updates: Iterable[Update], head: list[str], found: Findings, release: tuple[str, ...] = STATS_NAMES
+) -> None:
     """Every update holds exactly the head's tensors: nothing else ever left a site.
 
     A SecAgg+ update is the masked head plus one masked number, the site's example weight; under distributed
     trust a round that carries an evaluation masks its slots too (the statistics' Skellam shares, summed: the
-    coverage and evaluation checks account for them), all three or none.
+    coverage and evaluation checks account for them), all three or none. Round 0's update is the run's
+    release, not a head: `release` names its tensors (the statistics', or the counts' alone).
     """
     for u in updates:
         allowed = {*head, MASKED_WEIGHT} if u.masked else set(head)
         if u.masked and u.round != 0 and set(EVALUATION_SLOTS) <= set(u.tensors):
             allowed |= set(EVALUATION_SLOTS)
-        if u.round == 0:  # round 0 is the DP feature-statistics release (privacy.feature_stats), not a head
-            allowed = {*STATS_NAMES, MASKED_WEIGHT} if u.masked else set(STATS_NAMES)
+        if u.round == 0:  # round 0 is the release (privacy.feature_stats, or the record counts), not a head
+            allowed = {*release, MASKED_WEIGHT} if u.masked else set(release)
         extra, missing = sorted(set(u.tensors) - allowed), sorted(allowed - set(u.tensors))
         if extra or missing or len(u.tensors) != len(set(u.tensors)):
             what = f"tensor(s) {extra} that are not part of the head" if extra else f"{sorted(u.tensors)}, not {head}"

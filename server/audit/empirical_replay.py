@@ -6,8 +6,10 @@ fedavg's local DP-SGD epochs; fedsgd's noisy gradient sums and the server's own 
 (fedtransfer.server.federation.strategy.server_step, with the site's public expected batch q·n as
 divisor); under distributed trust the scaling by 1/γ, the rounding of each unit's clipped gradient to
 integers and the site's Skellam share. When the run has a statistics release it comes first, centres the
-head and starts it at the class means, as the server does. The site is alone for every round of the
-run: the strongest position for the attack.
+head and starts it at the class means, as the server does; under DP without it the record-count release
+comes first and is accounted, the head left as it was. The plan's rate is the one the site would plan from
+its exact count (the replay's stand-in for the released one: post-processing, whatever its value). The
+site is alone for every round of the run: the strongest position for the attack.
 
 Under distributed trust the coordinator sees one of two things, and each has its own claim:
 - `aggregate`: what the SecAgg+ sum reveals about this site: its message plus the noise shares of the
@@ -137,6 +139,9 @@ def replay_run(
             stats, event = mech.release(data, plan, generator)
             stats = _coordinator_view(stats, plan, message, generator, release=True)
             start_from_statistics(head, stats[STATS_SUMS], stats[STATS_COUNTS])
+            history += [] if event is None else [event]
+        elif plan is not None:  # the record counts alone: the head stays; the release is spent all the same
+            _, event = mech.release(data, plan, generator)
             history += [] if event is None else [event]
         steps, velocity = 0, {}
         for rnd in range(t.rounds):

@@ -42,7 +42,8 @@ def audit_site_privacy(
     if ev.cfg.privacy.unit == "user":  # the same composition; what one step's sampling and clipping protect differs
         found.notes.append(f"{site.name}: ε is per person (privacy.unit: user): sampling and clipping per user")
     if 0 in reported:
-        found.notes.append(f"{site.name}: round 0 is its DP feature-statistics release, counted in its ε")
+        what = "feature-statistics" if ev.cfg.privacy.feature_stats else "record-count"
+        found.notes.append(f"{site.name}: round 0 is its DP {what} release, counted in its ε")
     if not ev.cfg.privacy.enabled:
         found.fail("privacy", ev.config_path, None, "privacy.enabled is false: no DP guarantee at all")
         return

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from fedtransfer.common.config.run import SiteConfig, load_site_config
 from fedtransfer.common.errors import InputError
+from fedtransfer.common.privacy.counts import COUNT_NAMES
+from fedtransfer.common.privacy.fedsgd import STATS_NAMES
 from fedtransfer.common.wire.protocol import Event
 from fedtransfer.server.audit.checks import (
     check_aggregation,
@@ -55,7 +57,8 @@ def audit_run(
     sent = collect_updates(site_entries, Event.UPDATE_SENT, found)
     trained = collect_updates(site_entries, Event.UPDATE_TRAINED, found)
     if head:
-        check_head_only([*received, *sent], head, found)
+        names = COUNT_NAMES if ev.cfg is not None and not ev.cfg.privacy.feature_stats else STATS_NAMES
+        check_head_only([*received, *sent], head, found, names)
     mode = check_mode([*received, *sent], ev, found)
     matched = check_updates(received, sent, ev, found)
     check_aggregation(received, ev, found)

@@ -80,8 +80,9 @@ def _share_problem(dp: dict[str, Any] | None, survivors: int, cfg: RunConfig, re
 
 
 def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
-    """Round 0's Skellam statistics release, recomputed: one step at rate 1, sensitivities no smaller than the
-    unrounded bound allows, and the variance the plan gives those sensitivities (plan_distributed)."""
+    """Round 0's Skellam release (the statistics, or the record counts alone), recomputed: one step at rate 1,
+    sensitivities no smaller than the unrounded bound allows, and the variance the plan gives those
+    sensitivities (plan_distributed)."""
     from fedtransfer.common.privacy.skellam import calibrate_variance
 
     if (rec.sample_rate, rec.steps) != (1.0, 1):
@@ -93,10 +94,11 @@ def _release_problem(rec: DPRecord, cfg: RunConfig) -> str | None:
         )
     p = cfg.privacy
     mu = calibrate_variance(1.0, 1, p.target_epsilon, rec.delta, rec.l1_sensitivity, rec.l2_sensitivity)
-    if not p.feature_stats or not math.isclose(rec.noise_variance, mu / p.feature_stats_share, rel_tol=1e-9):
+    share, key = (p.feature_stats_share, "feature_stats_share") if p.feature_stats else (p.count_share, "count_share")
+    if not math.isclose(rec.noise_variance, mu / share, rel_tol=1e-9):  # the statistics, or the counts alone
         return (
-            f"the statistics release's variance {rec.noise_variance:g} is not the plan's "
-            f"{mu / p.feature_stats_share:g} (privacy.feature_stats_share {p.feature_stats_share:g})"
+            f"the round-0 release's variance {rec.noise_variance:g} is not the plan's "
+            f"{mu / share:g} (privacy.{key} {share:g})"
         )
     return None
 

@@ -30,10 +30,11 @@ from fedtransfer.common.model.finetune import cut_encoder, make_top, trains
 from fedtransfer.common.model.head import evaluate_head
 from fedtransfer.common.model.intervals import with_intervals
 from fedtransfer.common.model.threshold import Threshold
+from fedtransfer.common.privacy.counts import round_zero_release
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from fedtransfer.common.storage import atomic, locking
 from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
-from fedtransfer.common.wire.protocol import FEATURE_STATS, Cfg
+from fedtransfer.common.wire.protocol import Cfg
 from fedtransfer.server.export.model_file import export_model, head_from_arrays
 from fedtransfer.server.federation import checkpoint, class_counts, report, run_folder
 from fedtransfer.server.federation.console import final_evaluation_summary, log_round
@@ -69,7 +70,7 @@ class Coordinator:
     test_x: torch.Tensor
     test_y: torch.Tensor
     strategy: ScreenedStrategy
-    release: ScreenedStrategy | None = None  # round 0's feature-statistics release (privacy.feature_stats)
+    release: ScreenedStrategy | None = None  # round 0's release: the feature statistics, or under DP the counts
 
     def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
         """The head (or fine-tuned top, common/model/finetune.py) holding these exchanged tensors."""
@@ -78,7 +79,14 @@ class Coordinator:
         )
 
     def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
-        """The head after round 0: centred on the released mean, started at the class means (post-processing)."""
+        """The head after round 0: centred on the released mean, started at the class means (post-processing).
+
+        The record counts alone (privacy.feature_stats: false) leave the head as it was: the sites release them
+        for their own weights and sample rates (client/dp_count.py). They are not kept for the global model's
+        threshold, which stays as it was for runs without the statistics.
+        """
+        if not self.cfg.privacy.feature_stats:
+            return head
         module = self.head(head)
         sums, counts = (torch.from_numpy(stats[name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
         start_from_statistics(module, sums, counts)
@@ -122,11 +130,10 @@ def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
     frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
     strategy = ScreenedStrategy(make_strategy(cfg, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
     release = None
-    if cfg.privacy.feature_stats:
-        stats_spec = {
-            STATS_SUMS: ((len(classes), encoder.feature_dim), "float32"),
-            STATS_COUNTS: ((len(classes),), "float32"),
-        }
+    if round_zero_release(cfg.privacy) is not None:  # the statistics, or under DP the record counts alone
+        stats_spec = {STATS_COUNTS: ((len(classes),), "float32")}
+        if cfg.privacy.feature_stats:
+            stats_spec = {STATS_SUMS: ((len(classes), encoder.feature_dim), "float32"), **stats_spec}
         release = ScreenedStrategy(release_strategy(cfg.train), stats_spec, cfg.train.min_sites)
     coordinator = Coordinator(
         cfg, encoder, classes, test_x, torch.from_numpy(fed.server_test.labels), strategy, release
@@ -171,12 +178,13 @@ def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
     if cfg.train.strategy == "fedprox":
         config[Cfg.PROXIMAL_MU] = cfg.train.proximal_mu
     book, accuracy = SiteBook(sites), float("nan")
-    if co.release is not None and start == 1 and ckpt is None:  # round 0: the statistics, before any training
+    kind = round_zero_release(cfg.privacy)
+    if co.release is not None and kind is not None and start == 1 and ckpt is None:  # round 0, before training
         head, accuracy = _round(
             grid,
             0,
             head,
-            config=ConfigRecord({**config, Cfg.RELEASE: FEATURE_STATS}),
+            config=ConfigRecord({**config, Cfg.RELEASE: kind}),
             co=co,
             book=book,
             recorder=recorder,

@@ -18,11 +18,12 @@ import numpy as np
 from fedtransfer.common.config.run import RunConfig
 from fedtransfer.common.model.intervals import described_accuracy
 from fedtransfer.common.model.threshold import Threshold
+from fedtransfer.common.privacy.counts import round_zero_release
 from fedtransfer.common.privacy.mechanisms import mechanism_for
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.audit_log import AuditLog, update_digest
 from fedtransfer.common.storage.finite_json import finite
-from fedtransfer.common.wire.protocol import FEATURE_STATS, Event, SiteStatus
+from fedtransfer.common.wire.protocol import Event, SiteStatus
 from fedtransfer.server.federation import checkpoint, report, timing, tracking
 from fedtransfer.server.federation.rounds import TrainRound
 from fedtransfer.server.federation.sites import SiteRound
@@ -110,7 +111,7 @@ class RunRecorder:
         )
         for site, part in everyone.items():
             rec = self.sites.setdefault(site, {"rounds": []})
-            release = FEATURE_STATS if r.rnd == 0 else "training"  # round 0: the DP feature statistics
+            release = round_zero_release(self.cfg.privacy) if r.rnd == 0 else "training"  # round 0: its release
             rec["rounds"].append(part.as_record(r.rnd) | {"release": release})
             if part.status == SiteStatus.TRAINED:
                 rec["accountant"] = part.fields.get("accountant", "none")

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 from fedtransfer.common.config.run import RunConfig
+from fedtransfer.common.privacy.counts import release_counts
 from fedtransfer.common.privacy.events import History, SelfComposedDpEvent
 from fedtransfer.common.privacy.fedsgd import STATS_NORM, Units, release_statistics, stats_quanta
 from fedtransfer.common.privacy.plans import Plan
@@ -72,13 +73,22 @@ class Mechanism(ABC):
         return None
 
     def plan(
-        self, *, num_samples: int, units: int, dim: int, feature_dim: int, num_classes: int, remember: Remember
+        self,
+        *,
+        num_samples: int,
+        units: int,
+        dim: int,
+        feature_dim: int,
+        num_classes: int,
+        remember: Remember,
+        released: float | None = None,
     ) -> Plan | None:
         """The run's plan for this site (None without DP); ValueError when the site cannot take part.
 
         `num_samples`: the site's training records; `units`: its records or users (privacy.unit);
         `dim`: the head's trainable coordinates; `feature_dim`: the width of its cached features;
-        `num_classes`: the run's classes.
+        `num_classes`: the run's classes; `released`: the count the site released in round 0 (None before it
+        has), for whatever of the plan goes out and depends on a count (fedavg's sample rate).
         """
         if not self.cfg.privacy.enabled:
             return None
@@ -89,18 +99,33 @@ class Mechanism(ABC):
             feature_dim=feature_dim,
             num_classes=num_classes,
             remember=remember,
+            released=released,
         )
 
     @abstractmethod
     def _plan(
-        self, *, num_samples: int, units: int, dim: int, feature_dim: int, num_classes: int, remember: Remember
+        self,
+        *,
+        num_samples: int,
+        units: int,
+        dim: int,
+        feature_dim: int,
+        num_classes: int,
+        remember: Remember,
+        released: float | None,
     ) -> Plan: ...
 
     def release(
         self, data: SiteTensors, plan: Plan | None, generator: torch.Generator
     ) -> tuple[dict[str, torch.Tensor], SelfComposedDpEvent | None]:
-        """Round 0's feature statistics under Gaussian noise (the plan's σ), and the event they cost."""
+        """Round 0's release under Gaussian noise (the plan's σ), and the event it cost: the feature statistics,
+        or without them the record counts alone (common/privacy/counts.py)."""
         sigma = None if plan is None else plan.stats_noise_multiplier
+        if not self.cfg.privacy.feature_stats:
+            counts = release_counts(
+                data.labels, data.num_classes, data.units, sigma, generator, self.cfg.privacy.secure_mode
+            )
+            return counts, None if plan is None else plan.stats_event
         released = release_statistics(
             data.features,
             data.labels,
@@ -121,7 +146,7 @@ class Mechanism(ABC):
     def describe(self, plan: Plan, event: SelfComposedDpEvent, *, release: bool) -> DPRecord:
         """What a Gaussian round or release spent, as logged, sent and audited (Skellam overrides)."""
         m = event.mechanism
-        clip = 1.0 if release else plan.max_grad_norm  # the statistics' sensitivity is 1 (unit features, counts)
+        clip = 1.0 if release else plan.max_grad_norm  # round 0's sensitivity is 1 (unit features, counts)
         return DPRecord(m.noise_multiplier, event.sample_rate, event.count, clip, plan.target_delta, plan.accountant)
 
     def secure_sum_quanta(self, names: Iterable[str], *, release: bool) -> dict[str, float] | None:

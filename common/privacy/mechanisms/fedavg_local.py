@@ -2,6 +2,8 @@
 
 The plan covers every local step of every round the site may join (plan_dp); each round's event is
 the steps Opacus actually took at the plan's (σ, q), merged into the accountant history as Opacus does.
+Under DP the plan's rate q (sent in every DP record) comes from the count the site released in round 0,
+never from its exact record count (client/dp_count.py); the site still trains on all its records.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ class FedAvgLocal(Mechanism):
     trust = "local"
 
     def _plan(
-        self, *, num_samples: int, units: int, dim: int, feature_dim: int, num_classes: int, remember: Remember
+        self,
+        *,
+        num_samples: int,
+        units: int,
+        dim: int,
+        feature_dim: int,
+        num_classes: int,
+        remember: Remember,
+        released: float | None,
     ) -> Plan:
         p, t = self.cfg.privacy, self.cfg.train
         return remember(
@@ -34,7 +44,8 @@ class FedAvgLocal(Mechanism):
             target_delta=p.target_delta,
             max_grad_norm=p.max_grad_norm,
             accountant=p.accountant,
-            stats_share=p.feature_stats_share if p.feature_stats else None,
+            stats_share=p.release_share,
+            released_count=None if released is None else max(1, round(released)),
         )
 
     def train_round(

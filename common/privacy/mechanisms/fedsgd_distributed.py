@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from fedtransfer.common.privacy.calibration import plan_distributed
+from fedtransfer.common.privacy.counts import skellam_counts
 from fedtransfer.common.privacy.events import SelfComposedDpEvent, SkellamDpEvent
 from fedtransfer.common.privacy.fedsgd import STATS_NORM, skellam_statistics
 from fedtransfer.common.privacy.mechanisms.base import Remember, SiteTensors
@@ -36,7 +37,15 @@ class FedSGDDistributed(FedSGDLocal):
             )
 
     def _plan(
-        self, *, num_samples: int, units: int, dim: int, feature_dim: int, num_classes: int, remember: Remember
+        self,
+        *,
+        num_samples: int,
+        units: int,
+        dim: int,
+        feature_dim: int,
+        num_classes: int,
+        remember: Remember,
+        released: float | None,
     ) -> Plan:
         """The Skellam plan for this site's units; refused when its share could wrap modulo SecAgg+'s range."""
         self._check_weight(units)
@@ -55,12 +64,12 @@ class FedSGDDistributed(FedSGDLocal):
             gamma=s.quantum(p.max_grad_norm),
             stats_gamma=s.quantum(STATS_NORM),
             unit=p.unit,
-            stats_share=p.feature_stats_share if p.feature_stats else None,
+            stats_share=p.release_share,
             feature_dim=feature_dim if p.feature_stats else 0,
             num_classes=num_classes,
         )
         assert isinstance(plan, SkellamPlan)
-        self._check_wrap(plan, units=units, dim=dim, shape=num_classes * (feature_dim + 1))
+        self._check_wrap(plan, units=units, dim=dim, shape=num_classes * ((feature_dim if p.feature_stats else 0) + 1))
         return plan
 
     def _check_wrap(self, plan: SkellamPlan, *, units: int, dim: int, shape: int) -> None:
@@ -79,8 +88,19 @@ class FedSGDDistributed(FedSGDLocal):
     def release(
         self, data: SiteTensors, plan: Plan | None, generator: torch.Generator
     ) -> tuple[dict[str, torch.Tensor], SelfComposedDpEvent | None]:
-        """The statistics as integers in units of each tensor's quantum, plus this site's Skellam share."""
+        """Round 0's release (the statistics, or the record counts alone) as integers in units of each tensor's
+        quantum, plus this site's Skellam share."""
         assert isinstance(plan, SkellamPlan) and plan.stats_variance is not None and plan.stats_quantum is not None
+        if not self.cfg.privacy.feature_stats:  # the record counts alone (common/privacy/counts.py)
+            counts = skellam_counts(
+                data.labels,
+                data.num_classes,
+                data.units,
+                plan.stats_variance / plan.honest_survivors,
+                generator,
+                plan.stats_quantum,
+            )
+            return counts, plan.stats_event
         released = skellam_statistics(
             data.features,
             data.labels,

@@ -35,7 +35,15 @@ class FedSGDLocal(Mechanism):
             )
 
     def _plan(
-        self, *, num_samples: int, units: int, dim: int, feature_dim: int, num_classes: int, remember: Remember
+        self,
+        *,
+        num_samples: int,
+        units: int,
+        dim: int,
+        feature_dim: int,
+        num_classes: int,
+        remember: Remember,
+        released: float | None,
     ) -> Plan:
         self._check_weight(units)
         p, t = self.cfg.privacy, self.cfg.train
@@ -48,7 +56,7 @@ class FedSGDLocal(Mechanism):
             target_delta=p.target_delta,
             max_grad_norm=p.max_grad_norm,
             accountant=p.accountant,
-            stats_share=p.feature_stats_share if p.feature_stats else None,
+            stats_share=p.release_share,
             unit=p.unit,
         )
 
