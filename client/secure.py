@@ -78,7 +78,7 @@ def secure_reply(
     examples = int(answer[Rec.METRICS][Metric.NUM_EXAMPLES])
     if examples > settings.max_weight:  # under fedsgd it also sets γ (SecAggConfig.quantum): no wrap-around
         raise ValueError(
-            f"this site trains on {examples} examples, more than secagg.max_weight = {settings.max_weight:g}; "
+            f"this site trains on more examples than secagg.max_weight = {settings.max_weight:g}; "
             "the run must raise secagg.max_weight"
         )
     if quanta is not None:

@@ -163,8 +163,8 @@ def _check_delta(n: int, delta: float, unit: str) -> None:
     if delta >= 1.0 / n:
         what = "users" if unit == "user" else "training samples"
         raise ConfigError(
-            f"privacy.target_delta {delta:g} must be below 1/n = {1.0 / n:.3g} for this site's {n} {what}; "
-            "lower target_delta"
+            f"privacy.target_delta {delta:g} must be below 1/n for this site's n {what}; lower target_delta "
+            "(the message names no count: a refusal goes to the coordinator, and an exact count is private)"
         )
 
 

@@ -18,31 +18,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from fedtransfer.common.config.run import RunConfig, to_nested
-from fedtransfer.common.data.federation import federation_for
-from fedtransfer.common.encoders.feature_cache import cached_features
-from fedtransfer.common.encoders.registry import load_encoder, resolve_device
-from fedtransfer.common.model.finetune import cut_encoder, make_top, trains
-from fedtransfer.common.model.head import evaluate_head
-from fedtransfer.common.model.intervals import with_intervals
+from fedtransfer.common.model.finetune import trains
 from fedtransfer.common.model.threshold import Threshold
 from fedtransfer.common.privacy.counts import round_zero_release
-from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, STATS_SUMS, start_from_statistics
 from fedtransfer.common.storage import atomic, locking
-from fedtransfer.common.wire.exchange import PREFIX, head_spec, head_to_arrays, wire_bytes
+from fedtransfer.common.wire.exchange import wire_bytes
 from fedtransfer.common.wire.protocol import Cfg
-from fedtransfer.server.export.model_file import export_model, head_from_arrays
+from fedtransfer.server.export.model_file import export_model
 from fedtransfer.server.federation import checkpoint, class_counts, report, run_folder
 from fedtransfer.server.federation.console import final_evaluation_summary, log_round
-from fedtransfer.server.federation.evaluation import EvaluateRound, carried_model, evaluate_round, read, sample
+from fedtransfer.server.federation.coordinator import Coordinator, as_numpy, set_up
+from fedtransfer.server.federation.evaluation import EvaluateRound, Sampled, carried_model, evaluate_round, read, sample
 from fedtransfer.server.federation.recorder import RoundReport, RunRecorder
-from fedtransfer.server.federation.rounds import plain_round, secure_train_round
+from fedtransfer.server.federation.rounds import TrainRound, plain_round, secure_train_round
 from fedtransfer.server.federation.sites import SiteBook, absent_sites
-from fedtransfer.server.federation.strategy import ScreenedStrategy, make_strategy, release_strategy
+from fedtransfer.server.federation.strategy import ScreenedStrategy
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -58,46 +52,6 @@ class RunResult:
     model_path: Path | None
     status: str  # "completed" or "failed"
     reason: str | None = None
-
-
-@dataclass
-class Coordinator:
-    """What the loop works with: the encoder, the server's hold-out features, the head and the strategy."""
-
-    cfg: RunConfig
-    encoder: Any
-    classes: list[str]
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    strategy: ScreenedStrategy
-    release: ScreenedStrategy | None = None  # round 0's release: the feature statistics, or under DP the counts
-
-    def head(self, arrays: dict[str, np.ndarray]) -> torch.nn.Module:
-        """The head (or fine-tuned top, common/model/finetune.py) holding these exchanged tensors."""
-        return head_from_arrays(
-            arrays, self.encoder, num_classes=len(self.classes), hidden=self.cfg.head.hidden, finetune=self.cfg.finetune
-        )
-
-    def start_from(self, head: dict[str, np.ndarray], stats: ArrayRecord) -> dict[str, np.ndarray]:
-        """The head after round 0: centred on the released mean, started at the class means (post-processing).
-
-        The record counts alone (privacy.feature_stats: false) leave the head as it was: the sites release them
-        for their own weights and sample rates (client/dp_count.py). They are not kept for the global model's
-        threshold, which stays as it was for runs without the statistics.
-        """
-        if not self.cfg.privacy.feature_stats:
-            return head
-        module = self.head(head)
-        sums, counts = (torch.from_numpy(stats[name].numpy()) for name in (STATS_SUMS, STATS_COUNTS))
-        start_from_statistics(module, sums, counts)
-        class_counts.save_counts(self.cfg.output_path, counts.tolist())  # the global model's threshold (binary)
-        return _numpy(head_to_arrays(module))
-
-    def evaluate(self, arrays: dict[str, np.ndarray]) -> dict[str, float | None]:
-        """accuracy, loss, balanced_accuracy and auroc (None when the hold-out has one class) on the hold-out,
-        with the record count and the 95% intervals of accuracy (Wilson) and AUROC (Hanley-McNeil)."""
-        scores = evaluate_head(self.head(arrays), self.test_x, self.test_y).as_dict()
-        return with_intervals(scores, self.test_y.cpu().numpy())
 
 
 def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResult:
@@ -116,34 +70,9 @@ def run_federation(grid: Grid, cfg: RunConfig, resume: bool = False) -> RunResul
         return _run(grid, cfg, resume)
 
 
-def _setup(cfg: RunConfig) -> tuple[Coordinator, dict[str, np.ndarray]]:
-    encoder = cut_encoder(load_encoder(cfg.backbone, resolve_device(cfg.device)), cfg.finetune)
-    fed = federation_for(cfg)
-    test_x, _ = cached_features(encoder, fed.server_test, cfg.cache_path)
-    classes = list(fed.server_test.classes)
-    with torch.random.fork_rng(devices=[]):  # the initial head is the config's seed, without seeding the process
-        torch.manual_seed(cfg.seed)
-        head = make_top(
-            encoder, len(classes), hidden=cfg.head.hidden, centred=cfg.privacy.feature_stats, ft=cfg.finetune
-        ).cpu()
-    spec = head_spec(head)
-    frozen = frozenset(PREFIX + k for k, _ in head.named_buffers())
-    strategy = ScreenedStrategy(make_strategy(cfg, frozen), spec, cfg.train.min_sites, cfg.train.max_update_norm)
-    release = None
-    if round_zero_release(cfg.privacy) is not None:  # the statistics, or under DP the record counts alone
-        stats_spec = {STATS_COUNTS: ((len(classes),), "float32")}
-        if cfg.privacy.feature_stats:
-            stats_spec = {STATS_SUMS: ((len(classes), encoder.feature_dim), "float32"), **stats_spec}
-        release = ScreenedStrategy(release_strategy(cfg.train), stats_spec, cfg.train.min_sites)
-    coordinator = Coordinator(
-        cfg, encoder, classes, test_x, torch.from_numpy(fed.server_test.labels), strategy, release
-    )
-    return coordinator, _numpy(head_to_arrays(head))
-
-
 def _run(grid: Grid, cfg: RunConfig, resume: bool) -> RunResult:
     run_dir = cfg.output_path
-    co, head = _setup(cfg)
+    co, head = set_up(cfg)
     ckpt = checkpoint.latest(run_dir) if resume else None
     if ckpt is None:
         if resume:
@@ -227,31 +156,9 @@ def _round(
         with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{model}|evaluate"):
             sampled = sample(co.strategy, model, arrays, config=config, grid=grid)
     with _flower_sampling_seed(f"{cfg.seed}|{recorder.run_id}|{rnd}"):
-        if cfg.secure_aggregation:  # the statistics too: the server holds only their sum
-            train = secure_train_round(
-                grid,
-                rnd,
-                arrays,
-                config=config,
-                strategy=release or co.strategy,
-                book=book,
-                cfg=cfg,
-                sampled=sampled,
-                num_classes=len(co.classes),
-            )
-        else:
-            train = plain_round(
-                grid,
-                rnd,
-                arrays,
-                config=config,
-                strategy=release or co.strategy,
-                book=book,
-                timeout=cfg.train.round_timeout_s,
-                sampled=sampled,
-            )
+        train = _exchange(grid, rnd, arrays, config=config, co=co, book=book, release=release, sampled=sampled)
     if train.arrays is not None:
-        head = co.start_from(head, train.arrays) if release is not None else _numpy(train.arrays)
+        head = co.start_from(head, train.arrays) if release is not None else as_numpy(train.arrays)
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in head.items()})
     absent = absent_sites(book, train.sites, [book.name(n) for n in connected])
     evaluated = (
@@ -275,6 +182,44 @@ def _round(
     line = recorder.round_done(outcome)
     log_round(rnd, cfg, line, len(train.sites), scored=(outcome.scored_round, evaluated.metrics))
     return head, outcome.server["accuracy"]
+
+
+def _exchange(
+    grid: Grid,
+    rnd: int,
+    arrays: ArrayRecord,
+    *,
+    config: ConfigRecord,
+    co: Coordinator,
+    book: SiteBook,
+    release: ScreenedStrategy | None,
+    sampled: Sampled | None,
+) -> TrainRound:
+    """Round `rnd`'s one exchange with the sites, plain or SecAgg+ (round 0's release too: the server then holds
+    only its sum); the evaluation of the model sent (`sampled`) rides in it."""
+    cfg = co.cfg
+    if cfg.secure_aggregation:
+        return secure_train_round(
+            grid,
+            rnd,
+            arrays,
+            config=config,
+            strategy=release or co.strategy,
+            book=book,
+            cfg=cfg,
+            sampled=sampled,
+            num_classes=len(co.classes),
+        )
+    return plain_round(
+        grid,
+        rnd,
+        arrays,
+        config=config,
+        strategy=release or co.strategy,
+        book=book,
+        timeout=cfg.train.round_timeout_s,
+        sampled=sampled,
+    )
 
 
 def _final_evaluation(
@@ -353,7 +298,3 @@ def export_or_why(
         ), None
     except OSError as err:
         return None, f"could not write {path} ({err.strerror or err}); free space, then --resume to export it"
-
-
-def _numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in arrays.items()}

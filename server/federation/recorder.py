@@ -86,19 +86,7 @@ class RunRecorder:
                 Event.UPDATE_RECEIVED, run_id=self.run_id, round=r.rnd, site=site, update=digest, **masked
             )
         everyone = r.train.sites | r.absent
-        for site, part in sorted(r.train.sites.items()):
-            if part.status in _NOT_TRAINED:
-                self.audit.append(
-                    Event.UPDATE_REFUSED,
-                    run_id=self.run_id,
-                    round=r.rnd,
-                    site=site,
-                    status=str(part.status),
-                    reason=part.reason,
-                )
-                log(WARNING, "round %d: site %s %s: %s", r.rnd, site, part.status, part.reason)
-            elif part.status == SiteStatus.NO_REPLY:
-                log(WARNING, "round %d: site %s did not reply: %s", r.rnd, site, part.reason)
+        self._refusals(r)
         secure = {"secure_aggregation": {"halted": r.train.halted} | asdict(self.cfg.secagg)}
         self.audit.append(
             Event.ROUND_AGGREGATED,
@@ -139,6 +127,22 @@ class RunRecorder:
         report.write_privacy(self.run_dir, self.run_id, self.sites)
         tracking.round_done(self.cfg, self.run_id, line)
         return line
+
+    def _refusals(self, r: RoundReport) -> None:
+        """A site that refused or failed: in the audit log with its reason; one that did not reply: a warning."""
+        for site, part in sorted(r.train.sites.items()):
+            if part.status in _NOT_TRAINED:
+                self.audit.append(
+                    Event.UPDATE_REFUSED,
+                    run_id=self.run_id,
+                    round=r.rnd,
+                    site=site,
+                    status=str(part.status),
+                    reason=part.reason,
+                )
+                log(WARNING, "round %d: site %s %s: %s", r.rnd, site, part.status, part.reason)
+            elif part.status == SiteStatus.NO_REPLY:
+                log(WARNING, "round %d: site %s did not reply: %s", r.rnd, site, part.reason)
 
     def scored(self, rnd: int, federated: dict[str, Any] | None, evaluated: dict[str, dict[str, Any]]) -> None:
         """The final model's evaluation (its exchange of its own, after round `rnd`): its metrics line amended,

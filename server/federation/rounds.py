@@ -20,7 +20,16 @@ from fedtransfer.common.storage.audit_log import update_digest
 from fedtransfer.common.wire.exchange import arrays_to_numpy, wire_bytes
 from fedtransfer.common.wire.protocol import Cfg, DPRecord, Metric, Rec, SiteStatus
 from fedtransfer.common.wire.secure_sum import sum_of_mean
-from fedtransfer.server.federation.evaluation import Sampled, alone, asked_of, asking, carried, releases, taken
+from fedtransfer.server.federation.evaluation import (
+    Asked,
+    Sampled,
+    alone,
+    asked_of,
+    asking,
+    carried,
+    releases,
+    taken,
+)
 from fedtransfer.server.federation.masked_evaluation import split_slots, with_slot_placeholders
 from fedtransfer.server.federation.secure import SecureRound, secure_round
 from fedtransfer.server.federation.sites import Answer, SiteBook, SiteRound, answer_of, answers, send_and_receive
@@ -150,13 +159,69 @@ def secure_train_round(
     )
     out = TrainRound(bytes_received=sum(sec.payload.values()))
     if asked is not None:
-        parts = [(answer_of(n, r, book), taken(r.content)) for n, r in sorted(sec.trained.items())]
-        parts += [(answer_of(n, e, book), None) for n, e in sorted(sec.errors.items()) if n not in sec.trained]
-        lost = [(Answer(n, book.name(n), SiteStatus.NO_REPLY, f"no reply within {timeout:g}s"), None) for n in nodes]
-        parts += [p for p in lost if p[0].node not in sec.trained and p[0].node not in sec.errors]
-        out.evaluations = carried(rnd, parts, asked)
-        if asked.alone:
-            out.evaluations += alone(grid, rnd, asked.alone, book=book, timeout=timeout)
+        out.evaluations = _secure_evaluations(grid, rnd, sec, asked, nodes=nodes, book=book, timeout=timeout)
+    _secure_statuses(out, sec, nodes, book=book, timeout=timeout)
+    if sec.aggregate is None:
+        out.halted = (
+            f"secure aggregation halted: {len(sec.trained)} of {len(nodes)} sites sent masked vectors, too "
+            f"few for the reconstruction threshold (secagg.reconstruction_threshold = "
+            f"{cfg.secagg.reconstruction_threshold:g})"
+        )
+        log(WARNING, "round %d: %s; global head unchanged", rnd, out.halted)
+        return out
+    slots = (head_names, num_classes) if slotted else None
+    _secure_mean(grid, rnd, sec, out, strategy=strategy, cfg=cfg, release=release, slots=slots)
+    return out
+
+
+def _secure_mean(
+    grid: Grid,
+    rnd: int,
+    sec: SecureRound,
+    out: TrainRound,
+    *,
+    strategy: ScreenedStrategy,
+    cfg: RunConfig,
+    release: bool,
+    slots: tuple[list[str], int] | None,
+) -> None:
+    """The new head from SecAgg+'s mean, into `out`; where the head sent had the evaluation's slots (`slots`: the
+    head's tensor names and the class count), their masked sum too, split off first."""
+    examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
+    extra: dict[str, float] = {}
+    aggregate = sec.aggregate
+    assert aggregate is not None
+    if slots is not None:
+        sec, aggregate, out.summed_evaluation = split_slots(sec, aggregate, slots[0], cfg.secagg, slots[1])
+    mechanism = mechanism_for(cfg)
+    quanta = mechanism.secure_sum_quanta(aggregate.keys(), release=release)
+    if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
+        aggregate = secure_sum(sec, aggregate, quanta, cfg.secagg)
+    if not release and mechanism.sends_gradient_sums:  # FedSGD divides the sum by Σ q·n
+        extra[Metric.EXPECTED_BATCH] = sum(
+            float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH]) for r in sec.trained.values()
+        )
+    reply = _as_one_reply(grid, rnd, mean=aggregate, examples=examples, sites=len(sec.trained), extra=extra)
+    out.arrays, _ = strategy.aggregate_train(rnd, [reply])
+
+
+def _secure_evaluations(
+    grid: Grid, rnd: int, sec: SecureRound, asked: Asked, *, nodes: list[int], book: SiteBook, timeout: float
+) -> list[tuple[str, RecordDict]]:
+    """The evaluations the stage-2 replies carried (a site that left or never answered: its status), then those
+    of the sampled sites this round did not train, asked in a message of their own."""
+    parts = [(answer_of(n, r, book), taken(r.content)) for n, r in sorted(sec.trained.items())]
+    parts += [(answer_of(n, e, book), None) for n, e in sorted(sec.errors.items()) if n not in sec.trained]
+    lost = [(Answer(n, book.name(n), SiteStatus.NO_REPLY, f"no reply within {timeout:g}s"), None) for n in nodes]
+    parts += [p for p in lost if p[0].node not in sec.trained and p[0].node not in sec.errors]
+    evaluations = carried(rnd, parts, asked)
+    if asked.alone:
+        evaluations += alone(grid, rnd, asked.alone, book=book, timeout=timeout)
+    return evaluations
+
+
+def _secure_statuses(out: TrainRound, sec: SecureRound, nodes: list[int], *, book: SiteBook, timeout: float) -> None:
+    """Each asked site's part in `out`: trained (with what it sent, masked), failed, or no reply."""
     for node, reply in sorted(sec.trained.items()):
         site = answer_of(node, reply, book).site
         fields = trained_fields(reply) | {"bytes_sent": sec.payload[node]}
@@ -170,32 +235,7 @@ def secure_train_round(
             out.sites[answer.site] = SiteRound(answer.status or SiteStatus.FAILED, answer.reason)
     for node in nodes:
         if node not in sec.trained and node not in sec.errors:
-            reason = f"no reply within {cfg.train.round_timeout_s:g}s"
-            out.sites[book.name(node)] = SiteRound(SiteStatus.NO_REPLY, reason)
-    if sec.aggregate is None:
-        out.halted = (
-            f"secure aggregation halted: {len(sec.trained)} of {len(nodes)} sites sent masked vectors, too "
-            f"few for the reconstruction threshold (secagg.reconstruction_threshold = "
-            f"{cfg.secagg.reconstruction_threshold:g})"
-        )
-        log(WARNING, "round %d: %s; global head unchanged", rnd, out.halted)
-        return out
-    examples = sum(out.sites[n].fields["num_examples"] for n in out.trained)
-    extra: dict[str, float] = {}
-    aggregate = sec.aggregate
-    if slotted:
-        sec, aggregate, out.summed_evaluation = split_slots(sec, aggregate, head_names, cfg.secagg, num_classes)
-    mechanism = mechanism_for(cfg)
-    quanta = mechanism.secure_sum_quanta(aggregate.keys(), release=release)
-    if quanta is not None:  # the sites' statistics or gradient sums, read back exactly
-        aggregate = secure_sum(sec, aggregate, quanta, cfg.secagg)
-    if not release and mechanism.sends_gradient_sums:  # FedSGD divides the sum by Σ q·n
-        extra[Metric.EXPECTED_BATCH] = sum(
-            float(r.content.metric_records[Rec.METRICS][Metric.EXPECTED_BATCH]) for r in sec.trained.values()
-        )
-    reply = _as_one_reply(grid, rnd, mean=aggregate, examples=examples, sites=len(sec.trained), extra=extra)
-    out.arrays, _ = strategy.aggregate_train(rnd, [reply])
-    return out
+            out.sites[book.name(node)] = SiteRound(SiteStatus.NO_REPLY, f"no reply within {timeout:g}s")
 
 
 def secure_sum(sec: SecureRound, mean: ArrayRecord, quanta: dict[str, float], s: SecAggConfig) -> ArrayRecord:

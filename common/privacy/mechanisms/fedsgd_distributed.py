@@ -80,8 +80,8 @@ class FedSGDDistributed(FedSGDLocal):
             wrap += share_wrap_bound(units, plan.stats_l2, plan.stats_variance / plan.honest_survivors, shape, q_range)
         if wrap > 1e-6 * plan.target_delta:
             raise ValueError(
-                f"secagg.quantization_range {q_range} is too small for this site's {units} "
-                f"units (its noisy integer sum could wrap, probability up to {wrap:.2g}); the run must raise "
+                f"secagg.quantization_range {q_range} is too small for this site's count of units (its noisy "
+                "integer sum could wrap); the run must raise "
                 "secagg.max_weight (a coarser γ leaves the noise more room)"
             )
 

@@ -30,7 +30,7 @@ class FedSGDLocal(Mechanism):
         """γ is set for sites of up to max_weight units (SecAggConfig.quantum): refused before anything is spent."""
         if self.cfg.secure_aggregation and units > self.cfg.secagg.max_weight:
             raise ValueError(
-                f"this site has {units} units, more than secagg.max_weight = {self.cfg.secagg.max_weight:g}; "
+                f"this site has more units than secagg.max_weight = {self.cfg.secagg.max_weight:g}; "
                 "the run must raise secagg.max_weight"
             )
 
