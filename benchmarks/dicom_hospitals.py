@@ -89,7 +89,9 @@ def identifiers(hospital: str, patient: int, index: int) -> dict[str, str]:
     return {
         "PatientName": f"Synthetic^Patient{code}{patient:05d}",
         "PatientID": f"PID-{code}-{patient:06d}",
-        "PatientBirthDate": f"19{40 + patient % 50:02d}0{1 + patient % 9}1{patient % 10}",
+        # 18xx, not 19xx: a run's mlflow.db once held "19430413" by chance, where the parameter 4194304
+        # (secagg.quantization_range) stood next to a run id beginning with 13
+        "PatientBirthDate": f"18{40 + patient % 50:02d}0{1 + patient % 9}1{patient % 10}",
         "AccessionNumber": f"ACC{code}{index:08d}",
         "InstitutionName": f"Synthetic General {code} Hospital",
         "ReferringPhysicianName": f"Doctor^Synthetic{code}",

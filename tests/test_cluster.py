@@ -47,8 +47,9 @@ def test_simulation_runs_its_sites_on_the_worker_node(cluster: tuple[str, Path, 
     cfg = config_from_dict(TINY | {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache")})
     status = simulate(cfg, stream=False, ray_address=address)
     assert status["status"] == "completed"
-    (metrics,) = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics["sites_trained"] == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in lines] == [0, 1]  # round 0: the sites' DP record counts (no feature statistics)
+    assert all(m["sites_trained"] == 2 for m in lines)
     assert sorted(p.name for p in (tmp_path / "run" / "sites").iterdir()) == ["site-0", "site-1"]
     # Ray writes the actor's class into its worker's log: the sites were played on the worker node
     logs = [p for p in (root / "worker").rglob("worker-*.out") if "ClientAppActor" in p.read_text(errors="replace")]

@@ -42,7 +42,11 @@ def test_lora_run_sends_only_its_trainable_tensors_and_passes_its_audit(
     assert any(".lora_A." in n for n in names) and any(n.startswith("head.head.") for n in names)
     assert not any("base_layer" in n or "running_" in n for n in names)  # frozen tensors never leave
     for name in ("site-0", "site-1"):
-        sent = [r for r in read_records(run_dir / "sites" / name / "audit.jsonl") if r["event"] == "update-sent"]
+        sent = [
+            r
+            for r in read_records(run_dir / "sites" / name / "audit.jsonl")
+            if r["event"] == "update-sent" and r["round"] > 0
+        ]
         assert len(sent) == 2 and all(sorted(t["name"] for t in r["update"]["tensors"]) == names for r in sent)
         personal = [
             r for r in read_records(run_dir / "sites" / name / "audit.jsonl") if r["event"] == "personal-trained"
@@ -50,7 +54,8 @@ def test_lora_run_sends_only_its_trainable_tensors_and_passes_its_audit(
         assert [r["round"] for r in personal] == [1, 2] and all(r["dp_chosen"] and r["dp"] for r in personal)
     # every round, the federated metrics come from the sites' noisy statistics; no personal score leaves a site
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    for line in rounds:
+    assert [line["round"] for line in rounds] == [0, 1, 2]  # round 0: the DP record counts, no model to score
+    for line in rounds[1:]:
         assert line["federated"]["sites"] == 2 and 0 <= line["federated"]["accuracy"] <= 1
         assert not {"per_site", "personal_accuracy"} & set(line["federated"])
     assert "final_sites" not in status

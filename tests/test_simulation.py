@@ -13,6 +13,7 @@ from fedtransfer.cli.main import main
 from fedtransfer.common.config.run import RunConfig, config_from_dict
 from fedtransfer.common.data.federation import federation_for
 from fedtransfer.common.privacy.calibration import epsilon_of
+from fedtransfer.common.privacy.counts import round_zero_release
 from fedtransfer.common.privacy.events import gaussian_steps
 from fedtransfer.common.storage.audit_log import read_records, verify_chain
 from fedtransfer.server.export.model_file import load_model
@@ -33,21 +34,27 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
     for name in ("metrics.jsonl", "privacy.json", "model.pt", "accuracy.png", "epsilon.png", "status.json"):
         assert (run_dir / name).is_file(), name
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in metrics] == list(range(1, cfg.train.rounds + 1))
+    first = 0 if round_zero_release(cfg.privacy) is not None else 1  # round 0: the statistics or DP record counts
+    assert [m["round"] for m in metrics] == list(range(first, cfg.train.rounds + 1))
     assert all(m["sites_trained"] == sites and m["bytes_received"] > 0 for m in metrics)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        f"round-{r:04d}.pt" for r in range(1, cfg.train.rounds + 1)
+        f"round-{r:04d}.pt" for r in range(first, cfg.train.rounds + 1)
     ]
 
     privacy = json.loads((run_dir / "privacy.json").read_text())["sites"]
     assert len(privacy) == sites
     for name, site in privacy.items():
-        # the ε a site reports is its accountant over every round it trained, recomputed here independently
-        history = [gaussian_steps(site["noise_multiplier"], site["sample_rate"], site["steps"])]
+        # the ε a site reports is its accountant over every round it trained (round 0's release too), recomputed
+        # here independently from each round's DP record
+        history = [
+            gaussian_steps(r["noise_multiplier"], r["sample_rate"], r["steps"])
+            for r in site["per_round"]
+            if r["status"] == "trained"
+        ]
         assert site["epsilon"] == pytest.approx(epsilon_of(history, site["delta"], site["accountant"]), rel=1e-9)
         assert site["epsilon"] == pytest.approx(site["epsilon_recomputed"], rel=1e-9)
         assert 0.8 * cfg.privacy.target_epsilon < site["epsilon"] <= cfg.privacy.target_epsilon + 1e-9
-        assert site["rounds_trained"] == list(range(1, cfg.train.rounds + 1))
+        assert site["rounds_trained"] == list(range(first, cfg.train.rounds + 1))
         ledger = json.loads((run_dir / "sites" / name / "privacy-ledger.json").read_text())
         (entry,) = ledger["runs"].values()
         assert entry["rounds"][-1]["epsilon"] == pytest.approx(site["epsilon"], rel=1e-12)
@@ -66,8 +73,9 @@ def _check_outputs(run_dir: Path, cfg: RunConfig, sites: int) -> None:
         for r in read_records(log):
             if r["event"] == "update-sent":
                 sent[(name, r["round"])] = r["update"]["sha256"]
-                assert [t["name"] for t in r["update"]["tensors"]] == ["head.1.bias", "head.1.weight"]
-    assert sent == received and len(sent) == sites * cfg.train.rounds
+                if r["round"] > 0:  # round 0 sends its release (the statistics or the record counts), not the head
+                    assert [t["name"] for t in r["update"]["tensors"]] == ["head.1.bias", "head.1.weight"]
+    assert sent == received and len(sent) == sites * (cfg.train.rounds + 1 - first)
 
     # the exported model classifies the server's held-out images from raw pixels, better than chance
     fed = federation_for(cfg, sites)
@@ -86,8 +94,9 @@ def test_fedtransfer_simulate_end_to_end(tmp_path: Path, capsys: pytest.CaptureF
     config.write_text(yaml.safe_dump(raw))
     assert main(["simulate", "--config", str(config)]) == 0
     console = capsys.readouterr().out.splitlines()
-    assert [line.split(" | ")[0] for line in console if line.startswith("round ")] == ["round 1/2", "round 2/2"]
-    assert len(console) <= 8, console  # start, one line per round, outcome: Flower's and Ray's logs are in run.log
+    rounds = [line.split(" | ")[0] for line in console if line.startswith("round ")]
+    assert rounds == ["round 0/2", "round 1/2", "round 2/2"]  # round 0: the DP record counts
+    assert len(console) <= 10, console  # start, one line per round, outcome: Flower's and Ray's logs are in run.log
     assert "Initialising: RayBackend" in (run_dir / "run.log").read_text()
 
     cfg = config_from_dict(raw)

@@ -309,7 +309,11 @@ def test_lora_text_run_on_the_simulation_engine(tmp_path, capsys: pytest.Capture
     assert started["trains"] == {"train": "lora", "blocks": 1, "lora_rank": 2, "lora_alpha": 8.0}
     assert any(".lora_A." in n for n in names) and not any("base_layer" in n for n in names)
     for site in ("site-0", "site-1"):
-        sent = [r for r in read_records(run_dir / "sites" / site / "audit.jsonl") if r["event"] == "update-sent"]
+        sent = [
+            r
+            for r in read_records(run_dir / "sites" / site / "audit.jsonl")
+            if r["event"] == "update-sent" and r["round"] > 0
+        ]
         assert len(sent) == 2 and all(sorted(t["name"] for t in r["update"]["tensors"]) == names for r in sent)
     assert main(["audit", str(run_dir)]) == 0, capsys.readouterr()
     model = load_model(run_dir / "model.pt")

@@ -150,6 +150,7 @@ def personal_round(
             site,
             msg,
             Event.PERSONAL_TRAINED,
+            as_round=server_round,  # the model's round: a training message carries the evaluation of the one before
             keep_chosen_by=kept_by(site.policy, p)[1],
             dp_chosen=choice.dp,
             dp_chosen_by=choice.dp_chosen_by,
@@ -202,6 +203,7 @@ def final_round(
         site,
         msg,
         Event.PERSONAL_TRAINED,
+        as_round=server_round,
         keep_chosen_by=kept_by(site.policy, cfg.personal)[1],
         dp_chosen=False,
         dp_chosen_by=choice.dp_chosen_by,
