@@ -33,25 +33,31 @@ def _site_checks(fed: str, r: dict) -> list[tuple[str, bool]]:
 
 
 def verdicts(rows: list[dict], epsilon: float = 3.0) -> list[str]:
-    """One line per site and target, then one per federation: met or not, with the figures behind it."""
+    """One line per site and target, then one per federation and trust: met or not, with the figures behind it.
+
+    Each (federation, trust) is judged on its own: a results file may hold both trusts of one federation.
+    """
     lines = []
-    for fed in sorted({r["federation"] for r in rows if r["epsilon"] == epsilon}):
-        rs = [r for r in rows if r["federation"] == fed and r["epsilon"] == epsilon]
+    groups = sorted({(r["federation"], r.get("trust", "local")) for r in rows if r["epsilon"] == epsilon})
+    for fed, trust in groups:
+        rs = [r for r in rows if (r["federation"], r.get("trust", "local"), r["epsilon"]) == (fed, trust, epsilon)]
+        name = f"{fed} ({trust})"
         if fed == "bank":
-            gains = [r["gain_own"] for r in rs]
-            median = float(np.median(gains))
-            lines.append(f"{fed}: median site final - alone AUROC {median:+.4f}: {'met' if median >= 0 else 'NOT met'}")
+            median = float(np.median([r["gain_own"] for r in rs]))
+            lines.append(
+                f"{name}: median site final - alone AUROC {median:+.4f}: {'met' if median >= 0 else 'NOT met'}"
+            )
             continue
         results = []
         for r in rs:
-            for name, ok in _site_checks(fed, r):
+            for target, ok in _site_checks(fed, r):
                 results.append(ok)
                 lines.append(
-                    f"{fed} site {r['site']} ({r['train']} records) {name}: {'met' if ok else 'NOT met'} "
+                    f"{name} site {r['site']} ({r['train']} records) {target}: {'met' if ok else 'NOT met'} "
                     f"(own {r['gain_own']:+.3f} ± {r['gain_own_se']:.3f}, "
                     f"others {r['gain_others']:+.3f} ± {r['gain_others_se']:.3f}, chosen {r['chosen']})"
                 )
-        lines.append(f"{fed}: {sum(results)} of {len(results)} site targets met")
+        lines.append(f"{name}: {sum(results)} of {len(results)} site targets met")
     return lines
 
 
