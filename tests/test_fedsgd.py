@@ -35,7 +35,9 @@ from fedtransfer.common.wire.exchange import head_spec, head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, RECORD_COUNTS, DPRecord, Metric
 from fedtransfer.server.audit.empirical import CanarySettings, audit_training
 from fedtransfer.server.federation.strategy import FedSGD, ScreenedStrategy, server_step
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+
+from tests.messages import train_message
 
 DIM, CLASSES = 32, 4
 
@@ -243,20 +245,7 @@ def _site(tmp_path: Path, n: int = 80) -> Site:
 
 
 def _message(server_round: int, centred: bool = True, **extra: str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, CLASSES, centred=centred))
-    return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
+    return train_message(make_head(DIM, CLASSES, centred=centred), server_round, **extra)
 
 
 def test_site_releases_statistics_once_then_sends_noisy_gradient_sums(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ released count gives (common/privacy/coverage.py `follows`), never what its exac
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ from fedtransfer.common.privacy.counts import release_counts, round_zero_release
 from fedtransfer.common.privacy.coverage import DP_RATE, Released, cover, follows
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS, Units
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, RECORD_COUNTS, DPRecord, Metric
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import Message
+
+from tests.messages import train_message
 
 DIM, CLASSES, N = 8, 3, 300
 FEDAVG = {
@@ -47,20 +47,7 @@ def _site(tmp_path: Path) -> Site:
 
 
 def _message(server_round: int, **extra: str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, CLASSES))
-    return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
+    return train_message(make_head(DIM, CLASSES), server_round, **extra)
 
 
 def test_a_fedavg_dp_reply_holds_no_value_that_follows_from_the_exact_count(tmp_path: Path) -> None:

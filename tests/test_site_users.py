@@ -4,7 +4,6 @@ a file or record that names nobody is one line naming the site's file, its key a
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +21,11 @@ from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.fedsgd import STATS_COUNTS
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import RECORD_COUNTS, Metric
 from fedtransfer.deploy.credentials import init_deployment
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, RecordDict
 
+from tests.messages import train_message
 from tests.test_users import tiny_images  # the same tiny image folder the simulation's tests use
 
 DIM = 8
@@ -243,17 +242,4 @@ def test_deploy_site_refuses_a_missing_users_file_before_connecting(tmp_path: Pa
 
 
 def _message(server_round: int, **extra: str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, 2))  # a linear probe: the run has no feature statistics
-    return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
+    return train_message(make_head(DIM, 2), server_round, **extra)  # a linear probe: the run has no feature statistics

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +19,12 @@ from fedtransfer.common.data.federation import federation_for, simulate_federati
 from fedtransfer.common.data.sources import DataError, SiteData, load_source
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import FEATURE_STATS, DPRecord, Metric
 from fedtransfer.server.audit.empirical_replay import canary_units
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import Message
 from PIL import Image
+
+from tests.messages import train_message
 
 DIM = 16
 SCHEMA = {
@@ -58,20 +58,7 @@ def _table_config(schema: Path, table: Path, tmp_path: Path, **privacy: object) 
 
 
 def _message(server_round: int, **extra: str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    conf = {"server-round": server_round, "run-id": "r", "backbone-fingerprint": "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, 2, centred=True))
-    return Message(content=RecordDict({"arrays": head, "config": ConfigRecord(conf)}), metadata=meta)
+    return train_message(make_head(DIM, 2, centred=True), server_round, **extra)
 
 
 def _site(data: SiteData, tmp_path: Path) -> Site:

@@ -41,6 +41,18 @@ class SiteTensors:
 
 
 @dataclass(frozen=True)
+class SiteSize:
+    """What a site's plan depends on besides the run's configuration (Mechanism.plan says what each is)."""
+
+    num_samples: int
+    units: int
+    dim: int
+    feature_dim: int
+    num_classes: int
+    released: float | None
+
+
+@dataclass(frozen=True)
 class Trained:
     """What one round (or the statistics release) computed: the arrays that leave, and what it spent."""
 
@@ -92,28 +104,22 @@ class Mechanism(ABC):
         """
         if not self.cfg.privacy.enabled:
             return None
-        return self._plan(
-            num_samples=num_samples,
-            units=units,
-            dim=dim,
-            feature_dim=feature_dim,
-            num_classes=num_classes,
-            remember=remember,
-            released=released,
-        )
+        size = SiteSize(num_samples, units, dim, feature_dim, num_classes, released)
+        return self._plan(size, remember)
 
     @abstractmethod
-    def _plan(
-        self,
-        *,
-        num_samples: int,
-        units: int,
-        dim: int,
-        feature_dim: int,
-        num_classes: int,
-        remember: Remember,
-        released: float | None,
-    ) -> Plan: ...
+    def _plan(self, size: SiteSize, remember: Remember) -> Plan: ...
+
+    def _budget(self) -> dict[str, float]:
+        """The planner arguments every mechanism takes from the run as they are: its ε, δ, clipping norm and
+        the round-0 release's share of the budget."""
+        p = self.cfg.privacy
+        return {
+            "target_epsilon": p.target_epsilon,
+            "target_delta": p.target_delta,
+            "max_grad_norm": p.max_grad_norm,
+            "stats_share": p.release_share,
+        }
 
     def release(
         self, data: SiteTensors, plan: Plan | None, generator: torch.Generator

@@ -11,7 +11,7 @@ from __future__ import annotations
 from fedtransfer.common.privacy.calibration import plan_dp
 from fedtransfer.common.privacy.dp_sgd import LocalTraining, train_head
 from fedtransfer.common.privacy.events import History, gaussian_steps
-from fedtransfer.common.privacy.mechanisms.base import Mechanism, Remember, SiteTensors, Trained
+from fedtransfer.common.privacy.mechanisms.base import Mechanism, Remember, SiteSize, SiteTensors, Trained
 from fedtransfer.common.privacy.plans import GaussianPlan, Plan
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import Metric
@@ -22,30 +22,17 @@ class FedAvgLocal(Mechanism):
     protocol = "fedavg"
     trust = "local"
 
-    def _plan(
-        self,
-        *,
-        num_samples: int,
-        units: int,
-        dim: int,
-        feature_dim: int,
-        num_classes: int,
-        remember: Remember,
-        released: float | None,
-    ) -> Plan:
-        p, t = self.cfg.privacy, self.cfg.train
+    def _plan(self, size: SiteSize, remember: Remember) -> Plan:
+        t = self.cfg.train
         return remember(
             plan_dp,
-            num_samples=num_samples,
+            num_samples=size.num_samples,
             batch_size=t.batch_size,
             local_epochs=t.local_epochs,
             rounds=t.rounds,
-            target_epsilon=p.target_epsilon,
-            target_delta=p.target_delta,
-            max_grad_norm=p.max_grad_norm,
-            accountant=p.accountant,
-            stats_share=p.release_share,
-            released_count=None if released is None else max(1, round(released)),
+            accountant=self.cfg.privacy.accountant,
+            released_count=None if size.released is None else max(1, round(size.released)),
+            **self._budget(),
         )
 
     def train_round(

@@ -14,7 +14,7 @@ from fedtransfer.common.privacy.calibration import plan_distributed
 from fedtransfer.common.privacy.counts import skellam_counts
 from fedtransfer.common.privacy.events import SelfComposedDpEvent, SkellamDpEvent
 from fedtransfer.common.privacy.fedsgd import STATS_NORM, skellam_statistics
-from fedtransfer.common.privacy.mechanisms.base import Remember, SiteTensors
+from fedtransfer.common.privacy.mechanisms.base import Remember, SiteSize, SiteTensors
 from fedtransfer.common.privacy.mechanisms.fedsgd_local import FedSGDLocal
 from fedtransfer.common.privacy.plans import Plan, SkellamPlan
 from fedtransfer.common.privacy.skellam import sample, share_wrap_bound
@@ -36,40 +36,28 @@ class FedSGDDistributed(FedSGDLocal):
                 "only masked under secure aggregation; this training message is plain"
             )
 
-    def _plan(
-        self,
-        *,
-        num_samples: int,
-        units: int,
-        dim: int,
-        feature_dim: int,
-        num_classes: int,
-        remember: Remember,
-        released: float | None,
-    ) -> Plan:
+    def _plan(self, size: SiteSize, remember: Remember) -> Plan:
         """The Skellam plan for this site's units; refused when its share could wrap modulo SecAgg+'s range."""
-        self._check_weight(units)
+        self._check_weight(size.units)
         p, t, s = self.cfg.privacy, self.cfg.train, self.cfg.secagg
+        feature_dim = size.feature_dim if p.feature_stats else 0
         plan = remember(
             plan_distributed,
-            num_units=units,
+            num_units=size.units,
             sample_rate=t.sample_rate,
             rounds=t.rounds,
-            target_epsilon=p.target_epsilon,
-            target_delta=p.target_delta,
-            max_grad_norm=p.max_grad_norm,
-            dim=dim,
+            dim=size.dim,
             min_survivors=s.fewest_survivors(t.min_sites),
             colluding_sites=p.colluding_sites,
             gamma=s.quantum(p.max_grad_norm),
             stats_gamma=s.quantum(STATS_NORM),
             unit=p.unit,
-            stats_share=p.release_share,
-            feature_dim=feature_dim if p.feature_stats else 0,
-            num_classes=num_classes,
+            feature_dim=feature_dim,
+            num_classes=size.num_classes,
+            **self._budget(),
         )
         assert isinstance(plan, SkellamPlan)
-        self._check_wrap(plan, units=units, dim=dim, shape=num_classes * ((feature_dim if p.feature_stats else 0) + 1))
+        self._check_wrap(plan, units=size.units, dim=size.dim, shape=size.num_classes * (feature_dim + 1))
         return plan
 
     def _check_wrap(self, plan: SkellamPlan, *, units: int, dim: int, shape: int) -> None:

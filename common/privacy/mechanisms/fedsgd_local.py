@@ -13,7 +13,7 @@ import torch
 from fedtransfer.common.privacy.calibration import plan_fedsgd
 from fedtransfer.common.privacy.events import History
 from fedtransfer.common.privacy.fedsgd import add_noise, clipped_gradient_sum, make_generator
-from fedtransfer.common.privacy.mechanisms.base import Mechanism, Remember, SiteTensors, Trained
+from fedtransfer.common.privacy.mechanisms.base import Mechanism, Remember, SiteSize, SiteTensors, Trained
 from fedtransfer.common.privacy.plans import Plan
 from fedtransfer.common.wire.exchange import gradient_to_arrays
 from fedtransfer.common.wire.protocol import Metric
@@ -34,30 +34,17 @@ class FedSGDLocal(Mechanism):
                 "the run must raise secagg.max_weight"
             )
 
-    def _plan(
-        self,
-        *,
-        num_samples: int,
-        units: int,
-        dim: int,
-        feature_dim: int,
-        num_classes: int,
-        remember: Remember,
-        released: float | None,
-    ) -> Plan:
-        self._check_weight(units)
+    def _plan(self, size: SiteSize, remember: Remember) -> Plan:
+        self._check_weight(size.units)
         p, t = self.cfg.privacy, self.cfg.train
         return remember(
             plan_fedsgd,
-            num_units=units,
+            num_units=size.units,
             sample_rate=t.sample_rate,
             rounds=t.rounds,
-            target_epsilon=p.target_epsilon,
-            target_delta=p.target_delta,
-            max_grad_norm=p.max_grad_norm,
             accountant=p.accountant,
-            stats_share=p.release_share,
             unit=p.unit,
+            **self._budget(),
         )
 
     def train_round(
