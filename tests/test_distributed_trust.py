@@ -24,6 +24,8 @@ from fedtransfer.common.privacy.skellam import sensitivities
 from fedtransfer.common.storage.audit_log import RESERVED_FIELDS, AuditLog, read_records
 from fedtransfer.common.wire.protocol import DPRecord, Metric
 
+from tests.messages import train_message
+
 DIM, CLASSES = 32, 4
 GRID = {"quantization_range": 2**27, "max_weight": 2048}  # 16,384 levels per unit: configs/distributed.yaml's
 DISTRIBUTED = {
@@ -122,26 +124,7 @@ def test_the_share_has_the_planned_variance(tmp_path: Path) -> None:
 
 
 def test_a_plain_message_is_declined_under_distributed_trust(tmp_path: Path) -> None:
-    import time
-
-    from fedtransfer.common.wire.exchange import head_to_arrays
-    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
-
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    conf = ConfigRecord({"server-round": 1, "run-id": "r", "backbone-fingerprint": "f" * 64})
-    msg = Message(
-        content=RecordDict({"arrays": head_to_arrays(make_head(DIM, CLASSES)), "config": conf}), metadata=meta
-    )
+    msg = train_message(make_head(DIM, CLASSES), 1)
     with pytest.raises(Declined, match="only masked under secure aggregation"):
         train_round.train(_site(tmp_path), config_from_dict(DISTRIBUTED), msg)
 

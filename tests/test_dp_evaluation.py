@@ -50,6 +50,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Record
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp.strategy import FedAvg
 
+from tests.messages import to_site
+
 DIM, NUM_CLASSES = 8, 3
 
 
@@ -107,19 +109,10 @@ def _site(tmp_path: Path, n_test: int = 150) -> Site:
 
 
 def _message(server_round: int, arrays: ArrayRecord) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{server_round}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="evaluate",
-    )
     config = ConfigRecord({"server-round": server_round, "run-id": "r1", "backbone-fingerprint": "fp"})
-    return Message(content=RecordDict({"config": config, "arrays": arrays}), metadata=meta)
+    return to_site(
+        RecordDict({"config": config, "arrays": arrays}), message_type="evaluate", message_id=f"m{server_round}"
+    )
 
 
 def _cfg(**privacy: object) -> RunConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,10 @@ from fedtransfer.common.encoders.image import ImageBackbone, load_backbone
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import check_arrays, head_spec, head_to_arrays, load_head, wire_bytes
 from fedtransfer.common.wire.protocol import RECORD_COUNTS, REFUSAL_CODE, DPRecord, Refusal, site_of
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import message_to_proto
+
+from tests.messages import to_site
 
 CLASSES = 10
 # fedavg: a trained head goes back (fedsgd's noisy sums: test_fedsgd.py)
@@ -62,18 +63,7 @@ def _site(backbone: ImageBackbone, state_dir: Path, n: int = 100) -> Site:
 
 
 def _message(arrays: ArrayRecord, **config: str | int) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    return Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), metadata=metadata)
+    return to_site(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), message_id="m-1", ttl=3600.0)
 
 
 def _train_message(backbone: ImageBackbone, **changes: str | int) -> Message:

@@ -10,7 +10,6 @@ process (tests/inprocess_grid.py); the audit of the run passes, its coverage che
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,17 @@ from fedtransfer.common.model.head import make_head
 from fedtransfer.common.privacy.evaluation import NAMES, metrics_from_statistics, sum_statistics
 from fedtransfer.common.privacy.ledger import PrivacyLedger
 from fedtransfer.common.storage.audit_log import read_records
-from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import RECORD_COUNTS, Cfg, Metric, Rec
 from fedtransfer.server.audit.coverage import check_coverage
 from fedtransfer.server.audit.findings import Entry, Evidence, Findings, SiteAudit
 from fedtransfer.server.federation import checkpoint
 from fedtransfer.server.federation.console import ConsoleFilter, final_evaluation_summary
 from fedtransfer.server.federation.evaluation import Sampled, asked_of, asking, taken
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.app.message_type import MessageType
 
 from tests.inprocess_grid import InProcessGrid, _serverapp_identity, fresh_site_cache, run_in_process
+from tests.messages import train_message
 
 ROUNDS = 3
 SMALL = {
@@ -214,20 +213,7 @@ def _site(tmp_path: Path, n_test: int = 60) -> Site:
 
 
 def _at_site(server_round: int, **extra: int | str) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m{server_round}",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=60.0,
-        message_type=MessageType.TRAIN,
-    )
-    conf = {Cfg.SERVER_ROUND: server_round, Cfg.RUN_ID: "r", Cfg.FINGERPRINT: "f" * 64} | extra
-    head = head_to_arrays(make_head(DIM, CLASSES, centred=False))
-    return Message(content=RecordDict({Rec.ARRAYS: head, Rec.CONFIG: ConfigRecord(conf)}), metadata=meta)
+    return train_message(make_head(DIM, CLASSES, centred=False), server_round, **extra)
 
 
 def test_a_site_scores_the_head_it_receives_then_trains_and_the_server_splits_the_reply(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +19,9 @@ from fedtransfer.common.privacy.evaluation import NAMES
 from fedtransfer.common.storage.audit_log import read_records
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import Metric, Rec
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from tests.messages import to_site
 
 DIM, CLASSES = 16, 4
 
@@ -54,20 +55,9 @@ def _site(tmp_path: Path, policy: SitePolicy | None = None) -> Site:
 
 
 def _message(server_round: int, arrays: ArrayRecord | None = None) -> Message:
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="evaluate",
-    )
     config = ConfigRecord({"server-round": server_round, "run-id": "r1", "backbone-fingerprint": "fp"})
     content = RecordDict({"config": config} if arrays is None else {"config": config, "arrays": arrays})
-    return Message(content=content, metadata=meta)
+    return to_site(content, message_type="evaluate")
 
 
 def _cfg(enabled: bool = True, **personal: object) -> RunConfig:

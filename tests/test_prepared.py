@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,9 @@ from fedtransfer.common.privacy.calibration import plan_dp
 from fedtransfer.common.privacy.mechanisms import fedavg_local
 from fedtransfer.common.wire.exchange import head_to_arrays
 from fedtransfer.common.wire.protocol import RECORD_COUNTS
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from tests.messages import to_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 
@@ -271,18 +272,10 @@ def _train_message(site: Site, server_round: int, **extra: str) -> Message:
         }
         | extra
     )
-    meta = Metadata(
-        run_id=1,
-        message_id=f"m-{server_round}",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
+    content = RecordDict({"arrays": head_to_arrays(head), "config": config})
+    return to_site(
+        content, message_id=f"m-{server_round}", group_id=str(server_round), src_node_id=1, dst_node_id=7, ttl=3600.0
     )
-    return Message(content=RecordDict({"arrays": head_to_arrays(head), "config": config}), metadata=meta)
 
 
 def test_a_prepared_site_trains_without_building_its_backbone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

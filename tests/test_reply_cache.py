@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,9 @@ from fedtransfer.common.model.head import make_head
 from fedtransfer.common.storage.audit_log import read_records, verify_chain
 from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
 from fedtransfer.common.wire.protocol import RECORD_COUNTS
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from tests.messages import to_site
 
 
 @pytest.fixture
@@ -61,18 +62,15 @@ def _request(server_round: int, scale: float = 1.0, **extra: str) -> Message:
         }
         | extra
     )
-    metadata = Metadata(
-        run_id=1,
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
+    return to_site(
+        content,
         message_id=f"m-{server_round}-{scale}",
+        group_id=str(server_round),
         src_node_id=1,
         dst_node_id=7,
-        reply_to_message_id="",
-        group_id=str(server_round),
-        created_at=time.time(),
         ttl=3600.0,
-        message_type="train",
     )
-    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=metadata)
 
 
 def _bytes(reply: Message) -> dict[str, bytes]:

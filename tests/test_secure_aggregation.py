@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,11 @@ from fedtransfer.common.wire.protocol import Refusal
 from fedtransfer.server.audit import audit_run
 from fedtransfer.server.federation import checkpoint
 from fedtransfer.server.launch.simulation import simulate
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from tests.app_variants import app_variant
+from tests.messages import to_site
 
 SITES = 4
 
@@ -171,18 +171,7 @@ def test_a_site_that_requires_secure_aggregation_declines_a_plain_run(tmp_path: 
     backbone = load_backbone(cfg.backbone)
     head = make_head(backbone.feature_dim, 10, centred=True)  # the default protocol's head (feature statistics on)
     config = {"server-round": 1, "run-id": "r1", "backbone-fingerprint": backbone.fingerprint}
-    meta = Metadata(
-        run_id=1,
-        message_id="m",
-        src_node_id=0,
-        dst_node_id=1,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=600.0,
-        message_type="train",
-    )
-    plain = Message(RecordDict({"arrays": head_to_arrays(head), "config": ConfigRecord(config)}), metadata=meta)
+    plain = to_site(RecordDict({"arrays": head_to_arrays(head), "config": ConfigRecord(config)}), ttl=600.0)
     answer = client_app.train(plain, context)
     assert answer.has_error()
     refusal = Refusal.from_error(answer.error)

@@ -32,8 +32,10 @@ from fedtransfer.common.encoders.process_cache import ProcessCache
 from fedtransfer.common.model.head import make_head
 from fedtransfer.common.wire.exchange import arrays_to_numpy, head_to_arrays
 from fedtransfer.common.wire.protocol import RECORD_COUNTS, Refusal
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.serde import context_to_proto, message_to_proto
+
+from tests.messages import to_site
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 WORKER_ANSWERED = "site worker answered a train message"
@@ -91,18 +93,8 @@ def _request(fingerprint: str | None = None, kind: str = "train") -> Message:
             "release": RECORD_COUNTS,
         }
     )
-    metadata = Metadata(
-        run_id=1,
-        message_id="m-1",
-        src_node_id=1,
-        dst_node_id=7,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type=kind,
-    )
-    return Message(content=RecordDict({"arrays": ArrayRecord(arrays), "config": config}), metadata=metadata)
+    content = RecordDict({"arrays": ArrayRecord(arrays), "config": config})
+    return to_site(content, message_type=kind, message_id="m-1", src_node_id=1, dst_node_id=7, ttl=3600.0)
 
 
 def _arrays(reply: Message) -> dict[str, bytes]:
