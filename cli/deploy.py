@@ -380,6 +380,19 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         )
         wrapped.set_defaults(func=lambda args, module=module: module.main(args.flower_argv))
 
+    zygote = dep_sub.add_parser(
+        superexec_zygote.COMMAND,
+        help="flower-superexec ARGS..., its ClientApps forked from a warm zygote (deploy/superexec_zygote.py; "
+        "deploy site starts it)",
+    )
+    zygote.add_argument(
+        "flower_argv",
+        nargs=argparse.REMAINDER,
+        metavar="flower-superexec ARGS",
+        help="the flower-superexec command line",
+    )
+    zygote.set_defaults(func=lambda args: superexec_zygote.main(args.flower_argv))  # cli/main.py runs it first
+
     run = dep_sub.add_parser("run", help="submit a run to the SuperLink and wait for it (or resume one)")
     which = run.add_mutually_exclusive_group()
     which.add_argument("--config", help="YAML run config (default: the embedded demo, see configs/demo.yaml)")

@@ -6,8 +6,9 @@ that process spends 1.5-1.7 s of an idle core importing Flower before it asks fo
 sites on two cores pay it at once, every round. Flower's warm executor pools are Kubernetes-only.
 
 `deploy site` therefore runs the SuperExec as
-`python -m fedtransfer.deploy.superexec_zygote flower-superexec ARGS...`. Before anything imports
-grpc or starts a thread, this forks a zygote: a single-threaded process that imports what
+`python -m fedtransfer.cli deploy zygote-superexec flower-superexec ARGS...`, which `fedtransfer`'s
+main runs before its parser imports anything. Before anything imports grpc or starts a thread,
+this forks a zygote: a single-threaded process that imports what
 `flwr-clientapp` imports (Flower's ClientApp runtime, numpy; not fedtransfer, whose app code comes
 from each run's FAB) and then waits on one end of a socketpair. The other end stays here, where
 Flower's SuperExec runs with `SubprocessExecutor.launch`'s Popen (its module's only use of
@@ -52,7 +53,7 @@ LAUNCH_SOURCE_SHA256 = "83abf3dbe02281fdf384ef650928e34eccc073dadcf690d34e9cb0ea
 CLIENTAPP = "flwr-clientapp"  # flwr/supercore/constant.py TASK_TYPE_TO_COMMAND: the one command forked
 PREIMPORTS = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "numpy")
 ZYGOTE_NAME = b"superexec-zygot"  # its /proc/PID/comm (15 bytes at most); ClientApps get CLIENTAPP's
-MODULE = "fedtransfer.deploy.superexec_zygote"
+COMMAND = "zygote-superexec"  # the internal `fedtransfer deploy` command (cli/main.py dispatches it first)
 OFF_ENV = "FEDTRANSFER_NO_ZYGOTE"  # set to 1: `deploy site` runs Flower's plain SuperExec
 REPLY_TIMEOUT_S = 60.0  # a first launch may wait for the zygote's imports on a loaded machine
 REAP_EVERY_S = 0.5
@@ -76,7 +77,7 @@ def launch_source_digest(executor_class: type) -> str:
 
 def zygote_argv(flower_argv: list[str], python: str = sys.executable) -> list[str]:
     """The command line running `flower_argv` (a flower-superexec command) through this module."""
-    return [python, "-m", MODULE, *flower_argv]
+    return [python, "-m", "fedtransfer.cli", "deploy", COMMAND, *flower_argv]
 
 
 # ---- the zygote -------------------------------------------------------------------------------
@@ -118,8 +119,11 @@ class Zygote:
             try:
                 self._sock.send(json.dumps(request).encode())
                 ready, _, _ = select.select([self._sock], [], [], REPLY_TIMEOUT_S)
-                reply = self._sock.recv(MAX_REQUEST) if ready else b""
-                return int(json.loads(reply)["pid"])
+                answer = json.loads(self._sock.recv(MAX_REQUEST) if ready else b"")
+                if "error" in answer:  # this fork failed (say, EAGAIN); the zygote serves on
+                    log(f"the ClientApp zygote could not fork ({answer['error']}); this one starts with Popen")
+                    return None
+                return int(answer["pid"])
             except (OSError, ValueError, KeyError, TypeError):
                 self._died()
                 return None
@@ -265,11 +269,11 @@ def source_refusal(executor_module: Any) -> str | None:
     return None
 
 
-def start_zygote(start: Callable[[], Zygote] = Zygote.start) -> Zygote | None:
+def start_zygote(start: Callable[[], Zygote] | None = None) -> Zygote | None:
     """A zygote serving Flower's SubprocessExecutor, or None (said in one line) where this Flower is not pinned."""
     refused = version_refusal()  # before forking: nothing of Flower is imported yet
     if refused is None:
-        zygote = start()
+        zygote = (start or Zygote.start)()
         from flwr.supercore.superexec.executor import subprocess_executor
 
         refused = source_refusal(subprocess_executor)
@@ -282,7 +286,7 @@ def start_zygote(start: Callable[[], Zygote] = Zygote.start) -> Zygote | None:
     return None
 
 
-def run(flower_argv: list[str], *, start: Callable[[], Zygote] = Zygote.start) -> None:
+def run(flower_argv: list[str], *, start: Callable[[], Zygote] | None = None) -> None:
     """Flower's SuperExec (`flower_argv`), its ClientApps forked from a zygote when this Flower allows."""
     if flower_argv and sys.path:  # as its console script has it: that script's folder, not `-m`'s working directory
         sys.path[0] = os.path.dirname(os.path.abspath(shutil.which(flower_argv[0]) or flower_argv[0]))
@@ -297,5 +301,7 @@ def run(flower_argv: list[str], *, start: Callable[[], Zygote] = Zygote.start) -
             zygote.close()
 
 
-if __name__ == "__main__":
-    run(sys.argv[1:])
+def main(flower_argv: list[str]) -> int:
+    """`fedtransfer deploy zygote-superexec flower-superexec ARGS...` (cli/main.py runs it before its parser)."""
+    run(flower_argv)
+    return 0

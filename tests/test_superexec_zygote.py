@@ -129,6 +129,34 @@ def test_a_dead_zygote_falls_back_to_flowers_popen_in_one_line() -> None:
     assert seen[-2].endswith("popen Popen\n") and seen[-1].startswith("usage: flwr-clientapp")
 
 
+_AT_FORK = """
+import os, sys
+from fedtransfer.cli.main import main
+from fedtransfer.deploy.superexec_zygote import Zygote
+
+def start():
+    loaded = sorted(m for m in ("grpc", "numpy", "flwr", "torch") if m in sys.modules)
+    print(loaded, len(os.listdir("/proc/self/task")), flush=True)
+    os._exit(0)
+
+Zygote.start = start
+main(["deploy", "zygote-superexec", "flower-superexec", "--help"])
+"""
+
+
+def test_the_command_forks_its_zygote_before_grpc_or_a_thread() -> None:
+    """`fedtransfer deploy zygote-superexec` (as `deploy site` runs it) reaches the fork with none of them loaded."""
+    said = subprocess.run(
+        [sys.executable, "-c", _AT_FORK],
+        env=flower_env() | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert said == "[] 1\n"
+
+
 def test_flowers_launch_is_the_one_the_zygote_patches() -> None:
     """Fails when Flower's SubprocessExecutor.launch changes: the pin (and the zygote's Popen) must then be redone."""
     digest = superexec_zygote.launch_source_digest(subprocess_executor.SubprocessExecutor)
