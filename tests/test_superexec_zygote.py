@@ -85,14 +85,16 @@ def test_a_forked_clientapp_is_the_process_popen_would_have_started() -> None:
     (dead,) = free_ports(1)
     argv = ["--runtime-api-address", f"127.0.0.1:{dead}", "--token", "t", "--insecure"]
     with _probe(*argv) as (proc, zygote, _fd, child):
-        next(line for line in proc.stdout if "Start `flwr-clientapp` process" in line)  # Flower's main runs
-        stat = _stat(child)
-        assert stat is not None and stat["state"] != "Z"
-        assert int(stat["ppid"]) == zygote and int(stat["pgrp"]) == proc.pid  # the SuperExec's group, as Popen's
-        assert Path(f"/proc/{child}/comm").read_text().strip() == "flwr-clientapp"
-        ignored = int(re.search(r"SigIgn:\s*(\w+)", Path(f"/proc/{child}/status").read_text()).group(1), 16)
-        assert not ignored & (1 << (15 - 1) | 1 << (2 - 1))  # SIGTERM, SIGINT: the zygote's own ignoring is undone
-        os.kill(child, 15)
+        try:
+            next(line for line in proc.stdout if "Start `flwr-clientapp` process" in line)  # Flower's main runs
+            stat = _stat(child)
+            assert stat is not None and stat["state"] != "Z"
+            assert int(stat["ppid"]) == zygote and int(stat["pgrp"]) == proc.pid  # the SuperExec's group, as Popen's
+            assert Path(f"/proc/{child}/comm").read_text().strip() == "flwr-clientapp"
+            ignored = int(re.search(r"SigIgn:\s*(\w+)", Path(f"/proc/{child}/status").read_text()).group(1), 16)
+            assert not ignored & (1 << (15 - 1) | 1 << (2 - 1))  # SIGTERM, SIGINT: the zygote's ignoring is undone
+        finally:
+            os.kill(child, 15)  # it retries its dead Runtime API for good; SIGTERM ends it, as a fresh one
         _wait_gone(child)
 
 
