@@ -303,5 +303,8 @@ def run(flower_argv: list[str], *, start: Callable[[], Zygote] | None = None) ->
 
 def main(flower_argv: list[str]) -> int:
     """`fedtransfer deploy zygote-superexec flower-superexec ARGS...` (cli/main.py runs it before its parser)."""
+    if not flower_argv:
+        log(f"`fedtransfer deploy {COMMAND}` needs a flower-superexec command line")
+        return 2
     run(flower_argv)
     return 0
