@@ -11,7 +11,8 @@
 Flower directly; `site` stays the SuperNode's parent so it can retry a refused activation, and
 passes signals on; next to the SuperNode it runs the site's worker (client/site_worker.py), which
 answers the messages the SuperNode's ClientApp processes forward to it, and the SuperExec, which
-alone holds the secret the SuperNode's Runtime API asks for (fedtransfer.deploy.superexec). Options a service sets
+alone holds the secret the SuperNode's Runtime API asks for (fedtransfer.deploy.superexec) and forks
+each ClientApp from a warm zygote (fedtransfer.deploy.superexec_zygote). Options a service sets
 per host also come from FEDTRANSFER_* variables (named in each option's help), so systemd units
 and containers call these commands as they are.
 `--dry-run` prints the Flower command line instead of running it.
@@ -36,7 +37,7 @@ from fedtransfer.common.config.site import check_site_files, site_paths
 from fedtransfer.common.model.intervals import described_accuracy
 from fedtransfer.common.storage import locking
 from fedtransfer.common.storage.private import make_private
-from fedtransfer.deploy import link_sessions, pacing
+from fedtransfer.deploy import link_sessions, pacing, superexec_zygote
 from fedtransfer.deploy.credentials import CredentialsError, credential_paths, init_deployment
 from fedtransfer.deploy.launch import (
     DEFAULT_CONNECTION,
@@ -169,9 +170,13 @@ def _run_site(args: argparse.Namespace, name: str, config: Path, state_dir: Path
     # one SuperNode per state folder: two would interleave one ledger, audit log and reply cache
     with locking.hold(state_dir, f"the SuperNode of site {name}"), superexec_secret(state_dir) as secret:
         make_private(state_dir)  # ledger, audit log, seed: one an earlier version left open is closed
+        flower_superexec = superexec_argv(
+            port=port, secret=secret, parent_pid=os.getpid(), executable=flower_bin("flower-superexec")
+        )
+        # its ClientApps forked from a warm zygote, not each started afresh (fedtransfer.deploy.superexec_zygote)
+        zygote = not (args.no_zygote or os.environ.get(superexec_zygote.OFF_ENV) == "1")
         superexec = start_superexec(
-            superexec_argv(port=port, secret=secret, parent_pid=os.getpid(), executable=flower_bin("flower-superexec")),
-            flower_env(),
+            superexec_zygote.zygote_argv(flower_superexec) if zygote else flower_superexec, flower_env()
         )
         worker = None if sock is None else _start_worker(name, sock)
         try:
@@ -349,6 +354,12 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
         help="no site worker: every message is answered in its own ClientApp process, which imports "
         "torch each time (slower; see client/site_worker.py)",
     )
+    site.add_argument(
+        "--no-zygote",
+        action="store_true",
+        help="start each ClientApp process afresh, as Flower does, not forked from a warm zygote (slower; see "
+        f"deploy/superexec_zygote.py); ${superexec_zygote.OFF_ENV}=1",
+    )
     site.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
     site.set_defaults(func=_site)
 
@@ -368,6 +379,19 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
             "flower_argv", nargs=argparse.REMAINDER, metavar=f"{flower} ARGS", help=f"the {flower} command line"
         )
         wrapped.set_defaults(func=lambda args, module=module: module.main(args.flower_argv))
+
+    zygote = dep_sub.add_parser(
+        superexec_zygote.COMMAND,
+        help="flower-superexec ARGS..., its ClientApps forked from a warm zygote (deploy/superexec_zygote.py; "
+        "deploy site starts it)",
+    )
+    zygote.add_argument(
+        "flower_argv",
+        nargs=argparse.REMAINDER,
+        metavar="flower-superexec ARGS",
+        help="the flower-superexec command line",
+    )
+    zygote.set_defaults(func=lambda args: superexec_zygote.main(args.flower_argv))  # cli/main.py runs it first
 
     run = dep_sub.add_parser("run", help="submit a run to the SuperLink and wait for it (or resume one)")
     which = run.add_mutually_exclusive_group()

@@ -23,12 +23,14 @@ import yaml
 from fedtransfer.deploy.credentials import init_deployment
 from fedtransfer.deploy.launch import LOOPBACK
 from fedtransfer.deploy.superexec import SECRET_NAME
+from fedtransfer.deploy.superexec_zygote import OFF_ENV, ZYGOTE_NAME
 from fedtransfer.server.launch.launcher import BIN_DIR, flower_env, stop_process_group
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 
 from tests.deploy_harness import free_ports
 
 REPO = Path(__file__).resolve().parent.parent
+ZYGOTE = ZYGOTE_NAME.decode()
 _PORT_LINE = re.compile(rf"its Runtime API on {re.escape(LOOPBACK)}:(\d+)")
 
 pytestmark = [
@@ -104,7 +106,8 @@ def test_flowers_default_supernode_hands_its_task_to_any_local_user(tmp_path: Pa
         stop_process_group(proc, grace_s=5.0)
 
 
-def test_a_site_started_with_deploy_site_refuses_another_local_user(tmp_path: Path) -> None:
+@pytest.mark.parametrize("zygote", ["on", "--no-zygote", f"{OFF_ENV}=1"])
+def test_a_site_started_with_deploy_site_refuses_another_local_user(tmp_path: Path, zygote: str) -> None:
     creds = init_deployment(tmp_path / "creds", ["alpha"], [])
     (tmp_path / "data.npz").write_bytes(b"")
     site = tmp_path / "site.yaml"
@@ -113,9 +116,12 @@ def test_a_site_started_with_deploy_site_refuses_another_local_user(tmp_path: Pa
     )
     (dead_superlink,) = free_ports(1)
     argv = [sys.executable, "-m", "fedtransfer.cli", "deploy", "site", "--config", str(site), "--no-worker"]
+    argv += ["--no-zygote"] if zygote == "--no-zygote" else []
+    env = dict(os.environ) | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env |= {OFF_ENV: "1"} if zygote == f"{OFF_ENV}=1" else {}
     proc = subprocess.Popen(
         [*argv, "--credentials", str(creds.root), "--superlink", f"{LOOPBACK}:{dead_superlink}"],
-        env=dict(os.environ) | {"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -131,8 +137,11 @@ def test_a_site_started_with_deploy_site_refuses_another_local_user(tmp_path: Pa
         refused = _as_nobody(_acquire_task(port))
         assert refused == "401", refused  # Flower: RUNTIME_AUTHENTICATION_FAILED
         assert _as_nobody(_read(secret)) == "error PermissionError"
-        superexecs = [p for p in _session(proc.pid) if "flower-superexec" in " ".join(p.cmdline())]
+        session = _session(proc.pid)
+        superexecs = [p for p in session if "flower-superexec" in " ".join(p.cmdline()) and p.name() != ZYGOTE]
         assert len(superexecs) == 1 and str(secret) in superexecs[0].cmdline()  # the one that may take tasks
+        zygotes = [p for p in session if p.name() == ZYGOTE]  # forked from it before it read the secret
+        assert [z.ppid() for z in zygotes] == ([superexecs[0].pid] if zygote == "on" else [])
     finally:
         stop_process_group(proc, grace_s=10.0)
         assert proc.stdout is not None
