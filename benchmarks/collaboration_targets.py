@@ -5,7 +5,8 @@ The targets (ε = 3, mean ± standard error over the seeds; `final` is a site's 
   (within one standard error) and at least 10 points better than alone on the other sites' data;
 - 4 IID sites (`iid4`): at least as good as alone on its own test split and on the others' (within one SE);
 - small sites (`small`): every site with at most 200 training records gains at least 5 points on its own test split;
-- the bank table (`bank`, AUROC): the median site's final model at least as good as alone.
+- the bank table and the text demo (`bank`, `text`, AUROC): the median site's final model at least as good as
+  alone.
 
     .venv/bin/python -m benchmarks.collaboration_targets [benchmarks/results/collaboration*.json]
 """
@@ -42,7 +43,7 @@ def verdicts(rows: list[dict], epsilon: float = 3.0) -> list[str]:
     for fed, trust in groups:
         rs = [r for r in rows if (r["federation"], r.get("trust", "local"), r["epsilon"]) == (fed, trust, epsilon)]
         name = f"{fed} ({trust})"
-        if fed == "bank":
+        if fed in ("bank", "text"):
             median = float(np.median([r["gain_own"] for r in rs]))
             lines.append(
                 f"{name}: median site final - alone AUROC {median:+.4f}: {'met' if median >= 0 else 'NOT met'}"

@@ -252,9 +252,11 @@ def test_collaboration_targets_name_each_site_that_misses_issue_29s_bar() -> Non
     rows = [row("dirichlet", 0, 900, -0.005, 0.2), row("dirichlet", 1, 900, -0.05, 0.2), row("small", 0, 100, 0.03, 0)]
     rows += [row("bank", i, 1800, g, 0) for i, g in enumerate((-0.01, 0.002, 0.01))]
     rows += [row("small", 0, 100, 0.08, 0) | {"trust": "distributed"}]  # the other trust: judged apart
+    rows += [row("text", i, 400, g, 0) for i, g in enumerate((-0.002, -0.001, 0.003))]  # AUROC: judged as the bank
     lines = verdicts([*rows, row("small", 1, 100, 0.3, 0) | {"epsilon": 1.0}])  # another ε: left out
     assert "dirichlet (local): 3 of 4 site targets met" in lines  # site 1 misses its own test split; site 0 both
     assert any(line.startswith("dirichlet (local) site 1 (900 records) own >= alone - SE: NOT met") for line in lines)
     assert "small (local): 0 of 1 site targets met" in lines
     assert "small (distributed): 1 of 1 site targets met" in lines
     assert "bank (local): median site final - alone AUROC +0.0020: met" in lines
+    assert "text (local): median site final - alone AUROC -0.0010: NOT met" in lines
