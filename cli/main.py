@@ -36,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `fedtransfer` command; returns its exit status (2: a user error, said in one line)."""
-    from fedtransfer.deploy import superexec_zygote  # the standard library only
-
     given = list(sys.argv[1:] if argv is None else argv)
-    if given[:2] == ["deploy", superexec_zygote.COMMAND] and given[2:3] and not given[2].startswith("-"):
-        # a flower-superexec command line: the zygote forks before the parser imports grpc and numpy
-        return superexec_zygote.main(given[2:])  # `deploy site` started it: its umask is already the owner's
+    if given[:1] == ["deploy"]:  # only there: other commands import nothing of it
+        from fedtransfer.deploy import superexec_zygote  # the standard library only
+
+        if given[1:2] == [superexec_zygote.COMMAND] and given[2:3] and not given[2].startswith("-"):
+            # a flower-superexec command line: the zygote forks before the parser imports grpc and numpy
+            return superexec_zygote.main(given[2:])  # `deploy site` started it: its umask is already the owner's
     args = build_parser().parse_args(argv)
     from fedtransfer.server.federation.console import plain_when_redirected
 

@@ -20,14 +20,11 @@ version and the source of the functions that read the name, and refuses anything
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import inspect
-import operator
 import sys
 from types import ModuleType
 
-from fedtransfer.deploy.pacing import FLOWER_VERSION, FlowerPinError, flower_version
+from fedtransfer.deploy.pacing import FLOWER_VERSION, FlowerPinError, flower_version, source_digest
 
 SESSION_TTL_S = 60  # < the ~80 s after which the SuperLink counts a silent site as gone
 FLOWER_SESSION_TTL_S = 180
@@ -48,10 +45,6 @@ PINNED_SOURCES = {
 COMMAND = (
     "bounded-superlink"  # the internal `fedtransfer deploy` command that runs Flower's program through this module
 )
-
-
-def source_digest(module: ModuleType, qualname: str) -> str:
-    return hashlib.sha256(inspect.getsource(operator.attrgetter(qualname)(module)).encode()).hexdigest()
 
 
 def check_flower() -> list[ModuleType]:

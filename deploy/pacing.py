@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import operator
 import sys
 import time
 from collections.abc import Callable
@@ -127,8 +128,9 @@ def check_flower(module: ModuleType | None = None) -> ModuleType:
     return module
 
 
-def source_digest(module: ModuleType, name: str) -> str:
-    return hashlib.sha256(inspect.getsource(getattr(module, name)).encode()).hexdigest()
+def source_digest(module: ModuleType, qualname: str) -> str:
+    """sha256 of the source of `module`'s function or method `qualname` ("f" or "Class.method"): what a pin compares."""
+    return hashlib.sha256(inspect.getsource(operator.attrgetter(qualname)(module)).encode()).hexdigest()
 
 
 def install(module: ModuleType, pacer: Pacer, sleep: Callable[[float], None] = time.sleep) -> None:

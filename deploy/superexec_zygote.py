@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import importlib
 import json
 import os
@@ -43,11 +42,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from importlib.metadata import version
 from typing import Any
 
-FLOWER_VERSION = "1.41.0"
-EXECUTOR_MODULE = "flwr.supercore.superexec.executor.subprocess_executor"
+from fedtransfer.deploy.pacing import FLOWER_VERSION, flower_version, source_digest  # the standard library only
+
 # sha256 of inspect.getsource(SubprocessExecutor.launch) in flwr 1.41.0: its Popen is what is replaced
 LAUNCH_SOURCE_SHA256 = "83abf3dbe02281fdf384ef650928e34eccc073dadcf690d34e9cb0eaab46b56c"
 CLIENTAPP = "flwr-clientapp"  # flwr/supercore/constant.py TASK_TYPE_TO_COMMAND: the one command forked
@@ -63,16 +61,6 @@ _PR_SET_NAME = 15
 
 def log(message: str) -> None:
     print(f"fedtransfer: SuperExec: {message}", file=sys.stderr, flush=True)
-
-
-def flower_version() -> str:
-    return version("flwr")
-
-
-def launch_source_digest(executor_class: type) -> str:
-    import inspect
-
-    return hashlib.sha256(inspect.getsource(executor_class.launch).encode()).hexdigest()
 
 
 def zygote_argv(flower_argv: list[str], python: str = sys.executable) -> list[str]:
@@ -264,7 +252,7 @@ def version_refusal() -> str | None:
 
 def source_refusal(executor_module: Any) -> str | None:
     """Why this SubprocessExecutor gets no zygote (one line), or None: its launch is not the one pinned."""
-    if launch_source_digest(executor_module.SubprocessExecutor) != LAUNCH_SOURCE_SHA256:
+    if source_digest(executor_module, "SubprocessExecutor.launch") != LAUNCH_SOURCE_SHA256:
         return f"{executor_module.__file__}: SubprocessExecutor.launch differs from flwr {FLOWER_VERSION}'s"
     return None
 

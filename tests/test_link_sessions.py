@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import operator
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -29,7 +30,7 @@ def test_the_pinned_functions_are_the_only_readers_of_flowers_session_ttl() -> N
     """Fails when Flower reads the TTL anywhere else (or elsewhere than these modules): the bound must be redone."""
     for module in link_sessions.check_flower():
         pins = link_sessions.PINNED_SOURCES[module.__name__]
-        in_pinned = sum(inspect.getsource(link_sessions.operator.attrgetter(q)(module)).count(TTL_NAME) for q in pins)
+        in_pinned = sum(inspect.getsource(operator.attrgetter(q)(module)).count(TTL_NAME) for q in pins)
         assert in_pinned >= len(pins)  # each pinned function reads it
         assert inspect.getsource(module).count(TTL_NAME) == in_pinned + 1  # + the import, nothing else
         assert getattr(module, TTL_NAME) == link_sessions.FLOWER_SESSION_TTL_S

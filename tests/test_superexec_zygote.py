@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from fedtransfer.deploy import superexec_zygote
+from fedtransfer.deploy import pacing, superexec_zygote
 from fedtransfer.server.launch.launcher import flower_env
 from flwr.supercore.superexec.executor import subprocess_executor
 
@@ -168,7 +168,7 @@ def test_the_command_forks_its_zygote_before_grpc_or_a_thread() -> None:
 
 def test_flowers_launch_is_the_one_the_zygote_patches() -> None:
     """Fails when Flower's SubprocessExecutor.launch changes: the pin (and the zygote's Popen) must then be redone."""
-    digest = superexec_zygote.launch_source_digest(subprocess_executor.SubprocessExecutor)
+    digest = pacing.source_digest(subprocess_executor, "SubprocessExecutor.launch")
     assert digest == superexec_zygote.LAUNCH_SOURCE_SHA256
     assert superexec_zygote.source_refusal(subprocess_executor) is None
     source = Path(subprocess_executor.__file__).read_text()
