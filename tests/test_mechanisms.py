@@ -24,6 +24,16 @@ from fedtransfer.common.privacy.plans import GaussianPlan, SkellamPlan, plan_fro
 from fedtransfer.common.wire.protocol import DPRecord
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "privacy_plans_622fd32.json").read_text())
+
+
+def same_as(epsilon: float) -> Any:
+    """An ε equal to the fixture's to 1e-8, relative. Plans (σ, q, steps) are compared exactly; an ε is Opacus'
+    numerical integration (PRV: scipy's quad), whose last digits move between numpy/scipy releases within
+    pyproject's ranges (2.9931348416246824 against 2.993134841636536 on a fresh install of 2026-12-08). A
+    change of mechanism or history moves ε by far more than that."""
+    return pytest.approx(epsilon, rel=1e-8, abs=0.0)
+
+
 PLANNERS = {"fedavg": plan_dp, "fedsgd": plan_fedsgd, "distributed": plan_distributed}
 SITES = [(config, site) for config, sites in sorted(FIXTURE.items()) for site in sites]
 
@@ -55,19 +65,19 @@ def test_every_shipped_configs_plan_and_epsilon_are_unchanged(config: str, site:
     old = site["plan"] | {"mechanism": None}
     assert _as_old_fields(plan) == old
     history = ([plan.stats_event] if plan.has_release else []) + [plan.round_event] * plan.rounds
-    assert epsilon_of(history, plan.target_delta, plan.accountant) == site["epsilon"]
+    assert epsilon_of(history, plan.target_delta, plan.accountant) == same_as(site["epsilon"])
     if site["epsilon_stats"] is not None:
-        assert epsilon_of([plan.stats_event], plan.target_delta, plan.accountant) == site["epsilon_stats"]
+        assert epsilon_of([plan.stats_event], plan.target_delta, plan.accountant) == same_as(site["epsilon_stats"])
     if plan.distributed:
-        assert epsilon_of(history, plan.target_delta, plan.accountant, True) == site["epsilon_individual"]
+        assert epsilon_of(history, plan.target_delta, plan.accountant, True) == same_as(site["epsilon_individual"])
 
 
 def test_the_demo_still_spends_what_the_readme_says() -> None:
     """README.md, docs/demo-run.json: demo per-site ε 2.993 (δ = 1e-5, PRV, round 0's statistics release included)."""
     spent = {round(s["epsilon"], 3) for s in FIXTURE["demo.yaml"]}
     assert spent == {2.993}
-    assert max(epsilon_of(_history(s), 1e-5, "prv") for s in FIXTURE["demo.yaml"]) == max(
-        s["epsilon"] for s in FIXTURE["demo.yaml"]
+    assert max(epsilon_of(_history(s), 1e-5, "prv") for s in FIXTURE["demo.yaml"]) == same_as(
+        max(s["epsilon"] for s in FIXTURE["demo.yaml"])
     )
 
 
@@ -84,7 +94,7 @@ def test_a_ledger_written_before_typed_events_loads_and_grows_in_its_format(conf
     ledger = PrivacyLedger(path, run_key="run-a")
     plan = _plan_of(site)
     written = site["ledger_two_rounds"]["runs"]["run-a"]
-    assert ledger.spent(plan.target_delta, plan.accountant) == written["rounds"][-1]["epsilon"]
+    assert ledger.spent(plan.target_delta, plan.accountant) == same_as(written["rounds"][-1]["epsilon"])
     assert [to_json(e) for e in ledger.history] == written["history"]
     grown = [*ledger.history, plan.round_event]
     ledger.record_round(3, plan, grown)
@@ -204,8 +214,9 @@ def test_shipped_fedavg_configs_plan_from_their_released_count(config: str, site
     assert plan is not None and seen == site["inputs"] and plan.as_record() == site["plan"]
     assert seen["stats_share"] == cfg.privacy.count_share and seen["released_count"] == n
     history = [plan.stats_event] + [plan.round_event] * plan.rounds
-    assert epsilon_of(history, plan.target_delta, plan.accountant) == site["epsilon"] <= cfg.privacy.target_epsilon
-    assert epsilon_of([plan.stats_event], plan.target_delta, plan.accountant) == site["epsilon_release"]
+    assert epsilon_of(history, plan.target_delta, plan.accountant) == same_as(site["epsilon"])
+    assert site["epsilon"] <= cfg.privacy.target_epsilon
+    assert epsilon_of([plan.stats_event], plan.target_delta, plan.accountant) == same_as(site["epsilon_release"])
 
 
 def test_the_sample_rate_follows_the_released_count_not_the_exact_one() -> None:
