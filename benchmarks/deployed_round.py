@@ -6,7 +6,9 @@ one SuperNode per site, each with its own YAML, .npz share and state folder; tes
 three runs of `--rounds` rounds each:
 
 - `floor`: a ClientApp that answers at once, importing nothing but Flower: what Flower's
-  polling (SuperNode 3 s, SuperExec 1 s, the ServerApp's grid 3 s) and process start cost;
+  polling (SuperNode, SuperExec) and process start cost. Its ServerApp pulls the replies every
+  0.05 s, as fedtransfer's does (server/federation/sites.py), not with Flower's `send_and_receive`,
+  which sleeps 3 s between pulls over HTTP: stops 33-34 measured that sleep as the floor (3.2 s);
 - `recompute`: fedtransfer with `FEDTRANSFER_PREPARED_STATE=off`, every process building the
   backbone and calibrating the noise, as before client/prepared.py;
 - `prepared`: fedtransfer with prepared state, each message answered in its own ClientApp process;
@@ -139,7 +141,12 @@ def main(grid: Grid, context: Context) -> None:
     for _ in range(int(context.run_config["rounds"])):
         t0 = time.monotonic()
         sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in grid.get_node_ids()]
-        replies = list(grid.send_and_receive(sent, timeout=300))
+        pending, replies = set(grid.push_messages(sent)), []
+        while pending and time.monotonic() - t0 < 300:  # polled as fedtransfer's own loop polls (0.05 s first)
+            got = list(grid.pull_messages(pending))
+            replies += got
+            pending -= {r.metadata.reply_to_message_id for r in got}
+            time.sleep(0.05 if pending else 0.0)
         assert len(replies) == len(sent) and not any(r.has_error() for r in replies)
         seconds.append(time.monotonic() - t0)
     Path(str(context.run_config["out-file"])).write_text(json.dumps(seconds))

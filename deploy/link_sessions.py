@@ -24,7 +24,8 @@ import importlib
 import sys
 from types import ModuleType
 
-from fedtransfer.deploy.pacing import FLOWER_VERSION, FlowerPinError, flower_version, source_digest
+from fedtransfer.common.wire.flower_pin import FLOWER_VERSION, flower_version, source_digest
+from fedtransfer.deploy.pacing import FlowerPinError
 
 SESSION_TTL_S = 60  # < the ~80 s after which the SuperLink counts a silent site as gone
 FLOWER_SESSION_TTL_S = 180

@@ -21,20 +21,16 @@ module was written against, and says in one line what differs.
 from __future__ import annotations
 
 import functools
-import hashlib
-import inspect
-import operator
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib.metadata import version
 from types import ModuleType
 from typing import Any
 
 from fedtransfer.common.errors import InputError
+from fedtransfer.common.wire.flower_pin import FLOWER_VERSION, flower_version, quick_object_pulls, source_digest
 
-FLOWER_VERSION = "1.41.0"
 FLOWER_IDLE_S = 3.0  # start_client_internal.py:263, after a pull that found no message
 FLOWER_REPLY_POLL_S = 0.5  # start_client_internal.py:470 and :506, waiting for the ClientApp's reply
 # sha256 of inspect.getsource of each function whose waits are changed or which is wrapped, in flwr 1.41.0
@@ -105,10 +101,6 @@ class _PacedTime:
 COMMAND = "paced-supernode"  # the internal `fedtransfer deploy` command that runs the SuperNode through here
 
 
-def flower_version() -> str:
-    return version("flwr")
-
-
 def check_flower(module: ModuleType | None = None) -> ModuleType:
     """Flower's SuperNode module, once its version and the functions paced are the ones pinned here."""
     installed = flower_version()
@@ -126,11 +118,6 @@ def check_flower(module: ModuleType | None = None) -> ModuleType:
             f"`fedtransfer deploy site` paces that code only: reinstall flwr=={FLOWER_VERSION}"
         )
     return module
-
-
-def source_digest(module: ModuleType, qualname: str) -> str:
-    """sha256 of the source of `module`'s function or method `qualname` ("f" or "Class.method"): what a pin compares."""
-    return hashlib.sha256(inspect.getsource(operator.attrgetter(qualname)(module)).encode()).hexdigest()
 
 
 def install(module: ModuleType, pacer: Pacer, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -162,6 +149,8 @@ def main(flower_argv: list[str]) -> int:
         return 2
     pacing = Pacing()
     install(module, Pacer(pacing))
+    if (refused := quick_object_pulls()) is not None:
+        print(f"fedtransfer: SuperNode: {refused}: it retries an object not there yet after Flower's 1 s", flush=True)
     print(
         f"fedtransfer: SuperNode pacing: a pull every {pacing.fast_s} s for {pacing.fast_for_s:.0f} s after a "
         f"message, then up to every {pacing.idle_s:.0f} s; reply checks every {pacing.reply_poll_s} s",

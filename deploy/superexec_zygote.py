@@ -15,6 +15,9 @@ Flower's SuperExec runs with `SubprocessExecutor.launch`'s Popen (its module's o
 `subprocess`) sending the argv instead; the zygote forks a child that becomes what the console
 script would have been (see `_become`), and reaps it. numpy's OpenBLAS starts a thread pool at
 import; its own fork handler stops the pool before each fork, so every fork is of one thread.
+The zygote also gives its ClientApps two of fedtransfer's changes to Flower's runtime: a FAB the site
+has verified once is not unpacked again (deploy/installed_fab.py), and an object not there yet is asked
+for again after 0.05 s, not 1 s (common/wire/flower_pin.py).
 
 Trust: the socketpair has no name in any file system, so no other process can connect to it; only
 this process and the zygote hold its ends (a forked ClientApp closes its copy first), and reaching
@@ -44,12 +47,18 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fedtransfer.deploy.pacing import FLOWER_VERSION, flower_version, source_digest  # the standard library only
+from fedtransfer.common.wire.flower_pin import (  # the standard library only
+    FLOWER_VERSION,
+    flower_version,
+    quick_object_pulls,
+    source_digest,
+)
 
 # sha256 of inspect.getsource(SubprocessExecutor.launch) in flwr 1.41.0: its Popen is what is replaced
 LAUNCH_SOURCE_SHA256 = "83abf3dbe02281fdf384ef650928e34eccc073dadcf690d34e9cb0eaab46b56c"
 CLIENTAPP = "flwr-clientapp"  # flwr/supercore/constant.py TASK_TYPE_TO_COMMAND: the one command forked
-PREIMPORTS = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "numpy")
+RUNTIME = "flwr.supernode.runtime.run_clientapp"  # its install_from_fab: deploy/installed_fab.py
+PREIMPORTS = ("flwr.supernode.cli.flwr_clientapp", RUNTIME, "numpy")
 ZYGOTE_NAME = b"superexec-zygot"  # its /proc/PID/comm (15 bytes at most); ClientApps get CLIENTAPP's
 COMMAND = "zygote-superexec"  # the internal `fedtransfer deploy` command (cli/main.py dispatches it first)
 OFF_ENV = "FEDTRANSFER_NO_ZYGOTE"  # set to 1: `deploy site` runs Flower's plain SuperExec
@@ -143,6 +152,13 @@ def _serve(sock: socket.socket, preimports: tuple[str, ...]) -> dict[str, Any] |
         signal.signal(sig, signal.SIG_IGN)
     for name in preimports:
         importlib.import_module(name)
+    if RUNTIME in preimports:  # the ClientApp's FAB: unpacked once per site, not once per message
+        from fedtransfer.deploy import installed_fab
+
+        if (refused := installed_fab.install(sys.modules[RUNTIME])) is not None:
+            log(f"{refused}: each ClientApp unpacks the run's FAB again, as Flower does")
+    if (refused := quick_object_pulls()) is not None:  # its ClientApps ask again soon for a message not stored yet
+        log(f"{refused}: ClientApps retry an object not there yet after Flower's 1 s")
     gc.collect()
     gc.freeze()  # what the imports made is shared, never traversed by a child's collector: fewer pages copied
     while True:

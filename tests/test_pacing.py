@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ from flwr.supernode import start_client_internal
 def test_the_installed_flower_is_the_code_the_pacing_rewrites() -> None:
     """Fails when Flower's SuperNode changes where its waits are: the pins (and the pacing) must then be redone."""
     assert pacing.check_flower() is start_client_internal
-    source = {name: pacing.inspect.getsource(getattr(start_client_internal, name)) for name in pacing.PINNED_SOURCES}
+    source = {name: inspect.getsource(getattr(start_client_internal, name)) for name in pacing.PINNED_SOURCES}
     assert "time.sleep(3)" in source["start_client_internal"]  # the idle wait after a pull without a message
     assert source["_push_messages"].count("time.sleep(0.5)") == 2  # the reply and its objects
 

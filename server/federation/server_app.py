@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from logging import ERROR
+from logging import ERROR, INFO
 
 from fedtransfer.common.config.run import ConfigError, config_from_run_config
 from fedtransfer.common.data.sources import DataError
 from fedtransfer.common.encoders.interface import EncoderError
 from fedtransfer.common.storage import atomic
 from fedtransfer.common.storage.private import restrict_umask
+from fedtransfer.common.wire.flower_pin import quick_object_pulls
 from fedtransfer.server.federation.loop import run_federation
 from flwr.app import Context
 from flwr.common.logger import log
@@ -26,6 +27,8 @@ def main(grid: Grid, context: Context) -> None:
     SuperLink was started (`flwr run .` on a SuperLink started by hand included).
     """
     restrict_umask()
+    if (refused := quick_object_pulls()) is not None:  # replies' objects: common/wire/flower_pin.py
+        log(INFO, "fedtransfer: %s: replies' objects not there yet are asked again after Flower's 1 s", refused)
     cfg = None
     try:
         cfg = config_from_run_config(context.run_config)
