@@ -23,5 +23,7 @@ def app_variant(dest: Path, module: Path, *, serverapp: str | None = None, clien
         project = project.replace(f'serverapp = "{SERVERAPP}"', f'serverapp = "{serverapp}"')
     if clientapp:
         project = project.replace(f'clientapp = "{CLIENTAPP}"', f'clientapp = "{clientapp}"')
+    assert "\nfab-include = [" in project  # the FAB holds the listed code only: the test module joins it
+    project = project.replace("\nfab-include = [", f'\nfab-include = ["{module.name}", ', 1)
     (dest / "pyproject.toml").write_text(project)
     return dest
