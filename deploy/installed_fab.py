@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import io
 import os
 import tempfile
@@ -37,7 +38,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fedtransfer.common.wire.flower_pin import source_digest
+from fedtransfer.common.wire.flower_pin import pin_refusal
 
 MARKER = ".fedtransfer-fab-sha256"  # in the installed app folder: the sha256 of the FAB verified into it
 # sha256 of inspect.getsource(...) in flwr 1.41.0
@@ -48,11 +49,11 @@ PINNED_SOURCES = {
 }
 
 
-def source_refusal(modules: dict[str, ModuleType]) -> str | None:
+def source_refusal() -> str | None:
     """Why Flower's `install_from_fab` stays (one line), or None: a pinned source differs from flwr 1.41.0's."""
     for (module, qualname), digest in PINNED_SOURCES.items():
-        if source_digest(modules[module], qualname) != digest:
-            return f"{modules[module].__file__}: {qualname} differs from flwr 1.41.0's"
+        if (refused := pin_refusal(importlib.import_module(module), qualname, digest)) is not None:
+            return refused
     return None
 
 
@@ -108,10 +109,7 @@ def install_once(install: Callable[..., Path]) -> Callable[..., Path]:
 def install(runtime: ModuleType) -> str | None:
     """Give `runtime` (flwr.supernode.runtime.run_clientapp) `install_once(its install_from_fab)`; None when
     done, else why not (one line: a pinned source differs)."""
-    import flwr.cli.install
-    import flwr.common.config
-
-    refused = source_refusal({"flwr.cli.install": flwr.cli.install, "flwr.common.config": flwr.common.config})
+    refused = source_refusal()
     if refused is None:
         runtime.install_from_fab = install_once(runtime.install_from_fab)
     return refused

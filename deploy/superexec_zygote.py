@@ -50,8 +50,8 @@ from typing import Any
 from fedtransfer.common.wire.flower_pin import (  # the standard library only
     FLOWER_VERSION,
     flower_version,
+    pin_refusal,
     quick_object_pulls,
-    source_digest,
 )
 
 # sha256 of inspect.getsource(SubprocessExecutor.launch) in flwr 1.41.0: its Popen is what is replaced
@@ -268,9 +268,7 @@ def version_refusal() -> str | None:
 
 def source_refusal(executor_module: Any) -> str | None:
     """Why this SubprocessExecutor gets no zygote (one line), or None: its launch is not the one pinned."""
-    if source_digest(executor_module, "SubprocessExecutor.launch") != LAUNCH_SOURCE_SHA256:
-        return f"{executor_module.__file__}: SubprocessExecutor.launch differs from flwr {FLOWER_VERSION}'s"
-    return None
+    return pin_refusal(executor_module, "SubprocessExecutor.launch", LAUNCH_SOURCE_SHA256)
 
 
 def start_zygote(start: Callable[[], Zygote] | None = None) -> Zygote | None:

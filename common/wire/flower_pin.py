@@ -40,6 +40,14 @@ def source_digest(module: ModuleType, qualname: str) -> str:
     return hashlib.sha256(inspect.getsource(operator.attrgetter(qualname)(module)).encode()).hexdigest()
 
 
+def pin_refusal(module: ModuleType, qualname: str, digest: str) -> str | None:
+    """One line naming `module`'s `qualname` where its source no longer hashes to `digest` (flwr FLOWER_VERSION's
+    sha256, what a pin was written against); None where it does."""
+    if source_digest(module, qualname) != digest:
+        return f"{module.__file__}: {qualname} differs from flwr {FLOWER_VERSION}'s"
+    return None
+
+
 def quick_object_pulls(module: ModuleType | None = None) -> str | None:
     """Flower's `pull_objects` retries after OBJECT_RETRY_S in this process; None when done, else why not (one line)."""
     installed = flower_version()
@@ -47,7 +55,7 @@ def quick_object_pulls(module: ModuleType | None = None) -> str | None:
         return f"flwr {installed} is installed; quicker object pulls are for flwr {FLOWER_VERSION} only"
     if module is None:
         from flwr.supercore.inflatable import inflatable_utils as module
-    if source_digest(module, "pull_objects") != PULL_OBJECTS_SHA256:
-        return f"{module.__file__}: pull_objects differs from flwr {FLOWER_VERSION}'s"
+    if (refused := pin_refusal(module, "pull_objects", PULL_OBJECTS_SHA256)) is not None:
+        return refused
     module.pull_objects.__kwdefaults__["initial_backoff"] = OBJECT_RETRY_S
     return None
